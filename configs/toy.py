@@ -1,0 +1,27 @@
+"""The 2-D Gaussian-mixture toy (8 modes on a ring) with an exact answer.
+
+  python -m consistency_jax.main --config=configs/toy.py:method=ct --workdir=/tmp/toy_ct
+  python -m consistency_jax.main --config=configs/toy.py:method=cd --workdir=/tmp/toy_cd
+
+method=cd distils from the exact denoiser of the mixture; ct / ict train from scratch.
+"""
+from configs import common
+
+
+def get_config(arg=None):
+    args = common.parse_arg(arg, method="ct")
+    c = common.base_config()
+    common.set_method(c, args["method"])
+    c.data.name = "toy_ring"
+    c.data.batch_size = 256
+    c.model.name = "mlp"
+    c.model.kwargs = dict(hidden=128, depth=3)
+    c.optim.update(name="adam", lr=1e-3, warmup_steps=500, decay="cosine")
+    c.train.update(num_steps=20_000, log_every=1000, eval_every=10_000, ema_rates=(0.999,))
+    c.checkpoint.every = 10_000
+    c.eval.two_step_time = 0.3
+    if args["method"] == "cd":
+        c.teacher.workdir = "exact"
+    if args["method"] == "edm":
+        c.train.ema_rates = (0.999,)
+    return c

@@ -1,0 +1,402 @@
+"""``train_and_evaluate(config, workdir)``: the training loop around the pure train step.
+
+Everything the config asks for is checked (``parse_config``) before anything is compiled or written.
+The loop logs progress (step, loss, steps/s, ETA), evaluates every ``train.eval_every`` steps and at
+the end, and writes ``metrics.jsonl`` (one JSON object per evaluation), PNG pictures of samples and
+TensorBoard scalars into the workdir.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Optional
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from consistency_jax import losses as losses_lib
+from consistency_jax import parameterization as param_lib
+from consistency_jax import sampling
+from consistency_jax import schedules
+from consistency_jax import toy
+from consistency_jax import toy_data
+from consistency_jax.networks import get_network, make_apply_fn, network_names
+from consistency_jax.train import make_train_step
+from consistency_jax.train_state import TrainState, ema_key
+
+METHODS = ("cd", "ct", "ict", "edm")
+TOY_DATASETS = ("toy_ring",)
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised when a train step produced a NaN or Inf loss or gradient."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config -> typed pieces, validated before anything compiles
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    method: str
+    sigmas: param_lib.SigmaConfig
+    curriculum: schedules.Curriculum
+    loss: losses_lib.LossConfig
+    ema_rates: tuple[float, ...]
+    num_steps: int
+
+
+def parse_config(config: ml_collections.ConfigDict) -> Setup:
+    """Validates the config and turns it into typed pieces. Raises ValueError naming the bad field."""
+    if config.method not in METHODS:
+        raise ValueError(f"Unknown method {config.method!r}; choose one of {METHODS}.")
+    if config.model.name not in network_names():
+        raise ValueError(f"Unknown network {config.model.name!r} (config.model.name); "
+                         f"known networks: {', '.join(network_names())}.")
+    if config.train.num_steps < 1:
+        raise ValueError(f"config.train.num_steps must be positive, got {config.train.num_steps}.")
+    if config.data.batch_size < 1:
+        raise ValueError(f"config.data.batch_size must be positive, got {config.data.batch_size}.")
+    for name in ("log_every", "eval_every"):
+        if config.train[name] < 1:
+            raise ValueError(f"config.train.{name} must be positive, got {config.train[name]}.")
+    if config.model.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"config.model.dtype must be float32 or bfloat16, got {config.model.dtype!r}.")
+    if config.optim.name not in ("adam", "radam"):
+        raise ValueError(f"Unknown optimizer {config.optim.name!r} (config.optim.name): adam or radam.")
+    if not config.optim.lr > 0:
+        raise ValueError(f"config.optim.lr must be positive, got {config.optim.lr}.")
+    rates = tuple(float(r) for r in config.train.ema_rates)
+    for r in rates:
+        if not 0.0 <= r < 1.0:
+            raise ValueError(f"EMA rates (config.train.ema_rates) must lie in [0, 1), got {r}.")
+    sigmas = param_lib.SigmaConfig(**config.sigmas.to_dict())
+    cur = config.curriculum
+    curriculum = schedules.Curriculum(
+        kind=cur.kind, num_scales=cur.num_scales, mu0=cur.mu0, s0=cur.s0, s1=cur.s1,
+        total_steps=cur.total_steps or config.train.num_steps, mu_form=cur.mu_form)
+    lc = config.loss
+    loss = losses_lib.LossConfig(
+        method={"ict": "ct"}.get(config.method, config.method), distance=lc.distance,
+        weighting=lc.weighting, index_sampling=lc.index_sampling, solver=lc.solver, huber_c=lc.huber_c)
+    if config.method == "cd" and not config.teacher.workdir:
+        raise ValueError("method='cd' needs a teacher: set config.teacher.workdir to the EDM teacher's "
+                         "workdir (or 'exact' for the toy's exact denoiser).")
+    if config.method == "cd" and config.teacher.workdir == "exact" and \
+            config.data.name not in TOY_DATASETS:
+        raise ValueError("teacher.workdir='exact' exists only for the toy data sets.")
+    return Setup(method=config.method, sigmas=sigmas, curriculum=curriculum, loss=loss,
+                 ema_rates=rates, num_steps=int(config.train.num_steps))
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation,
+                                                                 optax.Schedule]:
+    """optax Adam/RAdam with linear warm-up, optional cosine decay and global-norm clipping."""
+    o = config.optim
+    steps = config.train.num_steps
+    if o.decay == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(0.0, o.lr, max(o.warmup_steps, 1),
+                                                      max(steps, o.warmup_steps + 1), o.lr * 0.01)
+    elif o.decay == "constant":
+        schedule = (optax.linear_schedule(0.0, o.lr, o.warmup_steps) if o.warmup_steps else
+                    optax.constant_schedule(o.lr))
+        if o.warmup_steps:
+            schedule = optax.join_schedules([schedule, optax.constant_schedule(o.lr)],
+                                            [o.warmup_steps])
+    else:
+        raise ValueError(f"Unknown lr decay {o.decay!r} (config.optim.decay): constant or cosine.")
+    opt = {"adam": optax.adam, "radam": optax.radam}[o.name](schedule, b1=o.b1, b2=o.b2, eps=o.eps)
+    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), opt) if o.grad_clip > 0 else opt
+    return tx, schedule
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data, model, teacher
+
+
+def build_data(config: ml_collections.ConfigDict, start_step: int = 0):
+    """Returns (iterator, example_shape) for the configured data set."""
+    if config.data.name in TOY_DATASETS:
+        it = toy_data.ToyIterator(toy.ring_mixture(), config.data.batch_size // jax.process_count(),
+                                  config.seed, process_index=jax.process_index(),
+                                  start_step=start_step)
+        return it, (2,)
+    from consistency_jax import data as data_lib  # image pipeline (tfds); imported only when needed
+
+    return data_lib.iterator_from_config(config, start_step=start_step)
+
+
+def build_model(config: ml_collections.ConfigDict, example_shape: tuple[int, ...], rng):
+    """Builds the network named in the config and initialises θ (float32)."""
+    kwargs = dict(config.model.kwargs)
+    if config.model.dtype != "float32":
+        kwargs["dtype"] = jnp.dtype(config.model.dtype)
+    module = get_network(config.model.name, **kwargs)
+    x = jnp.zeros((1,) + tuple(example_shape), jnp.float32)
+    labels = jnp.zeros((1,), jnp.int32) if config.data.use_labels else None
+    params = jax.jit(lambda r: module.init({"params": r, "dropout": r}, x, jnp.zeros((1,)), labels)
+                     ["params"])(rng)
+    return module, make_apply_fn(module), params
+
+
+def build_teacher(config: ml_collections.ConfigDict, setup: Setup):
+    """Returns (teacher_denoise, teacher_params) for CD, or (None, None)."""
+    if setup.method != "cd":
+        return None, None
+    if config.teacher.workdir == "exact":
+        return toy.exact_denoiser, toy.ring_mixture().as_params()
+    from consistency_jax import checkpoint as ckpt_lib  # the teacher's checkpoint, read-only
+
+    return ckpt_lib.load_teacher(config.teacher.workdir, ema_rate=config.teacher.ema_rate or None)
+
+
+def build_distance(config: ml_collections.ConfigDict, setup: Setup, example_shape):
+    lpips_fn = None
+    if setup.loss.distance == "lpips":
+        if not config.loss.lpips_weights:
+            losses_lib.make_distance("lpips", example_shape)  # raises the explanatory error
+        from consistency_jax.metrics import lpips as lpips_lib
+
+        params = lpips_lib.load_lpips_params(config.loss.lpips_weights, net=config.loss.lpips_net)
+        lpips_fn = lpips_lib.make_lpips_distance(params, net=config.loss.lpips_net)
+    return losses_lib.make_distance(setup.loss.distance, example_shape, huber_c=setup.loss.huber_c,
+                                    lpips_fn=lpips_fn)
+
+
+def build_loss(setup: Setup, apply_fn, distance, teacher):
+    if setup.method == "edm":
+        return losses_lib.make_edm_loss(setup.loss, apply_fn, setup.sigmas)
+    return losses_lib.make_consistency_loss(setup.loss, apply_fn, setup.sigmas, setup.curriculum,
+                                            distance, teacher=teacher)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def eval_params(state: TrainState, config) -> Any:
+    return state.eval_params(config.eval.ema_rate or None)
+
+
+def generate(setup: Setup, apply_fn, params, rng, shape, config, labels=None) -> dict[str, np.ndarray]:
+    """Samples to look at: 1-step and 2-step for consistency models, EDM Heun for teachers."""
+    if setup.method == "edm":
+        denoise = lambda x, t: param_lib.denoiser_fn(apply_fn, params, x, t, setup.sigmas,
+                                                     labels=labels)
+        n = config.eval.edm_steps
+        x = jax.jit(lambda r: sampling.edm_heun_sample(denoise, r, shape, setup.sigmas, n))(rng)
+        return {f"heun_{2 * n - 1}nfe": np.asarray(x)}
+    out = {}
+    clip = 1.0 if len(shape) == 4 else None
+    for name, ts in (("1step", (setup.sigmas.sigma_max,)),
+                     ("2step", (setup.sigmas.sigma_max, config.eval.two_step_time))):
+        x = jax.jit(lambda p, r: sampling.multistep_sample(apply_fn, p, r, shape, ts, setup.sigmas,
+                                                           labels=labels, clip=clip))(params, rng)
+        out[name] = np.asarray(x)
+    return out
+
+
+class ToyEvaluator:
+    """Sliced-W2 and energy distance of samples to fresh data, beside the noise floor of two
+    independent data sets of the same size; for CD also the error of the one-step map against the
+    exact PF-ODE map x_T -> x_ε."""
+
+    def __init__(self, config, setup: Setup, num_map_points: int = 500):
+        from consistency_jax.metrics import energy_distance, sliced_wasserstein2
+
+        self.ed, self.sw2 = energy_distance, sliced_wasserstein2
+        self.config, self.setup = config, setup
+        self.mixture = toy.ring_mixture()
+        n = config.eval.num_samples
+        rng = np.random.default_rng([config.seed, 12345])
+        self.data = self.mixture.sample(rng, n)
+        data2 = self.mixture.sample(rng, n)
+        self.floor = {"sw2_floor": self.sw2(self.data, data2), "ed_floor": self.ed(self.data, data2)}
+        self.map_points = None
+        if setup.method == "cd":
+            t_max, t_min = setup.sigmas.sigma_max, setup.sigmas.sigma_min
+            self.map_points = t_max * rng.standard_normal((num_map_points, 2))
+            self.map_truth = toy.ode_map(self.mixture, self.map_points, t_max, t_min)
+
+    def __call__(self, apply_fn, params, rng) -> tuple[dict, dict]:
+        n = self.config.eval.num_samples
+        samples = generate(self.setup, apply_fn, params, rng, (n, 2), self.config)
+        figures = dict(self.floor)
+        for name, x in samples.items():
+            figures[f"sw2_{name}"] = self.sw2(x, self.data)
+            figures[f"ed_{name}"] = self.ed(x, self.data)
+            figures[f"sw2_ratio_{name}"] = figures[f"sw2_{name}"] / self.floor["sw2_floor"]
+        if self.map_points is not None:
+            t = jnp.full((len(self.map_points),), self.setup.sigmas.sigma_max)
+            x1 = param_lib.consistency_fn(apply_fn, params, jnp.asarray(self.map_points, jnp.float32),
+                                          t, self.setup.sigmas)
+            err = np.linalg.norm(np.asarray(x1, np.float64) - self.map_truth, axis=1)
+            figures["map_error"] = float(err.mean())
+            figures["map_error_over_sigma_data"] = float(err.mean() / self.setup.sigmas.sigma_data)
+        return figures, samples
+
+    def plot(self, samples: dict, path: str, title: str) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(samples), figsize=(4 * len(samples), 4), squeeze=False)
+        for ax, (name, x) in zip(axes[0], samples.items()):
+            ax.scatter(self.data[:, 0], self.data[:, 1], s=2, c="tab:gray", alpha=0.4, label="data")
+            ax.scatter(x[:, 0], x[:, 1], s=2, c="tab:red", alpha=0.6, label=name)
+            ax.set_xlim(-1.2, 1.2)
+            ax.set_ylim(-1.2, 1.2)
+            ax.set_aspect("equal")
+            ax.set_title(f"{name}")
+            ax.legend(loc="upper right", markerscale=4, fontsize=8)
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+
+
+def build_evaluator(config, setup: Setup, example_shape):
+    if config.data.name in TOY_DATASETS:
+        return ToyEvaluator(config, setup)
+    from consistency_jax.metrics import image_eval  # images: sample grids and digits-FD
+
+    return image_eval.ImageEvaluator(config, setup, example_shape)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+
+
+class _Writer:
+    """metrics.jsonl + TensorBoard scalars (tensorboardX: event files without TensorFlow)."""
+
+    def __init__(self, workdir: str, enabled: bool):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tb = None
+        if enabled:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:  # TensorBoard is optional
+                logging.warning("tensorboardX is not installed: no TensorBoard scalars.")
+
+    def scalars(self, step: int, values: dict, prefix: str) -> None:
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"{prefix}/{k}", float(v), step)
+
+    def evaluation(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n")
+        self.scalars(step, values, "eval")
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def check_finite(history: list[tuple[int, dict]]) -> None:
+    """Raises NonFiniteError naming the first step and quantity that is NaN or Inf."""
+    for step, m in history:
+        for name in ("loss", "grad_norm"):
+            if not np.isfinite(m[name]):
+                raise NonFiniteError(f"Non-finite {name} ({m[name]}) at step {step}; the state of this "
+                                     "step was not checkpointed. Lower the learning rate, enable "
+                                     "config.optim.grad_clip, or set config.train.skip_nonfinite.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains the configured model, evaluating and writing to ``workdir``; returns the final state."""
+    setup = parse_config(config)
+    workdir = os.path.abspath(workdir)
+    is_main = jax.process_index() == 0
+    data_it, example_shape = build_data(config)
+    teacher, teacher_params = build_teacher(config, setup)
+    distance = build_distance(config, setup, example_shape)
+    tx, lr_schedule = make_optimizer(config)
+
+    rng = jax.random.key(config.seed)
+    init_rng, step_rng, eval_rng = jax.random.split(rng, 3)
+    _, apply_fn, params = build_model(config, example_shape, init_rng)
+    loss_fn = build_loss(setup, apply_fn, distance, teacher)
+    state = TrainState.create(params, tx, ema_rates=setup.ema_rates,
+                              use_target=setup.method != "edm" and setup.curriculum.uses_target_ema,
+                              teacher_params=teacher_params)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    logging.info("method=%s network=%s (%.3fM parameters) data=%s batch=%d steps=%d",
+                 setup.method, config.model.name, n_params / 1e6, config.data.name,
+                 config.data.batch_size, setup.num_steps)
+
+    os.makedirs(workdir, exist_ok=True)
+    evaluator = build_evaluator(config, setup, example_shape)
+    writer = _Writer(workdir, is_main)
+    train_step = jax.jit(make_train_step(loss_fn, tx, setup.curriculum, lr_schedule=lr_schedule,
+                                         skip_nonfinite=config.train.skip_nonfinite),
+                         donate_argnums=0)
+
+    def run_eval(state):
+        figures, samples = evaluator(apply_fn, eval_params(state, config), eval_rng)
+        step = int(state.step)
+        writer.evaluation(step, figures)
+        if is_main:
+            evaluator.plot(samples, os.path.join(workdir, f"samples_{step:08d}.png"),
+                           f"{setup.method} step {step}")
+        logging.info("eval step %d: %s", step,
+                     " ".join(f"{k}={v:.4g}" for k, v in sorted(figures.items())))
+        return figures
+
+    start = int(state.step)
+    history: list[tuple[int, Any]] = []
+    skipped = 0
+    t_last, k_last = time.time(), start
+    t_start = t_last
+    for k in range(start, setup.num_steps):
+        batch = next(data_it)
+        state, metrics = train_step(state, batch, step_rng)
+        history.append((k, metrics))
+        done = k + 1
+        if done % config.train.log_every == 0 or done == setup.num_steps:
+            fetched = [(s, jax.device_get(m)) for s, m in history]
+            history = []
+            if not config.train.skip_nonfinite:
+                check_finite(fetched)
+            skipped += sum(int(m["finite"] == 0) for _, m in fetched)
+            last = fetched[-1][1]
+            now = time.time()
+            rate = (done - k_last) / max(now - t_last, 1e-9)
+            eta = (setup.num_steps - done) / max(rate, 1e-9)
+            img_s = rate * config.data.batch_size
+            logging.info("step %d/%d loss=%.5g grad_norm=%.3g N=%d mu=%.5f lr=%.3g | %.1f steps/s "
+                         "%.0f img/s | ETA %s%s", done, setup.num_steps, last["loss"],
+                         last["grad_norm"], last["num_scales"], last["mu"], last.get("lr", 0.0), rate,
+                         img_s, _fmt_time(eta), f" | skipped {skipped}" if skipped else "")
+            means = {k2: float(np.mean([m[k2] for _, m in fetched])) for k2 in last}
+            writer.scalars(done, {**means, "steps_per_s": rate, "img_per_s": img_s,
+                                  "skipped_steps": skipped}, "train")
+            t_last, k_last = now, done
+        if done % config.train.eval_every == 0 or done == setup.num_steps:
+            run_eval(state)
+    logging.info("finished %d steps in %s", setup.num_steps, _fmt_time(time.time() - t_start))
+    writer.close()
+    return state
+
+
+def _fmt_time(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h:d}:{m:02d}:{s:02d}"

@@ -1,0 +1,52 @@
+"""Denoiser networks F_θ.
+
+Every network is a Flax linen module called as
+
+    module.apply({"params": params}, x, c_noise, y=None, train=False, rngs={"dropout": key})
+
+with ``x`` of shape (B, ...) (NHWC for images, (B, D) for vectors), ``c_noise`` of shape (B,)
+(the preconditioned noise level, see ``consistency_jax.parameterization``), optional integer class
+labels ``y`` of shape (B,), and it returns an array of the same shape as ``x``. Networks never read
+a config: they take plain constructor arguments. ``get_network(name, **kwargs)`` builds one by name.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# name -> (module path, class name). Imported lazily so that importing the package stays cheap.
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "mlp": ("consistency_jax.networks.mlp", "MLP"),
+    "ncsnpp": ("consistency_jax.networks.ncsnpp", "NCSNpp"),
+    "ddpmpp": ("consistency_jax.networks.ncsnpp", "DDPMpp"),
+    "adm": ("consistency_jax.networks.unet", "ADMUNet"),
+}
+
+
+def make_apply_fn(module):
+    """Adapts a Flax module to the library's raw-network convention
+
+        apply_fn(params, x, c_noise, *, labels=None, train=False, rng=None) -> array like x,
+
+    which ``parameterization.consistency_fn``, the losses and the samplers call. ``rng`` is the dropout
+    key (needed only when ``train`` is True and the module has dropout).
+    """
+
+    def apply_fn(params, x, c_noise, *, labels=None, train=False, rng=None):
+        rngs = {"dropout": rng} if (train and rng is not None) else {}
+        return module.apply({"params": params}, x, c_noise, labels, train=train, rngs=rngs)
+
+    return apply_fn
+
+
+def network_names() -> tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def get_network(name: str, **kwargs: Any):
+    """Builds the network ``name`` with constructor arguments ``kwargs``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown network {name!r}; known networks: {', '.join(network_names())}.")
+    module_path, cls_name = _REGISTRY[name]
+    cls = getattr(importlib.import_module(module_path), cls_name)
+    return cls(**kwargs)

@@ -1,0 +1,148 @@
+"""The consistency function f_θ and the EDM denoiser D_φ (REFERENCE §2; CM Eq. 5–6, EDM Table 1).
+
+Both wrap a raw network F(params, x_in, c_noise, **kwargs) with the preconditioning
+
+    f_θ(x, t) = c_skip(t)·x + c_out(t)·F_θ(c_in(t)·x, c_noise(t))
+
+The consistency scalings are shifted by ε = σ_min so that f_θ(x, ε) = x holds exactly (CM Eq. 5–6,
+Appendix C): c_skip(ε) = 1 and c_out(ε) = 0. To make the boundary condition exact for *any* network
+output (also a non-finite one, or a bfloat16 one), ``consistency_fn`` additionally selects x where t == ε.
+
+Everything here is a pure function of arrays; ``apply_fn`` is any callable, so users can bring their own
+network (Flax, Haiku, Equinox or plain jnp).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class ApplyFn(Protocol):
+    """A raw network: F(params, x_in, c_noise, **kwargs) -> array shaped like x_in."""
+
+    def __call__(self, params: Any, x: Array, c_noise: Array, **kwargs: Any) -> Array:
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class SigmaConfig:
+    """Noise levels of the KVE / EDM process x_t = x_0 + t·z (REFERENCE §1).
+
+    Attributes:
+      sigma_min: ε, the smallest time; f_θ(x, ε) = x.
+      sigma_max: T, the largest time.
+      sigma_data: σ_data, the data standard deviation used by the scalings.
+      rho: ρ of the Karras grid.
+      c_noise: how the network sees t: "jcm" (0.25·ln t, the official JAX code) or "cm"
+        (1000·0.25·ln(t + 1e-44), the PyTorch code that feeds an ADM UNet).
+    """
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5
+    rho: float = 7.0
+    c_noise: str = "jcm"
+
+    def __post_init__(self):
+        if not 0.0 < self.sigma_min < self.sigma_max:
+            raise ValueError(
+                f"Need 0 < sigma_min < sigma_max, got sigma_min={self.sigma_min}, "
+                f"sigma_max={self.sigma_max}.")
+        if self.sigma_data <= 0.0:
+            raise ValueError(f"sigma_data must be positive, got {self.sigma_data}.")
+        if self.rho <= 0.0:
+            raise ValueError(f"rho must be positive, got {self.rho}.")
+        if self.c_noise not in _C_NOISE:
+            raise ValueError(f"Unknown c_noise {self.c_noise!r}; choose one of {sorted(_C_NOISE)}.")
+
+
+def _c_noise_jcm(t: Array) -> Array:
+    return 0.25 * jnp.log(t)
+
+
+def _c_noise_cm(t: Array) -> Array:
+    return 1000.0 * 0.25 * jnp.log(t + 1e-44)
+
+
+_C_NOISE: dict[str, Callable[[Array], Array]] = {"jcm": _c_noise_jcm, "cm": _c_noise_cm}
+
+
+def c_noise(t: Array, kind: str = "jcm") -> Array:
+    """The network's noise-level input c_noise(t) (REFERENCE §2)."""
+    return _C_NOISE[kind](t)
+
+
+def consistency_scalings(t: Array, sigma_min: float, sigma_data: float) -> tuple[Array, Array, Array]:
+    """c_skip, c_out, c_in of the consistency model (CM Appendix C; REFERENCE §2).
+
+    c_skip(t) = σ_d² / ((t − ε)² + σ_d²),  c_out(t) = σ_d·(t − ε)/√(σ_d² + t²),  c_in(t) = 1/√(σ_d² + t²).
+    """
+    c_skip = sigma_data**2 / ((t - sigma_min) ** 2 + sigma_data**2)
+    c_out = sigma_data * (t - sigma_min) / jnp.sqrt(sigma_data**2 + t**2)
+    c_in = 1.0 / jnp.sqrt(sigma_data**2 + t**2)
+    return c_skip, c_out, c_in
+
+
+def edm_scalings(t: Array, sigma_data: float) -> tuple[Array, Array, Array]:
+    """c_skip, c_out, c_in of the EDM denoiser (EDM Table 1): the consistency form with ε = 0."""
+    return consistency_scalings(t, 0.0, sigma_data)
+
+
+def _bcast(t: Array, x: Array) -> Array:
+    """Reshapes per-example times (B,) or a scalar to broadcast against x (B, ...)."""
+    t = jnp.asarray(t, dtype=jnp.float32)
+    if t.ndim == 0:
+        t = jnp.broadcast_to(t, x.shape[:1])
+    if t.shape != x.shape[:1]:
+        raise ValueError(f"Times must be a scalar or have shape {x.shape[:1]}, got {t.shape}.")
+    return t.reshape(t.shape + (1,) * (x.ndim - 1))
+
+
+def _precond(apply_fn: ApplyFn, params: Any, x: Array, t: Array, scalings, kind: str,
+             **kwargs: Any) -> tuple[Array, Array, Array]:
+    x = jnp.asarray(x, jnp.float32)
+    tb = _bcast(t, x)
+    c_skip, c_out, c_in = scalings(tb)
+    out = apply_fn(params, c_in * x, c_noise(tb.reshape(x.shape[:1]), kind), **kwargs)
+    if out.shape != x.shape:
+        raise ValueError(f"The network returned shape {out.shape} for an input of shape {x.shape}.")
+    # The skip connection is combined in float32 whatever the network's compute dtype.
+    return c_skip * x + c_out * out.astype(jnp.float32), tb, x
+
+
+def consistency_fn(apply_fn: ApplyFn, params: Any, x: Array, t: Array, sigmas: SigmaConfig,
+                   **kwargs: Any) -> Array:
+    """The consistency function f_θ(x, t) (CM Eq. 5–6), exact at the boundary t = ε.
+
+    Args:
+      apply_fn: the raw network F(params, x_in, c_noise, **kwargs).
+      params: its parameters (θ, θ⁻ or an EMA).
+      x: noisy inputs (B, ...).
+      t: times, a scalar or (B,).
+      sigmas: the noise configuration (ε, σ_data, c_noise kind).
+      **kwargs: passed to apply_fn (labels, train flag, rngs, ...).
+
+    Returns:
+      f_θ(x, t) in float32, with f_θ(x, ε) == x bit for bit.
+    """
+    scalings = lambda tb: consistency_scalings(tb, sigmas.sigma_min, sigmas.sigma_data)
+    f, tb, x = _precond(apply_fn, params, x, t, scalings, sigmas.c_noise, **kwargs)
+    return jnp.where(tb <= sigmas.sigma_min, x, f)
+
+
+def denoiser_fn(apply_fn: ApplyFn, params: Any, x: Array, t: Array, sigmas: SigmaConfig,
+                **kwargs: Any) -> Array:
+    """The EDM denoiser D_φ(x, t) = c_skip·x + c_out·F_φ(c_in·x, c_noise) (EDM Eq. 7, Table 1)."""
+    scalings = lambda tb: edm_scalings(tb, sigmas.sigma_data)
+    return _precond(apply_fn, params, x, t, scalings, sigmas.c_noise, **kwargs)[0]
+
+
+def denoiser_to_score(denoised: Array, x: Array, t: Array) -> Array:
+    """Score ∇ log p_t(x) = (D(x, t) − x)/t² of the KVE process (EDM Eq. 3)."""
+    tb = _bcast(t, x)
+    return (denoised - x) / tb**2

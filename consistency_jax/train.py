@@ -1,0 +1,89 @@
+"""The pure train step shared by CD, CT and EDM (CM Algorithms 2 and 3; REFERENCE §3–4).
+
+``make_train_step`` returns ``train_step(state, batch, rng) -> (state, metrics)``: pure, jittable,
+shardable, and usable inside a user's own ``jax.pmap`` / ``jax.shard_map`` by naming the mapped axis
+(gradients and metrics are then averaged over it). One optimizer update of θ is followed by the target
+update θ⁻ ← μ(k)·θ⁻ + (1 − μ(k))·θ and the eval EMA updates.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from consistency_jax import losses as losses_lib
+from consistency_jax import schedules
+from consistency_jax.train_state import TrainState, ema_update
+
+Array = jax.Array
+TrainStep = Callable[[TrainState, dict, Array], tuple[TrainState, dict]]
+
+
+def make_train_step(loss_fn: losses_lib.LossFn, tx: optax.GradientTransformation,
+                    curriculum: schedules.Curriculum, *, axis_name: Optional[str] = None,
+                    lr_schedule: Optional[optax.Schedule] = None,
+                    skip_nonfinite: bool = False) -> TrainStep:
+    """Builds the train step.
+
+    Args:
+      loss_fn: from ``losses.make_consistency_loss`` or ``losses.make_edm_loss``.
+      tx: the optax optimizer of θ.
+      curriculum: N(k) and μ(k) (``schedules.Curriculum``).
+      axis_name: when the step runs inside a ``pmap``/``shard_map`` over this named axis, gradients and
+        metrics are averaged over it and each device draws its own noise. None under ``jax.jit``
+        (sharding is then expressed by the shardings of the arguments).
+      lr_schedule: only for logging the learning rate in the metrics.
+      skip_nonfinite: if True, a step whose loss or gradients are not finite leaves θ, θ⁻, the EMAs and
+        the optimizer state unchanged (the step counter still advances) and reports ``finite = 0``;
+        if False the update is applied and the caller must stop on ``finite = 0``.
+
+    Returns:
+      ``train_step(state, batch, rng) -> (new_state, metrics)``; ``rng`` is a base key: the step folds
+      in ``state.step`` (and the device index under ``axis_name``), so the same key can be passed every
+      step and a resumed run draws exactly the same noise.
+    """
+
+    def train_step(state: TrainState, batch: dict, rng: Array) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(rng, state.step)
+        if axis_name is not None:
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+        num_scales, mu = curriculum(state.step)
+        target = state.target_params if state.target_params is not None else state.params
+
+        def objective(params):
+            return loss_fn(params, target, state.teacher_params, batch, rng, num_scales)
+
+        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        if axis_name is not None:
+            grads = jax.lax.pmean(grads, axis_name)
+            loss, aux = jax.lax.pmean((loss, aux), axis_name)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        target_params = (ema_update(state.target_params, params, mu)
+                         if state.target_params is not None else None)
+        ema_params = {k: ema_update(v, params, float(k)) for k, v in state.ema_params.items()}
+        new_state = state.replace(step=state.step + 1, params=params, target_params=target_params,
+                                  ema_params=ema_params, opt_state=opt_state)
+
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if skip_nonfinite:
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+            new_state = keep(new_state, state.replace(step=state.step + 1))
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "param_norm": optax.global_norm(params),
+            "update_norm": optax.global_norm(updates),
+            "num_scales": num_scales,
+            "mu": mu,
+            "finite": finite.astype(jnp.int32),
+            **aux,
+        }
+        if lr_schedule is not None:
+            metrics["lr"] = lr_schedule(state.step)
+        return new_state, metrics
+
+    return train_step

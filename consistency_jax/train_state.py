@@ -1,0 +1,68 @@
+"""The one training-state pytree shared by every method, and the EMA update (REFERENCE §4)."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+Array = jax.Array
+PyTree = Any
+
+
+def ema_update(ema: PyTree, new: PyTree, rate: Array | float) -> PyTree:
+    """ema ← rate·ema + (1 − rate)·new, leaf by leaf, under stop_gradient (CM Eq. 8 / Alg. 2–3)."""
+    rate = jnp.asarray(rate, jnp.float32)
+    return jax.tree.map(
+        lambda e, p: jax.lax.stop_gradient((rate * e + (1.0 - rate) * p).astype(e.dtype)), ema, new)
+
+
+def ema_key(rate: float) -> str:
+    """The key under which the eval EMA of ``rate`` is stored ("0.9999")."""
+    return repr(float(rate))
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything a train step reads and writes.
+
+    Attributes:
+      step: the optimizer step k (int32 scalar).
+      params: θ, the online parameters.
+      target_params: θ⁻, the stop-gradient target of the consistency loss, or None when the curriculum
+        keeps θ⁻ = stopgrad θ (μ = 0, e.g. CM's CD on CIFAR-10 and iCT), which saves a parameter copy.
+      ema_params: the evaluation EMAs {ema_key(rate): tree}; samples and metrics use these.
+      opt_state: the optax state.
+      teacher_params: CD's teacher φ, read-only: never updated here and never written into a
+        checkpoint of the student (``checkpoint.py`` drops it); None for CT and EDM.
+    """
+
+    step: Array
+    params: PyTree
+    target_params: Optional[PyTree]
+    ema_params: Mapping[str, PyTree]
+    opt_state: optax.OptState
+    teacher_params: Optional[PyTree] = None
+
+    @classmethod
+    def create(cls, params: PyTree, tx: optax.GradientTransformation, *,
+               ema_rates: Sequence[float] = (), use_target: bool = True,
+               teacher_params: Optional[PyTree] = None) -> "TrainState":
+        """θ⁻ and every EMA start as copies of θ (jcm, cm)."""
+        for r in ema_rates:
+            if not 0.0 <= float(r) <= 1.0:
+                raise ValueError(f"EMA rates must lie in [0, 1], got {r}.")
+        copy = lambda t: jax.tree.map(jnp.array, t)
+        return cls(step=jnp.zeros((), jnp.int32), params=params,
+                   target_params=copy(params) if use_target else None,
+                   ema_params={ema_key(r): copy(params) for r in ema_rates},
+                   opt_state=tx.init(params), teacher_params=teacher_params)
+
+    def eval_params(self, rate: Optional[float] = None) -> PyTree:
+        """The parameters to sample with: the EMA of ``rate`` (default: the slowest), else θ."""
+        if rate is not None:
+            return self.ema_params[ema_key(rate)]
+        if self.ema_params:
+            return self.ema_params[max(self.ema_params, key=float)]
+        return self.params

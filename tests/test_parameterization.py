@@ -1,0 +1,79 @@
+"""Scalings and f_θ against the formulas of REFERENCE §2, computed independently in NumPy float64."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from consistency_jax import parameterization as P
+
+SIG = P.SigmaConfig()
+
+
+def _np_scalings(t, eps, sd):
+    t = np.asarray(t, np.float64)
+    return (sd**2 / ((t - eps) ** 2 + sd**2), sd * (t - eps) / np.sqrt(sd**2 + t**2),
+            1 / np.sqrt(sd**2 + t**2))
+
+
+def test_consistency_scalings_match_formulas():
+    t = np.array([0.002, 0.01, 0.5, 1.0, 10.0, 80.0])
+    got = P.consistency_scalings(jnp.asarray(t, jnp.float32), SIG.sigma_min, SIG.sigma_data)
+    for g, w in zip(got, _np_scalings(t, SIG.sigma_min, SIG.sigma_data)):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-6, atol=1e-7)
+
+
+def test_edm_scalings_are_unshifted():
+    t = np.array([0.002, 0.3, 80.0])
+    got = P.edm_scalings(jnp.asarray(t, jnp.float32), SIG.sigma_data)
+    for g, w in zip(got, _np_scalings(t, 0.0, SIG.sigma_data)):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-6)
+
+
+def test_c_noise_kinds():
+    t = jnp.array([0.002, 1.0, 80.0])
+    np.testing.assert_allclose(P.c_noise(t, "jcm"), 0.25 * np.log([0.002, 1.0, 80.0]), rtol=1e-6)
+    np.testing.assert_allclose(P.c_noise(t, "cm"), 250 * np.log([0.002, 1.0, 80.0]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("out_value", [0.0, 1e6, -3.5, np.inf, np.nan])
+def test_boundary_condition_exact_for_any_network_output(out_value):
+    x = jax.random.normal(jax.random.key(0), (5, 3, 4, 2)) * 7.0
+    apply_fn = lambda params, xin, cn, **kw: jnp.full_like(xin, out_value)
+    f = P.consistency_fn(apply_fn, None, x, jnp.full((5,), SIG.sigma_min), SIG)
+    np.testing.assert_array_equal(np.asarray(f), np.asarray(x))
+
+
+def test_consistency_fn_composes_scalings_and_network():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    t = np.array([0.002, 0.1, 3.0, 80.0], np.float32)
+    w = rng.standard_normal((3, 3)).astype(np.float32)
+    apply_fn = lambda params, xin, cn, **kw: xin @ params + cn[:, None]
+    got = P.consistency_fn(apply_fn, jnp.asarray(w), jnp.asarray(x), jnp.asarray(t), SIG)
+    cs, co, ci = _np_scalings(t, SIG.sigma_min, SIG.sigma_data)
+    want = cs[:, None] * x + co[:, None] * ((ci[:, None] * x) @ w + 0.25 * np.log(t)[:, None])
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-6)
+    d = P.denoiser_fn(apply_fn, jnp.asarray(w), jnp.asarray(x), jnp.asarray(t), SIG)
+    cs, co, ci = _np_scalings(t, 0.0, SIG.sigma_data)
+    want = cs[:, None] * x + co[:, None] * ((ci[:, None] * x) @ w + 0.25 * np.log(t)[:, None])
+    np.testing.assert_allclose(np.asarray(d), want, rtol=2e-5, atol=2e-6)
+
+
+def test_bfloat16_network_output_keeps_float32_skip_and_exact_boundary():
+    x = jax.random.normal(jax.random.key(1), (3, 8)) * 40
+    apply_fn = lambda params, xin, cn, **kw: (xin * 0.5).astype(jnp.bfloat16)
+    f = P.consistency_fn(apply_fn, None, x, jnp.array([SIG.sigma_min, 1.0, 80.0]), SIG)
+    assert f.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(f[0]), np.asarray(x[0]))
+
+
+def test_bad_configs_and_shapes_are_named():
+    with pytest.raises(ValueError, match="sigma_min < sigma_max"):
+        P.SigmaConfig(sigma_min=1.0, sigma_max=0.5)
+    with pytest.raises(ValueError, match="c_noise"):
+        P.SigmaConfig(c_noise="nope")
+    apply_fn = lambda params, xin, cn, **kw: xin[:, :1]
+    with pytest.raises(ValueError, match="returned shape"):
+        P.consistency_fn(apply_fn, None, jnp.ones((2, 3)), jnp.ones((2,)), SIG)
+    with pytest.raises(ValueError, match="Times must be"):
+        P.consistency_fn(lambda p, x, c, **k: x, None, jnp.ones((2, 3)), jnp.ones((3,)), SIG)
