@@ -67,7 +67,7 @@ def make_train_step(loss_fn: losses_lib.LossFn, tx: optax.GradientTransformation
         new_state = state.replace(step=state.step + 1, params=params, target_params=target_params,
                                   ema_params=ema_params, opt_state=opt_state)
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if skip_nonfinite:
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -75,8 +75,8 @@ def make_train_step(loss_fn: losses_lib.LossFn, tx: optax.GradientTransformation
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
-            "param_norm": optax.global_norm(params),
-            "update_norm": optax.global_norm(updates),
+            "param_norm": optax.tree.norm(params),
+            "update_norm": optax.tree.norm(updates),
             "num_scales": num_scales,
             "mu": mu,
             "finite": finite.astype(jnp.int32),
