@@ -76,7 +76,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.num_samples = 2000
     c.eval.ema_rate = 0.0  # 0 -> the slowest eval EMA
     c.eval.two_step_time = 0.8  # τ_1 of 2-step sampling (CM Algorithm 1)
+    # Or the official code's grid indices counted from T, e.g. (0, 22, 39) on the N = 40 grid; the grid's
+    # N is the curriculum's final one. Empty: use two_step_time.
+    c.eval.two_step_indices = ()
     c.eval.edm_steps = 18  # EDM Heun steps for teachers (18 -> 35 NFE)
+
+    # Device mesh ("data", "fsdp"), see consistency_jax/sharding.py. data × fsdp = number of devices.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # data-parallel devices; -1: all devices not used by fsdp
+    c.mesh.fsdp = 1  # shard θ, θ⁻, EMAs, optimizer state (and a teacher) over this many devices
+    c.mesh.fsdp_min_size = 0  # leaves with fewer elements stay replicated under fsdp
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 5_000
@@ -119,3 +128,45 @@ def parse_arg(arg: str | None, **defaults) -> dict:
             raise ValueError(f"Unknown config argument {k!r}; known: {sorted(out)}.")
         out[k] = type(out[k])(v) if out[k] is not None else v
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Image blocks shared by the paper configs (REFERENCE §7)
+
+
+def ncsnpp_cifar10(dropout: float = 0.0) -> dict:
+    """NCSN++ as in jcm's CIFAR-10 configs (REFERENCE §7 footnote 1; about 56M parameters)."""
+    return dict(nf=128, ch_mult=(2, 2, 2), num_res_blocks=4, attn_resolutions=(16,), dropout=dropout,
+                fir=True, fir_kernel=(1, 3, 3, 1), skip_rescale=True, progressive_input="residual",
+                progressive_combine="sum", embedding_type="fourier", fourier_scale=16.0,
+                init_scale=0.0)
+
+
+def adm_imagenet64(dropout: float = 0.0) -> dict:
+    """Class-conditional ADM UNet of cm's ImageNet 64 runs (REFERENCE §7 footnote 2)."""
+    return dict(model_channels=192, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
+                attention_resolutions=(32, 16, 8), num_head_channels=64, resblock_updown=True,
+                use_scale_shift_norm=True, dropout=dropout, num_classes=1000)
+
+
+def adm_lsun256(dropout: float = 0.0) -> dict:
+    """Unconditional ADM UNet of cm's LSUN 256 runs (REFERENCE §7 footnote 3)."""
+    return dict(model_channels=256, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
+                attention_resolutions=(32, 16, 8), num_head_channels=64, resblock_updown=True,
+                use_scale_shift_norm=False, dropout=dropout, num_classes=None)
+
+
+def image_data(c: ml_collections.ConfigDict, name: str, image_size: int, num_channels: int = 3, *,
+               random_flip: bool = True, use_labels: bool = False, batch_size: int = 512):
+    c.data.update(name=name, image_size=image_size, num_channels=num_channels,
+                  random_flip=random_flip, use_labels=use_labels, batch_size=batch_size)
+    c.eval.num_samples = 64  # a sample grid; FID/IS/KID runs are separate jobs
+    return c
+
+
+def paper_schedule(c: ml_collections.ConfigDict, *, optimizer: str, lr: float, num_steps: int,
+                   ema_rates, warmup_steps: int = 0):
+    c.optim.update(name=optimizer, lr=lr, warmup_steps=warmup_steps, decay="constant")
+    c.train.update(num_steps=num_steps, ema_rates=tuple(ema_rates), log_every=100, eval_every=10_000)
+    c.checkpoint.update(every=10_000, keep=3, keep_every=100_000)
+    return c

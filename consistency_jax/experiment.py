@@ -25,6 +25,7 @@ from consistency_jax import losses as losses_lib
 from consistency_jax import parameterization as param_lib
 from consistency_jax import sampling
 from consistency_jax import schedules
+from consistency_jax import sharding as sharding_lib
 from consistency_jax import toy
 from consistency_jax import toy_data
 from consistency_jax.networks import get_network, make_apply_fn, network_names
@@ -185,6 +186,15 @@ def eval_params(state: TrainState, config) -> Any:
     return state.eval_params(config.eval.ema_rate or None)
 
 
+def two_step_times(config, setup: Setup) -> tuple[float, ...]:
+    """The times of 2-step sampling: grid indices from T on the curriculum's final grid (the official
+    code's convention, e.g. (0, 22, 39) for ImageNet-64 CD), else (T, config.eval.two_step_time)."""
+    if config.eval.two_step_indices:
+        return sampling.times_from_indices(tuple(config.eval.two_step_indices),
+                                           setup.curriculum.max_scales, setup.sigmas)
+    return (setup.sigmas.sigma_max, float(config.eval.two_step_time))
+
+
 def generate(setup: Setup, apply_fn, params, rng, shape, config, labels=None) -> dict[str, np.ndarray]:
     """Samples to look at: 1-step and 2-step for consistency models, EDM Heun for teachers."""
     if setup.method == "edm":
@@ -195,8 +205,7 @@ def generate(setup: Setup, apply_fn, params, rng, shape, config, labels=None) ->
         return {f"heun_{2 * n - 1}nfe": np.asarray(x)}
     out = {}
     clip = 1.0 if len(shape) == 4 else None
-    for name, ts in (("1step", (setup.sigmas.sigma_max,)),
-                     ("2step", (setup.sigmas.sigma_max, config.eval.two_step_time))):
+    for name, ts in (("1step", (setup.sigmas.sigma_max,)), ("2step", two_step_times(config, setup))):
         x = jax.jit(lambda p, r: sampling.multistep_sample(apply_fn, p, r, shape, ts, setup.sigmas,
                                                            labels=labels, clip=clip))(params, rng)
         out[name] = np.asarray(x)
@@ -320,6 +329,9 @@ def check_finite(history: list[tuple[int, dict]]) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains the configured model, evaluating and writing to ``workdir``; returns the final state."""
     setup = parse_config(config)
+    mesh = sharding_lib.mesh_from_config(config)  # bad meshes / batch sizes fail before compiling
+    sharding_lib.check_global_batch(config.data.batch_size, mesh)
+    logging.info("%s", sharding_lib.describe(mesh))
     workdir = os.path.abspath(workdir)
     is_main = jax.process_index() == 0
     data_it, example_shape = build_data(config)
@@ -334,6 +346,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     state = TrainState.create(params, tx, ema_rates=setup.ema_rates,
                               use_target=setup.method != "edm" and setup.curriculum.uses_target_ema,
                               teacher_params=teacher_params)
+    # Replicated over "data"; θ, θ⁻, EMAs, optimizer state and the teacher split over "fsdp".
+    state_shardings = sharding_lib.state_shardings(state, mesh, min_size=config.mesh.fsdp_min_size)
+    state = sharding_lib.place(state, state_shardings)
+    step_rng = sharding_lib.place(step_rng, sharding_lib.replicated(mesh))
     n_params = sum(x.size for x in jax.tree.leaves(params))
     logging.info("method=%s network=%s (%.3fM parameters) data=%s batch=%d steps=%d",
                  setup.method, config.model.name, n_params / 1e6, config.data.name,
@@ -342,9 +358,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     os.makedirs(workdir, exist_ok=True)
     evaluator = build_evaluator(config, setup, example_shape)
     writer = _Writer(workdir, is_main)
-    train_step = jax.jit(make_train_step(loss_fn, tx, setup.curriculum, lr_schedule=lr_schedule,
-                                         skip_nonfinite=config.train.skip_nonfinite),
-                         donate_argnums=0)
+    train_step = sharding_lib.jit_train_step(
+        make_train_step(loss_fn, tx, setup.curriculum, lr_schedule=lr_schedule,
+                        skip_nonfinite=config.train.skip_nonfinite),
+        mesh, state_shardings)  # in/out shardings, state donated
 
     def run_eval(state):
         figures, samples = evaluator(apply_fn, eval_params(state, config), eval_rng)
@@ -363,7 +380,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     t_last, k_last = time.time(), start
     t_start = t_last
     for k in range(start, setup.num_steps):
-        batch = next(data_it)
+        batch = sharding_lib.global_batch(next(data_it), mesh)  # this host's rows -> global array
         state, metrics = train_step(state, batch, step_rng)
         history.append((k, metrics))
         done = k + 1
