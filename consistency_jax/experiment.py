@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from consistency_jax import checkpoint as ckpt_lib
 from consistency_jax import losses as losses_lib
 from consistency_jax import parameterization as param_lib
 from consistency_jax import sampling
@@ -54,6 +55,73 @@ class Setup:
     num_steps: int
 
 
+DIGITS_DATASET = "sklearn_digits"
+
+
+def _check_dataset_name(name: str) -> None:
+    """toy_ring, sklearn_digits/<size>, or a TFDS name (checked against the TFDS registry, which
+    works offline; whether the data is prepared is the data layer's business)."""
+    if name in TOY_DATASETS or name.split("/")[0] == DIGITS_DATASET:
+        return
+    if not name or ":" in name:  # community data sets ("namespace:name") are left to TFDS
+        if not name:
+            raise ValueError("config.data.name is empty.")
+        return
+    import tensorflow_datasets as tfds  # only for image data
+
+    try:
+        tfds.builder_cls(name.split("/")[0])
+    except tfds.core.DatasetNotFoundError:
+        raise ValueError(f"Unknown data set {name!r} (config.data.name): not one of {TOY_DATASETS}, "
+                         f"'{DIGITS_DATASET}/<size>', nor a TFDS data set name.") from None
+
+
+def _check_network_input(config: ml_collections.ConfigDict) -> None:
+    """Traces (jax.eval_shape, nothing is compiled) the network's init on the configured data shape,
+    so that kwargs the network does not take, or an image size it cannot down-sample, fail here."""
+    if config.data.name in TOY_DATASETS:
+        shape, what = (2,), "2-D toy points"
+    elif config.data.image_size > 0 and config.data.num_channels > 0:
+        s, ch = config.data.image_size, config.data.num_channels
+        shape, what = (s, s, ch), f"{s}x{s}x{ch} images (config.data.image_size/num_channels)"
+    else:
+        return  # the data layer knows the shape
+    try:
+        kwargs = dict(config.model.kwargs)
+        if config.model.dtype != "float32":
+            kwargs["dtype"] = jnp.dtype(config.model.dtype)
+        module = get_network(config.model.name, **kwargs)
+        labels = jnp.zeros((1,), jnp.int32) if config.data.use_labels else None
+        jax.eval_shape(lambda r: module.init({"params": r, "dropout": r},
+                                             jnp.zeros((1,) + shape), jnp.zeros((1,)), labels),
+                       jax.random.key(0))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"The network {config.model.name!r} (config.model) cannot take {what}: "
+                         f"{e}") from e
+
+
+def _check_run_config(config: ml_collections.ConfigDict, rates: tuple[float, ...]) -> None:
+    """The checks of parse_config beyond the typed pieces: names, shapes, EMA choices, cadences."""
+    _check_dataset_name(config.data.name)
+    if config.eval.ema_rate and float(config.eval.ema_rate) not in rates:
+        raise ValueError(f"config.eval.ema_rate={config.eval.ema_rate} is not one of the EMA rates "
+                         f"kept (config.train.ema_rates={rates}); 0 picks the slowest.")
+    if not 0.0 <= config.teacher.ema_rate < 1.0:
+        raise ValueError(f"config.teacher.ema_rate must lie in [0, 1) (0: the teacher's slowest "
+                         f"EMA), got {config.teacher.ema_rate}.")
+    if config.optim.decay not in ("constant", "cosine"):
+        raise ValueError(f"Unknown lr decay {config.optim.decay!r} (config.optim.decay): constant "
+                         "or cosine.")
+    if config.optim.warmup_steps < 0 or config.optim.grad_clip < 0:
+        raise ValueError("config.optim.warmup_steps and config.optim.grad_clip must be >= 0, got "
+                         f"{config.optim.warmup_steps} and {config.optim.grad_clip}.")
+    c = config.checkpoint
+    if c.every < 1 or c.keep < 1 or c.keep_every < 0:
+        raise ValueError(f"Need config.checkpoint.every >= 1, keep >= 1 and keep_every >= 0, got "
+                         f"every={c.every}, keep={c.keep}, keep_every={c.keep_every}.")
+    _check_network_input(config)
+
+
 def parse_config(config: ml_collections.ConfigDict) -> Setup:
     """Validates the config and turns it into typed pieces. Raises ValueError naming the bad field."""
     if config.method not in METHODS:
@@ -78,21 +146,37 @@ def parse_config(config: ml_collections.ConfigDict) -> Setup:
     for r in rates:
         if not 0.0 <= r < 1.0:
             raise ValueError(f"EMA rates (config.train.ema_rates) must lie in [0, 1), got {r}.")
-    sigmas = param_lib.SigmaConfig(**config.sigmas.to_dict())
+    _check_run_config(config, rates)
+    try:
+        sigmas = param_lib.SigmaConfig(**config.sigmas.to_dict())
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"config.sigmas: {e}") from e
     cur = config.curriculum
-    curriculum = schedules.Curriculum(
-        kind=cur.kind, num_scales=cur.num_scales, mu0=cur.mu0, s0=cur.s0, s1=cur.s1,
-        total_steps=cur.total_steps or config.train.num_steps, mu_form=cur.mu_form)
+    if cur.kind == "cm" and cur.s0 < 2:
+        raise ValueError(f"config.curriculum.s0 must be at least 2 for kind='cm' (N(0) = s0 "
+                         f"discretisation points, N >= 2), got {cur.s0}.")
+    try:
+        curriculum = schedules.Curriculum(
+            kind=cur.kind, num_scales=cur.num_scales, mu0=cur.mu0, s0=cur.s0, s1=cur.s1,
+            total_steps=cur.total_steps or config.train.num_steps, mu_form=cur.mu_form)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"config.curriculum: {e}") from e
     lc = config.loss
-    loss = losses_lib.LossConfig(
-        method={"ict": "ct"}.get(config.method, config.method), distance=lc.distance,
-        weighting=lc.weighting, index_sampling=lc.index_sampling, solver=lc.solver, huber_c=lc.huber_c)
+    try:
+        loss = losses_lib.LossConfig(
+            method={"ict": "ct"}.get(config.method, config.method), distance=lc.distance,
+            weighting=lc.weighting, index_sampling=lc.index_sampling, solver=lc.solver,
+            huber_c=lc.huber_c)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"config.loss: {e}") from e
     if config.method == "cd" and not config.teacher.workdir:
         raise ValueError("method='cd' needs a teacher: set config.teacher.workdir to the EDM teacher's "
                          "workdir (or 'exact' for the toy's exact denoiser).")
     if config.method == "cd" and config.teacher.workdir == "exact" and \
             config.data.name not in TOY_DATASETS:
         raise ValueError("teacher.workdir='exact' exists only for the toy data sets.")
+    if config.method == "cd" and config.teacher.workdir != "exact":
+        ckpt_lib.teacher_config(config.teacher.workdir)  # an EDM run with a readable checkpoint
     return Setup(method=config.method, sigmas=sigmas, curriculum=curriculum, loss=loss,
                  ema_rates=rates, num_steps=int(config.train.num_steps))
 
@@ -226,8 +310,11 @@ class ToyEvaluator:
         n = config.eval.num_samples
         rng = np.random.default_rng([config.seed, 12345])
         self.data = self.mixture.sample(rng, n)
-        data2 = self.mixture.sample(rng, n)
-        self.floor = {"sw2_floor": self.sw2(self.data, data2), "ed_floor": self.ed(self.data, data2)}
+        # The noise floor: the same figures between independent data sets of the same size, averaged
+        # over several pairs (one pair's value fluctuates by tens of percent with the mode counts).
+        pairs = [(self.mixture.sample(rng, n), self.mixture.sample(rng, n)) for _ in range(8)]
+        self.floor = {"sw2_floor": float(np.mean([self.sw2(a, b) for a, b in pairs])),
+                      "ed_floor": float(np.mean([self.ed(a, b) for a, b in pairs]))}
         self.map_points = None
         if setup.method == "cd":
             t_max, t_min = setup.sigmas.sigma_max, setup.sigmas.sigma_min
@@ -333,6 +420,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     sharding_lib.check_global_batch(config.data.batch_size, mesh)
     logging.info("%s", sharding_lib.describe(mesh))
     workdir = os.path.abspath(workdir)
+    # Refuses a workdir holding checkpoints of another config (or none readable) before anything
+    # is built, compiled or overwritten.
+    checkpointer = ckpt_lib.Checkpointer.from_config(workdir, config)
     is_main = jax.process_index() == 0
     data_it, example_shape = build_data(config)
     teacher, teacher_params = build_teacher(config, setup)
@@ -374,6 +464,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                      " ".join(f"{k}={v:.4g}" for k, v in sorted(figures.items())))
         return figures
 
+    # Resume: the newest readable checkpoint, restored into the live (sharded) state; the teacher
+    # is re-attached, never read from the student's checkpoint. SIGTERM -> save and stop.
+    restored = checkpointer.restore(state)
+    if restored is not None:
+        state, data_state = restored
+        data_it.set_state(data_state)
+    preemption = ckpt_lib.PreemptionWatcher(checkpointer)
     start = int(state.step)
     history: list[tuple[int, Any]] = []
     skipped = 0
@@ -403,9 +500,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             writer.scalars(done, {**means, "steps_per_s": rate, "img_per_s": img_s,
                                   "skipped_steps": skipped}, "train")
             t_last, k_last = now, done
+        preempted = preemption.reached(done)
+        if checkpointer.should_save(done, final=done == setup.num_steps or preempted):
+            if history and not config.train.skip_nonfinite:  # never checkpoint a broken state
+                check_finite([(s, jax.device_get(m)) for s, m in history])
+            checkpointer.save(state, step=done, data_state=data_it.get_state(), config=config)
+        if preempted:
+            break
         if done % config.train.eval_every == 0 or done == setup.num_steps:
             run_eval(state)
-    logging.info("finished %d steps in %s", setup.num_steps, _fmt_time(time.time() - t_start))
+    preemption.close()
+    checkpointer.close()  # waits until the last checkpoint is committed
+    if preemption.received:
+        logging.info("Stopped by %s after step %d: checkpoint saved in %s; exiting cleanly.",
+                     preemption.received, int(state.step), checkpointer.directory)
+    else:
+        logging.info("finished %d steps in %s", setup.num_steps, _fmt_time(time.time() - t_start))
     writer.close()
     return state
 
