@@ -19,11 +19,11 @@ def get_config(arg=None):
     c = common.base_config()
     common.set_method(c, method)
     c.data.update(name="sklearn_digits", image_size=args["size"], num_channels=1, random_flip=False,
-                  use_labels=False, batch_size=128)
+                  use_labels=False, batch_size=64)
     c.model.name = "ddpmpp"
     c.model.kwargs = dict(nf=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
     c.optim.update(name="adam", lr=1e-3, warmup_steps=200, decay="cosine", grad_clip=1.0)
-    c.train.update(num_steps=4000, log_every=200, eval_every=2000, ema_rates=(0.999,))
+    c.train.update(num_steps=3000, log_every=250, eval_every=1500, ema_rates=(0.999,))
     c.checkpoint.every = 1000
     c.eval.num_samples = 1000
     c.eval.two_step_time = 0.5
@@ -33,6 +33,4 @@ def get_config(arg=None):
         c.loss.distance = "l2"
     if method == "cd":
         c.curriculum.update(num_scales=18, mu0=0.0)
-    if method == "edm":
-        c.train.num_steps = 4000
     return c
