@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from absl import logging
 import jax
@@ -237,8 +237,7 @@ def build_teacher(config: ml_collections.ConfigDict, setup: Setup):
         return None, None
     if config.teacher.workdir == "exact":
         return toy.exact_denoiser, toy.ring_mixture().as_params()
-    from consistency_jax import checkpoint as ckpt_lib  # the teacher's checkpoint, read-only
-
+    # The EDM teacher's slowest (or chosen) EMA, read-only; never saved into this run's checkpoints.
     return ckpt_lib.load_teacher(config.teacher.workdir, ema_rate=config.teacher.ema_rate or None)
 
 
@@ -403,11 +402,15 @@ class _Writer:
             self.tb.close()
 
 
-def check_finite(history: list[tuple[int, dict]]) -> None:
-    """Raises NonFiniteError naming the first step and quantity that is NaN or Inf."""
+def check_finite(history: list[tuple[int, dict]],
+                 before_raise: Optional[Callable[[], None]] = None) -> None:
+    """Raises NonFiniteError naming the first step and quantity that is NaN or Inf; calls
+    ``before_raise()`` first (the loop commits its pending, finite checkpoint there)."""
     for step, m in history:
         for name in ("loss", "grad_norm"):
             if not np.isfinite(m[name]):
+                if before_raise is not None:
+                    before_raise()
                 raise NonFiniteError(f"Non-finite {name} ({m[name]}) at step {step}; the state of this "
                                      "step was not checkpointed. Lower the learning rate, enable "
                                      "config.optim.grad_clip, or set config.train.skip_nonfinite.")
@@ -485,7 +488,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             fetched = [(s, jax.device_get(m)) for s, m in history]
             history = []
             if not config.train.skip_nonfinite:
-                check_finite(fetched)
+                check_finite(fetched, before_raise=checkpointer.close)
             skipped += sum(int(m["finite"] == 0) for _, m in fetched)
             last = fetched[-1][1]
             now = time.time()
@@ -503,7 +506,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         preempted = preemption.reached(done)
         if checkpointer.should_save(done, final=done == setup.num_steps or preempted):
             if history and not config.train.skip_nonfinite:  # never checkpoint a broken state
-                check_finite([(s, jax.device_get(m)) for s, m in history])
+                check_finite([(s, jax.device_get(m)) for s, m in history], checkpointer.close)
             checkpointer.save(state, step=done, data_state=data_it.get_state(), config=config)
         if preempted:
             break

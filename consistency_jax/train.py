@@ -53,12 +53,17 @@ def make_train_step(loss_fn: losses_lib.LossFn, tx: optax.GradientTransformation
         target = state.target_params if state.target_params is not None else state.params
 
         def objective(params):
-            return loss_fn(params, target, state.teacher_params, batch, rng, num_scales)
+            loss, aux = loss_fn(params, target, state.teacher_params, batch, rng, num_scales)
+            if axis_name is not None:
+                # Differentiate the loss of the global batch. Under shard_map's replication checking
+                # the gradient of a replicated θ is then already the mean over the axis (autodiff sums
+                # it); under pmap (no checking) the pmean of the gradients below averages it.
+                loss, aux = jax.lax.pmean((loss, aux), axis_name)
+            return loss, aux
 
         (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         if axis_name is not None:
             grads = jax.lax.pmean(grads, axis_name)
-            loss, aux = jax.lax.pmean((loss, aux), axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         target_params = (ema_update(state.target_params, params, mu)

@@ -57,7 +57,8 @@ def test_ct_configs_use_the_adaptive_curriculum_and_cd_a_constant_one():
     assert _get("imagenet64", "method=cd").curriculum.kind == "constant"
     c = _get("cifar10", "method=cd")
     c.teacher.workdir = "/nonexistent/teacher"
-    experiment.parse_config(c)  # validates (the teacher is only opened when training starts)
+    with pytest.raises(ValueError, match="holds no checkpoints"):  # checked before anything compiles
+        experiment.parse_config(c)
 
 
 def test_unknown_config_arguments_are_named():
