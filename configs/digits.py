@@ -32,5 +32,9 @@ def get_config(arg=None):
     if method == "ct":
         c.loss.distance = "l2"
     if method == "cd":
+        # CM's CD (N = 18, Heun, μ = 0) with iCT's pseudo-Huber distance and λ = 1/Δt, which reached
+        # the teacher's digits-FD far sooner than l2 / λ = 1 (bench/RESULTS.md §2).
         c.curriculum.update(num_scales=18, mu0=0.0)
+        c.loss.update(distance="pseudo_huber", weighting="ict")
+        c.train.update(num_steps=4000, eval_every=2000)
     return c
