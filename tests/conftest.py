@@ -4,3 +4,10 @@ import os
 # Tests run on CPU; keep XLA from grabbing every core thread pool it can and keep output quiet.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# XLA:CPU aborts a collective whose participants do not all arrive within about 40 s. On a busy
+# 2-core machine the threads of 8 virtual devices can be that late, so the multi-device subprocesses
+# of the tests raise the limit (these flags exist in jaxlib >= 0.4.3x; an unknown flag aborts XLA).
+SLOW_CPU_COLLECTIVES = ("--xla_cpu_collective_call_terminate_timeout_seconds=900 "
+                        "--xla_cpu_collective_timeout_seconds=900 "
+                        "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120")

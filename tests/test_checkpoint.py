@@ -384,8 +384,10 @@ def test_sharded_state_restores_into_the_live_shardings(tmp_path):
     import subprocess
     import sys
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               PYTHONPATH=str(REPO))
+    from conftest import SLOW_CPU_COLLECTIVES
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {SLOW_CPU_COLLECTIVES}")
     out = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT, str(tmp_path)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "SHARDED-OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]

@@ -299,6 +299,7 @@ from consistency_jax import parameterization as param_lib  # noqa: E402
 from consistency_jax import sharding  # noqa: E402
 from consistency_jax.networks import get_network, make_apply_fn  # noqa: E402
 from consistency_jax.train import make_train_step  # noqa: E402
+from conftest import SLOW_CPU_COLLECTIVES  # noqa: E402
 
 # Sharded results equal the single-device ones up to float32 reduction-order rounding.
 TOL = 1e-5
@@ -312,7 +313,7 @@ def _device_env(extra_flags: str = "") -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = " ".join(filter(None, [
         env.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={NUM_DEVICES}",
-        extra_flags]))
+        SLOW_CPU_COLLECTIVES, extra_flags]))
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
