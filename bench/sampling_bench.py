@@ -13,7 +13,6 @@ aim is ≥ 0.95.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -31,15 +30,7 @@ from consistency_jax.parameterization import SigmaConfig  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--network", default="ncsnpp", choices=["ncsnpp", "ddpmpp", "mlp"])
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--image_size", type=int, default=16)
-    p.add_argument("--nf", type=int, default=32)
-    p.add_argument("--ch_mult", default="1,2")
-    p.add_argument("--num_res_blocks", type=int, default=1)
-    p.add_argument("--attn", default="")
-    p.add_argument("--hidden", type=int, default=256)
+    timing.add_network_args(p, batch=64)
     p.add_argument("--method", default="ct", help="unused (the sampler is the same); for the log")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--repeats", type=int, default=7)
@@ -80,10 +71,7 @@ def main(argv=None):
         eff = len(ts) * t_fwd / t
         rows.append({"name": name, "s": t, "efficiency": eff})
         print(f"{name:14s} {1e3 * t:8.3f} ms  {args.batch / t:10.1f} img/s  efficiency {eff:.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "device": timing.describe_device(), "results": rows}, f,
-                      indent=1)
+    timing.write_json(args.json, args, rows)
     return rows
 
 

@@ -27,15 +27,10 @@ def parse_args(argv=None):
     p.add_argument("--devices", default="1,2,4,8")
     p.add_argument("--platform", default="cpu", choices=["cpu", "gpu", "tpu"])
     p.add_argument("--method", default="ct", choices=["ct", "cd", "edm"])
-    p.add_argument("--network", default="ncsnpp", choices=["ncsnpp", "ddpmpp", "mlp"])
-    p.add_argument("--batch", type=int, default=32, help="global batch, the same for every N")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--image_size", type=int, default=16)
-    p.add_argument("--nf", type=int, default=32)
-    p.add_argument("--ch_mult", default="1,2")
-    p.add_argument("--num_res_blocks", type=int, default=1)
-    p.add_argument("--attn", default="")
-    p.add_argument("--hidden", type=int, default=256)
+    sys.path.insert(0, HERE)
+    import timing  # the parent never starts a JAX backend: each device count runs in a subprocess
+
+    timing.add_network_args(p, batch=32)
     p.add_argument("--fsdp", type=int, default=1)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--repeats", type=int, default=5)
@@ -104,9 +99,9 @@ def main(argv=None):
         m = r["mesh"]
         print(f"| {r['devices']} | {m['data']}×{m['fsdp']} | {1e3 * r['step_s']:.2f} | "
               f"{r['images_per_s']:.1f} | {r['step_s'] / base:.3f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": rows}, f, indent=1)
+    import timing
+
+    timing.write_json(args.json, args, rows, device=False)
     return rows
 
 

@@ -113,3 +113,29 @@ def build_network(name: str, image_size: int, dtype: str, *, nf: int = 32,
 def describe_device() -> str:
     d = jax.devices()[0]
     return f"{jax.device_count()} × {d.platform} ({d.device_kind}), JAX {jax.__version__}"
+
+
+def add_network_args(p, *, batch: int) -> None:
+    """The network flags shared by the benchmark scripts (``build_network``'s arguments)."""
+    p.add_argument("--network", default="ncsnpp", choices=["ncsnpp", "ddpmpp", "mlp"])
+    p.add_argument("--batch", type=int, default=batch, help="global batch")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--image_size", type=int, default=16)
+    p.add_argument("--nf", type=int, default=32)
+    p.add_argument("--ch_mult", default="1,2")
+    p.add_argument("--num_res_blocks", type=int, default=1)
+    p.add_argument("--attn", default="", help="attention resolutions, e.g. 16")
+    p.add_argument("--hidden", type=int, default=256, help="MLP width")
+
+
+def write_json(path: str, args, rows, *, device: bool = True) -> None:
+    """Writes a benchmark's arguments, device and result rows to ``path`` (no-op when empty)."""
+    if not path:
+        return
+    import json
+
+    record = {"args": vars(args), "results": rows}
+    if device:
+        record["device"] = describe_device()
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)

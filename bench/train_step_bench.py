@@ -24,7 +24,6 @@ prefetch of the next batch (``sharding.prefetch_to_mesh``), against pre-staged d
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -48,15 +47,7 @@ from consistency_jax.train_state import TrainState, ema_update  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--method", default="all", choices=["ct", "cd", "edm", "all"])
-    p.add_argument("--network", default="ncsnpp", choices=["ncsnpp", "ddpmpp", "mlp"])
-    p.add_argument("--batch", type=int, default=32, help="global batch")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--image_size", type=int, default=16)
-    p.add_argument("--nf", type=int, default=32)
-    p.add_argument("--ch_mult", default="1,2")
-    p.add_argument("--num_res_blocks", type=int, default=1)
-    p.add_argument("--attn", default="", help="attention resolutions, e.g. 16")
-    p.add_argument("--hidden", type=int, default=256, help="MLP width")
+    timing.add_network_args(p, batch=32)
     p.add_argument("--iters", type=int, default=5, help="calls per timed repeat")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--fsdp", type=int, default=1, help="fsdp size of the mesh")
@@ -225,10 +216,7 @@ def main(argv=None):
             line += (f"\n     loop: plain {1e3 * r['loop_s']:.2f} ms, prefetch "
                      f"{1e3 * r['loop_prefetch_s']:.2f} ms, staged {1e3 * r['loop_staged_s']:.2f} ms")
         print(line, flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "device": timing.describe_device(), "results": rows}, f,
-                      indent=1)
+    timing.write_json(args.json, args, rows)
     return rows
 
 
