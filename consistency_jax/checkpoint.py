@@ -201,7 +201,7 @@ def _metadata_tree(md: Any) -> PyTree:
 
 def _student_part(state: TrainState) -> TrainState:
     """What the ``state`` item holds: no EMAs (own item) and never the teacher."""
-    return state.replace(ema_params={}, teacher_params=None)
+    return state.replace(ema_params={}, teacher_params=None, distance=None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -449,7 +449,8 @@ class Checkpointer:
         ema = dict(state.ema_params)
         if state.ema_params:
             ema = jax.tree.unflatten(jax.tree.structure(ema), jax.tree.leaves(got[_EMA]))
-        restored = restored.replace(ema_params=ema, teacher_params=state.teacher_params)
+        restored = restored.replace(ema_params=ema, teacher_params=state.teacher_params,
+                                    distance=state.distance)
         saved_step = int(jax.device_get(restored.step))
         if saved_step != step:
             raise CheckpointError(f"Checkpoint directory {self.step_dir(step)} holds a state of "

@@ -436,9 +436,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     init_rng, step_rng, eval_rng = jax.random.split(rng, 3)
     _, apply_fn, params = build_model(config, example_shape, init_rng)
     loss_fn = build_loss(setup, apply_fn, distance, teacher)
+    # A distance with weights (LPIPS) travels in the state: an input of the step, not a constant.
+    weighted_distance = (distance if any(hasattr(leaf, "shape") for leaf in jax.tree.leaves(distance))
+                         else None)
     state = TrainState.create(params, tx, ema_rates=setup.ema_rates,
                               use_target=setup.method != "edm" and setup.curriculum.uses_target_ema,
-                              teacher_params=teacher_params)
+                              teacher_params=teacher_params, distance=weighted_distance)
     # Replicated over "data"; θ, θ⁻, EMAs, optimizer state and the teacher split over "fsdp".
     state_shardings = sharding_lib.state_shardings(state, mesh, min_size=config.mesh.fsdp_min_size)
     state = sharding_lib.place(state, state_shardings)

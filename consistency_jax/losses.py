@@ -203,9 +203,11 @@ def make_consistency_loss(cfg: LossConfig, apply_fn: param_lib.ApplyFn,
     """Builds the CD / CT loss of CM Algorithms 2 and 3 (REFERENCE §3).
 
     Returns:
-      loss_fn(params, target_params, teacher_params, batch, rng, num_scales) -> (loss, aux), where
-      ``batch`` holds "image" (B, ...) and optionally "label" (B,), ``target_params`` are θ⁻ (they are
-      put under stop_gradient here) and ``num_scales`` is N(k) of the step.
+      loss_fn(params, target_params, teacher_params, batch, rng, num_scales, distance=None)
+      -> (loss, aux), where ``batch`` holds "image" (B, ...) and optionally "label" (B,),
+      ``target_params`` are θ⁻ (they are put under stop_gradient here), ``num_scales`` is N(k) of the
+      step, and ``distance`` optionally replaces the built-in one by a distance passed at call time
+      (``TrainState.distance``: a weighted metric such as LPIPS, as an input of the compiled step).
     """
     if cfg.method not in ("cd", "ct"):
         raise ValueError(f"make_consistency_loss builds cd or ct losses, not {cfg.method!r}.")
@@ -213,7 +215,7 @@ def make_consistency_loss(cfg: LossConfig, apply_fn: param_lib.ApplyFn,
         raise ValueError("Consistency distillation (method='cd') needs a teacher denoiser.")
     solver = solvers.get_solver(cfg.solver)
 
-    def loss_fn(params, target_params, teacher_params, batch, rng, num_scales):
+    def loss_fn(params, target_params, teacher_params, batch, rng, num_scales, distance=distance):
         x0 = jnp.asarray(batch["image"], jnp.float32)
         labels = batch.get("label")
         b = x0.shape[0]
@@ -253,8 +255,8 @@ def make_edm_loss(cfg: LossConfig, apply_fn: param_lib.ApplyFn,
     ``num_scales`` are unused.
     """
 
-    def loss_fn(params, target_params, teacher_params, batch, rng, num_scales):
-        del target_params, teacher_params, num_scales
+    def loss_fn(params, target_params, teacher_params, batch, rng, num_scales, distance=None):
+        del target_params, teacher_params, num_scales, distance
         x0 = jnp.asarray(batch["image"], jnp.float32)
         b = x0.shape[0]
         rng_s, rng_z, rng_drop = jax.random.split(rng, 3)

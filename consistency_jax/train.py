@@ -53,7 +53,9 @@ def make_train_step(loss_fn: losses_lib.LossFn, tx: optax.GradientTransformation
         target = state.target_params if state.target_params is not None else state.params
 
         def objective(params):
-            loss, aux = loss_fn(params, target, state.teacher_params, batch, rng, num_scales)
+            extra = {} if state.distance is None else {"distance": state.distance}
+            loss, aux = loss_fn(params, target, state.teacher_params, batch, rng, num_scales,
+                                **extra)
             if axis_name is not None:
                 # Differentiate the loss of the global batch. Under shard_map's replication checking
                 # the gradient of a replicated θ is then already the mean over the axis (autodiff sums

@@ -36,6 +36,10 @@ class TrainState(flax.struct.PyTreeNode):
       opt_state: the optax state.
       teacher_params: CD's teacher φ, read-only: never updated here and never written into a
         checkpoint of the student (``checkpoint.py`` drops it); None for CT and EDM.
+      distance: a distance that carries weights (a callable pytree such as
+        ``metrics.lpips.LPIPSDistance``), read-only and never checkpointed like the teacher. Held
+        here so that its weights are inputs of the compiled step rather than constants baked into
+        it; None when the loss's distance has no weights (l2, l1, pseudo-Huber).
     """
 
     step: Array
@@ -44,11 +48,13 @@ class TrainState(flax.struct.PyTreeNode):
     ema_params: Mapping[str, PyTree]
     opt_state: optax.OptState
     teacher_params: Optional[PyTree] = None
+    distance: Optional[PyTree] = None
 
     @classmethod
     def create(cls, params: PyTree, tx: optax.GradientTransformation, *,
                ema_rates: Sequence[float] = (), use_target: bool = True,
-               teacher_params: Optional[PyTree] = None) -> "TrainState":
+               teacher_params: Optional[PyTree] = None,
+               distance: Optional[PyTree] = None) -> "TrainState":
         """θ⁻ and every EMA start as copies of θ (jcm, cm)."""
         for r in ema_rates:
             if not 0.0 <= float(r) <= 1.0:
@@ -57,7 +63,7 @@ class TrainState(flax.struct.PyTreeNode):
         return cls(step=jnp.zeros((), jnp.int32), params=params,
                    target_params=copy(params) if use_target else None,
                    ema_params={ema_key(r): copy(params) for r in ema_rates},
-                   opt_state=tx.init(params), teacher_params=teacher_params)
+                   opt_state=tx.init(params), teacher_params=teacher_params, distance=distance)
 
     def eval_params(self, rate: Optional[float] = None) -> PyTree:
         """The parameters to sample with: the EMA of ``rate`` (default: the slowest), else θ."""

@@ -226,3 +226,28 @@ def test_bad_inputs_and_params(ref, params):
         L.make_lpips_distance(params["alex"], net="vgg")
     with pytest.raises(ValueError, match="Unknown pooling"):
         L.make_lpips_distance(params["alex"], net="alex", pooling="min")
+
+
+def test_lpips_loss_trains_through_the_main_loop(weight_files, tmp_path):
+    """config.loss.distance='lpips' end to end: the weights ride in TrainState.distance (inputs of the
+    compiled step), the loss is finite, and the student's checkpoint holds no LPIPS arrays."""
+    import json
+
+    from configs import digits
+    from consistency_jax import checkpoint, experiment
+
+    c = digits.get_config("method=ct")
+    c.data.data_dir = str(tmp_path / "tfds")
+    c.data.batch_size = 4
+    c.model.kwargs = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
+    c.loss.update(distance="lpips", lpips_net="alex", lpips_weights=str(weight_files["alex"]))
+    c.train.update(num_steps=2, log_every=1, eval_every=2)
+    c.eval.num_samples = 16
+    c.checkpoint.every = 2
+    state = experiment.train_and_evaluate(c, str(tmp_path / "run"))
+    assert isinstance(state.distance, L.LPIPSDistance)
+    arrays = checkpoint.read_arrays(str(tmp_path / "run"))
+    n_lpips = sum(x.size for x in jax.tree.leaves(state.distance))
+    assert sum(np.size(v) for v in arrays.values()) < n_lpips  # the tiny student only
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert line["step"] == 2

@@ -148,3 +148,35 @@ def test_short_toy_training_lowers_distance_to_data(method):
     assert after < 0.4 * before, (before, after)
     if method == "ct":  # iCT's pseudo-Huber / 1/Δt recipe converges fastest on this budget
         assert after < 6 * floor, (after, floor)
+
+
+def test_a_weighted_distance_travels_in_the_state_not_as_compiled_constants():
+    """A distance with weights (LPIPS-like) in TrainState.distance gives the same step as the same
+    distance closed over, but its weights are inputs of the compiled step rather than constants."""
+    import flax
+
+    class WeightedL2(flax.struct.PyTreeNode):
+        w: jax.Array
+
+        def __call__(self, a, b):
+            return jnp.mean(((a - b) * self.w) ** 2, axis=-1)
+
+    apply_fn, params = _mlp()
+    dist = WeightedL2(w=jnp.array([[0.5, 1.5]]))
+    cur = S.Curriculum(kind="constant", num_scales=10)
+    loss_fn = L.make_consistency_loss(L.LossConfig(method="ct"), apply_fn, SIG, cur, dist)
+    tx = optax.sgd(0.1)
+    closed = TrainState.create(params, tx, use_target=False)
+    carried = TrainState.create(params, tx, use_target=False, distance=dist)
+    step = make_train_step(loss_fn, tx, cur)
+    batch, rng = _batch(3), jax.random.key(2)
+    a, ma = jax.jit(step)(closed, batch, rng)
+    b, mb = jax.jit(step)(carried, batch, rng)
+    np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
+    # the weights are an argument of the step, not a constant of its program
+    jaxpr = jax.make_jaxpr(step)(carried, batch, rng)
+    assert not any(getattr(c, "shape", None) == dist.w.shape for c in jaxpr.consts)
+    jaxpr_closed = jax.make_jaxpr(step)(closed, batch, rng)
+    assert any(getattr(c, "shape", None) == dist.w.shape for c in jaxpr_closed.consts)
