@@ -278,21 +278,39 @@ def two_step_times(config, setup: Setup) -> tuple[float, ...]:
     return (setup.sigmas.sigma_max, float(config.eval.two_step_time))
 
 
-def generate(setup: Setup, apply_fn, params, rng, shape, config, labels=None) -> dict[str, np.ndarray]:
-    """Samples to look at: 1-step and 2-step for consistency models, EDM Heun for teachers."""
-    if setup.method == "edm":
-        denoise = lambda x, t: param_lib.denoiser_fn(apply_fn, params, x, t, setup.sigmas,
-                                                     labels=labels)
-        n = config.eval.edm_steps
-        x = jax.jit(lambda r: sampling.edm_heun_sample(denoise, r, shape, setup.sigmas, n))(rng)
-        return {f"heun_{2 * n - 1}nfe": np.asarray(x)}
-    out = {}
-    clip = 1.0 if len(shape) == 4 else None
-    for name, ts in (("1step", (setup.sigmas.sigma_max,)), ("2step", two_step_times(config, setup))):
-        x = jax.jit(lambda p, r: sampling.multistep_sample(apply_fn, p, r, shape, ts, setup.sigmas,
-                                                           labels=labels, clip=clip))(params, rng)
-        out[name] = np.asarray(x)
-    return out
+class SampleGenerator:
+    """The samples to look at: 1-step and 2-step for consistency models, EDM Heun for teachers.
+
+    The samplers are jitted once, on the first call, with the parameters as an argument, and reused at
+    every evaluation of the run (``apply_fn`` is fixed for a run).
+    """
+
+    def __init__(self, setup: Setup, config, shape, labels=None):
+        self.setup, self.shape, self.labels = setup, tuple(shape), labels
+        self.edm_steps = int(config.eval.edm_steps)
+        self.two_step = two_step_times(config, setup)
+        self._samplers = None
+
+    def _build(self, apply_fn) -> dict:
+        sigmas, shape = self.setup.sigmas, self.shape
+        if self.setup.method == "edm":
+            n = self.edm_steps
+
+            def heun(params, rng, labels):
+                denoise = lambda x, t: param_lib.denoiser_fn(apply_fn, params, x, t, sigmas,
+                                                             labels=labels)
+                return sampling.edm_heun_sample(denoise, rng, shape, sigmas, n)
+
+            return {f"heun_{2 * n - 1}nfe": jax.jit(heun)}
+        clip = 1.0 if len(shape) == 4 else None
+        return {name: sampling.make_sampler(apply_fn, sigmas, ts, shape, clip=clip)
+                for name, ts in (("1step", (sigmas.sigma_max,)), ("2step", self.two_step))}
+
+    def __call__(self, apply_fn, params, rng) -> dict[str, np.ndarray]:
+        if self._samplers is None:
+            self._samplers = self._build(apply_fn)
+        return {name: np.asarray(fn(params, rng, self.labels))
+                for name, fn in self._samplers.items()}
 
 
 class ToyEvaluator:
@@ -314,6 +332,7 @@ class ToyEvaluator:
         pairs = [(self.mixture.sample(rng, n), self.mixture.sample(rng, n)) for _ in range(8)]
         self.floor = {"sw2_floor": float(np.mean([self.sw2(a, b) for a, b in pairs])),
                       "ed_floor": float(np.mean([self.ed(a, b) for a, b in pairs]))}
+        self.generate = SampleGenerator(setup, config, (n, 2))
         self.map_points = None
         if setup.method == "cd":
             t_max, t_min = setup.sigmas.sigma_max, setup.sigmas.sigma_min
@@ -321,8 +340,7 @@ class ToyEvaluator:
             self.map_truth = toy.ode_map(self.mixture, self.map_points, t_max, t_min)
 
     def __call__(self, apply_fn, params, rng) -> tuple[dict, dict]:
-        n = self.config.eval.num_samples
-        samples = generate(self.setup, apply_fn, params, rng, (n, 2), self.config)
+        samples = self.generate(apply_fn, params, rng)
         figures = dict(self.floor)
         for name, x in samples.items():
             figures[f"sw2_{name}"] = self.sw2(x, self.data)

@@ -46,6 +46,9 @@ class ImageEvaluator:
         self.shape = (int(config.eval.num_samples),) + tuple(example_shape)
         self.num_classes = config.model.kwargs.get("num_classes") if config.data.use_labels else None
         self.digits = is_digits(config.data.name)
+        from consistency_jax.experiment import SampleGenerator
+
+        self.generate = SampleGenerator(setup, config, self.shape, labels=self.labels())
         if self.digits:
             from consistency_jax.metrics import digits as digits_lib
 
@@ -59,10 +62,7 @@ class ImageEvaluator:
         return jnp.arange(self.shape[0], dtype=jnp.int32) % self.num_classes
 
     def __call__(self, apply_fn, params, rng) -> tuple[dict, dict]:
-        from consistency_jax.experiment import generate
-
-        samples = generate(self.setup, apply_fn, params, rng, self.shape, self.config,
-                           labels=self.labels())
+        samples = self.generate(apply_fn, params, rng)
         figures: dict[str, float] = {}
         for name, x in samples.items():
             if not np.isfinite(x).all():
