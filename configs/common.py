@@ -20,6 +20,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.random_flip = False
     c.data.use_labels = False
     c.data.batch_size = 256  # global batch over all hosts and devices
+    # auto: array_record -> tfds.data_source + grain (no TensorFlow); tfrecord -> tfds.load (TF).
+    c.data.reader = "auto"  # auto | data_source | tfds_load
+    c.data.shuffle_buffer = 0  # tfds_load only: records in the shuffle buffer; 0: the host's share
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "mlp"

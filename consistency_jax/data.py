@@ -1,38 +1,49 @@
-"""Per-host image pipelines over TFDS ``array_record`` data sources, with exact resume.
+"""Per-host image pipelines over TFDS data sets, with exact resume; with or without TensorFlow.
 
-Every data set (``cifar10``, ``downsampled_imagenet/64x64``, ``imagenet_resized/64x64``,
-``lsun/bedroom``, the bundled ``sklearn_digits/8`` and ``sklearn_digits/16``) is read the same way:
-``tfds.builder(name).as_data_source(split)`` gives random access to decoded examples without
-TensorFlow, and a ``grain.MapDataset`` chain turns it into an infinite stream of batches:
+Any TFDS image data set (``cifar10``, ``downsampled_imagenet/64x64``, ``imagenet_resized/64x64``,
+``lsun/bedroom``, the bundled ``sklearn_digits/8`` and ``sklearn_digits/16``) is read by one of two
+readers, picked by the format the data set is prepared in (``ImageDataConfig.reader``):
 
-    source -> this host's share (index striding) -> per-example crop/resize -> shuffle -> repeat
-           -> element prefetch on threads (grain) -> batch -> [-1, 1] floats, horizontal flips.
+* ``data_source`` (array_record files, no TensorFlow): ``tfds.builder(name).as_data_source(split)``
+  gives random access to decoded examples, and a ``grain.MapDataset`` chain turns it into an
+  infinite stream of batches:
 
-Why grain: ``MapDataset`` is index based, so element ``i`` of the stream is a pure function of
-``i``: ``shuffle`` draws a fresh permutation of the host's share per epoch from
-``(seed, process_index, epoch)`` (grain seeds epoch ``e`` with ``s + e``), ``repeat`` makes the
-stream infinite, slicing ``[k * B:]`` starts at step ``k`` without reading the steps before it,
-and ``to_iter_dataset`` prefetches on a thread pool while keeping the order. Hence the batch at
-step ``k`` is a pure function of ``(seed, k, process_index, process_count)`` and the whole iterator
-state is the step counter (``ImageIterator.get_state``), which a checkpoint stores as a small
-JSON dict. Random flips are drawn per batch from ``(seed, process_index, step)``.
+      source -> this host's share -> per-example crop/resize -> shuffle -> repeat
+             -> element prefetch on threads (grain) -> batch -> [-1, 1] floats, horizontal flips.
 
-Per-host sharding: host ``p`` of ``P`` reads examples ``p, p + P, p + 2P, ...`` of the split,
-truncated to ``P * (n // P)`` examples so that every host sees the same number per epoch (at most
-``P - 1`` examples are dropped). The shares are disjoint and their union is the split; each host
-yields ``global_batch_size // P`` rows, the local share that
+  ``MapDataset`` is index based, so element ``i`` of the stream is a pure function of ``i``:
+  ``shuffle`` draws a fresh permutation of the host's share per epoch from
+  ``(seed, process_index, epoch)`` (grain seeds epoch ``e`` with ``s + e``), ``repeat`` makes the
+  stream infinite, slicing ``[k * B:]`` starts at step ``k`` without reading the steps before it,
+  and ``to_iter_dataset`` prefetches on a thread pool while keeping the order.
+
+* ``tfds_load`` (tfrecord files, the TFDS default when TensorFlow is installed): ``tfds.load`` of
+  the host's sub-split, shuffled per epoch with seeds from ``(seed, process_index, epoch)``,
+  repeated, decoded and batched by tf.data (deterministic); starting at step ``k`` skips the
+  undecoded records of the current epoch before it.
+
+With either reader the batch at step ``k`` is a pure function of
+``(seed, k, process_index, process_count)``, so the whole iterator state is the step counter
+(``ImageIterator.get_state``), which a checkpoint stores as a small JSON dict. Random flips are
+drawn per batch from ``(seed, process_index, step)``.
+
+Per-host sharding: host ``p`` of ``P`` reads the contiguous block ``[p * m, (p + 1) * m)`` of the
+split, ``m = n // P`` (at most ``P - 1`` examples are dropped so that every host sees the same
+number per epoch). The shares are disjoint, their union is the split, and both readers give the
+same shares; each host yields ``global_batch_size // P`` rows, the local share that
 ``jax.make_array_from_process_local_data`` assembles into the global batch.
 
 Small data sets (the digits by default, others with ``in_memory=True``) are decoded once into
 NumPy arrays and then read without threads (measured on a loaded 2-core CPU, 8x8 digits with
 flips: about 13k examples/s against 6k/s when every PNG is decoded on the fly).
 
-The data set must already be prepared in ``array_record`` format under ``data_dir`` (or
-``download=True``). The bundled digits are built on demand (``ensure_digits_dataset``), offline.
+The data set must already be prepared under ``data_dir`` (or ``download=True``). The bundled digits
+are built on demand (``ensure_digits_dataset``), offline.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 from typing import Any, Iterator, Mapping
 
@@ -44,6 +55,8 @@ import tensorflow_datasets as tfds
 from consistency_jax.datasets import digits as _digits  # Registers "sklearn_digits" with TFDS.
 
 DIGITS_NAME = _digits.SklearnDigits.name
+
+READERS = ("auto", "data_source", "tfds_load")
 
 # Distinct stream tags so that the shuffle and the flips never share random bits.
 _SHUFFLE_STREAM = 0x5EED
@@ -70,6 +83,16 @@ class ImageDataConfig:
       prefetch_batches: how many local batches of decoded examples are kept ready.
       in_memory: decode this host's share once and keep it in memory (small data sets; then read
         without threads, as grain recommends for in-memory data). None: only for the digits.
+        ``data_source`` reader only.
+      reader: how examples are read. "data_source": ``tfds.data_source`` over ``array_record``
+        files through grain (no TensorFlow). "tfds_load": ``tfds.load`` (tf.data) over
+        ``tfrecord`` files (needs TensorFlow). "auto": by the format the data set is prepared in
+        (array_record -> data_source, tfrecord -> tfds_load); a data set prepared here with
+        ``download=True`` is written as tfrecord when TensorFlow is installed, else as
+        array_record. The digits are always built as array_record unless reader="tfds_load".
+      shuffle_buffer: tfds_load reader only: examples in the tf.data shuffle buffer (0: this host's
+        whole share, a uniform permutation per epoch, as the data_source reader; the buffer holds
+        undecoded records).
     """
 
     name: str
@@ -84,6 +107,8 @@ class ImageDataConfig:
     num_threads: int = 8
     prefetch_batches: int = 2
     in_memory: bool | None = None
+    reader: str = "auto"
+    shuffle_buffer: int = 0
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -96,6 +121,14 @@ class ImageDataConfig:
             raise ValueError(
                 "ImageDataConfig.num_threads and prefetch_batches must be >= 0, got "
                 f"{self.num_threads} and {self.prefetch_batches}."
+            )
+        if self.reader not in READERS:
+            raise ValueError(f"ImageDataConfig.reader must be one of {READERS}, got {self.reader!r}.")
+        if (not isinstance(self.shuffle_buffer, (int, np.integer)) or isinstance(self.shuffle_buffer, bool)
+                or self.shuffle_buffer < 0):
+            raise ValueError(
+                "ImageDataConfig.shuffle_buffer must be a non-negative integer (0: the whole share), got "
+                f"{self.shuffle_buffer!r}."
             )
 
     @classmethod
@@ -164,26 +197,52 @@ def validate_image_batch(
             raise ValueError(f"Labels must have shape ({shape[0]},), got {tuple(np.shape(label))}.")
 
 
-def ensure_digits_dataset(data_dir: str | None, image_size: int) -> tfds.core.DatasetBuilder:
-    """Builds ``sklearn_digits/<image_size>`` in ``array_record`` format if it is missing.
+def tensorflow_available() -> bool:
+    """Whether TensorFlow can be imported (``tfds.load`` needs it; nothing else here does)."""
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):  # e.g. sys.modules["tensorflow"] set to None to hide it.
+        return False
+
+
+def ensure_digits_dataset(
+    data_dir: str | None, image_size: int, file_format: str = "array_record"
+) -> tfds.core.DatasetBuilder:
+    """Builds ``sklearn_digits/<image_size>`` if it is missing.
 
     Offline (the digits ship with scikit-learn) and fast (well under a second).
 
     Args:
       data_dir: TFDS data directory (None: the TFDS default).
       image_size: 8 or 16.
+      file_format: "array_record" (read by ``tfds.data_source``, no TensorFlow) or "tfrecord"
+        (read by ``tfds.load``; writing it needs TensorFlow). A data set already prepared keeps its
+        format.
 
     Returns:
       The prepared TFDS builder.
     """
     if image_size not in _digits.IMAGE_SIZES:
         raise ValueError(f"sklearn_digits image_size must be one of {_digits.IMAGE_SIZES}, got {image_size}.")
-    builder = tfds.builder(f"{DIGITS_NAME}/{image_size}", data_dir=data_dir)
+    if file_format not in ("array_record", "tfrecord"):
+        raise ValueError(f"file_format must be 'array_record' or 'tfrecord', got {file_format!r}.")
+    if file_format == "tfrecord" and not tensorflow_available():
+        raise ValueError("Writing the digits as tfrecord (reader='tfds_load') needs TensorFlow; install "
+                         "tensorflow-cpu or use reader='data_source'.")
+    name = f"{DIGITS_NAME}/{image_size}"
+    builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():
-        builder.download_and_prepare(
-            file_format="array_record",
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False),
-        )
+        try:
+            builder.download_and_prepare(
+                file_format=file_format,
+                download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+            )
+        except FileExistsError:
+            # Several processes (the hosts of a job sharing data_dir, or two jobs) built it at once:
+            # the first to finish renamed its copy into place; use that one.
+            builder = tfds.builder(name, data_dir=data_dir)
+            if not builder.is_prepared():
+                raise
     return builder
 
 
@@ -197,17 +256,58 @@ def _prepared_builder(cfg: ImageDataConfig) -> tfds.core.DatasetBuilder:
                 f"Digits data set names are '{DIGITS_NAME}/<size>' with size in {_digits.IMAGE_SIZES}, "
                 f"got {cfg.name!r}."
             )
-        return ensure_digits_dataset(cfg.data_dir, int(config_name))
+        fmt = "tfrecord" if cfg.reader == "tfds_load" else "array_record"
+        return ensure_digits_dataset(cfg.data_dir, int(config_name), file_format=fmt)
+    if cfg.reader == "tfds_load" and not tensorflow_available():
+        raise ValueError(_NO_TF_MESSAGE.format(name=cfg.name))
     builder = tfds.builder(cfg.name, data_dir=cfg.data_dir)
     if not builder.is_prepared():
+        fmt = {"data_source": "array_record", "tfds_load": "tfrecord"}.get(
+            cfg.reader, "tfrecord" if tensorflow_available() else "array_record")
         if not cfg.download:
             raise ValueError(
                 f"TFDS data set {cfg.name!r} is not prepared in data_dir={cfg.data_dir!r}. Prepare it "
-                "with tfds.builder(name, data_dir=...).download_and_prepare(file_format='array_record') "
+                f"with tfds.builder(name, data_dir=...).download_and_prepare(file_format='{fmt}') "
                 "or set download=True in the data config."
             )
-        builder.download_and_prepare(file_format="array_record")
+        builder.download_and_prepare(file_format=fmt)
     return builder
+
+
+_NO_TF_MESSAGE = (
+    "TFDS data set {name!r} is read with tfds.load (reader='tfds_load', or a data set prepared as "
+    "tfrecord), which needs TensorFlow, and TensorFlow is not installed. Install tensorflow-cpu, or "
+    "re-prepare the data set with download_and_prepare(file_format='array_record') and use "
+    "reader='data_source' (no TensorFlow)."
+)
+
+
+def resolve_reader(builder: tfds.core.DatasetBuilder, cfg: ImageDataConfig) -> str:
+    """The reader of a prepared data set: "data_source" (array_record) or "tfds_load" (tfrecord).
+
+    Raises:
+      ValueError: when the requested reader cannot read the prepared files, or ``tfds.load`` is
+        needed and TensorFlow is not installed.
+    """
+    fmt = getattr(builder.info.file_format, "value", builder.info.file_format) or "tfrecord"
+    reader = cfg.reader
+    if reader == "auto":
+        reader = "data_source" if fmt == "array_record" else "tfds_load"
+    if reader == "data_source" and fmt != "array_record":
+        raise ValueError(
+            f"TFDS data set {cfg.name!r} is prepared as {fmt}; tfds.data_source reads array_record "
+            "only. Use reader='tfds_load' (or 'auto') with TensorFlow installed, or re-prepare it with "
+            "download_and_prepare(file_format='array_record') in another data_dir."
+        )
+    if reader == "tfds_load":
+        if fmt != "tfrecord":
+            raise ValueError(
+                f"TFDS data set {cfg.name!r} is prepared as {fmt}; tfds.load reads tfrecord only. Use "
+                "reader='data_source' (or 'auto'), or prepare it as tfrecord in another data_dir."
+            )
+        if not tensorflow_available():
+            raise ValueError(_NO_TF_MESSAGE.format(name=cfg.name))
+    return reader
 
 
 def _image_feature_shape(builder: tfds.core.DatasetBuilder, cfg: ImageDataConfig) -> tuple:
@@ -317,17 +417,127 @@ def _flip_mask(seed: int, process_index: int, step: int, rows: int) -> np.ndarra
     return rng.random(rows) < 0.5
 
 
+def _host_range(process_index: int, per_host: int) -> tuple[int, int]:
+    """Positions [start, stop) of this host's share within the split: contiguous equal blocks."""
+    return process_index * per_host, (process_index + 1) * per_host
+
+
+class _GrainStream:
+    """Local batches of the ``data_source`` reader: a grain chain over ``tfds.data_source``.
+
+    ``elements`` is the host's share, shuffled per epoch and repeated; slicing it at element
+    ``step * B`` starts the stream at any step without reading the steps before it.
+    """
+
+    def __init__(self, elements: grain.MapDataset, cfg: ImageDataConfig, local_batch_size: int,
+                 in_memory: bool):
+        self._elements = elements
+        self._cfg = cfg
+        self._local_batch_size = local_batch_size
+        self._in_memory = in_memory
+
+    def open(self, step: int) -> Iterator[dict[str, np.ndarray]]:
+        read_options = grain.ReadOptions(
+            num_threads=0 if self._in_memory else self._cfg.num_threads,
+            prefetch_buffer_size=self._cfg.prefetch_batches * self._local_batch_size,
+        )
+        stream = self._elements[step * self._local_batch_size :]
+        return iter(stream.to_iter_dataset(read_options).batch(self._local_batch_size, drop_remainder=True))
+
+
+def _import_tensorflow():
+    """TensorFlow for tf.data only: it must never take the accelerators JAX is using."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    for kind in ("GPU", "TPU"):
+        try:
+            tf.config.set_visible_devices([], kind)
+        except (RuntimeError, ValueError):  # Already initialised, or no such device type.
+            pass
+    return tf
+
+
+class _TfdsLoadStream:
+    """Local batches of the ``tfds_load`` reader: ``tfds.load`` (tf.data) over tfrecord files.
+
+    The same stream definition as the grain reader: the host's contiguous share (read as its own
+    sub-split, so a host reads only its files' ranges), a fresh shuffle per epoch seeded from
+    ``(seed, process_index, epoch)`` (a full permutation when ``shuffle_buffer`` is 0), repeated
+    without end; step ``k`` starts by skipping ``k * B mod share`` undecoded records of its epoch
+    (images are decoded after the skip). The batch at step ``k`` is therefore again a pure function
+    of ``(seed, k, process_index, process_count)``, although tf.data's permutation differs from
+    grain's. Resizing, when needed, runs PIL in parallel ``tf.numpy_function`` calls.
+    """
+
+    def __init__(self, builder: tfds.core.DatasetBuilder, cfg: ImageDataConfig, *, process_index: int,
+                 per_host: int, shuffle_seed: int, local_batch_size: int):
+        self._builder = builder
+        self._cfg = cfg
+        self._per_host = per_host
+        self._shuffle_seed = shuffle_seed
+        self._local_batch_size = local_batch_size
+        start, stop = _host_range(process_index, per_host)
+        instructions = tfds.core.ReadInstruction.from_spec(cfg.split).to_absolute(builder.info.splits)
+        if len(instructions) == 1:  # Read only this host's records.
+            base = instructions[0].from_ or 0
+            self._split, self._skip = f"{instructions[0].splitname}[{base + start}:{base + stop}]", 0
+        else:  # A union of splits: read it whole and keep this host's block.
+            self._split, self._skip = cfg.split, start
+
+    def open(self, step: int) -> Iterator[dict[str, np.ndarray]]:
+        tf = _import_tensorflow()
+        cfg, size = self._cfg, self._cfg.image_size
+        epoch, within = divmod(step * self._local_batch_size, self._per_host)
+        records = tfds.load(
+            cfg.name, split=self._split, data_dir=cfg.data_dir, download=False, shuffle_files=False,
+            read_config=tfds.ReadConfig(interleave_cycle_length=1, try_autocache=False),
+            decoders={"image": tfds.decode.SkipDecoding()},
+        )
+        if self._skip:
+            records = records.skip(self._skip)
+        records = records.take(self._per_host)
+        buffer = min(self._per_host, cfg.shuffle_buffer or self._per_host)
+        seed = tf.constant(self._shuffle_seed, tf.int64)
+
+        def one_epoch(e):
+            return records.shuffle(buffer, seed=seed + e, reshuffle_each_iteration=False)
+
+        image_feature = self._builder.info.features["image"]
+        stored = tuple(image_feature.shape)
+        needs_resize = stored[:2] != (size, size)
+        channels = stored[2] if stored[2] is not None else cfg.num_channels
+
+        def decode(example):
+            image = image_feature.decode_example(example["image"])
+            if needs_resize:
+                image = tf.numpy_function(lambda x: _center_crop_resize(x, size), [image], image.dtype)
+                image.set_shape((size, size, channels))
+            out = {"image": image}
+            if cfg.use_labels:
+                out["label"] = tf.cast(example["label"], tf.int32)
+            return out
+
+        stream = tf.data.Dataset.range(epoch, 2**62).flat_map(one_epoch).skip(within)
+        stream = stream.map(decode, num_parallel_calls=cfg.num_threads or None, deterministic=True)
+        stream = stream.batch(self._local_batch_size, drop_remainder=True)
+        if cfg.prefetch_batches:
+            stream = stream.prefetch(cfg.prefetch_batches)
+        options = tf.data.Options()
+        options.deterministic = True
+        return stream.with_options(options).as_numpy_iterator()
+
+
 class ImageIterator(Iterator[dict[str, np.ndarray]]):
     """Infinite iterator over this host's local batches; its state is the step counter.
 
     Yields {"image": float32 (B, S, S, C) in [-1, 1], "label": int32 (B,) if use_labels}, with
     B = global_batch_size // process_count. The batch at step k depends only on
-    (seed, k, process_index, process_count) and the data.
+    (seed, k, process_index, process_count), the data and the reader.
     """
 
     def __init__(
         self,
-        elements: grain.MapDataset,
+        stream: _GrainStream | _TfdsLoadStream,
         cfg: ImageDataConfig,
         *,
         global_batch_size: int,
@@ -336,17 +546,17 @@ class ImageIterator(Iterator[dict[str, np.ndarray]]):
         process_count: int,
         start_step: int,
         examples_per_host: int,
-        in_memory: bool,
+        reader: str,
     ):
-        self._elements = elements
+        self._stream = stream
         self._cfg = cfg
-        self._in_memory = in_memory
         self._global_batch_size = global_batch_size
         self._local_batch_size = global_batch_size // process_count
         self._seed = seed
         self._process_index = process_index
         self._process_count = process_count
         self.examples_per_host = examples_per_host
+        self.reader = reader
         self._batches = None
         self._step = 0
         self._restart(start_step)
@@ -369,15 +579,7 @@ class ImageIterator(Iterator[dict[str, np.ndarray]]):
         if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
             raise ValueError(f"The data iterator step must be a non-negative integer, got {step!r}.")
         self.close()
-        read_options = grain.ReadOptions(
-            num_threads=0 if self._in_memory else self._cfg.num_threads,
-            prefetch_buffer_size=self._cfg.prefetch_batches * self._local_batch_size,
-        )
-        # Slicing an index-based dataset starts at step `step` without reading the steps before it.
-        stream = self._elements[int(step) * self._local_batch_size :]
-        self._batches = iter(
-            stream.to_iter_dataset(read_options).batch(self._local_batch_size, drop_remainder=True)
-        )
+        self._batches = self._stream.open(int(step))
         self._step = int(step)
 
     def __iter__(self) -> "ImageIterator":
@@ -404,6 +606,7 @@ class ImageIterator(Iterator[dict[str, np.ndarray]]):
             "process_count": self._process_count,
             "name": self._cfg.name,
             "split": self._cfg.split,
+            "reader": self.reader,
         }
 
     def set_state(self, state: Mapping[str, Any]) -> None:
@@ -423,6 +626,7 @@ class ImageIterator(Iterator[dict[str, np.ndarray]]):
             ("global_batch_size", self._global_batch_size),
             ("name", self._cfg.name),
             ("split", self._cfg.split),
+            ("reader", self.reader),
         ):
             if key in state and state[key] != mine:
                 raise ValueError(
@@ -440,7 +644,9 @@ class ImageIterator(Iterator[dict[str, np.ndarray]]):
     def close(self) -> None:
         """Stops the prefetch threads (the iterator can be restarted by ``set_state``)."""
         if self._batches is not None:
-            self._batches.close()
+            close = getattr(self._batches, "close", None)
+            if close is not None:
+                close()
             self._batches = None
 
 
@@ -482,33 +688,38 @@ def make_image_iterator(
 
     builder = _prepared_builder(cfg)
     _image_feature_shape(builder, cfg)
-    source = _data_source(builder, cfg)
-    per_host = len(source) // process_count
-    if per_host == 0:
-        raise ValueError(
-            f"Split {cfg.split!r} of {cfg.name!r} has {len(source)} examples, fewer than the "
-            f"{process_count} processes."
-        )
+    reader = resolve_reader(builder, cfg)
     shuffle_seed = int(
         np.random.SeedSequence([_SHUFFLE_STREAM, int(seed), process_index]).generate_state(1)[0]
     )
-    # Index striding: host p reads examples p, p + P, p + 2P, ... (disjoint, equal shares).
-    indices = range(process_index, per_host * process_count, process_count)
-    in_memory = _uses_memory(cfg)
-    if in_memory:
-        examples = [_prepare_example(e, cfg) for e in source.__getitems__(list(indices))]
-        share = grain.MapDataset.source(_InMemorySource(examples))
+    local_batch_size = global_batch_size // process_count
+    if reader == "tfds_load":
+        total = builder.info.splits[cfg.split].num_examples
+        per_host = _check_share(total, process_count, cfg)
+        stream = _TfdsLoadStream(builder, cfg, process_index=process_index, per_host=per_host,
+                                 shuffle_seed=shuffle_seed, local_batch_size=local_batch_size)
+        first = next(stream.open(0))
+        validate_image_batch(first, cfg.image_size, cfg.num_channels)
     else:
-        share = grain.MapDataset.source(source)[indices.start : indices.stop : indices.step]
-        share = share.map(lambda example: _prepare_example(example, cfg))
-    # A new permutation every epoch: grain seeds epoch e with shuffle_seed + e.
-    elements = share.shuffle(seed=shuffle_seed).repeat()
-    first = elements[0]
-    validate_image_batch(
-        {k: np.asarray(v)[None] for k, v in first.items()}, cfg.image_size, cfg.num_channels
-    )
+        source = _data_source(builder, cfg)
+        per_host = _check_share(len(source), process_count, cfg)
+        start, stop = _host_range(process_index, per_host)
+        in_memory = _uses_memory(cfg)
+        if in_memory:
+            examples = [_prepare_example(e, cfg) for e in source.__getitems__(list(range(start, stop)))]
+            share = grain.MapDataset.source(_InMemorySource(examples))
+        else:
+            share = grain.MapDataset.source(source)[start:stop]
+            share = share.map(lambda example: _prepare_example(example, cfg))
+        # A new permutation every epoch: grain seeds epoch e with shuffle_seed + e.
+        elements = share.shuffle(seed=shuffle_seed).repeat()
+        first = elements[0]
+        validate_image_batch(
+            {k: np.asarray(v)[None] for k, v in first.items()}, cfg.image_size, cfg.num_channels
+        )
+        stream = _GrainStream(elements, cfg, local_batch_size, in_memory)
     return ImageIterator(
-        elements,
+        stream,
         cfg,
         global_batch_size=global_batch_size,
         seed=int(seed),
@@ -516,8 +727,18 @@ def make_image_iterator(
         process_count=process_count,
         start_step=start_step,
         examples_per_host=per_host,
-        in_memory=in_memory,
+        reader=reader,
     )
+
+
+def _check_share(total: int, process_count: int, cfg: ImageDataConfig) -> int:
+    per_host = total // process_count
+    if per_host == 0:
+        raise ValueError(
+            f"Split {cfg.split!r} of {cfg.name!r} has {total} examples, fewer than the "
+            f"{process_count} processes."
+        )
+    return per_host
 
 
 def load_image_arrays(cfg: ImageDataConfig, max_examples: int | None = None) -> dict[str, np.ndarray]:
@@ -532,9 +753,17 @@ def load_image_arrays(cfg: ImageDataConfig, max_examples: int | None = None) -> 
     """
     builder = _prepared_builder(cfg)
     _image_feature_shape(builder, cfg)
-    source = _data_source(builder, cfg)
-    count = len(source) if max_examples is None else min(len(source), max_examples)
-    examples = [_prepare_example(e, cfg) for e in source.__getitems__(list(range(count)))]
+    if resolve_reader(builder, cfg) == "tfds_load":
+        _import_tensorflow()
+        records = tfds.load(cfg.name, split=cfg.split, data_dir=cfg.data_dir, download=False,
+                            shuffle_files=False, read_config=tfds.ReadConfig(interleave_cycle_length=1))
+        if max_examples is not None:
+            records = records.take(max_examples)
+        examples = [_prepare_example(e, cfg) for e in records.as_numpy_iterator()]
+    else:
+        source = _data_source(builder, cfg)
+        count = len(source) if max_examples is None else min(len(source), max_examples)
+        examples = [_prepare_example(e, cfg) for e in source.__getitems__(list(range(count)))]
     out = {"image": _to_unit_range(np.stack([e["image"] for e in examples]))}
     if cfg.use_labels:
         out["label"] = np.stack([e["label"] for e in examples]).astype(np.int32)
@@ -560,7 +789,8 @@ def iterator_from_config(config: Any, start_step: int = 0) -> tuple[ImageIterato
     """
     data = config.data
     optional = {}
-    for key in ("split", "resize", "download", "num_threads", "prefetch_batches", "in_memory"):
+    for key in ("split", "resize", "download", "num_threads", "prefetch_batches", "in_memory", "reader",
+                "shuffle_buffer"):
         if key in data:
             optional[key] = data[key]
     cfg = ImageDataConfig(

@@ -103,6 +103,10 @@ def _check_network_input(config: ml_collections.ConfigDict) -> None:
 def _check_run_config(config: ml_collections.ConfigDict, rates: tuple[float, ...]) -> None:
     """The checks of parse_config beyond the typed pieces: names, shapes, EMA choices, cadences."""
     _check_dataset_name(config.data.name)
+    reader = config.data.get("reader", "auto")
+    if reader not in ("auto", "data_source", "tfds_load"):
+        raise ValueError(f"config.data.reader must be one of ('auto', 'data_source', 'tfds_load'), got "
+                         f"{reader!r}.")
     if config.eval.ema_rate and float(config.eval.ema_rate) not in rates:
         raise ValueError(f"config.eval.ema_rate={config.eval.ema_rate} is not one of the EMA rates "
                          f"kept (config.train.ema_rates={rates}); 0 picks the slowest.")

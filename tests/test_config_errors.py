@@ -56,6 +56,7 @@ def _set(c, dotted, value):
     ({"optim.decay": "linear"}, r"Unknown lr decay 'linear' \(config\.optim\.decay\)"),
     ({"checkpoint.keep": 0}, r"config\.checkpoint\.every >= 1, keep >= 1"),
     ({"checkpoint.every": 0}, r"config\.checkpoint\.every >= 1, keep >= 1"),
+    ({"data.reader": "tf"}, r"config\.data\.reader must be one of \('auto', 'data_source', 'tfds_load'\), got 'tf'"),
 ])
 def test_bad_values_are_named(changes, message):
     c = _config()
