@@ -259,3 +259,21 @@ def test_iterator_from_experiment_config(data_dir):
     assert shape == (8, 8, 1) and it.step == 4
     direct = data_lib.make_image_iterator(_cfg(data_dir, name="sklearn_digits"), 16, seed=3, start_step=4)
     np.testing.assert_array_equal(next(it)["image"], next(direct)["image"])
+
+
+def test_concurrent_builds_of_the_digits_all_succeed(tmp_path):
+    """The hosts of a job sharing data_dir (or two jobs) build the digits at the same moment: the
+    first to finish wins, the others use its copy instead of failing on the rename."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys; from consistency_jax import data as d; "
+              "b = d.ensure_digits_dataset(sys.argv[1], 8); print('EXAMPLES', len(b.as_data_source('train')))")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "tfds")], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(3)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0 and "EXAMPLES 1500" in out, out[-3000:]
+    assert os.listdir(tmp_path / "tfds" / "sklearn_digits" / "8") == ["1.0.0"]  # nothing left over
