@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--fsdp", type=int, default=1, help="fsdp size of the mesh")
     p.add_argument("--peak_tflops", type=float, default=0.0, help="override the device peak")
     p.add_argument("--loop", action="store_true", help="also time the host->device input loop")
+    p.add_argument("--steps_per_call", type=int, default=1,
+                   help="> 1: also time a lax.scan of this many steps per call (train.steps_per_call)")
     p.add_argument("--no_donate", action="store_true", help="do not donate the state (to compare)")
     p.add_argument("--json", default="", help="write the results to this file")
     return p.parse_args(argv)
@@ -139,6 +141,13 @@ def bench_method(method: str, args, module, example_shape, mesh, baselines: bool
     flops = flops_per_device * mesh.size if flops_per_device else None
     compile_s = time.perf_counter() - t0
     cases = {"step": (step, state, (batch, rng))}
+    k = getattr(args, "steps_per_call", 1)
+    if k > 1:  # the same steps, k per call (its own copy of the state: states are donated)
+        multi = sharding.jit_train_step(make_train_step(loss_fn, tx, curriculum), mesh, shardings,
+                                        steps_per_call=k)
+        stacked = sharding.global_batch({"image": np.stack([np.asarray(x0)] * k)}, mesh, stacked=True)
+        cases["scan"] = (multi, sharding.place(jax.tree.map(np.asarray, state), shardings),
+                         (stacked, rng))
     if baselines:
         # Same network, same batch, same shardings of parameters and data.
         t = jax.device_put(jnp.zeros((b,), jnp.float32), sharding.batch_sharding(mesh))
@@ -152,6 +161,9 @@ def bench_method(method: str, args, module, example_shape, mesh, baselines: bool
     state = states["step"]
     out = {"method": method, "step_s": times["step"], "images_per_s": b / times["step"],
            "compile_s": compile_s, "flops_per_step": flops}
+    if k > 1:
+        out["scan_step_s"] = times["scan"] / k
+        out["scan_speedup"] = times["step"] / out["scan_step_s"]
     if baselines:
         out["baseline_s"] = times["baseline"]
         out["baseline_opt_s"] = times["baseline_opt"]
@@ -212,6 +224,9 @@ def main(argv=None):
         line = (f"{m:4s} step {1e3 * r['step_s']:8.2f} ms  {r['images_per_s']:9.1f} img/s  "
                 f"baseline {1e3 * r['baseline_s']:8.2f} ms  ratio {r['ratio']:.3f}  "
                 f"(vs baseline+opt {r['ratio_with_opt']:.3f})  GFLOP/step {gflop}  MFU {mfu}")
+        if "scan_step_s" in r:
+            line += (f"\n     scan of {args.steps_per_call} steps per call: "
+                     f"{1e3 * r['scan_step_s']:.2f} ms/step ({r['scan_speedup']:.2f}x)")
         if "loop_s" in r:
             line += (f"\n     loop: plain {1e3 * r['loop_s']:.2f} ms, prefetch "
                      f"{1e3 * r['loop_prefetch_s']:.2f} ms, staged {1e3 * r['loop_staged_s']:.2f} ms")

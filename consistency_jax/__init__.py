@@ -15,7 +15,7 @@ from consistency_jax.sampling import (edm_heun_sample, make_sampler, multistep_s
 from consistency_jax.schedules import (Curriculum, cm_num_scales, cm_target_mu, ict_num_scales,
                                        karras_sigmas, karras_time)
 from consistency_jax.solvers import euler_step, heun_step
-from consistency_jax.train import make_train_step
+from consistency_jax.train import make_multi_step, make_train_step
 from consistency_jax.train_state import TrainState, ema_update
 
 __version__ = "0.1.0"

@@ -58,8 +58,8 @@ _STATE, _EMA, _DATA, _CONFIG = "state", "ema", "data", "config"
 # ending in "." covers a whole block. mesh.*: Orbax restores onto the live shardings, so a run may
 # resume on another mesh (the reduction order, hence the last bits, then differ).
 RESUMABLE_KEYS: tuple[str, ...] = (
-    "train.num_steps", "train.log_every", "train.eval_every", "checkpoint.", "eval.", "mesh.",
-    "data.data_dir",
+    "train.num_steps", "train.log_every", "train.eval_every", "train.steps_per_call", "checkpoint.",
+    "eval.", "mesh.", "data.data_dir",
 )
 
 

@@ -123,6 +123,14 @@ def _check_run_config(config: ml_collections.ConfigDict, rates: tuple[float, ...
     if c.every < 1 or c.keep < 1 or c.keep_every < 0:
         raise ValueError(f"Need config.checkpoint.every >= 1, keep >= 1 and keep_every >= 0, got "
                          f"every={c.every}, keep={c.keep}, keep_every={c.keep_every}.")
+    per_call = config.train.get("steps_per_call", 1)
+    if not isinstance(per_call, int) or isinstance(per_call, bool) or per_call < 1:
+        raise ValueError(f"config.train.steps_per_call must be a positive integer, got {per_call!r}.")
+    for name, every in (("train.log_every", config.train.log_every),
+                        ("train.eval_every", config.train.eval_every), ("checkpoint.every", c.every)):
+        if every % per_call:
+            raise ValueError(f"config.{name}={every} is not a multiple of config.train.steps_per_call="
+                             f"{per_call}: the loop only sees every steps_per_call-th step.")
     _check_network_input(config)
 
 
@@ -476,10 +484,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     os.makedirs(workdir, exist_ok=True)
     evaluator = build_evaluator(config, setup, example_shape)
     writer = _Writer(workdir, is_main)
-    train_step = sharding_lib.jit_train_step(
-        make_train_step(loss_fn, tx, setup.curriculum, lr_schedule=lr_schedule,
-                        skip_nonfinite=config.train.skip_nonfinite),
-        mesh, state_shardings)  # in/out shardings, state donated
+    step_fn = make_train_step(loss_fn, tx, setup.curriculum, lr_schedule=lr_schedule,
+                              skip_nonfinite=config.train.skip_nonfinite)
+    per_call = int(config.train.get("steps_per_call", 1))
+    # in/out shardings, state donated; a scan of `per_call` steps per call when > 1.
+    train_step = sharding_lib.jit_train_step(step_fn, mesh, state_shardings)
+    multi_step = (train_step if per_call == 1 else
+                  sharding_lib.jit_train_step(step_fn, mesh, state_shardings, steps_per_call=per_call))
 
     def run_eval(state):
         figures, samples = evaluator(apply_fn, eval_params(state, config), eval_rng)
@@ -500,17 +511,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         data_it.set_state(data_state)
     preemption = ckpt_lib.PreemptionWatcher(checkpointer)
     start = int(state.step)
-    history: list[tuple[int, Any]] = []
+    history: list[tuple[int, int, Any]] = []  # (first step, steps, device metrics)
     skipped = 0
     t_last, k_last = time.time(), start
     t_start = t_last
-    for k in range(start, setup.num_steps):
-        batch = sharding_lib.global_batch(next(data_it), mesh)  # this host's rows -> global array
-        state, metrics = train_step(state, batch, step_rng)
-        history.append((k, metrics))
-        done = k + 1
+    k = start
+    while k < setup.num_steps:
+        # `per_call` steps in one call when aligned and enough remain, else one (a resumed run whose
+        # step is not a multiple of per_call, or the tail of the run).
+        n = per_call if k % per_call == 0 and k + per_call <= setup.num_steps else 1
+        if n == 1:
+            batch = sharding_lib.global_batch(next(data_it), mesh)  # this host's rows -> global
+            state, metrics = train_step(state, batch, step_rng)
+        else:
+            local = [next(data_it) for _ in range(n)]
+            stacked = jax.tree.map(lambda *rows: np.stack(rows), *local)
+            state, metrics = multi_step(state, sharding_lib.global_batch(stacked, mesh, stacked=True),
+                                        step_rng)
+        history.append((k, n, metrics))
+        k = done = k + n
         if done % config.train.log_every == 0 or done == setup.num_steps:
-            fetched = [(s, jax.device_get(m)) for s, m in history]
+            fetched = _unstack_history(history)
             history = []
             if not config.train.skip_nonfinite:
                 check_finite(fetched, before_raise=checkpointer.close)
@@ -531,7 +552,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         preempted = preemption.reached(done)
         if checkpointer.should_save(done, final=done == setup.num_steps or preempted):
             if history and not config.train.skip_nonfinite:  # never checkpoint a broken state
-                check_finite([(s, jax.device_get(m)) for s, m in history], checkpointer.close)
+                check_finite(_unstack_history(history), checkpointer.close)
             checkpointer.save(state, step=done, data_state=data_it.get_state(), config=config)
         if preempted:
             break
@@ -546,6 +567,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         logging.info("finished %d steps in %s", setup.num_steps, _fmt_time(time.time() - t_start))
     writer.close()
     return state
+
+
+def _unstack_history(history: list[tuple[int, int, Any]]) -> list[tuple[int, dict]]:
+    """(first step, steps, device metrics) entries -> host (step, metrics) pairs, one per step."""
+    out = []
+    for first, n, metrics in history:
+        host = jax.device_get(metrics)
+        if n == 1:
+            out.append((first, host))
+        else:
+            out.extend((first + i, {key: value[i] for key, value in host.items()}) for i in range(n))
+    return out
 
 
 def _fmt_time(seconds: float) -> str:

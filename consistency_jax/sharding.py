@@ -32,6 +32,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from consistency_jax.train import make_multi_step
+
 Array = jax.Array
 PyTree = Any
 
@@ -114,9 +116,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """The sharding of every batch leaf: the leading (example) dimension over data × fsdp."""
-    return NamedSharding(mesh, BATCH_SPEC)
+def batch_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:
+    """The sharding of every batch leaf: the example dimension over data × fsdp.
+
+    Args:
+      mesh: the mesh.
+      stacked: batches of several steps stacked on a new leading axis (``make_multi_step``): the
+        step axis stays whole, the example axis (the second) is split.
+    """
+    return NamedSharding(mesh, PartitionSpec(None, MESH_AXES) if stacked else BATCH_SPEC)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,38 +235,45 @@ def check_global_batch(batch_size: int, mesh: Mesh, *, name: str = "config.data.
                          "that each load an equal share.")
 
 
-def global_batch(local_batch: PyTree, mesh: Mesh) -> PyTree:
+def global_batch(local_batch: PyTree, mesh: Mesh, stacked: bool = False) -> PyTree:
     """Assembles the global batch from this process's share (``jax.make_array_from_process_local_data``).
 
     Args:
       local_batch: a pytree of host arrays whose leading dimension is this process's rows
-        (global batch // process_count), e.g. {"image": (B_local, H, W, C), "label": (B_local,)}.
+        (global batch // process_count), e.g. {"image": (B_local, H, W, C), "label": (B_local,)};
+        with ``stacked``, shaped (steps, B_local, ...).
       mesh: the mesh; rows are split over data × fsdp.
+      stacked: the batches of several steps stacked on a leading axis (``train.make_multi_step``).
 
     Returns:
-      the same pytree of global jax.Arrays (leading dimension B_local × process_count), sharded by
-      ``batch_sharding(mesh)``. The host-to-device copies are asynchronous.
+      the same pytree of global jax.Arrays (rows B_local × process_count), sharded by
+      ``batch_sharding(mesh, stacked)``. The host-to-device copies are asynchronous.
 
     Raises:
-      ValueError: when the leaves disagree on the number of rows or the global batch does not split
-        evenly over the devices.
+      ValueError: when the leaves disagree on the number of rows (or steps) or the global batch does
+        not split evenly over the devices.
     """
     leaves = jax.tree.leaves(local_batch)
     if not leaves:
         raise ValueError("The batch is empty.")
-    rows = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
+    axis = 1 if stacked else 0
+    rows = {np.shape(x)[:axis + 1] if np.ndim(x) > axis else None for x in leaves}
     if len(rows) != 1 or None in rows:
-        raise ValueError(f"Every batch entry needs the same leading (example) dimension, got "
+        what = "(steps, examples) dimensions" if stacked else "leading (example) dimension"
+        raise ValueError(f"Every batch entry needs the same {what}, got "
                          f"{jax.tree.map(np.shape, local_batch)}.")
     procs = jax.process_count()
-    check_global_batch(rows.pop() * procs, mesh, name="The global batch size")
-    sharding = batch_sharding(mesh)
+    check_global_batch(rows.pop()[axis] * procs, mesh, name="The global batch size")
+    sharding = batch_sharding(mesh, stacked)
     if procs == 1:
         return jax.device_put(local_batch, sharding)
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(
-            sharding, np.asarray(x), (np.shape(x)[0] * procs,) + tuple(np.shape(x)[1:])),
-        local_batch)
+
+    def assemble(x):
+        shape = list(np.shape(x))
+        shape[axis] *= procs
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x), tuple(shape))
+
+    return jax.tree.map(assemble, local_batch)
 
 
 def prefetch_to_mesh(iterator: Iterable[PyTree], mesh: Mesh, size: int = 2) -> Iterator[PyTree]:
@@ -301,18 +316,25 @@ class ShardedTrainStep:
       jitted: the ``jax.jit`` function (``.lower(...)`` for cost analysis).
       mesh: the mesh.
       state_shardings: the shardings of the state (input and output).
+      steps_per_call: train steps per call (> 1: a ``make_multi_step`` scan taking stacked batches
+        and returning stacked metrics).
     """
 
     jitted: Callable
     mesh: Mesh
     state_shardings: PyTree
+    steps_per_call: int = 1
 
     def __call__(self, state, batch, rng):
+        axis = 0 if self.steps_per_call == 1 else 1
         for x in jax.tree.leaves(batch):
-            if np.ndim(x) == 0 or np.shape(x)[0] % self.mesh.size:
+            if np.ndim(x) <= axis or np.shape(x)[axis] % self.mesh.size:
                 raise ValueError(f"A batch entry of shape {np.shape(x)} does not split over the "
                                  f"{self.mesh.size} devices of the mesh {dict(self.mesh.shape)}; the "
                                  "global batch size must be a multiple of the device count.")
+            if axis and np.shape(x)[0] != self.steps_per_call:
+                raise ValueError(f"A batch entry of shape {np.shape(x)} does not stack "
+                                 f"steps_per_call={self.steps_per_call} batches on its leading axis.")
         return self.jitted(state, batch, rng)
 
     def lower(self, state, batch, rng):
@@ -320,7 +342,7 @@ class ShardedTrainStep:
 
 
 def jit_train_step(train_step: Callable, mesh: Mesh, state_shardings: PyTree, *,
-                   donate: bool = True) -> ShardedTrainStep:
+                   donate: bool = True, steps_per_call: int = 1) -> ShardedTrainStep:
     """``jax.jit`` of a train step with explicit shardings and donation of the state.
 
     Args:
@@ -330,14 +352,19 @@ def jit_train_step(train_step: Callable, mesh: Mesh, state_shardings: PyTree, *,
         state keeps its layout from step to step (no resharding).
       donate: donate the input state (its buffers become the new state's; the caller must not use the
         old state afterwards).
+      steps_per_call: > 1 compiles ``train.make_multi_step(train_step, steps_per_call)``: that many
+        steps per call, on batches stacked on a leading axis (``global_batch(..., stacked=True)``).
 
     Returns:
       a ShardedTrainStep.
     """
     rep = replicated(mesh)
-    jitted = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding(mesh), rep),
+    stacked = steps_per_call > 1
+    jitted = jax.jit(make_multi_step(train_step, steps_per_call),
+                     in_shardings=(state_shardings, batch_sharding(mesh, stacked), rep),
                      out_shardings=(state_shardings, rep), donate_argnums=0 if donate else ())
-    return ShardedTrainStep(jitted=jitted, mesh=mesh, state_shardings=state_shardings)
+    return ShardedTrainStep(jitted=jitted, mesh=mesh, state_shardings=state_shardings,
+                            steps_per_call=steps_per_call)
 
 
 def describe(mesh: Mesh) -> str:

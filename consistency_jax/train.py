@@ -94,3 +94,33 @@ def make_train_step(loss_fn: losses_lib.LossFn, tx: optax.GradientTransformation
         return new_state, metrics
 
     return train_step
+
+
+def make_multi_step(train_step: TrainStep, steps_per_call: int) -> TrainStep:
+    """``steps_per_call`` train steps in one call: a ``jax.lax.scan`` of ``train_step``.
+
+    ``multi_step(state, batches, rng) -> (state, metrics)`` takes batches stacked on a new leading
+    axis of length ``steps_per_call`` and returns the metrics stacked the same way. The steps are
+    exactly the steps of ``train_step`` (each folds ``state.step`` into ``rng``), so a run is the same
+    whatever the number of steps per call. One dispatch and one host round trip per call instead of
+    per step: worth it where the host's dispatch is a visible share of a step (small networks on
+    GPU/TPU). On XLA:CPU a scan around convolutions runs several times slower (the loop body loses
+    the fast convolution layouts), so keep 1 there.
+
+    Args:
+      train_step: from ``make_train_step``.
+      steps_per_call: the scan length, at least 1 (1 returns ``train_step`` itself).
+    """
+    if not isinstance(steps_per_call, int) or isinstance(steps_per_call, bool) or steps_per_call < 1:
+        raise ValueError(f"steps_per_call must be a positive integer, got {steps_per_call!r}.")
+    if steps_per_call == 1:
+        return train_step
+
+    def multi_step(state: TrainState, batches: dict, rng: Array) -> tuple[TrainState, dict]:
+        leading = {x.shape[0] for x in jax.tree.leaves(batches)}
+        if leading != {steps_per_call}:
+            raise ValueError(f"multi_step needs batches stacked on a leading axis of {steps_per_call} "
+                             f"steps, got leading sizes {sorted(leading)}.")
+        return jax.lax.scan(lambda s, b: train_step(s, b, rng), state, batches)
+
+    return multi_step

@@ -44,3 +44,47 @@ def test_toy_edm_job_samples_with_heun(tmp_path):
     experiment.train_and_evaluate(c, str(workdir))
     line = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
     assert np.isfinite(line["sw2_heun_7nfe"]) and line["sw2_floor"] > 0
+
+
+def _toy_ct(num_steps, steps_per_call, every):
+    from configs import toy
+
+    c = toy.get_config("method=ct")
+    c.model.kwargs = dict(hidden=16, depth=1)
+    c.data.batch_size = 32
+    c.train.update(num_steps=num_steps, log_every=every, eval_every=20, steps_per_call=steps_per_call)
+    c.curriculum.total_steps = 22  # the same N(k), μ(k) for a run stopped early at 6,
+    c.optim.decay = "constant"  # and the same learning rates
+    c.eval.num_samples = 32
+    c.checkpoint.every = every
+    return c
+
+
+def test_steps_per_call_scan_gives_the_same_run(tmp_path):
+    """train.steps_per_call=4 (a lax.scan of 4 steps per call), also resumed at a step that is not a
+    multiple of 4 and ending on a partial call, reproduces the one-step-per-call run."""
+    import pytest
+
+    from consistency_jax import checkpoint as ckpt_lib
+
+    experiment.train_and_evaluate(_toy_ct(22, 1, 2), str(tmp_path / "one"))
+    experiment.train_and_evaluate(_toy_ct(22, 4, 4), str(tmp_path / "scan"))
+    experiment.train_and_evaluate(_toy_ct(6, 1, 2), str(tmp_path / "resumed"))  # stops at 6
+    experiment.train_and_evaluate(_toy_ct(22, 4, 4), str(tmp_path / "resumed"))  # 6,7 then 8..19 by 4
+    want = ckpt_lib.read_arrays(str(tmp_path / "one"), 22)
+    for run in ("scan", "resumed"):
+        got = ckpt_lib.read_arrays(str(tmp_path / run), 22)
+        assert sorted(got) == sorted(want)
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=f"{run} {key}")
+    evals = {run: [json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+             for run in ("one", "scan")}
+    assert [e["step"] for e in evals["scan"]] == [e["step"] for e in evals["one"]] == [20, 22]
+    for a, b in zip(evals["scan"], evals["one"]):
+        assert sorted(a) == sorted(b)
+        np.testing.assert_allclose([a[k] for k in sorted(a)], [b[k] for k in sorted(b)], rtol=1e-4)
+    with pytest.raises(ValueError, match=r"config\.checkpoint\.every=6 is not a multiple of "
+                                         r"config\.train\.steps_per_call=4"):
+        bad = _toy_ct(22, 4, 4)
+        bad.checkpoint.every = 6
+        experiment.parse_config(bad)

@@ -180,3 +180,36 @@ def test_a_weighted_distance_travels_in_the_state_not_as_compiled_constants():
     assert not any(getattr(c, "shape", None) == dist.w.shape for c in jaxpr.consts)
     jaxpr_closed = jax.make_jaxpr(step)(closed, batch, rng)
     assert any(getattr(c, "shape", None) == dist.w.shape for c in jaxpr_closed.consts)
+
+
+def test_multi_step_scan_equals_the_steps_one_by_one():
+    """make_multi_step(k): one call = k calls of the step (same keys, curriculum, EMAs), metrics
+    stacked; across a change of N(k) (s0=2 → more scales within the 6 steps)."""
+    from consistency_jax.train import make_multi_step
+
+    apply_fn, params = _mlp()
+    tx = optax.adam(1e-3)
+    cur = S.Curriculum(kind="cm", s0=2, s1=150, mu0=0.9, total_steps=12)
+    loss_fn = L.make_consistency_loss(L.LossConfig(method="ct"), apply_fn, SIG, cur, L.l2_distance)
+    step = make_train_step(loss_fn, tx, cur)
+    batches = [_batch(s, 32) for s in range(6)]
+    rng = jax.random.key(4)
+    state = TrainState.create(params, tx, ema_rates=(0.9,), use_target=True)
+    one, per_step = state, []
+    jitted = jax.jit(step)
+    for b in batches:
+        one, m = jitted(one, b, rng)
+        per_step.append(m)
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *batches)
+    many, metrics = jax.jit(make_multi_step(step, 6))(state, stacked, rng)
+    assert int(many.step) == 6 and metrics["loss"].shape == (6,)
+    assert len({int(m["num_scales"]) for m in per_step}) > 1  # the curriculum moved inside the scan
+    for a, b in zip(jax.tree.leaves(many), jax.tree.leaves(one)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
+    for key in ("loss", "grad_norm", "num_scales", "mu"):
+        np.testing.assert_allclose(metrics[key], [m[key] for m in per_step], rtol=2e-5)
+    assert make_multi_step(step, 1) is step
+    with pytest.raises(ValueError, match="steps_per_call must be a positive integer"):
+        make_multi_step(step, 0)
+    with pytest.raises(ValueError, match="stacked on a leading axis of 6"):
+        make_multi_step(step, 6)(state, jax.tree.map(lambda x: x[:5], stacked), rng)
