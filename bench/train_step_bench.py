@@ -53,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--fsdp", type=int, default=1, help="fsdp size of the mesh")
     p.add_argument("--peak_tflops", type=float, default=0.0, help="override the device peak")
     p.add_argument("--loop", action="store_true", help="also time the host->device input loop")
+    p.add_argument("--microbatches", type=int, default=1, help="gradient accumulation (train.microbatches)")
     p.add_argument("--steps_per_call", type=int, default=1,
                    help="> 1: also time a lax.scan of this many steps per call (train.steps_per_call)")
     p.add_argument("--no_donate", action="store_true", help="do not donate the state (to compare)")
@@ -105,10 +106,15 @@ def make_baseline(kind: str, apply_fn, tx, with_opt: bool):
     return step
 
 
-def bench_method(method: str, args, module, example_shape, mesh, baselines: bool = True) -> dict:
+def build_step(method: str, args, module, example_shape, mesh, batch_size: int | None = None):
+    """The sharded train step of ``method`` with its placed state, a global batch and the key.
+
+    Returns:
+      dict(step, state, batch, rng, x0, apply_fn, tx, loss_fn, curriculum, shardings).
+    """
     sigmas = SigmaConfig()
     apply_fn = make_apply_fn(module)
-    b = args.batch
+    b = args.batch if batch_size is None else batch_size
     x0 = jax.random.uniform(jax.random.key(0), (b,) + example_shape, jnp.float32, -1, 1)
     init = lambda r: module.init({"params": r, "dropout": r}, x0[:1], jnp.zeros((1,)))["params"]
     params = jax.jit(init)(jax.random.key(1))
@@ -130,10 +136,22 @@ def bench_method(method: str, args, module, example_shape, mesh, baselines: bool
                               teacher_params=teacher_params)
     shardings = sharding.state_shardings(state, mesh)
     state = sharding.place(state, shardings)
-    step = sharding.jit_train_step(make_train_step(loss_fn, tx, curriculum), mesh, shardings,
+    micro = getattr(args, "microbatches", 1)
+    step = sharding.jit_train_step(make_train_step(loss_fn, tx, curriculum, microbatches=micro), mesh,
+                                   shardings,
                                    donate=not getattr(args, "no_donate", False))
     batch = sharding.global_batch({"image": np.asarray(x0)}, mesh)
     rng = sharding.place(jax.random.key(3), sharding.replicated(mesh))
+    return dict(step=step, state=state, batch=batch, rng=rng, x0=x0, apply_fn=apply_fn, tx=tx,
+                loss_fn=loss_fn, curriculum=curriculum, shardings=shardings)
+
+
+def bench_method(method: str, args, module, example_shape, mesh, baselines: bool = True) -> dict:
+    built = build_step(method, args, module, example_shape, mesh)
+    step, state, batch, rng, x0 = (built[k] for k in ("step", "state", "batch", "rng", "x0"))
+    apply_fn, tx, loss_fn, curriculum, shardings = (
+        built[k] for k in ("apply_fn", "tx", "loss_fn", "curriculum", "shardings"))
+    b = args.batch
 
     t0 = time.perf_counter()
     # XLA's cost analysis of an SPMD program counts one device's share.
@@ -142,9 +160,10 @@ def bench_method(method: str, args, module, example_shape, mesh, baselines: bool
     compile_s = time.perf_counter() - t0
     cases = {"step": (step, state, (batch, rng))}
     k = getattr(args, "steps_per_call", 1)
+    micro = getattr(args, "microbatches", 1)
     if k > 1:  # the same steps, k per call (its own copy of the state: states are donated)
-        multi = sharding.jit_train_step(make_train_step(loss_fn, tx, curriculum), mesh, shardings,
-                                        steps_per_call=k)
+        multi = sharding.jit_train_step(make_train_step(loss_fn, tx, curriculum, microbatches=micro),
+                                        mesh, shardings, steps_per_call=k)
         stacked = sharding.global_batch({"image": np.stack([np.asarray(x0)] * k)}, mesh, stacked=True)
         cases["scan"] = (multi, sharding.place(jax.tree.map(np.asarray, state), shardings),
                          (stacked, rng))

@@ -78,6 +78,10 @@ def base_config() -> ml_collections.ConfigDict:
     # dispatch on GPU/TPU for small networks; keep 1 on CPU. log/eval/checkpoint cadences must be
     # multiples of it.
     c.train.steps_per_call = 1
+    # Gradient accumulation: the batch is split into this many microbatches whose gradients are
+    # summed in a scan (same update size, the activation memory of one microbatch; the noise draws
+    # differ from an unsplit batch). batch_size must be a multiple of microbatches × devices.
+    c.train.microbatches = 1
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_samples = 2000

@@ -123,6 +123,12 @@ def _check_run_config(config: ml_collections.ConfigDict, rates: tuple[float, ...
     if c.every < 1 or c.keep < 1 or c.keep_every < 0:
         raise ValueError(f"Need config.checkpoint.every >= 1, keep >= 1 and keep_every >= 0, got "
                          f"every={c.every}, keep={c.keep}, keep_every={c.keep_every}.")
+    micro = config.train.get("microbatches", 1)
+    if not isinstance(micro, int) or isinstance(micro, bool) or micro < 1:
+        raise ValueError(f"config.train.microbatches must be a positive integer, got {micro!r}.")
+    if config.data.batch_size % micro:
+        raise ValueError(f"config.data.batch_size={config.data.batch_size} does not split into "
+                         f"config.train.microbatches={micro} equal microbatches.")
     per_call = config.train.get("steps_per_call", 1)
     if not isinstance(per_call, int) or isinstance(per_call, bool) or per_call < 1:
         raise ValueError(f"config.train.steps_per_call must be a positive integer, got {per_call!r}.")
@@ -451,6 +457,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     setup = parse_config(config)
     mesh = sharding_lib.mesh_from_config(config)  # bad meshes / batch sizes fail before compiling
     sharding_lib.check_global_batch(config.data.batch_size, mesh)
+    micro = int(config.train.get("microbatches", 1))
+    if micro > 1:  # every device holds an equal part of every microbatch
+        sharding_lib.check_global_batch(config.data.batch_size // micro, mesh,
+                                        name="config.data.batch_size / config.train.microbatches")
     logging.info("%s", sharding_lib.describe(mesh))
     workdir = os.path.abspath(workdir)
     # Refuses a workdir holding checkpoints of another config (or none readable) before anything
@@ -485,7 +495,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     evaluator = build_evaluator(config, setup, example_shape)
     writer = _Writer(workdir, is_main)
     step_fn = make_train_step(loss_fn, tx, setup.curriculum, lr_schedule=lr_schedule,
-                              skip_nonfinite=config.train.skip_nonfinite)
+                              skip_nonfinite=config.train.skip_nonfinite, microbatches=micro)
     per_call = int(config.train.get("steps_per_call", 1))
     # in/out shardings, state donated; a scan of `per_call` steps per call when > 1.
     train_step = sharding_lib.jit_train_step(step_fn, mesh, state_shardings)

@@ -24,7 +24,7 @@ TrainStep = Callable[[TrainState, dict, Array], tuple[TrainState, dict]]
 def make_train_step(loss_fn: losses_lib.LossFn, tx: optax.GradientTransformation,
                     curriculum: schedules.Curriculum, *, axis_name: Optional[str] = None,
                     lr_schedule: Optional[optax.Schedule] = None,
-                    skip_nonfinite: bool = False) -> TrainStep:
+                    skip_nonfinite: bool = False, microbatches: int = 1) -> TrainStep:
     """Builds the train step.
 
     Args:
@@ -38,12 +38,21 @@ def make_train_step(loss_fn: losses_lib.LossFn, tx: optax.GradientTransformation
       skip_nonfinite: if True, a step whose loss or gradients are not finite leaves θ, θ⁻, the EMAs and
         the optimizer state unchanged (the step counter still advances) and reports ``finite = 0``;
         if False the update is applied and the caller must stop on ``finite = 0``.
+      microbatches: split the batch into this many equal microbatches whose gradients are summed in
+        a ``lax.scan`` (gradient accumulation): the same update as the whole batch in one pass, with
+        the activation memory of one microbatch. Microbatch ``i`` takes rows ``i, i + m, i + 2m, ...``
+        (so that on a mesh every device keeps its share of every microbatch) and draws its noise
+        with ``fold_in(key, i)``; the loss and metrics are the mean over microbatches (equal sizes,
+        so the mean of the per-example losses of the batch).
 
     Returns:
       ``train_step(state, batch, rng) -> (new_state, metrics)``; ``rng`` is a base key: the step folds
       in ``state.step`` (and the device index under ``axis_name``), so the same key can be passed every
       step and a resumed run draws exactly the same noise.
     """
+
+    if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
+        raise ValueError(f"microbatches must be a positive integer, got {microbatches!r}.")
 
     def train_step(state: TrainState, batch: dict, rng: Array) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(rng, state.step)
@@ -52,9 +61,9 @@ def make_train_step(loss_fn: losses_lib.LossFn, tx: optax.GradientTransformation
         num_scales, mu = curriculum(state.step)
         target = state.target_params if state.target_params is not None else state.params
 
-        def objective(params):
+        def objective(params, rows, key):
             extra = {} if state.distance is None else {"distance": state.distance}
-            loss, aux = loss_fn(params, target, state.teacher_params, batch, rng, num_scales,
+            loss, aux = loss_fn(params, target, state.teacher_params, rows, key, num_scales,
                                 **extra)
             if axis_name is not None:
                 # Differentiate the loss of the global batch. Under shard_map's replication checking
@@ -63,7 +72,23 @@ def make_train_step(loss_fn: losses_lib.LossFn, tx: optax.GradientTransformation
                 loss, aux = jax.lax.pmean((loss, aux), axis_name)
             return loss, aux
 
-        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
+        if microbatches == 1:
+            (loss, aux), grads = grad_fn(state.params, batch, rng)
+        else:
+            chunks = jax.tree.map(lambda x: split_microbatches(x, microbatches), batch)
+
+            def accumulate(total, inputs):
+                i, rows = inputs
+                (loss, aux), grads = grad_fn(state.params, rows, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, total, (loss, aux, grads)), None
+
+            first = jax.tree.map(lambda x: x[0], chunks)
+            shapes = jax.eval_shape(grad_fn, state.params, first, rng)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                 (shapes[0][0], shapes[0][1], shapes[1]))
+            total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), chunks))
+            loss, aux, grads = jax.tree.map(lambda x: x / microbatches, total)
         if axis_name is not None:
             grads = jax.lax.pmean(grads, axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -94,6 +119,15 @@ def make_train_step(loss_fn: losses_lib.LossFn, tx: optax.GradientTransformation
         return new_state, metrics
 
     return train_step
+
+
+def split_microbatches(x: Array, microbatches: int) -> Array:
+    """(B, ...) -> (m, B / m, ...) with microbatch i = rows i, i + m, i + 2m, ... (strided, so that a
+    batch split over devices in contiguous blocks gives every device an equal part of each)."""
+    if x.shape[0] % microbatches:
+        raise ValueError(f"A batch of {x.shape[0]} rows does not split into {microbatches} equal "
+                         "microbatches.")
+    return jnp.swapaxes(x.reshape((x.shape[0] // microbatches, microbatches) + x.shape[1:]), 0, 1)
 
 
 def make_multi_step(train_step: TrainStep, steps_per_call: int) -> TrainStep:

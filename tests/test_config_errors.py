@@ -56,6 +56,8 @@ def _set(c, dotted, value):
     ({"optim.decay": "linear"}, r"Unknown lr decay 'linear' \(config\.optim\.decay\)"),
     ({"checkpoint.keep": 0}, r"config\.checkpoint\.every >= 1, keep >= 1"),
     ({"checkpoint.every": 0}, r"config\.checkpoint\.every >= 1, keep >= 1"),
+    ({"train.microbatches": 0}, r"config\.train\.microbatches must be a positive integer, got 0"),
+    ({"train.microbatches": 3}, r"config\.data\.batch_size=16 does not split into config\.train\.microbatches=3"),
     ({"data.reader": "tf"}, r"config\.data\.reader must be one of \('auto', 'data_source', 'tfds_load'\), got 'tf'"),
 ])
 def test_bad_values_are_named(changes, message):

@@ -62,7 +62,8 @@ def _toy_ct(num_steps, steps_per_call, every):
 
 def test_steps_per_call_scan_gives_the_same_run(tmp_path):
     """train.steps_per_call=4 (a lax.scan of 4 steps per call), also resumed at a step that is not a
-    multiple of 4 and ending on a partial call, reproduces the one-step-per-call run."""
+    multiple of 4 and ending on a partial call, reproduces the one-step-per-call run; likewise with
+    gradient accumulation (train.microbatches=2) inside the scanned steps."""
     import pytest
 
     from consistency_jax import checkpoint as ckpt_lib
@@ -77,6 +78,16 @@ def test_steps_per_call_scan_gives_the_same_run(tmp_path):
         assert sorted(got) == sorted(want)
         for key in want:
             np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=f"{run} {key}")
+    # Gradient accumulation inside the scan: microbatches=2 with 4 steps per call = with 1 per call.
+    for run, per_call in (("micro", 1), ("micro_scan", 4)):
+        c = _toy_ct(22, per_call, 4)
+        c.train.microbatches = 2
+        experiment.train_and_evaluate(c, str(tmp_path / run))
+    micro = ckpt_lib.read_arrays(str(tmp_path / "micro"), 22)
+    micro_scan = ckpt_lib.read_arrays(str(tmp_path / "micro_scan"), 22)
+    for key in micro:
+        np.testing.assert_allclose(micro_scan[key], micro[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert not np.allclose(micro["state/params/Dense_0/kernel"], want["state/params/Dense_0/kernel"])
     evals = {run: [json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
              for run in ("one", "scan")}
     assert [e["step"] for e in evals["scan"]] == [e["step"] for e in evals["one"]] == [20, 22]

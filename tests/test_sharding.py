@@ -205,6 +205,31 @@ def _check_axis_name(method: str) -> dict:
     return out
 
 
+def _check_microbatches() -> dict:
+    """Gradient accumulation (microbatches=2: 8 rows each, one per device) sharded over data=8 and
+    over data=4 x fsdp=2 equals the same microbatched step on one device."""
+    import jax
+
+    from consistency_jax import sharding
+    from consistency_jax.train import make_train_step
+
+    p = _toy_pieces("ct")
+    train_step = make_train_step(p["loss_fn"], p["tx"], p["curriculum"], microbatches=2)
+    batches = _toy_batches(2)
+    rng = jax.random.key(3)
+    ref_state, ref_metrics = _run_steps(jax.jit(train_step), _toy_state(p), batches, rng)
+    out = {"moved": _max_diff(ref_state.params, _toy_state(p).params)}
+    for name, (data, fsdp) in {"data8": (-1, 1), "fsdp": (4, 2)}.items():
+        mesh = sharding.make_mesh(data, fsdp)
+        shardings = sharding.state_shardings(_toy_state(p), mesh)
+        step = sharding.jit_train_step(train_step, mesh, shardings)
+        state, metrics = _run_steps(step, sharding.place(_toy_state(p), shardings),
+                                    [sharding.global_batch(b, mesh) for b in batches], rng)
+        out[name] = {"state_diff": _max_diff(state, ref_state),
+                     "metrics_diff": _max_diff(metrics, ref_metrics)}
+    return out
+
+
 def _expect_error(fn) -> str:
     try:
         fn()
@@ -277,6 +302,8 @@ def _script_main() -> None:
         print(f"jit_{method} {time.time() - t0:.1f}s", file=sys.stderr)
         results[f"axis_{method}"] = _check_axis_name(method)
         print(f"axis_{method} {time.time() - t0:.1f}s", file=sys.stderr)
+    results["microbatches"] = _check_microbatches()
+    print(f"microbatches {time.time() - t0:.1f}s", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         results["errors"] = _check_errors(tmp)
     print(f"errors {time.time() - t0:.1f}s", file=sys.stderr)
@@ -469,6 +496,13 @@ def test_sharded_step_equals_single_device_step(background, method, layout):
         assert g["split_leaves"] >= g["num_leaves"] // 2
         if method == "cd":
             assert g["teacher_split"] == 1
+
+
+def test_microbatched_sharded_step_equals_single_device_step(background):
+    r = background.results()["microbatches"]
+    assert r["moved"] > 1e-3
+    for layout in ("data8", "fsdp"):
+        assert r[layout]["state_diff"] < TOL and r[layout]["metrics_diff"] < TOL, r
 
 
 @pytest.mark.parametrize("method, mode", [("ct", "shard_map_vma1"), ("ct", "shard_map_vma0"),
