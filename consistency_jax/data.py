@@ -484,10 +484,9 @@ class _TfdsLoadStream:
         else:  # A union of splits: read it whole and keep this host's block.
             self._split, self._skip = cfg.split, start
 
-    def open(self, step: int) -> Iterator[dict[str, np.ndarray]]:
-        tf = _import_tensorflow()
-        cfg, size = self._cfg, self._cfg.image_size
-        epoch, within = divmod(step * self._local_batch_size, self._per_host)
+    def _records(self):
+        """This host's share as undecoded records, in stored order."""
+        cfg = self._cfg
         records = tfds.load(
             cfg.name, split=self._split, data_dir=cfg.data_dir, download=False, shuffle_files=False,
             read_config=tfds.ReadConfig(interleave_cycle_length=1, try_autocache=False),
@@ -495,13 +494,11 @@ class _TfdsLoadStream:
         )
         if self._skip:
             records = records.skip(self._skip)
-        records = records.take(self._per_host)
-        buffer = min(self._per_host, cfg.shuffle_buffer or self._per_host)
-        seed = tf.constant(self._shuffle_seed, tf.int64)
+        return records.take(self._per_host)
 
-        def one_epoch(e):
-            return records.shuffle(buffer, seed=seed + e, reshuffle_each_iteration=False)
-
+    def _decode(self, tf):
+        """Record -> {"image": (S, S, C), "label": int32} inside tf.data (resizing through PIL)."""
+        cfg, size = self._cfg, self._cfg.image_size
         image_feature = self._builder.info.features["image"]
         stored = tuple(image_feature.shape)
         needs_resize = stored[:2] != (size, size)
@@ -517,8 +514,27 @@ class _TfdsLoadStream:
                 out["label"] = tf.cast(example["label"], tf.int32)
             return out
 
+        return decode
+
+    def first_example(self) -> dict[str, np.ndarray]:
+        """The host's first stored example, prepared (a cheap read to validate the data)."""
+        tf = _import_tensorflow()
+        return next(self._records().take(1).map(self._decode(tf)).as_numpy_iterator())
+
+    def open(self, step: int) -> Iterator[dict[str, np.ndarray]]:
+        tf = _import_tensorflow()
+        cfg = self._cfg
+        epoch, within = divmod(step * self._local_batch_size, self._per_host)
+        records = self._records()
+        buffer = min(self._per_host, cfg.shuffle_buffer or self._per_host)
+        seed = tf.constant(self._shuffle_seed, tf.int64)
+
+        def one_epoch(e):
+            return records.shuffle(buffer, seed=seed + e, reshuffle_each_iteration=False)
+
         stream = tf.data.Dataset.range(epoch, 2**62).flat_map(one_epoch).skip(within)
-        stream = stream.map(decode, num_parallel_calls=cfg.num_threads or None, deterministic=True)
+        stream = stream.map(self._decode(tf), num_parallel_calls=cfg.num_threads or None,
+                            deterministic=True)
         stream = stream.batch(self._local_batch_size, drop_remainder=True)
         if cfg.prefetch_batches:
             stream = stream.prefetch(cfg.prefetch_batches)
@@ -698,8 +714,9 @@ def make_image_iterator(
         per_host = _check_share(total, process_count, cfg)
         stream = _TfdsLoadStream(builder, cfg, process_index=process_index, per_host=per_host,
                                  shuffle_seed=shuffle_seed, local_batch_size=local_batch_size)
-        first = next(stream.open(0))
-        validate_image_batch(first, cfg.image_size, cfg.num_channels)
+        first = stream.first_example()  # not a whole shuffle buffer: one record, stored order
+        validate_image_batch({k: np.asarray(v)[None] for k, v in first.items()}, cfg.image_size,
+                             cfg.num_channels)
     else:
         source = _data_source(builder, cfg)
         per_host = _check_share(len(source), process_count, cfg)
