@@ -39,8 +39,8 @@ def make_train_step(loss_fn: losses_lib.LossFn, tx: optax.GradientTransformation
         the optimizer state unchanged (the step counter still advances) and reports ``finite = 0``;
         if False the update is applied and the caller must stop on ``finite = 0``.
       microbatches: split the batch into this many equal microbatches whose gradients are summed in
-        a ``lax.scan`` (gradient accumulation): the same update as the whole batch in one pass, with
-        the activation memory of one microbatch. Microbatch ``i`` takes rows ``i, i + m, i + 2m, ...``
+        a ``lax.scan`` (gradient accumulation): one update with the mean gradient of the whole batch
+        (its noise drawn per microbatch), with the activation memory of one microbatch. Microbatch ``i`` takes rows ``i, i + m, i + 2m, ...``
         (so that on a mesh every device keeps its share of every microbatch) and draws its noise
         with ``fold_in(key, i)``; the loss and metrics are the mean over microbatches (equal sizes,
         so the mean of the per-example losses of the batch).
