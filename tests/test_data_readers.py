@@ -56,6 +56,13 @@ def _take(iterator, steps):
     return [next(iterator) for _ in range(steps)]
 
 
+def _unflip(batch: dict, seed: int, step: int) -> dict:
+    """The batch of ``step`` with the pipeline's random horizontal flips undone (host 0)."""
+    flip = data_lib._flip_mask(seed, 0, step, batch["image"].shape[0])
+    return {"image": np.where(flip[:, None, None, None], batch["image"][:, :, ::-1], batch["image"]),
+            "label": batch["label"]}
+
+
 def test_auto_reader_follows_the_prepared_format(digits_dirs):
     for fmt, reader in (("array_record", "data_source"), ("tfrecord", "tfds_load")):
         it = data_lib.make_image_iterator(_cfg(digits_dirs[fmt]), global_batch_size=4, seed=0)
@@ -96,9 +103,7 @@ def test_tfds_load_stream_resumes_exactly_and_reshuffles(digits_dirs):
     cfg = _cfg(digits_dirs["tfrecord"], random_flip=True, split="train[:600]")
     make = lambda **kw: data_lib.make_image_iterator(cfg, global_batch_size=12, seed=11, **kw)
     reference = _take(make(), 105)  # 50 steps per epoch: crosses two epoch boundaries.
-    unflipped = [_rows([{"image": np.where(
-        data_lib._flip_mask(11, 0, k, 12)[:, None, None, None], b["image"][:, :, ::-1], b["image"]),
-        "label": b["label"]}]) for k, b in enumerate(reference[:100])]
+    unflipped = [_rows([_unflip(b, 11, k)]) for k, b in enumerate(reference[:100])]
     first, second = sum(unflipped[:50], []), sum(unflipped[50:], [])
     stored = sorted(_rows([data_lib.load_image_arrays(_cfg(digits_dirs["tfrecord"], split="train[:600]"))]))
     assert sorted(first) == sorted(second) == stored  # each epoch is a permutation of the split
@@ -162,12 +167,10 @@ def test_cifar10_by_name_through_both_readers(cifar):
         it, shape = data_lib.iterator_from_config(config)
         assert it.reader == reader and shape == (32, 32, 3)
         batches = _take(it, 5)  # one epoch of 60
-        restored = []
-        for k, b in enumerate(batches):
-            assert b["image"].shape == (12, 32, 32, 3) and b["image"].dtype == np.float32
-            flip = data_lib._flip_mask(config.data.get("seed", config.seed), 0, k, 12)
-            restored.append({"image": np.where(flip[:, None, None, None], b["image"][:, :, ::-1],
-                                               b["image"]), "label": b["label"]})
+        assert all(b["image"].shape == (12, 32, 32, 3) and b["image"].dtype == np.float32
+                   for b in batches)
+        seed = config.data.get("seed", config.seed)
+        restored = [_unflip(b, seed, k) for k, b in enumerate(batches)]
         images, labels = written["train"]
         assert _pixel_rows(restored) == _pixel_rows([{"image": images / 127.5 - 1.0, "label": labels}])
         test = data_lib.load_image_arrays(data_lib.ImageDataConfig(
