@@ -555,14 +555,23 @@ class PreemptionWatcher:
                         self.received)
         return True
 
-    def reached(self, step: int) -> bool:
-        """True when the loop should save and stop after ``step``."""
+    def reached(self, step: int, steps: int = 1) -> bool:
+        """True when the loop should save and stop after ``step``.
+
+        Args:
+          step: the number of steps done.
+          steps: how many steps the last call of the train step ran (``train.steps_per_call``).
+            JAX's preemption sync point is agreed as one step number and must be asked about every
+            step, so steps ``step − steps + 1 … step`` are all checked; every host then sees it in
+            the same call and stops after ``step``.
+        """
         if self.received is not None:
             return True
         if jax.process_count() > 1 and self._checkpointer is not None:
-            if self._checkpointer._manager.reached_preemption(step):
-                self.received = "preemption notice"
-                return True
+            for s in range(step - steps + 1, step + 1):
+                if self._checkpointer._manager.reached_preemption(s):
+                    self.received = "preemption notice"
+                    return True
         return False
 
     def close(self) -> None:

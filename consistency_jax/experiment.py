@@ -559,7 +559,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             writer.scalars(done, {**means, "steps_per_s": rate, "img_per_s": img_s,
                                   "skipped_steps": skipped}, "train")
             t_last, k_last = now, done
-        preempted = preemption.reached(done)
+        preempted = preemption.reached(done, n)
         if checkpointer.should_save(done, final=done == setup.num_steps or preempted):
             if history and not config.train.skip_nonfinite:  # never checkpoint a broken state
                 check_finite(_unstack_history(history), checkpointer.close)

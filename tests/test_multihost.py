@@ -245,6 +245,8 @@ JOB_FLAGS = [
     "--config.eval.num_samples=64",
     f"--config.checkpoint.every={JOB_EVERY}",
     "--config.checkpoint.keep=2",
+    # Batches of 4 steps stacked per call: global_batch(stacked=True) assembled across processes.
+    "--config.train.steps_per_call=4",
 ]
 
 
