@@ -1,4 +1,5 @@
-"""The consistency function f_θ and the EDM denoiser D_φ (REFERENCE §2; CM Eq. 5–6, EDM Table 1).
+"""The consistency function f_θ and the EDM denoiser D_φ (CM, Song et al. 2023, Eq. 5–6 and
+Appendix C; EDM, Karras et al. 2022, Table 1).
 
 Both wrap a raw network F(params, x_in, c_noise, **kwargs) with the preconditioning
 
@@ -7,6 +8,10 @@ Both wrap a raw network F(params, x_in, c_noise, **kwargs) with the precondition
 The consistency scalings are shifted by ε = σ_min so that f_θ(x, ε) = x holds exactly (CM Eq. 5–6,
 Appendix C): c_skip(ε) = 1 and c_out(ε) = 0. To make the boundary condition exact for *any* network
 output (also a non-finite one, or a bfloat16 one), ``consistency_fn`` additionally selects x where t == ε.
+
+Dtypes: the maths follows the inputs x and t, promoted with float32: float64 when ``jax_enable_x64`` is
+on and an input is float64, float32 otherwise (bfloat16 / float16 / integer inputs compute in float32).
+The network's output is cast to that dtype before the skip connection is added.
 
 Everything here is a pure function of arrays; ``apply_fn`` is any callable, so users can bring their own
 network (Flax, Haiku, Equinox or plain jnp).
@@ -31,7 +36,7 @@ class ApplyFn(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class SigmaConfig:
-    """Noise levels of the KVE / EDM process x_t = x_0 + t·z (REFERENCE §1).
+    """Noise levels of the KVE / EDM process x_t = x_0 + t·z (CM §2; EDM with σ(t) = t).
 
     Attributes:
       sigma_min: ε, the smallest time; f_θ(x, ε) = x.
@@ -73,12 +78,13 @@ _C_NOISE: dict[str, Callable[[Array], Array]] = {"jcm": _c_noise_jcm, "cm": _c_n
 
 
 def c_noise(t: Array, kind: str = "jcm") -> Array:
-    """The network's noise-level input c_noise(t) (REFERENCE §2)."""
+    """The network's noise-level input c_noise(t): 0.25·ln t (EDM Table 1, as in CM's official JAX
+    code), or 1000·0.25·ln(t + 1e-44) (CM's official PyTorch code, for an ADM UNet)."""
     return _C_NOISE[kind](t)
 
 
 def consistency_scalings(t: Array, sigma_min: float, sigma_data: float) -> tuple[Array, Array, Array]:
-    """c_skip, c_out, c_in of the consistency model (CM Appendix C; REFERENCE §2).
+    """c_skip, c_out, c_in of the consistency model (CM Eq. 5–6 and Appendix C).
 
     c_skip(t) = σ_d² / ((t − ε)² + σ_d²),  c_out(t) = σ_d·(t − ε)/√(σ_d² + t²),  c_in(t) = 1/√(σ_d² + t²).
     """
@@ -93,9 +99,19 @@ def edm_scalings(t: Array, sigma_data: float) -> tuple[Array, Array, Array]:
     return consistency_scalings(t, 0.0, sigma_data)
 
 
-def _bcast(t: Array, x: Array) -> Array:
-    """Reshapes per-example times (B,) or a scalar to broadcast against x (B, ...)."""
-    t = jnp.asarray(t, dtype=jnp.float32)
+def _compute_dtype(x: Array, t: Array):
+    """The dtype of the core maths: x and t promoted with float32 (float64 only under x64).
+
+    A Python-scalar t is weakly typed and does not widen x; bfloat16, float16 and integers give float32.
+    """
+    as_typed = lambda v: v if hasattr(v, "dtype") or isinstance(v, (bool, int, float)) else jnp.asarray(v)
+    return jnp.result_type(as_typed(x), as_typed(t), jnp.float32)
+
+
+def _bcast(t: Array, x: Array, dtype=None) -> Array:
+    """Reshapes per-example times (B,) or a scalar to broadcast against x (B, ...), in ``dtype``
+    (default: x and t promoted with float32)."""
+    t = jnp.asarray(t, dtype=_compute_dtype(x, t) if dtype is None else dtype)
     if t.ndim == 0:
         t = jnp.broadcast_to(t, x.shape[:1])
     if t.shape != x.shape[:1]:
@@ -105,14 +121,15 @@ def _bcast(t: Array, x: Array) -> Array:
 
 def _precond(apply_fn: ApplyFn, params: Any, x: Array, t: Array, scalings, kind: str,
              **kwargs: Any) -> tuple[Array, Array, Array]:
-    x = jnp.asarray(x, jnp.float32)
-    tb = _bcast(t, x)
+    dtype = _compute_dtype(x, t)
+    x = jnp.asarray(x, dtype)
+    tb = _bcast(t, x, dtype)
     c_skip, c_out, c_in = scalings(tb)
     out = apply_fn(params, c_in * x, c_noise(tb.reshape(x.shape[:1]), kind), **kwargs)
     if out.shape != x.shape:
         raise ValueError(f"The network returned shape {out.shape} for an input of shape {x.shape}.")
-    # The skip connection is combined in float32 whatever the network's compute dtype.
-    return c_skip * x + c_out * out.astype(jnp.float32), tb, x
+    # The skip connection is combined in the compute dtype (float32 unless x64) whatever the network's.
+    return c_skip * x + c_out * out.astype(dtype), tb, x
 
 
 def consistency_fn(apply_fn: ApplyFn, params: Any, x: Array, t: Array, sigmas: SigmaConfig,
@@ -128,7 +145,8 @@ def consistency_fn(apply_fn: ApplyFn, params: Any, x: Array, t: Array, sigmas: S
       **kwargs: passed to apply_fn (labels, train flag, rngs, ...).
 
     Returns:
-      f_θ(x, t) in float32, with f_θ(x, ε) == x bit for bit.
+      f_θ(x, t) in x and t's dtype promoted with float32 (float64 under x64 for float64 inputs, else
+      float32), with f_θ(x, ε) == x bit for bit.
     """
     scalings = lambda tb: consistency_scalings(tb, sigmas.sigma_min, sigmas.sigma_data)
     f, tb, x = _precond(apply_fn, params, x, t, scalings, sigmas.c_noise, **kwargs)
@@ -137,7 +155,8 @@ def consistency_fn(apply_fn: ApplyFn, params: Any, x: Array, t: Array, sigmas: S
 
 def denoiser_fn(apply_fn: ApplyFn, params: Any, x: Array, t: Array, sigmas: SigmaConfig,
                 **kwargs: Any) -> Array:
-    """The EDM denoiser D_φ(x, t) = c_skip·x + c_out·F_φ(c_in·x, c_noise) (EDM Eq. 7, Table 1)."""
+    """The EDM denoiser D_φ(x, t) = c_skip·x + c_out·F_φ(c_in·x, c_noise) (EDM Eq. 7, Table 1), in the
+    same dtype as ``consistency_fn``."""
     scalings = lambda tb: edm_scalings(tb, sigmas.sigma_data)
     return _precond(apply_fn, params, x, t, scalings, sigmas.c_noise, **kwargs)[0]
 

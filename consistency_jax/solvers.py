@@ -1,7 +1,10 @@
-"""One step of the teacher's probability-flow ODE, for consistency distillation (REFERENCE §3).
+"""One step of the teacher's probability-flow ODE, for consistency distillation (CM, Song et al. 2023,
+§4 Eq. 7 and Algorithm 2).
 
-The empirical PF-ODE of the KVE process is dx/dt = (x − D(x, t))/t (REFERENCE §1). A ``denoise``
-argument is any callable D(x, t) -> x̂_0 with per-example times t of shape (B,).
+The empirical PF-ODE of the KVE process is dx/dt = (x − D(x, t))/t (CM §2; EDM, Karras et al. 2022,
+Eq. 1 and 3 with σ(t) = t). A ``denoise`` argument is any callable D(x, t) -> x̂_0 with per-example
+times t of shape (B,). Nothing here casts: the step is computed in the dtype that x, t and D(x, t)
+promote to (float64 under x64 for float64 inputs, float32 otherwise).
 """
 from __future__ import annotations
 
@@ -24,12 +27,12 @@ def ode_drift(denoise: Denoise, x: Array, t: Array) -> Array:
 
 
 def euler_step(denoise: Denoise, x: Array, t_cur: Array, t_next: Array) -> Array:
-    """x̂ = x + (t_next − t_cur)·(x − D(x, t_cur))/t_cur (CM Eq. 7 with Euler; REFERENCE §3)."""
+    """x̂ = x + (t_next − t_cur)·(x − D(x, t_cur))/t_cur (CM Eq. 7 with the Euler solver)."""
     return x + _bcast(t_next - t_cur, x) * ode_drift(denoise, x, t_cur)
 
 
 def heun_step(denoise: Denoise, x: Array, t_cur: Array, t_next: Array) -> Array:
-    """Heun's 2nd-order step (EDM Algorithm 1, one step; REFERENCE §3).
+    """Heun's 2nd-order step (EDM Algorithm 1, one step; CM Algorithm 2 with the Heun solver).
 
     d = (x − D(x, t_cur))/t_cur; x' = x + (t_next − t_cur)·d; d' = (x' − D(x', t_next))/t_next;
     x̂ = x + (t_next − t_cur)·(d + d')/2. ``t_next`` must be positive (it is ε > 0 at the grid's end).
