@@ -7,7 +7,9 @@ setup(
     description="Consistency Models (Song et al. 2023): distillation, training, sampling in JAX/Flax.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["consistency_jax", "consistency_jax.*", "configs"]),
+    # The paper configs in configs/ are files passed by path (--config=configs/cifar10.py), not a package:
+    # nothing named "configs" is installed into site-packages.
+    packages=find_packages(include=["consistency_jax", "consistency_jax.*"]),
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.6.0",

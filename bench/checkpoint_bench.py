@@ -34,6 +34,7 @@ from consistency_jax import checkpoint as ckpt_lib  # noqa: E402
 from consistency_jax import losses as losses_lib  # noqa: E402
 from consistency_jax import parameterization as param_lib  # noqa: E402
 from consistency_jax import schedules  # noqa: E402
+from consistency_jax.methods.ct import ConsistencyTraining  # noqa: E402
 from consistency_jax.networks import get_network, make_apply_fn  # noqa: E402
 from consistency_jax.train import make_train_step  # noqa: E402
 from consistency_jax.train_state import TrainState  # noqa: E402
@@ -77,11 +78,11 @@ def _state_bytes(state: TrainState) -> int:
 def _time_step(module, state, tx, batch_size: int, image_size: int, reps: int) -> float:
     sigmas = param_lib.SigmaConfig()
     cur = schedules.Curriculum(kind="constant", num_scales=18)
-    cfg = losses_lib.LossConfig(method="ct", distance="l2")
     shape = (image_size, image_size, 3)
-    loss_fn = losses_lib.make_consistency_loss(cfg, make_apply_fn(module), sigmas, cur,
-                                               losses_lib.make_distance("l2", shape))
-    step = jax.jit(make_train_step(loss_fn, tx, cur), donate_argnums=0)
+    method = ConsistencyTraining(apply_fn=make_apply_fn(module), sigmas=sigmas, curriculum=cur,
+                                 loss_cfg=losses_lib.LossConfig(distance="l2"),
+                                 distance=losses_lib.make_distance("l2", shape))
+    step = jax.jit(make_train_step(method, tx), donate_argnums=0)
     batch = {"image": jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (batch_size,) + shape),
                                   jnp.float32)}
     state = jax.tree.map(jnp.array, state)  # a private copy: the step donates it

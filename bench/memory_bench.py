@@ -15,6 +15,17 @@ device allocator's ``peak_bytes_in_use`` (not available on CPU). All sizes are p
 stays within the device's ``bytes_limit`` (or ``--limit_gb``): doubling from the largest batch listed,
 then bisection; on an accelerator the answer is confirmed by running the step at that batch.
 The buffer plan is the compiler's and is platform specific: figures from XLA:CPU describe XLA:CPU.
+
+``--init=CONFIG[:ARGS],...`` instead plans the *creation* of the train state of paper configs (θ, θ⁻,
+eval EMAs, optimizer state; nothing is run or allocated, only compiled) on a mesh with ``--fsdp``:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python bench/memory_bench.py \
+      --init=cifar10:method=ct,lsun256:method=ct --fsdp=8
+
+"whole on one device" is the state initialised on one device and then copied onto the mesh (what the
+loop did before ``build.init_state``: the peak of device 0 is at least the whole state); "born sharded"
+is ``build.init_state``: one jit whose ``out_shardings`` write every device's share directly. Both are
+XLA's planned peak of device 0 (outputs + temporaries) in GiB.
 """
 from __future__ import annotations
 
@@ -47,8 +58,52 @@ def parse_args(argv=None):
     p.add_argument("--max_search", type=int, default=1 << 16, help="largest batch --find_max tries")
     p.add_argument("--run", default="auto", choices=["auto", "yes", "no"],
                    help="also run the step and read the allocator's peak (auto: not on CPU)")
+    p.add_argument("--init", default="",
+                   help="plan the creation of the train state of these configs (e.g. "
+                        "cifar10:method=ct,lsun256:method=ct) instead of the step")
+    p.add_argument("--min_size", type=int, default=-1,
+                   help="--init: fsdp_min_size (default: the config's)")
     p.add_argument("--json", default="", help="write the results to this file")
     return p.parse_args(argv)
+
+
+def init_plan(config_arg: str, fsdp: int, min_size: int = -1) -> dict:
+    """Planned device-0 peak of creating a paper config's train state, whole vs born sharded."""
+    from consistency_jax import build, methods
+    from consistency_jax.config import load_config
+    from consistency_jax.train_state import TrainState
+
+    name, _, arg = config_arg.partition(":")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = load_config(os.path.join(root, "configs", f"{name}.py"), arg or None)
+    spec = methods.get(config.method)
+    size = config.data.image_size
+    shape = (size, size, config.data.num_channels)
+    _, apply_fn, init = build.build_network(config, shape)
+    tx, _ = build.make_optimizer(config)
+    config.loss.distance = "l2"  # the distance (LPIPS weights) and a teacher do not change the state
+    method = build.build_method(config, spec, apply_fn, None, shape,
+                                build.build_distance(config, spec, shape), lambda *a: None)
+    rates = tuple(float(r) for r in config.train.ema_rates)
+    rng = jax.random.key(0)
+
+    def create():
+        return TrainState.create(init(rng), tx, ema_rates=rates, use_target=method.keeps_target)
+
+    abstract = jax.eval_shape(create)
+    whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+    n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+    mesh = sharding.make_mesh(-1, fsdp)
+    min_size = config.mesh.fsdp_min_size if min_size < 0 else min_size
+    out = {"config": config_arg, "params": n_params, "fsdp": fsdp, "min_size": min_size,
+           "copies": 1 + int(method.keeps_target) + len(rates), "state_bytes": whole}
+    for key, shardings in (
+            ("whole", None),
+            ("born_sharded", sharding.state_shardings(abstract, mesh, min_size=min_size))):
+        jitted = jax.jit(create) if shardings is None else jax.jit(create, out_shardings=shardings)
+        ma = jitted.lower().compile().memory_analysis()
+        out[key] = None if ma is None else int(ma.output_size_in_bytes + ma.temp_size_in_bytes)
+    return out
 
 
 def _device_stats() -> dict:
@@ -108,6 +163,19 @@ def find_max(method: str, args, module, example_shape, mesh, limit: int, start: 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.init:
+        print(f"# {timing.describe_device()}; {jax.device_count()} devices; fsdp={args.fsdp}; "
+              "planned peak of device 0, GiB")
+        rows = []
+        for config_arg in args.init.split(","):
+            r = init_plan(config_arg, args.fsdp, args.min_size)
+            rows.append(r)
+            print(f"{r['config']:22s} {r['params'] / 1e6:7.1f}M params × {r['copies']} copies + optimizer "
+                  f"state = {r['state_bytes'] / GB:6.2f} GiB | whole on one device "
+                  f"{r['whole'] / GB:6.2f} | born sharded (min_size {r['min_size']}) "
+                  f"{r['born_sharded'] / GB:6.3f}", flush=True)
+        timing.write_json(args.json, args, rows)
+        return rows
     module, example_shape = timing.build_network(
         args.network, args.image_size, args.dtype, nf=args.nf,
         ch_mult=train_step_bench._ints(args.ch_mult), num_res_blocks=args.num_res_blocks,

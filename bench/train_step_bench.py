@@ -39,7 +39,10 @@ import optax  # noqa: E402
 import timing  # noqa: E402
 from consistency_jax import losses, schedules, sharding  # noqa: E402
 from consistency_jax.networks import make_apply_fn  # noqa: E402
-from consistency_jax.parameterization import SigmaConfig  # noqa: E402
+from consistency_jax.methods.cd import ConsistencyDistillation  # noqa: E402
+from consistency_jax.methods.ct import ConsistencyTraining  # noqa: E402
+from consistency_jax.methods.edm import EDMDenoiser  # noqa: E402
+from consistency_jax.parameterization import SigmaConfig, network_teacher  # noqa: E402
 from consistency_jax.train import make_train_step  # noqa: E402
 from consistency_jax.train_state import TrainState, ema_update  # noqa: E402
 
@@ -125,19 +128,18 @@ def build_step(method: str, args, module, example_shape, mesh, batch_size: int |
         curriculum = schedules.Curriculum(kind="constant", num_scales=18, mu0=0.0)
     teacher_params = jax.jit(init)(jax.random.key(2)) if method == "cd" else None
     if method == "edm":
-        loss_fn = losses.make_edm_loss(losses.LossConfig(method="edm"), apply_fn, sigmas)
+        loss_fn = EDMDenoiser(apply_fn=apply_fn, sigmas=sigmas)
     else:
-        teacher = losses.network_teacher(apply_fn, sigmas) if method == "cd" else None
-        loss_fn = losses.make_consistency_loss(
-            losses.LossConfig(method=method, solver="heun"), apply_fn, sigmas, curriculum,
-            losses.l2_distance, teacher=teacher)
-    state = TrainState.create(params, tx, ema_rates=(0.9999,),
-                              use_target=method != "edm" and curriculum.uses_target_ema,
+        parts = dict(apply_fn=apply_fn, sigmas=sigmas, curriculum=curriculum,
+                     loss_cfg=losses.LossConfig(solver="heun"), distance=losses.l2_distance)
+        loss_fn = (ConsistencyTraining(**parts) if method == "ct" else ConsistencyDistillation(
+            **parts, teacher=network_teacher(apply_fn, sigmas)))
+    state = TrainState.create(params, tx, ema_rates=(0.9999,), use_target=loss_fn.keeps_target,
                               teacher_params=teacher_params)
     shardings = sharding.state_shardings(state, mesh)
     state = sharding.place(state, shardings)
     micro = getattr(args, "microbatches", 1)
-    step = sharding.jit_train_step(make_train_step(loss_fn, tx, curriculum, microbatches=micro), mesh,
+    step = sharding.jit_train_step(make_train_step(loss_fn, tx, microbatches=micro), mesh,
                                    shardings,
                                    donate=not getattr(args, "no_donate", False))
     batch = sharding.global_batch({"image": np.asarray(x0)}, mesh)
@@ -162,7 +164,7 @@ def bench_method(method: str, args, module, example_shape, mesh, baselines: bool
     k = getattr(args, "steps_per_call", 1)
     micro = getattr(args, "microbatches", 1)
     if k > 1:  # the same steps, k per call (its own copy of the state: states are donated)
-        multi = sharding.jit_train_step(make_train_step(loss_fn, tx, curriculum, microbatches=micro),
+        multi = sharding.jit_train_step(make_train_step(loss_fn, tx, microbatches=micro),
                                         mesh, shardings, steps_per_call=k)
         stacked = sharding.global_batch({"image": np.stack([np.asarray(x0)] * k)}, mesh, stacked=True)
         cases["scan"] = (multi, sharding.place(jax.tree.map(np.asarray, state), shardings),

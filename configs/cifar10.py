@@ -1,4 +1,4 @@
-"""CIFAR-10 as in CM and iCT (REFERENCE §7), NCSN++ (about 56M parameters).
+"""CIFAR-10 as in CM (Appendix C) and iCT (§4), NCSN++ (about 56M parameters).
 
   --config=configs/cifar10.py:method=edm                  the EDM teacher (jcm cifar10_k_ve.py)
   --config=configs/cifar10.py:method=cd,metric=lpips      CD (also metric=l2 or l1, the ablations)
@@ -9,7 +9,7 @@ CD needs --config.teacher.workdir=DIR (the EDM run); LPIPS needs --config.loss.l
 """
 import math
 
-from configs import common
+from consistency_jax import config as common
 
 BATCH = 512
 
@@ -41,7 +41,7 @@ def get_config(arg=None):
         c.curriculum.update(s0=2, s1=150, mu0=0.9)
     elif method == "ict":
         # iCT §3–4: pseudo-Huber, no target EMA, N from 10 doubling to 1280, lognormal n, λ = 1/Δt,
-        # dropout 0.3, eval EMA 0.99993. Batch, lr and length are not in REFERENCE §7: iCT's values as
+        # dropout 0.3, eval EMA 0.99993. Batch, lr and length are iCT's values as
         # we read them (batch 1024, 400k steps, RAdam 1e-4); check against the paper before relying on them.
         c.model.kwargs = common.ncsnpp_cifar10(dropout=0.3)
         c.data.batch_size = 1024

@@ -10,7 +10,7 @@ A small DDPM++ (the NCSN++ code with positional embeddings and plain resampling)
 minutes; evaluation writes sample grids and digits-FD (Fréchet distance to the held-out digits in the
 features of a fixed classifier, ``consistency_jax.metrics.digits``).
 """
-from configs import common
+from consistency_jax import config as common
 
 
 def get_config(arg=None):

@@ -1,11 +1,11 @@
-"""ImageNet 64×64 (class-conditional) as in CM (REFERENCE §7), ADM UNet.
+"""ImageNet 64×64 (class-conditional) as in CM (Appendix C and the cm launch scripts), ADM UNet.
 
   Data: tfds imagenet_resized/64x64 (it has labels; downsampled_imagenet has none).
   --config=configs/imagenet64.py:method=edm      the EDM teacher (lr 1e-4, batch 4096, dropout 0.1)
   --config=configs/imagenet64.py:method=cd       CD, LPIPS (metric=l2 for the l2 variant), N = 40, μ = 0.95
   --config=configs/imagenet64.py:method=ct       CT, s0 = 2, s1 = 200, μ0 = 0.95
 """
-from configs import common
+from consistency_jax import config as common
 
 EMAS = (0.999, 0.9999, 0.9999432189950708)
 

@@ -1,9 +1,9 @@
-"""LSUN 256×256 (unconditional) as in CM (REFERENCE §7), ADM UNet.
+"""LSUN 256×256 (unconditional) as in CM (Appendix C and the cm launch scripts), ADM UNet.
 
   --config=configs/lsun256.py:method=cd,metric=lpips,category=bedroom   (metric=l2 also)
   --config=configs/lsun256.py:method=ct,category=cat
 """
-from configs import common
+from consistency_jax import config as common
 
 EMAS = (0.9999, 0.99994, 0.9999432189950708)
 

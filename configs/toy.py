@@ -5,7 +5,7 @@
 
 method=cd distils from the exact denoiser of the mixture; ct / ict train from scratch.
 """
-from configs import common
+from consistency_jax import config as common
 
 
 def get_config(arg=None):

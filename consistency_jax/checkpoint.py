@@ -16,10 +16,10 @@ step, so a resumed run continues bitwise identically (same devices). A checkpoin
 read is reported by step and directory, moved to ``checkpoints_unreadable/`` and the previous one
 is used. SIGTERM (a preemption notice) makes the loop finish its step, save and exit cleanly.
 
-The teacher of consistency distillation (CM §3, Algorithm 2) is another run's EDM checkpoint, read
-through a read-only manager: nothing is ever written into the teacher's directory, and the
-student's checkpoints never contain φ (``TrainState.teacher_params`` is dropped before saving and
-re-attached after a restore).
+The teacher of consistency distillation (CM Algorithm 2) is another run's EDM checkpoint, read
+through a read-only manager (``loading.py``): nothing is ever written into the teacher's directory,
+and the student's checkpoints never contain φ (``TrainState.teacher_params`` is dropped before
+saving and re-attached after a restore). The SIGTERM watcher is ``preemption.py``.
 
 Nothing here unpickles: arrays go through Orbax/TensorStore, everything else through JSON.
 """
@@ -29,11 +29,8 @@ import json
 import logging as logging_std
 import os
 import shutil
-import signal
-import threading
 import time
-import weakref
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence
 
 from absl import logging
 import jax
@@ -42,10 +39,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from consistency_jax import losses as losses_lib
-from consistency_jax import parameterization as param_lib
-from consistency_jax.networks import get_network, make_apply_fn
-from consistency_jax.train_state import TrainState, ema_key
+from consistency_jax.train_state import TrainState
 
 PyTree = Any
 
@@ -120,7 +114,8 @@ def _resumable(key: str) -> bool:
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], *,
-                       ignore_resumable: bool = True) -> list[str]:
+                       ignore_resumable: bool = True,
+                       defaults: Optional[Mapping[str, Any]] = None) -> list[str]:
     """Lists the fields in which two configs (``config_to_dict`` dicts) differ.
 
     Args:
@@ -128,16 +123,19 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], *,
       current: the config of the run that wants to resume it.
       ignore_resumable: leave out the fields of ``RESUMABLE_KEYS`` (number of steps, logging,
         evaluation and checkpoint cadence, mesh, data directory).
+      defaults: a config dict of default values (``config.default_values()``): a field absent from
+        ``saved`` (a checkpoint written before the field existed) counts as holding its default, the
+        value every earlier run had.
 
     Returns:
       Sorted strings "key: saved -> current" (``<absent>`` for a missing field).
     """
-    a, b = _flatten(saved), _flatten(current)
+    a, b, defaults = _flatten(saved), _flatten(current), _flatten(defaults or {})
     out = []
     for key in sorted(set(a) | set(b)):
         if ignore_resumable and _resumable(key):
             continue
-        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+        va, vb = a.get(key, defaults.get(key, "<absent>")), b.get(key, "<absent>")
         if va != vb:
             out.append(f"{key}: {va!r} -> {vb!r}")
     return out
@@ -208,6 +206,19 @@ def _student_part(state: TrainState) -> TrainState:
 # The manager of a run
 
 
+def check_cadence(every: int, keep: int, keep_every: int = 0) -> None:
+    """The one check of a checkpoint cadence (``config.checkpoint.every/keep/keep_every``).
+
+    Raises:
+      ValueError: naming the field: every >= 1, keep >= 1, keep_every >= 0 (0 disables).
+    """
+    for name, value, low in (("every", every, 1), ("keep", keep, 1), ("keep_every", keep_every, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"config.checkpoint.{name} must be an integer >= {low}, got {value!r} "
+                             "(every: save every N steps; keep: newest checkpoints kept; keep_every: "
+                             "also keep every M-th step, 0 disables).")
+
+
 def _item_handlers(read_only: bool) -> dict:
     # Read-only managers read the array items with the PyTree handler (the on-disk format of
     # StandardSave), which can restore a part of an item (one EMA, or θ alone).
@@ -252,13 +263,7 @@ class Checkpointer:
         Raises:
           ValueError: a bad ``every``, ``keep`` or ``keep_every`` (named as config.checkpoint.*).
         """
-        if every < 1:
-            raise ValueError(f"config.checkpoint.every must be positive, got {every}.")
-        if keep < 1:
-            raise ValueError(f"config.checkpoint.keep must be at least 1, got {keep}.")
-        if keep_every < 0:
-            raise ValueError(f"config.checkpoint.keep_every must be >= 0 (0 disables), got "
-                             f"{keep_every}.")
+        check_cadence(every, keep, keep_every)
         # Orbax needs absolute paths.
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, CHECKPOINT_SUBDIR)
@@ -284,12 +289,13 @@ class Checkpointer:
         self._closed = False
 
     @classmethod
-    def from_config(cls, workdir: str, config: ml_collections.ConfigDict) -> "Checkpointer":
+    def from_config(cls, workdir: str, config: ml_collections.ConfigDict, *,
+                    defaults: Optional[Mapping[str, Any]] = None) -> "Checkpointer":
         """Opens the run's checkpoints and checks that they were written by ``config``
-        (``check_config``), before anything is built or compiled."""
+        (``check_config``; ``defaults`` as there), before anything is built or compiled."""
         c = config.checkpoint
         ckpt = cls(workdir, every=c.every, keep=c.keep, keep_every=c.keep_every)
-        ckpt.check_config(config)
+        ckpt.check_config(config, defaults=defaults)
         return ckpt
 
     # -- inspection
@@ -303,9 +309,22 @@ class Checkpointer:
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
-    def _read_json(self, step: int, item: str) -> Any:
+    def read_json(self, step: int, item: str) -> Any:
+        """One JSON item ("config" or "data") of checkpoint ``step``."""
         return self._manager.restore(step, args=ocp.args.Composite(
             **{item: ocp.args.JsonRestore()}))[item]
+
+    def item_metadata(self, step: int) -> Any:
+        """Orbax's metadata of every item of checkpoint ``step`` (shapes and dtypes, no arrays)."""
+        return self._manager.item_metadata(step)
+
+    def restore_items(self, step: int, **items: Any) -> Any:
+        """Restores the named items of checkpoint ``step`` with the given Orbax restore args."""
+        return self._manager.restore(step, args=ocp.args.Composite(**items))
+
+    def reached_preemption(self, step: int) -> bool:
+        """JAX's preemption sync point (multi-host): True on every host at the same step."""
+        return self._manager.reached_preemption(step)
 
     def saved_config(self) -> Optional[tuple[int, dict]]:
         """(step, config dict) of the newest checkpoint whose config is readable; None when there
@@ -318,7 +337,7 @@ class Checkpointer:
         errors = []
         for step in reversed(steps):
             try:
-                cfg = self._read_json(step, _CONFIG)
+                cfg = self.read_json(step, _CONFIG)
                 if not isinstance(cfg, dict):
                     raise ValueError(f"the stored config is a {type(cfg).__name__}, not a dict")
                 return step, cfg
@@ -332,8 +351,12 @@ class Checkpointer:
                 ". Move the directory away to start afresh.")
         return None
 
-    def check_config(self, config: ml_collections.ConfigDict) -> None:
+    def check_config(self, config: ml_collections.ConfigDict, *,
+                     defaults: Optional[Mapping[str, Any]] = None) -> None:
         """Refuses to resume a checkpoint written by a different config.
+
+        ``defaults`` (``config.default_values()``) are the values of fields that a checkpoint written
+        before they existed lacks (``config_differences``).
 
         Differences in ``RESUMABLE_KEYS`` are allowed (extending a run changes schedules that
         depend on train.num_steps: a warning says so). With ``config.checkpoint.override_config``
@@ -347,7 +370,7 @@ class Checkpointer:
             return
         step, saved = found
         current = config_to_dict(config)
-        diffs = config_differences(saved, current)
+        diffs = config_differences(saved, current, defaults=defaults)
         if diffs:
             if config.checkpoint.override_config:
                 logging.warning("Resuming step %d of %s with a different config "
@@ -517,293 +540,3 @@ class Checkpointer:
         self._manager.reload()
 
 
-# ----------------------------------------------------------------------------------------------------
-# Preemption
-
-
-class PreemptionWatcher:
-    """Turns SIGTERM (the preemption notice of TPU/GPU clouds) into "save and stop".
-
-    Single process: a SIGTERM handler sets a flag and the loop, at the end of the current step,
-    sees ``reached(step)``, saves and returns (exit code 0). The handler is installed when the
-    watcher is created (from the main thread only) and the previous one is restored by ``close``.
-    A second SIGTERM, one after ``close``, or one after the watcher was dropped without ``close``
-    (the loop died with an exception) goes to the previous handler. Multiple processes: JAX's
-    preemption sync service (started by ``jax.distributed.initialize``) catches the signal and
-    ``reached`` returns True on every host at the same step (Orbax ``reached_preemption``).
-    """
-
-    def __init__(self, checkpointer: Optional[Checkpointer] = None,
-                 signals: Sequence[int] = (signal.SIGTERM,)):
-        self._checkpointer = checkpointer
-        self.received: Optional[str] = None
-        self._active = True
-        self._previous: dict[int, Any] = {}
-        self._handler = None
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            # The handler holds the watcher weakly, so a watcher that is never closed does not keep
-            # swallowing signals after it is gone.
-            self._handler = _make_handler(weakref.ref(self), self._previous)
-            for sig in signals:
-                self._previous[sig] = signal.signal(sig, self._handler)
-
-    def _take(self, signum: int) -> bool:
-        if not self._active or self.received is not None:
-            return False
-        self.received = signal.Signals(signum).name
-        logging.warning("Received %s: finishing the current step, saving a checkpoint and exiting.",
-                        self.received)
-        return True
-
-    def reached(self, step: int, steps: int = 1) -> bool:
-        """True when the loop should save and stop after ``step``.
-
-        Args:
-          step: the number of steps done.
-          steps: how many steps the last call of the train step ran (``train.steps_per_call``).
-            JAX's preemption sync point is agreed as one step number and must be asked about every
-            step, so steps ``step − steps + 1 … step`` are all checked; every host then sees it in
-            the same call and stops after ``step``.
-        """
-        if self.received is not None:
-            return True
-        if jax.process_count() > 1 and self._checkpointer is not None:
-            for s in range(step - steps + 1, step + 1):
-                if self._checkpointer._manager.reached_preemption(s):
-                    self.received = "preemption notice"
-                    return True
-        return False
-
-    def close(self) -> None:
-        """Restores the signal handlers that were installed before (idempotent)."""
-        self._active = False
-        if threading.current_thread() is threading.main_thread():
-            for sig, previous in self._previous.items():
-                if signal.getsignal(sig) is self._handler:
-                    signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-
-    def __enter__(self) -> "PreemptionWatcher":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _make_handler(watcher_ref: "weakref.ref[PreemptionWatcher]", previous: dict[int, Any]):
-    def handler(signum, frame):
-        watcher = watcher_ref()
-        if watcher is not None and watcher._take(signum):
-            return
-        prev = previous.get(signum)
-        prev = signal.SIG_DFL if prev is None else prev
-        signal.signal(signum, prev)
-        if callable(prev):
-            prev(signum, frame)
-        elif prev == signal.SIG_DFL:
-            os.kill(os.getpid(), signum)
-
-    return handler
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reading a finished run: eval parameters and CD teachers
-
-
-def _replicated() -> jax.sharding.Sharding:
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("devices",))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-
-ShardingSpec = Union[None, jax.sharding.Sharding, Callable[[PyTree], PyTree]]
-
-
-def _with_shardings(abstract: PyTree, sharding: ShardingSpec) -> PyTree:
-    if callable(sharding) and not isinstance(sharding, jax.sharding.Sharding):
-        shardings = sharding(abstract)
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, shardings)
-    s = sharding if sharding is not None else _replicated()
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract)
-
-
-def load_eval_params(workdir: str, ema_rate: Optional[float] = None, *,
-                     step: Optional[int] = None, sharding: ShardingSpec = None
-                     ) -> tuple[ml_collections.ConfigDict, PyTree, int]:
-    """Reads the evaluation parameters of a run, read-only (nothing is written into ``workdir``).
-
-    Args:
-      workdir: the run's directory.
-      ema_rate: which eval EMA; None: the slowest one saved (θ itself if the run kept none).
-      step: which checkpoint; None: the newest readable one.
-      sharding: a Sharding for every array (default: replicated over all devices), or a function
-        from the abstract parameter tree (ShapeDtypeStructs) to a tree of shardings (FSDP).
-
-    Returns:
-      (the run's config, the parameters, the step they were read from).
-
-    Raises:
-      CheckpointError: no checkpoint, no readable one, or no EMA of ``ema_rate``.
-    """
-    workdir = os.path.abspath(workdir)
-    ckpt = Checkpointer(workdir, every=1, keep=1, read_only=True)
-    try:
-        steps = ckpt.all_steps()
-        if not steps:
-            raise CheckpointError(f"No checkpoint in {ckpt.directory}.")
-        if step is not None and step not in steps:
-            raise CheckpointError(f"No checkpoint of step {step} in {ckpt.directory}; saved steps: "
-                                  f"{steps}.")
-        errors = []
-        for s in ([step] if step is not None else list(reversed(steps))):
-            try:
-                return _read_eval_params(ckpt, s, ema_rate, sharding)
-            except CheckpointError:
-                raise
-            except Exception as e:  # noqa: BLE001 -- unreadable: try the previous step
-                logging.warning("Checkpoint step %d in %s is unreadable (%s).", s,
-                                ckpt.step_dir(s), _brief(e))
-                errors.append(f"step {s} ({ckpt.step_dir(s)}): {_brief(e)}")
-        raise CheckpointError(f"No readable checkpoint in {ckpt.directory}: " + "; ".join(errors))
-    finally:
-        ckpt.close()
-
-
-def _read_eval_params(ckpt: Checkpointer, step: int, ema_rate: Optional[float],
-                      sharding: ShardingSpec) -> tuple[ml_collections.ConfigDict, PyTree, int]:
-    config = config_from_dict(ckpt._read_json(step, _CONFIG))
-    metadata = ckpt._manager.item_metadata(step)
-    ema_md = metadata.get(_EMA) if hasattr(metadata, "get") else None
-    ema_md = _metadata_tree(ema_md) if ema_md is not None else None
-    if ema_md:
-        saved = {k: float(k) for k in ema_md}
-        if ema_rate is None:
-            key = max(saved, key=float)
-        else:
-            key = ema_key(ema_rate)
-            if key not in saved:
-                raise CheckpointError(f"{ckpt.step_dir(step)} has no EMA of rate {ema_rate}; "
-                                      f"saved EMA rates: {sorted(saved.values())}.")
-        target = {key: _with_shardings(_abstract_from_metadata(ema_md[key], None), sharding)}
-        # Read only this EMA: the other EMAs are left out of the target (partial restore).
-        got = ckpt._manager.restore(step, args=ocp.args.Composite(
-            **{_EMA: _pytree_restore(target, partial=True)}))
-        params = got[_EMA][key]
-        logging.info("Read the EMA %s of %s.", key, ckpt.step_dir(step))
-    else:
-        if ema_rate is not None:
-            raise CheckpointError(f"{ckpt.step_dir(step)} has no eval EMAs (asked for {ema_rate}).")
-        state_md = _metadata_tree(metadata[_STATE])
-        target = {"params": _with_shardings(_abstract_from_metadata(state_md["params"], None),
-                                            sharding)}
-        got = ckpt._manager.restore(step, args=ocp.args.Composite(
-            **{_STATE: _pytree_restore(target, partial=True)}))
-        params = got[_STATE]["params"]
-        logging.info("Read θ (no eval EMA saved) of %s.", ckpt.step_dir(step))
-    return config, params, step
-
-
-def teacher_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config of a CD teacher run, checked to be an EDM run with a readable checkpoint.
-
-    Reads only the JSON config (no arrays), so ``experiment.parse_config`` can call it before
-    anything is built.
-
-    Args:
-      workdir: the teacher run's directory (never written to).
-
-    Returns:
-      The teacher run's config.
-
-    Raises:
-      CheckpointError: no checkpoint in ``workdir``, none readable, or not a method='edm' run.
-    """
-    workdir = os.path.abspath(workdir) if workdir else workdir
-    if not workdir or not os.path.isdir(os.path.join(workdir, CHECKPOINT_SUBDIR)):
-        raise CheckpointError(
-            f"config.teacher.workdir={workdir!r} holds no checkpoints (no {CHECKPOINT_SUBDIR}/ "
-            "directory); train an EDM teacher there first (method='edm').")
-    ckpt = Checkpointer(workdir, every=1, keep=1, read_only=True)
-    try:
-        found = ckpt.saved_config()
-    finally:
-        ckpt.close()
-    if found is None:
-        raise CheckpointError(f"config.teacher.workdir={workdir!r} holds no checkpoint (the "
-                              f"{CHECKPOINT_SUBDIR}/ directory is empty); train an EDM teacher "
-                              "first.")
-    config = config_from_dict(found[1])
-    if config.get("method") != "edm":
-        raise CheckpointError(
-            f"The teacher {workdir} is a method={config.get('method')!r} run; consistency "
-            "distillation needs an EDM teacher (a run with method='edm').")
-    return config
-
-
-def load_teacher(workdir: str, ema_rate: Optional[float] = None, *,
-                 sharding: ShardingSpec = None) -> tuple[losses_lib.TeacherDenoise, PyTree]:
-    """The CD teacher D_φ (CM §3, Algorithm 2) from an EDM run's workdir, read-only.
-
-    Reads the teacher run's saved config, builds its network (``networks.get_network`` with its
-    ``config.model``), restores its eval EMA (the slowest by default) and wraps it with the
-    teacher's own EDM preconditioning (its ``config.sigmas``, EDM Eq. 7) as
-    ``losses.network_teacher``.
-
-    Args:
-      workdir: the teacher run's directory (never written to).
-      ema_rate: which of the teacher's EMAs; None: its slowest.
-      sharding: see ``load_eval_params``.
-
-    Returns:
-      (teacher_denoise(teacher_params, x, t, labels=None) -> D_φ(x, t), teacher_params).
-
-    Raises:
-      CheckpointError: no (readable) checkpoint in ``workdir``, or the run is not an EDM teacher.
-    """
-    teacher_config(workdir)
-    config, params, step = load_eval_params(workdir, ema_rate, sharding=sharding)
-    if config.get("method") != "edm":  # the step read may differ from the one checked above
-        raise CheckpointError(f"The teacher {workdir} (step {step}) is not a method='edm' run.")
-    kwargs = dict(config.model.kwargs)
-    if config.model.dtype != "float32":
-        kwargs["dtype"] = jnp.dtype(config.model.dtype)
-    module = get_network(config.model.name, **kwargs)
-    sigmas = param_lib.SigmaConfig(**config.sigmas.to_dict())
-    logging.info("Teacher: %s network of %s step %d (%.3fM parameters).", config.model.name, workdir,
-                 step, sum(x.size for x in jax.tree.leaves(params)) / 1e6)
-    return losses_lib.network_teacher(make_apply_fn(module), sigmas), params
-
-
-def read_arrays(workdir: str, step: Optional[int] = None) -> dict[str, np.ndarray]:
-    """Every array of a checkpoint as host NumPy arrays, keyed "state/params/Dense_0/kernel",
-    "ema/0.999/..." (for inspection and tests; read-only).
-
-    Args:
-      workdir: the run's directory.
-      step: which checkpoint; None: the newest.
-
-    Returns:
-      A flat dict name -> array.
-    """
-    ckpt = Checkpointer(workdir, every=1, keep=1, read_only=True)
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"No checkpoint in {ckpt.directory}.")
-        metadata = ckpt._manager.item_metadata(step)
-        items = {}
-        for name in (_STATE, _EMA):
-            md = metadata.get(name) if hasattr(metadata, "get") else None
-            if md is None:
-                continue
-            target = _abstract_from_metadata(_metadata_tree(md), None)
-            items[name] = _pytree_restore(target, partial=False)
-        got = ckpt._manager.restore(step, args=ocp.args.Composite(**items))
-        out = {}
-        for name in items:
-            for path, leaf in jax.tree_util.tree_flatten_with_path(got[name])[0]:
-                key = "/".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p))))
-                               for p in path)
-                out[f"{name}/{key}"] = np.asarray(leaf)
-        return out
-    finally:
-        ckpt.close()

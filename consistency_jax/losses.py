@@ -1,10 +1,10 @@
-"""Consistency distillation / training losses and the EDM denoiser loss (REFERENCE §3; CM Eq. 7–10).
+"""The discrete-time consistency loss and its parts: distances, weightings, the choice of n (CM Eq. 7–10).
 
     L(θ, θ⁻) = E[ λ(t_n) · d( f_θ(x + t_{n+1}·z, t_{n+1}), sg f_{θ⁻}(x̂_{t_n}, t_n) ) ]
 
-with x̂_{t_n} one teacher ODE step from t_{n+1} (CD, Algorithm 2) or x + t_n·z (CT, Algorithm 3).
-Indices are 0-based on the ascending grid of ``schedules.karras_time``: the pair is (t_i, t_{i+1}),
-i ∈ {0, …, N−2}.
+with x̂_{t_n} one teacher ODE step from t_{n+1} (CD, CM Algorithm 2) or x + t_n·z (CT, CM Algorithm 3);
+the methods that use it are ``methods.cd`` and ``methods.ct``. Indices are 0-based on the ascending
+grid of ``schedules.karras_time``: the pair is (t_i, t_{i+1}), i ∈ {0, …, N−2}.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from consistency_jax import schedules, solvers
 Array = jax.Array
 Distance = Callable[[Array, Array], Array]
 
-METHODS = ("cd", "ct", "edm")
 DISTANCES = ("l2", "l1", "pseudo_huber", "lpips")
 WEIGHTINGS = ("uniform", "ict", "snr", "snr+1", "truncated_snr")
 INDEX_SAMPLINGS = ("uniform", "lognormal")
@@ -32,7 +31,8 @@ INDEX_SAMPLINGS = ("uniform", "lognormal")
 
 
 def _flat(x: Array) -> Array:
-    return x.reshape(x.shape[0], -1).astype(jnp.float32)
+    """(B, ...) -> (B, D) in float32, or float64 for float64 inputs."""
+    return x.reshape(x.shape[0], -1).astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def l2_distance(a: Array, b: Array) -> Array:
@@ -89,7 +89,7 @@ def make_distance(name: str, data_shape: tuple[int, ...], *, huber_c: Optional[f
 
 
 def weighting(name: str, t_lo: Array, t_hi: Array) -> Array:
-    """λ for the pair (t_n, t_{n+1}) = (t_lo, t_hi) (REFERENCE §3).
+    """λ for the pair (t_n, t_{n+1}) = (t_lo, t_hi) (CM Eq. 7; iCT §3.2).
 
     uniform: 1 (CM); ict: 1/(t_{n+1} − t_n) (iCT §3.2); snr: 1/t_n²; snr+1: 1/t_n² + 1;
     truncated_snr: max(1/t_n², 1) (jcm's extra options, evaluated at the target time t_n).
@@ -110,7 +110,7 @@ def weighting(name: str, t_lo: Array, t_hi: Array) -> Array:
 
 def lognormal_index_logits(num_scales: Array, max_scales: int, sigmas: param_lib.SigmaConfig,
                            p_mean: float = -1.1, p_std: float = 2.0) -> Array:
-    """Log-probabilities of iCT's discrete lognormal choice of n (iCT §3.5; REFERENCE §4).
+    """Log-probabilities of iCT's discrete lognormal choice of n (iCT §3.5).
 
     p(i) ∝ erf((ln t_{i+1} − P_m)/(√2 P_s)) − erf((ln t_i − P_m)/(√2 P_s)) for i ∈ {0, …, N−2};
     computed over a static length ``max_scales − 1`` with indices ≥ N − 1 masked out.
@@ -136,25 +136,22 @@ def sample_index(rng: Array, batch: int, num_scales: Array, max_scales: int, kin
 
 
 # ----------------------------------------------------------------------------------------------------
-# The losses
+# The loss
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """What a loss needs; built from ``config.loss`` by ``train.loss_config_from``.
+    """The choices of the discrete-time consistency loss (``config.loss``).
 
     Attributes:
-      method: "cd" (distillation), "ct" (training from scratch) or "edm" (train a teacher denoiser).
       distance: l2, l1, pseudo_huber or lpips.
       weighting: λ, see ``weighting``.
-      index_sampling: "uniform" (CM) or "lognormal" (iCT) choice of n.
-      solver: teacher ODE step for CD: "euler" or "heun".
-      huber_c: pseudo-Huber c (None: 0.00054·√dim).
-      p_mean, p_std: iCT's lognormal index sampling parameters.
-      edm_p_mean, edm_p_std: EDM's lognormal σ for teacher training (ln σ ~ N(−1.2, 1.2²)).
+      index_sampling: "uniform" (CM) or "lognormal" (iCT §3.5) choice of n.
+      solver: the teacher's ODE step for CD: "euler" or "heun" (CM Algorithm 2).
+      huber_c: pseudo-Huber c (None: 0.00054·√dim, iCT §3.3).
+      p_mean, p_std: iCT's lognormal index sampling parameters (P_mean = −1.1, P_std = 2.0).
     """
 
-    method: str = "ct"
     distance: str = "l2"
     weighting: str = "uniform"
     index_sampling: str = "uniform"
@@ -162,12 +159,8 @@ class LossConfig:
     huber_c: Optional[float] = None
     p_mean: float = -1.1
     p_std: float = 2.0
-    edm_p_mean: float = -1.2
-    edm_p_std: float = 1.2
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"Unknown method {self.method!r}; choose one of {METHODS}.")
         if self.distance not in DISTANCES:
             raise ValueError(f"Unknown distance {self.distance!r}; choose one of {DISTANCES}.")
         if self.weighting not in WEIGHTINGS:
@@ -176,97 +169,58 @@ class LossConfig:
             raise ValueError(f"Unknown index sampling {self.index_sampling!r}; "
                              f"choose one of {INDEX_SAMPLINGS}.")
         solvers.get_solver(self.solver)
-        if self.p_std <= 0 or self.edm_p_std <= 0:
-            raise ValueError("Lognormal standard deviations (p_std, edm_p_std) must be positive.")
+        if not self.p_std > 0:
+            raise ValueError(f"The lognormal p_std must be positive, got {self.p_std}.")
+        if self.huber_c is not None and not self.huber_c > 0:
+            raise ValueError(f"The pseudo-Huber constant huber_c must be positive, got {self.huber_c}.")
 
 
-# (teacher_params, x, t, labels) -> D(x, t)
-TeacherDenoise = Callable[[Any, Array, Array, Optional[Array]], Array]
+# x_hat(x0, x_hi, z, t_hi, t_lo, labels) -> the point x̂_{t_n} at which the target is evaluated
+TargetPoint = Callable[[Array, Array, Array, Array, Array, Optional[Array]], Array]
 
 
-def network_teacher(apply_fn: param_lib.ApplyFn, sigmas: param_lib.SigmaConfig) -> TeacherDenoise:
-    """A teacher D_φ from a raw EDM-preconditioned network, evaluated without dropout."""
+def consistency_loss(apply_fn: param_lib.ApplyFn, sigmas: param_lib.SigmaConfig, cfg: LossConfig,
+                     max_scales: int, params: Any, target_params: Any, batch: dict, rng: Array,
+                     num_scales: Array, distance: Distance,
+                     target_point: TargetPoint) -> tuple[Array, dict[str, Array]]:
+    """The consistency loss of one batch (CM Eq. 7–10, Algorithms 2–3).
 
-    def denoise(teacher_params, x, t, labels=None):
-        return param_lib.denoiser_fn(apply_fn, teacher_params, x, t, sigmas, labels=labels,
-                                     train=False, rng=None)
-
-    return denoise
-
-
-LossFn = Callable[..., tuple[Array, dict[str, Array]]]
-
-
-def make_consistency_loss(cfg: LossConfig, apply_fn: param_lib.ApplyFn,
-                          sigmas: param_lib.SigmaConfig, curriculum: schedules.Curriculum,
-                          distance: Distance, teacher: Optional[TeacherDenoise] = None) -> LossFn:
-    """Builds the CD / CT loss of CM Algorithms 2 and 3 (REFERENCE §3).
+    Args:
+      apply_fn: the raw network.
+      sigmas: the noise configuration.
+      cfg: the loss choices.
+      max_scales: the largest N of the curriculum (a static bound for index sampling).
+      params: θ (differentiated).
+      target_params: θ⁻ (put under stop_gradient here).
+      batch: "image" (B, ...) and optionally "label" (B,).
+      rng: the key of this batch.
+      num_scales: N(k) of the step.
+      distance: d(a, b) -> (B,).
+      target_point: x̂_{t_n} from (x0, x_{t_{n+1}}, z, t_{n+1}, t_n, labels) (CT: x0 + t_n·z; CD: one
+        teacher ODE step), per example times of shape (B,).
 
     Returns:
-      loss_fn(params, target_params, teacher_params, batch, rng, num_scales, distance=None)
-      -> (loss, aux), where ``batch`` holds "image" (B, ...) and optionally "label" (B,),
-      ``target_params`` are θ⁻ (they are put under stop_gradient here), ``num_scales`` is N(k) of the
-      step, and ``distance`` optionally replaces the built-in one by a distance passed at call time
-      (``TrainState.distance``: a weighted metric such as LPIPS, as an input of the compiled step).
+      (loss, aux) with aux "mean_t" (mean t_{n+1}) and "distance" (mean unweighted distance).
     """
-    if cfg.method not in ("cd", "ct"):
-        raise ValueError(f"make_consistency_loss builds cd or ct losses, not {cfg.method!r}.")
-    if cfg.method == "cd" and teacher is None:
-        raise ValueError("Consistency distillation (method='cd') needs a teacher denoiser.")
-    solver = solvers.get_solver(cfg.solver)
-
-    def loss_fn(params, target_params, teacher_params, batch, rng, num_scales, distance=distance):
-        x0 = jnp.asarray(batch["image"], jnp.float32)
-        labels = batch.get("label")
-        b = x0.shape[0]
-        rng_n, rng_z, rng_drop = jax.random.split(rng, 3)
-        i = sample_index(rng_n, b, num_scales, curriculum.max_scales, cfg.index_sampling, sigmas,
-                         cfg.p_mean, cfg.p_std)
-        t_lo = schedules.karras_time(i, num_scales, sigmas)
-        t_hi = schedules.karras_time(i + 1, num_scales, sigmas)
-        z = jax.random.normal(rng_z, x0.shape, jnp.float32)
-        bc = lambda t: t.reshape((b,) + (1,) * (x0.ndim - 1))
-        x_hi = x0 + bc(t_hi) * z
-        if cfg.method == "ct":
-            x_lo = x0 + bc(t_lo) * z  # Eq. 12–16: the clean x0 stands in for the teacher's denoiser.
-        else:
-            denoise = lambda x, t: teacher(teacher_params, x, t, labels)
-            x_lo = jax.lax.stop_gradient(solver(denoise, x_hi, t_hi, t_lo))
-        # jcm evaluates online and target networks with one shared dropout key.
-        kw = dict(labels=labels, train=True, rng=rng_drop)
-        online = param_lib.consistency_fn(apply_fn, params, x_hi, t_hi, sigmas, **kw)
-        target = param_lib.consistency_fn(apply_fn, jax.lax.stop_gradient(target_params), x_lo, t_lo,
-                                          sigmas, **kw)
-        target = jax.lax.stop_gradient(target)
-        per_example = weighting(cfg.weighting, t_lo, t_hi) * distance(online, target)
-        loss = jnp.mean(per_example)
-        aux = {"mean_t": jnp.mean(t_hi), "distance": jnp.mean(distance(online, target))}
-        return loss, aux
-
-    return loss_fn
-
-
-def make_edm_loss(cfg: LossConfig, apply_fn: param_lib.ApplyFn,
-                  sigmas: param_lib.SigmaConfig) -> LossFn:
-    """The EDM denoiser loss (EDM Eq. 2, Table 1; REFERENCE §2): ln σ ~ N(P_mean, P_std²),
-    λ(σ) = (σ² + σ_d²)/(σ·σ_d)², loss = E[λ(σ)·mean((D_θ(x + σz, σ) − x)²)].
-
-    Same signature as the consistency losses; ``target_params``, ``teacher_params`` and
-    ``num_scales`` are unused.
-    """
-
-    def loss_fn(params, target_params, teacher_params, batch, rng, num_scales, distance=None):
-        del target_params, teacher_params, num_scales, distance
-        x0 = jnp.asarray(batch["image"], jnp.float32)
-        b = x0.shape[0]
-        rng_s, rng_z, rng_drop = jax.random.split(rng, 3)
-        sigma = jnp.exp(cfg.edm_p_mean + cfg.edm_p_std * jax.random.normal(rng_s, (b,)))
-        z = jax.random.normal(rng_z, x0.shape, jnp.float32)
-        x_noisy = x0 + sigma.reshape((b,) + (1,) * (x0.ndim - 1)) * z
-        denoised = param_lib.denoiser_fn(apply_fn, params, x_noisy, sigma, sigmas,
-                                         labels=batch.get("label"), train=True, rng=rng_drop)
-        lam = (sigma**2 + sigmas.sigma_data**2) / (sigma * sigmas.sigma_data) ** 2
-        per_example = lam * l2_distance(denoised, x0)
-        return jnp.mean(per_example), {"mean_t": jnp.mean(sigma), "distance": jnp.mean(per_example)}
-
-    return loss_fn
+    x0 = jnp.asarray(batch["image"])
+    x0 = x0.astype(jnp.promote_types(x0.dtype, jnp.float32))
+    labels = batch.get("label")
+    b = x0.shape[0]
+    rng_n, rng_z, rng_drop = jax.random.split(rng, 3)
+    i = sample_index(rng_n, b, num_scales, max_scales, cfg.index_sampling, sigmas, cfg.p_mean,
+                     cfg.p_std)
+    t_lo = schedules.karras_time(i, num_scales, sigmas)
+    t_hi = schedules.karras_time(i + 1, num_scales, sigmas)
+    z = jax.random.normal(rng_z, x0.shape, x0.dtype)
+    x_hi = x0 + t_hi.reshape((b,) + (1,) * (x0.ndim - 1)) * z
+    x_lo = jax.lax.stop_gradient(target_point(x0, x_hi, z, t_hi, t_lo, labels))
+    # jcm evaluates online and target networks with one shared dropout key.
+    kw = dict(labels=labels, train=True, rng=rng_drop)
+    online = param_lib.consistency_fn(apply_fn, params, x_hi, t_hi, sigmas, **kw)
+    target = param_lib.consistency_fn(apply_fn, jax.lax.stop_gradient(target_params), x_lo, t_lo,
+                                      sigmas, **kw)
+    target = jax.lax.stop_gradient(target)
+    per_example = weighting(cfg.weighting, t_lo, t_hi) * distance(online, target)
+    loss = jnp.mean(per_example)
+    aux = {"mean_t": jnp.mean(t_hi), "distance": jnp.mean(distance(online, target))}
+    return loss, aux

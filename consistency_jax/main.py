@@ -5,7 +5,6 @@ Any config field can be overridden on the command line, e.g. ``--config.train.nu
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -41,8 +40,6 @@ def distributed_args(env) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    # Make `configs/...` importable when run from the repository root.
-    sys.path.insert(0, os.getcwd())
     import jax
 
     from consistency_jax import experiment

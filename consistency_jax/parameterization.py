@@ -165,3 +165,17 @@ def denoiser_to_score(denoised: Array, x: Array, t: Array) -> Array:
     """Score ∇ log p_t(x) = (D(x, t) − x)/t² of the KVE process (EDM Eq. 3)."""
     tb = _bcast(t, x)
     return (denoised - x) / tb**2
+
+
+# (teacher_params, x, t, labels) -> D(x, t): a teacher denoiser for consistency distillation.
+TeacherDenoise = Callable[[Any, Array, Array, Any], Array]
+
+
+def network_teacher(apply_fn: ApplyFn, sigmas: SigmaConfig) -> TeacherDenoise:
+    """A CD teacher D_φ(x, t) from a raw EDM-preconditioned network (EDM Eq. 7), without dropout."""
+
+    def denoise(teacher_params, x, t, labels=None):
+        return denoiser_fn(apply_fn, teacher_params, x, t, sigmas, labels=labels, train=False,
+                           rng=None)
+
+    return denoise

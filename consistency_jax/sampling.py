@@ -1,5 +1,5 @@
 """Samplers: one-step and multistep consistency sampling (CM Algorithm 1) and the EDM Heun sampler
-(EDM Algorithm 1) for teachers (REFERENCE §6–7).
+(EDM Algorithm 1) for teachers.
 
 All samplers are pure functions of (params, rng) that jit; ``make_sampler`` returns a jitted one for a
 fixed shape. Randomness comes only from ``rng``, so a key gives the same samples every time.
@@ -23,7 +23,7 @@ def times_from_indices(indices: Sequence[int], num_scales: int,
                        sigmas: param_lib.SigmaConfig) -> tuple[float, ...]:
     """Converts grid indices counted from T (the cm/jcm convention: 0 is T, N−1 is ε) to times.
 
-    E.g. ImageNet-64 CD 2-step uses indices (0, 22, 39) on the N = 40 grid (REFERENCE §7): the sampler
+    E.g. ImageNet-64 CD 2-step uses indices (0, 22, 39) on the N = 40 grid (cm's launch scripts): the sampler
     evaluates f at T and at t(22); the last index (ε) only marks the end.
     """
     idx = np.asarray(indices)
@@ -35,7 +35,8 @@ def times_from_indices(indices: Sequence[int], num_scales: int,
     return tuple(float(grid[i]) for i in idx)
 
 
-def _check_times(ts: Sequence[float], sigmas: param_lib.SigmaConfig) -> tuple[float, ...]:
+def check_times(ts: Sequence[float], sigmas: param_lib.SigmaConfig) -> tuple[float, ...]:
+    """The sampling times as floats after checking them: strictly decreasing, within [ε, T]."""
     ts = tuple(float(t) for t in ts)
     if not ts:
         raise ValueError("A consistency sampler needs at least one time.")
@@ -65,7 +66,7 @@ def multistep_sample(apply_fn: param_lib.ApplyFn, params: Any, rng: Array, shape
       clip: if set, clamp each x0 estimate to [−clip, clip] (images: 1.0).
       x_init: the initial noisy point x_{τ_0} instead of τ_0·z (for editing / interpolation).
     """
-    ts = _check_times(ts, sigmas)
+    ts = check_times(ts, sigmas)
     if len(ts) > 1 and ts[-1] == sigmas.sigma_min:
         ts = ts[:-1]
     keys = jax.random.split(rng, len(ts))
@@ -84,7 +85,7 @@ def multistep_sample(apply_fn: param_lib.ApplyFn, params: Any, rng: Array, shape
 
 def onestep_sample(apply_fn: param_lib.ApplyFn, params: Any, rng: Array, shape: Sequence[int],
                    sigmas: param_lib.SigmaConfig, **kwargs: Any) -> Array:
-    """One-step generation x = f_θ(T·z, T) (REFERENCE §6)."""
+    """One-step generation x = f_θ(T·z, T) (CM Algorithm 1 with one step)."""
     return multistep_sample(apply_fn, params, rng, shape, (sigmas.sigma_max,), sigmas, **kwargs)
 
 
@@ -94,7 +95,7 @@ def edm_heun_sample(denoise, rng: Array, shape: Sequence[int], sigmas: param_lib
 
     ``denoise(x, t)`` is the teacher D(x, t) with t of shape (B,). The times are the Karras grid from T
     down to ε followed by t = 0 (EDM Eq. 5); every step is Heun except the last one into t = 0, which is
-    Euler, so 18 steps cost 35 network evaluations (the CIFAR-10 teacher's NFE in REFERENCE §8).
+    Euler, so 18 steps cost 35 network evaluations (the CIFAR-10 teacher's NFE in EDM Table 2).
     """
     grid = schedules.karras_sigmas(num_steps, sigmas)[::-1]
     ts = jnp.concatenate([grid, jnp.zeros((1,), jnp.float32)])
@@ -119,7 +120,7 @@ def edm_heun_sample(denoise, rng: Array, shape: Sequence[int], sigmas: param_lib
 def make_sampler(apply_fn: param_lib.ApplyFn, sigmas: param_lib.SigmaConfig, ts: Sequence[float],
                  shape: Sequence[int], *, clip: Optional[float] = None):
     """A jitted ``sample(params, rng, labels=None) -> x`` for a fixed shape and fixed times."""
-    ts = _check_times(ts, sigmas)
+    ts = check_times(ts, sigmas)
 
     @jax.jit
     def sample(params, rng, labels=None):

@@ -6,7 +6,7 @@ x_t = x_0 + t·z the noised density is again a mixture, p_t = Σ π_k N(μ_k, (s
 
   - the exact score is ∇ log p_t(x) = Σ_k r_k(x, t)·(μ_k − x)/(s² + t²), r_k the responsibilities;
   - the exact denoiser is D(x, t) = E[x_0 | x_t = x] = Σ_k r_k(x, t)·(s²·x + t²·μ_k)/(s² + t²);
-  - the exact PF-ODE map x_T → x_ε solves dx/dt = (x − D(x, t))/t (REFERENCE §1), here integrated in
+  - the exact PF-ODE map x_T → x_ε solves dx/dt = (x − D(x, t))/t (EDM Eq. 3), here integrated in
     u = ln t (dx/du = x − D) with SciPy's 8th-order Dormand–Prince at rtol = atol = 1e-10, float64.
 
 ``exact_denoiser`` is a jittable teacher for consistency distillation whose "parameters" are the

@@ -5,6 +5,9 @@ import numpy as np
 
 from consistency_jax import toy
 
+# The names of ``config.data.name`` served by this module instead of TFDS.
+TOY_DATASETS = ("toy_ring",)
+
 
 class ToyIterator:
     """Yields {"image": float32 (B, 2)} batches of the ring mixture.

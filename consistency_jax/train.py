@@ -1,36 +1,37 @@
-"""The pure train step shared by CD, CT and EDM (CM Algorithms 2 and 3; REFERENCE §3–4).
+"""The pure train step, generic over training methods (CM Algorithms 2 and 3; EDM).
 
-``make_train_step`` returns ``train_step(state, batch, rng) -> (state, metrics)``: pure, jittable,
-shardable, and usable inside a user's own ``jax.pmap`` / ``jax.shard_map`` by naming the mapped axis
-(gradients and metrics are then averaged over it). One optimizer update of θ is followed by the target
-update θ⁻ ← μ(k)·θ⁻ + (1 − μ(k))·θ and the eval EMA updates.
+``make_train_step(method, tx)`` returns ``train_step(state, batch, rng) -> (state, metrics)``: pure,
+jittable, shardable, and usable inside a user's own ``jax.pmap`` / ``jax.shard_map`` by naming the
+mapped axis (gradients and metrics are then averaged over it). One optimizer update of θ with the
+gradient of ``method.loss`` is followed by the method's target update θ⁻ ← μ(k)·θ⁻ + (1 − μ(k))·θ (if it
+keeps a target) and the eval EMA updates. The method (``methods.base.Method``) owns everything specific:
+its loss, its schedule of the step, which frozen trees it reads (θ⁻, a teacher, distance weights).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from consistency_jax import losses as losses_lib
-from consistency_jax import schedules
+from consistency_jax.methods.base import Method, frozen_inputs
 from consistency_jax.train_state import TrainState, ema_update
 
 Array = jax.Array
 TrainStep = Callable[[TrainState, dict, Array], tuple[TrainState, dict]]
 
 
-def make_train_step(loss_fn: losses_lib.LossFn, tx: optax.GradientTransformation,
-                    curriculum: schedules.Curriculum, *, axis_name: Optional[str] = None,
+def make_train_step(method: Method, tx: optax.GradientTransformation, *,
+                    axis_name: Optional[str] = None,
                     lr_schedule: Optional[optax.Schedule] = None,
                     skip_nonfinite: bool = False, microbatches: int = 1) -> TrainStep:
     """Builds the train step.
 
     Args:
-      loss_fn: from ``losses.make_consistency_loss`` or ``losses.make_edm_loss``.
+      method: the training method (``methods.get(name).build(...)``, or a ``methods.Method`` of
+        one's own): ``method.loss(params, frozen, batch, rng, step)``.
       tx: the optax optimizer of θ.
-      curriculum: N(k) and μ(k) (``schedules.Curriculum``).
       axis_name: when the step runs inside a ``pmap``/``shard_map`` over this named axis, gradients and
         metrics are averaged over it and each device draws its own noise. None under ``jax.jit``
         (sharding is then expressed by the shardings of the arguments).
@@ -48,9 +49,12 @@ def make_train_step(loss_fn: losses_lib.LossFn, tx: optax.GradientTransformation
     Returns:
       ``train_step(state, batch, rng) -> (new_state, metrics)``; ``rng`` is a base key: the step folds
       in ``state.step`` (and the device index under ``axis_name``), so the same key can be passed every
-      step and a resumed run draws exactly the same noise.
+      step and a resumed run draws exactly the same noise. The metrics hold the loss, the gradient,
+      parameter and update norms, ``finite``, the method's ``schedule(step)`` and its aux scalars.
     """
-
+    if not callable(getattr(method, "loss", None)):
+        raise TypeError(f"make_train_step needs a method with a loss(params, frozen, batch, rng, step) "
+                        f"(consistency_jax.methods.Method), got {type(method).__name__}.")
     if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
         raise ValueError(f"microbatches must be a positive integer, got {microbatches!r}.")
 
@@ -58,13 +62,11 @@ def make_train_step(loss_fn: losses_lib.LossFn, tx: optax.GradientTransformation
         rng = jax.random.fold_in(rng, state.step)
         if axis_name is not None:
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-        num_scales, mu = curriculum(state.step)
-        target = state.target_params if state.target_params is not None else state.params
+        frozen = frozen_inputs(method, state.params, state.target_params, state.teacher_params,
+                               state.distance)
 
         def objective(params, rows, key):
-            extra = {} if state.distance is None else {"distance": state.distance}
-            loss, aux = loss_fn(params, target, state.teacher_params, rows, key, num_scales,
-                                **extra)
+            loss, aux = method.loss(params, frozen, rows, key, state.step)
             if axis_name is not None:
                 # Differentiate the loss of the global batch. Under shard_map's replication checking
                 # the gradient of a replicated θ is then already the mean over the axis (autodiff sums
@@ -93,7 +95,7 @@ def make_train_step(loss_fn: losses_lib.LossFn, tx: optax.GradientTransformation
             grads = jax.lax.pmean(grads, axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        target_params = (ema_update(state.target_params, params, mu)
+        target_params = (method.update_target(state.target_params, params, state.step)
                          if state.target_params is not None else None)
         ema_params = {k: ema_update(v, params, float(k)) for k, v in state.ema_params.items()}
         new_state = state.replace(step=state.step + 1, params=params, target_params=target_params,
@@ -109,9 +111,8 @@ def make_train_step(loss_fn: losses_lib.LossFn, tx: optax.GradientTransformation
             "grad_norm": grad_norm,
             "param_norm": optax.tree.norm(params),
             "update_norm": optax.tree.norm(updates),
-            "num_scales": num_scales,
-            "mu": mu,
             "finite": finite.astype(jnp.int32),
+            **method.schedule(state.step),
             **aux,
         }
         if lr_schedule is not None:

@@ -1,4 +1,4 @@
-"""The one training-state pytree shared by every method, and the EMA update (REFERENCE §4)."""
+"""The one training-state pytree shared by every method, and the EMA update (CM Eq. 8, Algorithms 2–3)."""
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Sequence
@@ -19,6 +19,18 @@ def ema_update(ema: PyTree, new: PyTree, rate: Array | float) -> PyTree:
         lambda e, p: jax.lax.stop_gradient((rate * e + (1.0 - rate) * p).astype(e.dtype)), ema, new)
 
 
+def check_ema_rate(rate: float, name: str = "EMA rate") -> float:
+    """Returns ``rate`` as a float after checking 0 ≤ rate < 1 (the one range check of every EMA rate:
+    a rate of 1 would never move)."""
+    try:
+        r = float(rate)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in [0, 1), got {rate!r}.") from None
+    if not 0.0 <= r < 1.0:
+        raise ValueError(f"{name} must lie in [0, 1), got {rate}.")
+    return r
+
+
 def ema_key(rate: float) -> str:
     """The key under which the eval EMA of ``rate`` is stored ("0.9999")."""
     return repr(float(rate))
@@ -35,7 +47,7 @@ class TrainState(flax.struct.PyTreeNode):
       ema_params: the evaluation EMAs {ema_key(rate): tree}; samples and metrics use these.
       opt_state: the optax state.
       teacher_params: CD's teacher φ, read-only: never updated here and never written into a
-        checkpoint of the student (``checkpoint.py`` drops it); None for CT and EDM.
+        checkpoint of the student (``checkpoint.py`` drops it); None for methods without a teacher.
       distance: a distance that carries weights (a callable pytree such as
         ``metrics.lpips.LPIPSDistance``), read-only and never checkpointed like the teacher. Held
         here so that its weights are inputs of the compiled step rather than constants baked into
@@ -55,10 +67,10 @@ class TrainState(flax.struct.PyTreeNode):
                ema_rates: Sequence[float] = (), use_target: bool = True,
                teacher_params: Optional[PyTree] = None,
                distance: Optional[PyTree] = None) -> "TrainState":
-        """θ⁻ and every EMA start as copies of θ (jcm, cm)."""
+        """θ⁻ and every EMA start as copies of θ (jcm, cm). Under ``jax.jit`` with ``out_shardings``
+        the whole state is created directly on the mesh (``build.init_state``)."""
         for r in ema_rates:
-            if not 0.0 <= float(r) <= 1.0:
-                raise ValueError(f"EMA rates must lie in [0, 1], got {r}.")
+            check_ema_rate(r, "Every EMA rate (ema_rates)")
         copy = lambda t: jax.tree.map(jnp.array, t)
         return cls(step=jnp.zeros((), jnp.int32), params=params,
                    target_params=copy(params) if use_target else None,

@@ -11,3 +11,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 SLOW_CPU_COLLECTIVES = ("--xla_cpu_collective_call_terminate_timeout_seconds=900 "
                         "--xla_cpu_collective_timeout_seconds=900 "
                         "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, arg: str = None):
+    """The repository's configs/<name>.py, loaded by path like ``--config=configs/<name>.py:arg``."""
+    from consistency_jax.config import load_config as load
+
+    return load(os.path.join(ROOT, "configs", f"{name}.py"), arg)

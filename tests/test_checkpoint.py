@@ -13,12 +13,15 @@ import numpy as np
 import optax
 import pytest
 
-from configs import toy as toy_config
+from conftest import load_config
 from consistency_jax import checkpoint as C
+from consistency_jax import loading
 from consistency_jax import losses as L
+from consistency_jax.methods.ct import ConsistencyTraining
 from consistency_jax import parameterization as P
 from consistency_jax import schedules as S
 from consistency_jax.networks import get_network, make_apply_fn
+from consistency_jax.preemption import PreemptionWatcher
 from consistency_jax.train import make_train_step
 from consistency_jax.train_state import TrainState, ema_key
 
@@ -27,7 +30,7 @@ RATES = (0.9, 0.99)
 
 
 def _config(method="ct", **train):
-    c = toy_config.get_config(f"method={method}")
+    c = load_config("toy", f"method={method}")
     c.model.kwargs = dict(hidden=8, depth=1)
     c.train.ema_rates = RATES
     c.train.update(train)
@@ -83,7 +86,7 @@ def test_round_trip_is_bitwise_and_never_holds_the_teacher(tmp_path):
     assert restored.teacher_params is live_teacher
     assert isinstance(restored.opt_state[0], optax.ScaleByAdamState)
 
-    arrays = C.read_arrays(str(tmp_path))
+    arrays = loading.read_arrays(str(tmp_path))
     assert not [k for k in arrays if "teacher" in k]
     assert not [k for k, v in arrays.items() if v.shape == (7, 13)]
     # Exactly θ, θ⁻, both EMAs and the Adam state (+ step and count) are on disk.
@@ -109,7 +112,7 @@ def test_existing_step_is_not_overwritten(tmp_path):
     assert ckpt.save(_at(first, 5), step=5, data_state={"step": 5}, config=_config())
     assert not ckpt.save(_at(second, 5), step=5, data_state={"step": 5}, config=_config())
     ckpt.close()
-    arrays = C.read_arrays(str(tmp_path), 5)
+    arrays = loading.read_arrays(str(tmp_path), 5)
     np.testing.assert_array_equal(arrays["state/params/Dense_0/kernel"],
                                   np.asarray(first.params["Dense_0"]["kernel"]))
 
@@ -193,12 +196,13 @@ def test_skip_nonfinite_counts_steps_and_keeps_the_state():
     cur = S.Curriculum(kind="constant", num_scales=10)
     module = get_network("mlp", hidden=8, depth=1)
     apply_fn = make_apply_fn(module)
-    cfg = L.LossConfig(method="ct", distance="l2")
-    loss_fn = L.make_consistency_loss(cfg, apply_fn, sig, cur, L.make_distance("l2", (2,)))
+    loss_fn = ConsistencyTraining(apply_fn=apply_fn, sigmas=sig, curriculum=cur,
+                                  loss_cfg=L.LossConfig(distance="l2"),
+                                  distance=L.make_distance("l2", (2,)))
     tx = optax.adam(1e-2)
     params = module.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros((1,)))["params"]
     state = TrainState.create(params, tx, ema_rates=(0.9,), use_target=True)
-    step = jax.jit(make_train_step(loss_fn, tx, cur, skip_nonfinite=True))
+    step = jax.jit(make_train_step(loss_fn, tx, skip_nonfinite=True))
     rng = np.random.default_rng(0)
     bad_steps = {1, 3, 4}
     finite_flags = []
@@ -225,7 +229,7 @@ def test_sigterm_sets_the_flag_and_close_restores_the_handler():
     sentinel = []
     previous = signal.signal(signal.SIGTERM, lambda s, f: sentinel.append(s))
     try:
-        watcher = C.PreemptionWatcher()
+        watcher = PreemptionWatcher()
         assert not watcher.reached(1)
         os.kill(os.getpid(), signal.SIGTERM)
         assert watcher.reached(2) and watcher.received == "SIGTERM"
@@ -241,7 +245,7 @@ def test_a_dropped_watcher_hands_sigterm_back():
     sentinel = []
     previous = signal.signal(signal.SIGTERM, lambda s, f: sentinel.append(s))
     try:
-        watcher = C.PreemptionWatcher()
+        watcher = PreemptionWatcher()
         del watcher  # never closed, e.g. the loop raised
         os.kill(os.getpid(), signal.SIGTERM)
         assert sentinel == [signal.SIGTERM]
@@ -262,11 +266,11 @@ def test_load_teacher_reads_the_slowest_ema_read_only(tmp_path):
     state = _state(9, use_target=False)
     _save_run(tmp_path, "edm", state)
     before = _files(tmp_path)
-    denoise, params = C.load_teacher(str(tmp_path))
+    denoise, params = loading.load_teacher(str(tmp_path))
     chosen = state.ema_params[ema_key(max(RATES))]
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(chosen)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
-    _, params_fast = C.load_teacher(str(tmp_path), ema_rate=0.9)
+    _, params_fast = loading.load_teacher(str(tmp_path), ema_rate=0.9)
     for a, b in zip(jax.tree.leaves(params_fast), jax.tree.leaves(state.ema_params[ema_key(0.9)])):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     # D_φ is the teacher's own EDM-preconditioned network.
@@ -276,27 +280,27 @@ def test_load_teacher_reads_the_slowest_ema_read_only(tmp_path):
     want = P.denoiser_fn(apply_fn, chosen, x, t, P.SigmaConfig(**_config("edm").sigmas.to_dict()))
     np.testing.assert_array_equal(np.asarray(denoise(params, x, t)), np.asarray(want))
     with pytest.raises(C.CheckpointError, match=r"no EMA of rate 0.5.*\[0.9, 0.99\]"):
-        C.load_teacher(str(tmp_path), ema_rate=0.5)
+        loading.load_teacher(str(tmp_path), ema_rate=0.5)
     assert _files(tmp_path) == before  # nothing written, moved or touched
 
 
 def test_load_teacher_without_emas_reads_theta(tmp_path):
     state = _state(10, rates=(), use_target=False)
     _save_run(tmp_path, "edm", state)
-    _, params = C.load_teacher(str(tmp_path))
+    _, params = loading.load_teacher(str(tmp_path))
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(C.CheckpointError, match="has no eval EMAs"):
-        C.load_teacher(str(tmp_path), ema_rate=0.9)
+        loading.load_teacher(str(tmp_path), ema_rate=0.9)
 
 
 def test_load_teacher_refuses_non_edm_runs_and_empty_dirs(tmp_path):
     _save_run(tmp_path / "ct", "ct", _state(0))
     with pytest.raises(C.CheckpointError, match=r"method='ct'.*EDM teacher"):
-        C.load_teacher(str(tmp_path / "ct"))
+        loading.load_teacher(str(tmp_path / "ct"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(C.CheckpointError, match="holds no checkpoints"):
-        C.load_teacher(str(tmp_path / "empty"))
+        loading.load_teacher(str(tmp_path / "empty"))
 
 
 # ---------------------------------------------------------------- no pickle anywhere
@@ -341,7 +345,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from consistency_jax import checkpoint as C
 from consistency_jax.networks import get_network
 from consistency_jax.train_state import TrainState
-from configs import toy as toy_config
+from consistency_jax.config import load_config
 
 assert jax.device_count() == 4, jax.devices()
 mesh = Mesh(np.array(jax.devices()), ("x",))
@@ -364,7 +368,7 @@ def replicated(x):
 
 saved = jax.tree.map(fsdp, state(1))
 ckpt = C.Checkpointer(sys.argv[1], every=1, keep=2)
-ckpt.save(saved, step=0, data_state={"step": 0}, config=toy_config.get_config())
+ckpt.save(saved, step=0, data_state={"step": 0}, config=load_config("configs/toy.py"))
 ckpt.wait()
 n_sharded = 0
 for place in (fsdp, replicated):
@@ -402,7 +406,7 @@ def test_cd_run_never_writes_its_teacher(tmp_path):
     _save_run(teacher_dir, "edm", _state(11, use_target=False))
     before = _files(teacher_dir)
 
-    c = toy_config.get_config("method=cd")
+    c = load_config("toy", "method=cd")
     c.model.kwargs = dict(hidden=16, depth=1)
     c.teacher.workdir = str(teacher_dir)
     c.data.batch_size = 16
@@ -411,7 +415,7 @@ def test_cd_run_never_writes_its_teacher(tmp_path):
     c.checkpoint.every = 2
     final = E.train_and_evaluate(c, str(student_dir))
     assert final.teacher_params is not None  # the live state did carry φ
-    arrays = C.read_arrays(str(student_dir), 4)
+    arrays = loading.read_arrays(str(student_dir), 4)
     assert not [k for k in arrays if "teacher" in k]
     student_size = sum(np.size(x) for x in _student_leaves(final))
     assert sum(v.size for v in arrays.values()) == student_size

@@ -4,17 +4,18 @@ import pathlib
 import re
 
 import jax
-import ml_collections
 import pytest
 
-from configs import toy as toy_config
+from conftest import load_config
 from consistency_jax import checkpoint as C
 from consistency_jax import experiment as E
 from consistency_jax.train_state import TrainState
+from consistency_jax.config import default_values, validate
+from consistency_jax import build
 
 
 def _config(method="ct"):
-    c = toy_config.get_config(f"method={method}")
+    c = load_config("toy", f"method={method}")
     c.model.kwargs = dict(hidden=8, depth=1)
     c.data.batch_size = 16
     c.train.update(num_steps=10, log_every=5, eval_every=10)
@@ -36,7 +37,7 @@ def _set(c, dotted, value):
     ({"curriculum.kind": "constant", "curriculum.num_scales": 1},
      r"config\.curriculum: num_scales \(N\) must be at least 2, got 1"),
     ({"curriculum.kind": "cm", "curriculum.s0": 1, "curriculum.mu0": 0.0},
-     r"config\.curriculum\.s0 must be at least 2 for kind='cm'"),
+     r"config\.curriculum: .*s0 >= 2 for kind='cm'"),
     ({"sigmas.sigma_min": 80.0, "sigmas.sigma_max": 80.0},
      r"config\.sigmas: Need 0 < sigma_min < sigma_max, got sigma_min=80\.0, sigma_max=80\.0"),
     ({"sigmas.sigma_min": 5.0, "sigmas.sigma_max": 1.0}, r"config\.sigmas: .*sigma_min < sigma_max"),
@@ -54,9 +55,18 @@ def _set(c, dotted, value):
     ({"model.kwargs": {"hidden": 8, "width": 3}},
      r"The network 'mlp' \(config\.model\) cannot take 2-D toy points: .*width"),
     ({"optim.decay": "linear"}, r"Unknown lr decay 'linear' \(config\.optim\.decay\)"),
-    ({"checkpoint.keep": 0}, r"config\.checkpoint\.every >= 1, keep >= 1"),
-    ({"checkpoint.every": 0}, r"config\.checkpoint\.every >= 1, keep >= 1"),
-    ({"train.microbatches": 0}, r"config\.train\.microbatches must be a positive integer, got 0"),
+    ({"checkpoint.keep": 0}, r"config\.checkpoint\.keep must be an integer >= 1, got 0"),
+    ({"checkpoint.every": 0}, r"config\.checkpoint\.every must be an integer >= 1, got 0"),
+    ({"checkpoint.keep_every": -2}, r"config\.checkpoint\.keep_every must be an integer >= 0"),
+    ({"train.microbatches": 0}, r"config\.train\.microbatches must be an integer >= 1, got 0"),
+    ({"train.steps_per_call": True}, r"config\.train\.steps_per_call must be an integer >= 1"),
+    ({"mesh.fsdp_min_size": -1}, r"config\.mesh\.fsdp_min_size must be an integer >= 0"),
+    ({"loss.p_std": 0.0}, r"config\.loss: The lognormal p_std must be positive"),
+    ({"loss.huber_c": -1.0}, r"config\.loss: The pseudo-Huber constant huber_c must be positive"),
+    ({"eval.two_step_time": 0.001}, r"config\.eval\.two_step_time / two_step_indices: .*\[sigma_min, sigma_max\]"),
+    ({"eval.two_step_indices": (0, 200)}, r"config\.eval\.two_step_time / two_step_indices: Indices must lie in \[0, 150\]"),
+    ({"method": "edm", "loss.edm_p_std": 0.0}, r"config\.loss\.edm_p_std must be positive"),
+    ({"eval.num_samples": 0}, r"config\.eval\.num_samples must be an integer >= 1"),
     ({"train.microbatches": 3}, r"config\.data\.batch_size=16 does not split into config\.train\.microbatches=3"),
     ({"data.reader": "tf"}, r"config\.data\.reader must be one of \('auto', 'data_source', 'tfds_load'\), got 'tf'"),
 ])
@@ -65,7 +75,7 @@ def test_bad_values_are_named(changes, message):
     for k, v in changes.items():
         _set(c, k, v)
     with pytest.raises(ValueError, match=message):
-        E.parse_config(c)
+        validate(c)
 
 
 def _image_config(model, kwargs, image_size, dataset="cifar10", channels=3):
@@ -77,26 +87,26 @@ def _image_config(model, kwargs, image_size, dataset="cifar10", channels=3):
 
 def test_image_size_the_network_cannot_take():
     small = dict(nf=8, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,))
-    E.parse_config(_image_config("ncsnpp", small, 32))  # 32 -> 16 -> 8: fine
+    validate(_image_config("ncsnpp", small, 32))  # 32 -> 16 -> 8: fine
     with pytest.raises(ValueError, match=r"'ncsnpp' \(config\.model\) cannot take 30x30x3 images"
                                          r".*not divisible by .* 4"):
-        E.parse_config(_image_config("ncsnpp", small, 30))
+        validate(_image_config("ncsnpp", small, 30))
     with pytest.raises(ValueError, match=r"'ncsnpp' .* cannot take 2-D toy points"):
         c = _config()
         c.model.name, c.model.kwargs = "ncsnpp", small
-        E.parse_config(c)
+        validate(c)
     with pytest.raises(ValueError, match=r"'mlp' .* cannot take 8x8x1 images.*MLP expects inputs"):
-        E.parse_config(_image_config("mlp", dict(hidden=8), 8, "sklearn_digits/8", 1))
+        validate(_image_config("mlp", dict(hidden=8), 8, "sklearn_digits/8", 1))
 
 
 def test_cd_teacher_errors(tmp_path):
     c = _config("cd")
     c.teacher.workdir = ""
     with pytest.raises(ValueError, match=r"method='cd' needs a teacher: set config\.teacher\."):
-        E.parse_config(c)
+        validate(c)
     c.teacher.workdir = str(tmp_path / "nothing")
     with pytest.raises(ValueError, match=r"holds no checkpoints .*train an EDM teacher"):
-        E.parse_config(c)
+        validate(c)
     # A teacher directory holding a CT run is not an EDM teacher.
     ct_dir = tmp_path / "ct"
     state = _initial_state(_config("ct"))
@@ -104,22 +114,23 @@ def test_cd_teacher_errors(tmp_path):
         ckpt.save(state, step=0, data_state={"step": 0}, config=_config("ct"))
     c.teacher.workdir = str(ct_dir)
     with pytest.raises(ValueError, match=r"method='ct' run; consistency distillation needs an EDM"):
-        E.parse_config(c)
+        validate(c)
     c = _config("cd")
     c.data.name, c.teacher.workdir = "cifar10", "exact"
     with pytest.raises(ValueError, match=r"'exact' exists only for the toy"):
-        E.parse_config(c)
+        validate(c)
 
 
 # ---------------------------------------------------------------- workdirs
 
 
 def _initial_state(config):
-    setup = E.parse_config(config)
-    tx, _ = E.make_optimizer(config)
-    _, _, params = E.build_model(config, (2,), jax.random.key(0))
-    return TrainState.create(params, tx, ema_rates=setup.ema_rates,
-                             use_target=setup.curriculum.uses_target_ema)
+    setup = validate(config)
+    tx, _ = build.make_optimizer(config)
+    _, apply_fn, init = build.build_network(config, (2,))
+    method = build.build_method(config, setup.spec, apply_fn, setup.sigmas, (2,), None, None)
+    return TrainState.create(init(jax.random.key(0)), tx, ema_rates=setup.ema_rates,
+                             use_target=method.keeps_target)
 
 
 def _snapshot(d):
@@ -164,12 +175,59 @@ def test_resumable_differences_and_override_are_accepted(tmp_path, caplog):
     assert any("optim.lr" in r.getMessage() for r in caplog.records)
 
 
+def test_checkpoint_of_a_config_without_the_newer_fields_still_resumes(tmp_path):
+    """A checkpoint written before config fields existed (loss.p_mean/p_std, loss.edm_p_mean/edm_p_std,
+    and fsdp_min_size = 0) resumes: an absent field counts as its default, the value every earlier run
+    had. A field absent there whose *current* value differs from the default is refused, named."""
+    old = _config()
+    for field in ("p_mean", "p_std", "edm_p_mean", "edm_p_std"):
+        del old.loss[field]
+    old.mesh.fsdp_min_size = 0
+    with C.Checkpointer(str(tmp_path), every=5, keep=3) as ckpt:  # the state is the same as then
+        ckpt.save(_initial_state(_config()), step=0, data_state={"step": 0}, config=old)
+    saved = C.Checkpointer(str(tmp_path), every=1, keep=1, read_only=True)
+    assert "p_mean" not in saved.saved_config()[1]["loss"]  # the stored config really lacks them
+    saved.close()
+    state = E.train_and_evaluate(_config(), str(tmp_path))  # resumes from step 0, runs to 10
+    assert int(state.step) == 10
+    changed = _config()
+    changed.loss.p_mean = -0.5
+    with pytest.raises(C.CheckpointError, match=r"fields \(saved -> now\): loss\.p_mean: -1\.1 -> -0\.5\. "):
+        C.Checkpointer.from_config(str(tmp_path), changed, defaults=default_values())
+
+
 def test_config_differences_lists_keys():
     a = {"optim": {"lr": 1.0, "b1": 0.9}, "train": {"num_steps": 5}, "x": [1, 2]}
     b = {"optim": {"lr": 2.0, "b1": 0.9}, "train": {"num_steps": 9}, "x": [1, 3], "y": 1}
     assert C.config_differences(a, b) == ["optim.lr: 1.0 -> 2.0", "x: [1, 2] -> [1, 3]",
                                           "y: '<absent>' -> 1"]
     assert "train.num_steps: 5 -> 9" in C.config_differences(a, b, ignore_resumable=False)
+    # An absent field takes the given default: equal to it is no difference, another value is.
+    assert C.config_differences(a, b, defaults={"y": 1}) == ["optim.lr: 1.0 -> 2.0",
+                                                            "x: [1, 2] -> [1, 3]"]
+    assert "y: 0 -> 1" in C.config_differences(a, b, defaults={"y": 0})
+    nested = C.config_differences({"loss": {"q": 1}}, {"loss": {"q": 1, "p": 2}},
+                                  defaults={"loss": {"q": 0, "p": 2}})
+    assert nested == []
+
+
+def test_config_file_arguments_take_the_type_of_their_default():
+    from consistency_jax.config import parse_arg
+
+    assert parse_arg("flag=False,n=3,x=0.5,s=a", flag=True, n=1, x=1.0, s="") == dict(
+        flag=False, n=3, x=0.5, s="a")
+    assert parse_arg("flag=false", flag=True)["flag"] is False  # bool("False") would be True
+    assert parse_arg("flag=TRUE", flag=False)["flag"] is True
+    assert parse_arg("flag=0", flag=True)["flag"] is False
+    with pytest.raises(ValueError, match=r"flag='maybe' is not a boolean"):
+        parse_arg("flag=maybe", flag=True)
+    with pytest.raises(ValueError, match=r"n='x' is not a int"):
+        parse_arg("n=x", n=1)
+    with pytest.raises(ValueError, match="Unknown config argument 'm'"):
+        parse_arg("m=1", n=1)
+    with pytest.raises(ValueError, match="key=value pairs"):
+        parse_arg("n", n=1)
+    assert load_config("digits", "method=edm,size=16").data.image_size == 16
 
 
 def test_unreadable_checkpoint_is_refused_before_anything_is_written(tmp_path):

@@ -155,11 +155,11 @@ def _pixel_rows(batches) -> list[bytes]:
 
 
 def test_cifar10_by_name_through_both_readers(cifar):
-    from configs import cifar10
+    from conftest import load_config
 
     dirs, written = cifar
     for fmt, reader in (("array_record", "data_source"), ("tfrecord", "tfds_load")):
-        config = cifar10.get_config("method=ct")
+        config = load_config("cifar10", "method=ct")
         config.data.data_dir = dirs[fmt]
         config.data.batch_size = 12
         config.data.use_labels = True  # cifar10 has labels; the paper's CIFAR models ignore them
@@ -243,11 +243,11 @@ def test_data_source_reader_needs_no_tensorflow(tmp_path):
 def test_digits_job_through_tfds_load(tmp_path):
     """The main job on the digits prepared as tfrecord: trains, checkpoints the tf.data stream's
     position, and evaluates (the held-out digits are read through the same reader)."""
-    from configs import digits
+    from conftest import load_config
     from consistency_jax import checkpoint as ckpt_lib
     from consistency_jax import experiment
 
-    c = digits.get_config("method=ict")
+    c = load_config("digits", "method=ict")
     c.data.update(data_dir=str(tmp_path / "tfds"), batch_size=8, reader="tfds_load")
     c.model.kwargs = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
     c.train.update(num_steps=4, log_every=2, eval_every=4)
@@ -260,7 +260,7 @@ def test_digits_job_through_tfds_load(tmp_path):
     assert builder.info.file_format.value == "tfrecord"
     checkpointer = ckpt_lib.Checkpointer.from_config(str(tmp_path / "run"), c)
     assert checkpointer.latest_step() == 4
-    saved = checkpointer._read_json(4, ckpt_lib._DATA)
+    saved = checkpointer.read_json(4, ckpt_lib._DATA)
     assert saved["reader"] == "tfds_load" and saved["step"] == 4
     checkpointer.close()
     line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])

@@ -12,6 +12,10 @@ from consistency_jax import parameterization as P
 from consistency_jax import schedules as S
 from consistency_jax import solvers
 from consistency_jax import toy
+from consistency_jax.methods import Frozen
+from consistency_jax.methods.cd import ConsistencyDistillation
+from consistency_jax.methods.ct import ConsistencyTraining
+from consistency_jax.methods.edm import EDMDenoiser
 
 SIG = P.SigmaConfig()
 
@@ -127,6 +131,13 @@ def _np_f(params, x, t, eps=0.002, sd=0.5):
     return np.where((t <= eps)[:, None], x, f)
 
 
+def _method(method, cfg, apply_fn, cur, distance, teacher=None):
+    parts = dict(apply_fn=apply_fn, sigmas=SIG, curriculum=cur, loss_cfg=cfg, distance=distance)
+    if method == "cd":
+        return ConsistencyDistillation(**parts, teacher=teacher)
+    return ConsistencyTraining(**parts)
+
+
 def _draws(rng, b, n, dim, kind="uniform"):
     rng_n, rng_z, _ = jax.random.split(rng, 3)
     i = np.asarray(L.sample_index(rng_n, b, jnp.int32(n), n, kind, SIG))
@@ -147,12 +158,12 @@ def test_consistency_loss_matches_numpy(method, solver, distance, weight):
     target = {"w": 0.3 * jax.random.normal(k[1], (dim, dim)), "b": -0.2 * jnp.ones((dim,))}
     gm = toy.ring_mixture()
     x0 = np.asarray(gm.sample(np.random.default_rng(0), b), np.float32)
-    cfg = L.LossConfig(method=method, solver=solver, distance=distance, weighting=weight)
+    cfg = L.LossConfig(solver=solver, distance=distance, weighting=weight)
     cur = S.Curriculum(kind="constant", num_scales=n)
-    loss_fn = L.make_consistency_loss(cfg, _linear_net, SIG, cur, L.make_distance(distance, (dim,)),
-                                      teacher=toy.exact_denoiser if method == "cd" else None)
+    m = _method(method, cfg, _linear_net, cur, L.make_distance(distance, (dim,)), toy.exact_denoiser)
     rng = jax.random.key(7)
-    loss, _ = loss_fn(params, target, gm.as_params(), {"image": jnp.asarray(x0)}, rng, jnp.int32(n))
+    loss, _ = m.loss(params, Frozen(target=target, teacher=gm.as_params()), {"image": jnp.asarray(x0)},
+                     rng, jnp.int32(0))
 
     # NumPy float64 re-computation with the same random draws
     i, z = _draws(rng, b, n, dim)
@@ -181,9 +192,10 @@ def test_edm_loss_matches_numpy():
     dim, b = 2, 8
     params = {"w": 0.2 * jnp.eye(dim), "b": jnp.ones((dim,))}
     x0 = np.random.default_rng(2).standard_normal((b, dim)).astype(np.float32) * 0.5
-    loss_fn = L.make_edm_loss(L.LossConfig(method="edm"), _linear_net, SIG)
     rng = jax.random.key(11)
-    loss, _ = loss_fn(params, None, None, {"image": jnp.asarray(x0)}, rng, None)
+    loss, _ = EDMDenoiser(apply_fn=_linear_net, sigmas=SIG).loss(params, Frozen(),
+                                                                 {"image": jnp.asarray(x0)}, rng,
+                                                                 jnp.int32(0))
     rng_s, rng_z, _ = jax.random.split(rng, 3)
     sigma = np.exp(-1.2 + 1.2 * np.asarray(jax.random.normal(rng_s, (b,)), np.float64))
     z = np.asarray(jax.random.normal(rng_z, (b, dim)), np.float64)
@@ -197,8 +209,7 @@ def test_edm_loss_matches_numpy():
 
 def test_cd_without_teacher_is_an_error():
     with pytest.raises(ValueError, match="teacher"):
-        L.make_consistency_loss(L.LossConfig(method="cd"), _linear_net, SIG, S.Curriculum(),
-                                L.l2_distance)
+        _method("cd", L.LossConfig(), _linear_net, S.Curriculum(), L.l2_distance)
 
 
 def test_theorem2_cd_approaches_ct_as_n_grows():
@@ -210,14 +221,13 @@ def test_theorem2_cd_approaches_ct_as_n_grows():
     gm = toy.ring_mixture()
     x0 = jnp.asarray(gm.sample(np.random.default_rng(0), 2048), jnp.float32)
     ns = [8, 16, 32, 64]
-    cur = S.Curriculum(kind="constant", num_scales=max(ns))  # N itself is passed traced below
-    fns = {m: jax.jit(L.make_consistency_loss(L.LossConfig(method=m, solver="heun"), apply_fn, SIG,
-                                              cur, L.l2_distance, teacher=toy.exact_denoiser))
-           for m in ("cd", "ct")}
+    frozen = Frozen(target=params, teacher=gm.as_params())
     gaps = []
     for n in ns:
-        vals = {m: float(fn(params, params, gm.as_params(), {"image": x0}, jax.random.key(1),
-                            jnp.int32(n))[0]) for m, fn in fns.items()}
+        cur = S.Curriculum(kind="constant", num_scales=n)
+        vals = {m: float(jax.jit(_method(m, L.LossConfig(solver="heun"), apply_fn, cur, L.l2_distance,
+                                         toy.exact_denoiser).loss)(
+            params, frozen, {"image": x0}, jax.random.key(1), jnp.int32(0))[0]) for m in ("cd", "ct")}
         gaps.append(abs(vals["cd"] - vals["ct"]))
     scaled = [g * n for g, n in zip(gaps, ns)]  # gap / Δt
     assert all(a > b for a, b in zip(gaps, gaps[1:])), gaps

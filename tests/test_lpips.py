@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from consistency_jax.metrics import lpips as L
+from consistency_jax import loading
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "lpips_reference.npz"
@@ -233,10 +234,10 @@ def test_lpips_loss_trains_through_the_main_loop(weight_files, tmp_path):
     compiled step), the loss is finite, and the student's checkpoint holds no LPIPS arrays."""
     import json
 
-    from configs import digits
-    from consistency_jax import checkpoint, experiment
+    from conftest import load_config
+    from consistency_jax import experiment
 
-    c = digits.get_config("method=ct")
+    c = load_config("digits", "method=ct")
     c.data.data_dir = str(tmp_path / "tfds")
     c.data.batch_size = 4
     c.model.kwargs = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
@@ -246,7 +247,7 @@ def test_lpips_loss_trains_through_the_main_loop(weight_files, tmp_path):
     c.checkpoint.every = 2
     state = experiment.train_and_evaluate(c, str(tmp_path / "run"))
     assert isinstance(state.distance, L.LPIPSDistance)
-    arrays = checkpoint.read_arrays(str(tmp_path / "run"))
+    arrays = loading.read_arrays(str(tmp_path / "run"))
     n_lpips = sum(x.size for x in jax.tree.leaves(state.distance))
     assert sum(np.size(v) for v in arrays.values()) < n_lpips  # the tiny student only
     line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])

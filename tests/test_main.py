@@ -5,12 +5,14 @@ import os
 import numpy as np
 
 from consistency_jax import experiment
+from consistency_jax import loading
+from consistency_jax.config import validate
 
 
 def _digits_config(tmp_path, method):
-    from configs import digits
+    from conftest import load_config
 
-    c = digits.get_config(f"method={method}")
+    c = load_config("digits", f"method={method}")
     c.data.data_dir = str(tmp_path / "tfds")
     c.data.batch_size = 8
     c.model.kwargs = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
@@ -34,9 +36,9 @@ def test_digits_job_trains_evaluates_and_writes_outputs(tmp_path):
 
 
 def test_toy_edm_job_samples_with_heun(tmp_path):
-    from configs import toy
+    from conftest import load_config
 
-    c = toy.get_config("method=edm")
+    c = load_config("toy", "method=edm")
     c.model.kwargs = dict(hidden=16, depth=1)
     c.train.update(num_steps=3, log_every=3, eval_every=3)
     c.eval.update(num_samples=64, edm_steps=4)
@@ -47,9 +49,9 @@ def test_toy_edm_job_samples_with_heun(tmp_path):
 
 
 def _toy_ct(num_steps, steps_per_call, every):
-    from configs import toy
+    from conftest import load_config
 
-    c = toy.get_config("method=ct")
+    c = load_config("toy", "method=ct")
     c.model.kwargs = dict(hidden=16, depth=1)
     c.data.batch_size = 32
     c.train.update(num_steps=num_steps, log_every=every, eval_every=20, steps_per_call=steps_per_call)
@@ -66,15 +68,14 @@ def test_steps_per_call_scan_gives_the_same_run(tmp_path):
     gradient accumulation (train.microbatches=2) inside the scanned steps."""
     import pytest
 
-    from consistency_jax import checkpoint as ckpt_lib
 
     experiment.train_and_evaluate(_toy_ct(22, 1, 2), str(tmp_path / "one"))
     experiment.train_and_evaluate(_toy_ct(22, 4, 4), str(tmp_path / "scan"))
     experiment.train_and_evaluate(_toy_ct(6, 1, 2), str(tmp_path / "resumed"))  # stops at 6
     experiment.train_and_evaluate(_toy_ct(22, 4, 4), str(tmp_path / "resumed"))  # 6,7 then 8..19 by 4
-    want = ckpt_lib.read_arrays(str(tmp_path / "one"), 22)
+    want = loading.read_arrays(str(tmp_path / "one"), 22)
     for run in ("scan", "resumed"):
-        got = ckpt_lib.read_arrays(str(tmp_path / run), 22)
+        got = loading.read_arrays(str(tmp_path / run), 22)
         assert sorted(got) == sorted(want)
         for key in want:
             np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=f"{run} {key}")
@@ -83,8 +84,8 @@ def test_steps_per_call_scan_gives_the_same_run(tmp_path):
         c = _toy_ct(22, per_call, 4)
         c.train.microbatches = 2
         experiment.train_and_evaluate(c, str(tmp_path / run))
-    micro = ckpt_lib.read_arrays(str(tmp_path / "micro"), 22)
-    micro_scan = ckpt_lib.read_arrays(str(tmp_path / "micro_scan"), 22)
+    micro = loading.read_arrays(str(tmp_path / "micro"), 22)
+    micro_scan = loading.read_arrays(str(tmp_path / "micro_scan"), 22)
     for key in micro:
         np.testing.assert_allclose(micro_scan[key], micro[key], rtol=1e-5, atol=1e-6, err_msg=key)
     assert not np.allclose(micro["state/params/Dense_0/kernel"], want["state/params/Dense_0/kernel"])
@@ -98,4 +99,4 @@ def test_steps_per_call_scan_gives_the_same_run(tmp_path):
                                          r"config\.train\.steps_per_call=4"):
         bad = _toy_ct(22, 4, 4)
         bad.checkpoint.every = 6
-        experiment.parse_config(bad)
+        validate(bad)

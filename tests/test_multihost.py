@@ -22,6 +22,7 @@ import sys
 
 import numpy as np
 import pytest
+from consistency_jax import loading
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_PROCESSES, LOCAL_DEVICES, LOCAL_BATCH, STEPS = 2, 2, 8, 3
@@ -31,13 +32,15 @@ def _toy_step_pieces():
     import optax
 
     from consistency_jax import losses, schedules
+    from consistency_jax.methods.ct import ConsistencyTraining
     from consistency_jax.networks import get_network, make_apply_fn
     from consistency_jax.parameterization import SigmaConfig
 
     module = get_network("mlp", hidden=32, depth=1)
     curriculum = schedules.Curriculum(kind="cm", s0=2, s1=150, mu0=0.9, total_steps=100)
-    loss_fn = losses.make_consistency_loss(losses.LossConfig(method="ct"), make_apply_fn(module),
-                                           SigmaConfig(), curriculum, losses.l2_distance)
+    loss_fn = ConsistencyTraining(apply_fn=make_apply_fn(module), sigmas=SigmaConfig(),
+                                  curriculum=curriculum, loss_cfg=losses.LossConfig(),
+                                  distance=losses.l2_distance)
     # SGD: updates linear in the gradients, so reduction-order rounding stays at float32 level.
     return module, loss_fn, optax.sgd(0.1, momentum=0.9), curriculum
 
@@ -80,7 +83,7 @@ def _worker(coordinator: str, process_id: int, out_dir: str, data_dir: str) -> N
     report = {"process_index": jax.process_index(), "process_count": jax.process_count(),
               "device_count": jax.device_count(), "local_device_count": jax.local_device_count()}
     module, loss_fn, tx, curriculum = _toy_step_pieces()
-    train_step = make_train_step(loss_fn, tx, curriculum)
+    train_step = make_train_step(loss_fn, tx)
     rng = jax.random.key(3)
     arrays = {}
     for name, (data, fsdp) in {"data4": (-1, 1), "data2_fsdp2": (2, 2)}.items():
@@ -168,7 +171,7 @@ def test_two_process_step_equals_single_device_step(run):
     module, loss_fn, tx, curriculum = _toy_step_pieces()
     from consistency_jax.train import make_train_step
 
-    step = jax.jit(make_train_step(loss_fn, tx, curriculum))
+    step = jax.jit(make_train_step(loss_fn, tx))
     state = _initial_state(module, tx, curriculum)
     hosts = [_local_toy_batches(p) for p in range(NUM_PROCESSES)]
     losses = []
@@ -292,7 +295,6 @@ def _saved_steps(workdir: pathlib.Path) -> list[int]:
 def test_two_process_job_preempted_and_resumed_equals_uninterrupted(tmp_path):
     import time
 
-    from consistency_jax import checkpoint as ckpt_lib
 
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref = _launch_job(ref_dir, tmp_path / "ref.log", f"--config.checkpoint.every={JOB_STEPS}")
@@ -320,8 +322,8 @@ def test_two_process_job_preempted_and_resumed_equals_uninterrupted(tmp_path):
     assert _wait_all(procs, run_log) == [0, 0], _log(run_log)[-6000:]
     assert f"(step {stopped})" in _log(run_log)  # resumed from the preemption checkpoint
     assert _wait_all(ref, tmp_path / "ref.log") == [0, 0], _log(tmp_path / "ref.log")[-6000:]
-    want = ckpt_lib.read_arrays(str(ref_dir), JOB_STEPS)
-    got = ckpt_lib.read_arrays(str(run_dir), JOB_STEPS)
+    want = loading.read_arrays(str(ref_dir), JOB_STEPS)
+    got = loading.read_arrays(str(run_dir), JOB_STEPS)
     assert sorted(got) == sorted(want) and any(k.startswith("state/opt_state/") for k in got)
     for k in want:
         assert np.array_equal(got[k], want[k]), k

@@ -13,9 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from configs import toy as toy_config
-from consistency_jax import checkpoint as C
+from conftest import load_config
 from consistency_jax import experiment as E
+from consistency_jax import loading
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 200
@@ -112,8 +112,8 @@ def test_killed_anywhere_resumes_bitwise(tmp_path):
     assert _tmp_steps(run_dir) == [] and _tmp_steps(ref_dir) == []
     assert "Resumed" not in ref_log.read_text()
 
-    want = C.read_arrays(str(ref_dir), NUM_STEPS)
-    got = C.read_arrays(str(run_dir), NUM_STEPS)
+    want = loading.read_arrays(str(ref_dir), NUM_STEPS)
+    got = loading.read_arrays(str(run_dir), NUM_STEPS)
     assert sorted(got) == sorted(want)
     assert any(k.startswith("state/target_params/") for k in got)  # θ⁻ is compared too
     assert any(k.startswith("ema/") for k in got)
@@ -127,7 +127,7 @@ def test_killed_anywhere_resumes_bitwise(tmp_path):
 
 def _nan_config():
     """A linear warm-up to an absurd learning rate: the loss turns NaN after a few dozen steps."""
-    c = toy_config.get_config("method=ct")
+    c = load_config("toy", "method=ct")
     c.model.kwargs = dict(hidden=16, depth=1)
     c.data.batch_size = 32
     c.optim.update(lr=3e7, warmup_steps=1000, decay="constant")
@@ -150,5 +150,5 @@ def test_nan_stops_the_run_and_only_finite_steps_are_checkpointed(tmp_path):
     assert steps and _tmp_steps(tmp_path) == []  # the last good save was committed
     assert all(s <= bad_step for s in steps) and bad_step < 200
     for s in steps:  # an independent check of every array written
-        for name, a in C.read_arrays(str(tmp_path), s).items():
+        for name, a in loading.read_arrays(str(tmp_path), s).items():
             assert np.all(np.isfinite(a)), (s, name)

@@ -13,6 +13,7 @@ each chunk's noise with the key the corresponding device derives (mean of chunk 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -36,6 +37,8 @@ def _toy_pieces(method: str, hidden: int = 32, depth: int = 1, dtype=None):
     import optax
 
     from consistency_jax import losses, schedules, toy
+    from consistency_jax.methods.cd import ConsistencyDistillation
+    from consistency_jax.methods.ct import ConsistencyTraining
     from consistency_jax.networks import get_network, make_apply_fn
     from consistency_jax.parameterization import SigmaConfig
 
@@ -51,15 +54,16 @@ def _toy_pieces(method: str, hidden: int = 32, depth: int = 1, dtype=None):
     else:
         curriculum = schedules.Curriculum(kind="constant", num_scales=18, mu0=0.5)
         teacher, teacher_params = toy.exact_denoiser, toy.ring_mixture().as_params()
-    cfg = losses.LossConfig(method=method, solver="heun")
-    loss_fn = losses.make_consistency_loss(cfg, apply_fn, sigmas, curriculum, losses.l2_distance,
-                                           teacher=teacher)
+    parts = dict(apply_fn=apply_fn, sigmas=sigmas, curriculum=curriculum,
+                 loss_cfg=losses.LossConfig(solver="heun"), distance=losses.l2_distance)
+    method_obj = (ConsistencyTraining(**parts) if method == "ct" else
+                  ConsistencyDistillation(**parts, teacher=teacher))
     # SGD with momentum: a per-parameter optimizer state to shard, and updates linear in the
     # gradients, so float32 reduction-order differences stay at rounding level (Adam's first steps
     # divide g by |g| and amplify them where g ≈ 0).
     tx = optax.sgd(0.1, momentum=0.9)
     init = lambda rng: module.init(rng, jnp.zeros((1, 2)), jnp.zeros((1,)))["params"]
-    return dict(module=module, apply_fn=apply_fn, loss_fn=loss_fn, tx=tx, curriculum=curriculum,
+    return dict(module=module, apply_fn=apply_fn, method=method_obj, tx=tx, curriculum=curriculum,
                 teacher_params=teacher_params, init=init, sigmas=sigmas)
 
 
@@ -118,7 +122,7 @@ def _check_jit_sharding(method: str) -> dict:
     from consistency_jax.train import make_train_step
 
     p = _toy_pieces(method)
-    train_step = make_train_step(p["loss_fn"], p["tx"], p["curriculum"])
+    train_step = make_train_step(p["method"], p["tx"])
     batches = _toy_batches(2)
     rng = jax.random.key(3)
     init_state = _toy_state(p)
@@ -164,18 +168,22 @@ def _check_axis_name(method: str) -> dict:
     batches = _toy_batches(2)
     rng = jax.random.key(5)
 
-    def chunked_loss(params, target, teacher, batch, rng, num_scales):
-        # What device d computes: its rows, with the step's key folded with d; then the plain mean
-        # over devices (no collectives anywhere in the reference).
-        chunks = batch["image"].reshape((n, -1) + batch["image"].shape[1:])
-        one = lambda chunk, d: p["loss_fn"](params, target, teacher, {"image": chunk},
-                                            jax.random.fold_in(rng, d), num_scales)
-        loss, aux = jax.vmap(one)(chunks, jnp.arange(n))
-        return jnp.mean(loss), jax.tree.map(jnp.mean, aux)
+    inner = p["method"]
 
-    ref_step = jax.jit(make_train_step(chunked_loss, p["tx"], p["curriculum"]))
+    class Chunked(type(inner)):
+        def loss(self, params, frozen, batch, rng, step):
+            # What device d computes: its rows, with the step's key folded with d; then the plain
+            # mean over devices (no collectives anywhere in the reference).
+            chunks = batch["image"].reshape((n, -1) + batch["image"].shape[1:])
+            one = lambda chunk, d: inner.loss(params, frozen, {"image": chunk},
+                                              jax.random.fold_in(rng, d), step)
+            loss, aux = jax.vmap(one)(chunks, jnp.arange(n))
+            return jnp.mean(loss), jax.tree.map(jnp.mean, aux)
+
+    chunked = Chunked(**{f.name: getattr(inner, f.name) for f in dataclasses.fields(inner)})
+    ref_step = jax.jit(make_train_step(chunked, p["tx"]))
     ref_state, ref_metrics = _run_steps(ref_step, _toy_state(p), batches, rng)
-    axis_step = make_train_step(p["loss_fn"], p["tx"], p["curriculum"], axis_name="batch")
+    axis_step = make_train_step(p["method"], p["tx"], axis_name="batch")
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
     out = {}
     # check_vma=True is shard_map's default (replication tracking: the gradient of a replicated θ
@@ -214,7 +222,7 @@ def _check_microbatches() -> dict:
     from consistency_jax.train import make_train_step
 
     p = _toy_pieces("ct")
-    train_step = make_train_step(p["loss_fn"], p["tx"], p["curriculum"], microbatches=2)
+    train_step = make_train_step(p["method"], p["tx"], microbatches=2)
     batches = _toy_batches(2)
     rng = jax.random.key(3)
     ref_state, ref_metrics = _run_steps(jax.jit(train_step), _toy_state(p), batches, rng)
@@ -230,6 +238,41 @@ def _check_microbatches() -> dict:
     return out
 
 
+def _check_born_sharded() -> dict:
+    """build.init_state on (data=4, fsdp=2): the state is created by one jit with out_shardings, equal
+    bit for bit to TrainState.create on one device, every leaf already in its final sharding, small
+    leaves replicated, and XLA's buffer plan for the init holds only each device's share."""
+    import jax
+
+    from consistency_jax import build, sharding
+    from consistency_jax.train_state import TrainState
+
+    p = _toy_pieces("ct")
+    mesh = sharding.make_mesh(4, 2)
+    rng, min_size = jax.random.key(0), 64
+    state, shardings = build.init_state(p["init"], p["tx"], p["method"], (0.9,), rng, mesh,
+                                        min_size=min_size)
+    leaves = jax.tree.leaves(state)
+    split = [int(x.addressable_shards[0].data.size < x.size) for x in leaves]
+
+    def create():
+        return TrainState.create(p["init"](rng), p["tx"], ema_rates=(0.9,),
+                                 use_target=p["method"].keeps_target)
+
+    abstract = jax.eval_shape(create)
+    plan = jax.jit(create, out_shardings=sharding.state_shardings(abstract, mesh, min_size=min_size)
+                   ).lower().compile().memory_analysis()
+    share = sum(x.addressable_shards[0].data.nbytes for x in leaves)
+    return {"diff": _max_diff(state, _toy_state(p)),
+            "in_final_shardings": all(x.sharding == s for x, s in zip(leaves, jax.tree.leaves(shardings))),
+            "split": sum(split), "num_leaves": len(leaves),
+            "small_replicated": all(not s for x, s in zip(leaves, split) if x.size < min_size),
+            "has_target": state.target_params is not None,
+            "plan_output_bytes": None if plan is None else int(plan.output_size_in_bytes),
+            "share_bytes": int(share),
+            "whole_bytes": int(sum(x.nbytes for x in leaves))}
+
+
 def _expect_error(fn) -> str:
     try:
         fn()
@@ -242,8 +285,7 @@ def _check_errors(tmp: str) -> dict:
     """Bad meshes and batch sizes: ValueErrors raised before anything is traced or compiled."""
     import jax
 
-    sys.path.insert(0, str(REPO))
-    from configs import toy as toy_config
+    from conftest import load_config
     from consistency_jax import experiment, sharding
     from consistency_jax.train import make_train_step
 
@@ -263,7 +305,7 @@ def _check_errors(tmp: str) -> dict:
 
     p = _toy_pieces("ct")
     traces = []
-    inner = make_train_step(p["loss_fn"], p["tx"], p["curriculum"])
+    inner = make_train_step(p["method"], p["tx"])
 
     def counted(state, batch, rng):
         traces.append(1)
@@ -279,7 +321,7 @@ def _check_errors(tmp: str) -> dict:
     # The job itself stops before building data, model or workdir.
     for name, overrides in {"job_batch_12": {"data.batch_size": 12},
                             "job_mesh_3x2": {"mesh.data": 3, "mesh.fsdp": 2}}.items():
-        config = toy_config.get_config("method=ct")
+        config = load_config("toy", "method=ct")
         for k, v in overrides.items():
             section, field = k.split(".")
             config[section][field] = v
@@ -304,6 +346,8 @@ def _script_main() -> None:
         print(f"axis_{method} {time.time() - t0:.1f}s", file=sys.stderr)
     results["microbatches"] = _check_microbatches()
     print(f"microbatches {time.time() - t0:.1f}s", file=sys.stderr)
+    results["born_sharded"] = _check_born_sharded()
+    print(f"born_sharded {time.time() - t0:.1f}s", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         results["errors"] = _check_errors(tmp)
     print(f"errors {time.time() - t0:.1f}s", file=sys.stderr)
@@ -420,9 +464,9 @@ def test_bfloat16_step_keeps_float32_state_and_tracks_float32_loss():
     state = _toy_state(p16)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
 
-    step16 = jax.jit(make_train_step(p16["loss_fn"], p16["tx"], p16["curriculum"]))
+    step16 = jax.jit(make_train_step(p16["method"], p16["tx"]))
     new, m16 = step16(state, batch, rng)
-    _, m32 = jax.jit(make_train_step(p32["loss_fn"], p32["tx"], p32["curriculum"]))(
+    _, m32 = jax.jit(make_train_step(p32["method"], p32["tx"]))(
         _toy_state(p32), batch, rng)
     for tree in (new.params, new.target_params, new.ema_params, new.opt_state):
         assert all(x.dtype in (jnp.float32, jnp.int32) for x in jax.tree.leaves(tree))
@@ -496,6 +540,17 @@ def test_sharded_step_equals_single_device_step(background, method, layout):
         assert g["split_leaves"] >= g["num_leaves"] // 2
         if method == "cd":
             assert g["teacher_split"] == 1
+
+
+def test_state_is_born_sharded(background):
+    r = background.results()["born_sharded"]
+    assert r["diff"] == 0.0, r  # the same values as TrainState.create on one device
+    assert r["in_final_shardings"] and r["has_target"], r
+    assert r["split"] >= 3 and r["small_replicated"], r  # kernels of θ, θ⁻, EMA, moments split
+    assert r["share_bytes"] < 0.75 * r["whole_bytes"], r
+    if r["plan_output_bytes"] is not None:  # the compiled init writes only this device's share
+        assert r["plan_output_bytes"] < r["whole_bytes"], r
+        assert r["plan_output_bytes"] <= r["share_bytes"] + 16 * r["num_leaves"], r
 
 
 def test_microbatched_sharded_step_equals_single_device_step(background):

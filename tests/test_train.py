@@ -10,6 +10,10 @@ from consistency_jax import parameterization as P
 from consistency_jax import sampling
 from consistency_jax import schedules as S
 from consistency_jax import toy
+from consistency_jax.methods import Frozen
+from consistency_jax.methods.cd import ConsistencyDistillation
+from consistency_jax.methods.ct import ConsistencyTraining
+from consistency_jax.methods.edm import EDMDenoiser
 from consistency_jax.metrics import sliced_wasserstein2
 from consistency_jax.networks import get_network, make_apply_fn
 from consistency_jax.train import make_train_step
@@ -22,6 +26,11 @@ def _mlp(hidden=32):
     net = get_network("mlp", hidden=hidden, depth=2)
     params = net.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros((1,)))["params"]
     return make_apply_fn(net), params
+
+
+def _ct(apply_fn, cur, distance=L.l2_distance, cfg=L.LossConfig()):
+    return ConsistencyTraining(apply_fn=apply_fn, sigmas=SIG, curriculum=cur, loss_cfg=cfg,
+                               distance=distance)
 
 
 def _batch(seed, n=64):
@@ -42,7 +51,7 @@ def test_train_step_updates_params_target_and_emas():
     lr = 0.1
     tx = optax.sgd(lr)
     cur = S.Curriculum(kind="cm", s0=2, s1=20, mu0=0.9, total_steps=100)
-    loss_fn = L.make_consistency_loss(L.LossConfig(method="ct"), apply_fn, SIG, cur, L.l2_distance)
+    loss_fn = _ct(apply_fn, cur, L.l2_distance)
     state = TrainState.create(params, tx, ema_rates=(0.99, 0.5), use_target=True)
     # make θ⁻ and the EMAs differ from θ so that the arithmetic is visible
     state = state.replace(target_params=jax.tree.map(lambda x: x * 0.5, params),
@@ -50,12 +59,12 @@ def test_train_step_updates_params_target_and_emas():
                                       for k in state.ema_params})
     state = state.replace(step=jnp.int32(37))
     batch, rng = _batch(0), jax.random.key(5)
-    step = jax.jit(make_train_step(loss_fn, tx, cur))
+    step = jax.jit(make_train_step(loss_fn, tx))
     new, metrics = step(state, batch, rng)
 
     n, mu = cur(37)
-    grads = jax.grad(lambda p: loss_fn(p, state.target_params, None, batch,
-                                       jax.random.fold_in(rng, 37), n)[0])(params)
+    grads = jax.grad(lambda p: loss_fn.loss(p, Frozen(target=state.target_params), batch,
+                                            jax.random.fold_in(rng, 37), jnp.int32(37))[0])(params)
     flat = lambda t: np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(t)])
     want_p = flat(params) - lr * flat(grads)
     np.testing.assert_allclose(flat(new.params), want_p, rtol=1e-5, atol=1e-6)
@@ -88,9 +97,9 @@ def test_train_step_compiles_once_for_a_fixed_shape():
         return apply_fn(*a, **k)
 
     cur = S.Curriculum(kind="cm", s0=2, s1=150, mu0=0.9, total_steps=20)
-    loss_fn = L.make_consistency_loss(L.LossConfig(method="ct"), counting_apply, SIG, cur, L.l2_distance)
+    loss_fn = _ct(counting_apply, cur, L.l2_distance)
     tx = optax.adam(1e-3)
-    step = jax.jit(make_train_step(loss_fn, tx, cur), donate_argnums=0)
+    step = jax.jit(make_train_step(loss_fn, tx), donate_argnums=0)
     state = TrainState.create(params, tx, ema_rates=(0.9,), use_target=True)
     ns = set()
     for k in range(6):  # N(k) changes with k: it must not retrace
@@ -104,13 +113,13 @@ def test_train_step_compiles_once_for_a_fixed_shape():
 def test_nonfinite_steps_are_reported_or_skipped():
     apply_fn, params = _mlp()
     cur = S.Curriculum(kind="constant", num_scales=10)
-    loss_fn = L.make_consistency_loss(L.LossConfig(method="ct"), apply_fn, SIG, cur, L.l2_distance)
+    loss_fn = _ct(apply_fn, cur, L.l2_distance)
     tx = optax.adam(1e-3)
     state = TrainState.create(params, tx, ema_rates=(0.9,), use_target=False)
     bad = {"image": jnp.full((8, 2), jnp.nan)}
-    _, m = jax.jit(make_train_step(loss_fn, tx, cur))(state, bad, jax.random.key(0))
+    _, m = jax.jit(make_train_step(loss_fn, tx))(state, bad, jax.random.key(0))
     assert int(m["finite"]) == 0
-    new, m = jax.jit(make_train_step(loss_fn, tx, cur, skip_nonfinite=True))(state, bad, jax.random.key(0))
+    new, m = jax.jit(make_train_step(loss_fn, tx, skip_nonfinite=True))(state, bad, jax.random.key(0))
     assert int(m["finite"]) == 0 and int(new.step) == 1
     for a, b in zip(jax.tree.leaves((new.params, new.ema_params, new.opt_state)),
                     jax.tree.leaves((state.params, state.ema_params, state.opt_state))):
@@ -123,15 +132,16 @@ def test_short_toy_training_lowers_distance_to_data(method):
     gm = toy.ring_mixture()
     if method == "ct":
         cur = S.Curriculum(kind="ict", s0=10, s1=160, total_steps=1500)
-        cfg = L.LossConfig(method="ct", distance="pseudo_huber", weighting="ict", index_sampling="lognormal")
+        cfg = L.LossConfig(distance="pseudo_huber", weighting="ict", index_sampling="lognormal")
+        loss_fn = _ct(apply_fn, cur, L.make_distance(cfg.distance, (2,)), cfg)
     else:
         cur = S.Curriculum(kind="constant", num_scales=18)
-        cfg = L.LossConfig(method="cd", solver="heun")
-    loss_fn = L.make_consistency_loss(cfg, apply_fn, SIG, cur, L.make_distance(cfg.distance, (2,)),
-                                      teacher=toy.exact_denoiser)
+        cfg = L.LossConfig(solver="heun")
+        loss_fn = ConsistencyDistillation(apply_fn=apply_fn, sigmas=SIG, curriculum=cur, loss_cfg=cfg,
+                                          distance=L.l2_distance, teacher=toy.exact_denoiser)
     tx = optax.adam(optax.warmup_cosine_decay_schedule(0, 2e-3, 100, 1500, 2e-5))
     state = TrainState.create(params, tx, use_target=False, teacher_params=gm.as_params())
-    step = jax.jit(make_train_step(loss_fn, tx, cur), donate_argnums=0)
+    step = jax.jit(make_train_step(loss_fn, tx), donate_argnums=0)
     data = gm.sample(np.random.default_rng(99), 1000)
 
     def dist(p):
@@ -164,11 +174,11 @@ def test_a_weighted_distance_travels_in_the_state_not_as_compiled_constants():
     apply_fn, params = _mlp()
     dist = WeightedL2(w=jnp.array([[0.5, 1.5]]))
     cur = S.Curriculum(kind="constant", num_scales=10)
-    loss_fn = L.make_consistency_loss(L.LossConfig(method="ct"), apply_fn, SIG, cur, dist)
+    loss_fn = _ct(apply_fn, cur, dist)
     tx = optax.sgd(0.1)
     closed = TrainState.create(params, tx, use_target=False)
     carried = TrainState.create(params, tx, use_target=False, distance=dist)
-    step = make_train_step(loss_fn, tx, cur)
+    step = make_train_step(loss_fn, tx)
     batch, rng = _batch(3), jax.random.key(2)
     a, ma = jax.jit(step)(closed, batch, rng)
     b, mb = jax.jit(step)(carried, batch, rng)
@@ -190,8 +200,8 @@ def test_multi_step_scan_equals_the_steps_one_by_one():
     apply_fn, params = _mlp()
     tx = optax.adam(1e-3)
     cur = S.Curriculum(kind="cm", s0=2, s1=150, mu0=0.9, total_steps=12)
-    loss_fn = L.make_consistency_loss(L.LossConfig(method="ct"), apply_fn, SIG, cur, L.l2_distance)
-    step = make_train_step(loss_fn, tx, cur)
+    loss_fn = _ct(apply_fn, cur, L.l2_distance)
+    step = make_train_step(loss_fn, tx)
     batches = [_batch(s, 32) for s in range(6)]
     rng = jax.random.key(4)
     state = TrainState.create(params, tx, ema_rates=(0.9,), use_target=True)
@@ -234,22 +244,22 @@ def test_microbatched_step_equals_mean_of_microbatch_gradients(method):
     tx = optax.sgd(lr)
     cur = S.Curriculum(kind="cm", s0=2, s1=20, mu0=0.9, total_steps=100)
     if method == "ct":
-        loss_fn = L.make_consistency_loss(L.LossConfig(method="ct"), apply_fn, SIG, cur, L.l2_distance)
+        loss_fn = _ct(apply_fn, cur, L.l2_distance)
     else:
-        loss_fn = L.make_edm_loss(L.LossConfig(method="edm"), apply_fn, SIG)
+        loss_fn = EDMDenoiser(apply_fn=apply_fn, sigmas=SIG)
     state = TrainState.create(params, tx, ema_rates=(0.5,), use_target=method == "ct")
     state = state.replace(step=jnp.int32(11))
     batch, rng = _batch(1, 32), jax.random.key(9)
-    new, metrics = jax.jit(make_train_step(loss_fn, tx, cur, microbatches=m))(state, batch, rng)
+    new, metrics = jax.jit(make_train_step(loss_fn, tx, microbatches=m))(state, batch, rng)
 
-    n, _ = cur(11)
     key = jax.random.fold_in(rng, 11)
     x = np.asarray(batch["image"])
     grads, losses = [], []
     for i in range(m):
         chunk = {"image": jnp.asarray(x[i::m])}  # rows i, i + m, ...
-        f = lambda p: loss_fn(p, state.params if state.target_params is None else state.target_params,
-                              None, chunk, jax.random.fold_in(key, i), n)[0]
+        target = state.params if state.target_params is None else state.target_params
+        f = lambda p: loss_fn.loss(p, Frozen(target=target), chunk, jax.random.fold_in(key, i),
+                                   jnp.int32(11))[0]
         value, g = jax.value_and_grad(f)(params)
         grads.append(g)
         losses.append(float(value))
@@ -259,7 +269,7 @@ def test_microbatched_step_equals_mean_of_microbatch_gradients(method):
     np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["grad_norm"]), np.linalg.norm(mean_grad), rtol=1e-4)
     # A different split gives a different (equally valid) step: the test can tell them apart.
-    other, _ = jax.jit(make_train_step(loss_fn, tx, cur, microbatches=2))(state, batch, rng)
+    other, _ = jax.jit(make_train_step(loss_fn, tx, microbatches=2))(state, batch, rng)
     assert np.max(np.abs(flat(other.params) - flat(new.params))) > 1e-6
     with pytest.raises(ValueError, match="microbatches must be a positive integer"):
-        make_train_step(loss_fn, tx, cur, microbatches=0)
+        make_train_step(loss_fn, tx, microbatches=0)

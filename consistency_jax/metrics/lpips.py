@@ -1,7 +1,7 @@
 """LPIPS perceptual distance (Zhang et al. 2018, "The Unreasonable Effectiveness of Deep Features
 as a Perceptual Metric"), version 0.1 of the ``lpips`` package, in Flax.
 
-It is the distance d of the consistency losses (CM Eq. 8-10, REFERENCE.md §3): for images x0, x1
+It is the distance d of the consistency losses (CM Eq. 8-10): for images x0, x1
 in [-1, 1],
 
     d(x0, x1) = Σ_l  mean_{h,w}  Σ_c  w_{l,c} · (ŷ0_{l,hwc} − ŷ1_{l,hwc})²      (paper Eq. 1)
@@ -14,7 +14,7 @@ Input conventions. The lpips package maps x ∈ [-1, 1] through (x − shift)/sc
 shift = (−.030, −.088, −.188), scale = (.458, .448, .450). That is exactly the ImageNet
 standardisation ((x + 1)/2 − mean)/std with mean = (.485, .456, .406), std = (.229, .224, .225),
 so the PyTorch consistency-models code, which feeds (x + 1)/2 to piq's LPIPS, computes the same
-input map (REFERENCE.md §7). Two details of that code are options here:
+input map (cm ``cm/karras_diffusion.py``). Two details of that code are options here:
 
 * ``resize_to=224, resize_below=256``: images with a side smaller than 256 are resized bilinearly
   (half-pixel centres, no antialiasing: ``F.interpolate(mode="bilinear")``) to 224x224 first.
@@ -402,7 +402,7 @@ def lpips_distance(
     resize_below: int = 256,
     pooling: str = "max",
 ) -> jax.Array:
-    """LPIPS distance d(a, b) per image (paper Eq. 1), the d of CM Eq. 8 (REFERENCE.md §3, §7).
+    """LPIPS distance d(a, b) per image (paper Eq. 1), the d of CM Eq. 8.
 
     Jittable and differentiable in ``a`` and ``b``. Here ``params`` is an argument, so under
     ``jax.jit`` it stays a runtime input instead of a compile-time constant.
@@ -490,7 +490,7 @@ def make_lpips_distance(
     pooling: str = "max",
 ) -> LPIPSDistance:
     """Binds LPIPS weights into the distance ``d(a, b) -> (B,)`` of the consistency losses
-    (CM Eq. 8; REFERENCE.md §3, §7).
+    (CM Eq. 8).
 
     Args:
         params: ``{"params": ...}`` from ``load_lpips_params``; checked against ``net`` here.

@@ -50,3 +50,13 @@ def get_network(name: str, **kwargs: Any):
     module_path, cls_name = _REGISTRY[name]
     cls = getattr(importlib.import_module(module_path), cls_name)
     return cls(**kwargs)
+
+
+def from_config(model_config):
+    """The network of a run's ``config.model`` (name, kwargs, compute dtype)."""
+    kwargs = dict(model_config.kwargs)
+    if model_config.dtype != "float32":
+        import jax.numpy as jnp
+
+        kwargs["dtype"] = jnp.dtype(model_config.dtype)
+    return get_network(model_config.name, **kwargs)

@@ -1,7 +1,7 @@
 """Building blocks shared by the image denoisers F_θ (NCSN++ / DDPM++ and the ADM UNet).
 
 The consistency function wraps a raw network, f_θ(x, t) = c_skip(t)·x + c_out(t)·F_θ(c_in(t)·x,
-c_noise(t)) (CM Eq. 5–6, REFERENCE §2). This module holds the pieces F_θ is made of:
+c_noise(t)) (CM Eq. 5–6). This module holds the pieces F_θ is made of:
 
 * noise-level embeddings: random Fourier features (Song et al. 2021, score_sde, App. H.2, scale 16)
   and sinusoidal "positional" embeddings (DDPM / ADM);

@@ -1,7 +1,7 @@
 """NCSN++ and DDPM++ (Song et al. 2021, "Score-Based Generative Modeling through SDEs", App. H).
 
-The CIFAR-10 consistency models use NCSN++ (CM §5 and App. C; jcm ``configs/cifar10_ve_cd.py``,
-REFERENCE §7 footnote 1): a UNet with BigGAN-style residual blocks, anti-aliased FIR
+The CIFAR-10 consistency models use NCSN++ (CM §5 and App. C; jcm ``configs/cifar10_ve_cd.py``):
+a UNet with BigGAN-style residual blocks, anti-aliased FIR
 resampling, skip connections rescaled by 1/√2, a "residual" progressive input path, random Fourier
 embeddings of the noise level c_noise = 0.25·ln t, and zero-initialised output convolutions.
 DDPM++ is the same module with sinusoidal embeddings, naive resampling and no input pyramid

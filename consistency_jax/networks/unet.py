@@ -1,6 +1,6 @@
 """The ADM UNet (Dhariwal & Nichol 2021; openai/consistency_models ``cm/unet.py``).
 
-The ImageNet 64×64 and LSUN 256×256 consistency models use this network (CM App. C, REFERENCE §7
+The ImageNet 64×64 and LSUN 256×256 consistency models use this network (CM App. C
 footnotes 2 and 3). The PyTorch code feeds it c_noise = 1000·0.25·ln(t + 1e-44) through a sinusoidal
 timestep embedding; class labels (ImageNet) are embedded and added to the timestep embedding.
 
@@ -99,12 +99,12 @@ class ADMUNet(nn.Module):
 
     @classmethod
     def imagenet64(cls, **overrides: Any) -> "ADMUNet":
-        """The class-conditional ImageNet 64×64 network of CM (REFERENCE §7 footnote 2)."""
+        """The class-conditional ImageNet 64×64 network of CM (App. C; cm's ImageNet 64 launch flags)."""
         return cls(**{**IMAGENET64_CONFIG, **overrides})
 
     @classmethod
     def lsun256(cls, **overrides: Any) -> "ADMUNet":
-        """The unconditional LSUN 256×256 network of CM (REFERENCE §7 footnote 3)."""
+        """The unconditional LSUN 256×256 network of CM (App. C; cm's LSUN 256 launch flags)."""
         return cls(**{**LSUN256_CONFIG, **overrides})
 
     def _heads(self, channels: int) -> int:

@@ -8,12 +8,12 @@ and the classifier's confident fraction and class entropy (a mode-collapse detec
 from __future__ import annotations
 
 import os
-from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
+
+from consistency_jax.evaluation.samples import SampleGenerator
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -41,14 +41,12 @@ def is_digits(name: str) -> bool:
 class ImageEvaluator:
     """Generates samples and computes the figures of one evaluation (see the module docstring)."""
 
-    def __init__(self, config, setup, example_shape):
-        self.config, self.setup = config, setup
+    def __init__(self, config, family: str, sigmas, example_shape):
+        self.config = config
         self.shape = (int(config.eval.num_samples),) + tuple(example_shape)
         self.num_classes = config.model.kwargs.get("num_classes") if config.data.use_labels else None
         self.digits = is_digits(config.data.name)
-        from consistency_jax.experiment import SampleGenerator
-
-        self.generate = SampleGenerator(setup, config, self.shape, labels=self.labels())
+        self.generate = SampleGenerator(family, sigmas, config, self.shape, labels=self.labels())
         if self.digits:
             from consistency_jax.metrics import digits as digits_lib
 

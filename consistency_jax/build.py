@@ -1,0 +1,162 @@
+"""Building a run from a validated config: data, network, teacher, distance, method, optimizer and the
+train state, created directly with its shardings on the mesh.
+
+Nothing here validates: ``config.validate`` has checked every field before these are called.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from consistency_jax import losses as losses_lib
+from consistency_jax import methods as methods_lib
+from consistency_jax import networks
+from consistency_jax import sharding as sharding_lib
+from consistency_jax import toy
+from consistency_jax import toy_data
+from consistency_jax.toy_data import TOY_DATASETS
+from consistency_jax.train_state import TrainState
+
+PyTree = Any
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation,
+                                                                 optax.Schedule]:
+    """optax Adam/RAdam with linear warm-up, constant or cosine decay, and global-norm clipping."""
+    o = config.optim
+    steps = config.train.num_steps
+    if o.decay == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(0.0, o.lr, max(o.warmup_steps, 1),
+                                                      max(steps, o.warmup_steps + 1), o.lr * 0.01)
+    elif o.warmup_steps:
+        schedule = optax.join_schedules([optax.linear_schedule(0.0, o.lr, o.warmup_steps),
+                                         optax.constant_schedule(o.lr)], [o.warmup_steps])
+    else:
+        schedule = optax.constant_schedule(o.lr)
+    opt = {"adam": optax.adam, "radam": optax.radam}[o.name](schedule, b1=o.b1, b2=o.b2, eps=o.eps)
+    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), opt) if o.grad_clip > 0 else opt
+    return tx, schedule
+
+
+def build_data(config: ml_collections.ConfigDict, start_step: int = 0):
+    """Returns (iterator of this host's share of each batch, example shape)."""
+    if config.data.name in TOY_DATASETS:
+        it = toy_data.ToyIterator(toy.ring_mixture(), config.data.batch_size // jax.process_count(),
+                                  config.seed, process_index=jax.process_index(),
+                                  start_step=start_step)
+        return it, (2,)
+    from consistency_jax import data as data_lib  # image pipeline (tfds); imported only when needed
+
+    return data_lib.iterator_from_config(config, start_step=start_step)
+
+
+def build_network(config: ml_collections.ConfigDict, example_shape: tuple[int, ...]
+                  ) -> tuple[Any, Callable, Callable]:
+    """The configured network: (module, apply_fn, init(rng) -> θ in float32)."""
+    module = networks.from_config(config.model)
+    x = jnp.zeros((1,) + tuple(example_shape), jnp.float32)
+    labels = jnp.zeros((1,), jnp.int32) if config.data.use_labels else None
+
+    def init(rng):
+        return module.init({"params": rng, "dropout": rng}, x, jnp.zeros((1,)), labels)["params"]
+
+    return module, networks.make_apply_fn(module), init
+
+
+def fsdp_shardings(mesh, min_size: int) -> Callable[[PyTree], PyTree]:
+    """abstract tree -> its shardings on ``mesh`` (replicated over data, split over fsdp)."""
+    return lambda tree: sharding_lib.state_shardings(tree, mesh, min_size=min_size)
+
+
+def build_teacher(config: ml_collections.ConfigDict, spec: methods_lib.MethodSpec, mesh
+                  ) -> tuple[Optional[Callable], Optional[PyTree]]:
+    """(teacher denoiser, φ placed on the mesh) for a method that needs one, else (None, None)."""
+    if not spec.needs_teacher:
+        return None, None
+    shardings = fsdp_shardings(mesh, config.mesh.fsdp_min_size)
+    if config.teacher.workdir == "exact":
+        params = toy.ring_mixture().as_params()
+        return toy.exact_denoiser, sharding_lib.place(params, shardings(params))
+    from consistency_jax import loading
+
+    # The teacher's slowest (or chosen) EMA, read-only, restored straight into its shardings; never
+    # saved into this run's checkpoints.
+    return loading.load_teacher(config.teacher.workdir, ema_rate=config.teacher.ema_rate or None,
+                                sharding=shardings)
+
+
+def build_distance(config: ml_collections.ConfigDict, spec: methods_lib.MethodSpec,
+                   example_shape) -> Optional[Callable]:
+    """The distance of ``config.loss.distance`` (LPIPS with its weights), or None when the method
+    does not use one."""
+    if not spec.uses_distance:
+        return None
+    lpips_fn = None
+    if config.loss.distance == "lpips":
+        if not config.loss.lpips_weights:
+            losses_lib.make_distance("lpips", example_shape)  # raises the explanatory error
+        from consistency_jax.metrics import lpips as lpips_lib
+
+        params = lpips_lib.load_lpips_params(config.loss.lpips_weights, net=config.loss.lpips_net)
+        lpips_fn = lpips_lib.make_lpips_distance(params, net=config.loss.lpips_net)
+    return losses_lib.make_distance(config.loss.distance, example_shape,
+                                    huber_c=config.loss.huber_c, lpips_fn=lpips_fn)
+
+
+def build_method(config, spec: methods_lib.MethodSpec, apply_fn, sigmas, example_shape, distance,
+                 teacher) -> methods_lib.Method:
+    """The method object of the run (its plug-in's ``build``)."""
+    return spec.build(methods_lib.BuildContext(config=config, apply_fn=apply_fn, sigmas=sigmas,
+                                               example_shape=tuple(example_shape),
+                                               distance=distance, teacher=teacher))
+
+
+def init_state(init_params: Callable[[jax.Array], PyTree], tx: optax.GradientTransformation,
+               method: methods_lib.Method, ema_rates, rng: jax.Array, mesh, *, min_size: int = 0,
+               teacher_params: Optional[PyTree] = None,
+               distance: Optional[PyTree] = None) -> tuple[TrainState, PyTree]:
+    """The train state created directly with its shardings: θ, θ⁻, the eval EMAs and the optimizer
+    state are initialised by one ``jax.jit`` whose ``out_shardings`` split them over the mesh, so no
+    device ever holds more than its share (the state is never built whole on one device and then
+    copied out). Every process runs the same program (multi-host safe).
+
+    Args:
+      init_params: rng -> θ (``build_network``'s ``init``).
+      tx: the optimizer.
+      method: decides whether a separate θ⁻ is kept (``method.keeps_target``).
+      ema_rates: the eval EMA rates.
+      rng: the initialisation key.
+      mesh: the ("data", "fsdp") mesh.
+      min_size: leaves with fewer elements stay replicated (``config.mesh.fsdp_min_size``).
+      teacher_params: φ, already placed on the mesh (``build_teacher``), attached if the method
+        reads a teacher.
+      distance: the method's distance; one with weights (LPIPS) is placed on the mesh and travels in
+        the state (an input of the compiled step rather than ~59 MB of baked-in constants) if the
+        method declares it.
+
+    Returns:
+      (state, the shardings of every leaf of the state, for ``sharding.jit_train_step``).
+    """
+    def create():
+        return TrainState.create(init_params(rng), tx, ema_rates=ema_rates,
+                                 use_target=method.keeps_target)
+
+    abstract = jax.eval_shape(create)
+    shardings = sharding_lib.state_shardings(abstract, mesh, min_size=min_size)
+    state = jax.jit(create, out_shardings=shardings)()
+    frozen = set(method.frozen_trees)
+    if "distance" in frozen:
+        distance = sharding_lib.place(distance, fsdp_shardings(mesh, min_size)(distance))
+    state = state.replace(teacher_params=teacher_params if "teacher" in frozen else None,
+                          distance=distance if "distance" in frozen else None)
+    n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+    logging.info("Created the train state on the mesh: %.3fM parameters, %d copies (θ%s, %d EMA), "
+                 "split over fsdp=%d.", n_params / 1e6, 1 + int(method.keeps_target) + len(ema_rates),
+                 ", θ⁻" if method.keeps_target else "", len(ema_rates),
+                 mesh.shape[sharding_lib.FSDP_AXIS])
+    return state, sharding_lib.state_shardings(state, mesh, min_size=min_size)

@@ -1,0 +1,234 @@
+"""Loading trained parameters, read-only: a run's eval EMA, a CD teacher, every array of a checkpoint.
+
+Everything here opens a run's ``checkpoints/`` through a read-only ``checkpoint.Checkpointer``: nothing
+is ever written into the directory read. It needs no training code (no losses, no methods' maths), so a
+sampling or evaluation command can use it alone. The teacher of consistency distillation (CM
+Algorithm 2) is another run's EDM checkpoint, wrapped with that run's own preconditioning (EDM Eq. 7).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional, Union
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from consistency_jax import networks
+from consistency_jax import parameterization as param_lib
+from consistency_jax.checkpoint import (_CONFIG, _EMA, _STATE, CHECKPOINT_SUBDIR, CheckpointError, Checkpointer,
+                                        _abstract_from_metadata, _brief, _metadata_tree,
+                                        _pytree_restore, config_from_dict)
+from consistency_jax.train_state import ema_key
+
+PyTree = Any
+
+# Method families whose runs can teach consistency distillation (``methods.MethodSpec.family``).
+TEACHER_FAMILIES = ("denoiser",)
+
+
+
+
+def _replicated() -> jax.sharding.Sharding:
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("devices",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+ShardingSpec = Union[None, jax.sharding.Sharding, Callable[[PyTree], PyTree]]
+
+
+def _with_shardings(abstract: PyTree, sharding: ShardingSpec) -> PyTree:
+    if callable(sharding) and not isinstance(sharding, jax.sharding.Sharding):
+        shardings = sharding(abstract)
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+    s = sharding if sharding is not None else _replicated()
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract)
+
+
+def load_eval_params(workdir: str, ema_rate: Optional[float] = None, *,
+                     step: Optional[int] = None, sharding: ShardingSpec = None
+                     ) -> tuple[ml_collections.ConfigDict, PyTree, int]:
+    """Reads the evaluation parameters of a run, read-only (nothing is written into ``workdir``).
+
+    Args:
+      workdir: the run's directory.
+      ema_rate: which eval EMA; None: the slowest one saved (θ itself if the run kept none).
+      step: which checkpoint; None: the newest readable one.
+      sharding: a Sharding for every array (default: replicated over all devices), or a function
+        from the abstract parameter tree (ShapeDtypeStructs) to a tree of shardings (FSDP).
+
+    Returns:
+      (the run's config, the parameters, the step they were read from).
+
+    Raises:
+      CheckpointError: no checkpoint, no readable one, or no EMA of ``ema_rate``.
+    """
+    workdir = os.path.abspath(workdir)
+    ckpt = Checkpointer(workdir, every=1, keep=1, read_only=True)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise CheckpointError(f"No checkpoint in {ckpt.directory}.")
+        if step is not None and step not in steps:
+            raise CheckpointError(f"No checkpoint of step {step} in {ckpt.directory}; saved steps: "
+                                  f"{steps}.")
+        errors = []
+        for s in ([step] if step is not None else list(reversed(steps))):
+            try:
+                return _read_eval_params(ckpt, s, ema_rate, sharding)
+            except CheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 -- unreadable: try the previous step
+                logging.warning("Checkpoint step %d in %s is unreadable (%s).", s,
+                                ckpt.step_dir(s), _brief(e))
+                errors.append(f"step {s} ({ckpt.step_dir(s)}): {_brief(e)}")
+        raise CheckpointError(f"No readable checkpoint in {ckpt.directory}: " + "; ".join(errors))
+    finally:
+        ckpt.close()
+
+
+def _read_eval_params(ckpt: Checkpointer, step: int, ema_rate: Optional[float],
+                      sharding: ShardingSpec) -> tuple[ml_collections.ConfigDict, PyTree, int]:
+    config = config_from_dict(ckpt.read_json(step, _CONFIG))
+    metadata = ckpt.item_metadata(step)
+    ema_md = metadata.get(_EMA) if hasattr(metadata, "get") else None
+    ema_md = _metadata_tree(ema_md) if ema_md is not None else None
+    if ema_md:
+        saved = {k: float(k) for k in ema_md}
+        if ema_rate is None:
+            key = max(saved, key=float)
+        else:
+            key = ema_key(ema_rate)
+            if key not in saved:
+                raise CheckpointError(f"{ckpt.step_dir(step)} has no EMA of rate {ema_rate}; "
+                                      f"saved EMA rates: {sorted(saved.values())}.")
+        target = {key: _with_shardings(_abstract_from_metadata(ema_md[key], None), sharding)}
+        # Read only this EMA: the other EMAs are left out of the target (partial restore).
+        got = ckpt.restore_items(step, **{_EMA: _pytree_restore(target, partial=True)})
+        params = got[_EMA][key]
+        logging.info("Read the EMA %s of %s.", key, ckpt.step_dir(step))
+    else:
+        if ema_rate is not None:
+            raise CheckpointError(f"{ckpt.step_dir(step)} has no eval EMAs (asked for {ema_rate}).")
+        state_md = _metadata_tree(metadata[_STATE])
+        target = {"params": _with_shardings(_abstract_from_metadata(state_md["params"], None),
+                                            sharding)}
+        got = ckpt.restore_items(step, **{_STATE: _pytree_restore(target, partial=True)})
+        params = got[_STATE]["params"]
+        logging.info("Read θ (no eval EMA saved) of %s.", ckpt.step_dir(step))
+    return config, params, step
+
+
+def teacher_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config of a CD teacher run, checked to be an EDM run with a readable checkpoint.
+
+    Reads only the JSON config (no arrays), so ``config.validate`` can call it before
+    anything is built.
+
+    Args:
+      workdir: the teacher run's directory (never written to).
+
+    Returns:
+      The teacher run's config.
+
+    Raises:
+      CheckpointError: no checkpoint in ``workdir``, none readable, or not a run of a denoiser
+        method (method='edm').
+    """
+    workdir = os.path.abspath(workdir) if workdir else workdir
+    if not workdir or not os.path.isdir(os.path.join(workdir, CHECKPOINT_SUBDIR)):
+        raise CheckpointError(
+            f"config.teacher.workdir={workdir!r} holds no checkpoints (no {CHECKPOINT_SUBDIR}/ "
+            "directory); train an EDM teacher there first (method='edm').")
+    ckpt = Checkpointer(workdir, every=1, keep=1, read_only=True)
+    try:
+        found = ckpt.saved_config()
+    finally:
+        ckpt.close()
+    if found is None:
+        raise CheckpointError(f"config.teacher.workdir={workdir!r} holds no checkpoint (the "
+                              f"{CHECKPOINT_SUBDIR}/ directory is empty); train an EDM teacher "
+                              "first.")
+    config = config_from_dict(found[1])
+    _check_teacher_method(config, workdir)
+    return config
+
+
+def _check_teacher_method(config: ml_collections.ConfigDict, where: str) -> None:
+    from consistency_jax import methods  # the registry says which methods train denoisers
+
+    method = config.get("method")
+    teachers = tuple(n for n, s in methods.registered().items() if s.family in TEACHER_FAMILIES)
+    if method not in teachers:
+        raise CheckpointError(
+            f"The teacher {where} is a method={method!r} run; consistency distillation needs an EDM "
+            f"teacher (a run of a denoiser method: {teachers}).")
+
+
+def load_teacher(workdir: str, ema_rate: Optional[float] = None, *,
+                 sharding: ShardingSpec = None) -> tuple[param_lib.TeacherDenoise, PyTree]:
+    """The CD teacher D_φ (CM §3, Algorithm 2) from an EDM run's workdir, read-only.
+
+    Reads the teacher run's saved config, builds its network (``networks.from_config`` of its
+    ``config.model``), restores its eval EMA (the slowest by default) and wraps it with the
+    teacher's own EDM preconditioning (its ``config.sigmas``, EDM Eq. 7) as
+    ``parameterization.network_teacher``.
+
+    Args:
+      workdir: the teacher run's directory (never written to).
+      ema_rate: which of the teacher's EMAs; None: its slowest.
+      sharding: see ``load_eval_params``.
+
+    Returns:
+      (teacher_denoise(teacher_params, x, t, labels=None) -> D_φ(x, t), teacher_params).
+
+    Raises:
+      CheckpointError: no (readable) checkpoint in ``workdir``, or the run is not an EDM teacher.
+    """
+    teacher_config(workdir)
+    config, params, step = load_eval_params(workdir, ema_rate, sharding=sharding)
+    # The step read may differ from the one checked above.
+    _check_teacher_method(config, f"{workdir} (step {step})")
+    module = networks.from_config(config.model)
+    sigmas = param_lib.SigmaConfig(**config.sigmas.to_dict())
+    logging.info("Teacher: %s network of %s step %d (%.3fM parameters).", config.model.name, workdir,
+                 step, sum(x.size for x in jax.tree.leaves(params)) / 1e6)
+    return param_lib.network_teacher(networks.make_apply_fn(module), sigmas), params
+
+
+def read_arrays(workdir: str, step: Optional[int] = None) -> dict[str, np.ndarray]:
+    """Every array of a checkpoint as host NumPy arrays, keyed "state/params/Dense_0/kernel",
+    "ema/0.999/..." (for inspection and tests; read-only).
+
+    Args:
+      workdir: the run's directory.
+      step: which checkpoint; None: the newest.
+
+    Returns:
+      A flat dict name -> array.
+    """
+    ckpt = Checkpointer(workdir, every=1, keep=1, read_only=True)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"No checkpoint in {ckpt.directory}.")
+        metadata = ckpt.item_metadata(step)
+        items = {}
+        for name in (_STATE, _EMA):
+            md = metadata.get(name) if hasattr(metadata, "get") else None
+            if md is None:
+                continue
+            target = _abstract_from_metadata(_metadata_tree(md), None)
+            items[name] = _pytree_restore(target, partial=False)
+        got = ckpt.restore_items(step, **items)
+        out = {}
+        for name in items:
+            for path, leaf in jax.tree_util.tree_flatten_with_path(got[name])[0]:
+                key = "/".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p))))
+                               for p in path)
+                out[f"{name}/{key}"] = np.asarray(leaf)
+        return out
+    finally:
+        ckpt.close()

@@ -1,0 +1,168 @@
+"""The contract between a training method and the generic train step, and the method registry.
+
+A *method* (EDM denoiser training, consistency distillation, consistency training, ...) is one object
+with a loss of the step and, if it keeps one, the update rule of its stop-gradient target θ⁻:
+
+    method.loss(params, frozen, batch, rng, step) -> (loss, aux)
+    method.update_target(target, params, step) -> target      (only if method.keeps_target)
+    method.schedule(step) -> {name: scalar}                   (logged: N(k), μ(k), a warm-up, ...)
+
+``frozen`` (``Frozen``) carries the trees the method reads but never differentiates — θ⁻ (or θ itself
+under stop-gradient when no separate copy is kept), a teacher's φ, the weights of a learned distance
+(LPIPS) — as declared by ``method.frozen_trees``. The method owns its schedule of the step (discrete
+curricula N(k), μ(k); a continuous-time warm-up), so ``train.make_train_step`` needs nothing else and
+stays generic over methods.
+
+A *method plug-in* (``MethodSpec``) tells the rest of the library how to use a method from a config:
+its paper defaults, its config checks (run before anything compiles), how to build the method object,
+whether it needs a teacher, and which family of samplers evaluates it. ``register`` adds one;
+``consistency_jax.methods`` imports every module of its package, so a new method is one new file.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from consistency_jax.train_state import ema_update
+
+Array = jax.Array
+PyTree = Any
+
+# The trees a method may read without differentiating them.
+FROZEN_TREES = ("target", "teacher", "distance")
+# How a trained model is sampled: "consistency": f_θ in one or more steps (CM Algorithm 1);
+# "denoiser": an EDM denoiser D_θ integrated by Heun's method (EDM Algorithm 1).
+FAMILIES = ("consistency", "denoiser")
+
+
+class Frozen(flax.struct.PyTreeNode):
+    """The read-only inputs of a loss, all under stop-gradient.
+
+    Attributes:
+      target: θ⁻, the target parameters of a consistency loss (θ itself when the method keeps no
+        separate copy: θ⁻ = stopgrad θ, as in iCT and CM's CD on CIFAR-10); None if not declared.
+      teacher: a teacher's parameters φ (consistency distillation); None if not declared.
+      distance: a distance with weights, a callable pytree such as ``metrics.lpips.LPIPSDistance``;
+        None when the method's distance has no weights.
+    """
+
+    target: Optional[PyTree] = None
+    teacher: Optional[PyTree] = None
+    distance: Optional[PyTree] = None
+
+
+class Method:
+    """Base class of training methods (see the module docstring for the contract).
+
+    Subclasses set ``name`` and ``frozen_trees`` and implement ``loss``; a method with a separate
+    target θ⁻ sets ``keeps_target`` and implements ``target_rate`` (the EMA rate μ(k) of
+    ``update_target``'s default rule θ⁻ ← μ(k)·θ⁻ + (1 − μ(k))·θ, CM Eq. 8) or overrides
+    ``update_target``.
+    """
+
+    name: str = ""
+    frozen_trees: tuple[str, ...] = ()
+    keeps_target: bool = False
+
+    def loss(self, params: PyTree, frozen: Frozen, batch: Mapping[str, Array], rng: Array,
+             step: Array) -> tuple[Array, dict[str, Array]]:
+        """The loss of one batch at optimizer step ``step`` (a traced int32), and scalars to log."""
+        raise NotImplementedError
+
+    def target_rate(self, step: Array) -> Array:
+        """μ(k) of the target update (only called when ``keeps_target``)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps a target but defines no target_rate.")
+
+    def update_target(self, target: PyTree, params: PyTree, step: Array) -> PyTree:
+        """θ⁻ after the optimizer step ``step`` updated θ to ``params`` (CM Algorithms 2–3)."""
+        return ema_update(target, params, self.target_rate(step))
+
+    def schedule(self, step: Array) -> dict[str, Array]:
+        """Step-dependent quantities to log (e.g. N(k) and μ(k)); traced, jittable."""
+        return {}
+
+
+def frozen_inputs(method: Method, params: PyTree, target: Optional[PyTree],
+                  teacher: Optional[PyTree], distance: Optional[PyTree]) -> Frozen:
+    """The ``Frozen`` a method declared: θ⁻ (or stopgrad θ without a separate copy), φ, weights."""
+    wants = set(method.frozen_trees)
+    if "target" in wants:
+        target = params if target is None else target
+    return Frozen(target=jax.lax.stop_gradient(target) if "target" in wants else None,
+                  teacher=jax.lax.stop_gradient(teacher) if "teacher" in wants else None,
+                  distance=distance if "distance" in wants else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildContext:
+    """What the library hands a plug-in's ``build``: everything already checked and built.
+
+    Attributes:
+      config: the validated run config.
+      apply_fn: the raw network F(params, x, c_noise, *, labels, train, rng).
+      sigmas: the noise configuration (``parameterization.SigmaConfig``).
+      example_shape: one example's shape, e.g. (8, 8, 1).
+      distance: d(a, b) -> (B,) when the method uses ``config.loss.distance``, else None.
+      teacher: the teacher denoiser D_φ(φ, x, t, labels) when the plug-in needs one, else None.
+    """
+
+    config: Any
+    apply_fn: Callable
+    sigmas: Any
+    example_shape: tuple[int, ...]
+    distance: Optional[Callable] = None
+    teacher: Optional[Callable] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """A training method as the config, the loop, evaluation and loading see it.
+
+    Attributes:
+      name: the value of ``config.method``.
+      summary: one line for the README / error messages.
+      family: how its models are sampled and evaluated, one of ``FAMILIES``.
+      defaults: sets the method's paper defaults on a config (``config.set_method``).
+      check: validates the method's config fields before anything compiles; raises ValueError naming
+        the field.
+      build: (BuildContext) -> Method.
+      needs_teacher: the method reads a teacher (``config.teacher.workdir``).
+      uses_distance: the method's loss uses ``config.loss.distance`` (so LPIPS weights are loaded).
+    """
+
+    name: str
+    summary: str
+    family: str
+    defaults: Callable[[Any], None]
+    check: Callable[[Any], None]
+    build: Callable[[BuildContext], Method]
+    needs_teacher: bool = False
+    uses_distance: bool = True
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"Method {self.name!r}: unknown family {self.family!r}; one of {FAMILIES}.")
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Adds a method plug-in; a second registration of a name replaces the first (reloads)."""
+    if not spec.name or not spec.name.replace("_", "").isalnum():
+        raise ValueError(f"A method name must be a non-empty identifier, got {spec.name!r}.")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def registered() -> dict[str, MethodSpec]:
+    return dict(_REGISTRY)
+
+
+def as_float(x: Any, like: Array) -> Array:
+    """``x`` as an array of ``like``'s floating dtype (float32 under bfloat16 inputs)."""
+    return jnp.asarray(x, jnp.promote_types(jnp.result_type(like), jnp.float32))

@@ -1,0 +1,65 @@
+"""An EDM diffusion model, the teacher of consistency distillation (Karras et al. 2022, Eq. 2 and
+Table 1): ln σ ~ N(P_mean, P_std²), λ(σ) = (σ² + σ_d²)/(σ·σ_d)²,
+loss = E[λ(σ)·mean((D_θ(x + σz, σ) − x)²)]."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from consistency_jax import losses
+from consistency_jax import parameterization as param_lib
+from consistency_jax.methods.base import Frozen, Method, MethodSpec, register
+
+
+@dataclasses.dataclass(frozen=True)
+class EDMDenoiser(Method):
+    """Trains the EDM denoiser D_θ; reads no frozen tree and keeps no target."""
+
+    apply_fn: Callable
+    sigmas: Any
+    p_mean: float = -1.2
+    p_std: float = 1.2
+
+    name = "edm"
+
+    def __post_init__(self):
+        if not self.p_std > 0:
+            raise ValueError(f"EDM's lognormal p_std must be positive, got {self.p_std}.")
+
+    def loss(self, params, frozen: Frozen, batch, rng, step):
+        del frozen, step
+        x0 = jnp.asarray(batch["image"])
+        x0 = x0.astype(jnp.promote_types(x0.dtype, jnp.float32))
+        b = x0.shape[0]
+        rng_s, rng_z, rng_drop = jax.random.split(rng, 3)
+        sigma = jnp.exp(self.p_mean + self.p_std * jax.random.normal(rng_s, (b,), x0.dtype))
+        z = jax.random.normal(rng_z, x0.shape, x0.dtype)
+        x_noisy = x0 + sigma.reshape((b,) + (1,) * (x0.ndim - 1)) * z
+        denoised = param_lib.denoiser_fn(self.apply_fn, params, x_noisy, sigma, self.sigmas,
+                                         labels=batch.get("label"), train=True, rng=rng_drop)
+        sd = self.sigmas.sigma_data
+        lam = (sigma**2 + sd**2) / (sigma * sd) ** 2
+        per_example = lam * losses.l2_distance(denoised, x0)
+        return jnp.mean(per_example), {"mean_t": jnp.mean(sigma), "distance": jnp.mean(per_example)}
+
+
+def build(ctx) -> EDMDenoiser:
+    return EDMDenoiser(apply_fn=ctx.apply_fn, sigmas=ctx.sigmas, p_mean=ctx.config.loss.edm_p_mean,
+                       p_std=ctx.config.loss.edm_p_std)
+
+
+def check(config) -> None:
+    if not config.loss.edm_p_std > 0:
+        raise ValueError(f"config.loss.edm_p_std must be positive, got {config.loss.edm_p_std}.")
+
+
+def defaults(c) -> None:
+    """EDM's training distribution ln σ ~ N(−1.2, 1.2²)."""
+    c.loss.update(edm_p_mean=-1.2, edm_p_std=1.2)
+
+
+register(MethodSpec(name="edm", summary="an EDM diffusion model (a CD teacher)", family="denoiser",
+                    defaults=defaults, check=check, build=build, uses_distance=False))

@@ -1,0 +1,105 @@
+"""Preemption: SIGTERM (the notice of TPU/GPU clouds) becomes "finish the step, save, exit cleanly".
+
+On several hosts JAX's preemption sync service (started by ``jax.distributed.initialize``) makes every
+host stop at the same step; the checkpoint manager answers where that step is
+(``checkpoint.Checkpointer.reached_preemption``).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+from absl import logging
+import jax
+
+if TYPE_CHECKING:  # only for the annotation: preemption needs no checkpoint code to run
+    from consistency_jax.checkpoint import Checkpointer
+
+
+
+
+class PreemptionWatcher:
+    """Turns SIGTERM (the preemption notice of TPU/GPU clouds) into "save and stop".
+
+    Single process: a SIGTERM handler sets a flag and the loop, at the end of the current step,
+    sees ``reached(step)``, saves and returns (exit code 0). The handler is installed when the
+    watcher is created (from the main thread only) and the previous one is restored by ``close``.
+    A second SIGTERM, one after ``close``, or one after the watcher was dropped without ``close``
+    (the loop died with an exception) goes to the previous handler. Multiple processes: JAX's
+    preemption sync service (started by ``jax.distributed.initialize``) catches the signal and
+    ``reached`` returns True on every host at the same step (Orbax ``reached_preemption``).
+    """
+
+    def __init__(self, checkpointer: Optional["Checkpointer"] = None,
+                 signals: Sequence[int] = (signal.SIGTERM,)):
+        self._checkpointer = checkpointer
+        self.received: Optional[str] = None
+        self._active = True
+        self._previous: dict[int, Any] = {}
+        self._handler = None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            # The handler holds the watcher weakly, so a watcher that is never closed does not keep
+            # swallowing signals after it is gone.
+            self._handler = _make_handler(weakref.ref(self), self._previous)
+            for sig in signals:
+                self._previous[sig] = signal.signal(sig, self._handler)
+
+    def _take(self, signum: int) -> bool:
+        if not self._active or self.received is not None:
+            return False
+        self.received = signal.Signals(signum).name
+        logging.warning("Received %s: finishing the current step, saving a checkpoint and exiting.",
+                        self.received)
+        return True
+
+    def reached(self, step: int, steps: int = 1) -> bool:
+        """True when the loop should save and stop after ``step``.
+
+        Args:
+          step: the number of steps done.
+          steps: how many steps the last call of the train step ran (``train.steps_per_call``).
+            JAX's preemption sync point is agreed as one step number and must be asked about every
+            step, so steps ``step − steps + 1 … step`` are all checked; every host then sees it in
+            the same call and stops after ``step``.
+        """
+        if self.received is not None:
+            return True
+        if jax.process_count() > 1 and self._checkpointer is not None:
+            for s in range(step - steps + 1, step + 1):
+                if self._checkpointer.reached_preemption(s):
+                    self.received = "preemption notice"
+                    return True
+        return False
+
+    def close(self) -> None:
+        """Restores the signal handlers that were installed before (idempotent)."""
+        self._active = False
+        if threading.current_thread() is threading.main_thread():
+            for sig, previous in self._previous.items():
+                if signal.getsignal(sig) is self._handler:
+                    signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+
+    def __enter__(self) -> "PreemptionWatcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _make_handler(watcher_ref: "weakref.ref[PreemptionWatcher]", previous: dict[int, Any]):
+    def handler(signum, frame):
+        watcher = watcher_ref()
+        if watcher is not None and watcher._take(signum):
+            return
+        prev = previous.get(signum)
+        prev = signal.SIG_DFL if prev is None else prev
+        signal.signal(signum, prev)
+        if callable(prev):
+            prev(signum, frame)
+        elif prev == signal.SIG_DFL:
+            os.kill(os.getpid(), signum)
+
+    return handler
