@@ -25,7 +25,6 @@ from typing import Any, Callable, Mapping, Optional
 
 import flax
 import jax
-import jax.numpy as jnp
 
 from consistency_jax.train_state import ema_update
 
@@ -162,7 +161,3 @@ def register(spec: MethodSpec) -> MethodSpec:
 def registered() -> dict[str, MethodSpec]:
     return dict(_REGISTRY)
 
-
-def as_float(x: Any, like: Array) -> Array:
-    """``x`` as an array of ``like``'s floating dtype (float32 under bfloat16 inputs)."""
-    return jnp.asarray(x, jnp.promote_types(jnp.result_type(like), jnp.float32))
