@@ -324,6 +324,24 @@ def _check_optimizer(o) -> None:
     if o.warmup_steps < 0 or o.grad_clip < 0:
         raise ValueError("config.optim.warmup_steps and config.optim.grad_clip must be >= 0, got "
                          f"{o.warmup_steps} and {o.grad_clip}.")
+    for name in ("b1", "b2"):
+        if not 0.0 <= o[name] < 1.0:
+            raise ValueError(f"config.optim.{name} must lie in [0, 1), got {o[name]}.")
+    if not o.eps > 0:
+        raise ValueError(f"config.optim.eps must be positive, got {o.eps}.")
+
+
+def _check_lpips(config, spec) -> None:
+    """LPIPS weights are read when the run is built: their file and net are checked here first."""
+    lc = config.loss
+    if not (spec.uses_distance and lc.distance == "lpips"):
+        return
+    if lc.lpips_net not in ("vgg", "alex"):
+        raise ValueError(f"config.loss.lpips_net must be 'vgg' or 'alex', got {lc.lpips_net!r}.")
+    if not lc.lpips_weights or not os.path.isfile(lc.lpips_weights):
+        raise ValueError(f"config.loss.distance='lpips' needs config.loss.lpips_weights, a .safetensors "
+                         f"file made by tools/convert_lpips_weights.py; got {lc.lpips_weights!r}"
+                         f"{' (no such file)' if lc.lpips_weights else ''}.")
 
 
 def _check_teacher(config, spec) -> None:
@@ -397,11 +415,13 @@ def validate(config: ml_collections.ConfigDict) -> Setup:
     _check_dataset_name(config.data.name)
     if config.data.get("reader", "auto") not in READERS:
         raise ValueError(f"config.data.reader must be one of {READERS}, got {config.data.reader!r}.")
+    _positive_int(config.data.get("shuffle_buffer", 0), "data.shuffle_buffer", minimum=0)
     try:
         sigmas = parameterization.SigmaConfig(**config.sigmas.to_dict())
     except (ValueError, TypeError) as e:
         raise ValueError(f"config.sigmas: {e}") from e
     spec.check(config)
+    _check_lpips(config, spec)
     _check_eval(config, sigmas, spec, rates)
     _positive_int(config.mesh.fsdp_min_size, "mesh.fsdp_min_size", minimum=0)
     mesh = sharding.mesh_from_config(config)

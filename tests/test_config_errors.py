@@ -67,6 +67,13 @@ def _set(c, dotted, value):
     ({"eval.two_step_indices": (0, 200)}, r"config\.eval\.two_step_time / two_step_indices: Indices must lie in \[0, 150\]"),
     ({"method": "edm", "loss.edm_p_std": 0.0}, r"config\.loss\.edm_p_std must be positive"),
     ({"eval.num_samples": 0}, r"config\.eval\.num_samples must be an integer >= 1"),
+    ({"optim.b2": 1.0}, r"config\.optim\.b2 must lie in \[0, 1\), got 1\.0"),
+    ({"optim.eps": 0.0}, r"config\.optim\.eps must be positive"),
+    ({"data.shuffle_buffer": -1}, r"config\.data\.shuffle_buffer must be an integer >= 0"),
+    ({"loss.distance": "lpips"}, r"config\.loss\.distance='lpips' needs config\.loss\.lpips_weights"),
+    ({"loss.distance": "lpips", "loss.lpips_weights": "/nonexistent/lpips.safetensors"},
+     r"lpips_weights.*got '/nonexistent/lpips\.safetensors' \(no such file\)"),
+    ({"loss.distance": "lpips", "loss.lpips_net": "resnet"}, r"config\.loss\.lpips_net must be 'vgg' or 'alex'"),
     ({"train.microbatches": 3}, r"config\.data\.batch_size=16 does not split into config\.train\.microbatches=3"),
     ({"data.reader": "tf"}, r"config\.data\.reader must be one of \('auto', 'data_source', 'tfds_load'\), got 'tf'"),
 ])

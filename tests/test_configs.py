@@ -1,7 +1,7 @@
 """Each paper config against the paper's table (CM Appendix C and the official launch scripts, transcribed here independently)."""
-import importlib
-
 import pytest
+
+from conftest import load_config
 
 from consistency_jax.config import validate
 
@@ -33,11 +33,19 @@ PAPER = {
 
 
 def _get(name, arg):
-    return importlib.import_module(f"configs.{name}").get_config(arg)
+    return load_config(name, arg)
+
+
+@pytest.fixture
+def lpips_file(tmp_path):
+    """Validation checks that the LPIPS weight file exists (it is read only when the run is built)."""
+    path = tmp_path / "lpips_vgg.safetensors"
+    path.write_bytes(b"")
+    return str(path)
 
 
 @pytest.mark.parametrize("key", sorted(PAPER))
-def test_paper_config_numbers(key):
+def test_paper_config_numbers(key, lpips_file):
     c = _get(*key)
     want = PAPER[key]
     got = dict(network=c.model.name, distance=c.loss.distance, N=c.curriculum.num_scales,
@@ -49,13 +57,18 @@ def test_paper_config_numbers(key):
     for k, v in want.items():
         assert got[k] == pytest.approx(v), (key, k, got[k], v)
     if c.method != "cd":  # CD configs need a teacher directory before they validate
+        if c.loss.distance == "lpips":
+            with pytest.raises(ValueError, match=r"needs config\.loss\.lpips_weights"):
+                validate(c)
+            c.loss.lpips_weights = lpips_file
         validate(c)
 
 
-def test_ct_configs_use_the_adaptive_curriculum_and_cd_a_constant_one():
+def test_ct_configs_use_the_adaptive_curriculum_and_cd_a_constant_one(lpips_file):
     assert _get("cifar10", "method=ct").curriculum.kind == "cm"
     assert _get("imagenet64", "method=cd").curriculum.kind == "constant"
     c = _get("cifar10", "method=cd")
+    c.loss.lpips_weights = lpips_file
     c.teacher.workdir = "/nonexistent/teacher"
     with pytest.raises(ValueError, match="holds no checkpoints"):  # checked before anything compiles
         validate(c)
