@@ -3,9 +3,11 @@
   python -m consistency_jax.main --config=configs/toy.py:method=ct --workdir=/tmp/toy_ct
   python -m consistency_jax.main --config=configs/toy.py:method=cd --workdir=/tmp/toy_cd
 
-method=cd distils from the exact denoiser of the mixture; ct / ict train from scratch.
+method=cd (and cm_continuous_cd) distils from the exact denoiser of the mixture; ct / ict /
+cm_continuous_ct train from scratch.
 """
 from consistency_jax import config as common
+from consistency_jax import methods
 
 
 def get_config(arg=None):
@@ -20,8 +22,9 @@ def get_config(arg=None):
     c.train.update(num_steps=20_000, log_every=1000, eval_every=10_000, ema_rates=(0.999,))
     c.checkpoint.every = 10_000
     c.eval.two_step_time = 0.3
+    if methods.get(args["method"]).needs_teacher:
+        c.teacher.workdir = "exact"  # the mixture's exact denoiser
     if args["method"] == "cd":
-        c.teacher.workdir = "exact"
         # iCT's pseudo-Huber distance and λ = 1/Δt also help CD here: with l2 / uniform weighting the
         # one-step map error after 20k steps was 0.065 against 0.019 (bench/RESULTS.md).
         c.loss.update(distance="pseudo_huber", weighting="ict")

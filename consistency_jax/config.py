@@ -67,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.p_std = 2.0
     c.loss.edm_p_mean = -1.2  # EDM's training distribution ln σ ~ N(edm_p_mean, edm_p_std²)
     c.loss.edm_p_std = 1.2
+    c.loss.stopgrad = True  # continuous-time CM: the pseudo-objective of CM Thm. 6 (False: ‖df/dt‖)
     c.loss.lpips_weights = ""  # .safetensors file for distance = lpips
     c.loss.lpips_net = "vgg"
 

@@ -1,0 +1,153 @@
+"""CM's continuous-time consistency distillation and training (CM Appendix B, Theorems 3–6).
+
+As Δt → 0 with θ⁻ = θ the discrete consistency loss becomes a function of the total time derivative
+of f_θ along the probability-flow ODE dx/dt = −t·s(x, t) = (x − D(x, t))/t:
+
+    df_θ/dt = ∂f_θ/∂x · dx/dt + ∂f_θ/∂t,
+
+one forward-mode product ``jax.jvp(f_θ, (x_t, t), (dx/dt, 1))`` (an exact derivative, no finite
+differences). The teacher's denoiser D_φ gives dx/dt for CD; for CT the clean sample stands in for it
+(the unbiased score −(x_t − x)/t², so dx/dt = z). t is drawn uniformly in t^{1/ρ} between ε^{1/ρ} and
+T^{1/ρ}, and both the value and the tangent of f_θ use one dropout key.
+
+Two objectives with the l2 distance d(a, b) = mean((a − b)²) over the D dimensions:
+
+  - ``stopgrad=True`` (CM Thm. 6): the pseudo-objective (2/D)·Σ sg(df_θ/dt)·f_θ(x_t, t), whose gradient is
+    the limit of the discrete CD/CT gradient (θ⁻ = sg θ) divided by Δt (``tests/test_cm_continuous.py``
+    checks the first-order convergence). Its value is not a loss to read; the logged "dfdt_norm" is.
+  - ``stopgrad=False``: the true objective ‖df_θ/dt‖₂ per example, differentiated through the jvp.
+
+Methods ``cm_continuous_cd`` (needs an EDM teacher) and ``cm_continuous_ct``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from consistency_jax import parameterization as param_lib
+from consistency_jax.methods.base import Frozen, Method, MethodSpec, register
+
+Array = jax.Array
+DISTANCES = ("l2",)
+
+
+def sample_time(rng: Array, batch: int, sigmas: param_lib.SigmaConfig, dtype=jnp.float32) -> Array:
+    """t with t^{1/ρ} uniform on [ε^{1/ρ}, T^{1/ρ}] (the density of the Karras grid as N → ∞)."""
+    lo, hi = sigmas.sigma_min ** (1.0 / sigmas.rho), sigmas.sigma_max ** (1.0 / sigmas.rho)
+    return jax.random.uniform(rng, (batch,), dtype, lo, hi) ** sigmas.rho
+
+
+def time_derivative(apply_fn: param_lib.ApplyFn, sigmas: param_lib.SigmaConfig, params: Any,
+                    x_t: Array, t: Array, velocity: Array, **kwargs: Any) -> tuple[Array, Array]:
+    """(f_θ(x_t, t), df_θ/dt along dx/dt = ``velocity``) by one ``jax.jvp`` (CM Appendix B).
+
+    ``kwargs`` (labels, train, rng) go to the network: one dropout key for value and tangent.
+    """
+    f = lambda x, tt: param_lib.consistency_fn(apply_fn, params, x, tt, sigmas, **kwargs)
+    return jax.jvp(f, (x_t, t), (velocity, jnp.ones_like(t)))
+
+
+def continuous_loss(apply_fn: param_lib.ApplyFn, sigmas: param_lib.SigmaConfig, params: Any,
+                    x0: Array, z: Array, t: Array, velocity: Array, *, stopgrad: bool,
+                    labels: Optional[Array] = None, rng: Optional[Array] = None
+                    ) -> tuple[Array, dict[str, Array]]:
+    """The continuous-time objective of one batch at given times and noise (module docstring).
+
+    Args:
+      x0, z, t: clean data (B, ...), noise like x0 and times (B,); x_t = x0 + t·z.
+      velocity: dx/dt at x_t (B, ...), put under stop_gradient here.
+      stopgrad: the pseudo-objective of CM Thm. 6 (True) or the true objective ‖df/dt‖ (False).
+      labels, rng: class labels and the dropout key of the network (train mode when rng is given).
+    """
+    b = x0.shape[0]
+    x_t = x0 + t.reshape((b,) + (1,) * (x0.ndim - 1)) * z
+    kwargs = dict(labels=labels, train=rng is not None, rng=rng)
+    f_t, dfdt = time_derivative(apply_fn, sigmas, params, x_t, t, jax.lax.stop_gradient(velocity),
+                                **kwargs)
+    flat = lambda a: a.reshape(b, -1)
+    dim = math.prod(x0.shape[1:])
+    norm = jnp.sqrt(jnp.sum(flat(dfdt) ** 2, axis=-1))
+    if stopgrad:
+        per_example = (2.0 / dim) * jnp.sum(flat(jax.lax.stop_gradient(dfdt)) * flat(f_t), axis=-1)
+    else:
+        per_example = norm
+    return jnp.mean(per_example), {"mean_t": jnp.mean(t),
+                                   "dfdt_norm": jnp.mean(jax.lax.stop_gradient(norm))}
+
+
+@dataclasses.dataclass(frozen=True)
+class ContinuousConsistency(Method):
+    """CM's continuous-time CD (with ``teacher``) or CT (without), θ⁻ = θ: no target copy.
+
+    Attributes:
+      apply_fn: the raw network.
+      sigmas: the noise configuration.
+      stopgrad: pseudo-objective (True, CM Thm. 6) or true objective (False).
+      teacher: D_φ(φ, x, t, labels) for CD (φ from ``Frozen.teacher``); None for CT.
+    """
+
+    apply_fn: Callable
+    sigmas: Any
+    stopgrad: bool = True
+    teacher: Optional[Callable] = None
+
+    name = "cm_continuous"
+
+    @property
+    def frozen_trees(self) -> tuple[str, ...]:
+        return ("teacher",) if self.teacher is not None else ()
+
+    def velocity(self, frozen: Frozen, x0, z, x_t, t, labels) -> Array:
+        """dx/dt = (x_t − D(x_t, t))/t: the teacher's D for CD, the clean x0 for CT (= z)."""
+        if self.teacher is None:
+            return z
+        tb = t.reshape(t.shape + (1,) * (x_t.ndim - 1))
+        return (x_t - self.teacher(frozen.teacher, x_t, t, labels)) / tb
+
+    def loss(self, params, frozen: Frozen, batch, rng, step):
+        del step
+        x0 = jnp.asarray(batch["image"])
+        x0 = x0.astype(jnp.promote_types(x0.dtype, jnp.float32))
+        labels = batch.get("label")
+        b = x0.shape[0]
+        rng_t, rng_z, rng_drop = jax.random.split(rng, 3)
+        t = sample_time(rng_t, b, self.sigmas, x0.dtype)
+        z = jax.random.normal(rng_z, x0.shape, x0.dtype)
+        x_t = x0 + t.reshape((b,) + (1,) * (x0.ndim - 1)) * z
+        v = self.velocity(frozen, x0, z, x_t, t, labels)
+        return continuous_loss(self.apply_fn, self.sigmas, params, x0, z, t, v,
+                               stopgrad=self.stopgrad, labels=labels, rng=rng_drop)
+
+
+def check(config) -> None:
+    if config.loss.distance not in DISTANCES:
+        raise ValueError(f"config.loss.distance={config.loss.distance!r}: the continuous-time CM "
+                         f"methods implement {DISTANCES} (LPIPS through its Hessian-vector product "
+                         "is not implemented yet).")
+
+
+def _build(teacher_needed: bool):
+    def build(ctx) -> ContinuousConsistency:
+        return ContinuousConsistency(apply_fn=ctx.apply_fn, sigmas=ctx.sigmas,
+                                     stopgrad=bool(ctx.config.loss.stopgrad),
+                                     teacher=ctx.teacher if teacher_needed else None)
+
+    return build
+
+
+def defaults(c) -> None:
+    """l2 and the stop-gradient pseudo-objective (CM Thm. 6); θ⁻ = θ, no curriculum."""
+    c.loss.update(distance="l2", stopgrad=True)  # the official code's continuous CT/CD defaults
+    c.curriculum.update(kind="constant", mu0=0.0)
+
+
+register(MethodSpec(name="cm_continuous_ct", summary="CM's continuous-time CT (Appendix B)",
+                    family="consistency", defaults=defaults, check=check, build=_build(False),
+                    uses_distance=False))
+register(MethodSpec(name="cm_continuous_cd", summary="CM's continuous-time CD (Appendix B)",
+                    family="consistency", defaults=defaults, check=check, build=_build(True),
+                    needs_teacher=True, uses_distance=False))

@@ -1,0 +1,164 @@
+"""CM's continuous-time CD/CT (CM Appendix B): the jvp against finite differences in float64, the
+pseudo-objective's gradient as the limit of the discrete gradient over Δt (CM Thm. 6), and a run
+through the main loop."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import load_config
+from consistency_jax import parameterization as P
+from consistency_jax import toy
+from consistency_jax.methods import Frozen
+from consistency_jax.methods import cm_continuous as CC
+from consistency_jax.networks import get_network, make_apply_fn
+
+SIG = P.SigmaConfig()
+
+
+def _x64():
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(True)
+    from jax.experimental import enable_x64  # older JAX
+    return enable_x64()
+
+
+def _tanh_net(params, x, c_noise, **_):
+    """A float64 two-layer network of x and the noise level (the library's networks keep float32
+    embeddings and statistics by design, which would blur a float64 comparison)."""
+    h = jnp.tanh(x @ params["w1"] + c_noise[:, None] * params["wt"] + params["b1"])
+    return h @ params["w2"]
+
+
+def _tanh_params(seed=0, dim=2, hidden=32):
+    r = np.random.default_rng(seed)
+    return {"w1": jnp.asarray(r.standard_normal((dim, hidden))), "wt": jnp.asarray(r.standard_normal(hidden)),
+            "b1": jnp.asarray(0.1 * r.standard_normal(hidden)),
+            "w2": jnp.asarray(r.standard_normal((hidden, dim)) / np.sqrt(hidden))}
+
+
+def _central_difference(apply_fn, params, x, t, v, rel):
+    h = rel * jnp.minimum(t, 1.0)  # per-example steps well inside (ε, T)
+    hb = h.reshape((x.shape[0],) + (1,) * (x.ndim - 1))
+    f = lambda s, hs: P.consistency_fn(apply_fn, params, x + s * v, t + hs, SIG)
+    return (f(hb, h) - f(-hb, -h)) / (2 * hb)
+
+
+def _check_jvp(apply_fn, params, shape, rel, rtol):
+    rng = np.random.default_rng(0)
+    b = 3
+    dtype = jax.tree.leaves(params)[0].dtype
+    x = jnp.asarray(rng.standard_normal((b,) + shape), dtype)
+    t = jnp.asarray([0.05, 1.3, 20.0], dtype)
+    v = jnp.asarray(rng.standard_normal((b,) + shape), dtype)
+    f_t, dfdt = CC.time_derivative(apply_fn, SIG, params, x, t, v)
+    np.testing.assert_array_equal(np.asarray(f_t), np.asarray(P.consistency_fn(apply_fn, params, x, t, SIG)))
+    scale = float(jnp.max(jnp.abs(dfdt)))
+    assert scale > 1e-3  # the derivative is not trivially zero
+    fd = _central_difference(apply_fn, params, x, t, v, rel)
+    np.testing.assert_allclose(np.asarray(dfdt), np.asarray(fd), rtol=rtol, atol=rtol * scale)
+    return dfdt
+
+
+def test_jvp_tangent_equals_central_differences_in_float64():
+    with _x64():
+        dfdt = _check_jvp(_tanh_net, _tanh_params(), (2,), rel=1e-5, rtol=1e-8)
+        assert dfdt.dtype == jnp.float64
+
+
+def test_jvp_tangent_through_a_tiny_ncsnpp():
+    """The same through NCSN++ (float32: central differences with a step balancing truncation and
+    rounding; the jvp itself is exact)."""
+    module = get_network("ncsnpp", nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
+    params = module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)))["params"]
+    # NCSN++ zero-initialises its last convolutions: perturb every weight so that F matters.
+    leaves, tdef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree.unflatten(tdef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    _check_jvp(make_apply_fn(module), params, (8, 8, 1), rel=3e-3, rtol=3e-3)
+
+
+def _flat(tree):
+    return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree)])
+
+
+@pytest.mark.parametrize("method", ["ct", "cd"])
+def test_pseudo_objective_gradient_is_the_limit_of_the_discrete_gradient_over_dt(method):
+    """CM Thm. 6 on the toy with the exact teacher: ∇θ L_Δ / Δt → ∇θ L_continuous, first order in Δt,
+    where L_Δ = mean (1/D)‖f_θ(x_t, t) − sg f_θ(x_t − Δt·dx/dt, t − Δt)‖² (one Euler step of the exact
+    PF-ODE for CD; x0 + (t − Δt)·z for CT)."""
+    with _x64():
+        apply_fn, params = _tanh_net, _tanh_params(1)
+        gm = toy.ring_mixture()
+        rng = np.random.default_rng(1)
+        b = 16
+        x0 = jnp.asarray(gm.sample(rng, b))
+        z = jnp.asarray(rng.standard_normal((b, 2)))
+        t = jnp.asarray(np.exp(rng.uniform(np.log(0.1), np.log(10.0), b)))
+        x_t = x0 + t[:, None] * z
+        phi = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), gm.as_params())
+        m = CC.ContinuousConsistency(apply_fn=apply_fn, sigmas=SIG, stopgrad=True,
+                                     teacher=toy.exact_denoiser if method == "cd" else None)
+        v = m.velocity(Frozen(teacher=phi), x0, z, x_t, t, None)
+        cont = jax.grad(lambda p: CC.continuous_loss(apply_fn, SIG, p, x0, z, t, v,
+                                                     stopgrad=True)[0])(params)
+
+        def discrete(p, dt):
+            target = jax.lax.stop_gradient(
+                P.consistency_fn(apply_fn, p, x_t - dt * v, t - dt, SIG))
+            online = P.consistency_fn(apply_fn, p, x_t, t, SIG)
+            return jnp.mean(jnp.mean((online - target) ** 2, axis=-1)) / dt
+
+        errors = []
+        for dt in (1e-2, 5e-3, 2.5e-3, 1.25e-3):
+            g = jax.grad(discrete)(params, dt)
+            errors.append(np.linalg.norm(_flat(g) - _flat(cont)) / np.linalg.norm(_flat(cont)))
+        assert errors[-1] < 2e-2, errors
+        rates = [a / b_ for a, b_ in zip(errors, errors[1:])]
+        assert all(1.8 < r < 2.2 for r in rates), (errors, rates)  # first order: halves with Δt
+
+
+def test_true_objective_is_the_norm_of_the_time_derivative():
+    with _x64():
+        apply_fn, params = _tanh_net, _tanh_params(2, hidden=16)
+        rng = np.random.default_rng(2)
+        x0, z = (jnp.asarray(rng.standard_normal((4, 2))) for _ in range(2))
+        t = jnp.asarray([0.01, 0.5, 3.0, 70.0])
+        loss, aux = CC.continuous_loss(apply_fn, SIG, params, x0, z, t, z, stopgrad=False)
+        _, dfdt = CC.time_derivative(apply_fn, SIG, params, x0 + t[:, None] * z, t, z)
+        want = np.mean(np.linalg.norm(np.asarray(dfdt), axis=-1))
+        assert float(loss) == pytest.approx(want, rel=1e-12)
+        assert float(aux["dfdt_norm"]) == pytest.approx(want, rel=1e-12)
+        # and it is differentiated through the jvp (a true objective): a nonzero gradient
+        g = jax.grad(lambda p: CC.continuous_loss(apply_fn, SIG, p, x0, z, t, z, stopgrad=False)[0])(
+            params)
+        assert np.linalg.norm(_flat(g)) > 0
+
+
+def test_time_proposal_is_uniform_in_t_to_the_one_over_rho():
+    t = np.asarray(CC.sample_time(jax.random.key(0), 200_000, SIG))
+    u = t ** (1 / SIG.rho)
+    lo, hi = SIG.sigma_min ** (1 / SIG.rho), SIG.sigma_max ** (1 / SIG.rho)
+    assert lo <= u.min() and u.max() <= hi
+    hist, _ = np.histogram(u, bins=10, range=(lo, hi))
+    np.testing.assert_allclose(hist / len(u), 0.1, atol=0.004)
+
+
+@pytest.mark.parametrize("method", ["cm_continuous_cd", "cm_continuous_ct"])
+def test_continuous_methods_train_through_the_main_loop(tmp_path, method):
+    from consistency_jax import experiment
+
+    c = load_config("toy", f"method={method}")
+    c.model.kwargs = dict(hidden=32, depth=2)
+    c.data.batch_size = 64
+    c.train.update(num_steps=40, log_every=20, eval_every=40, ema_rates=(0.9,))
+    c.eval.num_samples = 256
+    c.checkpoint.every = 40
+    state = experiment.train_and_evaluate(c, str(tmp_path))
+    assert int(state.step) == 40 and state.target_params is None
+    assert (state.teacher_params is not None) == (method == "cm_continuous_cd")
+    figures = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(figures["sw2_1step"]) and np.isfinite(figures["sw2_2step"])
+    assert ("map_error" in figures) == (method == "cm_continuous_cd")
