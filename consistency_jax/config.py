@@ -262,10 +262,6 @@ class Setup:
     microbatches: int
     steps_per_call: int
 
-    @property
-    def method(self) -> str:
-        return self.spec.name
-
 
 def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
