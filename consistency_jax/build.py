@@ -154,9 +154,8 @@ def init_state(init_params: Callable[[jax.Array], PyTree], tx: optax.GradientTra
         distance = sharding_lib.place(distance, fsdp_shardings(mesh, min_size)(distance))
     state = state.replace(teacher_params=teacher_params if "teacher" in frozen else None,
                           distance=distance if "distance" in frozen else None)
-    n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
-    logging.info("Created the train state on the mesh: %.3fM parameters, %d copies (θ%s, %d EMA), "
-                 "split over fsdp=%d.", n_params / 1e6, 1 + int(method.keeps_target) + len(ema_rates),
+    logging.info("Created the train state on the mesh: %d copies of θ (θ%s, %d EMA), split over "
+                 "fsdp=%d.", 1 + int(method.keeps_target) + len(ema_rates),
                  ", θ⁻" if method.keeps_target else "", len(ema_rates),
                  mesh.shape[sharding_lib.FSDP_AXIS])
     return state, sharding_lib.state_shardings(state, mesh, min_size=min_size)

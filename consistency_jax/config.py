@@ -289,9 +289,8 @@ def _check_network_input(config: ml_collections.ConfigDict) -> None:
     """Traces (jax.eval_shape, nothing is compiled) the network's init on the configured data shape,
     so that kwargs the network does not take, or an image size it cannot down-sample, fail here."""
     import jax
-    import jax.numpy as jnp
 
-    from consistency_jax import networks
+    from consistency_jax import build
 
     if config.data.name in TOY_DATASETS:
         shape, what = (2,), "2-D toy points"
@@ -301,11 +300,8 @@ def _check_network_input(config: ml_collections.ConfigDict) -> None:
     else:
         return  # the data layer knows the shape
     try:
-        module = networks.from_config(config.model)
-        labels = jnp.zeros((1,), jnp.int32) if config.data.use_labels else None
-        jax.eval_shape(lambda r: module.init({"params": r, "dropout": r},
-                                             jnp.zeros((1,) + shape), jnp.zeros((1,)), labels),
-                       jax.random.key(0))
+        _, _, init = build.build_network(config, shape)  # the init the run will use
+        jax.eval_shape(init, jax.random.key(0))
     except (ValueError, TypeError) as e:
         raise ValueError(f"The network {config.model.name!r} (config.model) cannot take {what}: "
                          f"{e}") from e

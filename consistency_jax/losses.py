@@ -32,7 +32,7 @@ INDEX_SAMPLINGS = ("uniform", "lognormal")
 
 def _flat(x: Array) -> Array:
     """(B, ...) -> (B, D) in float32, or float64 for float64 inputs."""
-    return x.reshape(x.shape[0], -1).astype(jnp.promote_types(x.dtype, jnp.float32))
+    return param_lib.as_compute_dtype(x.reshape(x.shape[0], -1))
 
 
 def l2_distance(a: Array, b: Array) -> Array:
@@ -202,8 +202,7 @@ def consistency_loss(apply_fn: param_lib.ApplyFn, sigmas: param_lib.SigmaConfig,
     Returns:
       (loss, aux) with aux "mean_t" (mean t_{n+1}) and "distance" (mean unweighted distance).
     """
-    x0 = jnp.asarray(batch["image"])
-    x0 = x0.astype(jnp.promote_types(x0.dtype, jnp.float32))
+    x0 = param_lib.as_compute_dtype(batch["image"])
     labels = batch.get("label")
     b = x0.shape[0]
     rng_n, rng_z, rng_drop = jax.random.split(rng, 3)

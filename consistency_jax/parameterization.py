@@ -99,6 +99,13 @@ def edm_scalings(t: Array, sigma_data: float) -> tuple[Array, Array, Array]:
     return consistency_scalings(t, 0.0, sigma_data)
 
 
+def as_compute_dtype(x: Any) -> Array:
+    """``x`` as an array in the dtype of the core maths: promoted with float32 (float64 stays float64
+    under x64; bfloat16, float16 and integers become float32)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _compute_dtype(x: Array, t: Array):
     """The dtype of the core maths: x and t promoted with float32 (float64 only under x64).
 

@@ -104,7 +104,7 @@ def test_pseudo_objective_gradient_is_the_limit_of_the_discrete_gradient_over_dt
         m = CC.ContinuousConsistency(apply_fn=apply_fn, sigmas=SIG, stopgrad=True,
                                      teacher=toy.exact_denoiser if method == "cd" else None)
         v = m.velocity(Frozen(teacher=phi), x0, z, x_t, t, None)
-        cont = jax.grad(lambda p: CC.continuous_loss(apply_fn, SIG, p, x0, z, t, v,
+        cont = jax.grad(lambda p: CC.continuous_loss(apply_fn, SIG, p, x_t, t, v,
                                                      stopgrad=True)[0])(params)
 
         def discrete(p, dt):
@@ -128,13 +128,14 @@ def test_true_objective_is_the_norm_of_the_time_derivative():
         rng = np.random.default_rng(2)
         x0, z = (jnp.asarray(rng.standard_normal((4, 2))) for _ in range(2))
         t = jnp.asarray([0.01, 0.5, 3.0, 70.0])
-        loss, aux = CC.continuous_loss(apply_fn, SIG, params, x0, z, t, z, stopgrad=False)
-        _, dfdt = CC.time_derivative(apply_fn, SIG, params, x0 + t[:, None] * z, t, z)
+        x_t = x0 + t[:, None] * z
+        loss, aux = CC.continuous_loss(apply_fn, SIG, params, x_t, t, z, stopgrad=False)
+        _, dfdt = CC.time_derivative(apply_fn, SIG, params, x_t, t, z)
         want = np.mean(np.linalg.norm(np.asarray(dfdt), axis=-1))
         assert float(loss) == pytest.approx(want, rel=1e-12)
         assert float(aux["dfdt_norm"]) == pytest.approx(want, rel=1e-12)
         # and it is differentiated through the jvp (a true objective): a nonzero gradient
-        g = jax.grad(lambda p: CC.continuous_loss(apply_fn, SIG, p, x0, z, t, z, stopgrad=False)[0])(
+        g = jax.grad(lambda p: CC.continuous_loss(apply_fn, SIG, p, x_t, t, z, stopgrad=False)[0])(
             params)
         assert np.linalg.norm(_flat(g)) > 0
 

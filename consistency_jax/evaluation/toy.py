@@ -19,7 +19,7 @@ class ToyEvaluator:
     def __init__(self, config, family: str, sigmas: param_lib.SigmaConfig, *,
                  exact_map: bool = False, num_map_points: int = 500):
         self.ed, self.sw2 = energy_distance, sliced_wasserstein2
-        self.config, self.sigmas = config, sigmas
+        self.sigmas = sigmas
         self.mixture = toy.ring_mixture()
         n = config.eval.num_samples
         rng = np.random.default_rng([config.seed, 12345])

@@ -52,24 +52,23 @@ def time_derivative(apply_fn: param_lib.ApplyFn, sigmas: param_lib.SigmaConfig, 
 
 
 def continuous_loss(apply_fn: param_lib.ApplyFn, sigmas: param_lib.SigmaConfig, params: Any,
-                    x0: Array, z: Array, t: Array, velocity: Array, *, stopgrad: bool,
+                    x_t: Array, t: Array, velocity: Array, *, stopgrad: bool,
                     labels: Optional[Array] = None, rng: Optional[Array] = None
                     ) -> tuple[Array, dict[str, Array]]:
-    """The continuous-time objective of one batch at given times and noise (module docstring).
+    """The continuous-time objective of one batch at given noisy points (module docstring).
 
     Args:
-      x0, z, t: clean data (B, ...), noise like x0 and times (B,); x_t = x0 + t·z.
+      x_t, t: noisy data x0 + t·z (B, ...) and its times (B,).
       velocity: dx/dt at x_t (B, ...), put under stop_gradient here.
       stopgrad: the pseudo-objective of CM Thm. 6 (True) or the true objective ‖df/dt‖ (False).
       labels, rng: class labels and the dropout key of the network (train mode when rng is given).
     """
-    b = x0.shape[0]
-    x_t = x0 + t.reshape((b,) + (1,) * (x0.ndim - 1)) * z
+    b = x_t.shape[0]
     kwargs = dict(labels=labels, train=rng is not None, rng=rng)
     f_t, dfdt = time_derivative(apply_fn, sigmas, params, x_t, t, jax.lax.stop_gradient(velocity),
                                 **kwargs)
     flat = lambda a: a.reshape(b, -1)
-    dim = math.prod(x0.shape[1:])
+    dim = math.prod(x_t.shape[1:])
     norm = jnp.sqrt(jnp.sum(flat(dfdt) ** 2, axis=-1))
     if stopgrad:
         per_example = (2.0 / dim) * jnp.sum(flat(jax.lax.stop_gradient(dfdt)) * flat(f_t), axis=-1)
@@ -110,8 +109,7 @@ class ContinuousConsistency(Method):
 
     def loss(self, params, frozen: Frozen, batch, rng, step):
         del step
-        x0 = jnp.asarray(batch["image"])
-        x0 = x0.astype(jnp.promote_types(x0.dtype, jnp.float32))
+        x0 = param_lib.as_compute_dtype(batch["image"])
         labels = batch.get("label")
         b = x0.shape[0]
         rng_t, rng_z, rng_drop = jax.random.split(rng, 3)
@@ -119,7 +117,7 @@ class ContinuousConsistency(Method):
         z = jax.random.normal(rng_z, x0.shape, x0.dtype)
         x_t = x0 + t.reshape((b,) + (1,) * (x0.ndim - 1)) * z
         v = self.velocity(frozen, x0, z, x_t, t, labels)
-        return continuous_loss(self.apply_fn, self.sigmas, params, x0, z, t, v,
+        return continuous_loss(self.apply_fn, self.sigmas, params, x_t, t, v,
                                stopgrad=self.stopgrad, labels=labels, rng=rng_drop)
 
 

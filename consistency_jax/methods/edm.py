@@ -31,8 +31,7 @@ class EDMDenoiser(Method):
 
     def loss(self, params, frozen: Frozen, batch, rng, step):
         del frozen, step
-        x0 = jnp.asarray(batch["image"])
-        x0 = x0.astype(jnp.promote_types(x0.dtype, jnp.float32))
+        x0 = param_lib.as_compute_dtype(batch["image"])
         b = x0.shape[0]
         rng_s, rng_z, rng_drop = jax.random.split(rng, 3)
         sigma = jnp.exp(self.p_mean + self.p_std * jax.random.normal(rng_s, (b,), x0.dtype))
