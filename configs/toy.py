@@ -3,8 +3,8 @@
   python -m consistency_jax.main --config=configs/toy.py:method=ct --workdir=/tmp/toy_ct
   python -m consistency_jax.main --config=configs/toy.py:method=cd --workdir=/tmp/toy_cd
 
-method=cd (and cm_continuous_cd) distils from the exact denoiser of the mixture; ct / ict /
-cm_continuous_ct train from scratch.
+method=cd (and cm_continuous_cd, scd) distils from the exact denoiser of the mixture; ct / ict /
+cm_continuous_ct / sct train from scratch.
 """
 from consistency_jax import config as common
 from consistency_jax import methods
@@ -34,6 +34,8 @@ def get_config(arg=None):
         c.data.batch_size = 512
         c.train.update(num_steps=40_000, eval_every=20_000)
         c.checkpoint.every = 20_000
+    if args["method"] in ("sct", "scd"):
+        c.loss.tangent_warmup = 2000  # sCM's 10k warm-up is sized for runs of 100k+ steps
     if args["method"] == "edm":
         c.train.ema_rates = (0.999,)
     return c

@@ -49,6 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.name = "mlp"
     c.model.kwargs = ml_collections.ConfigDict()  # constructor arguments of the network
     c.model.dtype = "float32"  # compute dtype of activations: float32 | bfloat16
+    # A learned log-variance head w_φ(t) beside the network (sCM's adaptive weighting; set by sct/scd).
+    c.model.logvar_head = False
 
     c.sigmas = ml_collections.ConfigDict()
     c.sigmas.sigma_min = 0.002
@@ -68,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.edm_p_mean = -1.2  # EDM's training distribution ln σ ~ N(edm_p_mean, edm_p_std²)
     c.loss.edm_p_std = 1.2
     c.loss.stopgrad = True  # continuous-time CM: the pseudo-objective of CM Thm. 6 (False: ‖df/dt‖)
+    # sCM (sct / scd): the tangent warm-up r = min(1, step / tangent_warmup) and the normalisation
+    # g / (‖g‖ + tangent_c); its proposal of the noise level is ln σ ~ N(p_mean, p_std²).
+    c.loss.tangent_warmup = 10_000
+    c.loss.tangent_c = 0.1
     c.loss.lpips_weights = ""  # .safetensors file for distance = lpips
     c.loss.lpips_net = "vgg"
 

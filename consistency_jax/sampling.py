@@ -50,7 +50,8 @@ def check_times(ts: Sequence[float], sigmas: param_lib.SigmaConfig) -> tuple[flo
 def multistep_sample(apply_fn: param_lib.ApplyFn, params: Any, rng: Array, shape: Sequence[int],
                      ts: Sequence[float], sigmas: param_lib.SigmaConfig, *,
                      labels: Optional[Array] = None, clip: Optional[float] = None,
-                     x_init: Optional[Array] = None) -> Array:
+                     x_init: Optional[Array] = None,
+                     consistency_fn=param_lib.consistency_fn) -> Array:
     """Multistep consistency sampling (CM Algorithm 1).
 
     x ← f(τ_0·z, τ_0); for τ in τ_1 > … : x ← f(x + √(τ² − ε²)·z, τ). One step when ``ts`` = (T,).
@@ -65,13 +66,15 @@ def multistep_sample(apply_fn: param_lib.ApplyFn, params: Any, rng: Array, shape
       labels: class labels (B,) for a conditional network.
       clip: if set, clamp each x0 estimate to [−clip, clip] (images: 1.0).
       x_init: the initial noisy point x_{τ_0} instead of τ_0·z (for editing / interpolation).
+      consistency_fn: f(apply_fn, params, x_σ, σ, sigmas, **kw), CM's by default; a TrigFlow model's
+        ``trigflow.consistency_fn_sigma`` makes this sCM's sampler (sCM §3) in EDM units.
     """
     ts = check_times(ts, sigmas)
     if len(ts) > 1 and ts[-1] == sigmas.sigma_min:
         ts = ts[:-1]
     keys = jax.random.split(rng, len(ts))
     x = ts[0] * jax.random.normal(keys[0], tuple(shape), jnp.float32) if x_init is None else x_init
-    f = functools.partial(param_lib.consistency_fn, apply_fn, params, sigmas=sigmas, labels=labels,
+    f = functools.partial(consistency_fn, apply_fn, params, sigmas=sigmas, labels=labels,
                           train=False, rng=None)
     for j, t in enumerate(ts):
         if j > 0:
@@ -118,12 +121,14 @@ def edm_heun_sample(denoise, rng: Array, shape: Sequence[int], sigmas: param_lib
 
 
 def make_sampler(apply_fn: param_lib.ApplyFn, sigmas: param_lib.SigmaConfig, ts: Sequence[float],
-                 shape: Sequence[int], *, clip: Optional[float] = None):
+                 shape: Sequence[int], *, clip: Optional[float] = None,
+                 consistency_fn=param_lib.consistency_fn):
     """A jitted ``sample(params, rng, labels=None) -> x`` for a fixed shape and fixed times."""
     ts = check_times(ts, sigmas)
 
     @jax.jit
     def sample(params, rng, labels=None):
-        return multistep_sample(apply_fn, params, rng, shape, ts, sigmas, labels=labels, clip=clip)
+        return multistep_sample(apply_fn, params, rng, shape, ts, sigmas, labels=labels, clip=clip,
+                                consistency_fn=consistency_fn)
 
     return sample

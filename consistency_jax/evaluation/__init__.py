@@ -25,7 +25,9 @@ def build_evaluator(config, spec, sigmas, example_shape):
         from consistency_jax.evaluation.toy import ToyEvaluator
 
         return ToyEvaluator(config, spec.family, sigmas,
-                            exact_map=spec.needs_teacher and spec.family == "consistency")
+                            exact_map=spec.needs_teacher and spec.family == "consistency",
+                            consistency_fn=spec.consistency_fn)
     from consistency_jax.evaluation.images import ImageEvaluator
 
-    return ImageEvaluator(config, spec.family, sigmas, example_shape)
+    return ImageEvaluator(config, spec.family, sigmas, example_shape,
+                          consistency_fn=spec.consistency_fn)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
+from consistency_jax import parameterization as param_lib
 from consistency_jax.evaluation.samples import SampleGenerator
 
 
@@ -41,12 +42,14 @@ def is_digits(name: str) -> bool:
 class ImageEvaluator:
     """Generates samples and computes the figures of one evaluation (see the module docstring)."""
 
-    def __init__(self, config, family: str, sigmas, example_shape):
+    def __init__(self, config, family: str, sigmas, example_shape,
+                 consistency_fn=param_lib.consistency_fn):
         self.config = config
         self.shape = (int(config.eval.num_samples),) + tuple(example_shape)
         self.num_classes = config.model.kwargs.get("num_classes") if config.data.use_labels else None
         self.digits = is_digits(config.data.name)
-        self.generate = SampleGenerator(family, sigmas, config, self.shape, labels=self.labels())
+        self.generate = SampleGenerator(family, sigmas, config, self.shape, labels=self.labels(),
+                                        consistency_fn=consistency_fn)
         if self.digits:
             from consistency_jax.metrics import digits as digits_lib
 

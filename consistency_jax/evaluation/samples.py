@@ -40,11 +40,13 @@ class SampleGenerator:
       config: the run config (``eval.edm_steps``, the 2-step times).
       shape: the shape of the generated batch (N, ...).
       labels: class labels (N,) for a conditional network.
+      consistency_fn: the consistency function of the model (``MethodSpec.consistency_fn``).
     """
 
     def __init__(self, family: str, sigmas: param_lib.SigmaConfig, config, shape,
-                 labels: Optional[jax.Array] = None):
+                 labels: Optional[jax.Array] = None, consistency_fn=param_lib.consistency_fn):
         self.family, self.sigmas, self.shape, self.labels = family, sigmas, tuple(shape), labels
+        self.consistency_fn = consistency_fn
         self.edm_steps = int(config.eval.edm_steps)
         self.two_step = two_step_times(config, sigmas) if family == "consistency" else None
         self._samplers = None
@@ -63,7 +65,8 @@ class SampleGenerator:
         if self.family != "consistency":
             raise ValueError(f"No evaluation samplers for the method family {self.family!r}.")
         clip = 1.0 if len(shape) == 4 else None
-        return {name: sampling.make_sampler(apply_fn, sigmas, ts, shape, clip=clip)
+        return {name: sampling.make_sampler(apply_fn, sigmas, ts, shape, clip=clip,
+                                            consistency_fn=self.consistency_fn)
                 for name, ts in (("1step", (sigmas.sigma_max,)), ("2step", self.two_step))}
 
     def __call__(self, apply_fn, params, rng) -> dict[str, np.ndarray]:

@@ -17,7 +17,8 @@ class ToyEvaluator:
     exact PF-ODE map x_T -> x_ε."""
 
     def __init__(self, config, family: str, sigmas: param_lib.SigmaConfig, *,
-                 exact_map: bool = False, num_map_points: int = 500):
+                 exact_map: bool = False, num_map_points: int = 500,
+                 consistency_fn=param_lib.consistency_fn):
         self.ed, self.sw2 = energy_distance, sliced_wasserstein2
         self.sigmas = sigmas
         self.mixture = toy.ring_mixture()
@@ -29,7 +30,8 @@ class ToyEvaluator:
         pairs = [(self.mixture.sample(rng, n), self.mixture.sample(rng, n)) for _ in range(8)]
         self.floor = {"sw2_floor": float(np.mean([self.sw2(a, b) for a, b in pairs])),
                       "ed_floor": float(np.mean([self.ed(a, b) for a, b in pairs]))}
-        self.generate = SampleGenerator(family, sigmas, config, (n, 2))
+        self.consistency_fn = consistency_fn
+        self.generate = SampleGenerator(family, sigmas, config, (n, 2), consistency_fn=consistency_fn)
         self.map_points = None
         if exact_map:
             t_max, t_min = sigmas.sigma_max, sigmas.sigma_min
@@ -45,8 +47,8 @@ class ToyEvaluator:
             figures[f"sw2_ratio_{name}"] = figures[f"sw2_{name}"] / self.floor["sw2_floor"]
         if self.map_points is not None:
             t = jnp.full((len(self.map_points),), self.sigmas.sigma_max)
-            x1 = param_lib.consistency_fn(apply_fn, params, jnp.asarray(self.map_points, jnp.float32),
-                                          t, self.sigmas)
+            x1 = self.consistency_fn(apply_fn, params, jnp.asarray(self.map_points, jnp.float32), t,
+                                     self.sigmas)
             err = np.linalg.norm(np.asarray(x1, np.float64) - self.map_truth, axis=1)
             figures["map_error"] = float(err.mean())
             figures["map_error_over_sigma_data"] = float(err.mean() / self.sigmas.sigma_data)

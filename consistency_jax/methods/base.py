@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Optional
 import flax
 import jax
 
+from consistency_jax import parameterization as param_lib
 from consistency_jax.train_state import ema_update
 
 Array = jax.Array
@@ -131,6 +132,9 @@ class MethodSpec:
       build: (BuildContext) -> Method.
       needs_teacher: the method reads a teacher (``config.teacher.workdir``).
       uses_distance: the method's loss uses ``config.loss.distance`` (so LPIPS weights are loaded).
+      consistency_fn: the consistency function of the method's models at an EDM point (x_σ, σ), with
+        the signature of ``parameterization.consistency_fn`` (the default, CM's f_θ; TrigFlow models
+        give ``trigflow.consistency_fn_sigma``). Samplers and evaluators use it.
     """
 
     name: str
@@ -141,6 +145,7 @@ class MethodSpec:
     build: Callable[[BuildContext], Method]
     needs_teacher: bool = False
     uses_distance: bool = True
+    consistency_fn: Callable = param_lib.consistency_fn
 
     def __post_init__(self):
         if self.family not in FAMILIES:

@@ -194,6 +194,12 @@ def group_norm(x: Array, *, epsilon: float, dtype: Dtype = jnp.float32,
                         param_dtype=param_dtype, name=name)(x)
 
 
+def _pixel_norm(v: Array, eps: float = 1e-4) -> Array:
+    """v / RMS(v) over the channel axis (the PixelNorm of StyleGAN), computed in float32."""
+    v32 = v.astype(jnp.float32)
+    return (v32 * jax.lax.rsqrt(jnp.mean(v32 * v32, axis=-1, keepdims=True) + eps)).astype(v.dtype)
+
+
 def count_params(params: Any) -> int:
     """Number of scalars in a parameter pytree (arrays or ``jax.ShapeDtypeStruct`` leaves).
 
@@ -595,6 +601,9 @@ class ResBlock(nn.Module):
       dropout: dropout rate before the last convolution.
       skip_rescale: divide the sum by √2.
       scale_shift_norm: FiLM conditioning (ADM ``use_scale_shift_norm``).
+      normalize_scale_shift: divide the FiLM scale and shift each by its RMS over channels (sCM §4.1's
+        "adaptive double normalization", which keeps the continuous-time objective stable); no
+        parameters, so the parameter tree is unchanged.
       skip_conv_on_resample: project the skip with a 1×1 conv whenever resampling (BigGAN).
       init_style: "ddpm" or "torch".
       out_init_scale: scale of the last convolution's initialisation (0 = zero init).
@@ -610,6 +619,7 @@ class ResBlock(nn.Module):
     dropout: float = 0.0
     skip_rescale: bool = False
     scale_shift_norm: bool = False
+    normalize_scale_shift: bool = False
     skip_conv_on_resample: bool = True
     init_style: str = "ddpm"
     out_init_scale: float = 0.0
@@ -650,6 +660,8 @@ class ResBlock(nn.Module):
                         **conv_kw)[:, None, None, :].astype(h.dtype)
         if self.scale_shift_norm:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
+            if self.normalize_scale_shift:
+                scale, shift = _pixel_norm(scale), _pixel_norm(shift)
             h = group_norm(h, epsilon=self.norm_eps, **common) * (1 + scale) + shift
             h = nn.swish(h)
         else:

@@ -77,6 +77,8 @@ class ADMUNet(nn.Module):
       num_head_channels: channels per attention head; -1 to use ``num_heads`` heads instead.
       num_heads: number of heads when ``num_head_channels == -1``.
       use_scale_shift_norm: FiLM conditioning of the residual blocks.
+      normalize_scale_shift: RMS-normalise the FiLM scale and shift (sCM's adaptive double
+        normalization, for continuous-time training; no extra parameters).
       resblock_updown: resample with residual blocks (else nearest/avg-pool layers).
       conv_resample: with ``resblock_updown=False``, resample with 3×3 convolutions.
       dtype: compute dtype (``jnp.bfloat16`` for mixed precision).
@@ -92,6 +94,7 @@ class ADMUNet(nn.Module):
     num_head_channels: int = 64
     num_heads: int = 1
     use_scale_shift_norm: bool = True
+    normalize_scale_shift: bool = False
     resblock_updown: bool = True
     conv_resample: bool = True
     dtype: Dtype = jnp.float32
@@ -153,7 +156,8 @@ class ADMUNet(nn.Module):
 
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         block_kw = dict(fir_kernel=None, dropout=self.dropout, skip_rescale=False,
-                        scale_shift_norm=self.use_scale_shift_norm, skip_conv_on_resample=False,
+                        scale_shift_norm=self.use_scale_shift_norm,
+                        normalize_scale_shift=self.normalize_scale_shift, skip_conv_on_resample=False,
                         init_style="torch", out_init_scale=0.0, norm_eps=_NORM_EPS, **common)
 
         def res_block(h, out_ch=None, up=False, down=False):

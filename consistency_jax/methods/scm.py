@@ -1,0 +1,225 @@
+"""sCM: continuous-time consistency training and distillation in TrigFlow (Lu & Song 2024), as the
+methods ``sct`` and ``scd``.
+
+With θ⁻ = stopgrad θ and F⁻ = F_θ⁻(x_t/σ_d, t), the gradient of the continuous-time consistency
+objective is that of (sCM Eq. 7–8, Algorithm 1)
+
+    L(θ, φ) = E_t[ exp(w_φ(t))/D · ‖F_θ(x_t/σ_d, t) − F⁻ − g‖² − w_φ(t) ],
+
+with the tangent g = cos t·df_θ⁻/dt written through the network's time derivative,
+
+    g = −cos²t·(σ_d·F⁻ − dx_t/dt) − r·cos t·sin t·(x_t + σ_d·dF⁻/dt),
+
+where
+
+  - x_t = cos t·x_0 + sin t·z, z ~ N(0, σ_d² I), and t = arctan(e^τ/σ_d) with τ ~ N(P_mean, P_std²)
+    (the lognormal proposal; e^τ is the EDM noise level, clipped to [σ_min, σ_max]);
+  - dx_t/dt is cos t·z − sin t·x_0 for sCT, and the teacher's σ_d·F_teacher(x_t/σ_d, t) for sCD (an
+    EDM denoiser converted exactly to TrigFlow by ``trigflow.edm_velocity``);
+  - cos t·sin t·dF⁻/dt is ONE ``jax.jvp`` through the network with the tangents
+    (cos t·sin t·dx_t/dt, cos t·sin t) for (x_t, t) — the "JVP rearrangement" of sCM §4.2, which keeps
+    the product well scaled in low precision — with the same dropout key as the value of F_θ;
+  - r = min(1, step / warmup) is the tangent warm-up (sCM §4.2); g is normalised per example,
+    g ← g/(‖g‖₂ + c) with c = 0.1 (tangent normalisation, sCM §4.2);
+  - w_φ(t) is the learned log-variance head (``networks.logvar.WithLogVar``, ``config.model.logvar_head``),
+    trained jointly with θ (adaptive weighting, sCM §4.2).
+
+Forward-mode through attention: the library's attention is written with ``jnp.einsum`` and
+``jax.nn.softmax`` (no fused kernel with a custom VJP), which JAX differentiates forward-mode exactly.
+
+The trained model's consistency function is ``trigflow.consistency_fn`` (sCM Eq. 6); the method plug-ins
+give samplers its EDM-unit form ``trigflow.consistency_fn_sigma``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from consistency_jax import parameterization as param_lib
+from consistency_jax import trigflow
+from consistency_jax.methods.base import Frozen, Method, MethodSpec, register
+
+Array = jax.Array
+
+
+def sample_time(rng: Array, batch: int, p_mean: float, p_std: float,
+                sigmas: param_lib.SigmaConfig, dtype=jnp.float32) -> Array:
+    """The angles t = arctan(σ/σ_d) with ln σ ~ N(p_mean, p_std²), σ clipped to [σ_min, σ_max]."""
+    sigma = jnp.exp(p_mean + p_std * jax.random.normal(rng, (batch,), dtype))
+    sigma = jnp.clip(sigma, sigmas.sigma_min, sigmas.sigma_max)
+    return trigflow.t_from_sigma(sigma, sigmas.sigma_data)
+
+
+def tangent_warmup(step: Array, warmup_steps: int) -> Array:
+    """r = min(1, step / warmup_steps) (1 when warmup_steps = 0)."""
+    if warmup_steps <= 0:
+        return jnp.float32(1.0)
+    return jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / warmup_steps)
+
+
+def tangent(apply_fn: param_lib.ApplyFn, sigmas: param_lib.SigmaConfig, target_params: Any,
+            x_t: Array, t: Array, velocity: Array, r: Array, **kwargs: Any
+            ) -> tuple[Array, Array]:
+    """(F⁻, g): the target network's output and the unnormalised tangent g (module docstring).
+
+    g equals cos t·df_θ⁻/dt along dx_t/dt = ``velocity`` when r = 1. ``kwargs`` (labels, train, rng)
+    go to the network: pass the dropout key of the online pass.
+    """
+    tb = param_lib._bcast(t, x_t)
+    cos, sin = jnp.cos(tb), jnp.sin(tb)
+    cs = cos * sin
+    sd = sigmas.sigma_data
+    fn = lambda x, tt: trigflow.raw_output(apply_fn, target_params, x, tt, sigmas, **kwargs)
+    f_minus, cs_dfdt = jax.jvp(fn, (x_t, t), (cs * velocity, cs.reshape(t.shape)))
+    g = -cos * cos * (sd * f_minus - velocity) - r * (cs * x_t + sd * cs_dfdt)
+    return f_minus, g
+
+
+def per_example_norm(a: Array) -> Array:
+    """‖a_i‖₂ over all but the first axis, shaped to broadcast against a."""
+    return jnp.sqrt(jnp.sum(a.reshape(a.shape[0], -1) ** 2, axis=-1)).reshape(
+        (a.shape[0],) + (1,) * (a.ndim - 1))
+
+
+def scm_loss(apply_fn: param_lib.ApplyFn, logvar_fn: Optional[Callable], sigmas: param_lib.SigmaConfig,
+             params: Any, target_params: Any, x_t: Array, t: Array, velocity: Array, r: Array, *,
+             tangent_c: float, labels: Optional[Array] = None, rng: Optional[Array] = None
+             ) -> tuple[Array, dict[str, Array]]:
+    """The sCM objective of one batch at given TrigFlow points (module docstring).
+
+    Args:
+      apply_fn: the raw network (with the log-variance head when ``logvar_fn`` is given).
+      logvar_fn: (params, c_noise) -> w_φ (B,), or None for unit weighting (w ≡ 0).
+      sigmas: σ_d and the network's time convention.
+      params: θ (and φ), differentiated.
+      target_params: θ⁻ = stopgrad θ.
+      x_t, t: TrigFlow points (B, ...) and angles (B,).
+      velocity: dx_t/dt at x_t (put under stop_gradient here).
+      r: the tangent warm-up factor.
+      tangent_c: c of the tangent normalisation g/(‖g‖ + c).
+      labels, rng: class labels and the dropout key (train mode when rng is given), shared by both
+        passes.
+    """
+    kwargs = dict(labels=labels, train=rng is not None, rng=rng)
+    velocity = jax.lax.stop_gradient(velocity)
+    f_minus, g = tangent(apply_fn, sigmas, jax.lax.stop_gradient(target_params), x_t, t, velocity, r,
+                         **kwargs)
+    g_norm = per_example_norm(g)
+    g = jax.lax.stop_gradient(g / (g_norm + tangent_c))
+    f_minus = jax.lax.stop_gradient(f_minus)
+    out = trigflow.raw_output(apply_fn, params, x_t, t, sigmas, **kwargs)
+    dim = math.prod(x_t.shape[1:])
+    sq = jnp.sum((out - f_minus - g).reshape(x_t.shape[0], -1) ** 2, axis=-1)
+    if logvar_fn is None:
+        w = jnp.zeros_like(t)
+    else:
+        w = logvar_fn(params, trigflow.time_input(t, sigmas.c_noise)).astype(sq.dtype)
+    per_example = jnp.exp(w) / dim * sq - w
+    return jnp.mean(per_example), {"mean_t": jnp.mean(t), "tangent_norm": jnp.mean(g_norm),
+                                   "logvar": jnp.mean(w), "mse": jnp.mean(sq) / dim}
+
+
+@dataclasses.dataclass(frozen=True)
+class SCM(Method):
+    """sCT (no teacher) or sCD (with ``teacher``), θ⁻ = stopgrad θ: no target copy is kept.
+
+    Attributes:
+      apply_fn: the raw network.
+      logvar_fn: the adaptive weighting head w_φ, or None.
+      sigmas: σ_d, the clipping range of the proposal, the network's time convention.
+      p_mean, p_std: the lognormal proposal of the noise level (sCM §4.3).
+      warmup_steps: the tangent warm-up length.
+      tangent_c: c of the tangent normalisation.
+      teacher: D_φ(φ, x_σ, σ, labels), an EDM denoiser (converted to TrigFlow); None for sCT.
+    """
+
+    apply_fn: Callable
+    logvar_fn: Optional[Callable]
+    sigmas: Any
+    p_mean: float = -1.0
+    p_std: float = 1.4
+    warmup_steps: int = 10_000
+    tangent_c: float = 0.1
+    teacher: Optional[Callable] = None
+
+    name = "scm"
+
+    @property
+    def frozen_trees(self) -> tuple[str, ...]:
+        return ("target",) + (("teacher",) if self.teacher is not None else ())
+
+    def schedule(self, step: Array) -> dict[str, Array]:
+        return {"tangent_warmup": tangent_warmup(step, self.warmup_steps)}
+
+    def velocity(self, frozen: Frozen, x0, z, x_t, t, labels) -> Array:
+        """dx_t/dt: cos t·z − sin t·x_0 (sCT) or the converted teacher's velocity (sCD)."""
+        if self.teacher is None:
+            tb = param_lib._bcast(t, x0)
+            return jnp.cos(tb) * z - jnp.sin(tb) * x0
+        return trigflow.edm_velocity(self.teacher, self.sigmas.sigma_data)(frozen.teacher, x_t, t,
+                                                                           labels)
+
+    def loss(self, params, frozen: Frozen, batch, rng, step):
+        x0 = param_lib.as_compute_dtype(batch["image"])
+        labels = batch.get("label")
+        b = x0.shape[0]
+        rng_t, rng_z, rng_drop = jax.random.split(rng, 3)
+        t = sample_time(rng_t, b, self.p_mean, self.p_std, self.sigmas, x0.dtype)
+        z = self.sigmas.sigma_data * jax.random.normal(rng_z, x0.shape, x0.dtype)
+        tb = param_lib._bcast(t, x0)
+        x_t = jnp.cos(tb) * x0 + jnp.sin(tb) * z
+        v = self.velocity(frozen, x0, z, x_t, t, labels)
+        return scm_loss(self.apply_fn, self.logvar_fn, self.sigmas, params, frozen.target, x_t, t, v,
+                        tangent_warmup(step, self.warmup_steps), tangent_c=self.tangent_c,
+                        labels=labels, rng=rng_drop)
+
+
+def check(config) -> None:
+    """sCM's fields: the proposal, the warm-up, the normalisation constant, the weighting head."""
+    lc = config.loss
+    if not lc.p_std > 0:
+        raise ValueError(f"config.loss.p_std must be positive, got {lc.p_std}.")
+    if not isinstance(lc.tangent_warmup, int) or lc.tangent_warmup < 0:
+        raise ValueError(f"config.loss.tangent_warmup must be an integer >= 0, got "
+                         f"{lc.tangent_warmup!r}.")
+    if not lc.tangent_c > 0:
+        raise ValueError(f"config.loss.tangent_c must be positive, got {lc.tangent_c}.")
+    if not config.model.logvar_head:
+        raise ValueError("method=sct/scd train the adaptive weighting w_φ(t) jointly: set "
+                         "config.model.logvar_head=True (the method's default).")
+
+
+def _build(with_teacher: bool):
+    def build(ctx) -> SCM:
+        from consistency_jax import networks
+        from consistency_jax.networks.logvar import make_logvar_fn
+
+        lc = ctx.config.loss
+        return SCM(apply_fn=ctx.apply_fn,
+                   logvar_fn=make_logvar_fn(networks.from_config(ctx.config.model)),
+                   sigmas=ctx.sigmas, p_mean=float(lc.p_mean), p_std=float(lc.p_std),
+                   warmup_steps=int(lc.tangent_warmup), tangent_c=float(lc.tangent_c),
+                   teacher=ctx.teacher if with_teacher else None)
+
+    return build
+
+
+def defaults(c) -> None:
+    """sCM's CIFAR-10 choices: (P_mean, P_std) = (−1.0, 1.4), 10k warm-up steps, c = 0.1, the
+    weighting head; no curriculum, no target EMA."""
+    c.loss.update(distance="l2", p_mean=-1.0, p_std=1.4, tangent_warmup=10_000, tangent_c=0.1)
+    c.model.logvar_head = True
+    c.curriculum.update(kind="constant", mu0=0.0)
+
+
+register(MethodSpec(name="sct", summary="sCM consistency training in TrigFlow (Lu & Song 2024)",
+                    family="consistency", defaults=defaults, check=check, build=_build(False),
+                    uses_distance=False, consistency_fn=trigflow.consistency_fn_sigma))
+register(MethodSpec(name="scd", summary="sCM consistency distillation from an EDM teacher",
+                    family="consistency", defaults=defaults, check=check, build=_build(True),
+                    needs_teacher=True, uses_distance=False,
+                    consistency_fn=trigflow.consistency_fn_sigma))
