@@ -4,7 +4,8 @@
   python -m consistency_jax.main --config=configs/toy.py:method=cd --workdir=/tmp/toy_cd
 
 method=cd (and cm_continuous_cd, scd) distils from the exact denoiser of the mixture; ct / ict /
-cm_continuous_ct / sct train from scratch.
+cm_continuous_ct / sct train from scratch, and so does ect here (no EDM run to tune by default; give one
+with --config.init.workdir=runs/toy_edm to tune it as ECT does).
 """
 from consistency_jax import config as common
 from consistency_jax import methods
@@ -36,6 +37,10 @@ def get_config(arg=None):
         c.checkpoint.every = 20_000
     if args["method"] in ("sct", "scd"):
         c.loss.tangent_warmup = 2000  # sCM's 10k warm-up is sized for runs of 100k+ steps
+    if args["method"] == "ect":
+        # ECT's q = 2, k = 8, b = 1, c = 0 (ECT §4) with a stage every 2.5k of the 20k steps: Δt/t
+        # halves 7 times (at batch 256 on 2-D points; ECT's 25k steps per stage are for CIFAR-10).
+        c.ect.stage_steps = 2500
     if args["method"] == "edm":
         c.train.ema_rates = (0.999,)
     return c

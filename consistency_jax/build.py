@@ -116,10 +116,41 @@ def build_method(config, spec: methods_lib.MethodSpec, apply_fn, sigmas, example
                                                distance=distance, teacher=teacher))
 
 
+def load_init_params(config: ml_collections.ConfigDict, init_params: Callable[[jax.Array], PyTree],
+                     mesh) -> PyTree:
+    """θ from ``config.init.workdir``'s eval EMA (``config.init.ema_rate``; 0: its slowest), restored
+    straight into the shardings θ has in the train state and in the tree structure of this run's
+    ``init_params`` (``config.validate`` has checked that the network is the same).
+
+    Raises:
+      CheckpointError: the source holds no readable checkpoint (any more).
+      ValueError: its parameters do not have the shapes and dtypes of this run's network.
+    """
+    from consistency_jax import loading
+
+    workdir = config.init.workdir
+    abstract = jax.eval_shape(init_params, jax.random.key(0))
+    _, params, step = loading.load_eval_params(
+        workdir, ema_rate=config.init.ema_rate or None,
+        sharding=fsdp_shardings(mesh, config.mesh.fsdp_min_size))
+    got = jax.tree_util.tree_flatten_with_path(params)[0]
+    want = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    same = len(got) == len(want) and all(
+        jax.tree_util.keystr(pg) == jax.tree_util.keystr(pw) and g.shape == w.shape
+        and g.dtype == w.dtype for (pg, g), (pw, w) in zip(got, want))
+    if not same:
+        raise ValueError(f"config.init.workdir={workdir!r} (step {step}): its parameters do not fit "
+                         "this run's network.")
+    logging.info("config.init: θ, θ⁻ (if kept) and the eval EMAs start from the %s EMA of %s "
+                 "(step %d).", config.init.ema_rate or "slowest", workdir, step)
+    # Orbax returns plain dicts: this run's treedef makes the state's structure the usual one.
+    return jax.tree.unflatten(jax.tree.structure(abstract), [leaf for _, leaf in got])
+
+
 def init_state(init_params: Callable[[jax.Array], PyTree], tx: optax.GradientTransformation,
                method: methods_lib.Method, ema_rates, rng: jax.Array, mesh, *, min_size: int = 0,
-               teacher_params: Optional[PyTree] = None,
-               distance: Optional[PyTree] = None) -> tuple[TrainState, PyTree]:
+               teacher_params: Optional[PyTree] = None, distance: Optional[PyTree] = None,
+               params: Optional[PyTree] = None) -> tuple[TrainState, PyTree]:
     """The train state created directly with its shardings: θ, θ⁻, the eval EMAs and the optimizer
     state are initialised by one ``jax.jit`` whose ``out_shardings`` split them over the mesh, so no
     device ever holds more than its share (the state is never built whole on one device and then
@@ -138,17 +169,19 @@ def init_state(init_params: Callable[[jax.Array], PyTree], tx: optax.GradientTra
       distance: the method's distance; one with weights (LPIPS) is placed on the mesh and travels in
         the state (an input of the compiled step rather than ~59 MB of baked-in constants) if the
         method declares it.
+      params: θ to start from (``load_init_params``, already on the mesh with θ's shardings)
+        instead of ``init_params(rng)``; θ⁻ and every eval EMA start as copies of it.
 
     Returns:
       (state, the shardings of every leaf of the state, for ``sharding.jit_train_step``).
     """
-    def create():
-        return TrainState.create(init_params(rng), tx, ema_rates=ema_rates,
-                                 use_target=method.keeps_target)
+    def create(start):
+        return TrainState.create(init_params(rng) if start is None else start, tx,
+                                 ema_rates=ema_rates, use_target=method.keeps_target)
 
-    abstract = jax.eval_shape(create)
+    abstract = jax.eval_shape(create, params)
     shardings = sharding_lib.state_shardings(abstract, mesh, min_size=min_size)
-    state = jax.jit(create, out_shardings=shardings)()
+    state = jax.jit(create, out_shardings=shardings)(params)
     frozen = set(method.frozen_trees)
     if "distance" in frozen:
         distance = sharding_lib.place(distance, fsdp_shardings(mesh, min_size)(distance))

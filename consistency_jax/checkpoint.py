@@ -53,7 +53,7 @@ _STATE, _EMA, _DATA, _CONFIG = "state", "ema", "data", "config"
 # resume on another mesh (the reduction order, hence the last bits, then differ).
 RESUMABLE_KEYS: tuple[str, ...] = (
     "train.num_steps", "train.log_every", "train.eval_every", "train.steps_per_call", "checkpoint.",
-    "eval.", "mesh.", "data.data_dir",
+    "eval.", "mesh.", "data.data_dir", "init.",  # config.init is read only when a run starts
 )
 
 

@@ -86,6 +86,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.curriculum.mu_form = "code"  # "code": what jcm/cm ran (μ(0) = 0.81); "paper": the paper's form
     c.curriculum.total_steps = 0  # K; 0 -> train.num_steps
 
+    # ECT (methods/ect.py; Geng et al. 2024): pairs (t, r) with ln t ~ N(p_mean, p_std²) and
+    # r = max(0, t − Δt), Δt = t·q^{−(s+1)}·(1 + k·sigmoid(−b·t)) at stage s = ⌊step / stage_steps⌋;
+    # pseudo-Huber d with c = huber_c (0: the l2 norm ‖a − b‖), weight 1/(t − r). The method's
+    # defaults are ECT's CIFAR-10 values (set again by set_method).
+    c.ect = ml_collections.ConfigDict()
+    c.ect.q = 2.0  # Δt/t is divided by q every stage (4 on ImageNet 64)
+    c.ect.k = 8.0
+    c.ect.b = 1.0
+    c.ect.stage_steps = 25_000  # optimizer steps per stage (25k at batch 128 on CIFAR-10)
+    c.ect.p_mean = -1.1
+    c.ect.p_std = 2.0
+    c.ect.huber_c = 0.0
+
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "radam"  # adam | radam
     c.optim.lr = 4e-4
@@ -99,6 +112,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher = ml_collections.ConfigDict()
     c.teacher.workdir = ""  # CD: the EDM teacher's workdir (read-only); "exact" on the toy
     c.teacher.ema_rate = 0.0  # which of the teacher's EMAs to use; 0 -> its slowest
+
+    # Start θ (and θ⁻ and every eval EMA) from another run's eval EMA instead of a random init, for
+    # any method (ECT tunes a pretrained EDM denoiser). Read only when the run starts fresh; a run
+    # that resumes from its own checkpoint ignores it. The source's network must be this run's
+    # (config.model up to kwargs.dropout and dtype, which change no parameter; sigmas.sigma_data
+    # and sigmas.c_noise; the same parameter shapes).
+    c.init = ml_collections.ConfigDict()
+    c.init.workdir = ""  # the source run's workdir (read-only); "" -> random initialisation
+    c.init.ema_rate = 0.0  # which of its eval EMAs; 0 -> its slowest (θ if it kept none)
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 10_000
@@ -359,6 +381,62 @@ def _check_teacher(config, spec) -> None:
     loading.teacher_config(workdir)  # a denoiser run with a readable checkpoint (JSON only)
 
 
+# Fields of config.model that change no parameter: a run may start from a run that differs there.
+INIT_FREE_MODEL_FIELDS = ("model.kwargs.dropout", "model.dtype")
+# Fields outside config.model that fix what the network's inputs mean.
+INIT_NETWORK_FIELDS = ("sigmas.sigma_data", "sigmas.c_noise")
+
+
+def _check_init(config) -> None:
+    """``config.init``: the source run holds a readable checkpoint of the same network (its config
+    and its parameters' shapes and dtypes are read; no array is loaded, nothing compiled)."""
+    import jax
+
+    from consistency_jax import build, checkpoint, loading
+    from consistency_jax.train_state import check_ema_rate
+
+    rate = check_ema_rate(config.init.ema_rate, "config.init.ema_rate")
+    workdir = config.init.workdir
+    if not workdir:
+        if rate:
+            raise ValueError(f"config.init.ema_rate={rate} is set but config.init.workdir is empty.")
+        return
+    where = f"config.init.workdir={workdir!r}"
+    hint = " (to resume a run that started from it, clear config.init.workdir)"
+    try:
+        source, step, abstract = loading.eval_params_metadata(workdir, rate or None)
+    except checkpoint.CheckpointError as e:
+        raise checkpoint.CheckpointError(f"{where}: {e}{hint}") from e
+    flat = lambda c: checkpoint._flatten(checkpoint.config_to_dict(c))
+    mine, theirs = flat(config), flat(source)
+    keys = sorted(k for k in set(mine) | set(theirs)
+                  if (k.startswith("model.") or k in INIT_NETWORK_FIELDS)
+                  and k not in INIT_FREE_MODEL_FIELDS)
+    diffs = [f"{k}: {theirs.get(k, '<absent>')!r} -> {mine.get(k, '<absent>')!r}" for k in keys
+             if mine.get(k, "<absent>") != theirs.get(k, "<absent>")]
+    if diffs:
+        raise ValueError(f"{where} (step {step}) has another network than this run; differing fields "
+                         f"(source -> this run): {'; '.join(diffs)}.")
+    if config.data.name in TOY_DATASETS:
+        shape = (2,)
+    elif config.data.image_size > 0 and config.data.num_channels > 0:
+        s = config.data.image_size
+        shape = (s, s, config.data.num_channels)
+    else:
+        return  # the shape comparison needs the data shape; the restore checks it when loading
+    _, _, init = build.build_network(config, shape)
+    want = jax.eval_shape(init, jax.random.key(0))
+    describe = lambda tree: {jax.tree_util.keystr(p): (tuple(a.shape), str(a.dtype))
+                             for p, a in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    got, need = describe(abstract), describe(want)
+    if got != need:
+        bad = sorted(k for k in set(got) | set(need) if got.get(k) != need.get(k))
+        raise ValueError(f"{where} (step {step}): its parameters do not fit this run's network "
+                         "(data shape or labels differ?); first differing leaves (source -> this "
+                         f"run): " + "; ".join(f"{k}: {got.get(k, '<absent>')} -> "
+                                               f"{need.get(k, '<absent>')}" for k in bad[:5]) + ".")
+
+
 def _check_eval(config, sigmas, spec, rates) -> None:
     e = config.eval
     _positive_int(e.num_samples, "eval.num_samples")
@@ -434,6 +512,7 @@ def validate(config: ml_collections.ConfigDict) -> Setup:
                                     name="config.data.batch_size / config.train.microbatches")
     _check_network_input(config)
     _check_teacher(config, spec)
+    _check_init(config)
     return Setup(spec=spec, sigmas=sigmas, ema_rates=rates, num_steps=num_steps, mesh=mesh,
                  microbatches=micro, steps_per_call=per_call)
 

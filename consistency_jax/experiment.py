@@ -69,11 +69,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     _, apply_fn, init_params = build.build_network(config, example_shape)
     method = build.build_method(config, spec, apply_fn, setup.sigmas, example_shape, distance,
                                 teacher)
+    # config.init: a fresh run starts from another run's EMA (ECT tunes an EDM denoiser); a run that
+    # resumes from its own checkpoint does not read it.
+    start_params = None
+    if config.init.workdir:
+        if checkpointer.all_steps():
+            logging.info("Resuming: config.init.workdir=%s is not read.", config.init.workdir)
+        else:
+            start_params = build.load_init_params(config, init_params, mesh)
     # Born on the mesh: replicated over "data"; θ, θ⁻, EMAs, optimizer state, the teacher and LPIPS
     # weights split over "fsdp".
     state, state_shardings = build.init_state(
         init_params, tx, method, setup.ema_rates, init_rng, mesh,
-        min_size=config.mesh.fsdp_min_size, teacher_params=teacher_params, distance=distance)
+        min_size=config.mesh.fsdp_min_size, teacher_params=teacher_params, distance=distance,
+        params=start_params)
     step_rng = sharding_lib.place(step_rng, sharding_lib.replicated(mesh))
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("method=%s network=%s (%.3fM parameters) data=%s batch=%d steps=%d",

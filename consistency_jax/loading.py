@@ -65,6 +65,30 @@ def load_eval_params(workdir: str, ema_rate: Optional[float] = None, *,
     Raises:
       CheckpointError: no checkpoint, no readable one, or no EMA of ``ema_rate``.
     """
+    return _newest_readable(workdir, step,
+                            lambda ckpt, s: _read_eval_params(ckpt, s, ema_rate, sharding))
+
+
+def eval_params_metadata(workdir: str, ema_rate: Optional[float] = None
+                         ) -> tuple[ml_collections.ConfigDict, int, PyTree]:
+    """What ``load_eval_params`` would read, without reading an array: (the run's config, the step,
+    the parameters as a tree of ``jax.ShapeDtypeStruct``) of the newest checkpoint whose config and
+    metadata are readable.
+
+    Raises:
+      CheckpointError: as ``load_eval_params``.
+    """
+    def read(ckpt, s):
+        config = config_from_dict(ckpt.read_json(s, _CONFIG))
+        _, _, abstract = _eval_item(ckpt, s, ema_rate)
+        return config, s, abstract
+
+    return _newest_readable(workdir, None, read)
+
+
+def _newest_readable(workdir: str, step: Optional[int], read: Callable[[Checkpointer, int], Any]):
+    """``read(checkpointer, step)`` of the given step, else of the newest step it succeeds on (an
+    unreadable step is warned about and the previous one tried; a CheckpointError is final)."""
     workdir = os.path.abspath(workdir)
     ckpt = Checkpointer(workdir, every=1, keep=1, read_only=True)
     try:
@@ -77,7 +101,7 @@ def load_eval_params(workdir: str, ema_rate: Optional[float] = None, *,
         errors = []
         for s in ([step] if step is not None else list(reversed(steps))):
             try:
-                return _read_eval_params(ckpt, s, ema_rate, sharding)
+                return read(ckpt, s)
             except CheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 -- unreadable: try the previous step
@@ -89,9 +113,10 @@ def load_eval_params(workdir: str, ema_rate: Optional[float] = None, *,
         ckpt.close()
 
 
-def _read_eval_params(ckpt: Checkpointer, step: int, ema_rate: Optional[float],
-                      sharding: ShardingSpec) -> tuple[ml_collections.ConfigDict, PyTree, int]:
-    config = config_from_dict(ckpt.read_json(step, _CONFIG))
+def _eval_item(ckpt: Checkpointer, step: int, ema_rate: Optional[float]
+               ) -> tuple[str, str, PyTree]:
+    """(item, key, abstract parameters) of the eval parameters of checkpoint ``step``: the EMA of
+    ``ema_rate`` (None: the slowest), or θ ("state", "params") when the run saved no EMA."""
     metadata = ckpt.item_metadata(step)
     ema_md = metadata.get(_EMA) if hasattr(metadata, "get") else None
     ema_md = _metadata_tree(ema_md) if ema_md is not None else None
@@ -104,21 +129,24 @@ def _read_eval_params(ckpt: Checkpointer, step: int, ema_rate: Optional[float],
             if key not in saved:
                 raise CheckpointError(f"{ckpt.step_dir(step)} has no EMA of rate {ema_rate}; "
                                       f"saved EMA rates: {sorted(saved.values())}.")
-        target = {key: _with_shardings(_abstract_from_metadata(ema_md[key], None), sharding)}
-        # Read only this EMA: the other EMAs are left out of the target (partial restore).
-        got = ckpt.restore_items(step, **{_EMA: _pytree_restore(target, partial=True)})
-        params = got[_EMA][key]
-        logging.info("Read the EMA %s of %s.", key, ckpt.step_dir(step))
-    else:
-        if ema_rate is not None:
-            raise CheckpointError(f"{ckpt.step_dir(step)} has no eval EMAs (asked for {ema_rate}).")
-        state_md = _metadata_tree(metadata[_STATE])
-        target = {"params": _with_shardings(_abstract_from_metadata(state_md["params"], None),
-                                            sharding)}
-        got = ckpt.restore_items(step, **{_STATE: _pytree_restore(target, partial=True)})
-        params = got[_STATE]["params"]
-        logging.info("Read θ (no eval EMA saved) of %s.", ckpt.step_dir(step))
-    return config, params, step
+        return _EMA, key, _abstract_from_metadata(ema_md[key], None)
+    if ema_rate is not None:
+        raise CheckpointError(f"{ckpt.step_dir(step)} has no eval EMAs (asked for {ema_rate}).")
+    state_md = _metadata_tree(metadata[_STATE])
+    return _STATE, "params", _abstract_from_metadata(state_md["params"], None)
+
+
+def _read_eval_params(ckpt: Checkpointer, step: int, ema_rate: Optional[float],
+                      sharding: ShardingSpec) -> tuple[ml_collections.ConfigDict, PyTree, int]:
+    config = config_from_dict(ckpt.read_json(step, _CONFIG))
+    item, key, abstract = _eval_item(ckpt, step, ema_rate)
+    # Read only these parameters: the other EMAs and the optimizer state are left out of the
+    # target (partial restore).
+    target = {key: _with_shardings(abstract, sharding)}
+    got = ckpt.restore_items(step, **{item: _pytree_restore(target, partial=True)})
+    logging.info("Read %s of %s.", f"the EMA {key}" if item == _EMA else "θ (no eval EMA saved)",
+                 ckpt.step_dir(step))
+    return config, got[item][key], step
 
 
 def teacher_config(workdir: str) -> ml_collections.ConfigDict:

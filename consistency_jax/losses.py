@@ -51,8 +51,15 @@ def default_huber_c(dim: int) -> float:
 
 
 def pseudo_huber_distance(a: Array, b: Array, c: float) -> Array:
-    """√(‖a − b‖² + c²) − c (iCT Eq. 8)."""
+    """√(‖a − b‖² + c²) − c (iCT Eq. 8).
+
+    c = 0 gives the l2 norm ‖a − b‖ (ECT's CIFAR-10 setting), with a zero gradient where a = b
+    (instead of the NaN of √ at 0).
+    """
     sq = jnp.sum((_flat(a) - _flat(b)) ** 2, axis=-1)
+    if c == 0:
+        positive = sq > 0
+        return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
     return jnp.sqrt(sq + c * c) - c
 
 

@@ -3,6 +3,8 @@
   edm      an EDM diffusion model, the teacher of CD            (``methods/edm.py``)
   cd       consistency distillation, CM Algorithm 2             (``methods/cd.py``)
   ct, ict  consistency training: CM Algorithm 3 and iCT         (``methods/ct.py``)
+  cm_continuous_cd, cm_continuous_ct  CM's continuous-time CD/CT (``methods/cm_continuous.py``)
+  ect      easy consistency tuning (Geng et al. 2024)            (``methods/ect.py``)
 
 Every module of this package is imported here, and each registers its ``MethodSpec``; a new method is
 one new file (see ``methods/base.py`` for the contract and the README for an example). The registry is
