@@ -5,6 +5,10 @@
   python -m consistency_jax.main --config=configs/digits.py:method=cd --workdir=runs/digits_cd \
       --config.teacher.workdir=runs/digits_edm
   python -m consistency_jax.main --config=configs/digits.py:method=ct --workdir=runs/digits_ct
+
+Continuous time (the *_cd ones add --config.teacher.workdir=runs/digits_edm; ect takes the EDM run as its
+initialisation with --config.init.workdir=runs/digits_edm): method=sct, scd, ect, cm_continuous_ct,
+cm_continuous_cd.
   python -m consistency_jax.main --config=configs/digits.py:method=ect --workdir=runs/digits_ect \
       --config.init.workdir=runs/digits_edm
 
@@ -45,6 +49,10 @@ def get_config(arg=None):
         # with RAdam 1e-4 on CIFAR-10: 2e-4 here is a guess, not tuned on digits yet.
         c.ect.stage_steps = 500
         c.optim.update(lr=2e-4, warmup_steps=0)
+    if method in ("sct", "scd"):
+        # sCM's defaults (P_mean −1.0, P_std 1.4, c = 0.1, the weighting head) with the tangent warm-up
+        # scaled from 10k of ~400k steps to 500 of these 3000.
+        c.loss.tangent_warmup = 500
     if method == "cd":
         # CM's CD (N = 18, Heun, μ = 0) with iCT's pseudo-Huber distance and λ = 1/Δt, which reached
         # the teacher's digits-FD far sooner than l2 / λ = 1 (bench/RESULTS.md §2).

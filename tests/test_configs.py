@@ -78,4 +78,4 @@ def test_unknown_config_arguments_are_named():
     with pytest.raises(ValueError, match="Unknown config argument"):
         _get("cifar10", "methd=cd")
     with pytest.raises(ValueError, match="Unknown method"):
-        _get("toy", "method=sct")
+        _get("toy", "method=sctx")

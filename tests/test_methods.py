@@ -45,8 +45,9 @@ def test_every_method_module_registers_and_the_registry_is_the_one_list():
     assert set(methods.names()) >= {"cd", "ct", "edm", "ict"}
     assert methods.get("edm").family == "denoiser" and methods.get("cd").needs_teacher
     assert all(methods.get(n).family == "consistency" for n in ("cd", "ct", "ict"))
-    with pytest.raises(ValueError, match=r"Unknown method 'sct' \(config\.method\); choose one of"):
-        methods.get("sct")
+    assert methods.get("sct").consistency_fn is not methods.get("ict").consistency_fn  # TrigFlow's f
+    with pytest.raises(ValueError, match=r"Unknown method 'sctx' \(config\.method\); choose one of"):
+        methods.get("sctx")
     # The configs, the validation and the loading of teachers all read this registry.
     for name in methods.names():
         assert load_config("toy", f"method={name}").method == name

@@ -126,6 +126,45 @@ def test_converted_edm_teacher_is_the_same_model_in_float64():
         np.testing.assert_allclose(np.asarray(x) / np.cos(t1), want, rtol=0, atol=2e-6)
 
 
+def test_scd_tangent_vanishes_at_the_exact_consistency_function():
+    """The toy's exact TrigFlow consistency function (its PF-ODE integrated to t ≈ 0 by RK4 inside the
+    network, so the jvp goes through the solver) is the fixed point of sCD: with the converted exact
+    teacher's velocity the tangent g = cos t·df/dt vanishes, while CT's one-sample velocity does not
+    give zero."""
+    gm = toy.ring_mixture()
+    with _x64():
+        phi = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), gm.as_params())
+        velocity = TF.edm_velocity(toy.exact_denoiser, SD)
+        t_end = float(np.arctan(1e-5 / SD))
+
+        def exact_net(params, y, t, **_):
+            x_t = y * SD
+            h = (t_end - t) / 60
+
+            def rk4(_, carry):
+                x, s = carry
+                hb = h[:, None]
+                k1 = velocity(phi, x, s)
+                k2 = velocity(phi, x + 0.5 * hb * k1, s + 0.5 * h)
+                k3 = velocity(phi, x + 0.5 * hb * k2, s + 0.5 * h)
+                k4 = velocity(phi, x + hb * k3, s + h)
+                return x + hb / 6 * (k1 + 2 * k2 + 2 * k3 + k4), s + h
+
+            x0 = jax.lax.fori_loop(0, 60, rk4, (x_t, t))[0] / np.cos(t_end)
+            return (jnp.cos(t)[:, None] * x_t - x0) / (SD * jnp.sin(t)[:, None])
+
+        rng = np.random.default_rng(7)
+        x0 = jnp.asarray(gm.sample(rng, 5))
+        z = SD * jnp.asarray(rng.standard_normal((5, 2)))
+        t = jnp.asarray([0.1, 0.5, 0.9, 1.3, 1.55])
+        x_t = jnp.cos(t)[:, None] * x0 + jnp.sin(t)[:, None] * z
+        _, g_cd = S.tangent(exact_net, SIG, None, x_t, t, velocity(phi, x_t, t), 1.0)
+        _, g_ct = S.tangent(exact_net, SIG, None, x_t, t,
+                            jnp.cos(t)[:, None] * z - jnp.sin(t)[:, None] * x0, 1.0)
+        assert np.max(np.abs(np.asarray(g_cd))) < 1e-6
+        assert np.max(np.abs(np.asarray(g_ct))) > 1e-2
+
+
 @pytest.mark.parametrize("r", [1.0, 0.3])
 def test_tangent_is_the_closed_form_time_derivative(r):
     """g = cos t·df⁻/dt at r = 1 (sCM §4.2, from one jvp with the rearranged tangents); the warm-up

@@ -1,5 +1,4 @@
 """The toy's exact answers: score and denoiser against NumPy / autodiff, the ODE map against a closed form."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 
