@@ -86,11 +86,14 @@ def _flat(tree):
     return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree)])
 
 
-@pytest.mark.parametrize("method", ["ct", "cd"])
-def test_pseudo_objective_gradient_is_the_limit_of_the_discrete_gradient_over_dt(method):
+@pytest.mark.parametrize("method,distance", [("ct", "l2"), ("cd", "l2"), ("cd", "pseudo_huber")])
+def test_pseudo_objective_gradient_is_the_limit_of_the_discrete_gradient_over_dt(method, distance):
     """CM Thm. 6 on the toy with the exact teacher: ∇θ L_Δ / Δt → ∇θ L_continuous, first order in Δt,
-    where L_Δ = mean (1/D)‖f_θ(x_t, t) − sg f_θ(x_t − Δt·dx/dt, t − Δt)‖² (one Euler step of the exact
-    PF-ODE for CD; x0 + (t − Δt)·z for CT)."""
+    where L_Δ = mean d(f_θ(x_t, t), sg f_θ(x_t − Δt·dx/dt, t − Δt)) (one Euler step of the exact
+    PF-ODE for CD; x0 + (t − Δt)·z for CT). For pseudo-Huber, the continuous side uses the metric's
+    Hessian-vector product (forward-over-reverse), as for LPIPS."""
+    from consistency_jax import losses as L
+
     with _x64():
         apply_fn, params = _tanh_net, _tanh_params(1)
         gm = toy.ring_mixture()
@@ -101,17 +104,20 @@ def test_pseudo_objective_gradient_is_the_limit_of_the_discrete_gradient_over_dt
         t = jnp.asarray(np.exp(rng.uniform(np.log(0.1), np.log(10.0), b)))
         x_t = x0 + t[:, None] * z
         phi = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), gm.as_params())
+        dist = L.make_distance(distance, (2,), huber_c=1.0) if distance != "l2" else None
         m = CC.ContinuousConsistency(apply_fn=apply_fn, sigmas=SIG, stopgrad=True,
-                                     teacher=toy.exact_denoiser if method == "cd" else None)
+                                     teacher=toy.exact_denoiser if method == "cd" else None,
+                                     distance=dist)
         v = m.velocity(Frozen(teacher=phi), x0, z, x_t, t, None)
-        cont = jax.grad(lambda p: CC.continuous_loss(apply_fn, SIG, p, x_t, t, v,
-                                                     stopgrad=True)[0])(params)
+        cont = jax.grad(lambda p: CC.continuous_loss(apply_fn, SIG, p, x_t, t, v, stopgrad=True,
+                                                     distance=dist)[0])(params)
+        d = dist if dist is not None else L.l2_distance
 
         def discrete(p, dt):
             target = jax.lax.stop_gradient(
                 P.consistency_fn(apply_fn, p, x_t - dt * v, t - dt, SIG))
             online = P.consistency_fn(apply_fn, p, x_t, t, SIG)
-            return jnp.mean(jnp.mean((online - target) ** 2, axis=-1)) / dt
+            return jnp.mean(d(online, target)) / dt
 
         errors = []
         for dt in (1e-2, 5e-3, 2.5e-3, 1.25e-3):
@@ -120,6 +126,16 @@ def test_pseudo_objective_gradient_is_the_limit_of_the_discrete_gradient_over_dt
         assert errors[-1] < 2e-2, errors
         rates = [a / b_ for a, b_ in zip(errors, errors[1:])]
         assert all(1.8 < r < 2.2 for r in rates), (errors, rates)  # first order: halves with Δt
+
+
+def test_metric_hvp_of_l2_is_the_closed_form():
+    from consistency_jax import losses as L
+
+    with _x64():
+        rng = np.random.default_rng(3)
+        a, v = (jnp.asarray(rng.standard_normal((4, 3, 2))) for _ in range(2))
+        np.testing.assert_allclose(np.asarray(CC.metric_hvp(L.l2_distance, a, v)),
+                                   2.0 / 6 * np.asarray(v), rtol=1e-13)
 
 
 def test_true_objective_is_the_norm_of_the_time_derivative():

@@ -252,3 +252,20 @@ def test_lpips_loss_trains_through_the_main_loop(weight_files, tmp_path):
     assert sum(np.size(v) for v in arrays.values()) < n_lpips  # the tiny student only
     line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert line["step"] == 2
+
+
+def test_hessian_vector_product_for_continuous_time_cm(ref, params):
+    """The metric G·v of CM's continuous-time pseudo-objective with LPIPS (forward-over-reverse,
+    ``methods.cm_continuous.metric_hvp``) against central differences of LPIPS's own gradient."""
+    from consistency_jax.methods.cm_continuous import metric_hvp
+
+    d = L.make_lpips_distance(params["alex"], net="alex", resize_to=None)
+    a = jnp.asarray(ref["x32_a"][:2])
+    v = jnp.asarray(ref["x32_b"][:2] - ref["x32_a"][:2])
+    hv = np.asarray(jax.jit(lambda a_, v_: metric_hvp(d, a_, v_))(a, v), np.float64)
+    grad = jax.jit(lambda x: jax.grad(lambda y: jnp.sum(d(y, a)))(x))
+    h = 3e-3
+    fd = (np.asarray(grad(a + h * v), np.float64) - np.asarray(grad(a - h * v), np.float64)) / (2 * h)
+    assert np.linalg.norm(hv) > 0
+    assert np.linalg.norm(hv - fd) <= 2e-2 * np.linalg.norm(fd), np.linalg.norm(hv - fd) / np.linalg.norm(fd)
+    assert float(jnp.sum(hv * np.asarray(v))) > 0  # G is positive semi-definite on the diagonal

@@ -10,12 +10,17 @@ differences). The teacher's denoiser D_φ gives dx/dt for CD; for CT the clean s
 (the unbiased score −(x_t − x)/t², so dx/dt = z). t is drawn uniformly in t^{1/ρ} between ε^{1/ρ} and
 T^{1/ρ}, and both the value and the tangent of f_θ use one dropout key.
 
-Two objectives with the l2 distance d(a, b) = mean((a − b)²) over the D dimensions:
+Two objectives:
 
-  - ``stopgrad=True`` (CM Thm. 6): the pseudo-objective (2/D)·Σ sg(df_θ/dt)·f_θ(x_t, t), whose gradient is
-    the limit of the discrete CD/CT gradient (θ⁻ = sg θ) divided by Δt (``tests/test_cm_continuous.py``
-    checks the first-order convergence). Its value is not a loss to read; the logged "dfdt_norm" is.
-  - ``stopgrad=False``: the true objective ‖df_θ/dt‖₂ per example, differentiated through the jvp.
+  - ``stopgrad=True`` (CM Thm. 6): the pseudo-objective Σ f_θ(x_t, t)·sg(G·df_θ/dt), where G is the
+    Hessian of the distance in its first argument on the diagonal, G = ∂²d(a, b)/∂a² at a = b = f_θ.
+    Its gradient is the limit of the discrete CD/CT gradient (θ⁻ = sg θ) divided by Δt
+    (``tests/test_cm_continuous.py`` checks the first-order convergence). For l2, d(a, b) = mean((a −
+    b)²) over the D dimensions and G = (2/D)·I in closed form; for pseudo-Huber and LPIPS, G·v is one
+    Hessian-vector product (forward-over-reverse: ``jax.jvp`` of ``jax.grad`` of d), computed on the
+    stop-gradient value. Its value is not a loss to read; the logged "dfdt_norm" is.
+  - ``stopgrad=False`` (l2 only): the true objective ‖df_θ/dt‖₂ per example, differentiated through
+    the jvp.
 
 Methods ``cm_continuous_cd`` (needs an EDM teacher) and ``cm_continuous_ct``.
 """
@@ -32,7 +37,7 @@ from consistency_jax import parameterization as param_lib
 from consistency_jax.methods.base import Frozen, Method, MethodSpec, register
 
 Array = jax.Array
-DISTANCES = ("l2",)
+DISTANCES = ("l2", "pseudo_huber", "lpips")  # l1's Hessian vanishes almost everywhere
 
 
 def sample_time(rng: Array, batch: int, sigmas: param_lib.SigmaConfig, dtype=jnp.float32) -> Array:
@@ -51,10 +56,18 @@ def time_derivative(apply_fn: param_lib.ApplyFn, sigmas: param_lib.SigmaConfig, 
     return jax.jvp(f, (x_t, t), (velocity, jnp.ones_like(t)))
 
 
+def metric_hvp(distance: Callable, a: Array, v: Array) -> Array:
+    """G·v with G = ∂²d(a', a)/∂a'² at a' = a, per example: forward-over-reverse (``jax.jvp`` of the
+    gradient of Σ_i d(a'_i, a_i) in a'), one extra backward and forward pass of the distance."""
+    a = jax.lax.stop_gradient(a)
+    grad = lambda a2: jax.grad(lambda a3: jnp.sum(distance(a3, a)))(a2)
+    return jax.jvp(grad, (a,), (v,))[1]
+
+
 def continuous_loss(apply_fn: param_lib.ApplyFn, sigmas: param_lib.SigmaConfig, params: Any,
                     x_t: Array, t: Array, velocity: Array, *, stopgrad: bool,
-                    labels: Optional[Array] = None, rng: Optional[Array] = None
-                    ) -> tuple[Array, dict[str, Array]]:
+                    labels: Optional[Array] = None, rng: Optional[Array] = None,
+                    distance: Optional[Callable] = None) -> tuple[Array, dict[str, Array]]:
     """The continuous-time objective of one batch at given noisy points (module docstring).
 
     Args:
@@ -62,6 +75,8 @@ def continuous_loss(apply_fn: param_lib.ApplyFn, sigmas: param_lib.SigmaConfig, 
       velocity: dx/dt at x_t (B, ...), put under stop_gradient here.
       stopgrad: the pseudo-objective of CM Thm. 6 (True) or the true objective ‖df/dt‖ (False).
       labels, rng: class labels and the dropout key of the network (train mode when rng is given).
+      distance: d(a, b) -> (B,) for the pseudo-objective's metric G (by Hessian-vector product);
+        None: l2 with its closed form G = (2/D)·I. The true objective supports l2 only.
     """
     b = x_t.shape[0]
     kwargs = dict(labels=labels, train=rng is not None, rng=rng)
@@ -71,8 +86,13 @@ def continuous_loss(apply_fn: param_lib.ApplyFn, sigmas: param_lib.SigmaConfig, 
     dim = math.prod(x_t.shape[1:])
     norm = jnp.sqrt(jnp.sum(flat(dfdt) ** 2, axis=-1))
     if stopgrad:
-        per_example = (2.0 / dim) * jnp.sum(flat(jax.lax.stop_gradient(dfdt)) * flat(f_t), axis=-1)
+        dfdt_sg = jax.lax.stop_gradient(dfdt)
+        g_dfdt = (2.0 / dim) * dfdt_sg if distance is None else metric_hvp(distance, f_t, dfdt_sg)
+        per_example = jnp.sum(flat(jax.lax.stop_gradient(g_dfdt)) * flat(f_t), axis=-1)
     else:
+        if distance is not None:
+            raise ValueError("The true continuous-time objective (stopgrad=False) is implemented for l2 "
+                             "only.")
         per_example = norm
     return jnp.mean(per_example), {"mean_t": jnp.mean(t),
                                    "dfdt_norm": jnp.mean(jax.lax.stop_gradient(norm))}
@@ -87,18 +107,24 @@ class ContinuousConsistency(Method):
       sigmas: the noise configuration.
       stopgrad: pseudo-objective (True, CM Thm. 6) or true objective (False).
       teacher: D_φ(φ, x, t, labels) for CD (φ from ``Frozen.teacher``); None for CT.
+      distance: the metric of the pseudo-objective (None: l2 in closed form); one with weights
+        (LPIPS) is read from ``Frozen.distance``.
     """
 
     apply_fn: Callable
     sigmas: Any
     stopgrad: bool = True
     teacher: Optional[Callable] = None
+    distance: Optional[Callable] = None
 
     name = "cm_continuous"
 
     @property
     def frozen_trees(self) -> tuple[str, ...]:
-        return ("teacher",) if self.teacher is not None else ()
+        from consistency_jax.methods.discrete import has_weights
+
+        return (("teacher",) if self.teacher is not None else ()) + (
+            ("distance",) if self.distance is not None and has_weights(self.distance) else ())
 
     def velocity(self, frozen: Frozen, x0, z, x_t, t, labels) -> Array:
         """dx/dt = (x_t − D(x_t, t))/t: the teacher's D for CD, the clean x0 for CT (= z)."""
@@ -117,22 +143,27 @@ class ContinuousConsistency(Method):
         z = jax.random.normal(rng_z, x0.shape, x0.dtype)
         x_t = x0 + t.reshape((b,) + (1,) * (x0.ndim - 1)) * z
         v = self.velocity(frozen, x0, z, x_t, t, labels)
+        distance = frozen.distance if frozen.distance is not None else self.distance
         return continuous_loss(self.apply_fn, self.sigmas, params, x_t, t, v,
-                               stopgrad=self.stopgrad, labels=labels, rng=rng_drop)
+                               stopgrad=self.stopgrad, labels=labels, rng=rng_drop, distance=distance)
 
 
 def check(config) -> None:
     if config.loss.distance not in DISTANCES:
         raise ValueError(f"config.loss.distance={config.loss.distance!r}: the continuous-time CM "
-                         f"methods implement {DISTANCES} (LPIPS through its Hessian-vector product "
-                         "is not implemented yet).")
+                         f"methods implement {DISTANCES} (l1's Hessian vanishes almost everywhere).")
+    if not config.loss.stopgrad and config.loss.distance != "l2":
+        raise ValueError(f"config.loss.stopgrad=False (the true objective ‖df/dt‖) is implemented for "
+                         f"config.loss.distance='l2' only, got {config.loss.distance!r}.")
 
 
 def _build(teacher_needed: bool):
     def build(ctx) -> ContinuousConsistency:
+        l2 = ctx.config.loss.distance == "l2"  # closed-form G = (2/D)·I, no Hessian-vector product
         return ContinuousConsistency(apply_fn=ctx.apply_fn, sigmas=ctx.sigmas,
                                      stopgrad=bool(ctx.config.loss.stopgrad),
-                                     teacher=ctx.teacher if teacher_needed else None)
+                                     teacher=ctx.teacher if teacher_needed else None,
+                                     distance=None if l2 else ctx.distance)
 
     return build
 
@@ -144,8 +175,7 @@ def defaults(c) -> None:
 
 
 register(MethodSpec(name="cm_continuous_ct", summary="CM's continuous-time CT (Appendix B)",
-                    family="consistency", defaults=defaults, check=check, build=_build(False),
-                    uses_distance=False))
+                    family="consistency", defaults=defaults, check=check, build=_build(False)))
 register(MethodSpec(name="cm_continuous_cd", summary="CM's continuous-time CD (Appendix B)",
                     family="consistency", defaults=defaults, check=check, build=_build(True),
-                    needs_teacher=True, uses_distance=False))
+                    needs_teacher=True))
