@@ -25,9 +25,18 @@ from consistency_jax.train_state import TrainState
 PyTree = Any
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation,
-                                                                 optax.Schedule]:
-    """optax Adam/RAdam with linear warm-up, constant or cosine decay, and global-norm clipping."""
+def make_optimizer(config: ml_collections.ConfigDict, clip_layout: Optional[bool] = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """optax Adam/RAdam with linear warm-up, constant or cosine decay, and global-norm clipping.
+
+    Args:
+      config: the run config (``config.optim``, ``config.train.num_steps``).
+      clip_layout: the layout of the optimizer state: True, ``chain(clip, optimizer)`` (a leading
+        empty clip state); False, the optimizer's state alone. None: True iff
+        ``config.optim.grad_clip > 0`` (what a new run uses). A resumed run passes the layout of its
+        checkpoint's config, so that ``optim.grad_clip`` may be switched on or off on resume: the
+        clip itself holds no state, only the layout differs.
+    """
     o = config.optim
     steps = config.train.num_steps
     if o.decay == "cosine":
@@ -39,8 +48,19 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
     else:
         schedule = optax.constant_schedule(o.lr)
     opt = {"adam": optax.adam, "radam": optax.radam}[o.name](schedule, b1=o.b1, b2=o.b2, eps=o.eps)
-    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), opt) if o.grad_clip > 0 else opt
-    return tx, schedule
+    clip = optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity()
+    if clip_layout is None:
+        clip_layout = o.grad_clip > 0
+    if clip_layout:
+        return optax.chain(clip, opt), schedule
+    if o.grad_clip <= 0:
+        return opt, schedule
+
+    def update(grads, state, params=None):  # clip_by_global_norm is stateless: no state of its own
+        grads, _ = clip.update(grads, clip.init(grads), params)
+        return opt.update(grads, state, params)
+
+    return optax.GradientTransformation(opt.init, update), schedule
 
 
 def build_data(config: ml_collections.ConfigDict, start_step: int = 0):

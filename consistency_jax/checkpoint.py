@@ -14,7 +14,12 @@ A run is resumed from the newest readable checkpoint of its workdir. The train s
 into its base key (``train.make_train_step``) and the data iterators are pure functions of the
 step, so a resumed run continues bitwise identically (same devices). A checkpoint that cannot be
 read is reported by step and directory, moved to ``checkpoints_unreadable/`` and the previous one
-is used. SIGTERM (a preemption notice) makes the loop finish its step, save and exit cleanly.
+is used; so is one whose arrays do not match the checksums stored at save time
+(``checkpoint_checksums/<step>.json``) or hold NaN/Inf. A failed asynchronous save is raised at once
+(``check_save``, polled after every step) as ``CheckpointSaveError`` with its cause. Temporary
+directories of interrupted saves are removed only by the holder of the workdir's lease
+(``workdir_lock``). SIGTERM (a preemption notice) makes the loop finish its step, save and exit
+cleanly.
 
 The teacher of consistency distillation (CM Algorithm 2) is another run's EDM checkpoint, read
 through a read-only manager (``loading.py``): nothing is ever written into the teacher's directory,
@@ -29,6 +34,7 @@ import json
 import logging as logging_std
 import os
 import shutil
+import threading
 import time
 from typing import Any, Mapping, Optional, Sequence
 
@@ -45,6 +51,7 @@ PyTree = Any
 
 CHECKPOINT_SUBDIR = "checkpoints"
 UNREADABLE_SUBDIR = "checkpoints_unreadable"
+CHECKSUM_SUBDIR = "checkpoint_checksums"  # <step>.json: a checksum of every saved array
 _STATE, _EMA, _DATA, _CONFIG = "state", "ema", "data", "config"
 
 # Config fields that may differ between a checkpoint and the run resuming it: they change how long
@@ -56,12 +63,31 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "eval.", "mesh.", "data.data_dir", "init.",  # config.init is read only when a run starts
 )
 
+# Config fields that change the training dynamics but not the structure of the saved state: the
+# knobs of NaN recovery. They may change on resume (a warning lists them); the run then continues
+# on another trajectory from the restored state. optim.grad_clip keeps the optimizer state's layout
+# of the checkpoint (``build.make_optimizer(clip_layout=...)``).
+DYNAMICS_KEYS: tuple[str, ...] = (
+    "optim.lr", "optim.warmup_steps", "optim.decay", "optim.grad_clip", "train.skip_nonfinite",
+    "train.max_consecutive_skips", "train.max_skip_fraction", "loss.huber_c",
+)
+
 
 class _QuietOrbax(logging_std.Filter):
-    """Drops Orbax's per-file INFO chatter from the absl log; its warnings and errors still show."""
+    """Drops Orbax's per-file INFO chatter from the absl log; its warnings and errors still show, as
+    one line each: a failed save is re-raised by ``Checkpointer`` with its cause, so Orbax's copies
+    of the traceback (one per thread that saw it) would only bury the error."""
 
     def filter(self, record: logging_std.LogRecord) -> bool:
-        return record.levelno >= logging_std.WARNING or "orbax" not in record.pathname
+        if "orbax" not in record.pathname:
+            return True
+        if record.levelno < logging_std.WARNING:
+            return False
+        if record.exc_info:
+            e = record.exc_info[1]
+            record.msg = f"{record.getMessage()} ({_brief(e) if e is not None else 'error'})"
+            record.args, record.exc_info, record.exc_text = None, None, None
+        return True
 
 
 _QUIET_ORBAX = _QuietOrbax()
@@ -75,6 +101,10 @@ class CheckpointError(ValueError):
 
 class NonFiniteStateError(FloatingPointError):
     """A train state holding NaN or Inf was about to be checkpointed."""
+
+
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed (a full disk, a lost mount, ...): the run must stop."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -130,6 +160,13 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], *,
     Returns:
       Sorted strings "key: saved -> current" (``<absent>`` for a missing field).
     """
+    return [f"{key}: {va!r} -> {vb!r}" for key, va, vb in
+            _differing(saved, current, ignore_resumable=ignore_resumable, defaults=defaults)]
+
+
+def _differing(saved: Mapping[str, Any], current: Mapping[str, Any], *, ignore_resumable: bool,
+               defaults: Optional[Mapping[str, Any]]) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) of every differing field (``config_differences``)."""
     a, b, defaults = _flatten(saved), _flatten(current), _flatten(defaults or {})
     out = []
     for key in sorted(set(a) | set(b)):
@@ -137,8 +174,12 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], *,
             continue
         va, vb = a.get(key, defaults.get(key, "<absent>")), b.get(key, "<absent>")
         if va != vb:
-            out.append(f"{key}: {va!r} -> {vb!r}")
+            out.append((key, va, vb))
     return out
+
+
+def _dynamics(key: str) -> bool:
+    return key in DYNAMICS_KEYS
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -163,6 +204,57 @@ def nonfinite_parts(state: TrainState) -> list[str]:
     groups.update({f"ema_params[{k!r}]": v for k, v in state.ema_params.items()})
     flags = jax.device_get(_all_finite({k: v for k, v in groups.items() if v is not None}))
     return sorted(k for k, ok in flags.items() if not ok)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checksums of the saved arrays
+
+
+def _bits(x: jax.Array) -> jax.Array:
+    """The array's bits as uint32 words (one per element; 64-bit elements as two words)."""
+    x = jnp.ravel(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = jnp.dtype(x.dtype).itemsize
+    if size == 8:
+        return jnp.ravel(jax.lax.bitcast_convert_type(x, jnp.uint32))
+    word = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size]
+    return jax.lax.bitcast_convert_type(x, word).astype(jnp.uint32)
+
+
+@jax.jit
+def _checksums(tree: PyTree) -> list:
+    """One uint32 per array: Σ w_i·b_i mod 2³² over its words b_i with odd weights w_i, so that any
+    one flipped bit changes it (and random damage with probability 1 − 2⁻³²). Runs on the devices,
+    asynchronously: the training thread only dispatches it."""
+    out = []
+    for x in jax.tree.leaves(tree):
+        b = _bits(x)
+        i = jnp.arange(b.size, dtype=jnp.uint32)
+        w = i * jnp.uint32(2654435761) | jnp.uint32(1)
+        out.append(jnp.sum(w * b, dtype=jnp.uint32) ^ jnp.uint32(b.size))
+    return out
+
+
+def _array_names(tree: PyTree) -> list[str]:
+    """"state/params/Dense_0/kernel"-like names of the leaves, in ``jax.tree.leaves`` order."""
+    return ["/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+            for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _saved_arrays(state: TrainState) -> dict:
+    """The arrays a checkpoint holds, as {item: tree}: the student state and its eval EMAs."""
+    out = {_STATE: _student_part(state)}
+    if state.ema_params:
+        out[_EMA] = dict(state.ema_params)
+    return out
+
+
+def checksums(state: TrainState) -> tuple[list[str], list]:
+    """(array names, device checksums) of the arrays a checkpoint of ``state`` holds; the checksums
+    are still being computed on the devices when this returns (``jax.device_get`` waits)."""
+    arrays = _saved_arrays(state)
+    return _array_names(arrays), _checksums(arrays)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -249,7 +341,7 @@ class Checkpointer:
     """
 
     def __init__(self, workdir: str, *, every: int, keep: int, keep_every: int = 0,
-                 async_save: bool = True, read_only: bool = False):
+                 async_save: bool = True, read_only: bool = False, clean_tmp: bool = False):
         """Opens (or, unless read-only, creates) ``<workdir>/checkpoints``.
 
         Args:
@@ -259,6 +351,10 @@ class Checkpointer:
           keep_every: also keep every checkpoint whose step is a multiple of this; 0 disables.
           async_save: write in a background thread.
           read_only: never write or delete anything (teachers, inspection).
+          clean_tmp: remove the temporary directories of saves that never completed
+            (``STEP.orbax-checkpoint-tmp``). Only the holder of the workdir's lease
+            (``workdir_lock.WorkdirLock``) may: in another run's workdir such a directory may be a
+            save in progress.
 
         Raises:
           ValueError: a bad ``every``, ``keep`` or ``keep_every`` (named as config.checkpoint.*).
@@ -276,8 +372,9 @@ class Checkpointer:
             create=not read_only,
             read_only=read_only,
             enable_async_checkpointing=async_save,
-            # A save killed half-way leaves a temporary directory: removed on start.
-            cleanup_tmp_directories=not read_only,
+            # A save killed half-way leaves a temporary directory: removed on start by the lease
+            # holder only.
+            cleanup_tmp_directories=clean_tmp and not read_only,
             preservation_policy=(None if read_only else
                                  ocp.checkpoint_managers.AnyPreservationPolicy(policies)),
         )
@@ -287,15 +384,24 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.directory, item_handlers=_item_handlers(read_only),
                                               options=options)
         self._closed = False
+        self._pending: Optional[int] = None  # the step of a save that may still be in flight
+        self._sums: Optional[threading.Thread] = None  # writes the checksums of the last save
+        self.resumed_config: Optional[dict] = None  # the checkpoint's config, set by check_config
 
     @classmethod
     def from_config(cls, workdir: str, config: ml_collections.ConfigDict, *,
-                    defaults: Optional[Mapping[str, Any]] = None) -> "Checkpointer":
+                    defaults: Optional[Mapping[str, Any]] = None,
+                    clean_tmp: bool = False) -> "Checkpointer":
         """Opens the run's checkpoints and checks that they were written by ``config``
-        (``check_config``; ``defaults`` as there), before anything is built or compiled."""
+        (``check_config``; ``defaults`` as there), before anything is built or compiled.
+        ``clean_tmp`` as in the constructor: True only for the holder of the workdir's lease."""
         c = config.checkpoint
-        ckpt = cls(workdir, every=c.every, keep=c.keep, keep_every=c.keep_every)
-        ckpt.check_config(config, defaults=defaults)
+        ckpt = cls(workdir, every=c.every, keep=c.keep, keep_every=c.keep_every, clean_tmp=clean_tmp)
+        try:
+            ckpt.check_config(config, defaults=defaults)
+        except BaseException:
+            ckpt.close()
+            raise
         return ckpt
 
     # -- inspection
@@ -359,18 +465,34 @@ class Checkpointer:
         before they existed lacks (``config_differences``).
 
         Differences in ``RESUMABLE_KEYS`` are allowed (extending a run changes schedules that
-        depend on train.num_steps: a warning says so). With ``config.checkpoint.override_config``
-        the differences are logged and the run resumes anyway.
+        depend on train.num_steps: a warning says so); differences in ``DYNAMICS_KEYS`` (learning
+        rate and its schedule, gradient clipping, skipping non-finite steps, huber_c) are allowed
+        with a warning naming them. With ``config.checkpoint.override_config`` the other differences
+        are logged and the run resumes anyway. The saved config is kept in ``self.resumed_config``.
 
         Raises:
-          CheckpointError: listing the differing fields, or when no checkpoint is readable.
+          CheckpointError: listing the differing fields; when no checkpoint is readable; or when
+            ``config.train.num_steps`` is below the step of the newest checkpoint.
         """
         found = self.saved_config()
         if found is None:
             return
         step, saved = found
+        self.resumed_config = saved
         current = config_to_dict(config)
-        diffs = config_differences(saved, current, defaults=defaults)
+        differing = _differing(saved, current, ignore_resumable=True, defaults=defaults)
+        changed = [f"{k}: {a!r} -> {b!r}" for k, a, b in differing if _dynamics(k)]
+        diffs = [f"{k}: {a!r} -> {b!r}" for k, a, b in differing if not _dynamics(k)]
+        if changed:
+            logging.warning("Resuming step %d of %s with changed training dynamics (allowed: the "
+                            "state's structure is the same, the trajectory from here differs): %s",
+                            step, self.directory, "; ".join(changed))
+        if config.train.num_steps < step:
+            raise CheckpointError(
+                f"config.train.num_steps={config.train.num_steps} is below the step of the newest "
+                f"checkpoint in {self.directory} (step {step}): this run is already past it. Set "
+                f"--config.train.num_steps to at least {step} (more to train on), or use another "
+                "workdir.")
         if diffs:
             if config.checkpoint.override_config:
                 logging.warning("Resuming step %d of %s with a different config "
@@ -414,6 +536,8 @@ class Checkpointer:
 
         Raises:
           NonFiniteStateError: the state holds NaN/Inf (nothing is written).
+          CheckpointSaveError: the previous save, or the start of this one, failed (with the
+            cause, e.g. "No space left on device").
         """
         if self.read_only:
             raise CheckpointError(f"{self.directory} was opened read-only.")
@@ -435,21 +559,111 @@ class Checkpointer:
         if state.ema_params:
             items[_EMA] = ocp.args.StandardSave(dict(state.ema_params))
         t0 = time.time()
-        started = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self.wait()  # the previous save: committed, or its failure raised here
+        names, sums = checksums(state)  # dispatched before the state can be donated to a step
+        try:
+            started = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:  # noqa: BLE001 -- the synchronous part of the save failed
+            self._join_save_threads()
+            raise self._save_error(step, e) from e
+        self._pending = step
+        self._sums = threading.Thread(target=self._write_checksums, args=(step, names, sums),
+                                      name="checkpoint_checksums", daemon=True)
+        self._sums.start()
         logging.info("Checkpoint step %d -> %s (the loop was blocked %.2fs).", step,
                      self.step_dir(step), time.time() - t0)
         return bool(started)
 
+    def checksum_path(self, step: int) -> str:
+        return os.path.join(self.workdir, CHECKSUM_SUBDIR, f"{step}.json")
+
+    def _write_checksums(self, step: int, names: list[str], sums: list) -> None:
+        """Fetches the checksums of checkpoint ``step`` (off the training thread) and writes them
+        to ``checkpoint_checksums/<step>.json`` (atomically); removes the files of steps that are
+        gone. A failure is logged: the checkpoint then restores unverified."""
+        try:
+            values = [int(v) for v in jax.device_get(sums)]
+            if jax.process_index() != 0:
+                return
+            path = self.checksum_path(step)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+                json.dump({"step": step, "algorithm": "wsum32", "arrays": dict(zip(names, values))}, f)
+            os.replace(path + ".tmp", path)
+        except Exception as e:  # noqa: BLE001
+            logging.warning("Could not write the checksums of checkpoint step %d: %s", step, _brief(e))
+
+    def _prune_checksums(self) -> None:
+        folder = os.path.join(self.workdir, CHECKSUM_SUBDIR)
+        if jax.process_index() != 0 or not os.path.isdir(folder):
+            return
+        keep = {f"{s}.json" for s in self._manager.all_steps()}
+        for name in os.listdir(folder):
+            if name.endswith(".json") and name not in keep:
+                try:
+                    os.unlink(os.path.join(folder, name))
+                except OSError:
+                    pass
+
+    def _save_error(self, step: int, e: BaseException) -> CheckpointSaveError:
+        try:
+            done = [s for s in self._manager.all_steps() if s != step]
+        except Exception:  # noqa: BLE001
+            done = []
+        newest = f"the newest complete checkpoint is step {max(done)}" if done else "no checkpoint is complete"
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else None
+        where = f": {e.filename}" if isinstance(e, OSError) and e.filename else ""
+        text = f"{cause}{where}" if cause else _brief(e)
+        return CheckpointSaveError(f"Saving checkpoint step {step} into {self.directory} failed: "
+                                   f"{text}. Stopping the run; {newest}.")
+
+    def check_save(self) -> None:
+        """Raises CheckpointSaveError at once when the asynchronous save in flight has failed;
+        returns immediately otherwise (cheap: called after every train step)."""
+        if self._pending is None:
+            return
+        if not self._manager.is_saving_in_progress():
+            self.wait()
+
     def wait(self) -> None:
-        """Blocks until the pending asynchronous save is committed."""
-        self._manager.wait_until_finished()
+        """Blocks until the pending asynchronous save is committed.
+
+        Raises:
+          CheckpointSaveError: the save failed (naming its step and cause).
+        """
+        step, self._pending = self._pending, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            self._join_save_threads()
+            raise self._save_error(step if step is not None else -1, e) from e
+        if self._sums is not None:
+            self._sums.join()
+            self._sums = None
+            self._prune_checksums()
+
+    def _join_save_threads(self, timeout: float = 60.0) -> None:
+        """Waits for Orbax's worker threads of a failed save (the parts that did not fail run on):
+        left running they die at interpreter exit with a cascade of tracebacks."""
+        for t in threading.enumerate():
+            if (t is not threading.current_thread() and not t.daemon and t.is_alive()
+                    and type(t).__module__.startswith("orbax")):
+                t.join(timeout)
 
     def close(self) -> None:
-        """Waits for pending saves and releases the manager (idempotent)."""
+        """Waits for pending saves and releases the manager (idempotent; the manager is released
+        also when the pending save failed, whose error is then raised)."""
         if self._closed:
             return
         self._closed = True
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            try:
+                self._manager.close()
+            except Exception as e:  # noqa: BLE001 -- the save's error was raised by wait()
+                logging.warning("Closing the checkpoint manager of %s: %s", self.directory, _brief(e))
+            self._join_save_threads()
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -474,6 +688,7 @@ class Checkpointer:
             ema = jax.tree.unflatten(jax.tree.structure(ema), jax.tree.leaves(got[_EMA]))
         restored = restored.replace(ema_params=ema, teacher_params=state.teacher_params,
                                     distance=state.distance)
+        self._verify(step, restored)
         saved_step = int(jax.device_get(restored.step))
         if saved_step != step:
             raise CheckpointError(f"Checkpoint directory {self.step_dir(step)} holds a state of "
@@ -486,6 +701,41 @@ class Checkpointer:
                             step, data_state["step"], step)
             data_state = {**data_state, "step": step}
         return restored, data_state
+
+    def _verify(self, step: int, restored: TrainState) -> None:
+        """Compares the restored arrays with the checksums stored at save time (a checkpoint
+        written before checksums existed, or whose checksum file was never written, is only checked
+        for finiteness).
+
+        Raises:
+          CheckpointError: naming the first array whose checksum differs, or the parts holding
+            NaN/Inf (a checkpoint is never saved with them).
+        """
+        path = self.checksum_path(step)
+        try:
+            with open(path) as f:
+                stored = json.load(f)["arrays"]
+        except FileNotFoundError:
+            stored = None
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"The checksum file {path} is unreadable: {_brief(e)}") from e
+        if stored is not None:
+            names, sums = checksums(restored)
+            for name, value in zip(names, jax.device_get(sums)):
+                if name in stored and int(stored[name]) != int(value):
+                    raise CheckpointError(f"Checkpoint step {step}: the array {name} does not match "
+                                          f"its checksum ({path}): the files are damaged.")
+            missing = sorted(set(stored) - set(names))
+            if missing:
+                logging.warning("Checkpoint step %d: %d saved array(s) not restored: %s", step,
+                                len(missing), ", ".join(missing[:5]))
+        else:
+            logging.info("Checkpoint step %d has no checksums (%s); checked for finiteness only.",
+                         step, path)
+        bad = nonfinite_parts(restored)
+        if bad:
+            raise CheckpointError(f"Checkpoint step {step} holds NaN or Inf in {', '.join(bad)}: the "
+                                  "files are damaged (a non-finite state is never saved).")
 
     def restore(self, state: TrainState) -> Optional[tuple[TrainState, dict]]:
         """Restores the newest readable checkpoint into the structure and shardings of ``state``.
@@ -534,6 +784,8 @@ class Checkpointer:
             for step in steps:
                 dest = os.path.join(dest_root, f"{step}-{int(time.time())}")
                 shutil.move(self.step_dir(step), dest)
+                if os.path.exists(self.checksum_path(step)):
+                    shutil.move(self.checksum_path(step), os.path.join(dest, "checksums.json"))
                 logging.warning("Moved the unreadable checkpoint %s to %s.", self.step_dir(step),
                                 dest)
         ocp.multihost.sync_global_processes("consistency_jax_checkpoint_quarantine")

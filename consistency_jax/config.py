@@ -128,6 +128,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 5_000
     c.train.ema_rates = (0.999,)
     c.train.skip_nonfinite = False
+    # With skip_nonfinite: stop the run with an error after this many skipped steps in a row (0: no
+    # limit), or when more than this fraction of the steps run by this process were skipped (checked
+    # from 100 steps on and at the end; 1.0: no limit).
+    c.train.max_consecutive_skips = 100
+    c.train.max_skip_fraction = 0.25
     # Train steps per compiled call (a lax.scan; the run is the same for any value). > 1 saves host
     # dispatch on GPU/TPU for small networks; keep 1 on CPU. log/eval/checkpoint cadences must be
     # multiples of it.
@@ -477,6 +482,11 @@ def validate(config: ml_collections.ConfigDict) -> Setup:
     num_steps = _positive_int(t.num_steps, "train.num_steps")
     for name in ("log_every", "eval_every"):
         _positive_int(t[name], f"train.{name}")
+    _positive_int(t.get("max_consecutive_skips", 0), "train.max_consecutive_skips", minimum=0)
+    fraction = t.get("max_skip_fraction", 1.0)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"config.train.max_skip_fraction must lie in (0, 1] (1: no limit), got "
+                         f"{fraction!r}.")
     micro = _positive_int(t.get("microbatches", 1), "train.microbatches")
     per_call = _positive_int(t.get("steps_per_call", 1), "train.steps_per_call")
     c = config.checkpoint

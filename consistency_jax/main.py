@@ -5,6 +5,7 @@ Any config field can be overridden on the command line, e.g. ``--config.train.nu
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -46,9 +47,27 @@ def main(argv):
 
     if os.environ.get("CONSISTENCY_JAX_DISTRIBUTED", "") == "1":
         jax.distributed.initialize(**distributed_args(os.environ))
+    from consistency_jax import checkpoint, workdir_lock
+
     logging.info("JAX %s on %d process(es), %d device(s): %s", jax.__version__, jax.process_count(),
                  jax.device_count(), jax.devices()[0].device_kind)
-    experiment.train_and_evaluate(_CONFIG.value, FLAGS.value)
+    try:
+        experiment.train_and_evaluate(_CONFIG.value, FLAGS.value, argv=sys.argv[1:])
+    except experiment.RunInterrupted as e:
+        _exit(130, str(e))
+    except (workdir_lock.WorkdirLockedError, workdir_lock.WorkdirLockLostError,
+            checkpoint.CheckpointError, checkpoint.CheckpointSaveError, experiment.NonFiniteError,
+            experiment.SkipLimitError, checkpoint.NonFiniteStateError) as e:
+        _exit(1, f"{type(e).__name__}: {e}")
+
+
+def _exit(code: int, message: str) -> None:
+    """Ends the process with ``message`` as the last thing on stderr (no traceback: the run's own
+    errors say what happened and what to do)."""
+    logging.flush()
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Preemption: SIGTERM (the notice of TPU/GPU clouds) becomes "finish the step, save, exit cleanly".
+"""Preemption: SIGTERM (the notice of TPU/GPU clouds) becomes "finish the step, save, exit cleanly";
+Ctrl-C (SIGINT) the same, and a second Ctrl-C aborts at once.
 
 On several hosts JAX's preemption sync service (started by ``jax.distributed.initialize``) makes every
 host stop at the same step; the checkpoint manager answers where that step is
@@ -22,19 +23,21 @@ if TYPE_CHECKING:  # only for the annotation: preemption needs no checkpoint cod
 
 
 class PreemptionWatcher:
-    """Turns SIGTERM (the preemption notice of TPU/GPU clouds) into "save and stop".
+    """Turns SIGTERM (the preemption notice of TPU/GPU clouds) and SIGINT (Ctrl-C) into "save and stop".
 
-    Single process: a SIGTERM handler sets a flag and the loop, at the end of the current step,
-    sees ``reached(step)``, saves and returns (exit code 0). The handler is installed when the
-    watcher is created (from the main thread only) and the previous one is restored by ``close``.
-    A second SIGTERM, one after ``close``, or one after the watcher was dropped without ``close``
-    (the loop died with an exception) goes to the previous handler. Multiple processes: JAX's
+    Single process: the handler sets a flag (``received``: "SIGTERM" or "SIGINT") and the loop, at
+    the end of the current step, sees ``reached(step)``, saves and stops (after SIGTERM with exit
+    code 0, after SIGINT with an error: ``experiment.RunInterrupted``). The handlers are installed
+    when the watcher is created (from the main thread only) and the previous ones are restored by
+    ``close``. A second signal (a second Ctrl-C: Python's KeyboardInterrupt, at once), one after
+    ``close``, or one after the watcher was dropped without ``close`` goes to the previous handler.
+    Multiple processes: only SIGTERM is watched, by JAX's
     preemption sync service (started by ``jax.distributed.initialize``) catches the signal and
     ``reached`` returns True on every host at the same step (Orbax ``reached_preemption``).
     """
 
     def __init__(self, checkpointer: Optional["Checkpointer"] = None,
-                 signals: Sequence[int] = (signal.SIGTERM,)):
+                 signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)):
         self._checkpointer = checkpointer
         self.received: Optional[str] = None
         self._active = True
@@ -51,8 +54,9 @@ class PreemptionWatcher:
         if not self._active or self.received is not None:
             return False
         self.received = signal.Signals(signum).name
-        logging.warning("Received %s: finishing the current step, saving a checkpoint and exiting.",
-                        self.received)
+        logging.warning("Received %s: finishing the current step, saving a checkpoint and exiting%s.",
+                        self.received, " (press Ctrl-C again to abort at once)"
+                        if signum == signal.SIGINT else "")
         return True
 
     def reached(self, step: int, steps: int = 1) -> bool:

@@ -1,27 +1,70 @@
 """What a run writes besides checkpoints: ``metrics.jsonl`` (one JSON object per evaluation) and
-TensorBoard scalars (tensorboardX: event files without TensorFlow)."""
+TensorBoard scalars (tensorboardX: event files without TensorFlow).
+
+A resumed run continues the files of the run it resumes: rows of ``metrics.jsonl`` after the
+restored step (written after the last checkpoint by a run that then died) are dropped when the
+writer opens, and TensorBoard is told to purge its events after that step, so no step appears twice.
+"""
 from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 from absl import logging
 
 
 class MetricWriter:
-    """Writes on the main process only (``enabled``); the others are silent."""
+    """Writes on the main process only (``enabled``); the others are silent.
 
-    def __init__(self, workdir: str, enabled: bool):
+    Args:
+      workdir: the run's directory.
+      enabled: True on the main process.
+      start_step: the step the run starts from (the restored step; 0 for a new run): rows of
+        ``metrics.jsonl`` after it are dropped and TensorBoard events after it purged. None keeps
+        everything.
+    """
+
+    def __init__(self, workdir: str, enabled: bool, start_step: Optional[int] = None):
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.tb = None
         if enabled:
+            if start_step is not None:
+                self._drop_rows_after(int(start_step))
             try:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                        purge_step=start_step or None)
             except ImportError:  # TensorBoard is optional
                 logging.warning("tensorboardX is not installed: no TensorBoard scalars.")
+
+    def _drop_rows_after(self, step: int) -> None:
+        """Rewrites metrics.jsonl without its rows after ``step`` (atomically: a new file replaces
+        it). A line that is not JSON (a row cut short by a kill) is dropped too."""
+        try:
+            with open(self.path) as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return
+        kept = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+                if int(row["step"]) <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass
+        dropped = len(lines) - len(kept)
+        if not dropped:
+            return
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+        logging.info("Dropped %d row(s) of %s after step %d (the run resumes from that step).",
+                     dropped, self.path, step)
 
     def scalars(self, step: int, values: dict, prefix: str) -> None:
         if self.tb is not None:
@@ -37,5 +80,7 @@ class MetricWriter:
         self.scalars(step, values, "eval")
 
     def close(self):
+        """Flushes and closes TensorBoard's file (idempotent)."""
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
