@@ -35,7 +35,7 @@ setup(
         # tfds.load / tfrecord reading (the data_source reader needs no TensorFlow).
         "tf": ["tensorflow-cpu>=2.16"],
         # Tests run both readers, and TFDS's cifar10 builder on scikit-image's bundled photographs.
-        "test": ["pytest>=8.0", "scikit-image>=0.22", "tensorflow-cpu>=2.16"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scikit-image>=0.22", "tensorflow-cpu>=2.16"],
         "gpu": ["jax[cuda12]>=0.6.0"],
         "tpu": ["jax[tpu]>=0.6.0"],
     },

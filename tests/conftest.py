@@ -12,6 +12,13 @@ SLOW_CPU_COLLECTIVES = ("--xla_cpu_collective_call_terminate_timeout_seconds=900
                         "--xla_cpu_collective_timeout_seconds=900 "
                         "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120")
 
+# Under pytest-xdist (the README's test command runs two workers), each worker builds the default
+# TFDS datasets (the digits) in its own directory, so that two workers never write one dataset at once.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import tempfile
+
+    os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix=f"tfds_{os.environ['PYTEST_XDIST_WORKER']}_")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -46,7 +46,7 @@ def _set(c, dotted, value):
     ({"curriculum.mu0": 1.2}, r"config\.curriculum: The target EMA rate mu0 must be in \[0, 1\)"),
     ({"teacher.ema_rate": -0.5}, r"config\.teacher\.ema_rate must lie in \[0, 1\)"),
     ({"eval.ema_rate": 0.5}, r"config\.eval\.ema_rate=0\.5 is not one of the EMA rates"),
-    ({"method": "sct"}, r"Unknown method 'sct'"),
+    ({"method": "sctx"}, r"Unknown method 'sctx'"),
     ({"loss.distance": "l3"}, r"config\.loss: Unknown distance 'l3'"),
     ({"loss.weighting": "snr2"}, r"config\.loss: Unknown weighting 'snr2'"),
     ({"model.name": "resnet"}, r"Unknown network 'resnet' \(config\.model\.name\)"),
