@@ -413,7 +413,10 @@ def _check_init(config) -> None:
     except checkpoint.CheckpointError as e:
         raise checkpoint.CheckpointError(f"{where}: {e}{hint}") from e
     flat = lambda c: checkpoint._flatten(checkpoint.config_to_dict(c))
-    mine, theirs = flat(config), flat(source)
+    # A field the source run's config predates has its default value there (e.g. model.logvar_head).
+    defaults = {k: v for k, v in checkpoint._flatten(default_values()).items()
+                if (k.startswith("model.") or k in INIT_NETWORK_FIELDS) and v != {}}
+    mine, theirs = flat(config), {**defaults, **flat(source)}
     keys = sorted(k for k in set(mine) | set(theirs)
                   if (k.startswith("model.") or k in INIT_NETWORK_FIELDS)
                   and k not in INIT_FREE_MODEL_FIELDS)
