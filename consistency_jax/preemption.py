@@ -103,6 +103,10 @@ def _make_handler(watcher_ref: "weakref.ref[PreemptionWatcher]", previous: dict[
         signal.signal(signum, prev)
         if callable(prev):
             prev(signum, frame)
+        elif signum == signal.SIGINT:
+            # A second Ctrl-C aborts at once even where SIGINT was ignored before the watcher
+            # (a background job, a pytest-xdist worker): the user asked twice.
+            raise KeyboardInterrupt
         elif prev == signal.SIG_DFL:
             os.kill(os.getpid(), signum)
 

@@ -199,6 +199,7 @@ def test_second_launch_is_refused_ctrl_c_saves_and_the_run_resumes(tmp_path, cap
 
 
 def test_second_ctrl_c_aborts_at_once():
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler; SIG_IGN in a pytest-xdist worker
     watcher = PreemptionWatcher()
     try:
         os.kill(os.getpid(), signal.SIGINT)
@@ -209,7 +210,7 @@ def test_second_ctrl_c_aborts_at_once():
             time.sleep(1.0)
     finally:
         watcher.close()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 # ---------------------------------------------------------------- failures keep their checkpoints
