@@ -290,17 +290,20 @@ def resolve_reader(builder: tfds.core.DatasetBuilder, cfg: ImageDataConfig) -> s
         needed and TensorFlow is not installed.
     """
     fmt = getattr(builder.info.file_format, "value", builder.info.file_format) or "tfrecord"
+    # A data set may hold its records in several formats (the sampling command's exports: tfrecord
+    # for tfds.load, array_record as the alternative that tfds.data_source picks).
+    formats = {getattr(f, "value", f) for f in builder.info.alternative_file_formats} | {fmt}
     reader = cfg.reader
     if reader == "auto":
-        reader = "data_source" if fmt == "array_record" else "tfds_load"
-    if reader == "data_source" and fmt != "array_record":
+        reader = "data_source" if "array_record" in formats else "tfds_load"
+    if reader == "data_source" and "array_record" not in formats:
         raise ValueError(
             f"TFDS data set {cfg.name!r} is prepared as {fmt}; tfds.data_source reads array_record "
             "only. Use reader='tfds_load' (or 'auto') with TensorFlow installed, or re-prepare it with "
             "download_and_prepare(file_format='array_record') in another data_dir."
         )
     if reader == "tfds_load":
-        if fmt != "tfrecord":
+        if "tfrecord" not in formats:
             raise ValueError(
                 f"TFDS data set {cfg.name!r} is prepared as {fmt}; tfds.load reads tfrecord only. Use "
                 "reader='data_source' (or 'auto'), or prepare it as tfrecord in another data_dir."

@@ -10,32 +10,13 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from consistency_jax.distributed import distributed_args, maybe_initialize
+
+__all__ = ["distributed_args", "main"]
+
 FLAGS = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file (with :arg).",
                                           lock_config=True)
-
-
-def distributed_args(env) -> dict:
-    """Arguments of ``jax.distributed.initialize`` beyond what JAX detects by itself.
-
-    On TPU pods, SLURM, Open MPI and GKE JAX finds the coordinator, the process count and this
-    process's index itself. Elsewhere (several GPU nodes started by hand, or several processes on
-    one machine) set ``JAX_COORDINATOR_ADDRESS=host:port`` (read by JAX), ``JAX_NUM_PROCESSES`` and
-    ``JAX_PROCESS_ID`` on every process.
-    """
-    args = {}
-    for key, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
-        if env.get(key, "") != "":
-            try:
-                args[arg] = int(env[key])
-            except ValueError:
-                raise app.UsageError(f"{key} must be an integer, got {env[key]!r}.") from None
-    if ("num_processes" in args) != ("process_id" in args):
-        raise app.UsageError("Set both JAX_NUM_PROCESSES and JAX_PROCESS_ID, or neither.")
-    if args and not 0 <= args["process_id"] < args["num_processes"]:
-        raise app.UsageError(f"Need 0 <= JAX_PROCESS_ID < JAX_NUM_PROCESSES, got "
-                             f"{args['process_id']} and {args['num_processes']}.")
-    return args
 
 
 def main(argv):
@@ -45,8 +26,7 @@ def main(argv):
 
     from consistency_jax import experiment
 
-    if os.environ.get("CONSISTENCY_JAX_DISTRIBUTED", "") == "1":
-        jax.distributed.initialize(**distributed_args(os.environ))
+    maybe_initialize(os.environ)
     from consistency_jax import checkpoint, workdir_lock
 
     logging.info("JAX %s on %d process(es), %d device(s): %s", jax.__version__, jax.process_count(),

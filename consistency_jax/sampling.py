@@ -69,21 +69,77 @@ def multistep_sample(apply_fn: param_lib.ApplyFn, params: Any, rng: Array, shape
       consistency_fn: f(apply_fn, params, x_σ, σ, sigmas, **kw), CM's by default; a TrigFlow model's
         ``trigflow.consistency_fn_sigma`` makes this sCM's sampler (sCM §3) in EDM units.
     """
+    keys = jax.random.split(rng, len(ts))
+    noise = lambda j: jax.random.normal(keys[j], tuple(shape), jnp.float32)
+    return _multistep(apply_fn, params, noise, ts, sigmas, labels, clip, x_init, consistency_fn)
+
+
+def _multistep(apply_fn, params, noise, ts, sigmas, labels, clip, x_init, consistency_fn) -> Array:
+    """CM Algorithm 1 with the j-th Gaussian draw ``noise(j)`` (j = 0: the initial noise)."""
     ts = check_times(ts, sigmas)
     if len(ts) > 1 and ts[-1] == sigmas.sigma_min:
         ts = ts[:-1]
-    keys = jax.random.split(rng, len(ts))
-    x = ts[0] * jax.random.normal(keys[0], tuple(shape), jnp.float32) if x_init is None else x_init
+    x = ts[0] * noise(0) if x_init is None else x_init
     f = functools.partial(consistency_fn, apply_fn, params, sigmas=sigmas, labels=labels,
                           train=False, rng=None)
     for j, t in enumerate(ts):
         if j > 0:
             noise_std = np.sqrt(t * t - sigmas.sigma_min**2)
-            x = x + noise_std * jax.random.normal(keys[j], x.shape, jnp.float32)
+            x = x + noise_std * noise(j)
         x = f(x=x, t=jnp.full(x.shape[:1], t, jnp.float32))
         if clip is not None:
             x = jnp.clip(x, -clip, clip)
     return x
+
+
+# Streams of the per-example keys: draw j of the sampler uses stream j; the label uses its own.
+LABEL_STREAM = 0x1AB
+
+
+def example_keys(key: Array, indices: Array) -> Array:
+    """One key per example: ``fold_in(key, i)`` for every global example index i."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.asarray(indices, jnp.uint32))
+
+
+def example_noise(keys: Array, stream: int, example_shape: Sequence[int]) -> Array:
+    """Standard normal draws (B, *example_shape), row b from ``fold_in(keys[b], stream)`` alone."""
+    draw = lambda k: jax.random.normal(jax.random.fold_in(k, stream), tuple(example_shape), jnp.float32)
+    return jax.vmap(draw)(keys)
+
+
+def example_labels(keys: Array, num_classes: int) -> Array:
+    """Uniform class labels, label b from ``keys[b]`` alone (its own stream)."""
+    draw = lambda k: jax.random.randint(jax.random.fold_in(k, LABEL_STREAM), (), 0, num_classes)
+    return jax.vmap(draw)(keys).astype(jnp.int32)
+
+
+def indexed_sample(apply_fn: param_lib.ApplyFn, params: Any, key: Array, indices: Array,
+                   example_shape: Sequence[int], ts: Sequence[float], sigmas: param_lib.SigmaConfig,
+                   *, labels: Optional[Array] = None, clip: Optional[float] = None,
+                   consistency_fn=param_lib.consistency_fn) -> Array:
+    """CM Algorithm 1 where example i is a function of (key, i) alone.
+
+    Every Gaussian draw of example i comes from ``fold_in(fold_in(key, i), j)`` (j the step), so the
+    samples do not depend on the batch an example falls in, on the batch size, or on how the batch
+    is split over devices and hosts: the sampling command's datasets are the same on any mesh.
+
+    Args:
+      indices: (B,) global example indices.
+      example_shape: the shape of one example (H, W, C).
+      Others: as ``multistep_sample``.
+    """
+    keys = example_keys(key, indices)
+    noise = lambda j: example_noise(keys, j, example_shape)
+    return _multistep(apply_fn, params, noise, ts, sigmas, labels, clip, None, consistency_fn)
+
+
+def indexed_heun_sample(denoise, key: Array, indices: Array, example_shape: Sequence[int],
+                        sigmas: param_lib.SigmaConfig, num_steps: int = 18) -> Array:
+    """EDM's Heun sampler (``edm_heun_sample``) from the initial noise of ``indexed_sample``: example
+    i is a function of (key, i) alone."""
+    keys = example_keys(key, indices)
+    x_init = sigmas.sigma_max * example_noise(keys, 0, example_shape)
+    return edm_heun_sample(denoise, key, x_init.shape, sigmas, num_steps, x_init=x_init)
 
 
 def onestep_sample(apply_fn: param_lib.ApplyFn, params: Any, rng: Array, shape: Sequence[int],

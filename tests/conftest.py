@@ -27,3 +27,17 @@ def load_config(name: str, arg: str = None):
     from consistency_jax.config import load_config as load
 
     return load(os.path.join(ROOT, "configs", f"{name}.py"), arg)
+
+
+def site_without_tensorflow(root) -> str:
+    """A copy (symlinks) of this environment's site-packages without the TensorFlow package."""
+    import tensorflow_datasets  # pylint: disable=g-import-not-at-top
+
+    site_packages = os.path.dirname(os.path.dirname(tensorflow_datasets.__file__))
+    farm = root / "site-packages"
+    farm.mkdir()
+    for entry in os.listdir(site_packages):
+        if entry == "tensorflow" or entry.startswith(("tensorflow-", "tensorflow_cpu-")):
+            continue
+        os.symlink(os.path.join(site_packages, entry), farm / entry)
+    return str(farm)

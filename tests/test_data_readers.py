@@ -216,25 +216,13 @@ print("OK without tensorflow")
 """
 
 
-def _site_without_tensorflow(root) -> str:
-    """A copy (symlinks) of this environment's site-packages without the TensorFlow package."""
-    import tensorflow_datasets  # pylint: disable=g-import-not-at-top
-
-    site_packages = os.path.dirname(os.path.dirname(tensorflow_datasets.__file__))
-    farm = root / "site-packages"
-    farm.mkdir()
-    for entry in os.listdir(site_packages):
-        if entry == "tensorflow" or entry.startswith(("tensorflow-", "tensorflow_cpu-")):
-            continue
-        os.symlink(os.path.join(site_packages, entry), farm / entry)
-    return str(farm)
-
-
 def test_data_source_reader_needs_no_tensorflow(tmp_path):
+    from conftest import site_without_tensorflow
+
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
     result = subprocess.run(
-        [sys.executable, "-S", "-c", _WITHOUT_TF, _site_without_tensorflow(tmp_path),
+        [sys.executable, "-S", "-c", _WITHOUT_TF, site_without_tensorflow(tmp_path),
          str(tmp_path / "tfds")], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK without tensorflow" in result.stdout

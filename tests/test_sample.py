@@ -1,0 +1,274 @@
+"""The sampling command: deterministic per-example samples, the .npz and TFDS exports read back by
+every reader, the same dataset on any mesh, a crashed export completed exactly, refusals."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from consistency_jax import export, sampling
+from consistency_jax import parameterization as param_lib
+from consistency_jax import sample as sample_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N = 22  # samples: 3 shards of 8, 8, 6
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny class-conditional digits iCT run (one step: the sampler does not care how good it is)."""
+    from conftest import load_config
+
+    from consistency_jax import experiment
+
+    root = tmp_path_factory.mktemp("sample_run")
+    c = load_config("digits", "method=ict")
+    c.data.data_dir = str(root / "tfds")
+    c.data.batch_size = 8
+    c.data.use_labels = True
+    c.model.kwargs = dict(nf=4, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+                          num_classes=10)
+    c.train.update(num_steps=1, log_every=1, eval_every=1000)
+    c.checkpoint.every = 1
+    experiment.train_and_evaluate(c, str(root / "run"))
+    return str(root / "run")
+
+
+def _request(run_dir, out, **kw):
+    base = dict(workdir=run_dir, out=str(out), num_samples=N, examples_per_shard=8, per_device_batch=4,
+                seed=3)
+    base.update(kw)
+    return sample_lib.SampleRequest(**base)
+
+
+@pytest.fixture(scope="module")
+def reference(run_dir, tmp_path_factory):
+    """One uninterrupted export on this process's single device: the reference of the other tests."""
+    root = tmp_path_factory.mktemp("sample_ref")
+    request = _request(run_dir, root / "out", export_tfds="ref_samples", data_dir=str(root / "tfds"),
+                       keep_parts=True)
+    summary = sample_lib.run(request)
+    with np.load(summary["npz"], allow_pickle=False) as z:
+        return dict(root=root, request=request, summary=summary, images=z["arr_0"], labels=z["arr_1"])
+
+
+def _read_data_source(name, data_dir):
+    import tensorflow_datasets as tfds
+
+    ds = tfds.data_source(name, data_dir=data_dir, split="train")
+    rows = [ds[i] for i in range(len(ds))]
+    return np.stack([r["image"] for r in rows]), np.array([r["label"] for r in rows])
+
+
+def test_samples_are_a_function_of_seed_and_index_alone():
+    """Rows 5..9 of a batch of indices 0..15 equal a batch of indices 5..9 and the formula of CM
+    Algorithm 1 with the draws fold_in(fold_in(key, i), j), recomputed here row by row."""
+    sigmas = param_lib.SigmaConfig()
+    apply_fn = lambda params, x, c, **kw: jnp.tanh(params["w"] * x) + 0.1 * c[:, None, None, None]
+    params = {"w": jnp.float32(0.7)}
+    key = jax.random.key(11)
+    ts = (sigmas.sigma_max, 0.8)
+    big = sampling.indexed_sample(apply_fn, params, key, jnp.arange(16), (4, 4, 1), ts, sigmas, clip=1.0)
+    small = sampling.indexed_sample(apply_fn, params, key, jnp.arange(5, 10), (4, 4, 1), ts, sigmas, clip=1.0)
+    np.testing.assert_array_equal(np.asarray(big[5:10]), np.asarray(small))
+    f = lambda x, t: param_lib.consistency_fn(apply_fn, params, x, jnp.full((1,), t), sigmas)
+    for i in (0, 7, 15):
+        k = jax.random.fold_in(key, i)
+        z0 = jax.random.normal(jax.random.fold_in(k, 0), (1, 4, 4, 1))
+        z1 = jax.random.normal(jax.random.fold_in(k, 1), (1, 4, 4, 1))
+        x = jnp.clip(f(ts[0] * z0, ts[0]), -1, 1)
+        x = jnp.clip(f(x + np.sqrt(0.8**2 - sigmas.sigma_min**2) * z1, 0.8), -1, 1)
+        np.testing.assert_allclose(np.asarray(big[i]), np.asarray(x[0]), rtol=1e-6, atol=1e-6)
+    labels = sampling.example_labels(sampling.example_keys(key, jnp.arange(2000)), 10)
+    counts = np.bincount(np.asarray(labels), minlength=10)
+    assert counts.min() > 150 and counts.max() < 250, counts  # uniform over the 10 classes
+
+
+def test_export_reads_back_with_every_reader(reference, tmp_path):
+    import tensorflow_datasets as tfds
+
+    images, labels = reference["images"], reference["labels"]
+    assert images.dtype == np.uint8 and images.shape == (N, 8, 8, 1) and labels.shape == (N,)
+    assert len(set(labels.tolist())) > 3  # uniform labels, not all one class
+    data_dir = str(reference["root"] / "tfds")
+    got_images, got_labels = _read_data_source("ref_samples", data_dir)
+    np.testing.assert_array_equal(got_images, images)
+    np.testing.assert_array_equal(got_labels, labels)
+    builder = tfds.builder_from_directory(os.path.join(data_dir, "ref_samples", "1.0.0"))
+    assert builder.info.splits["train"].num_examples == N
+    assert builder.info.features["label"].num_classes == 10
+    rows = list(tfds.as_numpy(tfds.load("ref_samples", data_dir=data_dir, split="train")))
+    np.testing.assert_array_equal(np.stack([r["image"] for r in rows]), images)
+    np.testing.assert_array_equal(np.array([r["label"] for r in rows]), labels)
+    # The project's training pipeline reads the dataset by name (a teacher's samples as a data set).
+    from consistency_jax import data as data_lib
+
+    cfg = data_lib.ImageDataConfig(name="ref_samples", data_dir=data_dir, image_size=8, num_channels=1,
+                                   use_labels=True, random_flip=False)
+    arrays = data_lib.load_image_arrays(cfg)
+    np.testing.assert_allclose(arrays["image"], images.astype(np.float64) / 127.5 - 1.0, atol=1e-6)
+    np.testing.assert_array_equal(arrays["label"], labels)
+    it = data_lib.make_image_iterator(cfg, global_batch_size=8, seed=0)
+    assert it.reader == "data_source" and next(it)["image"].shape == (8, 8, 8, 1)
+    # The grid and the plan.
+    out = reference["root"] / "out"
+    assert (out / "grid.png").exists()
+    assert json.loads((out / "plan.json").read_text())["complete"] is True
+
+
+_WITHOUT_TF = r"""
+import importlib.util, site, sys
+site.addsitedir(sys.argv[1])
+assert importlib.util.find_spec("tensorflow") is None
+import numpy as np, tensorflow_datasets as tfds
+ds = tfds.data_source(sys.argv[3], data_dir=sys.argv[2], split="train")
+np.savez(sys.argv[4], images=np.stack([ds[i]["image"] for i in range(len(ds))]),
+         labels=np.array([ds[i]["label"] for i in range(len(ds))]))
+assert not any(m == "tensorflow" or m.startswith("tensorflow.") for m in sys.modules)
+"""
+
+
+def test_export_reads_back_in_a_fresh_python_without_tensorflow(reference, tmp_path):
+    from conftest import site_without_tensorflow
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", _WITHOUT_TF, site_without_tensorflow(tmp_path),
+         str(reference["root"] / "tfds"), "ref_samples", str(tmp_path / "got.npz")],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with np.load(tmp_path / "got.npz") as z:
+        np.testing.assert_array_equal(z["images"], reference["images"])
+        np.testing.assert_array_equal(z["labels"], reference["labels"])
+
+
+def _cli(run_dir, out, data_dir, name, extra_env=None, extra_flags=()):
+    env = dict(os.environ)
+    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+    env.update(extra_env or {})
+    return [sys.executable, "-m", "consistency_jax.sample", f"--workdir={run_dir}", f"--out={out}",
+            f"--num_samples={N}", "--examples_per_shard=8", "--per_device_batch=4", "--seed=3",
+            f"--export_tfds={name}", f"--data_dir={data_dir}", *extra_flags], env
+
+
+def test_same_dataset_on_four_devices_and_on_two_processes(run_dir, reference, tmp_path):
+    """1 device (the reference), 4 devices of one process and 2 processes of 2 devices each write the
+    same images and labels."""
+    from conftest import SLOW_CPU_COLLECTIVES
+    from test_multihost import _free_port
+
+    data_dir = str(tmp_path / "tfds")
+    cmd, env = _cli(run_dir, tmp_path / "four", data_dir, "four_devices")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    coordinator = f"localhost:{_free_port()}"
+    for i in range(2):
+        cmd, env = _cli(run_dir, tmp_path / "hosts", data_dir, "two_hosts", extra_env=dict(
+            CONSISTENCY_JAX_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(i),
+            XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {SLOW_CPU_COLLECTIVES}"))
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(o[-3000:] for o in outs)
+    for name in ("four_devices", "two_hosts"):
+        images, labels = _read_data_source(name, data_dir)
+        np.testing.assert_array_equal(images, reference["images"], err_msg=name)
+        np.testing.assert_array_equal(labels, reference["labels"], err_msg=name)
+    # Each host wrote its own shards: shard s by host s mod 2 (the summary counts what it generated).
+    generated = sorted(json.loads(o[o.index("{"):])["generated"] for o in outs[1:])
+    assert generated == [8, 14]
+
+
+def test_an_export_that_crashed_is_completed_without_a_missing_or_duplicated_example(
+        run_dir, reference, tmp_path, monkeypatch):
+    """The ArrayRecord writer dies half-way through the second shard file it writes (a partial file in
+    .incomplete/): no reader sees an incomplete dataset, and the rerun completes the same dataset."""
+    import tensorflow_datasets as tfds
+
+    real = export.write_array_record
+    calls = []
+
+    def dying_writer(path, records):
+        calls.append(path)
+        if len(calls) == 2:
+            real(path, records[: len(records) // 2])
+            raise OSError("simulated crash while writing a shard")
+        real(path, records)
+
+    monkeypatch.setattr(export, "_WRITERS", dict(export._WRITERS, array_record=dying_writer))
+    request = _request(run_dir, tmp_path / "out", export_tfds="crashed", data_dir=str(tmp_path / "tfds"))
+    with pytest.raises(OSError, match="simulated crash"):
+        sample_lib.run(request)
+    ds_dir = tmp_path / "tfds" / "crashed" / "1.0.0"
+    assert not (ds_dir / "dataset_info.json").exists()
+    assert os.listdir(ds_dir / ".incomplete")  # the half-written file, under a name no reader globs
+    with pytest.raises(Exception):
+        tfds.data_source("crashed", data_dir=str(tmp_path / "tfds"), split="train")
+    monkeypatch.setattr(export, "_WRITERS", dict(export._WRITERS, array_record=real))
+    summary = sample_lib.run(request)
+    assert summary["generated"] == N - 8  # the first shard was kept, the rest generated again
+    images, labels = _read_data_source("crashed", str(tmp_path / "tfds"))
+    np.testing.assert_array_equal(images, reference["images"])
+    np.testing.assert_array_equal(labels, reference["labels"])
+    assert not (ds_dir / ".incomplete").exists()
+
+
+def test_refusals_before_anything_is_computed(run_dir, reference, tmp_path):
+    # A finished output and an existing dataset are never overwritten without --overwrite.
+    with pytest.raises(sample_lib.SampleError, match="finished sampling run"):
+        sample_lib.run(reference["request"])
+    other = _request(run_dir, tmp_path / "new", export_tfds="ref_samples",
+                     data_dir=str(reference["root"] / "tfds"))
+    with pytest.raises(sample_lib.SampleError, match="already exists"):
+        sample_lib.run(other)
+    # An unfinished output of a different request.
+    (tmp_path / "half").mkdir()
+    plan = sample_lib.plan_of(_request(run_dir, tmp_path / "half"),
+                              sample_lib.describe_run(_request(run_dir, tmp_path / "half")))
+    plan["complete"] = False
+    (tmp_path / "half" / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(sample_lib.SampleError, match=r"differs in \['seed'\]"):
+        sample_lib.run(_request(run_dir, tmp_path / "half", seed=4))
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("mine")
+    with pytest.raises(sample_lib.SampleError, match="not a sampling output"):
+        sample_lib.run(_request(run_dir, tmp_path / "junk"))
+    # Flags that do not fit the run.
+    for kw, message in ((dict(sampler="heun"), "is for EDM teachers"),
+                        (dict(labels="12"), "not a class of this run"),
+                        (dict(sampler="multistep"), "needs the times"),
+                        (dict(sampler="multistep", ts=(80.0, 100.0)), "strictly decreasing"),
+                        (dict(sampler="multistep", ts_indices=(0, 500)), "Indices must lie"),
+                        (dict(num_samples=0), "positive integer"),
+                        (dict(export_tfds="Bad-Name"), "lower_snake_case")):
+        with pytest.raises(sample_lib.SampleError, match=message):
+            sample_lib.run(_request(run_dir, tmp_path / "x", **kw))
+    assert not (tmp_path / "x").exists()
+    # --overwrite replaces the finished output.
+    summary = sample_lib.run(_request(run_dir, tmp_path / "o2", num_samples=4, grid=False))
+    summary = sample_lib.run(_request(run_dir, tmp_path / "o2", num_samples=4, grid=False, seed=5,
+                                      overwrite=True))
+    assert summary["generated"] == 4
+
+
+def test_multistep_indices_and_fixed_labels(run_dir, reference, tmp_path):
+    """--ts_indices on the run's grid equals --ts with those times; --labels=K gives class K."""
+    from consistency_jax.methods import discrete
+
+    model = sample_lib.describe_run(_request(run_dir, tmp_path / "a"))
+    grid_n = discrete.grid_size(model.config)
+    times = sampling.times_from_indices((0, grid_n // 2), grid_n, model.sigmas)
+    a = sample_lib.run(_request(run_dir, tmp_path / "a", sampler="multistep",
+                                ts_indices=(0, grid_n // 2), labels="3", num_samples=6))
+    b = sample_lib.run(_request(run_dir, tmp_path / "b", sampler="multistep", ts=times, labels="3",
+                                num_samples=6))
+    with np.load(a["npz"]) as za, np.load(b["npz"]) as zb:
+        np.testing.assert_array_equal(za["arr_0"], zb["arr_0"])
+        assert (za["arr_1"] == 3).all()
+        assert not np.array_equal(za["arr_0"], reference["images"][:6])  # 2 steps differ from 1
