@@ -15,6 +15,13 @@ from __future__ import annotations
 import importlib
 
 _API = {
+    "consistency_jax.editing": ("Transform", "as_mask", "colorization_mask", "colorization_transform",
+                                "colorize", "denoise", "edit", "edm_colorize", "edm_denoise",
+                                "edm_edit", "edm_inpaint", "edm_interpolate", "edm_sdedit",
+                                "edm_super_resolve", "identity_transform", "inpaint",
+                                "inpainting_mask", "interpolate", "luma_basis", "patch_average",
+                                "patch_basis", "project", "sdedit", "slerp", "super_resolve",
+                                "superres_mask", "superres_transform", "upsample_nearest"),
     "consistency_jax.losses": ("LossConfig", "consistency_loss", "default_huber_c", "l1_distance",
                                "l2_distance", "make_distance", "pseudo_huber_distance",
                                "sample_index", "weighting"),
