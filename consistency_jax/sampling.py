@@ -73,16 +73,22 @@ def multistep_sample(apply_fn: param_lib.ApplyFn, params: Any, rng: Array, shape
       project: if set, applied to each x0 estimate after clipping, before the next noise: the
         projection onto the known part of zero-shot editing (CM Algorithm 4, ``editing.edit``).
     """
-    keys = jax.random.split(rng, len(ts))
+    keys = jax.random.split(rng, len(_sampler_times(ts, sigmas)))
     noise = lambda j: jax.random.normal(keys[j], tuple(shape), jnp.float32)
-    return _multistep(apply_fn, params, noise, ts, sigmas, labels, clip, x_init, consistency_fn)
+    return _multistep(apply_fn, params, noise, ts, sigmas, labels, clip, x_init, consistency_fn,
+                      project)
 
 
-def _multistep(apply_fn, params, noise, ts, sigmas, labels, clip, x_init, consistency_fn) -> Array:
-    """CM Algorithm 1 with the j-th Gaussian draw ``noise(j)`` (j = 0: the initial noise)."""
+def _sampler_times(ts, sigmas) -> tuple[float, ...]:
+    """The checked times without a trailing ε (f(·, ε) is the identity)."""
     ts = check_times(ts, sigmas)
-    if len(ts) > 1 and ts[-1] == sigmas.sigma_min:
-        ts = ts[:-1]
+    return ts[:-1] if len(ts) > 1 and ts[-1] == sigmas.sigma_min else ts
+
+
+def _multistep(apply_fn, params, noise, ts, sigmas, labels, clip, x_init, consistency_fn,
+               project=None) -> Array:
+    """CM Algorithm 1 with the j-th Gaussian draw ``noise(j)`` (j = 0: the initial noise)."""
+    ts = _sampler_times(ts, sigmas)
     x = ts[0] * noise(0) if x_init is None else x_init
     f = functools.partial(consistency_fn, apply_fn, params, sigmas=sigmas, labels=labels,
                           train=False, rng=None)
