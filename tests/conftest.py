@@ -27,3 +27,21 @@ def load_config(name: str, arg: str = None):
     from consistency_jax.config import load_config as load
 
     return load(os.path.join(ROOT, "configs", f"{name}.py"), arg)
+
+
+def load_tool(name: str):
+    """tools/<name>.py as a module (the weight converters and fixture generators; no torch needed)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_npz(path) -> dict:
+    """Every array of an .npz fixture (no pickle)."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as data:
+        return dict(data)
