@@ -41,3 +41,21 @@ def site_without_tensorflow(root) -> str:
             continue
         os.symlink(os.path.join(site_packages, entry), farm / entry)
     return str(farm)
+
+
+def load_tool(name: str):
+    """tools/<name>.py as a module (the weight converters and fixture generators; no torch needed)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_npz(path) -> dict:
+    """Every array of an .npz fixture (no pickle)."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as data:
+        return dict(data)

@@ -6,15 +6,14 @@ are regenerated here with the fixture script's own NumPy generator.
 """
 from __future__ import annotations
 
-import importlib.util
 import pathlib
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import load_npz, load_tool
 from consistency_jax.metrics import lpips as L
 from consistency_jax import loading
 
@@ -23,21 +22,13 @@ FIXTURE = ROOT / "tests" / "fixtures" / "lpips_reference.npz"
 NETS = ("vgg", "alex")
 
 
-def _load_tool(name: str) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(f"_lpips_tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_fixture = _load_tool("make_lpips_fixture")
-convert = _load_tool("convert_lpips_weights")
+make_fixture = load_tool("make_lpips_fixture")
+convert = load_tool("convert_lpips_weights")
 
 
 @pytest.fixture(scope="module")
 def ref() -> dict[str, np.ndarray]:
-    with np.load(FIXTURE, allow_pickle=False) as data:
-        return dict(data)
+    return load_npz(FIXTURE)
 
 
 def _lin_state(ref: dict[str, np.ndarray], net: str) -> dict[str, np.ndarray]:

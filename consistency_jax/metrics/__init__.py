@@ -3,7 +3,37 @@
 - ``sample_distances``: energy distance and sliced Wasserstein-2 between point clouds (the toy).
 - ``digits``: a fixed feature extractor for 8×8 digits and the digits Fréchet distance.
 - ``lpips``: the LPIPS perceptual distance (a training metric for CD/CT on images).
+- ``inception``: the FID Inception-v3 (2015-12-05) in Flax, its weights and a sharded extractor.
+- ``fid``: FID, KID, Inception Score, precision/recall and streaming feature statistics.
+
+The names of ``inception`` and ``fid`` are exported lazily: ``import consistency_jax.metrics``
+does not build or import the Inception network.
 """
+from __future__ import annotations
+
+import importlib
+
 from consistency_jax.metrics.sample_distances import energy_distance, sliced_wasserstein2
 
-__all__ = ["energy_distance", "sliced_wasserstein2"]
+_LAZY = {
+    "GaussianStats": "fid",
+    "frechet_distance": "fid",
+    "inception_score": "fid",
+    "kernel_inception_distance": "fid",
+    "load_statistics": "fid",
+    "precision_recall": "fid",
+    "save_statistics": "fid",
+    "InceptionFeatureExtractor": "inception",
+    "InceptionOutput": "inception",
+    "InceptionV3": "inception",
+    "inception_outputs": "inception",
+    "load_inception_params": "inception",
+}
+
+__all__ = ["energy_distance", "sliced_wasserstein2", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"consistency_jax.metrics.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

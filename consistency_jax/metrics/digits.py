@@ -40,6 +40,7 @@ from flax import traverse_util
 
 from consistency_jax import data as data_lib
 from consistency_jax.datasets import digits as digits_dataset
+from consistency_jax.metrics.fid import frechet_distance, gaussian_stats
 
 # Bump when the architecture, the data or the training recipe changes: it names the cache file.
 CLASSIFIER_VERSION = 1
@@ -202,56 +203,6 @@ def get_digits_extractor(
 ) -> DigitsFeatureExtractor:
     """Process-wide cached ``DigitsFeatureExtractor.load_or_train``."""
     return DigitsFeatureExtractor.load_or_train(image_size, data_dir=data_dir, cache_dir=cache_dir)
-
-
-def gaussian_stats(features: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (D,) and unbiased covariance (D, D) of (N, D) features, in float64.
-
-    Args:
-      features: (N, D) with N >= 2.
-
-    Returns:
-      ``(mu, sigma)``.
-    """
-    features = np.asarray(features, np.float64)
-    if features.ndim != 2 or features.shape[0] < 2:
-        raise ValueError(f"Need (N, D) features with N >= 2, got shape {features.shape}.")
-    return features.mean(axis=0), np.cov(features, rowvar=False)
-
-
-def _psd_sqrt(a: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh((a + a.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-
-
-def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
-    """Fréchet (2-Wasserstein) distance between N(mu1, sigma1) and N(mu2, sigma2) (FID's formula).
-
-    d² = ||mu1 - mu2||² + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2)). S1 S2 is not symmetric, but it is
-    similar to the PSD matrix S1^(1/2) S2 S1^(1/2), so Tr((S1 S2)^(1/2)) is the sum of the square
-    roots of that matrix's eigenvalues: two symmetric eigendecompositions in float64, no complex
-    round-off as with a general ``sqrtm``.
-
-    Args:
-      mu1, mu2: means (D,).
-      sigma1, sigma2: symmetric positive semi-definite covariances (D, D).
-
-    Returns:
-      The squared Fréchet distance as a Python float (>= 0 up to round-off).
-    """
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    dim = mu1.shape[0] if mu1.ndim == 1 else -1
-    if mu1.ndim != 1 or mu2.shape != (dim,) or sigma1.shape != (dim, dim) or sigma2.shape != (dim, dim):
-        raise ValueError(
-            f"Need means (D,) and covariances (D, D) of one D; got {mu1.shape}, {sigma1.shape}, "
-            f"{mu2.shape}, {sigma2.shape}."
-        )
-    root1 = _psd_sqrt(sigma1)
-    middle = root1 @ sigma2 @ root1
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0.0, None)).sum()
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
 
 
 def _extractor_for(samples: Any, data_dir: str | None, cache_dir: str | None):
