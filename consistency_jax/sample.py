@@ -81,6 +81,12 @@ class SampleRequest:
     edit_sigma: float = 0.0
     noise_inputs: bool = False
     num_alphas: int = 9
+    tau_search: bool = False
+    search_steps: int = 2
+    search: str = "ternary"
+    search_stride: int = 1
+    inception_weights: str = ""
+    ref: str = ""
 
     def __post_init__(self):
         for name in ("num_samples", "per_device_batch", "examples_per_shard", "heun_steps"):
@@ -110,6 +116,12 @@ class SampleRequest:
                                   f"{'edit starts from' if self.edit == 'sdedit' else 'inputs carry'}).")
             if self.export_tfds:
                 raise SampleError("--export_tfds writes generated samples; it does not apply to --edit.")
+        if self.tau_search:
+            if self.edit or self.export_tfds:
+                raise SampleError("--tau_search is a mode of its own: not with --edit or --export_tfds.")
+            if self.search not in ("ternary", "exhaustive") or self.search_steps < 2:
+                raise SampleError(f"--search must be ternary or exhaustive and --search_steps >= 2, got "
+                                  f"{self.search!r} and {self.search_steps}.")
         if self.export_tfds:
             from consistency_jax import export
 
@@ -538,7 +550,9 @@ def _edit_times(request: SampleRequest, model: _Model) -> tuple[float, ...]:
 def run_edit(request: SampleRequest) -> dict:
     """Zero-shot editing of ``--inputs`` (or interpolation) with the run: CM Algorithm 4 for a
     consistency model, the same projections along EDM's Heun sampler for an EDM teacher. Writes
-    ``edit.npz`` (``arr_0`` the results, ``inputs`` and ``degraded`` beside them) and ``edit.png``
+    ``edit.npz`` (``arr_0`` the results as uint8, ``float`` the same in [−1, 1] before quantising (a
+    projection can leave the known part just outside the uint8 range), ``inputs`` and ``degraded``
+    beside them) and ``edit.png``
     (rows: input, what the editor sees, result).
 
     Raises:
@@ -632,7 +646,7 @@ def run_edit(request: SampleRequest) -> dict:
     elapsed = time.time() - start
     os.makedirs(request.out, exist_ok=True)
     to_u8 = lambda x: np.clip(np.round((np.asarray(x) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-    arrays = {"arr_0": to_u8(result)}
+    arrays = {"arr_0": to_u8(result), "float": result.astype(np.float32)}  # float: before quantising
     if inputs is not None:
         arrays.update(inputs=to_u8(inputs), degraded=to_u8(np.clip(degraded, -1, 1)))
     tmp = os.path.join(request.out, "edit.tmp.npz")
@@ -654,6 +668,90 @@ def run_edit(request: SampleRequest) -> dict:
         "seed": request.seed, "count": n, "seconds": round(elapsed, 3)})
     return {"out": os.path.abspath(request.out), "edit": request.edit, "step": step, "count": n,
             "npz": os.path.join(request.out, "edit.npz"), "png": os.path.join(request.out, "edit.png")}
+
+
+# --------------------------------------------------------------------------------------------------
+# τ search (CM §6; consistency_jax.tau_search)
+# --------------------------------------------------------------------------------------------------
+def search_grid(request: SampleRequest, model: _Model) -> np.ndarray:
+    """The candidate times: the Karras grid of --num_scales points (default: the run's final grid, 40
+    for a continuous-time run), from T down to ε."""
+    from consistency_jax import schedules
+
+    n = request.num_scales
+    if not n:
+        from consistency_jax.methods import discrete
+
+        try:
+            n = discrete.grid_size(model.config)
+        except Exception:  # noqa: BLE001 -- continuous time: no grid of its own
+            n = None
+        n = n or 40
+    return np.asarray(schedules.karras_sigmas(int(n), model.sigmas), np.float64)[::-1]
+
+
+def run_tau_search(request: SampleRequest) -> dict:
+    """Greedy τ search (``tau_search.greedy_search``) for a run, scored by digits-FD on the digits, by
+    FID (``--inception_weights``, ``--ref``) otherwise, on ``--num_samples`` samples from fixed noise;
+    writes ``tau_search.json`` (the choice and every score computed).
+
+    Raises:
+      SampleError: an EDM run, a metric that cannot be computed, an existing result.
+    """
+    import jax
+
+    from consistency_jax import export, loading, networks, tau_search
+    from consistency_jax.evaluation.images import is_digits
+
+    model = describe_run(request)
+    if model.family != "consistency":
+        raise SampleError(f"--tau_search is for consistency models; {request.workdir} is an "
+                          f"{model.config.method} run.")
+    path = os.path.join(request.out, "tau_search.json")
+    if os.path.exists(path) and not request.overwrite:
+        raise SampleError(f"{path} exists; use --overwrite or another --out.")
+    data_dir = model.config.data.data_dir or None
+    if is_digits(model.config.data.name):
+        from consistency_jax.metrics import digits as digits_lib
+
+        digits_lib.get_digits_extractor(model.example_shape[0], data_dir)
+        metric_name = "digits_fd"
+        metric = lambda x: digits_lib.digits_fd(x, data_dir=data_dir)
+    elif request.inception_weights and request.ref:
+        from consistency_jax.evaluation import inception as inception_eval
+
+        metrics = inception_eval.InceptionMetrics(request.inception_weights)
+        if request.ref.endswith(".npz"):
+            mu, sigma, _, _ = inception_eval.read_reference(request.ref, metrics)
+        else:
+            mu, sigma, _, _ = inception_eval.reference_statistics(
+                request.ref, data_dir=request.data_dir or None, metrics=metrics)
+        ref_stats = (mu, sigma)
+        metric_name = "fid"
+        metric = lambda x: metrics.score(metrics.statistics(
+            np.clip(np.round((x + 1) * 127.5), 0, 255).astype(np.uint8))[0], ref_stats)["fid"]
+    else:
+        raise SampleError("--tau_search scores samples by digits-FD (digits runs) or by FID: give "
+                          "--inception_weights=FILE and --ref=TFDS_NAME|stats.npz.")
+    grid = search_grid(request, model)
+    _, params, step = loading.load_eval_params(request.workdir, request.ema_rate, step=model.step)
+    apply_fn = networks.make_apply_fn(networks.from_config(model.config.model))
+    score = tau_search.make_scorer(apply_fn, params, model.sigmas, model.example_shape,
+                                   request.num_samples, metric, seed=request.seed,
+                                   num_classes=model.num_classes, clip=request.clip or None,
+                                   consistency_fn=model.consistency_fn,
+                                   batch=min(500, request.num_samples))
+    start = time.time()
+    result = tau_search.greedy_search(score, grid, request.search_steps, method=request.search,
+                                      stride=request.search_stride)
+    result.update(metric=metric_name, workdir=os.path.abspath(request.workdir), step=step,
+                  method=model.config.method, num_samples=request.num_samples, seed=request.seed,
+                  grid_size=len(grid), one_step_score=score((float(grid[0]),)),
+                  seconds=round(time.time() - start, 1), devices=jax.local_device_count())
+    os.makedirs(request.out, exist_ok=True)
+    export.write_json_atomic(path, result)
+    return {k: result[k] for k in ("indices", "times", "score", "one_step_score", "metric")} | {
+        "json": path, "evaluations": len(result["evaluations"])}
 
 
 def _shard_size(request: SampleRequest, shard: int) -> int:
@@ -698,7 +796,9 @@ def request_from_flags(flags) -> SampleRequest:
         data_dir=flags.data_dir, tfds_formats=tuple(v for v in flags.tfds_formats.split(",") if v),
         npz=flags.npz, grid=flags.grid, overwrite=flags.overwrite, keep_parts=flags.keep_parts,
         edit=flags.edit, inputs=flags.inputs, mask=flags.mask, patch_size=flags.patch_size,
-        edit_sigma=flags.edit_sigma, noise_inputs=flags.noise_inputs, num_alphas=flags.num_alphas)
+        edit_sigma=flags.edit_sigma, noise_inputs=flags.noise_inputs, num_alphas=flags.num_alphas,
+        tau_search=flags.tau_search, search_steps=flags.search_steps, search=flags.search,
+        search_stride=flags.search_stride, inception_weights=flags.inception_weights, ref=flags.ref)
 
 
 def _define_flags():
@@ -739,6 +839,15 @@ def _define_flags():
     f.DEFINE_float("edit_sigma", 0.0, "sdedit: the σ it starts from; denoise: the σ of the inputs' noise.")
     f.DEFINE_boolean("noise_inputs", False, "denoise: add σ·z to the (clean) inputs first (a demo).")
     f.DEFINE_integer("num_alphas", 9, "interpolate: points between the two noises, ends included.")
+    f.DEFINE_boolean("tau_search", False, "Search the intermediate times of multistep sampling (CM §6) "
+                     "on the Karras grid of --num_scales points; writes tau_search.json.")
+    f.DEFINE_integer("search_steps", 2, "tau search: the number of sampling steps K (K − 1 times chosen).")
+    f.DEFINE_enum("search", "ternary", ["ternary", "exhaustive"], "tau search: ternary (the paper's) or "
+                  "every --search_stride-th grid index (the whole curve).")
+    f.DEFINE_integer("search_stride", 1, "tau search: index stride of the exhaustive search.")
+    f.DEFINE_string("inception_weights", "", "tau search on images other than the digits: FID with "
+                    "these Inception weights (.safetensors) against --ref.")
+    f.DEFINE_string("ref", "", "tau search: FID reference, a TFDS name or a statistics .npz.")
     return flags.FLAGS
 
 
@@ -756,7 +865,8 @@ def main(argv):
         raise app.UsageError(str(e)) from None
     maybe_initialize(os.environ)
     try:
-        summary = run_edit(request) if request.edit else run(request)
+        summary = (run_edit(request) if request.edit else run_tau_search(request) if request.tau_search
+                   else run(request))
     except (SampleError, checkpoint.CheckpointError, export.ExportError) as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -272,3 +272,97 @@ def test_multistep_indices_and_fixed_labels(run_dir, reference, tmp_path):
         np.testing.assert_array_equal(za["arr_0"], zb["arr_0"])
         assert (za["arr_1"] == 3).all()
         assert not np.array_equal(za["arr_0"], reference["images"][:6])  # 2 steps differ from 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# τ search (CM §6)
+
+
+def test_ternary_and_greedy_search_find_the_brute_force_optimum():
+    from consistency_jax import tau_search
+
+    grid = np.geomspace(80.0, 0.002, 40)
+    targets = (3.0, 0.4)  # the best τ_1 and τ_2 of a separable unimodal score in log-time
+
+    def score(ts):
+        return sum((np.log(t) - np.log(targets[j])) ** 2 for j, t in enumerate(ts[1:]))
+
+    for method in ("ternary", "exhaustive"):
+        got = tau_search.greedy_search(score, grid, 3, method=method)
+        # Brute force, independently: stage 1 over all indices, then stage 2 below the first.
+        i1 = min(range(1, 39), key=lambda i: (np.log(grid[i]) - np.log(3.0)) ** 2)
+        i2 = min(range(i1 + 1, 39), key=lambda i: (np.log(grid[i]) - np.log(0.4)) ** 2)
+        assert got["indices"] == [0, i1, i2], method
+        assert got["score"] == pytest.approx(score(tuple(grid[[0, i1, i2]])))
+        assert all(e["score"] >= got["score"] - 1e-12 for e in got["evaluations"]
+                   if len(e["indices"]) == 3)
+    ternary = tau_search.greedy_search(score, grid, 2, method="ternary")
+    exhaustive = tau_search.greedy_search(score, grid, 2, method="exhaustive")
+    assert ternary["indices"] == exhaustive["indices"]
+    assert len(ternary["evaluations"]) < len(exhaustive["evaluations"]) == 38
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        tau_search.greedy_search(score, grid[::-1], 2)
+    # A NaN score never wins.
+    nan_at_best = lambda ts: float("nan") if len(ts) > 1 and abs(ts[1] - grid[i1]) < 1e-12 else score(ts)
+    assert tau_search.greedy_search(nan_at_best, grid, 2, method="exhaustive")["indices"][1] != i1
+
+
+def test_tau_search_command_scores_the_sampling_commands_samples(run_dir, reference, tmp_path):
+    """The scorer's samples at (T,) are the sampling command's (same seed, same i); the command
+    writes the search with every score, the chosen times scoring lowest among the candidates."""
+    from consistency_jax import loading, networks, tau_search
+
+    model = sample_lib.describe_run(_request(run_dir, tmp_path / "t"))
+    _, params, _ = loading.load_eval_params(run_dir)
+    apply_fn = networks.make_apply_fn(networks.from_config(model.config.model))
+    seen = []
+    score = tau_search.make_scorer(apply_fn, params, model.sigmas, model.example_shape, N,
+                                   lambda x: seen.append(x) or 0.0, seed=3, num_classes=10,
+                                   consistency_fn=model.consistency_fn, batch=8)
+    score((model.sigmas.sigma_max,))
+    np.testing.assert_array_equal(np.round((seen[0] + 1) * 127.5).astype(np.uint8), reference["images"])
+
+    summary = sample_lib.run_tau_search(_request(run_dir, tmp_path / "t", tau_search=True, num_samples=24,
+                                                 search="exhaustive", search_stride=2, num_scales=8))
+    result = json.loads((tmp_path / "t" / "tau_search.json").read_text())
+    assert result["metric"] == "digits_fd" and len(result["evaluations"]) == 3  # indices 1, 3, 5
+    assert result["score"] == min(e["score"] for e in result["evaluations"])
+    assert summary["times"][0] == model.sigmas.sigma_max and len(summary["times"]) == 2
+    # The recorded score is the digits-FD of those samples, recomputed here.
+    from consistency_jax.metrics import digits as digits_lib
+
+    check = tau_search.make_scorer(apply_fn, params, model.sigmas, model.example_shape, 24,
+                                   lambda x: digits_lib.digits_fd(x, data_dir=model.config.data.data_dir),
+                                   seed=3, num_classes=10, consistency_fn=model.consistency_fn)
+    assert check(tuple(result["times"])) == pytest.approx(result["score"], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Zero-shot editing through the command
+
+
+def test_editing_modes_of_the_command_keep_the_known_part(run_dir, tmp_path):
+    model = sample_lib.describe_run(_request(run_dir, tmp_path / "x"))
+    common = dict(num_samples=6, inputs="tfds:sklearn_digits/8:test", data_dir=model.config.data.data_dir)
+    out = sample_lib.run_edit(_request(run_dir, tmp_path / "inpaint", edit="inpaint", mask="left_half",
+                                       **common))
+    with np.load(out["npz"]) as z:
+        result, inputs = z["arr_0"], z["inputs"]
+    assert result.shape == (6, 8, 8, 1) and (tmp_path / "inpaint" / "edit.png").exists()
+    np.testing.assert_array_equal(result[:, :, 4:], inputs[:, :, 4:])  # the right half is the input's
+    out = sample_lib.run_edit(_request(run_dir, tmp_path / "sr", edit="superres", patch_size=2, **common))
+    with np.load(out["npz"]) as z:
+        mean = lambda a: a.astype(np.float64).reshape(6, 4, 2, 4, 2).mean(axis=(2, 4))
+        # The 2×2 patch means of the (unquantised) result are the input's.
+        np.testing.assert_allclose(mean(z["float"]), mean(z["inputs"] / 127.5 - 1.0), atol=1e-5)
+    for edit, extra in (("denoise", dict(edit_sigma=0.5, noise_inputs=True)),
+                        ("sdedit", dict(edit_sigma=5.0)), ("interpolate", dict(num_alphas=3))):
+        out = sample_lib.run_edit(_request(run_dir, tmp_path / edit, edit=edit, **extra, **common))
+        with np.load(out["npz"]) as z:
+            assert z["arr_0"].shape == ((3, 6, 8, 8, 1) if edit == "interpolate" else (6, 8, 8, 1)), edit
+    with pytest.raises(sample_lib.SampleError, match="needs an RGB run"):
+        sample_lib.run_edit(_request(run_dir, tmp_path / "c", edit="colorize", **common))
+    with pytest.raises(sample_lib.SampleError, match="needs --edit_sigma"):
+        _request(run_dir, tmp_path / "d", edit="denoise", **common)
+    with pytest.raises(sample_lib.SampleError, match="neither a preset"):
+        sample_lib.run_edit(_request(run_dir, tmp_path / "m", edit="inpaint", mask="nowhere", **common))
