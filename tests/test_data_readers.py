@@ -226,30 +226,3 @@ def test_data_source_reader_needs_no_tensorflow(tmp_path):
          str(tmp_path / "tfds")], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK without tensorflow" in result.stdout
-
-
-def test_digits_job_through_tfds_load(tmp_path):
-    """The main job on the digits prepared as tfrecord: trains, checkpoints the tf.data stream's
-    position, and evaluates (the held-out digits are read through the same reader)."""
-    from conftest import load_config
-    from consistency_jax import checkpoint as ckpt_lib
-    from consistency_jax import experiment
-
-    c = load_config("digits", "method=ict")
-    c.data.update(data_dir=str(tmp_path / "tfds"), batch_size=8, reader="tfds_load")
-    c.model.kwargs = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
-    c.train.update(num_steps=4, log_every=2, eval_every=4)
-    c.eval.num_samples = 16
-    c.checkpoint.every = 2
-    state = experiment.train_and_evaluate(c, str(tmp_path / "run"))
-    assert int(state.step) == 4
-    assert data_lib.tensorflow_available()
-    builder = data_lib.ensure_digits_dataset(c.data.data_dir, 8)  # prepared by the job, as tfrecord
-    assert builder.info.file_format.value == "tfrecord"
-    checkpointer = ckpt_lib.Checkpointer.from_config(str(tmp_path / "run"), c)
-    assert checkpointer.latest_step() == 4
-    saved = checkpointer.read_json(4, ckpt_lib._DATA)
-    assert saved["reader"] == "tfds_load" and saved["step"] == 4
-    checkpointer.close()
-    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert line["step"] == 4 and np.isfinite(line["digits_fd_1step"])
