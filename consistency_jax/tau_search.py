@@ -17,6 +17,7 @@ import functools
 import math
 from typing import Callable, Optional, Sequence
 
+from absl import logging
 import numpy as np
 
 Score = Callable[[tuple[float, ...]], float]
@@ -73,6 +74,8 @@ def greedy_search(score: Score, grid: Sequence[float], num_steps: int = 2, *, me
             times = tuple(grid[i] for i in indices)
             cache[indices] = float(score(times))
             evaluations.append({"indices": list(indices), "times": list(times), "score": cache[indices]})
+            logging.info("τ search: indices %s times %s -> %.4f", list(indices),
+                         [round(t, 4) for t in times], cache[indices])
         return cache[indices]
 
     chosen = (first,)
