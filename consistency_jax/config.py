@@ -150,6 +150,12 @@ def base_config() -> ml_collections.ConfigDict:
     # grid's N is the curriculum's final one. Empty: use two_step_time.
     c.eval.two_step_indices = ()
     c.eval.edm_steps = 18  # EDM Heun steps for teachers (18 -> 35 NFE)
+    # FID / IS of every evaluation's samples (image runs): the FID Inception weights (.safetensors,
+    # README "Evaluating like the papers"); empty: none. The reference: a statistics / reference-batch
+    # .npz, or empty for the whole train split of config.data.name (computed once, cached).
+    c.eval.inception_weights = ""
+    c.eval.fid_reference = ""
+    c.eval.fid_metrics = ("fid", "is")
 
     # Device mesh ("data", "fsdp"), see consistency_jax/sharding.py. data × fsdp = number of devices.
     c.mesh = ml_collections.ConfigDict()
@@ -452,6 +458,20 @@ def _check_eval(config, sigmas, spec, rates) -> None:
     if e.ema_rate and float(e.ema_rate) not in rates:
         raise ValueError(f"config.eval.ema_rate={e.ema_rate} is not one of the EMA rates kept "
                          f"(config.train.ema_rates={rates}); 0 picks the slowest.")
+    if e.get("inception_weights"):
+        if config.data.name in TOY_DATASETS:
+            raise ValueError("config.eval.inception_weights is for image runs, not the 2-D toy.")
+        if not os.path.isfile(e.inception_weights):
+            raise ValueError(f"config.eval.inception_weights={e.inception_weights!r} is not a file; make it "
+                             "with tools/convert_inception_weights.py (README, 'Evaluating like the papers').")
+        if e.fid_reference and not os.path.isfile(e.fid_reference):
+            raise ValueError(f"config.eval.fid_reference={e.fid_reference!r} is not a file (a statistics "
+                             "or reference-batch .npz; empty: the train split of config.data.name).")
+        from consistency_jax.evaluation.inception import METRICS
+
+        bad = sorted(set(e.fid_metrics) - set(METRICS))
+        if bad or not e.fid_metrics:
+            raise ValueError(f"config.eval.fid_metrics={tuple(e.fid_metrics)}: choose from {METRICS}.")
     if spec.family != "consistency":
         return
     from consistency_jax.evaluation import samples

@@ -4,8 +4,10 @@
         --inception_weights=pt_inception-2015-12-05.safetensors [--metrics=fid,is,kid,pr] [--out=results.json]
 
 ``--samples``: an ``.npz`` with uint8 NHWC images under ``arr_0`` (labels, optional, under
-``arr_1``: the layout of the official evaluation scripts), or the name of a prepared TFDS data set
-(feature ``image`` uint8, e.g. samples written as a data set), read from ``--data_dir``.
+``arr_1``: the layout of the official evaluation scripts), the name of a prepared TFDS data set
+(feature ``image`` uint8, e.g. samples written as a data set by the sampling command), read from
+``--data_dir``, or ``run:WORKDIR``: ``--num_samples`` (default 50 000) samples generated now from a
+run's eval EMA by the sampling command (one step, or Heun for an EDM teacher; seed 0).
 ``--ref``: a TFDS name (statistics of its ``--ref_split``, all of it, computed once and cached), or
 an ``.npz`` with ``mu``/``sigma`` or with reference images under ``arr_0``.
 ``--inception_weights`` (or ``$INCEPTION_WEIGHTS``): see ``tools/convert_inception_weights.py``.
@@ -21,7 +23,8 @@ import sys
 
 from absl import app, flags
 
-_SAMPLES = flags.DEFINE_string("samples", None, "An .npz (uint8 NHWC under arr_0) or a TFDS data set name.")
+_SAMPLES = flags.DEFINE_string("samples", None, "An .npz (uint8 NHWC under arr_0), a TFDS data set name, "
+                                "or run:WORKDIR (generated now by the sampling command).")
 _SAMPLES_SPLIT = flags.DEFINE_string("samples_split", "train", "Split of a TFDS --samples data set.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory (samples and reference).")
 _REF = flags.DEFINE_string("ref", None, "A TFDS data set name, or an .npz with mu/sigma or images under arr_0.")
@@ -51,6 +54,25 @@ def _first_rows(batches, n: int):
         n -= batch.shape[0]
 
 
+def _generate(workdir: str, num_samples: int, batch_size: int) -> str:
+    """Samples of a run, generated now by the sampling command (its default sampler: one step for a
+    consistency model, Heun for an EDM teacher; seed 0) into a temporary directory; the .npz path."""
+    import tempfile
+
+    import jax
+
+    from consistency_jax import sample as sample_lib
+
+    out = tempfile.mkdtemp(prefix="evaluate_samples_")
+    request = sample_lib.SampleRequest(
+        workdir=workdir, out=out, num_samples=num_samples, grid=False,
+        per_device_batch=max(1, batch_size // jax.local_device_count()))
+    try:
+        return sample_lib.run(request)["npz"]
+    except sample_lib.SampleError as e:
+        raise ValueError(f"--samples=run:{workdir}: {e}") from None
+
+
 def evaluate(samples: str, ref: str, *, weights: str | None = None, metrics=("fid", "is"),
              data_dir: str | None = None, samples_split: str = "train", ref_split: str = "train",
              num_samples: int = 0, batch_size: int = 200, cache_dir: str | None = None,
@@ -76,7 +98,9 @@ def evaluate(samples: str, ref: str, *, weights: str | None = None, metrics=("fi
     weights = inception_lib.resolve_weights_path(weights)
     need_ref_features = bool(set(metrics) & {"kid", "pr"})
 
-    # Samples: read (an .npz) or opened (TFDS) before anything compiles.
+    # Samples: read (an .npz) or opened (TFDS) before anything compiles; "run:DIR" generates them.
+    if samples.startswith("run:"):
+        samples = _generate(samples[len("run:"):], num_samples or 50000, batch_size)
     if _is_file_argument(samples):
         images = ev.read_npz_images(samples)
         if num_samples:

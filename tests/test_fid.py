@@ -420,3 +420,43 @@ def test_evaluate_rejects_bad_arguments_before_compiling(weights_file, digits_re
     out = subprocess.run([sys.executable, "-m", "consistency_jax.evaluate", f"--samples={good}",
                           f"--ref={stats_only}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "error: No Inception weights" in out.stderr, out.stderr[-2000:]
+
+
+def test_fid_in_the_training_evaluation_and_evaluate_from_a_run(digits_ref, weights_file, tmp_path):
+    """config.eval.inception_weights makes every evaluation of the main job log FID / IS of its
+    samples; ``evaluate(samples="run:DIR")`` generates a run's samples with the sampling command and
+    scores them exactly like its .npz."""
+    from conftest import load_config
+
+    from consistency_jax import evaluate, experiment
+    from consistency_jax import sample as sample_lib
+
+    ref = tmp_path / "ref.npz"
+    from consistency_jax import data as data_lib
+
+    np.savez(ref, np.concatenate([b["image"] for b in data_lib.iterate_stored_images(
+        "sklearn_digits/8", REF_SPLIT, digits_ref["data_dir"], 100)]))
+    c = load_config("digits", "method=ict")
+    c.data.data_dir = digits_ref["data_dir"]
+    c.data.batch_size = 8
+    c.model.kwargs = dict(nf=4, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
+    c.train.update(num_steps=1, log_every=1, eval_every=1)
+    c.eval.update(num_samples=8, inception_weights=str(weights_file), fid_reference=str(ref))
+    c.checkpoint.every = 1
+    workdir = tmp_path / "run"
+    experiment.train_and_evaluate(c, str(workdir))
+    line = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("fid_1step", "fid_2step", "is_mean_1step", "is_std_2step", "digits_fd_1step"):
+        assert np.isfinite(line[key]) and line[key] >= 0, key
+    bad = load_config("digits", "method=ict")
+    bad.eval.inception_weights = str(tmp_path / "missing.safetensors")
+    from consistency_jax.config import validate
+
+    with pytest.raises(ValueError, match="is not a file"):
+        validate(bad)
+
+    common = dict(ref=str(ref), weights=str(weights_file), metrics=("fid",), num_samples=6, batch_size=BATCH)
+    on_the_fly = evaluate.evaluate(f"run:{workdir}", **common)
+    npz = sample_lib.run(sample_lib.SampleRequest(workdir=str(workdir), out=str(tmp_path / "s"),
+                                                  num_samples=6, per_device_batch=BATCH, grid=False))["npz"]
+    assert on_the_fly["fid"] == pytest.approx(evaluate.evaluate(npz, **common)["fid"], rel=1e-9)

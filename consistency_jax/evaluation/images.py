@@ -1,4 +1,5 @@
-"""Evaluation of image models during training: sample grids and, on the digits, digits-FD.
+"""Evaluation of image models during training: sample grids; on the digits, digits-FD; with the FID
+Inception weights (``config.eval.inception_weights``), FID / IS (and KID, precision/recall) too.
 
 For every evaluation the model generates ``config.eval.num_samples`` images from the eval EMA (1-step and
 2-step for consistency models, EDM Heun for teachers). On ``sklearn_digits`` it reports the Fréchet
@@ -56,6 +57,27 @@ class ImageEvaluator:
             self.digits_lib = digits_lib
             # Train (or load) the fixed feature extractor now, before the first training step.
             digits_lib.get_digits_extractor(example_shape[0], config.data.data_dir or None)
+        self.inception = None
+        if config.eval.get("inception_weights"):
+            self._init_inception(config)
+
+    def _init_inception(self, config) -> None:
+        """The FID Inception and the reference statistics, before the first training step (a bad
+        weight file or reference fails now, not after hours of training)."""
+        from consistency_jax.evaluation import inception as inception_eval
+
+        self.inception = inception_eval.InceptionMetrics(
+            config.eval.inception_weights, batch_size=min(200, self.shape[0]))
+        self.fid_metrics = tuple(config.eval.fid_metrics)
+        need_features = bool(set(self.fid_metrics) & {"kid", "pr"})
+        if config.eval.fid_reference:
+            mu, sigma, _, features = inception_eval.read_reference(
+                config.eval.fid_reference, self.inception, keep_features=need_features)
+        else:
+            mu, sigma, _, features = inception_eval.reference_statistics(
+                config.data.name, "train", config.data.data_dir or None, metrics=self.inception,
+                keep_features=need_features)
+        self.fid_reference = ((mu, sigma), features)
 
     def labels(self):
         if not self.num_classes:
@@ -75,7 +97,23 @@ class ImageEvaluator:
                 stats = self.digits_lib.digits_classifier_stats(x, data_dir=data_dir)
                 figures[f"confident_{name}"] = float(stats["confident_fraction"])
                 figures[f"class_entropy_{name}"] = float(stats["normalized_class_entropy"])
+            if self.inception is not None:
+                figures.update(self.inception_figures(x, name))
         return figures, samples
+
+    def inception_figures(self, x: np.ndarray, name: str) -> dict[str, float]:
+        """FID / IS / KID / precision-recall of samples in [−1, 1] (quantised to uint8 first, as the
+        papers' evaluations do), named ``fid_1step`` etc. With eval.num_samples ≪ 50 000 these are
+        biased upwards and comparable only between runs at equal sample counts."""
+        from consistency_jax.evaluation.inception import InceptionMetrics
+
+        _, outputs = self.inception.statistics(to_uint8(x), keep=True)
+        (mu, sigma), ref_features = self.fid_reference
+        got = InceptionMetrics.score(outputs, (mu, sigma), ref_features=ref_features,
+                                     metrics=self.fid_metrics,
+                                     kid_subset_size=min(1000, len(x), len(ref_features))
+                                     if ref_features is not None else 1000)
+        return {f"{k}_{name}": float(v) for k, v in got.items()}
 
     def plot(self, samples: dict, path: str, title: str) -> None:
         """One PNG with a 8×8 grid per sample set, side by side, captioned."""
