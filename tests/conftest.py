@@ -12,6 +12,22 @@ SLOW_CPU_COLLECTIVES = ("--xla_cpu_collective_call_terminate_timeout_seconds=900
                         "--xla_cpu_collective_timeout_seconds=900 "
                         "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120")
 
+# A persistent XLA compilation cache shared by the test processes of one run (both xdist workers and
+# every subprocess they start: the 8-device sharding scripts, the killed-and-resumed jobs, the
+# multi-process jobs compile the same programs again and again). Fresh for every run of the suite,
+# so nothing carries over between runs; set JAX_COMPILATION_CACHE_DIR yourself to choose the place.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    _run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if _run_id:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(tempfile.gettempdir(),
+                                                               f"consistency_jax_xla_cache_{_run_id}")
+    else:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="consistency_jax_xla_cache_")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 # Under pytest-xdist (the README's test command runs two workers), each worker builds the default
 # TFDS datasets (the digits) in its own directory, so that two workers never write one dataset at once.
 if os.environ.get("PYTEST_XDIST_WORKER"):
