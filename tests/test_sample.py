@@ -366,3 +366,46 @@ def test_editing_modes_of_the_command_keep_the_known_part(run_dir, tmp_path):
         _request(run_dir, tmp_path / "d", edit="denoise", **common)
     with pytest.raises(sample_lib.SampleError, match="neither a preset"):
         sample_lib.run_edit(_request(run_dir, tmp_path / "m", edit="inpaint", mask="nowhere", **common))
+
+
+def test_export_killed_by_sigkill_is_completed_exactly_by_a_rerun(run_dir, tmp_path):
+    """A real SIGKILL while shards are being written; the rerun (same flags) completes the dataset:
+    every example present once, equal to a direct computation of samples 0..N−1."""
+    import signal
+    import time
+
+    import tensorflow_datasets as tfds
+
+    from consistency_jax import loading, networks
+
+    n, per_shard = 400, 8
+    data_dir, out = str(tmp_path / "tfds"), tmp_path / "out"
+    cmd, env = _cli(run_dir, out, data_dir, "killed")
+    cmd = [a for a in cmd if not a.startswith(("--num_samples", "--examples_per_shard"))]
+    cmd += [f"--num_samples={n}", f"--examples_per_shard={per_shard}"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    parts = out / "parts"
+    t0 = time.time()
+    while not (parts.exists() and len(os.listdir(parts)) >= 3):
+        assert proc.poll() is None, "the export ended before it could be killed"
+        assert time.time() - t0 < 300, "no shard written in time"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "tfds" / "killed" / "1.0.0" / "dataset_info.json").exists()
+    request = _request(run_dir, out, num_samples=n, examples_per_shard=per_shard, export_tfds="killed",
+                       data_dir=data_dir)
+    summary = sample_lib.run(request)
+    assert 0 < summary["generated"] < n  # what the killed process finished was kept
+    images, labels = _read_data_source("killed", data_dir)
+    info = tfds.builder_from_directory(str(tmp_path / "tfds" / "killed" / "1.0.0")).info
+    assert info.splits["train"].shard_lengths == [per_shard] * (n // per_shard)
+    model = sample_lib.describe_run(request)
+    _, params, _ = loading.load_eval_params(run_dir)
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
+    generate = sample_lib.make_generator(request, model,
+                                         networks.make_apply_fn(networks.from_config(model.config.model)),
+                                         mesh)
+    want_images, want_labels = generate(params, np.arange(n, dtype=np.int32))
+    np.testing.assert_array_equal(images, np.asarray(want_images))
+    np.testing.assert_array_equal(labels, np.asarray(want_labels))
