@@ -106,7 +106,7 @@ def as_compute_dtype(x: Any) -> Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _compute_dtype(x: Array, t: Array):
+def compute_dtype(x: Array, t: Array):
     """The dtype of the core maths: x and t promoted with float32 (float64 only under x64).
 
     A Python-scalar t is weakly typed and does not widen x; bfloat16, float16 and integers give float32.
@@ -115,10 +115,10 @@ def _compute_dtype(x: Array, t: Array):
     return jnp.result_type(as_typed(x), as_typed(t), jnp.float32)
 
 
-def _bcast(t: Array, x: Array, dtype=None) -> Array:
+def broadcast_times(t: Array, x: Array, dtype=None) -> Array:
     """Reshapes per-example times (B,) or a scalar to broadcast against x (B, ...), in ``dtype``
     (default: x and t promoted with float32)."""
-    t = jnp.asarray(t, dtype=_compute_dtype(x, t) if dtype is None else dtype)
+    t = jnp.asarray(t, dtype=compute_dtype(x, t) if dtype is None else dtype)
     if t.ndim == 0:
         t = jnp.broadcast_to(t, x.shape[:1])
     if t.shape != x.shape[:1]:
@@ -128,9 +128,9 @@ def _bcast(t: Array, x: Array, dtype=None) -> Array:
 
 def _precond(apply_fn: ApplyFn, params: Any, x: Array, t: Array, scalings, kind: str,
              **kwargs: Any) -> tuple[Array, Array, Array]:
-    dtype = _compute_dtype(x, t)
+    dtype = compute_dtype(x, t)
     x = jnp.asarray(x, dtype)
-    tb = _bcast(t, x, dtype)
+    tb = broadcast_times(t, x, dtype)
     c_skip, c_out, c_in = scalings(tb)
     out = apply_fn(params, c_in * x, c_noise(tb.reshape(x.shape[:1]), kind), **kwargs)
     if out.shape != x.shape:
@@ -170,7 +170,7 @@ def denoiser_fn(apply_fn: ApplyFn, params: Any, x: Array, t: Array, sigmas: Sigm
 
 def denoiser_to_score(denoised: Array, x: Array, t: Array) -> Array:
     """Score ∇ log p_t(x) = (D(x, t) − x)/t² of the KVE process (EDM Eq. 3)."""
-    tb = _bcast(t, x)
+    tb = broadcast_times(t, x)
     return (denoised - x) / tb**2
 
 

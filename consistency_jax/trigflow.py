@@ -72,9 +72,9 @@ def raw_output(apply_fn: param_lib.ApplyFn, params: Any, x_t: Array, t: Array,
       sigmas: σ_d and the network's time convention (``sigmas.c_noise``).
       **kwargs: passed to apply_fn (labels, train, rng).
     """
-    dtype = param_lib._compute_dtype(x_t, t)
+    dtype = param_lib.compute_dtype(x_t, t)
     x_t = jnp.asarray(x_t, dtype)
-    tb = param_lib._bcast(t, x_t, dtype)
+    tb = param_lib.broadcast_times(t, x_t, dtype)
     out = apply_fn(params, x_t / sigmas.sigma_data,
                    time_input(tb.reshape(x_t.shape[:1]), sigmas.c_noise), **kwargs)
     if out.shape != x_t.shape:
@@ -88,9 +88,9 @@ def consistency_fn(apply_fn: param_lib.ApplyFn, params: Any, x_t: Array, t: Arra
 
     f_θ(x, 0) == x bit for bit, whatever the network returns (also a non-finite value).
     """
-    dtype = param_lib._compute_dtype(x_t, t)
+    dtype = param_lib.compute_dtype(x_t, t)
     x_t = jnp.asarray(x_t, dtype)
-    tb = param_lib._bcast(t, x_t, dtype)
+    tb = param_lib.broadcast_times(t, x_t, dtype)
     out = raw_output(apply_fn, params, x_t, t, sigmas, **kwargs)
     f = jnp.cos(tb) * x_t - jnp.sin(tb) * sigmas.sigma_data * out
     return jnp.where(tb <= 0, x_t, f)
@@ -105,9 +105,9 @@ def consistency_fn_sigma(apply_fn: param_lib.ApplyFn, params: Any, x: Array, t: 
     ``parameterization.consistency_fn``, so every sampler of the library samples a TrigFlow model
     (CM Algorithm 1 in σ is sCM's TrigFlow sampler).
     """
-    dtype = param_lib._compute_dtype(x, t)
+    dtype = param_lib.compute_dtype(x, t)
     x = jnp.asarray(x, dtype)
-    sb = param_lib._bcast(t, x, dtype)
+    sb = param_lib.broadcast_times(t, x, dtype)
     t = t_from_sigma(sb, sigmas.sigma_data)
     return consistency_fn(apply_fn, params, jnp.cos(t) * x, t.reshape(x.shape[:1]), sigmas, **kwargs)
 
@@ -121,7 +121,7 @@ def edm_velocity(denoise: param_lib.TeacherDenoise, sigma_data: float
     """
 
     def velocity(phi, x_t, t, labels=None):
-        tb = param_lib._bcast(t, x_t)
+        tb = param_lib.broadcast_times(t, x_t)
         cos, sin = jnp.cos(tb), jnp.sin(tb)
         x0 = denoise(phi, x_t / cos, sigma_from_t(t, sigma_data), labels)
         return (cos * x_t - x0.astype(x_t.dtype)) / sin
@@ -131,5 +131,5 @@ def edm_velocity(denoise: param_lib.TeacherDenoise, sigma_data: float
 
 def denoised_from_velocity(x_t: Array, t: Array, velocity: Array) -> Array:
     """x̂_0 = cos t·x_t − sin t·dx_t/dt: the clean estimate of a TrigFlow diffusion model."""
-    tb = param_lib._bcast(t, x_t)
+    tb = param_lib.broadcast_times(t, x_t)
     return jnp.cos(tb) * x_t - jnp.sin(tb) * velocity

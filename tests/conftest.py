@@ -75,3 +75,18 @@ def load_npz(path) -> dict:
 
     with np.load(path, allow_pickle=False) as data:
         return dict(data)
+
+
+def x64(on: bool = True):
+    """A context manager enabling float64 in JAX (``jax.enable_x64`` in new JAX, ``jax.experimental``
+    before), or doing nothing when ``on`` is False."""
+    import contextlib
+
+    import jax
+
+    if not on:
+        return contextlib.nullcontext()
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(True)
+    from jax.experimental import enable_x64  # older JAX
+    return enable_x64()

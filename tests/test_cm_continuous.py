@@ -14,15 +14,11 @@ from consistency_jax import toy
 from consistency_jax.methods import Frozen
 from consistency_jax.methods import cm_continuous as CC
 from consistency_jax.networks import get_network, make_apply_fn
+from conftest import x64
 
 SIG = P.SigmaConfig()
 
 
-def _x64():
-    if hasattr(jax, "enable_x64"):
-        return jax.enable_x64(True)
-    from jax.experimental import enable_x64  # older JAX
-    return enable_x64()
 
 
 def _tanh_net(params, x, c_noise, **_):
@@ -64,7 +60,7 @@ def _check_jvp(apply_fn, params, shape, rel, rtol):
 
 
 def test_jvp_tangent_equals_central_differences_in_float64():
-    with _x64():
+    with x64():
         dfdt = _check_jvp(_tanh_net, _tanh_params(), (2,), rel=1e-5, rtol=1e-8)
         assert dfdt.dtype == jnp.float64
 
@@ -94,7 +90,7 @@ def test_pseudo_objective_gradient_is_the_limit_of_the_discrete_gradient_over_dt
     Hessian-vector product (forward-over-reverse), as for LPIPS."""
     from consistency_jax import losses as L
 
-    with _x64():
+    with x64():
         apply_fn, params = _tanh_net, _tanh_params(1)
         gm = toy.ring_mixture()
         rng = np.random.default_rng(1)
@@ -131,7 +127,7 @@ def test_pseudo_objective_gradient_is_the_limit_of_the_discrete_gradient_over_dt
 def test_metric_hvp_of_l2_is_the_closed_form():
     from consistency_jax import losses as L
 
-    with _x64():
+    with x64():
         rng = np.random.default_rng(3)
         a, v = (jnp.asarray(rng.standard_normal((4, 3, 2))) for _ in range(2))
         np.testing.assert_allclose(np.asarray(CC.metric_hvp(L.l2_distance, a, v)),
@@ -139,7 +135,7 @@ def test_metric_hvp_of_l2_is_the_closed_form():
 
 
 def test_true_objective_is_the_norm_of_the_time_derivative():
-    with _x64():
+    with x64():
         apply_fn, params = _tanh_net, _tanh_params(2, hidden=16)
         rng = np.random.default_rng(2)
         x0, z = (jnp.asarray(rng.standard_normal((4, 2))) for _ in range(2))

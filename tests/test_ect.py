@@ -18,15 +18,11 @@ from consistency_jax import parameterization as P
 from consistency_jax.config import validate
 from consistency_jax.methods import ect as ECT
 from consistency_jax.train_state import TrainState
+from conftest import x64
 
 SIG = P.SigmaConfig()
 
 
-def _x64():
-    if hasattr(jax, "enable_x64"):
-        return jax.enable_x64(True)
-    from jax.experimental import enable_x64  # older JAX
-    return enable_x64()
 
 
 def _np_r(t, s, q, k, b):
@@ -37,7 +33,7 @@ def _np_r(t, s, q, k, b):
 
 def test_r_mapping_and_stages_against_numpy():
     t = np.geomspace(0.002, 80.0, 41)
-    with _x64():
+    with x64():
         for q in (2.0, 4.0):
             gaps = []
             for s in range(6):
@@ -63,7 +59,7 @@ def test_r_mapping_and_stages_against_numpy():
 
 def test_pairs_follow_the_lognormal_and_the_stage_of_the_step():
     kw = dict(sigmas=SIG, q=2.0, k=8.0, b=1.0, stage_steps=100, p_mean=-1.1, p_std=2.0)
-    with _x64():
+    with x64():
         key = jax.random.key(3)
         t, r = (np.asarray(a) for a in ECT.ect_pairs(key, 20_000, jnp.int32(50),
                                                      dtype=jnp.float64, **kw))
@@ -120,7 +116,7 @@ def _np_loss(params, x0, z, t, r, noise, c):
 def test_loss_matches_float64_numpy_with_one_dropout_key(c):
     params, x0, z, t, r = _problem()
     key = jax.random.key(7)
-    with _x64():
+    with x64():
         noise = np.asarray(jax.random.normal(key, x0.shape, jnp.float64))  # what the key draws
         jp = jax.tree.map(jnp.asarray, params)
         loss, aux = ECT.ect_loss(_noisy_linear, SIG, jp, jp, jnp.asarray(x0), jnp.asarray(z),
@@ -143,7 +139,7 @@ def test_loss_matches_float64_numpy_with_one_dropout_key(c):
 def test_gradient_flows_only_through_the_online_pass():
     params, x0, z, t, r = _problem()
     key = jax.random.key(7)
-    with _x64():
+    with x64():
         noise = np.asarray(jax.random.normal(key, x0.shape, jnp.float64))
         _, _, target = _np_loss(params, x0, z, t, r, noise, 0.0)
         jp = jax.tree.map(jnp.asarray, params)

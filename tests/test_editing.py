@@ -9,17 +9,13 @@ from consistency_jax import editing
 from consistency_jax import parameterization as P
 from consistency_jax import sampling
 from consistency_jax import toy
+from conftest import x64
 
 SIG = P.SigmaConfig()
 EPS, T = SIG.sigma_min, SIG.sigma_max
 LUMA = np.array([0.299, 0.587, 0.114])
 
 
-def _x64():
-    if hasattr(jax, "enable_x64"):
-        return jax.enable_x64(True)
-    from jax.experimental import enable_x64  # older JAX
-    return enable_x64()
 
 
 def _gaussian_f(mu, s):
@@ -69,7 +65,7 @@ def test_transforms_are_orthogonal_with_exact_inverses(name, shape):
     transform = {"colorization": editing.colorization_transform(),
                  "superres2": editing.superres_transform(2), "superres4": editing.superres_transform(4),
                  "identity": editing.identity_transform()}[name]
-    with _x64():
+    with x64():
         a = _dense(transform.forward, shape)
         a_inv = _dense(transform.inverse, shape)
         x = jnp.asarray(np.random.default_rng(0).standard_normal((3,) + shape))
@@ -205,7 +201,7 @@ def test_algorithm_4_with_the_exact_gaussian_f_matches_a_numpy_replay(task, ts):
     mu, s = 0.2, 0.5
     rng = np.random.default_rng(2)
     key = jax.random.key(3)
-    with _x64():
+    with x64():
         y = np.tanh(rng.standard_normal((2, 4, 4, 3)))
         kw = dict(consistency_fn=_gaussian_f(mu, s))
         if task == "inpaint":
@@ -262,7 +258,7 @@ def test_denoise_and_interpolate_with_the_exact_toy_f_are_the_ode_map():
     gm = toy.ring_mixture()
     rng = np.random.default_rng(0)
     sigma = 0.7
-    with _x64():
+    with x64():
         x0 = gm.sample(rng, 6)
         y = (x0 + sigma * rng.standard_normal(x0.shape)).reshape(6, 1, 1, 2)
         got = editing.denoise(None, None, None, jnp.asarray(y), sigma, SIG, consistency_fn=_toy_f(gm))
@@ -286,7 +282,7 @@ def test_denoise_and_interpolate_with_the_exact_toy_f_are_the_ode_map():
 
 def test_slerp_against_numpy():
     rng = np.random.default_rng(4)
-    with _x64():
+    with x64():
         z0, z1 = rng.standard_normal((2, 3, 4, 4, 2))
         np.testing.assert_array_equal(np.asarray(editing.slerp(z0, z1, 0.0)), z0)
         np.testing.assert_array_equal(np.asarray(editing.slerp(z0, z1, 1.0)), z1)

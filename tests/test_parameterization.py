@@ -1,6 +1,5 @@
 """Scalings and f_θ (CM Eq. 5–6 and Appendix C; EDM Table 1) against the formulas computed
 independently in NumPy float64, and the dtype rule of the core maths (float64 under x64, else float32)."""
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +8,7 @@ import pytest
 
 from consistency_jax import parameterization as P
 from consistency_jax import solvers
+from conftest import x64 as x64_context
 
 SIG = P.SigmaConfig()
 
@@ -101,14 +101,6 @@ def test_f_theta_is_forward_differentiable_in_x_and_t_for_continuous_time_losses
 
 
 # ---------------------------------------------------------------- dtypes: float64 under x64, else float32
-def _x64(on=True):
-    """Context manager for jax_enable_x64 (jax.enable_x64 in new JAX, jax.experimental before)."""
-    if not on:
-        return contextlib.nullcontext()
-    if hasattr(jax, "enable_x64"):
-        return jax.enable_x64(True)
-    from jax.experimental import enable_x64  # older JAX
-    return enable_x64()
 
 
 def _linear_net(params, xin, cn, **kw):
@@ -127,7 +119,7 @@ def test_consistency_and_denoiser_follow_the_input_dtype(x64):
     t = np.array([0.002, 0.0021, 0.1, 3.0, 80.0])
     w = rng.standard_normal((3, 3))
     want_dtype = np.float64 if x64 else np.float32
-    with _x64(x64):
+    with x64_context(x64):
         xj, tj, wj = jnp.asarray(x), jnp.asarray(t), jnp.asarray(w)
         f = P.consistency_fn(_linear_net, wj, xj, tj, SIG)
         d = P.denoiser_fn(_linear_net, wj, xj, tj, SIG)
@@ -151,7 +143,7 @@ def test_consistency_and_denoiser_follow_the_input_dtype(x64):
 @pytest.mark.parametrize("x64", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.int32])
 def test_low_precision_and_integer_inputs_compute_in_float32(dtype, x64):
-    with _x64(x64):
+    with x64_context(x64):
         x = (jnp.arange(12).reshape(4, 3) - 5).astype(dtype)
         t = jnp.array([SIG.sigma_min, 0.5, 2.0, 80.0], jnp.float32)
         net = lambda params, xin, cn, **kw: xin * 0.5
@@ -172,7 +164,7 @@ def test_mlp_network_under_x64_gives_float64():
     t = np.array([SIG.sigma_min, 0.5, 3.0])
     f32 = P.consistency_fn(make_apply_fn(net), params, jnp.asarray(x), jnp.asarray(t), SIG)
     assert f32.dtype == jnp.float32
-    with _x64():
+    with x64_context():
         f64 = P.consistency_fn(make_apply_fn(net), params, jnp.asarray(x), jnp.asarray(t), SIG)
         assert f64.dtype == jnp.float64
         f64 = np.asarray(f64)
@@ -191,7 +183,7 @@ def test_solvers_do_not_downcast(x64):
     euler = x + h * d
     xe = x + h * d
     heun = x + h * 0.5 * (d + (xe - D(xe, tn)) / tn[:, None])
-    with _x64(x64):
+    with x64_context(x64):
         Dj = lambda x, t: s**2 / (s**2 + t[:, None] ** 2) * x
         args = (jnp.asarray(x), jnp.asarray(tc), jnp.asarray(tn))
         got_e, got_h = solvers.euler_step(Dj, *args), solvers.heun_step(Dj, *args)

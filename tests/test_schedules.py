@@ -1,6 +1,5 @@
 """The Karras grid (EDM Eq. 5) and the N(k), μ(k) curricula (CM Appendix C / Table 3 and the official
 code's ``get_ema_scales_fn``; iCT §3.4 Eq. 7) against NumPy float64 or exact integer computations."""
-import contextlib
 import math
 
 import jax
@@ -9,6 +8,7 @@ import pytest
 
 from consistency_jax import parameterization as P
 from consistency_jax import schedules as S
+from conftest import x64 as x64_context
 
 SIG = P.SigmaConfig()
 
@@ -38,19 +38,13 @@ def test_grid_needs_two_points():
         S.karras_sigmas(1, SIG)
 
 
-def _x64():
-    """Context manager turning jax_enable_x64 on (jax.enable_x64 in new JAX, jax.experimental before)."""
-    if hasattr(jax, "enable_x64"):
-        return jax.enable_x64(True)
-    from jax.experimental import enable_x64  # older JAX
-    return enable_x64()
 
 
 @pytest.mark.parametrize("x64", [False, True])
 @pytest.mark.parametrize("n", [2, 18, 151, 1281])
 def test_karras_grid_follows_the_default_float_dtype(n, x64):
     """Integer inputs: the grid is in the default float dtype (float64 under x64, else float32)."""
-    with (_x64() if x64 else contextlib.nullcontext()):
+    with x64_context(x64):
         want_dtype = np.float64 if x64 else np.float32
         g = S.karras_sigmas(n, SIG)
         t = jax.jit(lambda i, m: S.karras_time(i, m, SIG))(np.arange(n), n)

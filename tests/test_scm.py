@@ -14,16 +14,12 @@ from consistency_jax import toy
 from consistency_jax import trigflow as TF
 from consistency_jax.methods import scm as S
 from consistency_jax.networks import get_network, make_apply_fn
+from conftest import x64
 
 SIG = P.SigmaConfig()
 SD = SIG.sigma_data
 
 
-def _x64():
-    if hasattr(jax, "enable_x64"):
-        return jax.enable_x64(True)
-    from jax.experimental import enable_x64  # older JAX
-    return enable_x64()
 
 
 def _poly_net(params, y, s, **_):
@@ -70,7 +66,7 @@ def test_boundary_is_exact_whatever_the_network_returns():
 
 def test_sigma_form_is_the_edm_preconditioning_with_the_angle_as_time_input():
     """f(x_σ, σ) = f_trig(cos t·x_σ, t) = σ_d²/(σ²+σ_d²)·x − σσ_d/√(σ²+σ_d²)·F(x/√(σ²+σ_d²), t)."""
-    with _x64():
+    with x64():
         rng = np.random.default_rng(1)
         params = _poly_params(rng, 3)
         x = rng.standard_normal((4, 3))
@@ -94,7 +90,7 @@ def test_converted_edm_teacher_is_the_same_model_in_float64():
     """The exact denoiser of the toy, converted to TrigFlow: its clean estimate equals the EDM
     denoiser, and integrating its TrigFlow PF-ODE reproduces the exact EDM PF-ODE map."""
     gm = toy.ring_mixture()
-    with _x64():
+    with x64():
         phi = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), gm.as_params())
         velocity = TF.edm_velocity(toy.exact_denoiser, SD)
         rng = np.random.default_rng(2)
@@ -132,7 +128,7 @@ def test_scd_tangent_vanishes_at_the_exact_consistency_function():
     teacher's velocity the tangent g = cos t·df/dt vanishes, while CT's one-sample velocity does not
     give zero."""
     gm = toy.ring_mixture()
-    with _x64():
+    with x64():
         phi = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), gm.as_params())
         velocity = TF.edm_velocity(toy.exact_denoiser, SD)
         t_end = float(np.arctan(1e-5 / SD))
@@ -169,7 +165,7 @@ def test_scd_tangent_vanishes_at_the_exact_consistency_function():
 def test_tangent_is_the_closed_form_time_derivative(r):
     """g = cos t·df⁻/dt at r = 1 (sCM §4.2, from one jvp with the rearranged tangents); the warm-up
     scales only the terms of dF/dt and x_t: g(r) = −cos²t·(σ_d F − v) − r·cos t·sin t·(x_t + σ_d dF/dt)."""
-    with _x64():
+    with x64():
         rng = np.random.default_rng(3)
         params = _poly_params(rng, 3)
         x0, z, t, x_t, v = _path(rng, 5, 3)
@@ -212,7 +208,7 @@ def test_tangent_through_the_toy_mlp_equals_central_differences():
 def test_loss_and_its_gradient_match_numpy_float64():
     """The objective e^w/D·‖F − F⁻ − g/(‖g‖ + c)‖² − w against NumPy, and its gradient: only F_θ and
     w_φ are differentiated (F⁻ and g are under stop-gradient)."""
-    with _x64():
+    with x64():
         rng = np.random.default_rng(5)
         dim, c_const, r = 3, 0.1, 0.7
         params = {**_poly_params(rng, dim), "alpha": jnp.float64(0.4)}

@@ -69,7 +69,7 @@ def tangent(apply_fn: param_lib.ApplyFn, sigmas: param_lib.SigmaConfig, target_p
     g equals cos t·df_θ⁻/dt along dx_t/dt = ``velocity`` when r = 1. ``kwargs`` (labels, train, rng)
     go to the network: pass the dropout key of the online pass.
     """
-    tb = param_lib._bcast(t, x_t)
+    tb = param_lib.broadcast_times(t, x_t)
     cos, sin = jnp.cos(tb), jnp.sin(tb)
     cs = cos * sin
     sd = sigmas.sigma_data
@@ -158,7 +158,7 @@ class SCM(Method):
     def velocity(self, frozen: Frozen, x0, z, x_t, t, labels) -> Array:
         """dx_t/dt: cos t·z − sin t·x_0 (sCT) or the converted teacher's velocity (sCD)."""
         if self.teacher is None:
-            tb = param_lib._bcast(t, x0)
+            tb = param_lib.broadcast_times(t, x0)
             return jnp.cos(tb) * z - jnp.sin(tb) * x0
         return trigflow.edm_velocity(self.teacher, self.sigmas.sigma_data)(frozen.teacher, x_t, t,
                                                                            labels)
@@ -170,7 +170,7 @@ class SCM(Method):
         rng_t, rng_z, rng_drop = jax.random.split(rng, 3)
         t = sample_time(rng_t, b, self.p_mean, self.p_std, self.sigmas, x0.dtype)
         z = self.sigmas.sigma_data * jax.random.normal(rng_z, x0.shape, x0.dtype)
-        tb = param_lib._bcast(t, x0)
+        tb = param_lib.broadcast_times(t, x0)
         x_t = jnp.cos(tb) * x0 + jnp.sin(tb) * z
         v = self.velocity(frozen, x0, z, x_t, t, labels)
         return scm_loss(self.apply_fn, self.logvar_fn, self.sigmas, params, frozen.target, x_t, t, v,
