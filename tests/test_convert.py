@@ -119,7 +119,7 @@ def test_edm_run_is_a_cd_teacher(tmp_path):
     assert np.abs(np.asarray(got) - _f_reference(ref, x.astype(np.float64), edm=True)).max() <= 1e-5
 
 
-def test_paper_networks_keep_their_config(tmp_path):
+def test_paper_networks_keep_their_config():
     """For the released widths num_groups(C) is cm's 32: the run's network is the config file's."""
     for config, method in (("imagenet64", "cd"), ("lsun256", "edm")):
         c = convert.run_config(config, method)

@@ -14,9 +14,9 @@ zero-initialises (each ResBlock's last convolution, every attention ``proj_out``
 
 The weights are rounded to float16 and saved as float16 (the fixtures stay small; the converter
 casts to float32, as it does for half-precision checkpoints); the reference runs in float32 on
-those rounded values. Inputs follow the cm sampler (``karras_diffusion.KarrasDenoiser.denoise``):
-for noise z and level σ the network sees c_in(σ)·σ·z and the timestep 1000·0.25·ln(σ + 1e-44)
-(CM Eq. 5 with EDM's c_in = 1/√(σ² + σ_d²), σ_d = 0.5); the first two examples sit at σ = T = 80,
+those rounded values. Inputs follow cm's denoiser: for noise z and level σ the network sees
+c_in(σ)·σ·z and the timestep 1000·0.25·ln(σ + 1e-44) (CM Eq. 5 with EDM's c_in = 1/√(σ² + σ_d²),
+σ_d = 0.5); the first two examples sit at σ = T = 80,
 the level of one-step sampling (CM Algorithm 1). The ``.npz`` holds z (NHWC), σ, the timesteps,
 the labels, the network input and the output (both NHWC, float32).
 
