@@ -177,7 +177,8 @@ def num_groups(channels: int, max_groups: int = 32) -> int:
 
 
 def group_norm(x: Array, *, epsilon: float, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, name: Optional[str] = None) -> Array:
+               param_dtype: Dtype = jnp.float32, name: Optional[str] = None,
+               groups: Optional[int] = None) -> Array:
     """GroupNorm over the channel axis with ``num_groups(C)`` groups (statistics in float32).
 
     Args:
@@ -186,11 +187,16 @@ def group_norm(x: Array, *, epsilon: float, dtype: Dtype = jnp.float32,
       dtype: compute dtype.
       param_dtype: parameter dtype.
       name: optional submodule name.
+      groups: a fixed group count (it must divide C) instead of ``num_groups(C)``; the ADM UNet's
+        ``GroupNorm32`` always uses 32, which ``num_groups`` also gives for C >= 128.
 
     Returns:
       The normalised array, in ``dtype``.
     """
-    return nn.GroupNorm(num_groups=num_groups(x.shape[-1]), epsilon=epsilon, dtype=dtype,
+    c = x.shape[-1]
+    if groups is not None and (groups < 1 or c % groups):
+        raise ValueError(f"GroupNorm: {groups} groups do not divide {c} channels.")
+    return nn.GroupNorm(num_groups=groups or num_groups(c), epsilon=epsilon, dtype=dtype,
                         param_dtype=param_dtype, name=name)(x)
 
 
@@ -608,6 +614,7 @@ class ResBlock(nn.Module):
       init_style: "ddpm" or "torch".
       out_init_scale: scale of the last convolution's initialisation (0 = zero init).
       norm_eps: GroupNorm epsilon.
+      norm_groups: a fixed GroupNorm group count (None: ``num_groups(C)``).
       dtype: compute dtype.
       param_dtype: parameter dtype.
     """
@@ -624,6 +631,7 @@ class ResBlock(nn.Module):
     init_style: str = "ddpm"
     out_init_scale: float = 0.0
     norm_eps: float = 1e-6
+    norm_groups: Optional[int] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -650,8 +658,9 @@ class ResBlock(nn.Module):
         out_ch = self.out_ch or in_ch
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         conv_kw = dict(init_style=self.init_style, **common)
+        norm_kw = dict(epsilon=self.norm_eps, groups=self.norm_groups, **common)
 
-        h = nn.swish(group_norm(x, epsilon=self.norm_eps, **common))
+        h = nn.swish(group_norm(x, **norm_kw))
         h = self._resample(h)
         x = self._resample(x)
         h = conv2d(h, out_ch, 3, **conv_kw)
@@ -662,10 +671,10 @@ class ResBlock(nn.Module):
             scale, shift = jnp.split(emb_out, 2, axis=-1)
             if self.normalize_scale_shift:
                 scale, shift = _pixel_norm(scale), _pixel_norm(shift)
-            h = group_norm(h, epsilon=self.norm_eps, **common) * (1 + scale) + shift
+            h = group_norm(h, **norm_kw) * (1 + scale) + shift
             h = nn.swish(h)
         else:
-            h = nn.swish(group_norm(h + emb_out, epsilon=self.norm_eps, **common))
+            h = nn.swish(group_norm(h + emb_out, **norm_kw))
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         h = conv2d(h, out_ch, 3, init_scale=self.out_init_scale, **conv_kw)
 
@@ -692,6 +701,7 @@ class AttnBlock(nn.Module):
       qkv_init_scale: init scale of the q, k, v projections (score_sde's NIN uses 0.1).
       out_init_scale: init scale of the output projection (0 = zero init).
       norm_eps: GroupNorm epsilon.
+      norm_groups: a fixed GroupNorm group count (None: ``num_groups(C)``).
       dtype: compute dtype.
       param_dtype: parameter dtype.
     """
@@ -702,6 +712,7 @@ class AttnBlock(nn.Module):
     qkv_init_scale: float = 0.1
     out_init_scale: float = 0.0
     norm_eps: float = 1e-6
+    norm_groups: Optional[int] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -712,7 +723,8 @@ class AttnBlock(nn.Module):
         if c % self.num_heads:
             raise ValueError(f"{c} channels cannot be split into {self.num_heads} attention heads.")
         common = dict(init_style=self.init_style, dtype=self.dtype, param_dtype=self.param_dtype)
-        h = group_norm(x, epsilon=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        h = group_norm(x, epsilon=self.norm_eps, groups=self.norm_groups, dtype=self.dtype,
+                       param_dtype=self.param_dtype)
         shape = (b, height * width, self.num_heads, c // self.num_heads)
         q = dense(h, c, init_scale=self.qkv_init_scale, **common).reshape(shape)
         k = dense(h, c, init_scale=self.qkv_init_scale, **common).reshape(shape)

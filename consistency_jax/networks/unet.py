@@ -80,6 +80,9 @@ class ADMUNet(nn.Module):
       normalize_scale_shift: RMS-normalise the FiLM scale and shift (sCM's adaptive double
         normalization, for continuous-time training; no extra parameters).
       resblock_updown: resample with residual blocks (else nearest/avg-pool layers).
+      norm_groups: GroupNorm group count; None: ``layers.num_groups(C)`` (32 for every width of
+        the paper networks), 32: cm's ``GroupNorm32`` at any width (converted networks narrower
+        than 128 channels need it).
       conv_resample: with ``resblock_updown=False``, resample with 3×3 convolutions.
       dtype: compute dtype (``jnp.bfloat16`` for mixed precision).
       param_dtype: parameter dtype.
@@ -97,6 +100,7 @@ class ADMUNet(nn.Module):
     normalize_scale_shift: bool = False
     resblock_updown: bool = True
     conv_resample: bool = True
+    norm_groups: Optional[int] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -158,7 +162,8 @@ class ADMUNet(nn.Module):
         block_kw = dict(fir_kernel=None, dropout=self.dropout, skip_rescale=False,
                         scale_shift_norm=self.use_scale_shift_norm,
                         normalize_scale_shift=self.normalize_scale_shift, skip_conv_on_resample=False,
-                        init_style="torch", out_init_scale=0.0, norm_eps=_NORM_EPS, **common)
+                        init_style="torch", out_init_scale=0.0, norm_eps=_NORM_EPS,
+                        norm_groups=self.norm_groups, **common)
 
         def res_block(h, out_ch=None, up=False, down=False):
             return ResBlock(out_ch=out_ch, up=up, down=down, **block_kw)(h, emb, train)
@@ -166,7 +171,7 @@ class ADMUNet(nn.Module):
         def attention(h):
             return AttnBlock(num_heads=self._heads(h.shape[-1]), skip_rescale=False,
                              init_style="torch", qkv_init_scale=1.0, out_init_scale=0.0,
-                             norm_eps=_NORM_EPS, **common)(h)
+                             norm_eps=_NORM_EPS, norm_groups=self.norm_groups, **common)(h)
 
         def downsample(h):
             if self.resblock_updown:
@@ -215,7 +220,8 @@ class ADMUNet(nn.Module):
 
         # Output head in float32 (cm casts back to the input dtype before ``self.out``).
         h = h.astype(jnp.float32)
-        h = nn.swish(group_norm(h, epsilon=_NORM_EPS, param_dtype=self.param_dtype))
+        h = nn.swish(group_norm(h, epsilon=_NORM_EPS, param_dtype=self.param_dtype,
+                                groups=self.norm_groups))
         h = conv2d(h, channels, 3, init_style="torch", init_scale=0.0,
                    param_dtype=self.param_dtype)
         return h.astype(jnp.float32)

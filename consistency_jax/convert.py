@@ -1,0 +1,565 @@
+"""Converting the released PyTorch consistency models into runs of this library.
+
+    python -m consistency_jax.convert --from=cm --checkpoint=cd_imagenet64_lpips.pt \\
+        --config=imagenet64 --method=cd --out=runs/cd_imagenet64_lpips
+
+The reference PyTorch code of Consistency Models (Song et al. 2023; openai/consistency_models,
+"cm") released its EDM teachers and its CD and CT models for ImageNet 64 (class-conditional) and
+LSUN 256 (unconditional) as state dicts of the ADM UNet (Dhariwal & Nichol 2021). This command reads
+one (``torch.load(weights_only=True)``, or a ``.safetensors`` copy of it: nothing is unpickled), maps
+every tensor onto ``networks.unet.ADMUNet`` and writes a run directory that the sampling command
+(whose samples the evaluation command scores), CD (``--config.teacher.workdir=``, for an EDM run)
+and ``--config.init.workdir=`` read like any trained run. The run holds the released weights as θ, with
+no eval EMA, θ⁻ or optimizer state of its own (it cannot be resumed as a training run).
+
+Tensor mapping (PyTorch -> Flax):
+
+* convolutions OIHW -> HWIO; linear layers (out, in) -> (in, out); GroupNorm weight -> scale;
+  ``label_emb.weight`` -> ``Embed_0.embedding``; ``time_embed.{0,2}`` -> the two dense layers of the
+  timestep MLP (the sinusoidal embedding [cos | sin] with frequencies 10000^(−i/half) has no weights).
+* attention ``qkv`` (a 1×1 convolution to 3C channels) is read as ``(three h d)``: rows [0, C) are
+  Q, [C, 2C) K and [2C, 3C) V, each split into heads of ``num_head_channels`` consecutive channels.
+  That is the layout of the FlashAttention path the released models ran (``QKVFlashAttention``) and
+  of cm's ``QKVAttention``; ``ADMUNet``'s ``AttnBlock`` splits its q, k and v projections the same
+  way. The ch^(−1/4) scaling of q and of k is part of cm's forward pass, not of the weights; here
+  ``jax.nn.dot_product_attention`` applies the same 1/√d to q·k.
+* the network's time input is cm's 1000·0.25·ln(σ + 1e-44) (``sigmas.c_noise = "cm"`` in the
+  configs this command starts from); GroupNorm has 32 groups and ε = 1e-5 as cm's ``GroupNorm32``.
+
+The released models ran in float16; the converted parameters are float32 (float16 tensors are cast).
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import shutil
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+PyTree = Any
+
+__all__ = ["ConvertError", "cm_params", "convert_cm", "read_state_dict", "run_config"]
+
+SOURCES = ("cm",)
+CM_CONFIGS = ("imagenet64", "lsun256")
+PROVENANCE = "converted_from.json"
+_CM_GROUPS = 32  # cm's GroupNorm32
+
+
+class ConvertError(ValueError):
+    """A checkpoint that cannot be converted (unreadable, or not the network described), or an output
+    that would be overwritten; raised before anything is written."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+    """The tensors of a PyTorch state dict file (``.pt``/``.pth``) or a ``.safetensors`` file.
+
+    ``.pt`` files are read with ``torch.load(path, map_location="cpu", weights_only=True)``, which
+    unpickles nothing but tensors and containers; torch is imported only for them.
+
+    Raises:
+      ConvertError: no such file, an unknown extension, torch missing for a ``.pt`` file, a file that
+        is truncated or not a checkpoint, or one that holds no flat mapping name -> tensor.
+    """
+    if not os.path.isfile(path):
+        raise ConvertError(f"No checkpoint file {path!r}.")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".safetensors":
+        from safetensors.numpy import load_file
+
+        try:
+            return dict(load_file(path))
+        except Exception as e:  # noqa: BLE001 -- safetensors' errors name no common class
+            raise ConvertError(f"{path} is not a readable safetensors file (truncated or not a "
+                               f"checkpoint?): {e}") from None
+    if ext not in (".pt", ".pth", ".bin"):
+        raise ConvertError(f"{path}: give a PyTorch state dict (.pt, .pth) or a .safetensors file.")
+    try:
+        import torch
+    except ImportError:
+        raise ConvertError(f"Reading {path} needs PyTorch (pip install torch; CPU is enough), or give "
+                           "a .safetensors copy of the state dict instead.") from None
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- pickle, zip and EOF errors alike
+        raise ConvertError(f"{path} is not a readable PyTorch checkpoint (truncated, or not a state "
+                           f"dict saved by torch.save?): {str(e).splitlines()[0][:300]}") from None
+    if not isinstance(loaded, Mapping) or not all(torch.is_tensor(v) for v in loaded.values()):
+        raise ConvertError(f"{path} holds a {type(loaded).__name__}, not a state dict (a mapping "
+                           "name -> tensor).")
+    return {k: v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()
+            for k, v in loaded.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# The cm UNet's names and layouts
+
+
+def _conv(w: np.ndarray) -> np.ndarray:  # (O, I, H, W) -> (H, W, I, O)
+    return w.transpose(2, 3, 1, 0)
+
+
+def _conv1x1_dense(w: np.ndarray) -> np.ndarray:  # a 1×1 convolution (O, I, 1, 1) -> a dense (I, O)
+    return w[:, :, 0, 0].T
+
+
+def _torch_conv_shape(kernel: tuple) -> tuple:  # inverse of _conv, for error messages
+    return (kernel[3], kernel[2], kernel[0], kernel[1])
+
+
+class _Layout:
+    """cm key -> (Flax path, expected PyTorch shape, converter of the tensor) for one network."""
+
+    def __init__(self, abstract: Mapping[str, Any]):
+        self.abstract = abstract
+        self.entries: dict[str, tuple[tuple[str, ...], tuple, Callable]] = {}
+        self.counts: collections.Counter = collections.Counter()
+        self.qkv: list[tuple[str, tuple[str, ...]]] = []  # (cm prefix, Flax AttnBlock path)
+
+    def _leaf(self, path):
+        node = self.abstract
+        for p in path:
+            node = node[p]
+        return tuple(node.shape)
+
+    def next_name(self, kind: str) -> str:
+        name = f"{kind}_{self.counts[kind]}"
+        self.counts[kind] += 1
+        return name
+
+    def conv(self, key: str, path: tuple[str, ...]) -> None:
+        k = self._leaf(path + ("kernel",))
+        if len(k) == 4:
+            self.entries[f"{key}.weight"] = (path + ("kernel",), _torch_conv_shape(k), _conv)
+        else:  # attention's 1×1 convolutions are dense layers here
+            self.entries[f"{key}.weight"] = (path + ("kernel",), (k[1], k[0], 1, 1), _conv1x1_dense)
+        self.entries[f"{key}.bias"] = (path + ("bias",), self._leaf(path + ("bias",)), lambda b: b)
+
+    def linear(self, key: str, path: tuple[str, ...]) -> None:
+        k = self._leaf(path + ("kernel",))
+        self.entries[f"{key}.weight"] = (path + ("kernel",), (k[1], k[0]), lambda w: w.T)
+        self.entries[f"{key}.bias"] = (path + ("bias",), self._leaf(path + ("bias",)), lambda b: b)
+
+    def norm(self, key: str, path: tuple[str, ...]) -> None:
+        self.entries[f"{key}.weight"] = (path + ("scale",), self._leaf(path + ("scale",)), lambda s: s)
+        self.entries[f"{key}.bias"] = (path + ("bias",), self._leaf(path + ("bias",)), lambda b: b)
+
+    def resblock(self, key: str) -> None:
+        p = (self.next_name("ResBlock"),)
+        self.norm(f"{key}.in_layers.0", p + ("GroupNorm_0",))
+        self.conv(f"{key}.in_layers.2", p + ("Conv_0",))
+        self.linear(f"{key}.emb_layers.1", p + ("Dense_0",))
+        self.norm(f"{key}.out_layers.0", p + ("GroupNorm_1",))
+        self.conv(f"{key}.out_layers.3", p + ("Conv_1",))
+        if "Conv_2" in self.abstract[p[0]]:  # a 1×1 projection where the channels change
+            self.conv(f"{key}.skip_connection", p + ("Conv_2",))
+
+    def attention(self, key: str) -> None:
+        p = (self.next_name("AttnBlock"),)
+        self.norm(f"{key}.norm", p + ("GroupNorm_0",))
+        c = self._leaf(p + ("Dense_0", "kernel"))[0]
+        # qkv is split into the q, k, v projections (Dense_0, _1, _2) after the shape check.
+        self.entries[f"{key}.qkv.weight"] = (p + ("qkv", "kernel"), (3 * c, c, 1, 1), lambda w: w)
+        self.entries[f"{key}.qkv.bias"] = (p + ("qkv", "bias"), (3 * c,), lambda b: b)
+        self.conv(f"{key}.proj_out", p + ("Dense_3",))
+
+
+def _cm_layout(kwargs: Mapping[str, Any], image_size: int, abstract: Mapping[str, Any]) -> _Layout:
+    """Walks cm's ``UNetModel.__init__`` (input blocks, middle block, output blocks, head) in the
+    order ``ADMUNet`` creates the same layers, pairing each cm name with its Flax path."""
+    lay = _Layout(abstract)
+    mult, attn = tuple(kwargs["channel_mult"]), tuple(kwargs["attention_resolutions"])
+    nrb, updown = kwargs["num_res_blocks"], kwargs.get("resblock_updown", True)
+    conv_resample = kwargs.get("conv_resample", True)
+    lay.linear("time_embed.0", (lay.next_name("Dense"),))
+    lay.linear("time_embed.2", (lay.next_name("Dense"),))
+    if kwargs.get("num_classes") is not None:
+        lay.entries["label_emb.weight"] = (("Embed_0", "embedding"),
+                                           lay._leaf(("Embed_0", "embedding")), lambda e: e)
+    lay.conv("input_blocks.0.0", (lay.next_name("Conv"),))
+    block, res = 1, image_size
+    for level in range(len(mult)):
+        for _ in range(nrb):
+            lay.resblock(f"input_blocks.{block}.0")
+            if res in attn:
+                lay.attention(f"input_blocks.{block}.1")
+            block += 1
+        if level != len(mult) - 1:
+            if updown:
+                lay.resblock(f"input_blocks.{block}.0")
+            elif conv_resample:
+                lay.conv(f"input_blocks.{block}.0.op", (lay.next_name("Conv"),))
+            block, res = block + 1, res // 2
+    lay.resblock("middle_block.0")
+    lay.attention("middle_block.1")
+    lay.resblock("middle_block.2")
+    block = 0
+    for level in reversed(range(len(mult))):
+        for i in range(nrb + 1):
+            lay.resblock(f"output_blocks.{block}.0")
+            sub = 1
+            if res in attn:
+                lay.attention(f"output_blocks.{block}.1")
+                sub = 2
+            if level and i == nrb:
+                if updown:
+                    lay.resblock(f"output_blocks.{block}.{sub}")
+                elif conv_resample:
+                    lay.conv(f"output_blocks.{block}.{sub}.conv", (lay.next_name("Conv"),))
+                res *= 2
+            block += 1
+    lay.norm("out.0", (lay.next_name("GroupNorm"),))
+    lay.conv("out.2", (lay.next_name("Conv"),))
+    return lay
+
+
+def _listing(names: Sequence[str], limit: int = 8) -> str:
+    names = sorted(names)
+    more = f", … ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def cm_params(state_dict: Mapping[str, np.ndarray], model_kwargs: Mapping[str, Any],
+              image_size: int, num_channels: int = 3, *, source: str = "the checkpoint") -> PyTree:
+    """The ``ADMUNet(**model_kwargs)`` parameters of a cm ``UNetModel`` state dict (float32 NumPy).
+
+    Args:
+      state_dict: name -> array, as saved by cm (``read_state_dict``).
+      model_kwargs: the ADMUNet arguments (attention resolutions in pixels).
+      image_size: the square image side the network runs at.
+      num_channels: image channels.
+      source: how to name the checkpoint in errors.
+
+    Returns:
+      The Flax ``params`` tree (nested dicts of float32 arrays).
+
+    Raises:
+      ConvertError: tensors missing, unexpected or of the wrong shape (named, with a hint at the
+        architecture flags), or a network the arguments do not describe.
+    """
+    from consistency_jax.networks import layers
+    from consistency_jax.networks.unet import ADMUNet
+
+    try:
+        abstract = layers.abstract_params(ADMUNet(**model_kwargs), image_size, num_channels)
+    except (TypeError, ValueError) as e:
+        raise ConvertError(f"The architecture flags do not describe an ADM UNet for "
+                           f"{image_size}x{image_size}x{num_channels} images: {e}") from None
+    abstract = _plain(abstract)
+    lay = _cm_layout(model_kwargs, image_size, abstract)
+    missing = [k for k in lay.entries if k not in state_dict]
+    extra = [k for k in state_dict if k not in lay.entries]
+    wrong = [f"{k} {tuple(state_dict[k].shape)} (expected {lay.entries[k][1]})"
+             for k in lay.entries if k in state_dict and tuple(state_dict[k].shape) != lay.entries[k][1]]
+    if missing or extra or wrong:
+        parts = [f"{len(missing)} missing tensor(s): {_listing(missing)}" if missing else "",
+                 f"{len(extra)} unexpected tensor(s): {_listing(extra)}" if extra else "",
+                 f"{len(wrong)} of the wrong shape: {_listing(wrong)}" if wrong else ""]
+        raise ConvertError(f"{source} is not the ADM UNet described ({_describe(model_kwargs, image_size)}"
+                           f"): " + "; ".join(p for p in parts if p) + ". Check --config and the "
+                           "architecture flags (--model_channels, --channel_mult, --num_res_blocks, "
+                           "--attention_resolutions, --num_head_channels, --num_classes, "
+                           "--use_scale_shift_norm, --resblock_updown, --image_size).")
+    params: dict = {}
+    for key, (path, _, fn) in lay.entries.items():
+        node = params
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        value = np.asarray(state_dict[key])
+        if not np.issubdtype(value.dtype, np.floating):
+            raise ConvertError(f"{source}: tensor {key} has dtype {value.dtype}, not floating point.")
+        node[path[-1]] = np.ascontiguousarray(fn(value).astype(np.float32))
+    for name in [n for n in params if n.startswith("AttnBlock_")]:  # [Q | K | V] -> three denses
+        qkv = params[name].pop("qkv")
+        w, b = qkv["kernel"][:, :, 0, 0], qkv["bias"]
+        c = w.shape[1]
+        for i in range(3):
+            params[name][f"Dense_{i}"] = {"kernel": np.ascontiguousarray(w[i * c:(i + 1) * c].T),
+                                          "bias": b[i * c:(i + 1) * c].copy()}
+    _check_tree(params, abstract)
+    return params
+
+
+def _plain(tree: Any) -> Any:
+    return {k: _plain(v) for k, v in tree.items()} if hasattr(tree, "items") else tree
+
+
+def _check_tree(params: PyTree, abstract: PyTree) -> None:
+    import jax
+
+    got = {jax.tree_util.keystr(p): tuple(a.shape)
+           for p, a in jax.tree_util.tree_flatten_with_path(params)[0]}
+    want = {jax.tree_util.keystr(p): tuple(a.shape)
+            for p, a in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    assert got == want, f"conversion bug: {sorted(set(got.items()) ^ set(want.items()))[:5]}"
+
+
+def _describe(kwargs: Mapping[str, Any], image_size: int) -> str:
+    keys = ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
+            "num_head_channels", "num_heads", "num_classes", "use_scale_shift_norm",
+            "resblock_updown")
+    return f"image_size={image_size}, " + ", ".join(f"{k}={kwargs[k]}" for k in keys if k in kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+
+
+def _config_path(name: str) -> str:
+    if name.endswith(".py") or os.sep in name:
+        return name
+    if name not in CM_CONFIGS:
+        raise ConvertError(f"--config must be one of {CM_CONFIGS} or a configs/*.py path, got "
+                           f"{name!r}.")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(root, "configs", f"{name}.py")
+
+
+def run_config(config: str, method: str, *, metric: str = "lpips", category: str = "bedroom",
+               arch: Optional[Mapping[str, Any]] = None):
+    """The config of a converted run: ``configs/<config>.py`` with ``method`` (edm, cd or ct; the
+    LSUN EDM teachers take the LSUN file's network with the EDM method), the network arguments
+    overridden by ``arch`` (ADMUNet arguments, plus ``image_size`` and ``num_channels``), and no
+    eval EMAs (the run holds the released weights as θ).
+
+    Raises:
+      ConvertError: an unknown config or method.
+    """
+    from consistency_jax import config as common
+
+    if method not in ("edm", "cd", "ct"):
+        raise ConvertError(f"--method must be edm, cd or ct (the released models), got {method!r}.")
+    path = _config_path(config)
+    args = {"method": method}
+    name = os.path.splitext(os.path.basename(path))[0]
+    if name == "lsun256":
+        args.update(category=category)
+    if method == "cd":
+        args.update(metric=metric)
+    try:
+        c = common.load_config(path, ",".join(f"{k}={v}" for k, v in args.items()))
+    except ValueError as e:
+        raise ConvertError(f"--config={config} --method={method}: {e}") from None
+    arch = dict(arch or {})
+    image_size = arch.pop("image_size", None)
+    num_channels = arch.pop("num_channels", None)
+    if image_size:
+        c.data.image_size = int(image_size)
+    if num_channels:
+        c.data.num_channels = int(num_channels)
+    kwargs = dict(c.model.kwargs)
+    kwargs.update(arch)
+    if "num_classes" in arch:
+        c.data.use_labels = kwargs["num_classes"] is not None
+    c.model.kwargs = kwargs
+    c.train.ema_rates = ()
+    c.eval.ema_rate = 0.0
+    return c
+
+
+def abstract_params(c) -> PyTree:
+    """The parameter shapes (``jax.ShapeDtypeStruct``) of the network of run config ``c``.
+
+    Raises:
+      ConvertError: the network cannot take the config's images (bad architecture flags).
+    """
+    from consistency_jax import networks
+    from consistency_jax.networks import layers
+
+    size, channels = int(c.data.image_size), int(c.data.num_channels)
+    try:
+        return layers.abstract_params(networks.from_config(c.model), size, channels)
+    except (TypeError, ValueError) as e:
+        raise ConvertError(f"The architecture flags do not describe an ADM UNet for {size}x{size}x"
+                           f"{channels} images: {e}") from None
+
+
+def _needs_fixed_groups(abstract: PyTree) -> bool:
+    """True when ``layers.num_groups`` would not give cm's 32 groups to some GroupNorm."""
+    import jax
+
+    from consistency_jax.networks import layers
+
+    widths = {a.shape[0] for p, a in jax.tree_util.tree_flatten_with_path(abstract)[0]
+              if "GroupNorm" in jax.tree_util.keystr(p)}
+    bad = [w for w in widths if w % _CM_GROUPS]
+    if bad:
+        raise ConvertError(f"cm's GroupNorm32 needs channel counts divisible by 32; the architecture "
+                           f"flags give {sorted(bad)}.")
+    return any(layers.num_groups(w) != _CM_GROUPS for w in widths)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _prepare_out(out: str, overwrite: bool) -> None:
+    from consistency_jax.checkpoint import CHECKPOINT_SUBDIR, CHECKSUM_SUBDIR, UNREADABLE_SUBDIR
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConvertError(f"--out={out} exists and is not a directory.")
+    if os.path.isdir(out) and os.listdir(out):
+        if not overwrite:
+            raise ConvertError(f"--out={out} exists and is not empty; pass --overwrite to replace "
+                               "the run there, or choose another directory.")
+        for name in (CHECKPOINT_SUBDIR, CHECKSUM_SUBDIR, UNREADABLE_SUBDIR, PROVENANCE):
+            p = os.path.join(out, name)
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            elif os.path.exists(p):
+                os.remove(p)
+    os.makedirs(out, exist_ok=True)
+
+
+def convert_cm(checkpoint: str, out: str, *, config: str = "imagenet64", method: str = "cd",
+               metric: str = "lpips", category: str = "bedroom",
+               arch: Optional[Mapping[str, Any]] = None, overwrite: bool = False) -> dict:
+    """Converts a released cm checkpoint into the run directory ``out``.
+
+    Everything is read and checked before anything is written: the file, every tensor's name and
+    shape against the network of ``config`` (+ ``arch``), and the output directory.
+
+    Args:
+      checkpoint: the state dict (``.pt`` or ``.safetensors``).
+      out: the run directory to write (must be absent or empty unless ``overwrite``).
+      config: "imagenet64", "lsun256" or a configs/*.py path.
+      method: "edm" (a teacher), "cd" or "ct".
+      metric: CD's metric (l2 or lpips; it fixes the config's 2-step times).
+      category: LSUN category (bedroom or cat).
+      arch: ADMUNet arguments overriding the config's network, plus image_size / num_channels.
+      overwrite: replace a run already in ``out``.
+
+    Returns:
+      A summary: out, method, the number of tensors and parameters, the checkpoint's sha256.
+
+    Raises:
+      ConvertError: as ``read_state_dict``, ``cm_params`` and ``run_config``, or ``out`` not empty.
+    """
+    import jax
+    import optax
+
+    from consistency_jax.checkpoint import Checkpointer
+    from consistency_jax.networks import layers
+    from consistency_jax.train_state import TrainState
+
+    c = run_config(config, method, metric=metric, category=category, arch=arch)
+    if c.model.name != "adm":
+        raise ConvertError(f"--config={config} does not use the ADM UNet (model.name="
+                           f"{c.model.name!r}); cm checkpoints are ADM UNets.")
+    size, channels = int(c.data.image_size), int(c.data.num_channels)
+    out = os.path.abspath(out)
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        _prepare_out(out, overwrite)  # refuse before reading a large file
+    state_dict = read_state_dict(checkpoint)
+    kwargs = dict(c.model.kwargs)
+    if _needs_fixed_groups(abstract_params(c)):  # narrow networks: cm's 32 groups, not num_groups(C)
+        kwargs["norm_groups"] = _CM_GROUPS
+        c.model.kwargs = kwargs
+    params = cm_params(state_dict, kwargs, size, channels, source=checkpoint)
+    _prepare_out(out, overwrite)
+    state = TrainState.create(jax.tree.map(jax.numpy.asarray, params), optax.identity(),
+                              ema_rates=(), use_target=False)
+    ckpt = Checkpointer(out, every=1, keep=1, async_save=False)
+    try:
+        ckpt.save(state, step=0, data_state={}, config=c)
+    finally:
+        ckpt.close()
+    summary = dict(source="cm", checkpoint=os.path.abspath(checkpoint), sha256=_sha256(checkpoint),
+                   out=out, method=method, config=config, tensors=len(state_dict),
+                   parameters=layers.count_params(params), model=dict(kwargs),
+                   image_size=size, num_channels=channels)
+    with open(os.path.join(out, PROVENANCE), "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+def _define_flags():
+    from absl import flags
+
+    flags.DEFINE_string("from", "cm", "The source: cm (the PyTorch state dicts of "
+                        "openai/consistency_models).")
+    flags.DEFINE_string("checkpoint", None, "The checkpoint: a .pt state dict or a .safetensors file.")
+    flags.DEFINE_string("config", "imagenet64", "imagenet64 | lsun256 | a configs/*.py path: the "
+                        "network, data shape and noise configuration of the run.")
+    flags.DEFINE_enum("method", "cd", ["edm", "cd", "ct"], "What the checkpoint is: an EDM teacher "
+                      "(edm_*), a CD model (cd_*) or a CT model (ct_*).")
+    flags.DEFINE_enum("metric", "lpips", ["l2", "lpips"], "CD's metric (sets the 2-step times).")
+    flags.DEFINE_enum("category", "bedroom", ["bedroom", "cat"], "LSUN category (lsun256).")
+    flags.DEFINE_string("out", None, "The run directory to write.")
+    flags.DEFINE_bool("overwrite", False, "Replace a run already in --out.")
+    flags.DEFINE_integer("image_size", 0, "Image side (0: the config's).")
+    flags.DEFINE_integer("num_channels", 0, "Image channels (0: the config's).")
+    flags.DEFINE_integer("model_channels", 0, "Base channels (0: the config's).")
+    flags.DEFINE_list("channel_mult", [], "Channel multipliers per level, e.g. 1,2,3,4.")
+    flags.DEFINE_integer("num_res_blocks", 0, "Residual blocks per level (0: the config's).")
+    flags.DEFINE_list("attention_resolutions", [], "Resolutions in pixels with attention, e.g. "
+                      "32,16,8 (cm's flag).")
+    flags.DEFINE_integer("num_head_channels", 0, "Channels per head (-1: use --num_heads).")
+    flags.DEFINE_integer("num_heads", 0, "Heads when num_head_channels is -1.")
+    flags.DEFINE_integer("num_classes", -1, "Classes (0: unconditional; -1: the config's).")
+    flags.DEFINE_enum("use_scale_shift_norm", "", ["", "true", "false"], "FiLM conditioning.")
+    flags.DEFINE_enum("resblock_updown", "", ["", "true", "false"], "Resample with ResBlocks.")
+
+
+def _arch_from_flags(f) -> dict:
+    arch: dict[str, Any] = {}
+    for name in ("image_size", "num_channels", "model_channels", "num_res_blocks", "num_heads"):
+        if f[name].value:
+            arch[name] = f[name].value
+    if f.num_head_channels:
+        arch["num_head_channels"] = f.num_head_channels
+    if f.channel_mult:
+        arch["channel_mult"] = tuple(float(m) if "." in m else int(m) for m in f.channel_mult)
+    if f.attention_resolutions:
+        arch["attention_resolutions"] = tuple(int(r) for r in f.attention_resolutions)
+    if f.num_classes >= 0:
+        arch["num_classes"] = f.num_classes or None
+    for name in ("use_scale_shift_norm", "resblock_updown"):
+        if f[name].value:
+            arch[name] = f[name].value == "true"
+    return arch
+
+
+def main(argv) -> None:
+    import sys
+
+    from absl import flags, logging
+
+    f = flags.FLAGS
+    if len(argv) > 1:
+        raise SystemExit(f"Unexpected arguments: {argv[1:]}")
+    try:
+        if f["from"].value not in SOURCES:
+            raise ConvertError(f"--from={f['from'].value}: only cm (the PyTorch checkpoints) is "
+                               "supported so far.")
+        if not f.checkpoint or not f.out:
+            raise ConvertError("--checkpoint and --out are required.")
+        summary = convert_cm(f.checkpoint, f.out, config=f.config, method=f.method, metric=f.metric,
+                             category=f.category, arch=_arch_from_flags(f), overwrite=f.overwrite)
+    except ConvertError as e:
+        logging.flush()
+        print(f"ConvertError: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    print(f"Converted {summary['tensors']} tensors ({summary['parameters'] / 1e6:.2f}M parameters) "
+          f"into {summary['out']} (method={summary['method']}).")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,234 @@
+"""The converter of the released PyTorch consistency models (``consistency_jax.convert``).
+
+The fixtures (tools/make_cm_fixture.py) hold two tiny ADM UNets of the official cm code with random
+weights and the official network's outputs on fixed inputs; no torch is needed here.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from consistency_jax import convert, loading, sampling
+from consistency_jax import parameterization as param_lib
+from consistency_jax.networks import make_apply_fn
+from consistency_jax.networks.unet import ADMUNet
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIGMA_MIN, SIGMA_DATA, T = 0.002, 0.5, 80.0
+
+# The fixtures' architectures in the converter's terms (attention resolutions in pixels).
+ARCH = {
+    "cond": dict(image_size=16, model_channels=32, channel_mult=(1, 1), num_res_blocks=1,
+                 attention_resolutions=(16, 8), num_head_channels=16, num_classes=10,
+                 resblock_updown=True, use_scale_shift_norm=True),
+    "uncond": dict(image_size=16, model_channels=32, channel_mult=(1, 1), num_res_blocks=1,
+                   attention_resolutions=(8,), num_head_channels=-1, num_heads=2, num_classes=None,
+                   resblock_updown=False, use_scale_shift_norm=False),
+}
+
+
+def _fixture(name):
+    weights = os.path.join(FIXTURES, f"cm_unet_{name}.safetensors")
+    with np.load(os.path.join(FIXTURES, f"cm_unet_{name}.npz")) as z:
+        return weights, dict(z)
+
+
+def _kwargs(name):
+    kw = {k: v for k, v in ARCH[name].items() if k != "image_size"}
+    return dict(kw, norm_groups=32, dropout=0.0)
+
+
+def _labels(ref):
+    return ref.get("labels")
+
+
+@pytest.mark.parametrize("name", ["cond", "uncond"])
+def test_converted_network_equals_the_official_one(name):
+    weights, ref = _fixture(name)
+    state_dict = load_file(weights)
+    assert all(v.dtype == np.float16 for v in state_dict.values())  # cast to float32 on the way
+    params = convert.cm_params(state_dict, _kwargs(name), 16)
+    out = ADMUNet(**_kwargs(name)).apply({"params": params}, ref["x_in"], ref["timesteps"],
+                                         _labels(ref))
+    assert np.abs(np.asarray(out) - ref["out"]).max() <= 1e-5
+    # cm's time input is 1000·0.25·ln σ: the library's c_noise(kind="cm") gives the same.
+    np.testing.assert_allclose(param_lib.c_noise(ref["sigma"].astype(np.float32), "cm"),
+                               ref["timesteps"], rtol=1e-6)
+
+
+def _f_reference(ref, x, edm=False):
+    """f(x, σ) = c_skip·x + c_out·F (CM Eq. 5, or EDM Eq. 7 for the teacher) in float64 from the
+    official network's outputs F."""
+    s = ref["sigma"][:, None, None, None]
+    eps = 0.0 if edm else SIGMA_MIN
+    c_skip = SIGMA_DATA**2 / ((s - eps) ** 2 + SIGMA_DATA**2)
+    c_out = SIGMA_DATA * (s - eps) / np.sqrt(SIGMA_DATA**2 + s**2)
+    return c_skip * x + c_out * ref["out"].astype(np.float64)
+
+
+@pytest.fixture(scope="module")
+def cd_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("convert") / "cd_run")
+    weights, _ = _fixture("cond")
+    summary = convert.convert_cm(weights, out, config="imagenet64", method="cd", arch=ARCH["cond"])
+    assert summary["tensors"] == 161 and os.path.isfile(os.path.join(out, convert.PROVENANCE))
+    return out
+
+
+def test_cd_run_gives_f_of_the_official_network(cd_run):
+    _, ref = _fixture("cond")
+    config, params, step = loading.load_eval_params(cd_run)
+    assert (config.method, config.sigmas.c_noise, step) == ("cd", "cm", 0)
+    assert config.model.kwargs.norm_groups == 32 and config.data.image_size == 16
+    apply_fn = make_apply_fn(ADMUNet(**config.model.kwargs))
+    sigmas = param_lib.SigmaConfig(**config.sigmas.to_dict())
+    x = (ref["sigma"][:, None, None, None] * ref["z"]).astype(np.float32)
+    want = _f_reference(ref, x.astype(np.float64))
+    # One-step samples from the fixed noise z of the first two examples (σ = T, CM Algorithm 1).
+    one_step = sampling.multistep_sample(apply_fn, params, jax.random.key(0), x[:2].shape, (T,), sigmas,
+                                         labels=ref["labels"][:2], x_init=x[:2])
+    assert np.abs(np.asarray(one_step) - want[:2]).max() <= 1e-5
+
+
+def test_sampling_command_reads_the_converted_run(cd_run, tmp_path):
+    from consistency_jax import sample
+
+    request = sample.SampleRequest(workdir=cd_run, out=str(tmp_path / "samples"), num_samples=4,
+                                   per_device_batch=4, examples_per_shard=4, grid=False, seed=1)
+    summary = sample.run(request)
+    with np.load(summary["npz"]) as z:
+        images, labels = z["arr_0"], z["arr_1"]
+    assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8
+    assert ((0 <= labels) & (labels < 10)).all()
+
+
+def test_edm_run_is_a_cd_teacher(tmp_path):
+    weights, ref = _fixture("uncond")
+    out = str(tmp_path / "edm_run")
+    convert.convert_cm(weights, out, config="lsun256", method="edm", arch=ARCH["uncond"])
+    assert loading.teacher_config(out).method == "edm"
+    denoise, params = loading.load_teacher(out)
+    x = (ref["sigma"][:, None, None, None] * ref["z"]).astype(np.float32)
+    got = denoise(params, x, ref["sigma"].astype(np.float32))
+    assert np.abs(np.asarray(got) - _f_reference(ref, x.astype(np.float64), edm=True)).max() <= 1e-5
+
+
+def test_paper_networks_keep_their_config():
+    """For the released widths num_groups(C) is cm's 32: the run's network is the config file's."""
+    for config, method in (("imagenet64", "cd"), ("lsun256", "edm")):
+        c = convert.run_config(config, method)
+        abstract = convert.abstract_params(c)
+        assert not convert._needs_fixed_groups(abstract)
+        assert "norm_groups" not in c.model.kwargs and c.sigmas.c_noise == "cm"
+
+
+# --------------------------------------------------------------------------------------------------
+# Refusals
+
+
+def _write(tmp_path, state_dict):
+    path = str(tmp_path / "edited.safetensors")
+    save_file(state_dict, path)
+    return path
+
+
+def _convert(path, tmp_path, **kw):
+    kw = {"config": "imagenet64", "method": "cd", "arch": ARCH["cond"], **kw}
+    return convert.convert_cm(path, str(tmp_path / "run"), **kw)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ("missing", "1 missing tensor(s): middle_block.1.qkv.weight"),
+    ("extra", "1 unexpected tensor(s): middle_block.1.extra.weight"),
+    ("shape", "1 of the wrong shape: out.2.weight (3, 32, 3, 1) (expected (3, 32, 3, 3))"),
+])
+def test_refuses_a_checkpoint_that_is_not_the_network(tmp_path, edit, message):
+    state_dict = load_file(_fixture("cond")[0])
+    if edit == "missing":
+        del state_dict["middle_block.1.qkv.weight"]
+    elif edit == "extra":
+        state_dict["middle_block.1.extra.weight"] = np.ones((2,), np.float16)
+    else:
+        state_dict["out.2.weight"] = state_dict["out.2.weight"][..., :1].copy()
+    with pytest.raises(convert.ConvertError) as e:
+        _convert(_write(tmp_path, state_dict), tmp_path)
+    assert message in str(e.value) and "architecture flags" in str(e.value)
+    assert not os.path.exists(tmp_path / "run")  # nothing written
+
+
+def test_refuses_wrong_architecture_flags(tmp_path):
+    weights, _ = _fixture("cond")
+    with pytest.raises(convert.ConvertError, match="unexpected tensor.*label_emb.weight"):
+        _convert(weights, tmp_path, arch=dict(ARCH["cond"], num_classes=None))
+    with pytest.raises(convert.ConvertError, match=r"84 missing tensor\(s\): input_blocks.2.1.norm.bias"):
+        _convert(weights, tmp_path, arch=dict(ARCH["cond"], num_res_blocks=2))
+    with pytest.raises(convert.ConvertError, match="not the ADM UNet described"):
+        _convert(weights, tmp_path, config="lsun256", arch={})  # the paper LSUN network
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_refuses_truncated_and_foreign_files(tmp_path):
+    weights, _ = _fixture("cond")
+    with open(weights, "rb") as f:
+        data = f.read()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(convert.ConvertError, match="truncated or not a checkpoint"):
+        _convert(str(truncated), tmp_path)
+    foreign = tmp_path / "notes.safetensors"
+    foreign.write_text("not a checkpoint")
+    with pytest.raises(convert.ConvertError, match="not a readable safetensors file"):
+        _convert(str(foreign), tmp_path)
+    (tmp_path / "weights.npz").write_bytes(b"x")
+    with pytest.raises(convert.ConvertError, match="give a PyTorch state dict"):
+        _convert(str(tmp_path / "weights.npz"), tmp_path)
+    with pytest.raises(convert.ConvertError, match="No checkpoint file"):
+        _convert(str(tmp_path / "absent.pt"), tmp_path)
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch is installed")
+def test_pt_file_without_torch_says_what_to_do(tmp_path):
+    pt = tmp_path / "cd_imagenet64_l2.pt"
+    pt.write_bytes(b"PK\x03\x04")
+    with pytest.raises(convert.ConvertError, match=r"needs PyTorch \(pip install torch.*safetensors"):
+        _convert(str(pt), tmp_path)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
+def test_pt_file_is_read_with_weights_only(tmp_path):
+    import torch
+
+    state = {k: torch.from_numpy(v) for k, v in load_file(_fixture("cond")[0]).items()}
+    torch.save(state, tmp_path / "cd.pt")
+    got = convert.read_state_dict(str(tmp_path / "cd.pt"))
+    assert sorted(got) == sorted(state)
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(convert.ConvertError, match="not a readable PyTorch checkpoint"):
+        convert.read_state_dict(str(tmp_path / "bad.pt"))
+
+
+def test_command_refuses_a_non_empty_out_then_overwrites(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    weights, _ = _fixture("uncond")
+    cmd = [sys.executable, "-m", "consistency_jax.convert", "--from=cm", f"--checkpoint={weights}",
+           "--config=lsun256", "--method=ct", f"--out={out}", "--image_size=16",
+           "--model_channels=32", "--channel_mult=1,1", "--num_res_blocks=1",
+           "--attention_resolutions=8", "--num_head_channels=-1", "--num_heads=2",
+           "--resblock_updown=false"]
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    refused = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert refused.returncode == 1 and "is not empty; pass --overwrite" in refused.stderr
+    done = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Converted 126 tensors" in done.stdout and (out / "keep.txt").exists()
+    config, _, _ = loading.load_eval_params(str(out))
+    assert config.method == "ct" and config.model.kwargs.num_classes is None
