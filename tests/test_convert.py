@@ -193,16 +193,16 @@ def test_refuses_truncated_and_foreign_files(tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch is installed")
-def test_pt_file_without_torch_says_what_to_do(tmp_path):
-    pt = tmp_path / "cd_imagenet64_l2.pt"
-    pt.write_bytes(b"PK\x03\x04")
-    with pytest.raises(convert.ConvertError, match=r"needs PyTorch \(pip install torch.*safetensors"):
-        _convert(str(pt), tmp_path)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
-def test_pt_file_is_read_with_weights_only(tmp_path):
+def test_pt_files_are_read_with_weights_only_or_refused_with_what_to_do(tmp_path):
+    """Where torch is installed a .pt state dict round-trips through ``torch.load(weights_only=True)``
+    and a file that is not one is refused; without torch (this project's test environment) a .pt
+    file is refused with what to install, or to convert it to .safetensors."""
+    if importlib.util.find_spec("torch") is None:
+        pt = tmp_path / "cd_imagenet64_l2.pt"
+        pt.write_bytes(b"PK\x03\x04")
+        with pytest.raises(convert.ConvertError, match=r"needs PyTorch \(pip install torch.*safetensors"):
+            _convert(str(pt), tmp_path)
+        return
     import torch
 
     state = {k: torch.from_numpy(v) for k, v in load_file(_fixture("cond")[0]).items()}
