@@ -343,7 +343,9 @@ def test_tau_search_command_scores_the_sampling_commands_samples(run_dir, refere
 
 def test_editing_modes_of_the_command_keep_the_known_part(run_dir, tmp_path):
     model = sample_lib.describe_run(_request(run_dir, tmp_path / "x"))
-    common = dict(num_samples=6, inputs="tfds:sklearn_digits/8:test", data_dir=model.config.data.data_dir)
+    # One step each (the multistep loops are tested in test_editing.py): one short compilation per mode.
+    common = dict(num_samples=6, inputs="tfds:sklearn_digits/8:test", data_dir=model.config.data.data_dir,
+                  ts=(80.0,))
     out = sample_lib.run_edit(_request(run_dir, tmp_path / "inpaint", edit="inpaint", mask="left_half",
                                        **common))
     with np.load(out["npz"]) as z:
@@ -356,8 +358,8 @@ def test_editing_modes_of_the_command_keep_the_known_part(run_dir, tmp_path):
         # The 2×2 patch means of the (unquantised) result are the input's.
         np.testing.assert_allclose(mean(z["float"]), mean(z["inputs"] / 127.5 - 1.0), atol=1e-5)
     for edit, extra in (("denoise", dict(edit_sigma=0.5, noise_inputs=True)),
-                        ("sdedit", dict(edit_sigma=5.0)), ("interpolate", dict(num_alphas=3))):
-        out = sample_lib.run_edit(_request(run_dir, tmp_path / edit, edit=edit, **extra, **common))
+                        ("sdedit", dict(edit_sigma=5.0, ts=(5.0,))), ("interpolate", dict(num_alphas=3))):
+        out = sample_lib.run_edit(_request(run_dir, tmp_path / edit, edit=edit, **{**common, **extra}))
         with np.load(out["npz"]) as z:
             assert z["arr_0"].shape == ((3, 6, 8, 8, 1) if edit == "interpolate" else (6, 8, 8, 1)), edit
     with pytest.raises(sample_lib.SampleError, match="needs an RGB run"):
