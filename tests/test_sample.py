@@ -411,3 +411,48 @@ def test_export_killed_by_sigkill_is_completed_exactly_by_a_rerun(run_dir, tmp_p
     want_images, want_labels = generate(params, np.arange(n, dtype=np.int32))
     np.testing.assert_array_equal(images, np.asarray(want_images))
     np.testing.assert_array_equal(labels, np.asarray(want_labels))
+
+
+@pytest.fixture(scope="module")
+def edm_run_dir(run_dir):
+    """A tiny unconditional digits EDM run (one step), beside the iCT run (same data directory)."""
+    from conftest import load_config
+
+    from consistency_jax import experiment
+
+    root = os.path.dirname(run_dir)
+    c = load_config("digits", "method=edm")
+    c.data.data_dir = os.path.join(root, "tfds")
+    c.data.batch_size = 8
+    c.model.kwargs = dict(nf=4, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
+    c.train.update(num_steps=1, log_every=1, eval_every=1000)
+    c.checkpoint.every = 1
+    experiment.train_and_evaluate(c, os.path.join(root, "edm"))
+    return os.path.join(root, "edm")
+
+
+def test_edm_teacher_runs_sample_with_heun_and_edit(edm_run_dir, tmp_path):
+    """An EDM run is sampled with EDM's Heun sampler from the per-example noise (recomputed here with
+    ``edm_heun_sample``), refuses consistency samplers, and edits with the teacher."""
+    from consistency_jax import loading, networks
+
+    summary = sample_lib.run(_request(edm_run_dir, tmp_path / "s", num_samples=5, heun_steps=3))
+    model = sample_lib.describe_run(_request(edm_run_dir, tmp_path / "s2"))
+    _, params, _ = loading.load_eval_params(edm_run_dir)
+    apply_fn = networks.make_apply_fn(networks.from_config(model.config.model))
+    keys = sampling.example_keys(jax.random.key(3), jnp.arange(5))
+    x_init = model.sigmas.sigma_max * sampling.example_noise(keys, 0, model.example_shape)
+    denoise = lambda x, t: param_lib.denoiser_fn(apply_fn, params, x, t, model.sigmas)
+    x = jnp.clip(sampling.edm_heun_sample(denoise, jax.random.key(0), x_init.shape, model.sigmas, 3,
+                                          x_init=x_init), -1, 1)
+    want = np.clip(np.round((np.asarray(x) + 1) * 127.5), 0, 255).astype(np.uint8)
+    with np.load(summary["npz"]) as z:
+        assert "arr_1" not in z.files  # unconditional: no labels
+        np.testing.assert_array_equal(z["arr_0"], want)
+    with pytest.raises(sample_lib.SampleError, match="with --sampler=heun"):
+        sample_lib.run(_request(edm_run_dir, tmp_path / "x", sampler="onestep"))
+    out = sample_lib.run_edit(_request(edm_run_dir, tmp_path / "e", edit="inpaint", mask="top_half",
+                                       num_samples=4, heun_steps=3, inputs="tfds:sklearn_digits/8:test",
+                                       data_dir=model.config.data.data_dir))
+    with np.load(out["npz"]) as z:
+        np.testing.assert_array_equal(z["arr_0"][:, 4:], z["inputs"][:, 4:])  # the bottom half is kept
