@@ -161,12 +161,12 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], *,
       Sorted strings "key: saved -> current" (``<absent>`` for a missing field).
     """
     return [f"{key}: {va!r} -> {vb!r}" for key, va, vb in
-            _differing(saved, current, ignore_resumable=ignore_resumable, defaults=defaults)]
+            differing_fields(saved, current, ignore_resumable=ignore_resumable, defaults=defaults)]
 
 
-def _differing(saved: Mapping[str, Any], current: Mapping[str, Any], *, ignore_resumable: bool,
+def differing_fields(saved: Mapping[str, Any], current: Mapping[str, Any], *, ignore_resumable: bool,
                defaults: Optional[Mapping[str, Any]]) -> list[tuple[str, Any, Any]]:
-    """(key, saved value, current value) of every differing field (``config_differences``)."""
+    """(key, saved value, current value) of every differing field, as ``config_differences`` lists them."""
     a, b, defaults = _flatten(saved), _flatten(current), _flatten(defaults or {})
     out = []
     for key in sorted(set(a) | set(b)):
@@ -480,7 +480,7 @@ class Checkpointer:
         step, saved = found
         self.resumed_config = saved
         current = config_to_dict(config)
-        differing = _differing(saved, current, ignore_resumable=True, defaults=defaults)
+        differing = differing_fields(saved, current, ignore_resumable=True, defaults=defaults)
         changed = [f"{k}: {a!r} -> {b!r}" for k, a, b in differing if _dynamics(k)]
         diffs = [f"{k}: {a!r} -> {b!r}" for k, a, b in differing if not _dynamics(k)]
         if changed:

@@ -418,16 +418,11 @@ def _check_init(config) -> None:
         source, step, abstract = loading.eval_params_metadata(workdir, rate or None)
     except checkpoint.CheckpointError as e:
         raise checkpoint.CheckpointError(f"{where}: {e}{hint}") from e
-    flat = lambda c: checkpoint._flatten(checkpoint.config_to_dict(c))
     # A field the source run's config predates has its default value there (e.g. model.logvar_head).
-    defaults = {k: v for k, v in checkpoint._flatten(default_values()).items()
-                if (k.startswith("model.") or k in INIT_NETWORK_FIELDS) and v != {}}
-    mine, theirs = flat(config), {**defaults, **flat(source)}
-    keys = sorted(k for k in set(mine) | set(theirs)
-                  if (k.startswith("model.") or k in INIT_NETWORK_FIELDS)
-                  and k not in INIT_FREE_MODEL_FIELDS)
-    diffs = [f"{k}: {theirs.get(k, '<absent>')!r} -> {mine.get(k, '<absent>')!r}" for k in keys
-             if mine.get(k, "<absent>") != theirs.get(k, "<absent>")]
+    diffs = [f"{k}: {theirs!r} -> {mine!r}" for k, theirs, mine in checkpoint.differing_fields(
+                 checkpoint.config_to_dict(source), checkpoint.config_to_dict(config),
+                 ignore_resumable=False, defaults=default_values())
+             if (k.startswith("model.") or k in INIT_NETWORK_FIELDS) and k not in INIT_FREE_MODEL_FIELDS]
     if diffs:
         raise ValueError(f"{where} (step {step}) has another network than this run; differing fields "
                          f"(source -> this run): {'; '.join(diffs)}.")
