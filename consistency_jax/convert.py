@@ -41,10 +41,12 @@ import numpy as np
 
 PyTree = Any
 
-__all__ = ["ConvertError", "cm_params", "convert_cm", "read_state_dict", "run_config"]
+__all__ = ["ConvertError", "cm_params", "convert_cm", "convert_jcm", "jcm_params", "read_jcm_state",
+           "read_state_dict", "run_config"]
 
-SOURCES = ("cm",)
+SOURCES = ("cm", "jcm")
 CM_CONFIGS = ("imagenet64", "lsun256")
+JCM_CONFIGS = ("cifar10",)
 PROVENANCE = "converted_from.json"
 _CM_GROUPS = 32  # cm's GroupNorm32
 
@@ -226,6 +228,17 @@ def _listing(names: Sequence[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + more
 
 
+def _refuse_mismatch(source: str, described: str, missing: Sequence[str], extra: Sequence[str],
+                     wrong: Sequence[str], flags: str) -> None:
+    """Raises a ConvertError naming the missing, unexpected and mis-shaped tensors, if any."""
+    if missing or extra or wrong:
+        parts = [f"{len(missing)} missing tensor(s): {_listing(missing)}" if missing else "",
+                 f"{len(extra)} unexpected tensor(s): {_listing(extra)}" if extra else "",
+                 f"{len(wrong)} of the wrong shape: {_listing(wrong)}" if wrong else ""]
+        raise ConvertError(f"{source} is not {described}: " + "; ".join(p for p in parts if p)
+                           + f". Check --config and the architecture flags ({flags}).")
+
+
 def cm_params(state_dict: Mapping[str, np.ndarray], model_kwargs: Mapping[str, Any],
               image_size: int, num_channels: int = 3, *, source: str = "the checkpoint") -> PyTree:
     """The ``ADMUNet(**model_kwargs)`` parameters of a cm ``UNetModel`` state dict (float32 NumPy).
@@ -258,15 +271,10 @@ def cm_params(state_dict: Mapping[str, np.ndarray], model_kwargs: Mapping[str, A
     extra = [k for k in state_dict if k not in lay.entries]
     wrong = [f"{k} {tuple(state_dict[k].shape)} (expected {lay.entries[k][1]})"
              for k in lay.entries if k in state_dict and tuple(state_dict[k].shape) != lay.entries[k][1]]
-    if missing or extra or wrong:
-        parts = [f"{len(missing)} missing tensor(s): {_listing(missing)}" if missing else "",
-                 f"{len(extra)} unexpected tensor(s): {_listing(extra)}" if extra else "",
-                 f"{len(wrong)} of the wrong shape: {_listing(wrong)}" if wrong else ""]
-        raise ConvertError(f"{source} is not the ADM UNet described ({_describe(model_kwargs, image_size)}"
-                           f"): " + "; ".join(p for p in parts if p) + ". Check --config and the "
-                           "architecture flags (--model_channels, --channel_mult, --num_res_blocks, "
-                           "--attention_resolutions, --num_head_channels, --num_classes, "
-                           "--use_scale_shift_norm, --resblock_updown, --image_size).")
+    _refuse_mismatch(source, f"the ADM UNet described ({_describe(model_kwargs, image_size)})",
+                     missing, extra, wrong, "--model_channels, --channel_mult, --num_res_blocks, "
+                     "--attention_resolutions, --num_head_channels, --num_classes, "
+                     "--use_scale_shift_norm, --resblock_updown, --image_size")
     params: dict = {}
     for key, (path, _, fn) in lay.entries.items():
         node = params
@@ -309,15 +317,133 @@ def _describe(kwargs: Mapping[str, Any], image_size: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# jcm: the flax msgpack states of openai/consistency_models_cifar10
+
+JCM_TREES = ("params_ema", "params", "target_params")
+
+
+def read_jcm_state(path: str) -> dict:
+    """The state dict of a jcm checkpoint: ``flax.serialization.msgpack_restore`` of the file (the
+    bytes ``flax.serialization.to_bytes`` wrote; nothing is unpickled), nested dicts of arrays.
+
+    Raises:
+      ConvertError: no such file, or a file that is truncated or not a flax msgpack state.
+    """
+    from flax import serialization
+
+    if not os.path.isfile(path):
+        raise ConvertError(f"No checkpoint file {path!r}.")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        state = serialization.msgpack_restore(data)
+    except Exception as e:  # noqa: BLE001 -- msgpack's errors (ExtraData, ValueError, ...) alike
+        raise ConvertError(f"{path} is not a readable flax msgpack checkpoint (truncated, or not a "
+                           f"file of jcm's checkpoints.save_checkpoint?): "
+                           f"{type(e).__name__}: {str(e)[:200]}") from None
+    if not isinstance(state, dict):
+        raise ConvertError(f"{path} holds a msgpack {type(state).__name__}, not a flax state.")
+    return state
+
+
+def _jcm_name(path: Sequence[str]) -> str:
+    """jcm's name (``/``-joined) of a parameter of this library's NCSN++, module by module: jcm's
+    ``ResnetBlockBigGANpp``, ``AttnBlockpp`` (q, k, v, out as ``NIN`` W/b) and the input pyramid's
+    ``Downsample/Conv2d`` (weight) are ``ResBlock``, ``AttnBlock`` (Dense kernel/bias) and
+    ``FIRConv2d`` (kernel) here, created in the same order and laid out the same way."""
+    head, rest = path[0], list(path[1:])
+    kind, _, index = head.rpartition("_")
+    if kind == "ResBlock":
+        head = f"ResnetBlockBigGANpp_{index}"
+    elif kind == "AttnBlock":
+        head = f"AttnBlockpp_{index}"
+        if rest[0].startswith("Dense_"):
+            rest = ["NIN_" + rest[0].split("_")[1], {"kernel": "W", "bias": "b"}[rest[1]]]
+    elif kind == "FIRConv2d":
+        head = f"Downsample_{index}/Conv2d_0"
+        rest = [{"kernel": "weight"}.get(r, r) for r in rest]
+    return "/".join([head] + rest)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            flat.update(_flatten(v, name + "/"))
+        else:
+            flat[name] = v
+    return flat
+
+
+def jcm_params(tree: Mapping[str, Any], model_kwargs: Mapping[str, Any], image_size: int,
+               num_channels: int = 3, *, source: str = "the checkpoint") -> PyTree:
+    """The ``NCSNpp(**model_kwargs)`` parameters of a jcm NCSN++ parameter tree (float32 NumPy).
+
+    Every tensor keeps its layout (both are flax: HWIO convolutions, (in, out) dense kernels);
+    only the module names differ (``_jcm_name``). jcm's network takes c_noise = 0.25·ln σ, the
+    ``sigmas.c_noise = "jcm"`` of configs/cifar10.py, and its GroupNorms have min(C/4, 32) groups
+    and ε = 1e-6 like ``layers.group_norm``.
+
+    Args:
+      tree: one parameter tree of the state (``params_ema``, ``params`` or ``target_params``).
+      model_kwargs: the NCSNpp arguments.
+      image_size, num_channels, source: as for ``cm_params``.
+
+    Returns:
+      The ``NCSNpp`` params tree, float32.
+
+    Raises:
+      ConvertError: tensors missing, unexpected or of the wrong shape (named by their jcm paths), or
+        a network the arguments do not describe.
+    """
+    import jax
+
+    from consistency_jax.networks import layers
+    from consistency_jax.networks.ncsnpp import NCSNpp
+
+    try:
+        abstract = _plain(layers.abstract_params(NCSNpp(**model_kwargs), image_size, num_channels))
+    except (TypeError, ValueError) as e:
+        raise ConvertError(f"The architecture flags do not describe an NCSN++ for "
+                           f"{image_size}x{image_size}x{num_channels} images: {e}") from None
+    want = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        keys = tuple(p.key for p in path)
+        want[_jcm_name(keys)] = (keys, tuple(leaf.shape))
+    got = _flatten(tree)
+    missing = [k for k in want if k not in got]
+    extra = [k for k in got if k not in want]
+    wrong = [f"{k} {tuple(np.shape(got[k]))} (expected {want[k][1]})"
+             for k in want if k in got and tuple(np.shape(got[k])) != want[k][1]]
+    described = "the NCSN++ described (" + ", ".join(
+        f"{k}={model_kwargs[k]}" for k in ("nf", "ch_mult", "num_res_blocks", "attn_resolutions")
+        if k in model_kwargs) + f", image_size={image_size})"
+    _refuse_mismatch(source, described, missing, extra, wrong,
+                     "--nf, --ch_mult, --num_res_blocks, --attn_resolutions, --image_size")
+    params: dict = {}
+    for name, (keys, _) in want.items():
+        value = np.asarray(got[name])
+        if not np.issubdtype(value.dtype, np.floating):
+            raise ConvertError(f"{source}: tensor {name} has dtype {value.dtype}, not floating point.")
+        node = params
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = np.ascontiguousarray(value.astype(np.float32))
+    _check_tree(params, abstract)
+    return params
+
+
+# --------------------------------------------------------------------------------------------------
 # The run
 
 
 def _config_path(name: str) -> str:
     if name.endswith(".py") or os.sep in name:
         return name
-    if name not in CM_CONFIGS:
-        raise ConvertError(f"--config must be one of {CM_CONFIGS} or a configs/*.py path, got "
-                           f"{name!r}.")
+    if name not in CM_CONFIGS + JCM_CONFIGS:
+        raise ConvertError(f"--config must be one of {CM_CONFIGS + JCM_CONFIGS} or a configs/*.py "
+                           f"path, got {name!r}.")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return os.path.join(root, "configs", f"{name}.py")
 
@@ -377,8 +503,8 @@ def abstract_params(c) -> PyTree:
     try:
         return layers.abstract_params(networks.from_config(c.model), size, channels)
     except (TypeError, ValueError) as e:
-        raise ConvertError(f"The architecture flags do not describe an ADM UNet for {size}x{size}x"
-                           f"{channels} images: {e}") from None
+        raise ConvertError(f"The architecture flags do not describe a {c.model.name} network for "
+                           f"{size}x{size}x{channels} images: {e}") from None
 
 
 def _needs_fixed_groups(abstract: PyTree) -> bool:
@@ -446,13 +572,6 @@ def convert_cm(checkpoint: str, out: str, *, config: str = "imagenet64", method:
     Raises:
       ConvertError: as ``read_state_dict``, ``cm_params`` and ``run_config``, or ``out`` not empty.
     """
-    import jax
-    import optax
-
-    from consistency_jax.checkpoint import Checkpointer
-    from consistency_jax.networks import layers
-    from consistency_jax.train_state import TrainState
-
     c = run_config(config, method, metric=metric, category=category, arch=arch)
     if c.model.name != "adm":
         raise ConvertError(f"--config={config} does not use the ADM UNet (model.name="
@@ -467,6 +586,22 @@ def convert_cm(checkpoint: str, out: str, *, config: str = "imagenet64", method:
         kwargs["norm_groups"] = _CM_GROUPS
         c.model.kwargs = kwargs
     params = cm_params(state_dict, kwargs, size, channels, source=checkpoint)
+    return _write_run(c, params, out, overwrite, dict(
+        source="cm", checkpoint=os.path.abspath(checkpoint), method=method, config=config,
+        tensors=len(state_dict)))
+
+
+def _write_run(c, params: PyTree, out: str, overwrite: bool, summary: dict) -> dict:
+    """Writes the run directory ``out``: θ = ``params`` (no eval EMA, θ⁻ or optimizer state) at
+    step 0 with config ``c``, and ``converted_from.json`` (``summary`` plus the checkpoint's
+    sha256, the parameter count and the network). Returns the completed summary."""
+    import jax
+    import optax
+
+    from consistency_jax.checkpoint import Checkpointer
+    from consistency_jax.networks import layers
+    from consistency_jax.train_state import TrainState
+
     _prepare_out(out, overwrite)
     state = TrainState.create(jax.tree.map(jax.numpy.asarray, params), optax.identity(),
                               ema_rates=(), use_target=False)
@@ -475,13 +610,58 @@ def convert_cm(checkpoint: str, out: str, *, config: str = "imagenet64", method:
         ckpt.save(state, step=0, data_state={}, config=c)
     finally:
         ckpt.close()
-    summary = dict(source="cm", checkpoint=os.path.abspath(checkpoint), sha256=_sha256(checkpoint),
-                   out=out, method=method, config=config, tensors=len(state_dict),
-                   parameters=layers.count_params(params), model=dict(kwargs),
-                   image_size=size, num_channels=channels)
+    summary = dict(summary, sha256=_sha256(summary["checkpoint"]), out=out,
+                   parameters=layers.count_params(params), model=dict(c.model.kwargs),
+                   image_size=int(c.data.image_size), num_channels=int(c.data.num_channels))
     with open(os.path.join(out, PROVENANCE), "w") as f:
         json.dump(summary, f, indent=1, default=str)
     return summary
+
+
+def convert_jcm(checkpoint: str, out: str, *, config: str = "cifar10", method: str = "cd",
+                metric: str = "lpips", tree: str = "params_ema",
+                arch: Optional[Mapping[str, Any]] = None, overwrite: bool = False) -> dict:
+    """Converts a released jcm checkpoint (CIFAR-10, flax msgpack) into the run directory ``out``.
+
+    The run's θ is the state's ``tree``: ``params_ema`` by default, the weights jcm evaluates and
+    distils from (its CD teacher is the EDM state's ``params_ema``). Everything is read and checked
+    before anything is written.
+
+    Args:
+      checkpoint: the msgpack file (``edm_cifar10_ema``, ``cd-lpips/checkpoints/checkpoint_80``, ...).
+      out: the run directory to write (must be absent or empty unless ``overwrite``).
+      config: "cifar10" or a configs/*.py path with an NCSN++ network.
+      method: "edm" (a teacher), "cd" or "ct".
+      metric: the config's distance for CD/CT (lpips, l2 or l1).
+      tree: which parameters of the state: params_ema, params or target_params.
+      arch: NCSNpp arguments overriding the config's network, plus image_size / num_channels.
+      overwrite: replace a run already in ``out``.
+
+    Returns:
+      A summary: out, method, the number of tensors and parameters, the checkpoint's sha256.
+
+    Raises:
+      ConvertError: as ``read_jcm_state``, ``jcm_params`` and ``run_config``, a state without
+        ``tree``, or ``out`` not empty.
+    """
+    if tree not in JCM_TREES:
+        raise ConvertError(f"--jcm_tree must be one of {JCM_TREES}, got {tree!r}.")
+    c = run_config(config, method, metric=metric, arch=arch)
+    if c.model.name != "ncsnpp":
+        raise ConvertError(f"--config={config} does not use NCSN++ (model.name={c.model.name!r}); "
+                           "jcm checkpoints are NCSN++ networks.")
+    size, channels = int(c.data.image_size), int(c.data.num_channels)
+    out = os.path.abspath(out)
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        _prepare_out(out, overwrite)  # refuse before reading a large file
+    state = read_jcm_state(checkpoint)
+    if not isinstance(state.get(tree), Mapping):
+        raise ConvertError(f"{checkpoint} has no parameter tree {tree!r} (its entries: "
+                           f"{_listing(list(state))}); is it a jcm checkpoint?")
+    params = jcm_params(state[tree], c.model.kwargs, size, channels, source=checkpoint)
+    return _write_run(c, params, out, overwrite, dict(
+        source="jcm", checkpoint=os.path.abspath(checkpoint), tree=tree, method=method,
+        config=config, tensors=len(_flatten(state[tree]))))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -490,14 +670,20 @@ def convert_cm(checkpoint: str, out: str, *, config: str = "imagenet64", method:
 def _define_flags():
     from absl import flags
 
-    flags.DEFINE_string("from", "cm", "The source: cm (the PyTorch state dicts of "
-                        "openai/consistency_models).")
-    flags.DEFINE_string("checkpoint", None, "The checkpoint: a .pt state dict or a .safetensors file.")
-    flags.DEFINE_string("config", "imagenet64", "imagenet64 | lsun256 | a configs/*.py path: the "
-                        "network, data shape and noise configuration of the run.")
+    flags.DEFINE_enum("from", "cm", list(SOURCES), "The source: cm (the PyTorch state dicts of "
+                      "openai/consistency_models) or jcm (the flax msgpack states of "
+                      "openai/consistency_models_cifar10).")
+    flags.DEFINE_string("checkpoint", None, "The checkpoint: a .pt state dict or a .safetensors file "
+                        "(cm), a flax msgpack file (jcm).")
+    flags.DEFINE_string("config", "", "imagenet64 | lsun256 (cm) | cifar10 (jcm) | a configs/*.py "
+                        "path: the network, data shape and noise configuration of the run (default: "
+                        "imagenet64 for cm, cifar10 for jcm).")
     flags.DEFINE_enum("method", "cd", ["edm", "cd", "ct"], "What the checkpoint is: an EDM teacher "
                       "(edm_*), a CD model (cd_*) or a CT model (ct_*).")
-    flags.DEFINE_enum("metric", "lpips", ["l2", "lpips"], "CD's metric (sets the 2-step times).")
+    flags.DEFINE_enum("metric", "lpips", ["l1", "l2", "lpips"], "CD's metric (sets the 2-step "
+                      "times of cm's configs; l1 is jcm's CIFAR-10 ablation).")
+    flags.DEFINE_enum("jcm_tree", "params_ema", list(JCM_TREES), "Which parameters of a jcm state "
+                      "become the run's weights (params_ema: what jcm evaluates and distils from).")
     flags.DEFINE_enum("category", "bedroom", ["bedroom", "cat"], "LSUN category (lsun256).")
     flags.DEFINE_string("out", None, "The run directory to write.")
     flags.DEFINE_bool("overwrite", False, "Replace a run already in --out.")
@@ -513,6 +699,9 @@ def _define_flags():
     flags.DEFINE_integer("num_classes", -1, "Classes (0: unconditional; -1: the config's).")
     flags.DEFINE_enum("use_scale_shift_norm", "", ["", "true", "false"], "FiLM conditioning.")
     flags.DEFINE_enum("resblock_updown", "", ["", "true", "false"], "Resample with ResBlocks.")
+    flags.DEFINE_integer("nf", 0, "NCSN++ base channels (jcm's model.nf; 0: the config's).")
+    flags.DEFINE_list("ch_mult", [], "NCSN++ channel multipliers per level, e.g. 2,2,2.")
+    flags.DEFINE_list("attn_resolutions", [], "NCSN++ resolutions in pixels with attention, e.g. 16.")
 
 
 def _arch_from_flags(f) -> dict:
@@ -534,6 +723,18 @@ def _arch_from_flags(f) -> dict:
     return arch
 
 
+def _jcm_arch_from_flags(f) -> dict:
+    arch: dict[str, Any] = {}
+    for name in ("image_size", "num_channels", "nf", "num_res_blocks"):
+        if f[name].value:
+            arch[name] = f[name].value
+    if f.ch_mult:
+        arch["ch_mult"] = tuple(int(m) for m in f.ch_mult)
+    if f.attn_resolutions:
+        arch["attn_resolutions"] = tuple(int(r) for r in f.attn_resolutions)
+    return arch
+
+
 def main(argv) -> None:
     import sys
 
@@ -543,13 +744,16 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise SystemExit(f"Unexpected arguments: {argv[1:]}")
     try:
-        if f["from"].value not in SOURCES:
-            raise ConvertError(f"--from={f['from'].value}: only cm (the PyTorch checkpoints) is "
-                               "supported so far.")
         if not f.checkpoint or not f.out:
             raise ConvertError("--checkpoint and --out are required.")
-        summary = convert_cm(f.checkpoint, f.out, config=f.config, method=f.method, metric=f.metric,
-                             category=f.category, arch=_arch_from_flags(f), overwrite=f.overwrite)
+        if f["from"].value == "jcm":
+            summary = convert_jcm(f.checkpoint, f.out, config=f.config or "cifar10", method=f.method,
+                                  metric=f.metric, tree=f.jcm_tree, arch=_jcm_arch_from_flags(f),
+                                  overwrite=f.overwrite)
+        else:
+            summary = convert_cm(f.checkpoint, f.out, config=f.config or "imagenet64",
+                                 method=f.method, metric=f.metric, category=f.category,
+                                 arch=_arch_from_flags(f), overwrite=f.overwrite)
     except ConvertError as e:
         logging.flush()
         print(f"ConvertError: {e}", file=sys.stderr, flush=True)

@@ -232,3 +232,126 @@ def test_command_refuses_a_non_empty_out_then_overwrites(tmp_path):
     assert "Converted 126 tensors" in done.stdout and (out / "keep.txt").exists()
     config, _, _ = loading.load_eval_params(str(out))
     assert config.method == "ct" and config.model.kwargs.num_classes is None
+
+
+# --------------------------------------------------------------------------------------------------
+# jcm: the JAX CIFAR-10 checkpoints (tools/make_jcm_fixture.py: jcm's NCSN++ at nf 8, a msgpack state)
+
+JCM_ARCH = dict(image_size=16, nf=8, ch_mult=(1, 1, 2), num_res_blocks=1, attn_resolutions=(8,))
+JCM_WEIGHTS = os.path.join(FIXTURES, "jcm_ncsnpp.msgpack")
+
+
+def _jcm_reference():
+    with np.load(os.path.join(FIXTURES, "jcm_ncsnpp.npz")) as z:
+        return dict(z)
+
+
+def _jcm_kwargs():
+    c = convert.run_config("cifar10", "cd", arch=JCM_ARCH)
+    return dict(c.model.kwargs)
+
+
+def test_jcm_network_equals_the_official_one():
+    from consistency_jax.networks.ncsnpp import NCSNpp
+
+    ref = _jcm_reference()
+    state = convert.read_jcm_state(JCM_WEIGHTS)
+    assert {"params", "params_ema", "model_state", "opt_state"} <= set(state)
+    params = convert.jcm_params(state["params_ema"], _jcm_kwargs(), 16)
+    out = NCSNpp(**_jcm_kwargs()).apply({"params": params}, ref["x_in"], ref["c_noise"])
+    assert np.abs(np.asarray(out) - ref["out"]).max() <= 1e-5
+    np.testing.assert_allclose(param_lib.c_noise(ref["sigma"], "jcm"), ref["c_noise"], rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def jcm_cd_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("convert") / "jcm_cd_run")
+    summary = convert.convert_jcm(JCM_WEIGHTS, out, config="cifar10", method="cd", arch=JCM_ARCH)
+    assert summary["tree"] == "params_ema" and summary["tensors"] == 217
+    return out
+
+
+def test_jcm_cd_run_gives_jcm_distiller(jcm_cd_run):
+    from consistency_jax.networks.ncsnpp import NCSNpp
+
+    ref = _jcm_reference()
+    config, params, step = loading.load_eval_params(jcm_cd_run)
+    assert (config.method, config.sigmas.c_noise, step) == ("cd", "jcm", 0)
+    apply_fn = make_apply_fn(NCSNpp(**config.model.kwargs))
+    sigmas = param_lib.SigmaConfig(**config.sigmas.to_dict())
+    x = ref["sigma"][:, None, None, None] * ref["z"]
+    # One-step samples from the fixed noise (σ = T) equal jcm's get_distiller_fn f(x, T).
+    one_step = sampling.multistep_sample(apply_fn, params, jax.random.key(0), x[:2].shape, (T,),
+                                         sigmas, x_init=x[:2])
+    assert np.abs(np.asarray(one_step) - ref["f"][:2]).max() <= 1e-5
+
+
+def test_jcm_sampling_command_reads_the_converted_run(jcm_cd_run, tmp_path):
+    from consistency_jax import sample
+
+    request = sample.SampleRequest(workdir=jcm_cd_run, out=str(tmp_path / "samples"), num_samples=2,
+                                   per_device_batch=2, examples_per_shard=2, grid=False, seed=1)
+    with np.load(sample.run(request)["npz"]) as z:
+        assert z["arr_0"].shape == (2, 16, 16, 3) and z["arr_0"].dtype == np.uint8
+
+
+def test_jcm_edm_run_is_a_cd_teacher_with_jcm_denoiser(tmp_path):
+    ref = _jcm_reference()
+    out = str(tmp_path / "edm_run")
+    convert.convert_jcm(JCM_WEIGHTS, out, config="cifar10", method="edm", arch=JCM_ARCH)
+    denoise, params = loading.load_teacher(out)
+    x = ref["sigma"][:, None, None, None] * ref["z"]
+    got = denoise(params, x, ref["sigma"])
+    assert np.abs(np.asarray(got) - ref["denoised"]).max() <= 1e-5
+    # The run holds the state's params_ema, not its (different) params.
+    state = convert.read_jcm_state(JCM_WEIGHTS)
+    kernel = np.asarray(params["ResBlock_0"]["Conv_0"]["kernel"])
+    np.testing.assert_array_equal(kernel, state["params_ema"]["ResnetBlockBigGANpp_0"]["Conv_0"]["kernel"])
+    assert not np.allclose(kernel, state["params"]["ResnetBlockBigGANpp_0"]["Conv_0"]["kernel"])
+
+
+def _jcm_edited(tmp_path, edit):
+    from flax import serialization
+
+    state = convert.read_jcm_state(JCM_WEIGHTS)
+    tree = state["params_ema"]
+    if edit == "missing":
+        del tree["AttnBlockpp_1"]["NIN_2"]["W"]
+    elif edit == "extra":
+        tree["AttnBlockpp_1"]["NIN_4"] = {"W": np.ones((2, 2), np.float32)}
+    elif edit == "shape":
+        tree["Conv_1"]["kernel"] = tree["Conv_1"]["kernel"][:, :1]
+    path = tmp_path / "edited"
+    path.write_bytes(serialization.msgpack_serialize(state))
+    return str(path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ("missing", "1 missing tensor(s): AttnBlockpp_1/NIN_2/W"),
+    ("extra", "1 unexpected tensor(s): AttnBlockpp_1/NIN_4/W"),
+    ("shape", "1 of the wrong shape: Conv_1/kernel (3, 1, 8, 3) (expected (3, 3, 8, 3))"),
+])
+def test_jcm_refuses_a_checkpoint_that_is_not_the_network(tmp_path, edit, message):
+    with pytest.raises(convert.ConvertError) as e:
+        convert.convert_jcm(_jcm_edited(tmp_path, edit), str(tmp_path / "run"), arch=JCM_ARCH)
+    assert message in str(e.value) and "--nf, --ch_mult" in str(e.value)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_jcm_refuses_wrong_flags_truncated_and_foreign_files(tmp_path):
+    run = str(tmp_path / "run")
+    with pytest.raises(convert.ConvertError, match=r"missing tensor\(s\).*ResnetBlockBigGANpp_"):
+        convert.convert_jcm(JCM_WEIGHTS, run, arch=dict(JCM_ARCH, num_res_blocks=2))
+    with pytest.raises(convert.ConvertError, match="not the NCSN.. described"):
+        convert.convert_jcm(JCM_WEIGHTS, run)  # the paper's CIFAR-10 network
+    with open(JCM_WEIGHTS, "rb") as f:
+        data = f.read()
+    (tmp_path / "truncated").write_bytes(data[: len(data) // 2])
+    with pytest.raises(convert.ConvertError, match="not a readable flax msgpack checkpoint"):
+        convert.convert_jcm(str(tmp_path / "truncated"), run, arch=JCM_ARCH)
+    (tmp_path / "notes").write_text("not a checkpoint")
+    with pytest.raises(convert.ConvertError, match="not a readable flax msgpack checkpoint|not a flax"):
+        convert.convert_jcm(str(tmp_path / "notes"), run, arch=JCM_ARCH)
+    with pytest.raises(convert.ConvertError, match="does not use NCSN"):
+        convert.convert_jcm(JCM_WEIGHTS, run, config="imagenet64", arch={})
+    assert not os.path.exists(run)
