@@ -30,6 +30,8 @@ setup(
         "absl-py>=2.0",
         "tensorboardX>=2.6",
         "safetensors>=0.4",
+        "google-crc32c>=1.5",  # the TFRecord framing of the sampling command's TFDS exports
+        "tqdm>=4.60",  # the sampling command's progress bar
     ],
     extras_require={
         # tfds.load / tfrecord reading (the data_source reader needs no TensorFlow).
