@@ -244,7 +244,7 @@ def test_ect_starts_from_another_runs_ema_trains_and_resumes(tmp_path, caplog, m
             np.testing.assert_array_equal(np.asarray(got[k]), v)
 
     run = tmp_path / "ect"
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="absl"):  # absl flags parsed by another test set its level
         final = E.train_and_evaluate(c, str(run))
     assert "config.init: θ, θ⁻ (if kept) and the eval EMAs start from the slowest EMA" in caplog.text
     assert int(final.step) == 4 and final.target_params is None

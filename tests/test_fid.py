@@ -365,11 +365,15 @@ def test_evaluate_command_end_to_end(digits_ref, weights_file, variables, tmp_pa
             f"--data_dir={digits_ref['data_dir']}", f"--cache_dir={digits_ref['cache_dir']}",
             f"--inception_weights={weights_file}", "--metrics=fid,is,kid,pr", f"--out={out_json}",
             f"--batch_size={BATCH}", "--kid_subsets=5"]
+    import logging
+
+    absl_level = logging.getLogger("absl").level  # parsing absl flags sets the absl logger's level
     flags.FLAGS(argv)
     try:
         evaluate.main(["evaluate"])
     finally:
         flags.FLAGS.unparse_flags()
+        logging.getLogger("absl").setLevel(absl_level)
     result = json.loads(out_json.read_text())
     # FID by the small-matrix form of rank-deficient covariances, written here: with centred
     # A₁ (n₁ × D), A₂, Σᵢ = AᵢᵀAᵢ/(nᵢ − 1), the non-zero eigenvalues of Σ₁Σ₂ are those of the

@@ -380,7 +380,7 @@ def test_export_killed_by_sigkill_is_completed_exactly_by_a_rerun(run_dir, tmp_p
 
     from consistency_jax import loading, networks
 
-    n, per_shard = 400, 8
+    n, per_shard = 800, 8  # 100 shards: still running when the third part appears
     data_dir, out = str(tmp_path / "tfds"), tmp_path / "out"
     cmd, env = _cli(run_dir, out, data_dir, "killed")
     cmd = [a for a in cmd if not a.startswith(("--num_samples", "--examples_per_shard"))]
