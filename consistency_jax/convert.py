@@ -41,10 +41,11 @@ import numpy as np
 
 PyTree = Any
 
-__all__ = ["ConvertError", "cm_params", "convert_cm", "convert_jcm", "jcm_params", "read_jcm_state",
+__all__ = ["ConvertError", "cm_params", "convert_cm", "convert_diffusers", "convert_jcm",
+           "diffusers_arch", "diffusers_state_dict", "jcm_params", "read_jcm_state",
            "read_state_dict", "run_config"]
 
-SOURCES = ("cm", "jcm")
+SOURCES = ("cm", "diffusers", "jcm")
 CM_CONFIGS = ("imagenet64", "lsun256")
 JCM_CONFIGS = ("cifar10",)
 PROVENANCE = "converted_from.json"
@@ -239,6 +240,21 @@ def _refuse_mismatch(source: str, described: str, missing: Sequence[str], extra:
                            + f". Check --config and the architecture flags ({flags}).")
 
 
+def _cm_expected(model_kwargs: Mapping[str, Any], image_size: int,
+                 num_channels: int) -> tuple[PyTree, _Layout]:
+    """The abstract ``ADMUNet(**model_kwargs)`` parameters and the cm names, shapes and converters."""
+    from consistency_jax.networks import layers
+    from consistency_jax.networks.unet import ADMUNet
+
+    try:
+        abstract = layers.abstract_params(ADMUNet(**model_kwargs), image_size, num_channels)
+    except (TypeError, ValueError) as e:
+        raise ConvertError(f"The architecture flags do not describe an ADM UNet for "
+                           f"{image_size}x{image_size}x{num_channels} images: {e}") from None
+    abstract = _plain(abstract)
+    return abstract, _cm_layout(model_kwargs, image_size, abstract)
+
+
 def cm_params(state_dict: Mapping[str, np.ndarray], model_kwargs: Mapping[str, Any],
               image_size: int, num_channels: int = 3, *, source: str = "the checkpoint") -> PyTree:
     """The ``ADMUNet(**model_kwargs)`` parameters of a cm ``UNetModel`` state dict (float32 NumPy).
@@ -257,16 +273,7 @@ def cm_params(state_dict: Mapping[str, np.ndarray], model_kwargs: Mapping[str, A
       ConvertError: tensors missing, unexpected or of the wrong shape (named, with a hint at the
         architecture flags), or a network the arguments do not describe.
     """
-    from consistency_jax.networks import layers
-    from consistency_jax.networks.unet import ADMUNet
-
-    try:
-        abstract = layers.abstract_params(ADMUNet(**model_kwargs), image_size, num_channels)
-    except (TypeError, ValueError) as e:
-        raise ConvertError(f"The architecture flags do not describe an ADM UNet for "
-                           f"{image_size}x{image_size}x{num_channels} images: {e}") from None
-    abstract = _plain(abstract)
-    lay = _cm_layout(model_kwargs, image_size, abstract)
+    abstract, lay = _cm_expected(model_kwargs, image_size, num_channels)
     missing = [k for k in lay.entries if k not in state_dict]
     extra = [k for k in state_dict if k not in lay.entries]
     wrong = [f"{k} {tuple(state_dict[k].shape)} (expected {lay.entries[k][1]})"
@@ -435,6 +442,246 @@ def jcm_params(tree: Mapping[str, Any], model_kwargs: Mapping[str, Any], image_s
 
 
 # --------------------------------------------------------------------------------------------------
+# diffusers: UNet2DModel copies of cm's models (scripts/convert_consistency_to_diffusers.py)
+
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+# config.json fields that must hold these values for the ADM UNet to be the network described.
+_DIFFUSERS_FIXED = dict(time_embedding_type="positional", flip_sin_to_cos=True, freq_shift=0,
+                        center_input_sample=False, mid_block_type="UNetMidBlock2D",
+                        add_attention=True, mid_block_scale_factor=1, act_fn="silu",
+                        norm_num_groups=_CM_GROUPS, norm_eps=1e-5, class_embed_type=None,
+                        downsample_type="resnet", upsample_type="resnet")
+# Fields read below, and those with no effect on the network's weights or its output.
+_DIFFUSERS_READ = ("sample_size", "in_channels", "out_channels", "block_out_channels",
+                   "layers_per_block", "down_block_types", "up_block_types", "attention_head_dim",
+                   "attn_norm_num_groups", "resnet_time_scale_shift", "num_class_embeds",
+                   "time_embedding_dim")
+_DIFFUSERS_IGNORED = ("dropout", "downsample_padding", "num_train_timesteps")
+_RESNET = (("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
+           ("out_layers.0", "norm2"), ("out_layers.3", "conv2"), ("skip_connection", "conv_shortcut"))
+_DEPRECATED_ATTENTION = ((".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."),
+                         (".proj_attn.", ".to_out.0."))
+
+
+def diffusers_files(path: str) -> tuple[str, str]:
+    """(weights, config.json) of a diffusers UNet: a weights file with ``config.json`` beside it, a
+    directory holding both (``save_pretrained``'s), or a pipeline directory with a ``unet/`` one.
+
+    Raises:
+      ConvertError: no weights file or no config.json there.
+    """
+    if os.path.isdir(path):
+        if os.path.isdir(os.path.join(path, "unet")):
+            path = os.path.join(path, "unet")
+        found = [os.path.join(path, n) for n in DIFFUSERS_WEIGHTS
+                 if os.path.isfile(os.path.join(path, n))]
+        if not found:
+            raise ConvertError(f"{path} holds no {' or '.join(DIFFUSERS_WEIGHTS)}; give the UNet's "
+                               "directory (or the pipeline's, with unet/) or its weights file.")
+        weights = found[0]
+    elif os.path.isfile(path):
+        weights = path
+    else:
+        raise ConvertError(f"No checkpoint file or directory {path!r}.")
+    config = os.path.join(os.path.dirname(weights), "config.json")
+    if not os.path.isfile(config):
+        raise ConvertError(f"No config.json beside {weights}: a diffusers UNet's architecture is "
+                           "read from it.")
+    return weights, config
+
+
+def read_diffusers_config(path: str) -> dict:
+    """The ``config.json`` of a ``UNet2DModel``, as a dict.
+
+    Raises:
+      ConvertError: unreadable JSON, or not a UNet2DModel's config.
+    """
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConvertError(f"{path} is not a readable JSON file: {e}") from None
+    if not isinstance(config, dict) or config.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        name = config.get("_class_name") if isinstance(config, dict) else type(config).__name__
+        raise ConvertError(f"{path} describes a {name}, not a UNet2DModel.")
+    return config
+
+
+def diffusers_arch(config: Mapping[str, Any], source: str = "config.json") -> dict:
+    """The ADMUNet arguments (plus ``image_size`` and ``num_channels``) of a ``UNet2DModel`` config.
+
+    The ADM UNet of cm is a UNet2DModel with ResNet up/down-sampling, ``ResnetDownsampleBlock2D`` /
+    ``AttnDownBlock2D`` levels mirrored by ``AttnUpBlock2D`` / ``ResnetUpsampleBlock2D`` ones, the
+    [cos | sin] timestep embedding with frequencies 10000^(−i/half) and MLP width 4·C₀, GroupNorm32
+    (ε = 1e-5) and SiLU; other configs are refused, naming the field.
+
+    Raises:
+      ConvertError: a field the ADM UNet cannot represent (named), or an unknown field.
+    """
+    def refuse(field: str, why: str) -> None:
+        raise ConvertError(f"{source}: {field}={config.get(field)!r}: {why}; the ADM UNet of "
+                           "consistency models cannot represent it.")
+
+    unknown = [k for k in config if not k.startswith("_") and k not in _DIFFUSERS_FIXED
+               and k not in _DIFFUSERS_READ and k not in _DIFFUSERS_IGNORED]
+    if unknown:
+        raise ConvertError(f"{source}: unknown UNet2DModel field(s) {_listing(unknown)}; the "
+                           "converter knows diffusers' UNet2DModel fields up to version 0.42.")
+    for field, value in _DIFFUSERS_FIXED.items():
+        if field in config and config[field] != value:
+            refuse(field, f"only {value!r} is supported")
+    for field in ("downsample_type", "upsample_type"):
+        if field not in config:  # UNet2DModel's default is "conv"
+            refuse(field, "only 'resnet' is supported")
+    size = config.get("sample_size")
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2 or size[0] != size[1]:
+            refuse("sample_size", "only square images are supported")
+        size = size[0]
+    if not isinstance(size, int) or size < 1:
+        refuse("sample_size", "an image side is needed")
+    channels = config.get("in_channels", 3)
+    if config.get("out_channels", 3) != channels:
+        refuse("out_channels", f"must equal in_channels ({channels})")
+    widths = list(config.get("block_out_channels") or ())
+    if not widths or any(not isinstance(w, int) or w % widths[0] for w in widths):
+        refuse("block_out_channels", "widths must be multiples of the first")
+    down = list(config.get("down_block_types") or ())
+    up = list(config.get("up_block_types") or ())
+    kinds = {"ResnetDownsampleBlock2D": "ResnetUpsampleBlock2D", "AttnDownBlock2D": "AttnUpBlock2D"}
+    if len(down) != len(widths) or any(d not in kinds for d in down):
+        refuse("down_block_types", f"one of {sorted(kinds)} per entry of block_out_channels")
+    if up != [kinds[d] for d in reversed(down)]:
+        refuse("up_block_types", "must mirror down_block_types (AttnUpBlock2D for AttnDownBlock2D, "
+               "ResnetUpsampleBlock2D for ResnetDownsampleBlock2D)")
+    if config.get("time_embedding_dim") not in (None, 4 * widths[0]):
+        refuse("time_embedding_dim", f"only 4·block_out_channels[0] = {4 * widths[0]} (or null)")
+    shift = config.get("resnet_time_scale_shift", "default")
+    if shift not in ("default", "scale_shift"):
+        refuse("resnet_time_scale_shift", "only 'default' or 'scale_shift' is supported")
+    # With scale_shift and no attn_norm_num_groups the middle attention has no GroupNorm.
+    if config.get("attn_norm_num_groups") not in ((None, _CM_GROUPS) if shift == "default"
+                                                  else (_CM_GROUPS,)):
+        refuse("attn_norm_num_groups", f"the attention GroupNorms must have {_CM_GROUPS} groups")
+    head_dim = config.get("attention_head_dim")
+    if head_dim is not None and (not isinstance(head_dim, int) or head_dim < 1):
+        refuse("attention_head_dim", "a positive channel count per head (or null) is needed")
+    classes = config.get("num_class_embeds")
+    if classes is not None and (not isinstance(classes, int) or classes < 1):
+        refuse("num_class_embeds", "a positive class count (or null) is needed")
+    layers_per_block = config.get("layers_per_block", 2)
+    if not isinstance(layers_per_block, int) or layers_per_block < 1:
+        refuse("layers_per_block", "a positive count is needed")
+    return dict(
+        image_size=size, num_channels=channels, model_channels=widths[0],
+        channel_mult=tuple(w // widths[0] for w in widths), num_res_blocks=layers_per_block,
+        attention_resolutions=tuple(size // 2**level for level, d in enumerate(down)
+                                    if d == "AttnDownBlock2D"),
+        num_head_channels=-1 if head_dim is None else head_dim, num_heads=1,
+        num_classes=classes, use_scale_shift_norm=shift == "scale_shift", resblock_updown=True)
+
+
+def _diffusers_modules(kwargs: Mapping[str, Any], image_size: int) -> dict[str, str]:
+    """cm module name -> diffusers module name, walking the network as ``_cm_layout`` does
+    (the correspondence of diffusers' ``scripts/convert_consistency_to_diffusers.py``); an
+    attention's ``qkv`` maps to the attention module (its to_q, to_k, to_v)."""
+    m = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+         "label_emb": "class_embedding", "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out",
+         "out.2": "conv_out"}
+
+    def resblock(cm: str, d: str) -> None:
+        m.update({f"{cm}.{a}": f"{d}.{b}" for a, b in _RESNET})
+
+    def attention(cm: str, d: str) -> None:
+        m.update({f"{cm}.norm": f"{d}.group_norm", f"{cm}.qkv": d, f"{cm}.proj_out": f"{d}.to_out.0"})
+
+    mult, attn, nrb = tuple(kwargs["channel_mult"]), tuple(kwargs["attention_resolutions"]), \
+        kwargs["num_res_blocks"]
+    block, res = 1, image_size
+    for level in range(len(mult)):
+        for j in range(nrb):
+            resblock(f"input_blocks.{block}.0", f"down_blocks.{level}.resnets.{j}")
+            if res in attn:
+                attention(f"input_blocks.{block}.1", f"down_blocks.{level}.attentions.{j}")
+            block += 1
+        if level != len(mult) - 1:
+            resblock(f"input_blocks.{block}.0", f"down_blocks.{level}.downsamplers.0")
+            block, res = block + 1, res // 2
+    resblock("middle_block.0", "mid_block.resnets.0")
+    attention("middle_block.1", "mid_block.attentions.0")
+    resblock("middle_block.2", "mid_block.resnets.1")
+    block = 0
+    for level in reversed(range(len(mult))):
+        i = len(mult) - 1 - level
+        for j in range(nrb + 1):
+            resblock(f"output_blocks.{block}.0", f"up_blocks.{i}.resnets.{j}")
+            sub = 1
+            if res in attn:
+                attention(f"output_blocks.{block}.1", f"up_blocks.{i}.attentions.{j}")
+                sub = 2
+            if level and j == nrb:
+                resblock(f"output_blocks.{block}.{sub}", f"up_blocks.{i}.upsamplers.0")
+                res *= 2
+            block += 1
+    return m
+
+
+def diffusers_state_dict(state_dict: Mapping[str, np.ndarray], model_kwargs: Mapping[str, Any],
+                         image_size: int, num_channels: int = 3, *,
+                         source: str = "the checkpoint") -> dict[str, np.ndarray]:
+    """The cm state dict (cm's names and layouts, for ``cm_params``) of a diffusers ``UNet2DModel``
+    state dict of the network ``model_kwargs`` (``diffusers_arch``).
+
+    Every tensor keeps its values: diffusers' ``to_q``, ``to_k``, ``to_v`` (C, C) are the rows
+    [0, C), [C, 2C), [2C, 3C) of cm's ``qkv`` (3C, C, 1, 1) (heads of ``attention_head_dim``
+    consecutive channels in both), ``to_out.0`` is ``proj_out`` without its 1×1 dimensions, and the
+    others are renamed only. Attention tensors under the names of diffusers' deprecated attention
+    block (query, key, value, proj_attn) are read as to_q, to_k, to_v, to_out.0.
+
+    Raises:
+      ConvertError: tensors missing, unexpected or of the wrong shape, named as diffusers names them.
+    """
+    renamed = {}
+    for key, value in state_dict.items():
+        if ".attentions." in key:
+            for old, new in _DEPRECATED_ATTENTION:
+                key = key.replace(old, new)
+        renamed[key] = value
+    _, lay = _cm_expected(model_kwargs, image_size, num_channels)
+    modules = _diffusers_modules(model_kwargs, image_size)
+    want: dict[str, tuple[str, tuple, int]] = {}  # diffusers key -> (cm key, shape, qkv part or -1)
+    for cm_key, (_, shape, _) in lay.entries.items():
+        module, leaf = cm_key.rsplit(".", 1)
+        if module.endswith(".qkv"):
+            c = shape[0] // 3
+            part_shape = (c, shape[1]) if leaf == "weight" else (c,)
+            for part, name in enumerate(("to_q", "to_k", "to_v")):
+                want[f"{modules[module]}.{name}.{leaf}"] = (cm_key, part_shape, part)
+        elif module.endswith(".proj_out") and leaf == "weight":
+            want[f"{modules[module]}.{leaf}"] = (cm_key, shape[:2], -1)
+        else:
+            want[f"{modules[module]}.{leaf}"] = (cm_key, shape, -1)
+    missing = [k for k in want if k not in renamed]
+    extra = [k for k in renamed if k not in want]
+    wrong = [f"{k} {tuple(np.shape(renamed[k]))} (expected {want[k][1]})"
+             for k in want if k in renamed and tuple(np.shape(renamed[k])) != want[k][1]]
+    _refuse_mismatch(source, f"the UNet2DModel its config.json describes ("
+                     f"{_describe(model_kwargs, image_size)})", missing, extra, wrong,
+                     "config.json beside it")
+    cm: dict[str, Any] = {}
+    for key, (cm_key, _, part) in want.items():
+        value = np.asarray(renamed[key])
+        if part >= 0:
+            cm.setdefault(cm_key, [None] * 3)[part] = value
+        else:
+            cm[cm_key] = value.reshape(lay.entries[cm_key][1])
+    for cm_key, parts in cm.items():
+        if isinstance(parts, list):
+            cm[cm_key] = np.concatenate(parts).reshape(lay.entries[cm_key][1])
+    return cm
+
+
+# --------------------------------------------------------------------------------------------------
 # The run
 
 
@@ -572,23 +819,29 @@ def convert_cm(checkpoint: str, out: str, *, config: str = "imagenet64", method:
     Raises:
       ConvertError: as ``read_state_dict``, ``cm_params`` and ``run_config``, or ``out`` not empty.
     """
-    c = run_config(config, method, metric=metric, category=category, arch=arch)
-    if c.model.name != "adm":
-        raise ConvertError(f"--config={config} does not use the ADM UNet (model.name="
-                           f"{c.model.name!r}); cm checkpoints are ADM UNets.")
-    size, channels = int(c.data.image_size), int(c.data.num_channels)
-    out = os.path.abspath(out)
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        _prepare_out(out, overwrite)  # refuse before reading a large file
+    c, out = _adm_run(config, method, metric, category, arch, out, overwrite, "cm")
     state_dict = read_state_dict(checkpoint)
-    kwargs = dict(c.model.kwargs)
-    if _needs_fixed_groups(abstract_params(c)):  # narrow networks: cm's 32 groups, not num_groups(C)
-        kwargs["norm_groups"] = _CM_GROUPS
-        c.model.kwargs = kwargs
-    params = cm_params(state_dict, kwargs, size, channels, source=checkpoint)
+    params = cm_params(state_dict, c.model.kwargs, int(c.data.image_size), int(c.data.num_channels),
+                       source=checkpoint)
     return _write_run(c, params, out, overwrite, dict(
         source="cm", checkpoint=os.path.abspath(checkpoint), method=method, config=config,
         tensors=len(state_dict)))
+
+
+def _adm_run(config: str, method: str, metric: str, category: str,
+             arch: Optional[Mapping[str, Any]], out: str, overwrite: bool, source: str):
+    """The run config of a converted ADM UNet (cm's 32 GroupNorm groups where ``layers.num_groups``
+    would differ) and the absolute output path, refused before a large file is read if not empty."""
+    c = run_config(config, method, metric=metric, category=category, arch=arch)
+    if c.model.name != "adm":
+        raise ConvertError(f"--config={config} does not use the ADM UNet (model.name="
+                           f"{c.model.name!r}); {source} checkpoints are ADM UNets.")
+    out = os.path.abspath(out)
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        _prepare_out(out, overwrite)  # refuse before reading a large file
+    if _needs_fixed_groups(abstract_params(c)):  # narrow networks: cm's 32 groups, not num_groups(C)
+        c.model.kwargs = dict(c.model.kwargs, norm_groups=_CM_GROUPS)
+    return c, out
 
 
 def _write_run(c, params: PyTree, out: str, overwrite: bool, summary: dict) -> dict:
@@ -616,6 +869,47 @@ def _write_run(c, params: PyTree, out: str, overwrite: bool, summary: dict) -> d
     with open(os.path.join(out, PROVENANCE), "w") as f:
         json.dump(summary, f, indent=1, default=str)
     return summary
+
+
+def convert_diffusers(checkpoint: str, out: str, *, config: str = "", method: str = "cd",
+                      metric: str = "lpips", category: str = "bedroom",
+                      overwrite: bool = False) -> dict:
+    """Converts a diffusers copy of a released cm model (a ``UNet2DModel``) into the run ``out``.
+
+    The network is read from the ``config.json`` beside the weights (``diffusers_arch``); the
+    tensors are renamed to cm's (``diffusers_state_dict``) and mapped as ``cm_params`` maps cm's.
+    diffusers' ``CMStochasticIterativeScheduler`` feeds the UNet ``sigma_to_t(σ)`` =
+    1000·0.25·ln(σ + 1e-44), cm's time input (``sigmas.c_noise = "cm"``), and scales its input by
+    c_in(σ) as cm does, so the run's denoiser is the pipeline's. Everything is read and checked
+    before anything is written.
+
+    Args:
+      checkpoint: ``diffusion_pytorch_model.safetensors`` (config.json beside it), the UNet's
+        directory, or a pipeline directory with ``unet/`` (``openai/diffusers-cd_imagenet64_l2``).
+      out: the run directory to write (must be absent or empty unless ``overwrite``).
+      config: "imagenet64", "lsun256" or a configs/*.py path for everything but the network
+        (default: imagenet64 for a class-conditional UNet, lsun256 otherwise).
+      method, metric, category, overwrite: as for ``convert_cm``.
+
+    Returns:
+      A summary: out, method, the number of tensors and parameters, the checkpoint's sha256.
+
+    Raises:
+      ConvertError: as ``diffusers_files``, ``read_diffusers_config``, ``diffusers_arch``,
+        ``read_state_dict``, ``diffusers_state_dict`` and ``run_config``, or ``out`` not empty.
+    """
+    weights, config_json = diffusers_files(checkpoint)
+    arch = diffusers_arch(read_diffusers_config(config_json), config_json)
+    config = config or ("imagenet64" if arch["num_classes"] else "lsun256")
+    c, out = _adm_run(config, method, metric, category, arch, out, overwrite, "diffusers")
+    size, channels = int(c.data.image_size), int(c.data.num_channels)
+    state_dict = read_state_dict(weights)
+    params = cm_params(diffusers_state_dict(state_dict, c.model.kwargs, size, channels,
+                                            source=weights),
+                       c.model.kwargs, size, channels, source=weights)
+    return _write_run(c, params, out, overwrite, dict(
+        source="diffusers", checkpoint=os.path.abspath(weights), method=method, config=config,
+        tensors=len(state_dict)))
 
 
 def convert_jcm(checkpoint: str, out: str, *, config: str = "cifar10", method: str = "cd",
@@ -671,13 +965,16 @@ def _define_flags():
     from absl import flags
 
     flags.DEFINE_enum("from", "cm", list(SOURCES), "The source: cm (the PyTorch state dicts of "
-                      "openai/consistency_models) or jcm (the flax msgpack states of "
+                      "openai/consistency_models), diffusers (their UNet2DModel copies, "
+                      "openai/diffusers-*) or jcm (the flax msgpack states of "
                       "openai/consistency_models_cifar10).")
     flags.DEFINE_string("checkpoint", None, "The checkpoint: a .pt state dict or a .safetensors file "
-                        "(cm), a flax msgpack file (jcm).")
+                        "(cm); diffusion_pytorch_model.safetensors with config.json beside it, or "
+                        "the UNet's or pipeline's directory (diffusers); a flax msgpack file (jcm).")
     flags.DEFINE_string("config", "", "imagenet64 | lsun256 (cm) | cifar10 (jcm) | a configs/*.py "
                         "path: the network, data shape and noise configuration of the run (default: "
-                        "imagenet64 for cm, cifar10 for jcm).")
+                        "imagenet64 for cm, cifar10 for jcm; for diffusers the network is "
+                        "config.json's and the default imagenet64 if it has classes, else lsun256).")
     flags.DEFINE_enum("method", "cd", ["edm", "cd", "ct"], "What the checkpoint is: an EDM teacher "
                       "(edm_*), a CD model (cd_*) or a CT model (ct_*).")
     flags.DEFINE_enum("metric", "lpips", ["l1", "l2", "lpips"], "CD's metric (sets the 2-step "
@@ -750,6 +1047,9 @@ def main(argv) -> None:
             summary = convert_jcm(f.checkpoint, f.out, config=f.config or "cifar10", method=f.method,
                                   metric=f.metric, tree=f.jcm_tree, arch=_jcm_arch_from_flags(f),
                                   overwrite=f.overwrite)
+        elif f["from"].value == "diffusers":
+            summary = convert_diffusers(f.checkpoint, f.out, config=f.config, method=f.method,
+                                        metric=f.metric, category=f.category, overwrite=f.overwrite)
         else:
             summary = convert_cm(f.checkpoint, f.out, config=f.config or "imagenet64",
                                  method=f.method, metric=f.metric, category=f.category,

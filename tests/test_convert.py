@@ -355,3 +355,114 @@ def test_jcm_refuses_wrong_flags_truncated_and_foreign_files(tmp_path):
     with pytest.raises(convert.ConvertError, match="does not use NCSN"):
         convert.convert_jcm(JCM_WEIGHTS, run, config="imagenet64", arch={})
     assert not os.path.exists(run)
+
+
+# --------------------------------------------------------------------------------------------------
+# diffusers: UNet2DModel copies of cm's models (tools/make_diffusers_fixture.py)
+
+DIFFUSERS = os.path.join(FIXTURES, "diffusers_unet")
+
+
+def _diffusers_reference():
+    with np.load(os.path.join(DIFFUSERS, "reference.npz")) as z:
+        return dict(z)
+
+
+def test_diffusers_network_equals_the_diffusers_one():
+    import json
+
+    with open(os.path.join(DIFFUSERS, "config.json")) as f:
+        arch = convert.diffusers_arch(json.load(f))
+    assert arch == dict(ARCH["cond"], attention_resolutions=(8,), num_heads=1, num_channels=3)
+    kwargs = dict({k: v for k, v in arch.items() if k not in ("image_size", "num_channels")},
+                  norm_groups=32, dropout=0.0)
+    state_dict = load_file(os.path.join(DIFFUSERS, "diffusion_pytorch_model.safetensors"))
+    params = convert.cm_params(convert.diffusers_state_dict(state_dict, kwargs, 16), kwargs, 16)
+    ref = _diffusers_reference()
+    out = ADMUNet(**kwargs).apply({"params": params}, ref["x_in"], ref["timesteps"], ref["labels"])
+    err = np.abs(np.asarray(out) - ref["out"]).reshape(len(ref["sigma"]), -1).max(axis=1)
+    # ≤ 1e-5 where one-step sampling evaluates (σ = 80); at σ = 0.02 (|t| ≈ 978) torch's and XLA's
+    # float32 sinusoidal embeddings differ by ~2e-6, which the network carries to ~1.1e-5.
+    assert err[:2].max() <= 1e-5 and err.max() <= 2e-5, err
+    # diffusers' CMStochasticIterativeScheduler.sigma_to_t is cm's c_noise.
+    np.testing.assert_allclose(param_lib.c_noise(ref["sigma"].astype(np.float32), "cm"),
+                               ref["timesteps"], rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def diffusers_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("convert") / "diffusers_run")
+    summary = convert.convert_diffusers(DIFFUSERS, out, method="cd")
+    assert summary["tensors"] == 159 and summary["config"] == "imagenet64"
+    return out
+
+
+def test_diffusers_run_samples_like_the_pipeline(diffusers_run, tmp_path):
+    from consistency_jax import sample
+
+    ref = _diffusers_reference()
+    config, params, _ = loading.load_eval_params(diffusers_run)
+    assert config.sigmas.c_noise == "cm" and config.model.kwargs.norm_groups == 32
+    apply_fn = make_apply_fn(ADMUNet(**config.model.kwargs))
+    sigmas = param_lib.SigmaConfig(**config.sigmas.to_dict())
+    x = (ref["sigma"][:, None, None, None] * ref["z"]).astype(np.float32)
+    one_step = sampling.multistep_sample(apply_fn, params, jax.random.key(0), x[:2].shape, (T,),
+                                         sigmas, labels=ref["labels"][:2], x_init=x[:2])
+    assert np.abs(np.asarray(one_step) - _f_reference(ref, x.astype(np.float64))[:2]).max() <= 1e-5
+    request = sample.SampleRequest(workdir=diffusers_run, out=str(tmp_path / "samples"),
+                                   num_samples=4, per_device_batch=4, examples_per_shard=4,
+                                   grid=False, seed=1)
+    with np.load(sample.run(request)["npz"]) as z:
+        assert z["arr_0"].shape == (4, 16, 16, 3) and ((0 <= z["arr_1"]) & (z["arr_1"] < 10)).all()
+
+
+def _diffusers_copy(tmp_path, edit=None, config_edit=None):
+    import json
+    import shutil
+
+    d = tmp_path / "unet"
+    d.mkdir()
+    shutil.copy(os.path.join(DIFFUSERS, "config.json"), d / "config.json")
+    state_dict = load_file(os.path.join(DIFFUSERS, "diffusion_pytorch_model.safetensors"))
+    if edit:
+        edit(state_dict)
+    save_file(state_dict, str(d / "diffusion_pytorch_model.safetensors"))
+    if config_edit:
+        with open(d / "config.json") as f:
+            config = json.load(f)
+        config.update(config_edit)
+        with open(d / "config.json", "w") as f:
+            json.dump(config, f)
+    return str(d)
+
+
+def _drop(name):
+    return lambda sd: sd.pop(name)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_drop("mid_block.attentions.0.to_k.weight"),
+     "1 missing tensor(s): mid_block.attentions.0.to_k.weight"),
+    (lambda sd: sd.update({"mid_block.extra.weight": np.ones((2,), np.float16)}),
+     "1 unexpected tensor(s): mid_block.extra.weight"),
+    (lambda sd: sd.update({"conv_out.weight": sd["conv_out.weight"][..., :1].copy()}),
+     "1 of the wrong shape: conv_out.weight (3, 32, 3, 1) (expected (3, 32, 3, 3))"),
+])
+def test_diffusers_refuses_a_checkpoint_that_is_not_the_network(tmp_path, edit, message):
+    with pytest.raises(convert.ConvertError) as e:
+        convert.convert_diffusers(_diffusers_copy(tmp_path, edit=edit), str(tmp_path / "run"))
+    assert message in str(e.value) and "config.json" in str(e.value)
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("time_embedding_type", "fourier"), ("flip_sin_to_cos", False),
+    ("up_block_types", ["ResnetUpsampleBlock2D", "AttnUpBlock2D"]), ("attn_norm_num_groups", None),
+    ("downsample_type", "conv"), ("block_out_channels", [32, 48]), ("norm_num_groups", 16),
+    ("cross_attention_dim", 8),
+])
+def test_diffusers_refuses_a_config_the_adm_unet_cannot_represent(tmp_path, field, value):
+    with pytest.raises(convert.ConvertError, match=field):
+        convert.convert_diffusers(_diffusers_copy(tmp_path, config_edit={field: value}),
+                                  str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")

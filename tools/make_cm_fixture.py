@@ -93,8 +93,9 @@ def check_attention_layout(unet, torch) -> None:
     assert torch.allclose(got, want, atol=1e-12), "QKVAttention does not read qkv as (three h d)"
 
 
-def randomize(model, torch, gen) -> dict:
-    """Random float16-representable weights, non-zero everywhere; returns the float16 state dict."""
+def randomize(model, torch, gen, embedding: str = "label_emb.weight") -> dict:
+    """Random float16-representable weights, non-zero everywhere (``embedding``: the class
+    embedding's name, drawn with unit variance); returns the float16 state dict."""
     state = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -102,7 +103,7 @@ def randomize(model, torch, gen) -> dict:
                 value = 0.1 * torch.randn(p.shape, generator=gen)
             elif p.ndim == 1:  # GroupNorm scale
                 value = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
-            elif name == "label_emb.weight":
+            elif name == embedding:
                 value = torch.randn(p.shape, generator=gen)
             else:
                 fan_in = p[0].numel()
