@@ -456,3 +456,40 @@ def test_edm_teacher_runs_sample_with_heun_and_edit(edm_run_dir, tmp_path):
                                        data_dir=model.config.data.data_dir))
     with np.load(out["npz"]) as z:
         np.testing.assert_array_equal(z["arr_0"][:, 4:], z["inputs"][:, 4:])  # the bottom half is kept
+
+
+def test_trigflow_runs_sample_in_their_own_parameterisation(run_dir, tmp_path):
+    """An sCT run is sampled through TrigFlow's consistency function: x_σ = T·z is the TrigFlow
+    point cos s·x_σ at the angle s = arctan(T/σ_d), and f = cos s·x_s − sin s·σ_d·F_θ(x_s/σ_d, s)
+    (sCM Eq. 6), recomputed here from the raw network."""
+    from conftest import load_config
+
+    from consistency_jax import experiment, loading, networks, trigflow
+
+    c = load_config("digits", "method=sct")
+    c.data.data_dir = os.path.join(os.path.dirname(run_dir), "tfds")
+    c.data.batch_size = 8
+    c.model.kwargs = dict(nf=4, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
+    c.train.update(num_steps=1, log_every=1, eval_every=1000)
+    c.checkpoint.every = 1
+    workdir = str(tmp_path / "sct")
+    experiment.train_and_evaluate(c, workdir)
+    summary = sample_lib.run(_request(workdir, tmp_path / "s", num_samples=4, clip=0.0))
+    model = sample_lib.describe_run(_request(workdir, tmp_path / "s2"))
+    assert model.consistency_fn is trigflow.consistency_fn_sigma
+    _, params, _ = loading.load_eval_params(workdir)
+    apply_fn = networks.make_apply_fn(networks.from_config(model.config.model))
+    sd, big_t = model.sigmas.sigma_data, model.sigmas.sigma_max
+    keys = sampling.example_keys(jax.random.key(3), jnp.arange(4))
+    x_sigma = big_t * np.asarray(sampling.example_noise(keys, 0, model.example_shape), np.float64)
+    s = np.arctan(big_t / sd)
+    x_s = np.cos(s) * x_sigma
+    raw = np.asarray(apply_fn(params, jnp.asarray(x_s / sd, jnp.float32),
+                              trigflow.time_input(jnp.full((4,), s, jnp.float32), model.sigmas.c_noise)),
+                     np.float64)
+    f = np.cos(s) * x_s - np.sin(s) * sd * raw
+    want = np.clip(np.round((f + 1) * 127.5), 0, 255)
+    with np.load(summary["npz"]) as z:
+        # uint8 levels: equal up to a float32 rounding at a level boundary
+        assert np.abs(z["arr_0"].astype(np.float64) - want).max() <= 1
+        assert np.mean(z["arr_0"] == want) > 0.99
