@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -206,11 +207,16 @@ def test_upfirdn2d_matches_scipy(up, down, pad):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 7, 7, 3))
     k1 = np.array([1.0, 3.0, 3.0, 1.0])
-    kernel = np.outer(k1, k1)
-    ours = L.upfirdn2d(jnp.asarray(x, jnp.float32), kernel, up=up, down=down, pad=pad)
     ref = _upfirdn_ref(x, k1, up, down, pad)
-    assert ours.shape == ref.shape
-    np.testing.assert_allclose(ours, ref, atol=1e-4)
+    # The 2-D kernel (depthwise convolution) and the 1-D separable kernel (strided slices) paths.
+    for kernel in (np.outer(k1, k1), k1):
+        ours = L.upfirdn2d(jnp.asarray(x, jnp.float32), kernel, up=up, down=down, pad=pad)
+        assert ours.shape == ref.shape
+        np.testing.assert_allclose(ours, ref, atol=1e-4)
+    # An asymmetric kernel catches a missing flip (true convolution, not correlation).
+    k2 = np.array([1.0, 2.0, -0.5])
+    ours = L.upfirdn2d(jnp.asarray(x, jnp.float32), k2, up=up, down=down, pad=pad)
+    np.testing.assert_allclose(ours, _upfirdn_ref(x, k2, up, down, pad), atol=1e-4)
 
 
 def test_fir_up_and_downsampling():
@@ -311,6 +317,81 @@ def test_attention_block_matches_numpy():
     h = np.concatenate(heads, -1) @ p["Dense_3"]["kernel"] + p["Dense_3"]["bias"]
     ref = (x + h.reshape(x.shape)) / np.sqrt(2.0)
     np.testing.assert_allclose(ours, ref, atol=1e-4)
+
+
+def test_group_norm_matches_numpy_and_flax():
+    rng = np.random.default_rng(4)
+    x = rng.normal(loc=3.0, scale=2.0, size=(2, 5, 5, 12))
+    gn = L.GroupNorm(num_groups=3, epsilon=1e-6)
+    params = _random_params(gn.init(jax.random.key(0), jnp.zeros(x.shape))["params"])
+    assert set(params) == {"scale", "bias"}
+    ours = gn.apply({"params": params}, jnp.asarray(x, jnp.float32))
+    g = x.reshape(2, 25, 3, 4)
+    g = (g - g.mean((1, 3), keepdims=True)) / np.sqrt(g.var((1, 3), keepdims=True) + 1e-6)
+    ref = g.reshape(x.shape) * np.asarray(params["scale"], np.float64) + np.asarray(params["bias"])
+    np.testing.assert_allclose(ours, ref, atol=2e-5)
+    flax_gn = nn.GroupNorm(num_groups=3, epsilon=1e-6)
+    np.testing.assert_allclose(ours, flax_gn.apply({"params": params}, jnp.asarray(x, jnp.float32)),
+                               atol=1e-5)
+    # bfloat16 input: statistics in float32, output in bfloat16.
+    xb = jnp.asarray(x, jnp.bfloat16)
+    yb = gn.apply({"params": params}, xb)
+    assert yb.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(yb, np.float32), ref, atol=0.05)
+    # Reverse- and forward-mode derivatives equal flax's.
+    f_ours = lambda z: gn.apply({"params": params}, z)
+    f_flax = lambda z: flax_gn.apply({"params": params}, z)
+    xj, tj = jnp.asarray(x, jnp.float32), jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    np.testing.assert_allclose(jax.jvp(f_ours, (xj,), (tj,))[1], jax.jvp(f_flax, (xj,), (tj,))[1],
+                               atol=1e-4)
+    np.testing.assert_allclose(jax.grad(lambda z: (f_ours(z) * tj).sum())(xj),
+                               jax.grad(lambda z: (f_flax(z) * tj).sum())(xj), atol=1e-4)
+    with pytest.raises(ValueError, match="5 groups do not divide 12"):
+        L.GroupNorm(num_groups=5).init(jax.random.key(0), jnp.zeros(x.shape))
+
+
+def _old_layers(monkeypatch):
+    """Swap in the slower formulations the fast ones replaced: flax's GroupNorm, 2-D FIR kernels
+    (depthwise convolutions) and ``jax.nn.dot_product_attention``."""
+    monkeypatch.setattr(L, "GroupNorm", nn.GroupNorm)
+    monkeypatch.setattr(L, "_fir_taps", lambda k, scale=1.0: L.setup_fir_kernel(k) * np.float32(scale))
+    monkeypatch.setattr(L, "_attention", lambda q, k, v: jax.nn.dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize("arch", ["ncsnpp", "adm"])
+def test_fast_layers_compute_what_the_old_ones_did(arch, monkeypatch):
+    """The networks' outputs, gradients and jvps are unchanged by the faster GroupNorm, separable
+    FIR and einsum attention, on the same parameter tree."""
+    if arch == "ncsnpp":
+        net = NCSNpp(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
+    else:
+        net = ADMUNet(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, num_classes=None,
+                      attention_resolutions=(4,), num_head_channels=4, dropout=0.0)
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
+    c = jnp.asarray([-1.0, 0.5], jnp.float32)
+    tx = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+    def run():
+        params = _random_params(jax.eval_shape(lambda: net.init(jax.random.key(0), x, c))["params"])
+        f = lambda p, z: net.apply({"params": p}, z, c)
+        y = jax.jit(f)(params, x)
+        g = jax.jit(jax.grad(lambda p: (f(p, x) * tx).sum()))(params)
+        t = jax.jit(lambda p: jax.jvp(lambda z: f(p, z), (x,), (tx,))[1])(params)
+        return params, y, g, t
+
+    p_new, y_new, g_new, t_new = run()
+    with monkeypatch.context() as m:
+        _old_layers(m)
+        p_old, y_old, g_old, t_old = run()
+    assert jax.tree.structure(p_new) == jax.tree.structure(p_old)
+    assert L.count_params(p_new) == L.count_params(p_old)
+    scale = float(jnp.abs(y_old).max())
+    assert scale > 0.1
+    np.testing.assert_allclose(y_new, y_old, atol=1e-5 * max(1.0, scale))
+    np.testing.assert_allclose(t_new, t_old, atol=1e-4 * max(1.0, float(jnp.abs(t_old).max())))
+    for a, b in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_old)):
+        np.testing.assert_allclose(a, b, atol=1e-4 * max(1.0, float(jnp.abs(b).max())))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -196,8 +196,52 @@ def group_norm(x: Array, *, epsilon: float, dtype: Dtype = jnp.float32,
     c = x.shape[-1]
     if groups is not None and (groups < 1 or c % groups):
         raise ValueError(f"GroupNorm: {groups} groups do not divide {c} channels.")
-    return nn.GroupNorm(num_groups=groups or num_groups(c), epsilon=epsilon, dtype=dtype,
-                        param_dtype=param_dtype, name=name)(x)
+    return GroupNorm(num_groups=groups or num_groups(c), epsilon=epsilon, dtype=dtype,
+                     param_dtype=param_dtype, name=name)(x)
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm with the parameters of ``flax.linen.GroupNorm`` ("scale", "bias"), computed faster.
+
+    y = (x − μ_g)·rsqrt(σ²_g + ε)·γ + β with the statistics of each group in float32 and
+    σ² = E[x²] − μ² (flax's ``use_fast_variance``). The normalisation and the affine map are folded
+    into one per-(example, channel) multiply-add, y = x·a + b with a = γ·rsqrt(σ² + ε) and
+    b = β − μ·a: one elementwise pass over x instead of four, and a backward pass with fewer
+    full-size temporaries (about 1.5× faster than ``flax.linen.GroupNorm`` on XLA:CPU forward and
+    backward; same values to float32 rounding). Differentiable in both modes (no custom rule), so
+    ``jax.jvp`` through the network stays exact.
+
+    Attributes:
+      num_groups: number of groups (divides the channels).
+      epsilon: variance epsilon.
+      dtype: output dtype (None: x's dtype).
+      param_dtype: parameter dtype.
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-6
+    dtype: Optional[Dtype] = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = x.shape[-1]
+        g = self.num_groups
+        if g < 1 or c % g:
+            raise ValueError(f"GroupNorm: {g} groups do not divide {c} channels.")
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        batch = x.shape[0]
+        xg = x.astype(jnp.float32).reshape(batch, -1, g, c // g)
+        mean = jnp.mean(xg, axis=(1, 3))
+        var = jnp.maximum(jnp.mean(jnp.square(xg), axis=(1, 3)) - jnp.square(mean), 0.0)
+        inv = jax.lax.rsqrt(var + self.epsilon)                         # (B, G)
+        gamma = scale.astype(jnp.float32).reshape(g, c // g)
+        a = inv[:, :, None] * gamma                                     # (B, G, C/G)
+        b = bias.astype(jnp.float32).reshape(g, c // g) - mean[:, :, None] * a
+        bshape = (batch,) + (1,) * (x.ndim - 2) + (c,)
+        y = x.astype(jnp.float32) * a.reshape(bshape) + b.reshape(bshape)
+        return y.astype(self.dtype or x.dtype)
 
 
 def _pixel_norm(v: Array, eps: float = 1e-4) -> Array:
@@ -397,6 +441,50 @@ def setup_fir_kernel(k: Sequence[float] | np.ndarray) -> np.ndarray:
     return (k / total).astype(np.float32)
 
 
+def _fir_taps(k: Sequence[float] | np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """FIR taps for ``upfirdn2d``: a 1-D kernel stays 1-D (separable), normalised so that its outer
+    product sums to ``scale``; a 2-D kernel goes through ``setup_fir_kernel`` times ``scale``."""
+    k = np.asarray(k, dtype=np.float64)
+    if k.ndim != 1:
+        return setup_fir_kernel(k) * np.float32(scale)
+    if k.shape[0] < 1 or k.sum() == 0:
+        raise ValueError(f"FIR kernel must be non-empty and must not sum to zero; got {k.tolist()}.")
+    return (k / k.sum() * math.sqrt(scale)).astype(np.float32)
+
+
+def _upfirdn1d(x: Array, taps: np.ndarray, up: int, down: int, pad: tuple[int, int],
+               axis: int) -> Array:
+    """``upfirdn2d`` along one spatial axis with a 1-D kernel, as a sum of strided slices.
+
+    Output j is Σ_m taps[K−1−m]·u[j·down + m], u the zero-upsampled, padded input along ``axis``
+    (a true convolution, valid part). Written with slices rather than a convolution because
+    depthwise and zero-inserted convolutions are slow in XLA (CPU and GPU alike): the slices fuse
+    into one elementwise loop, and so do their transposes (pads) in the backward pass.
+    """
+    p0, p1 = pad
+    spatial = (p0, p1 + up - 1, up - 1)
+    cfg = [(0, 0, 0)] * x.ndim
+    cfg[axis] = spatial
+    u = jax.lax.pad(x, jnp.zeros((), x.dtype), cfg)
+    size = taps.shape[0]
+    n_out = (u.shape[axis] - size) // down + 1
+    if n_out < 1:
+        raise ValueError(f"upfirdn2d: the padded length {u.shape[axis]} is shorter than the kernel "
+                         f"({size} taps).")
+    flipped = taps[::-1]
+    out = None
+    for m in range(size):
+        if flipped[m] == 0.0:
+            continue
+        part = jax.lax.slice_in_dim(u, m, m + (n_out - 1) * down + 1, stride=down, axis=axis)
+        part = part * float(flipped[m])  # a weakly typed Python float keeps x's dtype
+        out = part if out is None else out + part
+    if out is None:
+        out = jnp.zeros_like(jax.lax.slice_in_dim(u, 0, (n_out - 1) * down + 1, stride=down,
+                                                  axis=axis))
+    return out
+
+
 def upfirdn2d(x: Array, kernel: np.ndarray | Array, up: int = 1, down: int = 1,
               pad: tuple[int, int] = (0, 0)) -> Array:
     """Upsample, pad, FIR-filter and downsample a batch of images (NHWC), channel by channel.
@@ -407,9 +495,13 @@ def upfirdn2d(x: Array, kernel: np.ndarray | Array, up: int = 1, down: int = 1,
     3. convolve (true convolution) with ``kernel`` keeping only fully-overlapping outputs;
     4. keep every ``down``-th pixel.
 
+    A 1-D ``kernel`` k means the separable 2-D kernel outer(k, k) and is applied along H, then W, as
+    sums of strided slices (fast in XLA's forward and backward passes); a 2-D kernel is applied as a
+    depthwise convolution. Both compute the same values (up to float rounding).
+
     Args:
       x: (B, H, W, C).
-      kernel: (K, K) filter, already normalised / scaled.
+      kernel: (K,) separable or (K, K) filter, already normalised / scaled (not flipped).
       up: integer upsampling factor.
       down: integer downsampling factor.
       pad: (before, after) padding.
@@ -419,8 +511,12 @@ def upfirdn2d(x: Array, kernel: np.ndarray | Array, up: int = 1, down: int = 1,
     """
     if up < 1 or down < 1:
         raise ValueError(f"up and down must be >= 1; got up={up}, down={down}.")
+    if np.ndim(kernel) == 1:
+        taps = np.asarray(kernel, np.float32)
+        for axis in (1, 2):
+            x = _upfirdn1d(x, taps, up, down, pad, axis)
+        return x
     kernel = jnp.asarray(kernel, dtype=x.dtype)
-    kh, kw = kernel.shape
     channels = x.shape[-1]
     p0, p1 = pad
     # Zero insertion (interior padding) and edge padding in one op; the extra up − 1 at the end makes
@@ -447,7 +543,7 @@ def upsample_2d(x: Array, k: Sequence[float] = (1, 3, 3, 1), factor: int = 2,
     Returns:
       The upsampled images.
     """
-    kernel = setup_fir_kernel(k) * (gain * factor**2)
+    kernel = _fir_taps(k, gain * factor**2)
     p = kernel.shape[0] - factor
     return upfirdn2d(x, kernel, up=factor, pad=((p + 1) // 2 + factor - 1, p // 2))
 
@@ -465,7 +561,7 @@ def downsample_2d(x: Array, k: Sequence[float] = (1, 3, 3, 1), factor: int = 2,
     Returns:
       The downsampled images.
     """
-    kernel = setup_fir_kernel(k) * gain
+    kernel = _fir_taps(k, gain)
     p = kernel.shape[0] - factor
     return upfirdn2d(x, kernel, down=factor, pad=((p + 1) // 2, p // 2))
 
@@ -492,7 +588,7 @@ def upsample_conv_2d(x: Array, w: Array, k: Sequence[float] = (1, 3, 3, 1),
     x = jax.lax.conv_general_dilated(
         x, w.astype(x.dtype), window_strides=(1, 1), padding=((kh - 1, kh - 1), (kw - 1, kw - 1)),
         lhs_dilation=(factor, factor), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    kernel = setup_fir_kernel(k) * factor**2
+    kernel = _fir_taps(k, factor**2)
     p = (kernel.shape[0] - factor) - (kw - 1)
     return upfirdn2d(x, kernel, pad=((p + 1) // 2 + factor - 1, p // 2 + 1))
 
@@ -513,7 +609,7 @@ def conv_downsample_2d(x: Array, w: Array, k: Sequence[float] = (1, 3, 3, 1),
       (B, H/factor, W/factor, Cout).
     """
     kw = w.shape[1]
-    kernel = setup_fir_kernel(k)
+    kernel = _fir_taps(k)
     p = (kernel.shape[0] - factor) + (kw - 1)
     x = upfirdn2d(x, kernel, pad=((p + 1) // 2, p // 2))
     return jax.lax.conv_general_dilated(
@@ -687,6 +783,21 @@ class ResBlock(nn.Module):
         return out
 
 
+def _attention(q: Array, k: Array, v: Array) -> Array:
+    """Scaled dot-product attention, softmax(q·kᵀ/√d)·v, over (B, L, heads, d) arrays.
+
+    The logits and the softmax are computed in float32 (``preferred_element_type``), the weighted
+    sum in v's dtype. Two einsums and a softmax: the same values as
+    ``jax.nn.dot_product_attention`` (XLA implementation), but without its reshapes/transposes of
+    the logits, which made it about 1.4× slower forward and backward on XLA:CPU at the heads and
+    lengths of NCSN++/ADM; plain ops, so forward-mode (``jax.jvp``) and reverse-mode both apply.
+    """
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
 class AttnBlock(nn.Module):
     """Multi-head self-attention over the pixels of a feature map, with a residual connection.
 
@@ -729,7 +840,7 @@ class AttnBlock(nn.Module):
         q = dense(h, c, init_scale=self.qkv_init_scale, **common).reshape(shape)
         k = dense(h, c, init_scale=self.qkv_init_scale, **common).reshape(shape)
         v = dense(h, c, init_scale=self.qkv_init_scale, **common).reshape(shape)
-        a = jax.nn.dot_product_attention(q, k, v).reshape(b, height, width, c)
+        a = _attention(q, k, v).reshape(b, height, width, c)
         h = dense(a, c, init_scale=self.out_init_scale, **common)
         out = x.astype(h.dtype) + h
         if self.skip_rescale:
