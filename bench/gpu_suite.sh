@@ -26,3 +26,19 @@ for dt in bfloat16 float32; do
   "$PY" bench/sampling_bench.py "${NET[@]}" --dtype=$dt --batch="${BATCHES[0]}" \
     --json="$OUT/sampling_${dt}.json" 2>&1 | tee "$OUT/sampling_${dt}.log"
 done
+# Issue 18: the network passes with and without the fast layers, and, where the official code is at
+# hand (JCM_DIR: a checkout of openai/consistency_models_cifar10; JCM_PYTHON: an interpreter with its
+# dependencies, dm-haiku and ml_collections included), the side-by-side comparison with its NCSN++.
+"$PY" bench/layers_before_after.py --network=ncsnpp --nf=128 --batch="${BATCHES[-1]}" 2>&1 \
+  | tee "$OUT/layers_ncsnpp.log"
+"$PY" bench/layers_before_after.py --network=adm --nf=192 --batch="${BATCHES[-1]}" 2>&1 \
+  | tee "$OUT/layers_adm.log"
+if [[ -n "${JCM_DIR:-}" ]]; then
+  for b in "${BATCHES[@]}"; do
+    for dt in float32 bfloat16; do
+      "$PY" bench/network_vs_jcm.py --jcm="$JCM_DIR" --jcm_python="${JCM_PYTHON:-$PY}" --nf=128 \
+        --batch="$b" --dtype=$dt --rounds=2 --json="$OUT/vs_jcm_${dt}_${b}.json" 2>&1 \
+        | tee "$OUT/vs_jcm_${dt}_${b}.log"
+    done
+  done
+fi
