@@ -22,7 +22,7 @@ Tensor mapping (PyTorch -> Flax):
   That is the layout of the FlashAttention path the released models ran (``QKVFlashAttention``) and
   of cm's ``QKVAttention``; ``ADMUNet``'s ``AttnBlock`` splits its q, k and v projections the same
   way. The ch^(−1/4) scaling of q and of k is part of cm's forward pass, not of the weights; here
-  ``jax.nn.dot_product_attention`` applies the same 1/√d to q·k.
+  ``AttnBlock`` applies the same 1/√d to q·k (by scaling q).
 * the network's time input is cm's 1000·0.25·ln(σ + 1e-44) (``sigmas.c_noise = "cm"`` in the
   configs this command starts from); GroupNorm has 32 groups and ε = 1e-5 as cm's ``GroupNorm32``.
 
