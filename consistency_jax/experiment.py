@@ -183,6 +183,28 @@ def _take_lease(workdir: str, is_main: bool) -> Optional[WorkdirLock]:
     return lock
 
 
+def check_workdir(workdir: str) -> None:
+    """Refuses, before anything is built, a workdir this version cannot write to.
+
+    Object-store URLs (``gs://…``, ``s3://…``) are not supported as workdirs yet: the run would
+    train and then fail at its first save (``os.path`` would make ``./gs:/bucket/run`` of it). Mount
+    the bucket (e.g. with gcsfuse) and give the mounted path; the lease, checkpoints, metrics and
+    pictures then work as on any shared file system.
+
+    Raises:
+      ValueError: an empty workdir or a URL.
+    """
+    if not workdir:
+        raise ValueError("The workdir is empty: give --workdir=DIR.")
+    if "://" in workdir:
+        scheme = workdir.split("://", 1)[0]
+        raise ValueError(
+            f"workdir {workdir!r}: {scheme}:// workdirs are not supported yet (checkpoints, metrics "
+            "and the lease are written through the local file system). Mount the bucket, e.g. "
+            "`gcsfuse --implicit-dirs BUCKET /mnt/BUCKET`, and give the mounted path, e.g. "
+            "--workdir=/mnt/BUCKET/run.")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        argv: Optional[Sequence[str]] = None) -> TrainState:
     """Trains the configured model, evaluating and writing to ``workdir``; returns the final state.
@@ -200,6 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       checkpoint.CheckpointSaveError: a save failed (the run stops at once).
       RunInterrupted: Ctrl-C; the state was saved first.
     """
+    check_workdir(workdir)
     setup = config_lib.validate(config)  # every field, the mesh and the batch, before compiling
     logging.info("%s", sharding_lib.describe(setup.mesh))
     workdir = os.path.abspath(workdir)

@@ -352,6 +352,16 @@ def test_bad_fields_are_named_before_compiling(field, value, message):
         validate(c)
 
 
+def test_url_workdirs_are_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for url in ("gs://my-bucket/run", "s3://b/run"):
+        with pytest.raises(ValueError, match=r"workdirs are not supported yet.*gcsfuse"):
+            E.train_and_evaluate(_config(), url)
+    assert os.listdir(tmp_path) == []  # no ./gs:/my-bucket/run made
+    with pytest.raises(ValueError, match="workdir is empty"):
+        E.train_and_evaluate(_config(), "")
+
+
 # ---------------------------------------------------------------- integrity of saved arrays
 
 
