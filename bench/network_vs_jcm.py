@@ -91,13 +91,23 @@ def _interleaved(fns: dict, repeats: int) -> dict:
     return out
 
 
+def _inputs(args):
+    """The same images in [-1, 1] and time inputs c_noise = 0.25·ln σ (σ log-uniform in
+    [0.002, 80], as in jcm's EDM conditioning) on both sides."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    rs = np.random.RandomState(0)
+    x = rs.uniform(-1, 1, (args.batch, args.image_size, args.image_size, 3))
+    log_sigma = rs.uniform(np.log(0.002), np.log(80.0), args.batch)
+    return jnp.asarray(x, jnp.float32), jnp.asarray(0.25 * log_sigma, jnp.float32)
+
+
 # ------------------------------------------------------------------------------------------------
 # The official code's side.
 # ------------------------------------------------------------------------------------------------
 def _jcm_child(args) -> dict:
     sys.path.insert(0, os.path.abspath(args.jcm))
-    import functools
-
     import flax
     import flax.jax_utils
     import jax
@@ -140,10 +150,7 @@ def _jcm_child(args) -> dict:
 
     config = config_for("ct")
     model, model_state, params = init_model(jax.random.PRNGKey(0), config)
-    rs = np.random.RandomState(0)
-    x = jnp.asarray(rs.uniform(-1, 1, (args.batch, args.image_size, args.image_size, 3)), jnp.float32)
-    c_noise = jnp.asarray(0.25 * np.log(np.exp(rs.uniform(np.log(0.002), np.log(80.0), args.batch))),
-                          jnp.float32)
+    x, c_noise = _inputs(args)
 
     def net(p, z, c, key):
         out, _ = mutils.get_model_fn(model, p, model_state, train=True)(z, c, rng=key)
@@ -186,7 +193,7 @@ def _jcm_child(args) -> dict:
             (_, holder["state"]), (loss, _) = p_step((keys, holder["state"]), batch)
             return loss
 
-        fns[f"{method}_step"] = functools.partial(one_step)
+        fns[f"{method}_step"] = one_step
     out = _interleaved(fns, args.repeats)
     out["params_M"] = sum(np.size(a) for a in jax.tree.leaves(params)) / 1e6
     return out
@@ -200,7 +207,6 @@ def _ours_child(args) -> dict:
     sys.path.insert(0, ROOT)
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     import timing
     import train_step_bench as tsb
@@ -209,10 +215,7 @@ def _ours_child(args) -> dict:
 
     module, shape = timing.build_network("ncsnpp", args.image_size, args.dtype, nf=args.nf,
                                          ch_mult=(2, 2, 2), num_res_blocks=4, attn=(16,))
-    rs = np.random.RandomState(0)
-    x = jnp.asarray(rs.uniform(-1, 1, (args.batch,) + shape), jnp.float32)
-    c_noise = jnp.asarray(0.25 * np.log(np.exp(rs.uniform(np.log(0.002), np.log(80.0), args.batch))),
-                          jnp.float32)
+    x, c_noise = _inputs(args)
     params = module.init(jax.random.PRNGKey(0), x[:1], c_noise[:1])["params"]
 
     def net(p, z, c, key):

@@ -193,11 +193,9 @@ def group_norm(x: Array, *, epsilon: float, dtype: Dtype = jnp.float32,
     Returns:
       The normalised array, in ``dtype``.
     """
-    c = x.shape[-1]
-    if groups is not None and (groups < 1 or c % groups):
-        raise ValueError(f"GroupNorm: {groups} groups do not divide {c} channels.")
-    return GroupNorm(num_groups=groups or num_groups(c), epsilon=epsilon, dtype=dtype,
-                     param_dtype=param_dtype, name=name)(x)
+    g = num_groups(x.shape[-1]) if groups is None else groups  # GroupNorm checks that g divides C
+    return GroupNorm(num_groups=g, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+                     name=name)(x)
 
 
 class GroupNorm(nn.Module):
@@ -232,7 +230,8 @@ class GroupNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
         batch = x.shape[0]
-        xg = x.astype(jnp.float32).reshape(batch, -1, g, c // g)
+        xf = x.astype(jnp.float32)
+        xg = xf.reshape(batch, -1, g, c // g)
         mean = jnp.mean(xg, axis=(1, 3))
         var = jnp.maximum(jnp.mean(jnp.square(xg), axis=(1, 3)) - jnp.square(mean), 0.0)
         inv = jax.lax.rsqrt(var + self.epsilon)                         # (B, G)
@@ -240,7 +239,7 @@ class GroupNorm(nn.Module):
         a = inv[:, :, None] * gamma                                     # (B, G, C/G)
         b = bias.astype(jnp.float32).reshape(g, c // g) - mean[:, :, None] * a
         bshape = (batch,) + (1,) * (x.ndim - 2) + (c,)
-        y = x.astype(jnp.float32) * a.reshape(bshape) + b.reshape(bshape)
+        y = xf * a.reshape(bshape) + b.reshape(bshape)
         return y.astype(self.dtype or x.dtype)
 
 
@@ -430,25 +429,29 @@ def setup_fir_kernel(k: Sequence[float] | np.ndarray) -> np.ndarray:
     Returns:
       A float32 (K, K) array summing to 1.
     """
-    k = np.asarray(k, dtype=np.float64)
+    k = _checked_fir_kernel(k)
     if k.ndim == 1:
         k = np.outer(k, k)
-    if k.ndim != 2 or k.shape[0] != k.shape[1] or k.shape[0] < 1:
+    return (k / k.sum()).astype(np.float32)
+
+
+def _checked_fir_kernel(k: Sequence[float] | np.ndarray) -> np.ndarray:
+    """``k`` as float64 after checking it is a non-empty 1-D or square 2-D kernel with a non-zero
+    sum (for a 1-D kernel the sum of its outer product is the square of its own sum)."""
+    k = np.asarray(k, dtype=np.float64)
+    if k.ndim not in (1, 2) or k.shape[0] < 1 or (k.ndim == 2 and k.shape[0] != k.shape[1]):
         raise ValueError(f"FIR kernel must be 1-D or square 2-D; got shape {k.shape}.")
-    total = k.sum()
-    if total == 0:
+    if k.sum() == 0:
         raise ValueError("FIR kernel sums to zero and cannot be normalised.")
-    return (k / total).astype(np.float32)
+    return k
 
 
 def _fir_taps(k: Sequence[float] | np.ndarray, scale: float = 1.0) -> np.ndarray:
     """FIR taps for ``upfirdn2d``: a 1-D kernel stays 1-D (separable), normalised so that its outer
     product sums to ``scale``; a 2-D kernel goes through ``setup_fir_kernel`` times ``scale``."""
-    k = np.asarray(k, dtype=np.float64)
+    k = _checked_fir_kernel(k)
     if k.ndim != 1:
         return setup_fir_kernel(k) * np.float32(scale)
-    if k.shape[0] < 1 or k.sum() == 0:
-        raise ValueError(f"FIR kernel must be non-empty and must not sum to zero; got {k.tolist()}.")
     return (k / k.sum() * math.sqrt(scale)).astype(np.float32)
 
 
