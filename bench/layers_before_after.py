@@ -27,13 +27,15 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
+from consistency_jax.networks import fir  # noqa: E402
 from consistency_jax.networks import layers as L  # noqa: E402
 from consistency_jax.networks.ncsnpp import NCSNpp  # noqa: E402
 from consistency_jax.networks.unet import ADMUNet  # noqa: E402
 
-OLD = {"GroupNorm": nn.GroupNorm,
-       "_fir_taps": lambda k, scale=1.0: L.setup_fir_kernel(k) * np.float32(scale),
-       "_attention": lambda q, k, v: jax.nn.dot_product_attention(q, k, v)}
+# (module, name) -> the formulation it replaced.
+OLD = {(L, "GroupNorm"): nn.GroupNorm,
+       (fir, "_fir_taps"): lambda k, scale=1.0: fir.setup_fir_kernel(k) * np.float32(scale),
+       (L, "_attention"): lambda q, k, v: jax.nn.dot_product_attention(q, k, v)}
 
 
 def build(args):
@@ -78,16 +80,16 @@ def main(argv=None):
     module = build(args)
     params = random_params(module, x, c)
     built = {}
-    saved = {k: getattr(L, k) for k in OLD}
+    saved = {(mod, name): getattr(mod, name) for mod, name in OLD}
     try:
-        for k, v in OLD.items():
-            setattr(L, k, v)
+        for (mod, name), v in OLD.items():
+            setattr(mod, name, v)
         pb = module.init(jax.random.PRNGKey(0), x[:1], c[:1])["params"]
         assert jax.tree.structure(pb) == jax.tree.structure(params), "parameter trees differ"
         built["before"] = passes(module, params, x, c)
     finally:
-        for k, v in saved.items():
-            setattr(L, k, v)
+        for (mod, name), v in saved.items():
+            setattr(mod, name, v)
     built["after"] = passes(module, params, x, c)
     pa = params
     ya, yb = built["after"][0](pa), built["before"][0](pa)

@@ -17,6 +17,7 @@ import pytest
 from scipy import signal
 
 from consistency_jax.networks import get_network
+from consistency_jax.networks import fir
 from consistency_jax.networks import layers as L
 from consistency_jax.networks.ncsnpp import DDPMpp, NCSNpp
 from consistency_jax.networks.unet import ADMUNet, IMAGENET64_CONFIG, LSUN256_CONFIG
@@ -354,7 +355,8 @@ def _old_layers(monkeypatch):
     """Swap in the slower formulations the fast ones replaced: flax's GroupNorm, 2-D FIR kernels
     (depthwise convolutions) and ``jax.nn.dot_product_attention``."""
     monkeypatch.setattr(L, "GroupNorm", nn.GroupNorm)
-    monkeypatch.setattr(L, "_fir_taps", lambda k, scale=1.0: L.setup_fir_kernel(k) * np.float32(scale))
+    monkeypatch.setattr(fir, "_fir_taps",
+                        lambda k, scale=1.0: fir.setup_fir_kernel(k) * np.float32(scale))
     monkeypatch.setattr(L, "_attention", lambda q, k, v: jax.nn.dot_product_attention(q, k, v))
 
 
