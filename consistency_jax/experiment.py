@@ -16,7 +16,6 @@ SIGTERM and Ctrl-C finish the step, save and stop (SIGTERM: a clean return; Ctrl
 from __future__ import annotations
 
 import math
-import os
 import shlex
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -30,6 +29,7 @@ import numpy as np
 from consistency_jax import build
 from consistency_jax import checkpoint as ckpt_lib
 from consistency_jax import config as config_lib
+from consistency_jax import fs
 from consistency_jax import sharding as sharding_lib
 from consistency_jax.evaluation import build_evaluator
 from consistency_jax.preemption import PreemptionWatcher
@@ -183,26 +183,16 @@ def _take_lease(workdir: str, is_main: bool) -> Optional[WorkdirLock]:
     return lock
 
 
-def check_workdir(workdir: str) -> None:
-    """Refuses, before anything is built, a workdir this version cannot write to.
-
-    Object-store URLs (``gs://…``, ``s3://…``) are not supported as workdirs yet: the run would
-    train and then fail at its first save (``os.path`` would make ``./gs:/bucket/run`` of it). Mount
-    the bucket (e.g. with gcsfuse) and give the mounted path; the lease, checkpoints, metrics and
-    pictures then work as on any shared file system.
+def check_workdir(workdir: str) -> str:
+    """The workdir, resolved (``fs.resolve``: an absolute local path or a ``gs://`` URL), before
+    anything is built.
 
     Raises:
-      ValueError: an empty workdir or a URL.
+      ValueError: an empty workdir, an unsupported URL scheme, or gs:// without a GCS client.
     """
     if not workdir:
-        raise ValueError("The workdir is empty: give --workdir=DIR.")
-    if "://" in workdir:
-        scheme = workdir.split("://", 1)[0]
-        raise ValueError(
-            f"workdir {workdir!r}: {scheme}:// workdirs are not supported yet (checkpoints, metrics "
-            "and the lease are written through the local file system). Mount the bucket, e.g. "
-            "`gcsfuse --implicit-dirs BUCKET /mnt/BUCKET`, and give the mounted path, e.g. "
-            "--workdir=/mnt/BUCKET/run.")
+        raise ValueError("The workdir is empty: give --workdir=DIR (a local path or gs://BUCKET/PATH).")
+    return fs.resolve(workdir, "workdir")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -222,10 +212,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       checkpoint.CheckpointSaveError: a save failed (the run stops at once).
       RunInterrupted: Ctrl-C; the state was saved first.
     """
-    check_workdir(workdir)
+    workdir = check_workdir(workdir)
     setup = config_lib.validate(config)  # every field, the mesh and the batch, before compiling
     logging.info("%s", sharding_lib.describe(setup.mesh))
-    workdir = os.path.abspath(workdir)
     is_main = jax.process_index() == 0
     lock = _take_lease(workdir, is_main)  # before anything is written into the workdir
     closers = _Closers()
@@ -282,7 +271,7 @@ def _train(config, workdir, setup, is_main, lock, closers, argv) -> TrainState:
                  spec.name, config.model.name, n_params / 1e6, config.data.name,
                  config.data.batch_size, setup.num_steps)
 
-    os.makedirs(workdir, exist_ok=True)
+    fs.makedirs(workdir)
     evaluator = build_evaluator(config, spec, setup.sigmas, example_shape)
     step_fn = make_train_step(method, tx, lr_schedule=lr_schedule,
                               skip_nonfinite=config.train.skip_nonfinite,
@@ -311,7 +300,7 @@ def _train(config, workdir, setup, is_main, lock, closers, argv) -> TrainState:
         step = int(state.step)
         writer.evaluation(step, figures)
         if is_main:
-            evaluator.plot(samples, os.path.join(workdir, f"samples_{step:08d}.png"),
+            evaluator.plot(samples, fs.join(workdir, f"samples_{step:08d}.png"),
                            f"{spec.name} step {step}")
         logging.info("eval step %d: %s", step,
                      " ".join(f"{k}={v:.4g}" for k, v in sorted(figures.items())))

@@ -7,7 +7,6 @@ Algorithm 2) is another run's EDM checkpoint, wrapped with that run's own precon
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Optional, Union
 
 from absl import logging
@@ -15,6 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from consistency_jax import fs
 from consistency_jax import networks
 from consistency_jax import parameterization as param_lib
 from consistency_jax.checkpoint import (_CONFIG, _EMA, _STATE, CHECKPOINT_SUBDIR, CheckpointError, Checkpointer,
@@ -89,7 +89,7 @@ def eval_params_metadata(workdir: str, ema_rate: Optional[float] = None
 def _newest_readable(workdir: str, step: Optional[int], read: Callable[[Checkpointer, int], Any]):
     """``read(checkpointer, step)`` of the given step, else of the newest step it succeeds on (an
     unreadable step is warned about and the previous one tried; a CheckpointError is final)."""
-    workdir = os.path.abspath(workdir)
+    workdir = fs.resolve(workdir)
     ckpt = Checkpointer(workdir, every=1, keep=1, read_only=True)
     try:
         steps = ckpt.all_steps()
@@ -165,8 +165,8 @@ def teacher_config(workdir: str) -> ml_collections.ConfigDict:
       CheckpointError: no checkpoint in ``workdir``, none readable, or not a run of a denoiser
         method (method='edm').
     """
-    workdir = os.path.abspath(workdir) if workdir else workdir
-    if not workdir or not os.path.isdir(os.path.join(workdir, CHECKPOINT_SUBDIR)):
+    workdir = fs.resolve(workdir, "config.teacher.workdir") if workdir else workdir
+    if not workdir or not fs.isdir(fs.join(workdir, CHECKPOINT_SUBDIR)):
         raise CheckpointError(
             f"config.teacher.workdir={workdir!r} holds no checkpoints (no {CHECKPOINT_SUBDIR}/ "
             "directory); train an EDM teacher there first (method='edm').")

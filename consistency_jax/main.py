@@ -14,7 +14,8 @@ from consistency_jax.distributed import distributed_args, maybe_initialize
 
 __all__ = ["distributed_args", "main"]
 
-FLAGS = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
+FLAGS = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples: a local "
+                            "path or gs://BUCKET/PATH.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file (with :arg).",
                                           lock_config=True)
 

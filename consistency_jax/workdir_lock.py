@@ -13,9 +13,10 @@ an error naming the holder. A lease is *stale*, and is taken over with a logged 
 
 The file is only ever replaced whole (written to a temporary file first), so a reader never sees half
 a lease. Taking a free lease is one atomic, exclusive step (a hard link of a complete file, which
-fails when the lease exists). These few file operations are the methods of ``_LocalStore``; an
-object store (``gs://``) would implement them with its own primitives (a create that fails when the
-object exists: GCS's ``ifGenerationMatch=0``).
+fails when the lease exists). These few file operations are the methods of ``_LocalStore``; for a
+``gs://`` workdir ``_GcsStore`` implements them with GCS's generation preconditions (a create that
+fails when the object exists, ``ifGenerationMatch=0``; a heartbeat or a delete that fails when the
+object changed since it was read).
 
 In a multi-process run only process 0 holds the lease (``experiment.py`` tells the others whether
 it got it).
@@ -32,13 +33,17 @@ from typing import Optional
 
 from absl import logging
 
+from consistency_jax import fs
+
 LEASE_NAME = "lock.json"
 HEARTBEAT_S = 10.0
 TIMEOUT_S = 60.0
 
-# The leases held by this process (absolute paths): a lease naming this host and this pid that is not
-# in here is a leftover of an earlier process that had the same pid (a restarted container).
-_HELD: set[str] = set()
+# The leases held (or being taken) by this process: path -> token of the WorkdirLock object. A lease
+# naming this host and this pid whose token is not in here is a leftover of an earlier process that
+# had the same pid (a restarted container). A path is reserved here before the lease is created, so
+# that two WorkdirLock objects of one process cannot both take it.
+_HELD: dict[str, str] = {}
 _HELD_LOCK = threading.Lock()
 
 
@@ -108,23 +113,76 @@ class _LocalStore:
         tmp = self._write_tmp(text)
         os.replace(tmp, self.path)
 
-    def move_aside(self, suffix: str) -> Optional[str]:
-        """Renames the lease to ``<lease>.<suffix>`` and returns what it held (None if it was gone)."""
-        dest = f"{self.path}.{suffix}"
+    def remove_if(self, text: str) -> bool:
+        """Removes the lease if it still holds ``text`` (atomically: it is renamed aside first and
+        put back if it changed); False if it changed or is gone."""
+        aside = f"{self.path}.{uuid.uuid4().hex}.aside"
         try:
-            os.rename(self.path, dest)
+            os.rename(self.path, aside)
         except FileNotFoundError:
+            return False
+        with open(aside) as f:
+            moved = f.read()
+        if moved != text:  # another starter replaced it meanwhile: put its lease back
+            try:
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass
+        os.unlink(aside)
+        return moved == text
+
+
+
+class _GcsStore:
+    """The same operations on a ``gs://`` object, made atomic by GCS's generation preconditions:
+    a create succeeds only if no object exists (``ifGenerationMatch=0``), a heartbeat only if the
+    object is still the one this run last read or wrote, a takeover deletes only the generation that
+    was judged stale."""
+
+    def __init__(self, url: str):
+        from google.api_core import exceptions
+        from google.cloud import storage
+
+        self._exc = exceptions
+        bucket, name = url.split("://", 1)[1].split("/", 1)
+        self._bucket = storage.Client().bucket(bucket)
+        self._name = name
+        self._gen: Optional[int] = None  # the generation last read or written
+
+    def read(self) -> Optional[str]:
+        blob = self._bucket.blob(self._name)
+        try:
+            text = blob.download_as_text()
+        except self._exc.NotFound:
             return None
-        with open(dest) as f:
-            text = f.read()
-        os.unlink(dest)
+        self._gen = blob.generation
         return text
 
-    def remove(self) -> None:
+    def create(self, text: str) -> bool:
+        blob = self._bucket.blob(self._name)
         try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+            blob.upload_from_string(text, if_generation_match=0)
+        except self._exc.PreconditionFailed:
+            return False
+        self._gen = blob.generation
+        return True
+
+    def replace(self, text: str) -> None:
+        blob = self._bucket.blob(self._name)
+        try:
+            blob.upload_from_string(text, if_generation_match=self._gen)
+        except self._exc.PreconditionFailed:
+            raise RuntimeError("the lease object changed since it was read (taken over?)") from None
+        self._gen = blob.generation
+
+    def remove_if(self, text: str) -> bool:
+        if self.read() != text:
+            return False
+        try:
+            self._bucket.blob(self._name).delete(if_generation_match=self._gen)
+        except (self._exc.NotFound, self._exc.PreconditionFailed):
+            return False
+        return True
 
 
 def describe(lease: dict) -> str:
@@ -149,10 +207,10 @@ class WorkdirLock:
                  timeout_s: float = TIMEOUT_S):
         if not timeout_s > heartbeat_s > 0:
             raise ValueError(f"Need timeout_s > heartbeat_s > 0, got {timeout_s} and {heartbeat_s}.")
-        self.workdir = os.path.abspath(workdir)
-        self.path = os.path.join(self.workdir, LEASE_NAME)
+        self.workdir = fs.resolve(workdir)
+        self.path = fs.join(self.workdir, LEASE_NAME)
         self.heartbeat_s, self.timeout_s = float(heartbeat_s), float(timeout_s)
-        self._store = _LocalStore(self.path)
+        self._store = _GcsStore(self.path) if fs.is_url(self.path) else _LocalStore(self.path)
         self._token = uuid.uuid4().hex
         self._lease: Optional[dict] = None
         self._stop = threading.Event()
@@ -183,9 +241,9 @@ class WorkdirLock:
             pid = int(lease.get("pid", -1))
             if pid == os.getpid():
                 with _HELD_LOCK:
-                    if self.path not in _HELD:
+                    if lease.get("token") != _HELD.get(self.path):
                         return "it was left by an earlier process with this pid"
-                return None  # held by this process (another WorkdirLock object)
+                return None  # held by this process
             if not _pid_alive(pid):
                 return f"its process {pid} on this host is gone"
             start = lease.get("pid_start")
@@ -212,7 +270,25 @@ class WorkdirLock:
         """
         if self.held:
             return self
-        os.makedirs(self.workdir, exist_ok=True)
+        with _HELD_LOCK:
+            if self.path in _HELD:
+                raise WorkdirLockedError(
+                    f"The workdir {self.workdir} is in use by another run of this process (pid "
+                    f"{os.getpid()}); lease {self.path}.")
+            _HELD[self.path] = self._token
+        try:
+            return self._acquire()
+        except BaseException:
+            self._unreserve()
+            raise
+
+    def _unreserve(self) -> None:
+        with _HELD_LOCK:
+            if _HELD.get(self.path) == self._token:
+                del _HELD[self.path]
+
+    def _acquire(self) -> "WorkdirLock":
+        fs.makedirs(self.workdir)
         for _ in range(5):  # a takeover races only with another starting run; retry a few times
             lease = self._new_lease()
             if self._store.create(json.dumps(lease)):
@@ -228,20 +304,14 @@ class WorkdirLock:
                     f"The workdir {self.workdir} is in use by another run: {describe(other)}; lease "
                     f"{self.path}. Wait for it to finish or stop it; if that process is gone and the "
                     f"lease remains, it is taken over {self.timeout_s:.0f}s after its last heartbeat.")
-            moved = self._store.move_aside(f"stale.{self._token}")
-            if moved is not None and moved != text:
-                # Another starter replaced the stale lease between our read and the rename: put its
-                # lease back and look again.
-                self._store.create(moved)
-                continue
+            if not self._store.remove_if(text):
+                continue  # another starter replaced or removed it meanwhile: look again
             logging.warning("Taking over the stale lease %s of %s: %s.", self.path, describe(other),
                             why)
         raise WorkdirLockedError(f"Could not take the lease {self.path}: other runs keep taking it.")
 
     def _hold(self, lease: dict) -> None:
         self._lease = lease
-        with _HELD_LOCK:
-            _HELD.add(self.path)
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, name="workdir_lease_heartbeat",
                                         daemon=True)
@@ -283,12 +353,11 @@ class WorkdirLock:
             self._thread.join()
         self._thread = None
         self._lease = None
-        with _HELD_LOCK:
-            _HELD.discard(self.path)
+        self._unreserve()
         try:
             text = self._store.read()
             if text and json.loads(text).get("token") == self._token:
-                self._store.remove()
+                self._store.remove_if(text)
         except Exception as e:  # noqa: BLE001
             logging.warning("Could not remove the lease %s: %s", self.path, e)
 

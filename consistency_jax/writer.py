@@ -1,5 +1,6 @@
 """What a run writes besides checkpoints: ``metrics.jsonl`` (one JSON object per evaluation) and
-TensorBoard scalars (tensorboardX: event files without TensorFlow).
+TensorBoard scalars (tensorboardX: event files without TensorFlow; for a ``gs://`` workdir through
+its google-cloud-storage writer).
 
 A resumed run continues the files of the run it resumes: rows of ``metrics.jsonl`` after the
 restored step (written after the last checkpoint by a run that then died) are dropped when the
@@ -8,10 +9,11 @@ writer opens, and TensorBoard is told to purge its events after that step, so no
 from __future__ import annotations
 
 import json
-import os
 from typing import Optional
 
 from absl import logging
+
+from consistency_jax import fs
 
 
 class MetricWriter:
@@ -27,7 +29,8 @@ class MetricWriter:
 
     def __init__(self, workdir: str, enabled: bool, start_step: Optional[int] = None):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = fs.join(workdir, "metrics.jsonl")
+        self._url = fs.is_url(self.path)
         self.tb = None
         if enabled:
             if start_step is not None:
@@ -35,7 +38,7 @@ class MetricWriter:
             try:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                self.tb = SummaryWriter(fs.join(workdir, "tensorboard"),
                                         purge_step=start_step or None)
             except ImportError:  # TensorBoard is optional
                 logging.warning("tensorboardX is not installed: no TensorBoard scalars.")
@@ -44,8 +47,7 @@ class MetricWriter:
         """Rewrites metrics.jsonl without its rows after ``step`` (atomically: a new file replaces
         it). A line that is not JSON (a row cut short by a kill) is dropped too."""
         try:
-            with open(self.path) as f:
-                lines = f.read().splitlines()
+            lines = fs.read_text(self.path).splitlines()
         except FileNotFoundError:
             return
         kept = []
@@ -59,10 +61,7 @@ class MetricWriter:
         dropped = len(lines) - len(kept)
         if not dropped:
             return
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        fs.write_text(self.path, "".join(line + "\n" for line in kept))
         logging.info("Dropped %d row(s) of %s after step %d (the run resumes from that step).",
                      dropped, self.path, step)
 
@@ -75,8 +74,16 @@ class MetricWriter:
         """One line of metrics.jsonl and the eval/ TensorBoard scalars."""
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n")
+        row = json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n"
+        if self._url:  # an object store has no append: the (small) file is replaced whole
+            try:
+                old = fs.read_text(self.path)
+            except FileNotFoundError:
+                old = ""
+            fs.write_text(self.path, old + row)
+        else:
+            with open(self.path, "a") as f:
+                f.write(row)
         self.scalars(step, values, "eval")
 
     def close(self):

@@ -9,7 +9,7 @@
 #
 #   TPU pod (every worker runs the same program; JAX joins them with jax.distributed.initialize()):
 #     launch/run.sh --tpu=my-v4-32 --zone=us-central2-b -- \
-#         --config=configs/cifar10.py:method=ct --workdir=/mnt/my-bucket/cifar10_ct
+#         --config=configs/cifar10.py:method=ct --workdir=gs://my-bucket/cifar10_ct
 #
 # Options:
 #   --tpu=NAME         run on every worker of this TPU VM (gcloud compute tpus tpu-vm ssh --worker=all)

@@ -8,12 +8,14 @@ and the classifier's confident fraction and class entropy (a mode-collapse detec
 """
 from __future__ import annotations
 
+import io
 import os
 
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
+from consistency_jax import fs
 from consistency_jax import parameterization as param_lib
 from consistency_jax.evaluation.samples import SampleGenerator
 
@@ -129,5 +131,8 @@ class ImageEvaluator:
             draw.text((x0, 20), name, fill="black")
             canvas.paste(g.convert("RGB"), (x0, 36))
             x0 += g.width + 10
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        canvas.save(path)
+        if not fs.is_url(path):
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        buf = io.BytesIO()
+        canvas.save(buf, format="PNG")
+        fs.write_bytes(path, buf.getvalue())  # a local path or gs://

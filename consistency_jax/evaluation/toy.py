@@ -2,9 +2,12 @@
 distillation from the exact teacher) the error of the one-step map against the exact PF-ODE map."""
 from __future__ import annotations
 
+import io
+
 import jax.numpy as jnp
 import numpy as np
 
+from consistency_jax import fs
 from consistency_jax import parameterization as param_lib
 from consistency_jax import toy
 from consistency_jax.evaluation.samples import SampleGenerator
@@ -71,5 +74,7 @@ class ToyEvaluator:
             ax.legend(loc="upper right", markerscale=4, fontsize=8)
         fig.suptitle(title)
         fig.tight_layout()
-        fig.savefig(path, dpi=90)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90)
         plt.close(fig)
+        fs.write_bytes(path, buf.getvalue())  # a local path or gs://
