@@ -132,7 +132,6 @@ class _LocalStore:
         return moved == text
 
 
-
 class _GcsStore:
     """The same operations on a ``gs://`` object, made atomic by GCS's generation preconditions:
     a create succeeds only if no object exists (``ifGenerationMatch=0``), a heartbeat only if the

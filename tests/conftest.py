@@ -90,3 +90,12 @@ def x64(on: bool = True):
         return jax.enable_x64(True)
     from jax.experimental import enable_x64  # older JAX
     return enable_x64()
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (a lease holder that is gone)."""
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid

@@ -24,6 +24,7 @@ import urllib.request
 import numpy as np
 import pytest
 
+from conftest import dead_pid
 from consistency_jax import fs
 from consistency_jax import workdir_lock as W
 
@@ -175,11 +176,6 @@ def _lease_bytes(**fields) -> bytes:
                        "heartbeat": now, "token": "other", **fields}).encode()
 
 
-def _dead_pid() -> int:
-    p = subprocess.Popen(["true"])
-    p.wait()
-    return p.pid
-
 
 def test_the_lease_on_gcs(gcs, caplog):
     """One holder at a time through the server's conditional create, stale leases taken over, a
@@ -219,7 +215,7 @@ def test_the_lease_on_gcs(gcs, caplog):
     gcs.put(name, _lease_bytes(host="tpu-vm-7", pid=4242))
     with pytest.raises(W.WorkdirLockedError, match=r"in use by another run: host tpu-vm-7, pid 4242"):
         W.WorkdirLock(url).acquire()
-    gcs.put(name, _lease_bytes(pid=_dead_pid()))
+    gcs.put(name, _lease_bytes(pid=dead_pid()))
     with caplog.at_level("WARNING", logger="absl"):
         lock = W.WorkdirLock(url, heartbeat_s=0.05, timeout_s=1.0).acquire()
     assert any("Taking over the stale lease" in r.getMessage() for r in caplog.records)

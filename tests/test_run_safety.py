@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import load_config
+from conftest import dead_pid, load_config
 from consistency_jax import checkpoint as C
 from consistency_jax import experiment as E
 from consistency_jax import workdir_lock as W
@@ -61,11 +61,6 @@ def _lease(workdir, **fields) -> dict:
     return lease
 
 
-def _dead_pid() -> int:
-    p = subprocess.Popen(["true"])
-    p.wait()
-    return p.pid
-
 
 # ---------------------------------------------------------------- the workdir lease
 
@@ -89,7 +84,7 @@ def test_lease_refuses_a_live_holder_and_takes_over_stale_ones(tmp_path, caplog)
     assert not (tmp_path / W.LEASE_NAME).exists()
 
     # A dead process on this host (fresh heartbeat): taken over at once.
-    dead = _dead_pid()
+    dead = dead_pid()
     _lease(tmp_path, pid=dead)
     caplog.clear()
     with caplog.at_level(logging.WARNING), W.WorkdirLock(str(tmp_path)) as lock:
