@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Continuous-time methods on the digits (issue 13, bench/RESULTS.md §2b): sCT, sCD and CM's continuous
+# Continuous-time methods on the digits (issue 13, bench/RESULTS.md §6): sCT, sCD and CM's continuous
 # CD/CT, and ECT, with the default configs/digits.py (3000 steps × 64), next to the discrete rows of §2.
 # The distilled / tuned ones read the EDM teacher run of bench/digits_quality.sh (EDM_DIR).
 # Usage: bench/digits_continuous.sh EDM_DIR [OUTDIR] [METHOD ...]
@@ -10,7 +10,8 @@ mkdir -p "$out"
 for method in $methods; do
   extra=()
   case $method in
-    scd|cm_continuous_cd) extra=(--config.teacher.workdir="$edm") ;;
+    scd) extra=(--config.teacher.workdir="$edm" --config.init.workdir="$edm") ;;  # starts as the teacher
+    cm_continuous_cd) extra=(--config.teacher.workdir="$edm") ;;
     ect) extra=(--config.init.workdir="$edm") ;;
   esac
   python -m consistency_jax.main --config=configs/digits.py:method=$method --workdir="$out/$method" \

@@ -148,11 +148,16 @@ def load_init_params(config: ml_collections.ConfigDict, init_params: Callable[[j
     """
     from consistency_jax import loading
 
+    from consistency_jax.config import init_adds_logvar_head
+
     workdir = config.init.workdir
-    abstract = jax.eval_shape(init_params, jax.random.key(0))
-    _, params, step = loading.load_eval_params(
-        workdir, ema_rate=config.init.ema_rate or None,
-        sharding=fsdp_shardings(mesh, config.mesh.fsdp_min_size))
+    shardings = fsdp_shardings(mesh, config.mesh.fsdp_min_size)
+    abstract = whole = jax.eval_shape(init_params, jax.random.key(0))
+    source, params, step = loading.load_eval_params(
+        workdir, ema_rate=config.init.ema_rate or None, sharding=shardings)
+    fresh_head = init_adds_logvar_head(source, config)
+    if fresh_head:  # sCM's weighting head starts fresh (w_φ ≡ 0); the source's θ is its "net"
+        abstract = whole["net"]
     got = jax.tree_util.tree_flatten_with_path(params)[0]
     want = jax.tree_util.tree_flatten_with_path(abstract)[0]
     same = len(got) == len(want) and all(
@@ -164,7 +169,13 @@ def load_init_params(config: ml_collections.ConfigDict, init_params: Callable[[j
     logging.info("config.init: θ, θ⁻ (if kept) and the eval EMAs start from the %s EMA of %s "
                  "(step %d).", config.init.ema_rate or "slowest", workdir, step)
     # Orbax returns plain dicts: this run's treedef makes the state's structure the usual one.
-    return jax.tree.unflatten(jax.tree.structure(abstract), [leaf for _, leaf in got])
+    params = jax.tree.unflatten(jax.tree.structure(abstract), [leaf for _, leaf in got])
+    if fresh_head:
+        fresh = jax.jit(init_params, out_shardings=shardings(whole))(jax.random.key(config.seed))
+        params = jax.tree.unflatten(jax.tree.structure(whole),
+                                    jax.tree.leaves({**fresh, "net": params}))
+        logging.info("config.init: the weighting head w_φ starts fresh beside the source's network.")
+    return params
 
 
 def init_state(init_params: Callable[[jax.Array], PyTree], tx: optax.GradientTransformation,

@@ -58,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sigmas.sigma_data = 0.5
     c.sigmas.rho = 7.0
     c.sigmas.c_noise = "jcm"
+    # TrigFlow methods (sct, scd): the network sees the angle t ("angle", sCM) or is an EDM network
+    # ("edm": c_noise(σ_d·tan t), output −F; an EDM run is then an exact start, config.init).
+    c.sigmas.trigflow_time = "angle"
 
     c.loss = ml_collections.ConfigDict()
     c.loss.distance = "l2"
@@ -398,6 +401,25 @@ INIT_FREE_MODEL_FIELDS = ("model.kwargs.dropout", "model.dtype")
 INIT_NETWORK_FIELDS = ("sigmas.sigma_data", "sigmas.c_noise")
 
 
+def network_kind(config) -> str:
+    """What a run's network parameters mean, for ``config.init``: "an EDM network" (the consistency
+    and EDM preconditionings; a TrigFlow method with sigmas.trigflow_time=edm) or "a TrigFlow network
+    seeing the angle t" (sct/scd by default)."""
+    from consistency_jax import methods as methods_lib, trigflow
+
+    spec = methods_lib.get(config.method)
+    if (spec.consistency_fn is trigflow.consistency_fn_sigma
+            and config.sigmas.get("trigflow_time", "angle") != "edm"):
+        return "a TrigFlow network seeing the angle t (sigmas.trigflow_time=angle)"
+    return "an EDM network"
+
+
+def init_adds_logvar_head(source, config) -> bool:
+    """This run has sCM's weighting head and the ``config.init`` source has none: the head starts
+    fresh, the source's θ initialises the network beside it."""
+    return bool(config.model.get("logvar_head", False)) and not source.model.get("logvar_head", False)
+
+
 def _check_init(config) -> None:
     """``config.init``: the source run holds a readable checkpoint of the same network (its config
     and its parameters' shapes and dtypes are read; no array is loaded, nothing compiled)."""
@@ -419,13 +441,24 @@ def _check_init(config) -> None:
     except checkpoint.CheckpointError as e:
         raise checkpoint.CheckpointError(f"{where}: {e}{hint}") from e
     # A field the source run's config predates has its default value there (e.g. model.logvar_head).
+    # sCM's weighting head may be new here (it starts fresh; the source's θ becomes the "net" part).
+    fresh_head = init_adds_logvar_head(source, config)
+    free = INIT_FREE_MODEL_FIELDS + (("model.logvar_head",) if fresh_head else ())
     diffs = [f"{k}: {theirs!r} -> {mine!r}" for k, theirs, mine in checkpoint.differing_fields(
                  checkpoint.config_to_dict(source), checkpoint.config_to_dict(config),
                  ignore_resumable=False, defaults=default_values())
-             if (k.startswith("model.") or k in INIT_NETWORK_FIELDS) and k not in INIT_FREE_MODEL_FIELDS]
+             if (k.startswith("model.") or k in INIT_NETWORK_FIELDS) and k not in free]
     if diffs:
         raise ValueError(f"{where} (step {step}) has another network than this run; differing fields "
                          f"(source -> this run): {'; '.join(diffs)}.")
+    theirs, mine = network_kind(source), network_kind(config)
+    if theirs != mine:
+        raise ValueError(
+            f"{where} (step {step}, method={source.method}) holds {theirs}, this run (method="
+            f"{config.method}) trains {mine}: the parameters would mean another function. A TrigFlow "
+            "method (sct, scd) starts from an EDM-preconditioned run only as an EDM network: set "
+            "--config.sigmas.trigflow_time=edm (and the source's sigmas.trigflow_time must match for "
+            "a TrigFlow source).")
     if config.data.name in TOY_DATASETS:
         shape = (2,)
     elif config.data.image_size > 0 and config.data.num_channels > 0:
@@ -435,6 +468,8 @@ def _check_init(config) -> None:
         return  # the shape comparison needs the data shape; the restore checks it when loading
     _, _, init = build.build_network(config, shape)
     want = jax.eval_shape(init, jax.random.key(0))
+    if fresh_head:
+        want = want["net"]
     describe = lambda tree: {jax.tree_util.keystr(p): (tuple(a.shape), str(a.dtype))
                              for p, a in jax.tree_util.tree_flatten_with_path(tree)[0]}
     got, need = describe(abstract), describe(want)

@@ -34,6 +34,10 @@ class ApplyFn(Protocol):
         ...
 
 
+# How a TrigFlow network sees its time (SigmaConfig.trigflow_time).
+TRIGFLOW_TIMES = ("angle", "edm")
+
+
 @dataclasses.dataclass(frozen=True)
 class SigmaConfig:
     """Noise levels of the KVE / EDM process x_t = x_0 + t·z (CM §2; EDM with σ(t) = t).
@@ -45,6 +49,9 @@ class SigmaConfig:
       rho: ρ of the Karras grid.
       c_noise: how the network sees t: "jcm" (0.25·ln t, the official JAX code) or "cm"
         (1000·0.25·ln(t + 1e-44), the PyTorch code that feeds an ADM UNet).
+      trigflow_time: TrigFlow models only (sCT / sCD; ``trigflow.raw_output``): "angle" (the network
+        sees the angle t, sCM §4.1) or "edm" (it sees c_noise(σ_d·tan t) and predicts −F: an EDM
+        network, so that an EDM run's parameters are an exact TrigFlow model to start from).
     """
 
     sigma_min: float = 0.002
@@ -52,6 +59,7 @@ class SigmaConfig:
     sigma_data: float = 0.5
     rho: float = 7.0
     c_noise: str = "jcm"
+    trigflow_time: str = "angle"
 
     def __post_init__(self):
         if not 0.0 < self.sigma_min < self.sigma_max:
@@ -64,6 +72,9 @@ class SigmaConfig:
             raise ValueError(f"rho must be positive, got {self.rho}.")
         if self.c_noise not in _C_NOISE:
             raise ValueError(f"Unknown c_noise {self.c_noise!r}; choose one of {sorted(_C_NOISE)}.")
+        if self.trigflow_time not in TRIGFLOW_TIMES:
+            raise ValueError(f"Unknown trigflow_time {self.trigflow_time!r}; choose one of "
+                             f"{list(TRIGFLOW_TIMES)}.")
 
 
 def _c_noise_jcm(t: Array) -> Array:

@@ -24,6 +24,14 @@ itself (sCM §4.1, "identity time transformation", for networks whose embeddings
 one: NCSN++ / DDPM++ / the MLP), "cm" gives 1000·t (the ADM UNet's positional embedding expects DDPM
 timesteps in [0, 1000]).
 
+``sigmas.trigflow_time = "edm"`` instead makes the network an EDM one: it sees the EDM time input
+c_noise(σ) of σ = σ_d·tan t and F_θ = −F_net. With EDM's scalings at σ = σ_d·tan t (c_in·x_σ = x_t/σ_d,
+c_skip = cos²t, c_out = σ_d·sin t) the velocity below becomes exactly σ_d·F_teacher = −σ_d·F_φ(x_t/σ_d,
+c_noise(σ_d·tan t)): an EDM run's parameters are, unchanged, the same model in TrigFlow, so sCD's
+student can start as its teacher (as sCM fine-tunes pretrained diffusion models; ``config.init``). In the
+rearranged jvp the time tangent cos t·sin t meets dc_noise/dt = 0.25/(cos t·sin t) ("jcm"): the product
+is the constant 0.25, as well scaled as the angle's.
+
 An EDM denoiser D(x_σ, σ) is a TrigFlow diffusion model (sCM §3, used for sCD):
 
     σ_d·F_teacher(x_t/σ_d, t) = (cos t·x_t − D(x_t/cos t, σ_d·tan t)) / sin t      (``edm_velocity``).
@@ -51,6 +59,17 @@ def time_input(t: Array, kind: str = "jcm") -> Array:
     return _TIME_INPUT[kind] * t
 
 
+def network_time(t: Array, sigmas: param_lib.SigmaConfig) -> Array:
+    """The network's time input at angles t: c_noise(t) by ``time_input`` ("angle" networks), or the
+    EDM input c_noise(σ_d·tan t) ("edm" networks; σ is kept >= the smallest normal float, so t = 0 gives
+    a finite input)."""
+    if sigmas.trigflow_time == "edm":
+        sigma = sigma_from_t(t, sigmas.sigma_data)
+        sigma = jnp.maximum(sigma, jnp.finfo(jnp.result_type(sigma)).tiny)
+        return param_lib.c_noise(sigma, sigmas.c_noise)
+    return time_input(t, sigmas.c_noise)
+
+
 def t_from_sigma(sigma: Array, sigma_data: float) -> Array:
     """The TrigFlow angle of the EDM noise level σ: t = arctan(σ/σ_d)."""
     return jnp.arctan(sigma / sigma_data)
@@ -63,7 +82,8 @@ def sigma_from_t(t: Array, sigma_data: float) -> Array:
 
 def raw_output(apply_fn: param_lib.ApplyFn, params: Any, x_t: Array, t: Array,
                sigmas: param_lib.SigmaConfig, **kwargs: Any) -> Array:
-    """F_θ(x_t/σ_d, c_noise(t)) in the compute dtype of x_t and t (float32, float64 under x64).
+    """F_θ(x_t/σ_d, c_noise(t)) in the compute dtype of x_t and t (float32, float64 under x64); for an
+    "edm" network (``sigmas.trigflow_time``) −F_net(x_t/σ_d, c_noise(σ_d·tan t)) (module docstring).
 
     Args:
       apply_fn, params: the raw network and its parameters.
@@ -75,11 +95,12 @@ def raw_output(apply_fn: param_lib.ApplyFn, params: Any, x_t: Array, t: Array,
     dtype = param_lib.compute_dtype(x_t, t)
     x_t = jnp.asarray(x_t, dtype)
     tb = param_lib.broadcast_times(t, x_t, dtype)
-    out = apply_fn(params, x_t / sigmas.sigma_data,
-                   time_input(tb.reshape(x_t.shape[:1]), sigmas.c_noise), **kwargs)
+    out = apply_fn(params, x_t / sigmas.sigma_data, network_time(tb.reshape(x_t.shape[:1]), sigmas),
+                   **kwargs)
     if out.shape != x_t.shape:
         raise ValueError(f"The network returned shape {out.shape} for an input of shape {x_t.shape}.")
-    return out.astype(dtype)
+    out = out.astype(dtype)
+    return -out if sigmas.trigflow_time == "edm" else out
 
 
 def consistency_fn(apply_fn: param_lib.ApplyFn, params: Any, x_t: Array, t: Array,

@@ -99,3 +99,37 @@ def dead_pid() -> int:
     p = subprocess.Popen(["true"])
     p.wait()
     return p.pid
+
+
+def tiny_toy_config(method: str, **train):
+    """configs/toy.py with ``method`` on a tiny MLP (8 wide, 1 deep), batch 16, 4 steps."""
+    c = load_config("toy", f"method={method}")
+    c.model.kwargs = dict(hidden=8, depth=1)
+    c.data.batch_size = 16
+    c.train.update(**{**dict(num_steps=4, log_every=2, eval_every=4, ema_rates=(0.9,)), **train})
+    c.optim.update(warmup_steps=0, decay="constant")
+    c.eval.num_samples = 32
+    c.checkpoint.every = 4
+    return c
+
+
+def write_toy_edm_run(workdir) -> None:
+    """A toy EDM run's checkpoint at step 3 (``tiny_toy_config``) whose eval EMA differs from θ,
+    written directly: what ``config.init`` reads is the checkpoint, not how it was trained."""
+    import jax
+    import jax.numpy as jnp
+
+    from consistency_jax import build, checkpoint
+    from consistency_jax.config import validate
+    from consistency_jax.train_state import TrainState
+
+    cfg = tiny_toy_config("edm")
+    setup = validate(cfg)
+    tx, _ = build.make_optimizer(cfg)
+    _, _, init = build.build_network(cfg, (2,))
+    params = init(jax.random.key(1))
+    ema = jax.tree.map(lambda a: a + 0.5, params)
+    state = TrainState.create(params, tx, ema_rates=setup.ema_rates, use_target=False)
+    state = state.replace(step=jnp.int32(3), ema_params={"0.9": ema})
+    with checkpoint.Checkpointer(str(workdir), every=1, keep=1) as ckpt:
+        ckpt.save(state, step=3, data_state={"step": 3}, config=cfg)

@@ -9,15 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config
+from conftest import load_config, tiny_toy_config, write_toy_edm_run
 from consistency_jax import build
-from consistency_jax import checkpoint as C
 from consistency_jax import experiment as E
 from consistency_jax import loading
 from consistency_jax import parameterization as P
 from consistency_jax.config import validate
 from consistency_jax.methods import ect as ECT
-from consistency_jax.train_state import TrainState
 from conftest import x64
 
 SIG = P.SigmaConfig()
@@ -170,15 +168,7 @@ def test_gradient_flows_only_through_the_online_pass():
         assert np.abs(np.asarray(g[name]) - np.asarray(wrong[name])).max() > 1e-4
 
 
-def _toy(method, **train):
-    c = load_config("toy", f"method={method}")
-    c.model.kwargs = dict(hidden=8, depth=1)
-    c.data.batch_size = 16
-    c.train.update(**{**dict(num_steps=4, log_every=2, eval_every=4, ema_rates=(0.9,)), **train})
-    c.optim.update(warmup_steps=0, decay="constant")
-    c.eval.num_samples = 32
-    c.checkpoint.every = 4
-    return c
+_toy = tiny_toy_config
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -198,27 +188,12 @@ def test_config_checks_name_the_field(field, value, message):
         validate(c)
 
 
-def _source_run(workdir):
-    """A toy EDM run's checkpoint at step 3 whose eval EMA differs from θ (written directly: what
-    config.init reads is the checkpoint, not how it was trained)."""
-    cfg = _toy("edm")
-    setup = validate(cfg)
-    tx, _ = build.make_optimizer(cfg)
-    _, _, init = build.build_network(cfg, (2,))
-    params = init(jax.random.key(1))
-    ema = jax.tree.map(lambda a: a + 0.5, params)
-    state = TrainState.create(params, tx, ema_rates=setup.ema_rates, use_target=False)
-    state = state.replace(step=jnp.int32(3), ema_params={"0.9": ema})
-    with C.Checkpointer(str(workdir), every=1, keep=1) as ckpt:
-        ckpt.save(state, step=3, data_state={"step": 3}, config=cfg)
-
-
 def test_ect_starts_from_another_runs_ema_trains_and_resumes(tmp_path, caplog, monkeypatch):
     """An ECT run with config.init.workdir (a toy EDM run) starts with θ and its eval EMA equal to the
     source's EMA, trains through two stages and writes metrics; resuming does not read the source; a
     source with another network is refused before anything is built."""
     source = tmp_path / "edm"
-    _source_run(source)
+    write_toy_edm_run(source)
     src = loading.read_arrays(str(source))
     src_ema = {k.split("/", 2)[2]: v for k, v in src.items() if k.startswith("ema/0.9/")}
     assert src_ema and not any(np.array_equal(v, src[f"state/params/{k}"])

@@ -122,6 +122,74 @@ def test_converted_edm_teacher_is_the_same_model_in_float64():
         np.testing.assert_allclose(np.asarray(x) / np.cos(t1), want, rtol=0, atol=2e-6)
 
 
+def test_an_edm_network_is_the_same_model_in_trigflow_float64():
+    """sigmas.trigflow_time="edm": σ_d·F_θ(x_t/σ_d, t) of an EDM network's parameters is the converted
+    EDM teacher's velocity, and the TrigFlow consistency function at (x_σ, σ) is the EDM denoiser D_θ
+    (sCD's student starts as its teacher); the network sees 0.25·ln(σ_d·tan t)."""
+    with x64():
+        module = get_network("mlp", hidden=16, depth=2)
+        apply_fn = make_apply_fn(module)
+        params = module.init(jax.random.key(5), jnp.zeros((1, 2)), jnp.zeros((1,)))["params"]
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+        edm = P.SigmaConfig(trigflow_time="edm")
+        rng = np.random.default_rng(6)
+        x_sigma = jnp.asarray(rng.standard_normal((6, 2)))
+        sigma = jnp.asarray([0.002, 0.05, 0.5, 1.0, 7.0, 80.0])
+        t = TF.t_from_sigma(sigma, SD)
+        x_t = jnp.cos(t)[:, None] * x_sigma
+        teacher_v = TF.edm_velocity(P.network_teacher(apply_fn, SIG), SD)(params, x_t, t)
+        got = SD * TF.raw_output(apply_fn, params, x_t, t, edm)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(teacher_v), rtol=1e-10, atol=1e-12)
+        f = TF.consistency_fn_sigma(apply_fn, params, x_sigma, sigma, edm)
+        np.testing.assert_allclose(np.asarray(f), np.asarray(P.denoiser_fn(apply_fn, params, x_sigma,
+                                                                           sigma, SIG)),
+                                   rtol=1e-12, atol=1e-14)
+        # the angle network is another function of the same parameters
+        other = TF.consistency_fn_sigma(apply_fn, params, x_sigma, sigma, SIG)
+        assert np.max(np.abs(np.asarray(other) - np.asarray(f))) > 1e-3
+        seen = []
+        TF.raw_output(lambda p, y, c, **_: seen.append(c) or y, None, x_t, t, edm)
+        np.testing.assert_allclose(np.asarray(seen[0]), 0.25 * np.log(np.asarray(sigma)), rtol=1e-12,
+                                   atol=1e-15)
+        assert np.isfinite(np.asarray(TF.network_time(jnp.zeros(2), edm))).all()
+
+
+def test_scd_starts_as_its_edm_teacher_from_config_init(tmp_path):
+    """sCD with config.init.workdir = an EDM run and sigmas.trigflow_time=edm: θ is the source's EMA
+    (the weighting head starts fresh, w ≡ 0), so the student's consistency function is the source's EDM
+    denoiser; it trains. Without trigflow_time=edm the init is refused, naming the field."""
+    from conftest import tiny_toy_config, write_toy_edm_run
+    from consistency_jax import build, experiment, loading
+    from consistency_jax.config import validate
+
+    source = tmp_path / "edm"
+    write_toy_edm_run(source)
+    src_cfg, src_ema, _ = loading.load_eval_params(str(source))
+    c = tiny_toy_config("scd")
+    c.loss.tangent_warmup = 2
+    c.init.workdir = str(source)
+    with pytest.raises(ValueError, match=r"--config\.sigmas\.trigflow_time=edm"):
+        validate(c)
+    c.sigmas.trigflow_time = "edm"
+    setup = validate(c)
+    _, apply_fn, init = build.build_network(c, (2,))
+    start = build.load_init_params(c, init, setup.mesh)
+    assert set(start) == {"net", "logvar_hidden", "logvar_out"}
+    for a, b in zip(jax.tree.leaves(start["net"]), jax.tree.leaves(src_ema)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.any(np.asarray(start["logvar_out"]["kernel"]))
+    x = jnp.asarray(np.random.default_rng(7).standard_normal((5, 2)), jnp.float32)
+    sigma = jnp.asarray([0.01, 0.3, 1.0, 5.0, 80.0], jnp.float32)
+    student = TF.consistency_fn_sigma(apply_fn, start, x, sigma, setup.sigmas)
+    src_apply = build.build_network(src_cfg, (2,))[1]
+    teacher = P.denoiser_fn(src_apply, src_ema, x, sigma, setup.sigmas)
+    np.testing.assert_allclose(np.asarray(student), np.asarray(teacher), rtol=1e-5, atol=1e-5)
+    state = experiment.train_and_evaluate(c, str(tmp_path / "scd"))
+    assert int(state.step) == 4
+    row = json.loads((tmp_path / "scd" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(row["map_error"])
+
+
 def test_scd_tangent_vanishes_at_the_exact_consistency_function():
     """The toy's exact TrigFlow consistency function (its PF-ODE integrated to t ≈ 0 by RK4 inside the
     network, so the jvp goes through the solver) is the fixed point of sCD: with the converted exact
@@ -182,7 +250,7 @@ def test_tangent_is_the_closed_form_time_derivative(r):
         np.testing.assert_allclose(np.asarray(g), want, rtol=1e-12, atol=1e-14)
 
 
-def test_tangent_through_the_toy_mlp_equals_central_differences():
+def test_tangent_through_the_toy_mlp_equals_central_differences(sig=SIG):
     """cos t·df⁻/dt along the TrigFlow path through the library's MLP (float32) against central
     differences of f(x_{t±h}, t ± h)."""
     module = get_network("mlp", hidden=32, depth=2)
@@ -190,7 +258,7 @@ def test_tangent_through_the_toy_mlp_equals_central_differences():
     params = module.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros((1,)))["params"]
     rng = np.random.default_rng(4)
     x0, z, t, x_t, v = _path(rng, 5, 2)
-    _, g = S.tangent(apply_fn, SIG, params, jnp.asarray(x_t, jnp.float32), jnp.asarray(t, jnp.float32),
+    _, g = S.tangent(apply_fn, sig, params, jnp.asarray(x_t, jnp.float32), jnp.asarray(t, jnp.float32),
                      jnp.asarray(v, jnp.float32), 1.0)
     h = 1e-3
 
@@ -198,11 +266,37 @@ def test_tangent_through_the_toy_mlp_equals_central_differences():
         tt = t + dt
         xt = np.cos(tt)[:, None] * x0 + np.sin(tt)[:, None] * z
         return np.asarray(TF.consistency_fn(apply_fn, params, jnp.asarray(xt, jnp.float32),
-                                            jnp.asarray(tt, jnp.float32), SIG), np.float64)
+                                            jnp.asarray(tt, jnp.float32), sig), np.float64)
 
     fd = np.cos(t)[:, None] * (f_at(h) - f_at(-h)) / (2 * h)
     assert np.max(np.abs(fd)) > 1e-2
     np.testing.assert_allclose(np.asarray(g), fd, rtol=0, atol=3e-3 * np.max(np.abs(fd)))
+
+
+def test_tangent_of_an_edm_network_equals_central_differences_float64():
+    """The tangent for an EDM network (sigmas.trigflow_time=edm: time input s = 0.25·ln(σ_d·tan t),
+    whose t-derivative grows like 1/(sin t·cos t) at both ends) against central differences of f in
+    float64, through the polynomial network (exact in float64; the MLP computes in float32)."""
+    sig = P.SigmaConfig(trigflow_time="edm")
+    with x64():
+        rng = np.random.default_rng(4)
+        params = _poly_params(rng, 2)
+        x0, z, t, x_t, v = _path(rng, 5, 2)
+        _, g = S.tangent(_poly_net, sig, params, jnp.asarray(x_t), jnp.asarray(t), jnp.asarray(v), 1.0)
+        h = 1e-6
+
+        def f_at(dt):
+            tt = t + dt
+            xt = np.cos(tt)[:, None] * x0 + np.sin(tt)[:, None] * z
+            return np.asarray(TF.consistency_fn(_poly_net, params, jnp.asarray(xt), jnp.asarray(tt), sig))
+
+        fd = np.cos(t)[:, None] * (f_at(h) - f_at(-h)) / (2 * h)
+        assert np.max(np.abs(fd)) > 1e-2
+        np.testing.assert_allclose(np.asarray(g), fd, rtol=0, atol=1e-7 * np.max(np.abs(fd)))
+        # the angle network's tangent is another one
+        _, g_angle = S.tangent(_poly_net, SIG, params, jnp.asarray(x_t), jnp.asarray(t), jnp.asarray(v),
+                               1.0)
+        assert np.max(np.abs(np.asarray(g_angle) - fd)) > 1e-2 * np.max(np.abs(fd))
 
 
 def test_loss_and_its_gradient_match_numpy_float64():
@@ -278,6 +372,7 @@ def test_normalized_scale_shift_keeps_the_parameters_and_normalises():
     ("loss.tangent_warmup", -1, "config.loss.tangent_warmup"),
     ("loss.p_std", 0.0, "config.loss.p_std"),
     ("model.logvar_head", False, "config.model.logvar_head"),
+    ("sigmas.trigflow_time", "sigma", "trigflow_time"),
 ])
 def test_config_errors_name_the_field(field, value, match):
     from consistency_jax import config as config_lib

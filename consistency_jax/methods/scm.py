@@ -117,7 +117,7 @@ def scm_loss(apply_fn: param_lib.ApplyFn, logvar_fn: Optional[Callable], sigmas:
     if logvar_fn is None:
         w = jnp.zeros_like(t)
     else:
-        w = logvar_fn(params, trigflow.time_input(t, sigmas.c_noise)).astype(sq.dtype)
+        w = logvar_fn(params, trigflow.network_time(t, sigmas)).astype(sq.dtype)
     per_example = jnp.exp(w) / dim * sq - w
     return jnp.mean(per_example), {"mean_t": jnp.mean(t), "tangent_norm": jnp.mean(g_norm),
                                    "logvar": jnp.mean(w), "mse": jnp.mean(sq) / dim}
