@@ -24,6 +24,10 @@ where
   - w_φ(t) is the learned log-variance head (``networks.logvar.WithLogVar``, ``config.model.logvar_head``),
     trained jointly with θ (adaptive weighting, sCM §4.2).
 
+The network sees the angle t, or, for an EDM network (``sigmas.trigflow_time="edm"``: an EDM run's
+parameters are then exactly the same TrigFlow model, so sCD's student can start as its teacher through
+``config.init``), c_noise(σ_d·tan t) with F_θ = −F_net (``trigflow.network_time``, ``trigflow.raw_output``).
+
 Forward-mode through attention: the library's attention is written with ``jnp.einsum`` and
 ``jax.nn.softmax`` (no fused kernel with a custom VJP), which JAX differentiates forward-mode exactly.
 
