@@ -10,7 +10,8 @@ timed against a baseline that runs the same network passes in one jitted functio
 
   cm_continuous_ct: one jvp of F (forward + tangent) whose primal output is differentiated (backward)
   cm_continuous_cd: the same plus one teacher forward
-  sct:              one jvp of F at θ⁻ (forward + tangent), plus forward + backward of F at θ
+  sct:              one jvp of F at θ⁻ (forward + tangent), plus forward + backward of F at θ towards
+                    a target made from the jvp (the backward depends on it, as in the method)
   scd:              the same plus one teacher forward
   ect:              forward + backward, plus one forward (the stop-gradient target), as iCT
   ict:              forward + backward, plus one forward (reference for images/s)
@@ -72,9 +73,9 @@ def baseline(kind: str, apply_fn, teacher_fn):
             f, df = jax.jvp(lambda x_, t_: apply_fn(params, x_, t_), (x, t), (v, jnp.ones_like(t)))
             return jnp.mean(f.astype(jnp.float32) * sg(df).astype(jnp.float32))
         if kind in ("sct", "scd"):
+            # the regression target comes from the jvp, so the backward waits for it (as in sCM)
             fm, dfm = jax.jvp(lambda x_, t_: apply_fn(sg(params), x_, t_), (x, t), (v, jnp.ones_like(t)))
-            out = jnp.mean(sg(fm + dfm).astype(jnp.float32))
-            return out + jnp.mean(apply_fn(params, x, t).astype(jnp.float32) ** 2)
+            return jnp.mean((apply_fn(params, x, t) - sg(fm + dfm)).astype(jnp.float32) ** 2)
         other = sg(apply_fn(params, x + v, t))  # ict / ect: the stop-gradient target forward
         return jnp.mean((apply_fn(params, x, t) - other).astype(jnp.float32) ** 2)
 
