@@ -66,7 +66,6 @@ def baseline(kind: str, apply_fn, teacher_fn):
     sg = jax.lax.stop_gradient
 
     def loss(params, teacher, x, t, v):
-        out = 0.0
         if kind.endswith("cd"):  # one teacher forward
             v = v + sg(teacher_fn(teacher, x, t)).astype(v.dtype)
         if kind.startswith("cm_continuous"):

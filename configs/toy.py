@@ -36,6 +36,12 @@ def get_config(arg=None):
         c.data.batch_size = 512
         c.train.update(num_steps=40_000, eval_every=20_000)
         c.checkpoint.every = 20_000
+    if args["method"] == "cm_continuous_cd":
+        # The true objective ‖df/dt‖ (stopgrad=False): its gradient is normalised per example, like
+        # sCM's tangent normalisation. With the pseudo-objective f·sg(G·df/dt) the model stayed near
+        # the identity at small σ (one-step map error 0.240·σ_d); with ‖df/dt‖ 0.049·σ_d and ≤ 0.047·σ_d
+        # at every σ of a probe (bench/RESULTS.md §6).
+        c.loss.stopgrad = False
     if args["method"] in ("sct", "scd"):
         # From scratch the tangent warm-up must be long: with r < 1 the objective is mostly flow
         # matching, and F first learns the (teacher's) velocity. With a 2k warm-up of 20k steps sCD's F
