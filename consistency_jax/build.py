@@ -136,6 +136,13 @@ def build_method(config, spec: methods_lib.MethodSpec, apply_fn, sigmas, example
                                                distance=distance, teacher=teacher))
 
 
+def init_adds_logvar_head(source: ml_collections.ConfigDict,
+                          config: ml_collections.ConfigDict) -> bool:
+    """This run has sCM's weighting head and the ``config.init`` source run has none: the head starts
+    fresh, the source's θ initialises the network beside it."""
+    return bool(config.model.get("logvar_head", False)) and not source.model.get("logvar_head", False)
+
+
 def load_init_params(config: ml_collections.ConfigDict, init_params: Callable[[jax.Array], PyTree],
                      mesh) -> PyTree:
     """θ from ``config.init.workdir``'s eval EMA (``config.init.ema_rate``; 0: its slowest), restored
@@ -147,8 +154,6 @@ def load_init_params(config: ml_collections.ConfigDict, init_params: Callable[[j
       ValueError: its parameters do not have the shapes and dtypes of this run's network.
     """
     from consistency_jax import loading
-
-    from consistency_jax.config import init_adds_logvar_head
 
     workdir = config.init.workdir
     shardings = fsdp_shardings(mesh, config.mesh.fsdp_min_size)

@@ -414,12 +414,6 @@ def network_kind(config) -> str:
     return "an EDM network"
 
 
-def init_adds_logvar_head(source, config) -> bool:
-    """This run has sCM's weighting head and the ``config.init`` source has none: the head starts
-    fresh, the source's θ initialises the network beside it."""
-    return bool(config.model.get("logvar_head", False)) and not source.model.get("logvar_head", False)
-
-
 def _check_init(config) -> None:
     """``config.init``: the source run holds a readable checkpoint of the same network (its config
     and its parameters' shapes and dtypes are read; no array is loaded, nothing compiled)."""
@@ -442,7 +436,7 @@ def _check_init(config) -> None:
         raise checkpoint.CheckpointError(f"{where}: {e}{hint}") from e
     # A field the source run's config predates has its default value there (e.g. model.logvar_head).
     # sCM's weighting head may be new here (it starts fresh; the source's θ becomes the "net" part).
-    fresh_head = init_adds_logvar_head(source, config)
+    fresh_head = build.init_adds_logvar_head(source, config)
     free = INIT_FREE_MODEL_FIELDS + (("model.logvar_head",) if fresh_head else ())
     diffs = [f"{k}: {theirs!r} -> {mine!r}" for k, theirs, mine in checkpoint.differing_fields(
                  checkpoint.config_to_dict(source), checkpoint.config_to_dict(config),
