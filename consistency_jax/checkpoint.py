@@ -646,7 +646,10 @@ class Checkpointer:
         for t in threading.enumerate():
             if (t is not threading.current_thread() and not t.daemon and t.is_alive()
                     and type(t).__module__.startswith("orbax")):
-                t.join(timeout)
+                try:  # Orbax's threads re-raise their own failure on join: another part of the
+                    t.join(timeout)  # same failed save, whose first error is being reported
+                except Exception as e:  # noqa: BLE001
+                    logging.warning("A thread of the failed save of %s: %s", self.directory, _brief(e))
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager (idempotent; the manager is released
