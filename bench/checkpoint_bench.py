@@ -12,6 +12,7 @@ restore into the live state, and one train step of the same model for comparison
 
 Prints a Markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,25 +67,35 @@ def _trained_looking(state: TrainState) -> TrainState:
     leaves, treedef = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     noisy = jax.jit(lambda k, x: x + 1e-3 * jax.random.normal(k, x.shape, x.dtype))
-    leaves = [noisy(k, x) if jnp.issubdtype(x.dtype, jnp.floating) else x
-              for k, x in zip(keys, leaves)]
+    leaves = [
+        noisy(k, x) if jnp.issubdtype(x.dtype, jnp.floating) else x for k, x in zip(keys, leaves)
+    ]
     return jax.tree.unflatten(treedef, leaves)
 
 
 def _state_bytes(state: TrainState) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.replace(teacher_params=None)))
+    return sum(
+        x.size * x.dtype.itemsize for x in jax.tree.leaves(state.replace(teacher_params=None))
+    )
 
 
 def _time_step(module, state, tx, batch_size: int, image_size: int, reps: int) -> float:
     sigmas = param_lib.SigmaConfig()
     cur = schedules.Curriculum(kind="constant", num_scales=18)
     shape = (image_size, image_size, 3)
-    method = ConsistencyTraining(apply_fn=make_apply_fn(module), sigmas=sigmas, curriculum=cur,
-                                 loss_cfg=losses_lib.LossConfig(distance="l2"),
-                                 distance=losses_lib.make_distance("l2", shape))
+    method = ConsistencyTraining(
+        apply_fn=make_apply_fn(module),
+        sigmas=sigmas,
+        curriculum=cur,
+        loss_cfg=losses_lib.LossConfig(distance="l2"),
+        distance=losses_lib.make_distance("l2", shape),
+    )
     step = jax.jit(make_train_step(method, tx), donate_argnums=0)
-    batch = {"image": jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (batch_size,) + shape),
-                                  jnp.float32)}
+    batch = {
+        "image": jnp.asarray(
+            np.random.default_rng(1).uniform(-1, 1, (batch_size,) + shape), jnp.float32
+        )
+    }
     state = jax.tree.map(jnp.array, state)  # a private copy: the step donates it
     rng = jax.random.key(0)
     state, m = step(state, batch, rng)  # compile
@@ -101,12 +112,17 @@ def _time_step(module, state, tx, batch_size: int, image_size: int, reps: int) -
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--synthetic", action="store_true", help="skip NCSN++, use random leaves")
-    parser.add_argument("--num_params", type=int, default=56_395_651,
-                        help="parameters of the synthetic state (NCSN++ CIFAR-10: 56.4 M)")
+    parser.add_argument(
+        "--num_params",
+        type=int,
+        default=56_395_651,
+        help="parameters of the synthetic state (NCSN++ CIFAR-10: 56.4 M)",
+    )
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3, help="saves per mode")
-    parser.add_argument("--step_batch", type=int, default=4,
-                        help="batch of the timed train step; 0 skips it")
+    parser.add_argument(
+        "--step_batch", type=int, default=4, help="batch of the timed train step; 0 skips it"
+    )
     parser.add_argument("--dir", default="", help="where to write (default: a temporary directory)")
     args = parser.parse_args(argv)
 
@@ -149,35 +165,45 @@ def main(argv=None) -> None:
                 block.append(t2 - t0)  # what the loop waits for: the check + Orbax's blocking part
                 total.append(t3 - t0)
         ckpt.close()
-        rows.append((mode, statistics.median(check), statistics.median(block),
-                     statistics.median(total)))
+        rows.append(
+            (mode, statistics.median(check), statistics.median(block), statistics.median(total))
+        )
     ckpt = ckpt_lib.Checkpointer(os.path.join(root, "async"), every=1, keep=2)
     t0 = time.perf_counter()
     restored, _ = ckpt.restore(state)
     jax.block_until_ready(restored)
     t_restore = time.perf_counter() - t0
     ckpt.close()
-    disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in
-               os.walk(os.path.join(root, "async", "checkpoints", str(args.reps + 1))) for f in fs)
+    disk = sum(
+        os.path.getsize(os.path.join(d, f))
+        for d, _, fs in os.walk(os.path.join(root, "async", "checkpoints", str(args.reps + 1)))
+        for f in fs
+    )
 
     step_s = None
     if module is not None and args.step_batch > 0:
         step_s = _time_step(module, state, tx, args.step_batch, args.image_size, reps=2)
 
     dev = jax.devices()[0]
-    print(f"\nCheckpoint save cost: {what}, {n_params / 1e6:.1f} M parameters; state (θ, θ⁻, 1 EMA, "
-          f"RAdam μ and ν) {size / 1e9:.2f} GB in memory, {disk / 1e9:.2f} GB on disk; "
-          f"{dev.platform} ({dev.device_kind}), {os.cpu_count()} CPU threads, jax {jax.__version__}; "
-          f"median of {args.reps} saves.\n")
-    print("| mode | finite check (s) | loop blocked by save() (s) | until committed (s) | "
-          "write GB/s |")
+    print(
+        f"\nCheckpoint save cost: {what}, {n_params / 1e6:.1f} M parameters; state (θ, θ⁻, 1 EMA, "
+        f"RAdam μ and ν) {size / 1e9:.2f} GB in memory, {disk / 1e9:.2f} GB on disk; "
+        f"{dev.platform} ({dev.device_kind}), {os.cpu_count()} CPU threads, jax {jax.__version__}; "
+        f"median of {args.reps} saves.\n"
+    )
+    print(
+        "| mode | finite check (s) | loop blocked by save() (s) | until committed (s) | "
+        "write GB/s |"
+    )
     print("|---|---|---|---|---|")
     for mode, check, block, total in rows:
         print(f"| {mode} | {check:.3f} | {block:.3f} | {total:.2f} | {size / 1e9 / total:.2f} |")
     print(f"\nrestore into the live state: {t_restore:.2f} s")
     if step_s is not None:
-        print(f"one CT train step of this network, batch {args.step_batch} on {dev.platform}: "
-              f"{step_s:.2f} s")
+        print(
+            f"one CT train step of this network, batch {args.step_batch} on {dev.platform}: "
+            f"{step_s:.2f} s"
+        )
     if not args.dir:
         shutil.rmtree(root, ignore_errors=True)
 

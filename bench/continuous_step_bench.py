@@ -21,6 +21,7 @@ the network. Steps and baselines are timed in round-robin (``timing.time_interle
 ratio of the two compiled programs is printed beside it: near 1 when the step does no network work
 beyond the baseline's, so a larger time ratio is scheduling, not computation.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-
 import timing  # noqa: E402
+
 from consistency_jax import losses, schedules, sharding  # noqa: E402
 from consistency_jax.methods.cm_continuous import ContinuousConsistency  # noqa: E402
 from consistency_jax.methods.ct import ConsistencyTraining  # noqa: E402
@@ -73,7 +74,9 @@ def baseline(kind: str, apply_fn, teacher_fn):
             return jnp.mean(f.astype(jnp.float32) * sg(df).astype(jnp.float32))
         if kind in ("sct", "scd"):
             # the regression target comes from the jvp, so the backward waits for it (as in sCM)
-            fm, dfm = jax.jvp(lambda x_, t_: apply_fn(sg(params), x_, t_), (x, t), (v, jnp.ones_like(t)))
+            fm, dfm = jax.jvp(
+                lambda x_, t_: apply_fn(sg(params), x_, t_), (x, t), (v, jnp.ones_like(t))
+            )
             return jnp.mean((apply_fn(params, x, t) - sg(fm + dfm)).astype(jnp.float32) ** 2)
         other = sg(apply_fn(params, x + v, t))  # ict / ect: the stop-gradient target forward
         return jnp.mean((apply_fn(params, x, t) - other).astype(jnp.float32) ** 2)
@@ -92,17 +95,22 @@ def build(method: str, module, example_shape, args, mesh):
     x0 = jax.random.uniform(jax.random.key(0), (b,) + example_shape, jnp.float32, -1, 1)
     net = WithLogVar(net=module) if method in ("sct", "scd") else module
     apply_fn = make_apply_fn(net)
-    init = lambda m: (lambda r: m.init({"params": r, "dropout": r}, x0[:1], jnp.zeros((1,)))["params"])
+    init = lambda m: (
+        lambda r: m.init({"params": r, "dropout": r}, x0[:1], jnp.zeros((1,)))["params"]
+    )
     params = jax.jit(init(net))(jax.random.key(1))
     teacher_params = jax.jit(init(module))(jax.random.key(2)) if method.endswith("cd") else None
     teacher = network_teacher(make_apply_fn(module), sigmas) if method.endswith("cd") else None
     if method == "ict":
-        m = ConsistencyTraining(apply_fn=apply_fn, sigmas=sigmas,
-                                curriculum=schedules.Curriculum(kind="ict", s0=10, s1=1280,
-                                                                total_steps=400_000),
-                                loss_cfg=losses.LossConfig(distance="pseudo_huber", weighting="ict",
-                                                           index_sampling="lognormal"),
-                                distance=losses.make_distance("pseudo_huber", example_shape))
+        m = ConsistencyTraining(
+            apply_fn=apply_fn,
+            sigmas=sigmas,
+            curriculum=schedules.Curriculum(kind="ict", s0=10, s1=1280, total_steps=400_000),
+            loss_cfg=losses.LossConfig(
+                distance="pseudo_huber", weighting="ict", index_sampling="lognormal"
+            ),
+            distance=losses.make_distance("pseudo_huber", example_shape),
+        )
     elif method == "ect":
         m = EasyConsistencyTuning(apply_fn=apply_fn, sigmas=sigmas)
     elif method.startswith("cm_continuous"):
@@ -110,49 +118,70 @@ def build(method: str, module, example_shape, args, mesh):
     else:
         m = SCM(apply_fn=apply_fn, logvar_fn=make_logvar_fn(net), sigmas=sigmas, teacher=teacher)
     tx = optax.radam(1e-4)
-    state = TrainState.create(params, tx, ema_rates=(0.9999,), use_target=m.keeps_target,
-                              teacher_params=teacher_params)
+    state = TrainState.create(
+        params, tx, ema_rates=(0.9999,), use_target=m.keeps_target, teacher_params=teacher_params
+    )
     shardings = sharding.state_shardings(state, mesh)
     state = sharding.place(state, shardings)
     step = sharding.jit_train_step(make_train_step(m, tx), mesh, shardings)
     batch = sharding.global_batch({"image": np.asarray(x0)}, mesh)
     rng = sharding.place(jax.random.key(3), sharding.replicated(mesh))
-    base = jax.jit(baseline(method, make_apply_fn(module),
-                            lambda p, x, t: make_apply_fn(module)(p, x, t)), donate_argnums=0)
+    base = jax.jit(
+        baseline(method, make_apply_fn(module), lambda p, x, t: make_apply_fn(module)(p, x, t)),
+        donate_argnums=0,
+    )
     t = jax.device_put(jnp.full((b,), 0.5, jnp.float32), sharding.batch_sharding(mesh))
     v = jax.device_put(jnp.asarray(x0), sharding.batch_sharding(mesh))
-    carry = (jax.tree.map(jnp.copy, state.params["net"] if method in ("sct", "scd") else state.params),
-             None if teacher_params is None else jax.tree.map(jnp.copy, state.teacher_params))
+    carry = (
+        jax.tree.map(jnp.copy, state.params["net"] if method in ("sct", "scd") else state.params),
+        None if teacher_params is None else jax.tree.map(jnp.copy, state.teacher_params),
+    )
     return {"step": (step, state, (batch, rng)), "baseline": (base, carry, (batch["image"], t, v))}
 
 
 def main(argv=None):
     args = parse_args(argv)
     ints = lambda s: tuple(int(v) for v in s.split(",") if v)
-    module, example_shape = timing.build_network(args.network, args.image_size, args.dtype,
-                                                  nf=args.nf, ch_mult=ints(args.ch_mult),
-                                                  num_res_blocks=args.num_res_blocks,
-                                                  attn=ints(args.attn), hidden=args.hidden)
+    module, example_shape = timing.build_network(
+        args.network,
+        args.image_size,
+        args.dtype,
+        nf=args.nf,
+        ch_mult=ints(args.ch_mult),
+        num_res_blocks=args.num_res_blocks,
+        attn=ints(args.attn),
+        hidden=args.hidden,
+    )
     if len(example_shape) == 3:
         example_shape = example_shape[:-1] + (args.channels,)
     mesh = sharding.make_mesh(-1, 1)
-    print(f"device: {timing.describe_device()}; network {args.network} {example_shape} batch {args.batch} "
-          f"{args.dtype}")
+    print(
+        f"device: {timing.describe_device()}; network {args.network} {example_shape} batch {args.batch} "
+        f"{args.dtype}"
+    )
     rows = []
     for method in args.methods.split(","):
         cases = build(method, module, example_shape, args, mesh)
         # XLA's FLOP count of both programs (before timing: the states are donated by the timer)
         flops = {k: timing.xla_flops(fn, state, *extra) for k, (fn, state, extra) in cases.items()}
         times, _ = timing.time_interleaved(cases, iters=args.iters, repeats=args.repeats)
-        row = {"method": method, "step_ms": 1e3 * times["step"], "baseline_ms": 1e3 * times["baseline"],
-               "ratio": times["step"] / times["baseline"], "images_per_s": args.batch / times["step"],
-               "flops_ratio": (flops["step"] / flops["baseline"]
-                               if flops["step"] and flops["baseline"] else None)}
+        row = {
+            "method": method,
+            "step_ms": 1e3 * times["step"],
+            "baseline_ms": 1e3 * times["baseline"],
+            "ratio": times["step"] / times["baseline"],
+            "images_per_s": args.batch / times["step"],
+            "flops_ratio": (
+                flops["step"] / flops["baseline"] if flops["step"] and flops["baseline"] else None
+            ),
+        }
         rows.append(row)
         fr = "n/a" if row["flops_ratio"] is None else f"{row['flops_ratio']:.3f}"
-        print(f"{method:18s} step {row['step_ms']:8.2f} ms  bare passes {row['baseline_ms']:8.2f} ms  "
-              f"ratio {row['ratio']:.3f}  {row['images_per_s']:8.1f} img/s  XLA flops ratio {fr}",
-              flush=True)
+        print(
+            f"{method:18s} step {row['step_ms']:8.2f} ms  bare passes {row['baseline_ms']:8.2f} ms  "
+            f"ratio {row['ratio']:.3f}  {row['images_per_s']:8.1f} img/s  XLA flops ratio {fr}",
+            flush=True,
+        )
     timing.write_json(args.json, args, rows)
 
 

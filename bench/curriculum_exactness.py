@@ -17,6 +17,7 @@ a = (k·D + s0²·K)/K, math.isqrt), for the formula compiled with jax.jit on on
 It also checks that ``schedules.cm_num_scales`` equals the exact value at every step. The rounding of
 the compiled formula can depend on the backend (CPU / GPU / TPU): the device used is printed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,9 @@ CONFIGS = {
 
 def old_float32(k, K, s0, s1):
     """The float32 formula this library (and jcm's get_ema_scales_fn) used."""
-    return (jnp.ceil(jnp.sqrt(k.astype(jnp.float32) / K * ((s1 + 1) ** 2 - s0**2) + s0**2) - 1.0)
-            + 1.0).astype(jnp.int32)
+    return (
+        jnp.ceil(jnp.sqrt(k.astype(jnp.float32) / K * ((s1 + 1) ** 2 - s0**2) + s0**2) - 1.0) + 1.0
+    ).astype(jnp.int32)
 
 
 def exact(ks: np.ndarray, K: int, s0: int, s1: int) -> np.ndarray:
@@ -64,21 +66,31 @@ def exact(ks: np.ndarray, K: int, s0: int, s1: int) -> np.ndarray:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default=",".join(CONFIGS),
-                        help=f"comma-separated subset of {','.join(CONFIGS)}")
+    parser.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help=f"comma-separated subset of {','.join(CONFIGS)}",
+    )
     args = parser.parse_args()
-    print(f"device: {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), jax {jax.__version__}")
+    print(
+        f"device: {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), jax {jax.__version__}"
+    )
     for name in args.configs.split(","):
         K, s0, s1 = CONFIGS[name]
         ks = np.arange(K, dtype=np.int32)
         want = exact(ks, K, s0, s1)
         lib = np.asarray(jax.jit(lambda k: schedules.cm_num_scales(k, K, s0, s1))(ks))
         assert np.array_equal(lib, want), f"{name}: schedules.cm_num_scales is not exact"
-        print(f"\n{name}: K={K}, s0={s0}, s1={s1}; N runs {want[0]}..{want[-1]}; "
-              f"schedules.cm_num_scales == exact at all {K} steps")
+        print(
+            f"\n{name}: K={K}, s0={s0}, s1={s1}; N runs {want[0]}..{want[-1]}; "
+            f"schedules.cm_num_scales == exact at all {K} steps"
+        )
         modes = (
             # One scalar step at a time inside jit, as in the compiled train step.
-            ("jit, scalar k", jax.jit(lambda k: jax.lax.map(lambda s: old_float32(s, K, s0, s1), k))),
+            (
+                "jit, scalar k",
+                jax.jit(lambda k: jax.lax.map(lambda s: old_float32(s, K, s0, s1), k)),
+            ),
             ("jit, vector of k", jax.jit(lambda k: old_float32(k, K, s0, s1))),
             ("eager, vector of k", lambda k: old_float32(k, K, s0, s1)),
         )

@@ -7,6 +7,7 @@ Each PNG has a block per model (rows: the held-out input, what the editor sees, 
 commands run are those of the README (``python -m consistency_jax.sample --edit=...``), called in
 process. Colorization needs an RGB model and is not part of the digits pictures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,16 +41,26 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     runs = [("consistency model (" + os.path.basename(args.cm.rstrip("/")) + ")", args.cm)]
     if args.edm:
-        runs.append(("EDM teacher, Heun 18 steps (" + os.path.basename(args.edm.rstrip("/")) + ")", args.edm))
+        runs.append(
+            (
+                "EDM teacher, Heun 18 steps (" + os.path.basename(args.edm.rstrip("/")) + ")",
+                args.edm,
+            )
+        )
     with tempfile.TemporaryDirectory() as tmp:
         for task, extra in TASKS.items():
             blocks = []
             for label, workdir in runs:
                 edit = "inpaint" if task.startswith("inpaint") else task
                 request = sample_lib.SampleRequest(
-                    workdir=workdir, out=os.path.join(tmp, task, os.path.basename(workdir)),
-                    num_samples=args.count, edit=edit, seed=0,
-                    inputs="" if edit == "interpolate" else "tfds:sklearn_digits/8:test", **extra)
+                    workdir=workdir,
+                    out=os.path.join(tmp, task, os.path.basename(workdir)),
+                    num_samples=args.count,
+                    edit=edit,
+                    seed=0,
+                    inputs="" if edit == "interpolate" else "tfds:sklearn_digits/8:test",
+                    **extra,
+                )
                 summary = sample_lib.run_edit(request)
                 blocks.append((label, Image.open(summary["png"]).convert("RGB")))
                 print(task, label, summary["png"], flush=True)

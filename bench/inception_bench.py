@@ -16,6 +16,7 @@ transfers are a small part of a 5.7 GFLOP forward). The time for 50 000 images i
 from the extractor's rate per device. Weights are random (``tools/make_inception_fixture.py``):
 speed does not depend on them; FIDs do, and need the real weights.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,16 +28,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-
 import timing  # noqa: E402
+
 from consistency_jax.metrics import inception as I  # noqa: E402
 
 
 def _random_variables():
     import importlib.util
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
-                        "make_inception_fixture.py")
+    path = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        "tools",
+        "make_inception_fixture.py",
+    )
     spec = importlib.util.spec_from_file_location("_make_inception_fixture", path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
@@ -56,26 +60,41 @@ def main() -> None:
     extractor = I.InceptionFeatureExtractor(variables, batch_size=args.batch)
     batch = extractor.batch_size
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (batch * args.batches, args.image_size, args.image_size, 3), dtype=np.uint8)
+    images = rng.integers(
+        0, 256, (batch * args.batches, args.image_size, args.image_size, 3), dtype=np.uint8
+    )
     x = jax.device_put(I.preprocess(images[:batch]), extractor._batch_sharding)
     bare = jax.jit(lambda v, x: I.InceptionV3().apply(v, x))
     flops = timing.xla_flops(bare, extractor.variables, x)
-    times, _ = timing.time_interleaved({
-        "bare": (timing.stateless(bare), None, (extractor.variables, x)),
-        "extractor": (timing.stateless(lambda: extractor(images).pool), None, ()),
-    }, iters=args.iters, repeats=args.repeats, warmup=1)
+    times, _ = timing.time_interleaved(
+        {
+            "bare": (timing.stateless(bare), None, (extractor.variables, x)),
+            "extractor": (timing.stateless(lambda: extractor(images).pool), None, ()),
+        },
+        iters=args.iters,
+        repeats=args.repeats,
+        warmup=1,
+    )
     bare_rate = batch / times["bare"]
     ext_rate = images.shape[0] / times["extractor"]
     devices = extractor.num_devices
     print(f"device: {timing.describe_device()}")
-    print(f"batch {batch}, {args.batches} batches of {args.image_size}x{args.image_size} uint8 per call")
+    print(
+        f"batch {batch}, {args.batches} batches of {args.image_size}x{args.image_size} uint8 per call"
+    )
     if flops:
         print(f"XLA FLOPs per image (forward at 299x299): {flops / batch / 1e9:.2f} G")
-    print(f"bare network forward: {bare_rate:.2f} images/s ({times['bare'] * 1e3:.0f} ms per batch)")
-    print(f"extractor (uint8 in, features out): {ext_rate:.2f} images/s; efficiency {ext_rate / bare_rate:.3f}")
+    print(
+        f"bare network forward: {bare_rate:.2f} images/s ({times['bare'] * 1e3:.0f} ms per batch)"
+    )
+    print(
+        f"extractor (uint8 in, features out): {ext_rate:.2f} images/s; efficiency {ext_rate / bare_rate:.3f}"
+    )
     per_device = ext_rate / devices
-    print(f"50k images: {50000 / ext_rate / 60:.1f} min on these {devices} device(s) "
-          f"({50000 / per_device / 60:.1f} min per device at {per_device:.2f} images/s/device)")
+    print(
+        f"50k images: {50000 / ext_rate / 60:.1f} min on these {devices} device(s) "
+        f"({50000 / per_device / 60:.1f} min per device at {per_device:.2f} images/s/device)"
+    )
 
 
 if __name__ == "__main__":

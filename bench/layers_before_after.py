@@ -13,6 +13,7 @@ timed round-robin (before, after, before, after, ...) after compiling.
 NCSN++ uses all three (GroupNorm everywhere, FIR in every up/down block, attention at 16);
 the ADM UNet uses GroupNorm and attention (its resampling is nearest / average pooling).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,19 +34,28 @@ from consistency_jax.networks.ncsnpp import NCSNpp  # noqa: E402
 from consistency_jax.networks.unet import ADMUNet  # noqa: E402
 
 # (module, name) -> the formulation it replaced.
-OLD = {(L, "GroupNorm"): nn.GroupNorm,
-       (fir, "_fir_taps"): lambda k, scale=1.0: fir.setup_fir_kernel(k) * np.float32(scale),
-       (L, "_attention"): lambda q, k, v: jax.nn.dot_product_attention(q, k, v)}
+OLD = {
+    (L, "GroupNorm"): nn.GroupNorm,
+    (fir, "_fir_taps"): lambda k, scale=1.0: fir.setup_fir_kernel(k) * np.float32(scale),
+    (L, "_attention"): lambda q, k, v: jax.nn.dot_product_attention(q, k, v),
+}
 
 
 def build(args):
     dtype = jnp.dtype(args.dtype)
     if args.network == "ncsnpp":
-        return NCSNpp(nf=args.nf, ch_mult=(2, 2, 2), num_res_blocks=4, attn_resolutions=(16,),
-                      dtype=dtype)
-    return ADMUNet(model_channels=args.nf, channel_mult=(1, 2, 2), num_res_blocks=2,
-                   attention_resolutions=(16, 8), num_head_channels=32, num_classes=None,
-                   dtype=dtype)
+        return NCSNpp(
+            nf=args.nf, ch_mult=(2, 2, 2), num_res_blocks=4, attn_resolutions=(16,), dtype=dtype
+        )
+    return ADMUNet(
+        model_channels=args.nf,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=2,
+        attention_resolutions=(16, 8),
+        num_head_channels=32,
+        num_classes=None,
+        dtype=dtype,
+    )
 
 
 def random_params(module, x, c):
@@ -54,8 +64,9 @@ def random_params(module, x, c):
     params = module.init(jax.random.PRNGKey(0), x[:1], c[:1])["params"]
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    return jax.tree.unflatten(tree, [a + 0.02 * jax.random.normal(k, a.shape, a.dtype)
-                                     for a, k in zip(leaves, keys)])
+    return jax.tree.unflatten(
+        tree, [a + 0.02 * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)]
+    )
 
 
 def passes(module, params, x, c):
@@ -110,8 +121,10 @@ def main(argv=None):
             times[k].append(time.perf_counter() - t0)
     med = {k: 1e3 * float(np.median(v)) for k, v in times.items()}
     n = L.count_params(pa)
-    print(f"# {args.network} nf={args.nf} {args.image_size}x{args.image_size} batch {args.batch} "
-          f"{args.dtype}; {n / 1e6:.3f}M params; {jax.devices()[0].platform}, JAX {jax.__version__}")
+    print(
+        f"# {args.network} nf={args.nf} {args.image_size}x{args.image_size} batch {args.batch} "
+        f"{args.dtype}; {n / 1e6:.3f}M params; {jax.devices()[0].platform}, JAX {jax.__version__}"
+    )
     print(f"max |after - before| = {diff:.2e} (output scale {scale:.2e})")
     for pas in ("fwd", "fwd_bwd"):
         b, a = med[f"before_{pas}"], med[f"after_{pas}"]

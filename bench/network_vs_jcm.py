@@ -27,6 +27,7 @@ files untouched: ``jax.tree_map`` (removed) is aliased to ``jax.tree.map``, and 
 is replaced by a copy that splits the variables with ``flax.core.pop`` (``dict.pop`` returns only the
 value now that ``Module.init`` returns plain dicts). Nothing numeric changes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,15 +43,22 @@ ROOT = os.path.dirname(HERE)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--jcm", default=os.path.join(ROOT, ".anchor", "jcm"),
-                   help="checkout of openai/consistency_models_cifar10 (holds jcm/ and configs/)")
+    p.add_argument(
+        "--jcm",
+        default=os.path.join(ROOT, ".anchor", "jcm"),
+        help="checkout of openai/consistency_models_cifar10 (holds jcm/ and configs/)",
+    )
     p.add_argument("--jcm_python", default=sys.executable, help="interpreter for the jcm side")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--nf", type=int, default=32, help="base width (CIFAR-10: 128)")
     p.add_argument("--image_size", type=int, default=32)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="ours only: jcm's NCSN++ has no compute-dtype option")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="ours only: jcm's NCSN++ has no compute-dtype option",
+    )
     p.add_argument("--methods", default="ct,cd", help="train steps to time: ct, cd, or none")
     p.add_argument("--repeats", type=int, default=7, help="timed rounds inside a child")
     p.add_argument("--json", default="", help="write all rows to this file")
@@ -64,8 +72,10 @@ def parse_args(argv=None):
         p.error(f"--methods: unknown {bad}; use ct, cd or none")
     args.method_list = methods
     if not os.path.isdir(os.path.join(args.jcm, "jcm")):
-        p.error(f"--jcm={args.jcm}: no jcm/ package there (give a checkout of "
-                "openai/consistency_models_cifar10)")
+        p.error(
+            f"--jcm={args.jcm}: no jcm/ package there (give a checkout of "
+            "openai/consistency_models_cifar10)"
+        )
     return args
 
 
@@ -116,8 +126,9 @@ def _jcm_child(args) -> dict:
 
     if not hasattr(jax, "tree_map"):  # edit 1: removed alias
         jax.tree_map = jax.tree.map
-    from jcm import losses, sde_lib
     import importlib
+
+    from jcm import losses, sde_lib
 
     for name in ("ddpm", "ncsnpp", "ncsnv2"):  # importing registers the models
         importlib.import_module(f"jcm.models.{name}")
@@ -159,8 +170,10 @@ def _jcm_child(args) -> dict:
     fwd = jax.jit(net)
     fwd_bwd = jax.jit(jax.grad(lambda p, z, c, k: jnp.mean(net(p, z, c, k))))
     key = jax.random.PRNGKey(1)
-    fns = {"fwd": lambda: fwd(params, x, c_noise, key),
-           "fwd_bwd": lambda: fwd_bwd(params, x, c_noise, key)}
+    fns = {
+        "fwd": lambda: fwd(params, x, c_noise, key),
+        "fwd_bwd": lambda: fwd_bwd(params, x, c_noise, key),
+    }
 
     import haiku as hk
 
@@ -169,22 +182,35 @@ def _jcm_child(args) -> dict:
         rng = hk.PRNGSequence(cfg.seed)
         m, mstate, p0 = init_model(next(rng), cfg)
         optimizer, optimize_fn = losses.get_optimizer(cfg)
-        common = dict(step=0, lr=cfg.optim.lr, ema_rate=cfg.model.ema_rate, params=p0,
-                      params_ema=p0, model_state=mstate, opt_state=optimizer.init(p0),
-                      rng_state=rng.internal_state)
+        common = dict(
+            step=0,
+            lr=cfg.optim.lr,
+            ema_rate=cfg.model.ema_rate,
+            params=p0,
+            params_ema=p0,
+            model_state=mstate,
+            opt_state=optimizer.init(p0),
+            rng_state=rng.internal_state,
+        )
         if cfg.training.loss.lower().endswith(("ema", "adaptive", "progressive_distillation")):
             state = mutils.StateWithTarget(target_params=p0, **common)
         else:
             state = mutils.State(**common)
         sde = sde_lib.get_sde(cfg)
         loss_fn, _, state = losses.get_loss_fn(cfg, sde, m, state, next(rng))
-        step_fn = losses.get_step_fn(loss_fn, train=True, optimize_fn=optimize_fn,
-                                     ema_scales_fn=losses.get_ema_scales_fn(cfg))
+        step_fn = losses.get_step_fn(
+            loss_fn,
+            train=True,
+            optimize_fn=optimize_fn,
+            ema_scales_fn=losses.get_ema_scales_fn(cfg),
+        )
         p_step = jax.pmap(step_fn, axis_name="batch")
         nd = jax.local_device_count()
-        batch = {"image": np.asarray(x).reshape((nd, -1) + x.shape[1:]),
-                 "label": np.zeros((nd, args.batch // nd), np.int32),
-                 "mask": np.ones((nd, args.batch // nd), np.int32)}
+        batch = {
+            "image": np.asarray(x).reshape((nd, -1) + x.shape[1:]),
+            "label": np.zeros((nd, args.batch // nd), np.int32),
+            "mask": np.ones((nd, args.batch // nd), np.int32),
+        }
         batch = jax.tree.map(jax.pmap(lambda a: a), batch)
         holder = {"state": flax.jax_utils.replicate(state), "i": 0}
         keys = jax.pmap(lambda a: a)(jax.random.split(jax.random.PRNGKey(2), nd))
@@ -207,14 +233,21 @@ def _ours_child(args) -> dict:
     sys.path.insert(0, ROOT)
     import jax
     import jax.numpy as jnp
-
     import timing
     import train_step_bench as tsb
+
     from consistency_jax import sharding
     from consistency_jax.networks.layers import count_params
 
-    module, shape = timing.build_network("ncsnpp", args.image_size, args.dtype, nf=args.nf,
-                                         ch_mult=(2, 2, 2), num_res_blocks=4, attn=(16,))
+    module, shape = timing.build_network(
+        "ncsnpp",
+        args.image_size,
+        args.dtype,
+        nf=args.nf,
+        ch_mult=(2, 2, 2),
+        num_res_blocks=4,
+        attn=(16,),
+    )
     x, c_noise = _inputs(args)
     params = module.init(jax.random.PRNGKey(0), x[:1], c_noise[:1])["params"]
 
@@ -224,12 +257,22 @@ def _ours_child(args) -> dict:
     fwd = jax.jit(net)
     fwd_bwd = jax.jit(jax.grad(lambda p, z, c, k: jnp.mean(net(p, z, c, k))))
     key = jax.random.PRNGKey(1)
-    fns = {"fwd": lambda: fwd(params, x, c_noise, key),
-           "fwd_bwd": lambda: fwd_bwd(params, x, c_noise, key)}
+    fns = {
+        "fwd": lambda: fwd(params, x, c_noise, key),
+        "fwd_bwd": lambda: fwd_bwd(params, x, c_noise, key),
+    }
     mesh = sharding.make_mesh(-1, 1)
-    step_args = tsb.parse_args([f"--batch={args.batch}", f"--image_size={args.image_size}",
-                                f"--nf={args.nf}", "--ch_mult=2,2,2", "--num_res_blocks=4",
-                                "--attn=16", f"--dtype={args.dtype}"])
+    step_args = tsb.parse_args(
+        [
+            f"--batch={args.batch}",
+            f"--image_size={args.image_size}",
+            f"--nf={args.nf}",
+            "--ch_mult=2,2,2",
+            "--num_res_blocks=4",
+            "--attn=16",
+            f"--dtype={args.dtype}",
+        ]
+    )
     for method in args.method_list:
         built = tsb.build_step(method, step_args, module, shape, mesh)
         holder = {"state": built["state"]}
@@ -253,13 +296,21 @@ def main(argv=None):
         res.update(side=args._child, jax=jax.__version__, device=jax.devices()[0].device_kind)
         print(json.dumps(res), flush=True)
         return res
-    passthrough = [f"--jcm={args.jcm}", f"--nf={args.nf}", f"--image_size={args.image_size}",
-                   f"--batch={args.batch}", f"--dtype={args.dtype}",
-                   f"--methods={','.join(args.method_list) or 'none'}", f"--repeats={args.repeats}"]
+    passthrough = [
+        f"--jcm={args.jcm}",
+        f"--nf={args.nf}",
+        f"--image_size={args.image_size}",
+        f"--batch={args.batch}",
+        f"--dtype={args.dtype}",
+        f"--methods={','.join(args.method_list) or 'none'}",
+        f"--repeats={args.repeats}",
+    ]
     rows = []
     names = ["fwd", "fwd_bwd"] + [f"{m}_step" for m in args.method_list]
-    print(f"# NCSN++ nf={args.nf} ch_mult=2,2,2 4 res blocks attn 16, {args.image_size}x"
-          f"{args.image_size}, batch {args.batch}; ours {args.dtype}; jcm {args.jcm}")
+    print(
+        f"# NCSN++ nf={args.nf} ch_mult=2,2,2 4 res blocks attn 16, {args.image_size}x"
+        f"{args.image_size}, batch {args.batch}; ours {args.dtype}; jcm {args.jcm}"
+    )
     for r in range(1, args.rounds + 1):
         pair = {}
         for side, py in (("jcm", args.jcm_python), ("ours", sys.executable)):
@@ -270,15 +321,25 @@ def main(argv=None):
             pair[side] = json.loads(proc.stdout.strip().splitlines()[-1])
             pair[side]["round"] = r
             rows.append(pair[side])
-        print(f"round {r}: params jcm {pair['jcm']['params_M']:.3f}M ours {pair['ours']['params_M']:.3f}M")
+        print(
+            f"round {r}: params jcm {pair['jcm']['params_M']:.3f}M ours {pair['ours']['params_M']:.3f}M"
+        )
         for n in names:
             j, o = pair["jcm"][f"{n}_ms"], pair["ours"][f"{n}_ms"]
-            print(f"  {n:8s} jcm {j:9.1f} ms   ours {o:9.1f} ms   ours/jcm throughput {j / o:5.2f}x",
-                  flush=True)
+            print(
+                f"  {n:8s} jcm {j:9.1f} ms   ours {o:9.1f} ms   ours/jcm throughput {j / o:5.2f}x",
+                flush=True,
+            )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-                       "rows": rows}, f, indent=1)
+            json.dump(
+                {
+                    "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
     return rows
 
 

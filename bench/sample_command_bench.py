@@ -12,6 +12,7 @@ network forward, and the export writers (TFDS shards, .npz) against the images t
 * end to end: ``sample.run`` with --export_tfds on --num_samples samples (sampling + parts + shards +
   metadata + npz + grid), in images per second.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
 import timing  # noqa: E402
+
 from consistency_jax import export, loading, networks  # noqa: E402
 from consistency_jax import sample as sample_lib  # noqa: E402
 
@@ -43,11 +44,17 @@ def main(argv=None):
     args = p.parse_args(argv)
     ts = tuple(float(v) for v in args.ts.split(",") if v)
     tmp = tempfile.mkdtemp()
-    request = sample_lib.SampleRequest(workdir=args.workdir, out=os.path.join(tmp, "out"),
-                                       per_device_batch=args.batch // jax.local_device_count(),
-                                       sampler="multistep" if ts else "auto", ts=ts,
-                                       num_samples=args.num_samples, examples_per_shard=2500,
-                                       export_tfds="bench_samples", data_dir=os.path.join(tmp, "tfds"))
+    request = sample_lib.SampleRequest(
+        workdir=args.workdir,
+        out=os.path.join(tmp, "out"),
+        per_device_batch=args.batch // jax.local_device_count(),
+        sampler="multistep" if ts else "auto",
+        ts=ts,
+        num_samples=args.num_samples,
+        examples_per_shard=2500,
+        export_tfds="bench_samples",
+        data_dir=os.path.join(tmp, "tfds"),
+    )
     model = sample_lib.describe_run(request)
     _, params, _ = loading.load_eval_params(args.workdir)
     apply_fn = networks.make_apply_fn(networks.from_config(model.config.model))
@@ -59,24 +66,42 @@ def main(argv=None):
     kw = {"labels": jnp.zeros((args.batch,), jnp.int32)} if model.num_classes else {}
     forward = jax.jit(lambda p, x, c: apply_fn(p, x, c, **kw))
     indices = np.arange(args.batch, dtype=np.int32)
-    times, _ = timing.time_interleaved({
-        "forward": (timing.stateless(forward), None, (params, x, c)),
-        "generator": (timing.stateless(lambda p, i: generate(p, i)), None, (params, indices)),
-    }, iters=args.iters, repeats=args.repeats)
-    print(f"# {timing.describe_device()}; run {args.workdir} ({model.config.method}), "
-          f"{model.example_shape}, batch {args.batch}, {k} step(s)")
-    print(f"forward     {1e3 * times['forward']:9.2f} ms  {args.batch / times['forward']:10.1f} img/s")
-    print(f"generator   {1e3 * times['generator']:9.2f} ms  {args.batch / times['generator']:10.1f} img/s"
-          f"  efficiency {k * times['forward'] / times['generator']:.3f}")
+    times, _ = timing.time_interleaved(
+        {
+            "forward": (timing.stateless(forward), None, (params, x, c)),
+            "generator": (timing.stateless(lambda p, i: generate(p, i)), None, (params, indices)),
+        },
+        iters=args.iters,
+        repeats=args.repeats,
+    )
+    print(
+        f"# {timing.describe_device()}; run {args.workdir} ({model.config.method}), "
+        f"{model.example_shape}, batch {args.batch}, {k} step(s)"
+    )
+    print(
+        f"forward     {1e3 * times['forward']:9.2f} ms  {args.batch / times['forward']:10.1f} img/s"
+    )
+    print(
+        f"generator   {1e3 * times['generator']:9.2f} ms  {args.batch / times['generator']:10.1f} img/s"
+        f"  efficiency {k * times['forward'] / times['generator']:.3f}"
+    )
 
     rng = np.random.default_rng(0)
     n = 2500
-    images = np.asarray(generate(params, np.arange(n, dtype=np.int32))[0])[:n] if n <= args.batch else \
-        np.concatenate([np.asarray(generate(params, np.arange(b, b + args.batch, dtype=np.int32))[0])
-                        for b in range(0, n, args.batch)])[:n]
+    images = (
+        np.asarray(generate(params, np.arange(n, dtype=np.int32))[0])[:n]
+        if n <= args.batch
+        else np.concatenate(
+            [
+                np.asarray(generate(params, np.arange(b, b + args.batch, dtype=np.int32))[0])
+                for b in range(0, n, args.batch)
+            ]
+        )[:n]
+    )
     labels = rng.integers(0, model.num_classes or 1, n)
-    exp = export.TfdsExport(os.path.join(tmp, "tfds_w"), "writer_bench", model.example_shape,
-                            model.num_classes, n, n)
+    exp = export.TfdsExport(
+        os.path.join(tmp, "tfds_w"), "writer_bench", model.example_shape, model.num_classes, n, n
+    )
     t0 = time.perf_counter()
     exp.write_shard(0, images, labels if model.num_classes else None)
     t_shard = time.perf_counter() - t0
@@ -88,8 +113,10 @@ def main(argv=None):
     t0 = time.perf_counter()
     summary = sample_lib.run(request)
     t_all = time.perf_counter() - t0
-    print(f"end to end  {args.num_samples / t_all:10.1f} img/s ({args.num_samples} samples, export, npz, "
-          f"grid; compile included: {t_all:.1f} s); generator alone {summary['images_per_s']} img/s")
+    print(
+        f"end to end  {args.num_samples / t_all:10.1f} img/s ({args.num_samples} samples, export, npz, "
+        f"grid; compile included: {t_all:.1f} s); generator alone {summary['images_per_s']} img/s"
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ noise drawn on the device, f_θ = c_skip·x + c_out·F_θ(c_in·x, c_noise), the
 efficiency = k · t_forward / t_sampler (images/s of the sampler ÷ images/s of k bare forwards); the
 aim is ≥ 0.95.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-
 import timing  # noqa: E402
+
 from consistency_jax import sampling  # noqa: E402
 from consistency_jax.networks import make_apply_fn  # noqa: E402
 from consistency_jax.parameterization import SigmaConfig  # noqa: E402
@@ -42,8 +43,15 @@ def main(argv=None):
     args = parse_args(argv)
     ints = lambda s: tuple(int(v) for v in s.split(",") if v.strip())
     module, example_shape = timing.build_network(
-        args.network, args.image_size, args.dtype, nf=args.nf, ch_mult=ints(args.ch_mult),
-        num_res_blocks=args.num_res_blocks, attn=ints(args.attn), hidden=args.hidden)
+        args.network,
+        args.image_size,
+        args.dtype,
+        nf=args.nf,
+        ch_mult=ints(args.ch_mult),
+        num_res_blocks=args.num_res_blocks,
+        attn=ints(args.attn),
+        hidden=args.hidden,
+    )
     sigmas = SigmaConfig()
     apply_fn = make_apply_fn(module)
     shape = (args.batch,) + example_shape
@@ -57,8 +65,11 @@ def main(argv=None):
     cases = {"forward": (timing.stateless(forward), None, (params, x, c))}
     steps = {"1-step": (sigmas.sigma_max,), "2-step": (sigmas.sigma_max, 0.8)}
     for name, ts in steps.items():
-        sampler = jax.jit(lambda p, r, ts=ts: sampling.multistep_sample(
-            apply_fn, p, r, shape, ts, sigmas, clip=clip))
+        sampler = jax.jit(
+            lambda p, r, ts=ts: sampling.multistep_sample(
+                apply_fn, p, r, shape, ts, sigmas, clip=clip
+            )
+        )
         cases[name] = (timing.stateless(sampler), None, (params, rng))
     times, _ = timing.time_interleaved(cases, iters=args.iters, repeats=args.repeats)
     t_fwd = times["forward"]

@@ -10,6 +10,7 @@ partitioning and collectives, not a speed-up. With ``--platform=gpu`` / ``tpu`` 
 the first N real devices (``CUDA_VISIBLE_DEVICES`` / ``TPU_VISIBLE_CHIPS`` are not touched: the
 mesh is built from ``jax.devices()[:N]``). ``--fsdp=2`` shards the state over pairs of devices.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,9 +45,9 @@ def worker(args) -> dict:
     sys.path.insert(0, HERE)
     sys.path.insert(0, REPO)
     import jax
-
-    import train_step_bench
     import timing
+    import train_step_bench
+
     from consistency_jax import sharding
 
     n = args.worker
@@ -54,15 +55,27 @@ def worker(args) -> dict:
         raise SystemExit(f"Only {jax.device_count()} devices, {n} requested.")
     ints = lambda s: tuple(int(v) for v in s.split(",") if v.strip())
     module, example_shape = timing.build_network(
-        args.network, args.image_size, args.dtype, nf=args.nf, ch_mult=ints(args.ch_mult),
-        num_res_blocks=args.num_res_blocks, attn=ints(args.attn), hidden=args.hidden)
+        args.network,
+        args.image_size,
+        args.dtype,
+        nf=args.nf,
+        ch_mult=ints(args.ch_mult),
+        num_res_blocks=args.num_res_blocks,
+        attn=ints(args.attn),
+        hidden=args.hidden,
+    )
     fsdp = min(args.fsdp, n)
     mesh = sharding.make_mesh(n // fsdp, fsdp, devices=jax.devices()[:n])
     sharding.check_global_batch(args.batch, mesh, name="--batch")
-    r = train_step_bench.bench_method(args.method, args, module, example_shape, mesh,
-                                      baselines=False)
-    return {"devices": n, "mesh": dict(mesh.shape), "step_s": r["step_s"],
-            "images_per_s": r["images_per_s"]}
+    r = train_step_bench.bench_method(
+        args.method, args, module, example_shape, mesh, baselines=False
+    )
+    return {
+        "devices": n,
+        "mesh": dict(mesh.shape),
+        "step_s": r["step_s"],
+        "images_per_s": r["images_per_s"],
+    }
 
 
 def main(argv=None):
@@ -73,32 +86,46 @@ def main(argv=None):
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
     counts = [int(v) for v in args.devices.split(",")]
-    passthrough = [a for a in (argv if argv is not None else sys.argv[1:])
-                   if not a.startswith(("--devices", "--json"))]
+    passthrough = [
+        a
+        for a in (argv if argv is not None else sys.argv[1:])
+        if not a.startswith(("--devices", "--json"))
+    ]
     rows = []
     for n in counts:
         env = dict(os.environ)
         if args.platform == "cpu":
             env["JAX_PLATFORMS"] = "cpu"
-            env["XLA_FLAGS"] = " ".join(filter(None, [
-                env.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={n}"]))
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), *passthrough,
-                               f"--worker={n}"], env=env, capture_output=True, text=True)
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            env["XLA_FLAGS"] = " ".join(
+                filter(
+                    None, [env.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={n}"]
+                )
+            )
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), *passthrough, f"--worker={n}"],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
             sys.exit(f"{n} devices failed:\n{proc.stderr[-4000:]}")
-        rows.append(json.loads(lines[-1][len("RESULT "):]))
+        rows.append(json.loads(lines[-1][len("RESULT ") :]))
         r = rows[-1]
         print(f"{n} device(s) done: {1e3 * r['step_s']:.2f} ms/step", file=sys.stderr, flush=True)
     base = rows[0]["step_s"]
-    print(f"# {args.method} {args.network} image={args.image_size} batch={args.batch} "
-          f"dtype={args.dtype} fsdp={args.fsdp} platform={args.platform}")
+    print(
+        f"# {args.method} {args.network} image={args.image_size} batch={args.batch} "
+        f"dtype={args.dtype} fsdp={args.fsdp} platform={args.platform}"
+    )
     print(f"| devices | mesh (data×fsdp) | step ms | images/s | step time / {counts[0]}-device |")
     print("|---|---|---|---|---|")
     for r in rows:
         m = r["mesh"]
-        print(f"| {r['devices']} | {m['data']}×{m['fsdp']} | {1e3 * r['step_s']:.2f} | "
-              f"{r['images_per_s']:.1f} | {r['step_s'] / base:.3f} |")
+        print(
+            f"| {r['devices']} | {m['data']}×{m['fsdp']} | {1e3 * r['step_s']:.2f} | "
+            f"{r['images_per_s']:.1f} | {r['step_s'] / base:.3f} |"
+        )
     import timing
 
     timing.write_json(args.json, args, rows, device=False)

@@ -9,6 +9,7 @@ that it left the toy and digits results of bench/RESULTS.md unchanged without re
 Each job runs ``python -m consistency_jax.main`` of the checkout given by ``--repo`` (the command line
 is the same for every version), in that checkout, with the interpreter running this script.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,23 +20,41 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-JOBS = ("toy:ct", "toy:ict", "toy:cd", "toy:edm", "digits:edm", "digits:ict", "digits:ct",
-        "digits:cd")
+JOBS = (
+    "toy:ct",
+    "toy:ict",
+    "toy:cd",
+    "toy:edm",
+    "digits:edm",
+    "digits:ict",
+    "digits:ct",
+    "digits:cd",
+)
 
 
 def run_job(repo: str, out: str, job: str, steps: int) -> str:
     config, method = job.split(":")
     workdir = os.path.join(out, f"{config}_{method}")
-    flags = [f"--config=configs/{config}.py:method={method}", f"--workdir={workdir}",
-             f"--config.train.num_steps={steps}", f"--config.train.log_every={steps}",
-             f"--config.train.eval_every={steps}", f"--config.checkpoint.every={steps}"]
+    flags = [
+        f"--config=configs/{config}.py:method={method}",
+        f"--workdir={workdir}",
+        f"--config.train.num_steps={steps}",
+        f"--config.train.log_every={steps}",
+        f"--config.train.eval_every={steps}",
+        f"--config.checkpoint.every={steps}",
+    ]
     if config == "digits":
         flags.append(f"--config.data.data_dir={os.path.join(out, 'tfds')}")
     if method == "cd" and config == "digits":
         flags.append(f"--config.teacher.workdir={os.path.join(out, 'digits_edm')}")
     env = dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-    proc = subprocess.run([sys.executable, "-m", "consistency_jax.main", *flags], cwd=repo, env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "consistency_jax.main", *flags],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode:
         raise SystemExit(f"{job} failed:\n{proc.stderr[-3000:]}")
     return workdir

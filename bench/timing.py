@@ -5,11 +5,13 @@ dispatch keeps the device busy, as in a training loop) and blocks on the last re
 time is the median over repeats of the per-call time, and the functions of one comparison are timed
 in round-robin.
 """
+
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +32,7 @@ PEAK_FLOPS: dict[str, tuple[float, float]] = {
 }
 
 
-def peak_flops(dtype: str, override_tflops: float = 0.0) -> Optional[float]:
+def peak_flops(dtype: str, override_tflops: float = 0.0) -> float | None:
     """The device's dense peak for ``dtype`` (None when unknown, e.g. on CPU)."""
     if override_tflops > 0:
         return override_tflops * 1e12
@@ -45,8 +47,13 @@ def block(tree: Any) -> Any:
     return jax.block_until_ready(tree)
 
 
-def time_interleaved(cases: dict[str, tuple[Callable, Any, Sequence[Any]]], *, iters: int = 10,
-                     repeats: int = 5, warmup: int = 2) -> tuple[dict[str, float], dict[str, Any]]:
+def time_interleaved(
+    cases: dict[str, tuple[Callable, Any, Sequence[Any]]],
+    *,
+    iters: int = 10,
+    repeats: int = 5,
+    warmup: int = 2,
+) -> tuple[dict[str, float], dict[str, Any]]:
     """Median seconds per call of several ``state, aux = step(state, *args)`` functions, timed in
     round-robin (A B C A B C ...) so that a machine whose load drifts affects them alike; ratios of
     the results are then more trustworthy than from back-to-back runs.
@@ -80,7 +87,7 @@ def stateless(fn: Callable) -> Callable:
     return lambda state, *args: (state, fn(*args))
 
 
-def xla_flops(jitted, *args) -> Optional[float]:
+def xla_flops(jitted, *args) -> float | None:
     """FLOPs of one call according to XLA's cost analysis of the compiled program (None if absent)."""
     try:
         cost = jitted.lower(*args).compile().cost_analysis()
@@ -93,9 +100,18 @@ def xla_flops(jitted, *args) -> Optional[float]:
     return float(cost["flops"])
 
 
-def build_network(name: str, image_size: int, dtype: str, *, nf: int = 32,
-                  ch_mult: Sequence[int] = (1, 2), num_res_blocks: int = 1,
-                  attn: Sequence[int] = (), hidden: int = 256, depth: int = 4):
+def build_network(
+    name: str,
+    image_size: int,
+    dtype: str,
+    *,
+    nf: int = 32,
+    ch_mult: Sequence[int] = (1, 2),
+    num_res_blocks: int = 1,
+    attn: Sequence[int] = (),
+    hidden: int = 256,
+    depth: int = 4,
+):
     """(module, example_shape): a small NCSN++ on image_size² RGB images, or the MLP on 2-D data."""
     from consistency_jax.networks import get_network
 
@@ -103,10 +119,16 @@ def build_network(name: str, image_size: int, dtype: str, *, nf: int = 32,
     if name == "mlp":
         return get_network("mlp", hidden=hidden, depth=depth, **kw), (2,)
     try:
-        module = get_network(name, nf=nf, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks,
-                             attn_resolutions=tuple(attn), **kw)
+        module = get_network(
+            name,
+            nf=nf,
+            ch_mult=tuple(ch_mult),
+            num_res_blocks=num_res_blocks,
+            attn_resolutions=tuple(attn),
+            **kw,
+        )
     except (ImportError, ModuleNotFoundError) as e:
-        raise SystemExit(f"Network {name!r} is not available ({e}); use --network=mlp.")
+        raise SystemExit(f"Network {name!r} is not available ({e}); use --network=mlp.") from e
     return module, (image_size, image_size, 3)
 
 

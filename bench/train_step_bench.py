@@ -21,6 +21,7 @@ the compiled step; MFU is printed where the device's peak is known (``--peak_tfl
 ``--loop`` also times a realistic loop (host batch -> global array -> step) with and without device
 prefetch of the next batch (``sharding.prefetch_to_mesh``), against pre-staged device batches.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,13 +36,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-
 import timing  # noqa: E402
+
 from consistency_jax import losses, schedules, sharding  # noqa: E402
-from consistency_jax.networks import make_apply_fn  # noqa: E402
 from consistency_jax.methods.cd import ConsistencyDistillation  # noqa: E402
 from consistency_jax.methods.ct import ConsistencyTraining  # noqa: E402
 from consistency_jax.methods.edm import EDMDenoiser  # noqa: E402
+from consistency_jax.networks import make_apply_fn  # noqa: E402
 from consistency_jax.parameterization import SigmaConfig, network_teacher  # noqa: E402
 from consistency_jax.train import make_train_step  # noqa: E402
 from consistency_jax.train_state import TrainState, ema_update  # noqa: E402
@@ -56,9 +57,15 @@ def parse_args(argv=None):
     p.add_argument("--fsdp", type=int, default=1, help="fsdp size of the mesh")
     p.add_argument("--peak_tflops", type=float, default=0.0, help="override the device peak")
     p.add_argument("--loop", action="store_true", help="also time the host->device input loop")
-    p.add_argument("--microbatches", type=int, default=1, help="gradient accumulation (train.microbatches)")
-    p.add_argument("--steps_per_call", type=int, default=1,
-                   help="> 1: also time a lax.scan of this many steps per call (train.steps_per_call)")
+    p.add_argument(
+        "--microbatches", type=int, default=1, help="gradient accumulation (train.microbatches)"
+    )
+    p.add_argument(
+        "--steps_per_call",
+        type=int,
+        default=1,
+        help="> 1: also time a lax.scan of this many steps per call (train.steps_per_call)",
+    )
     p.add_argument("--no_donate", action="store_true", help="do not donate the state (to compare)")
     p.add_argument("--json", default="", help="write the results to this file")
     return p.parse_args(argv)
@@ -100,8 +107,9 @@ def make_baseline(kind: str, apply_fn, tx, with_opt: bool):
         tgt = target if target is not None else params
         value, grads = jax.value_and_grad(loss)(params, tgt, teacher, x, t)
         if with_opt:
-            params, opt_state, target, emas = _adam_and_emas(params, grads, opt_state, tx, target,
-                                                             emas)
+            params, opt_state, target, emas = _adam_and_emas(
+                params, grads, opt_state, tx, target, emas
+            )
         else:  # keep the gradients alive without an update
             params = jax.tree.map(lambda p, g: p - 0.0 * g, params, grads)
         return (params, opt_state, target, teacher, emas), value
@@ -130,29 +138,56 @@ def build_step(method: str, args, module, example_shape, mesh, batch_size: int |
     if method == "edm":
         loss_fn = EDMDenoiser(apply_fn=apply_fn, sigmas=sigmas)
     else:
-        parts = dict(apply_fn=apply_fn, sigmas=sigmas, curriculum=curriculum,
-                     loss_cfg=losses.LossConfig(solver="heun"), distance=losses.l2_distance)
-        loss_fn = (ConsistencyTraining(**parts) if method == "ct" else ConsistencyDistillation(
-            **parts, teacher=network_teacher(apply_fn, sigmas)))
-    state = TrainState.create(params, tx, ema_rates=(0.9999,), use_target=loss_fn.keeps_target,
-                              teacher_params=teacher_params)
+        parts = dict(
+            apply_fn=apply_fn,
+            sigmas=sigmas,
+            curriculum=curriculum,
+            loss_cfg=losses.LossConfig(solver="heun"),
+            distance=losses.l2_distance,
+        )
+        loss_fn = (
+            ConsistencyTraining(**parts)
+            if method == "ct"
+            else ConsistencyDistillation(**parts, teacher=network_teacher(apply_fn, sigmas))
+        )
+    state = TrainState.create(
+        params,
+        tx,
+        ema_rates=(0.9999,),
+        use_target=loss_fn.keeps_target,
+        teacher_params=teacher_params,
+    )
     shardings = sharding.state_shardings(state, mesh)
     state = sharding.place(state, shardings)
     micro = getattr(args, "microbatches", 1)
-    step = sharding.jit_train_step(make_train_step(loss_fn, tx, microbatches=micro), mesh,
-                                   shardings,
-                                   donate=not getattr(args, "no_donate", False))
+    step = sharding.jit_train_step(
+        make_train_step(loss_fn, tx, microbatches=micro),
+        mesh,
+        shardings,
+        donate=not getattr(args, "no_donate", False),
+    )
     batch = sharding.global_batch({"image": np.asarray(x0)}, mesh)
     rng = sharding.place(jax.random.key(3), sharding.replicated(mesh))
-    return dict(step=step, state=state, batch=batch, rng=rng, x0=x0, apply_fn=apply_fn, tx=tx,
-                loss_fn=loss_fn, curriculum=curriculum, shardings=shardings)
+    return dict(
+        step=step,
+        state=state,
+        batch=batch,
+        rng=rng,
+        x0=x0,
+        apply_fn=apply_fn,
+        tx=tx,
+        loss_fn=loss_fn,
+        curriculum=curriculum,
+        shardings=shardings,
+    )
 
 
 def bench_method(method: str, args, module, example_shape, mesh, baselines: bool = True) -> dict:
     built = build_step(method, args, module, example_shape, mesh)
     step, state, batch, rng, x0 = (built[k] for k in ("step", "state", "batch", "rng", "x0"))
     apply_fn, tx, loss_fn, curriculum, shardings = (
-        built[k] for k in ("apply_fn", "tx", "loss_fn", "curriculum", "shardings"))
+        built[k] for k in ("apply_fn", "tx", "loss_fn", "curriculum", "shardings")
+    )
     b = args.batch
 
     t0 = time.perf_counter()
@@ -164,24 +199,40 @@ def bench_method(method: str, args, module, example_shape, mesh, baselines: bool
     k = getattr(args, "steps_per_call", 1)
     micro = getattr(args, "microbatches", 1)
     if k > 1:  # the same steps, k per call (its own copy of the state: states are donated)
-        multi = sharding.jit_train_step(make_train_step(loss_fn, tx, microbatches=micro),
-                                        mesh, shardings, steps_per_call=k)
-        stacked = sharding.global_batch({"image": np.stack([np.asarray(x0)] * k)}, mesh, stacked=True)
-        cases["scan"] = (multi, sharding.place(jax.tree.map(np.asarray, state), shardings),
-                         (stacked, rng))
+        multi = sharding.jit_train_step(
+            make_train_step(loss_fn, tx, microbatches=micro), mesh, shardings, steps_per_call=k
+        )
+        stacked = sharding.global_batch(
+            {"image": np.stack([np.asarray(x0)] * k)}, mesh, stacked=True
+        )
+        cases["scan"] = (
+            multi,
+            sharding.place(jax.tree.map(np.asarray, state), shardings),
+            (stacked, rng),
+        )
     if baselines:
         # Same network, same batch, same shardings of parameters and data.
         t = jax.device_put(jnp.zeros((b,), jnp.float32), sharding.batch_sharding(mesh))
         for with_opt in (False, True):
-            carry = (state.params, state.opt_state, state.target_params, state.teacher_params,
-                     dict(state.ema_params))
+            carry = (
+                state.params,
+                state.opt_state,
+                state.target_params,
+                state.teacher_params,
+                dict(state.ema_params),
+            )
             carry = jax.tree.map(jnp.copy, carry)  # the train step's state stays intact
             base = jax.jit(make_baseline(method, apply_fn, tx, with_opt), donate_argnums=0)
             cases["baseline_opt" if with_opt else "baseline"] = (base, carry, (batch["image"], t))
     times, states = timing.time_interleaved(cases, iters=args.iters, repeats=args.repeats)
     state = states["step"]
-    out = {"method": method, "step_s": times["step"], "images_per_s": b / times["step"],
-           "compile_s": compile_s, "flops_per_step": flops}
+    out = {
+        "method": method,
+        "step_s": times["step"],
+        "images_per_s": b / times["step"],
+        "compile_s": compile_s,
+        "flops_per_step": flops,
+    }
     if k > 1:
         out["scan_step_s"] = times["scan"] / k
         out["scan_speedup"] = times["step"] / out["scan_step_s"]
@@ -206,8 +257,11 @@ def bench_loop(step, state, rng, mesh, x0, args) -> dict:
     def batches():
         rs = np.random.default_rng(0)
         while True:  # a host-side "data pipeline": a fresh array per step
-            yield {"image": host + rs.standard_normal(host.shape[:1] + (1,) * (host.ndim - 1),
-                                                      dtype=np.float32) * 1e-3}
+            yield {
+                "image": host
+                + rs.standard_normal(host.shape[:1] + (1,) * (host.ndim - 1), dtype=np.float32)
+                * 1e-3
+            }
 
     def run(it, state):
         state, m = step(state, next(it), rng)  # warm
@@ -229,8 +283,15 @@ def bench_loop(step, state, rng, mesh, x0, args) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     module, example_shape = timing.build_network(
-        args.network, args.image_size, args.dtype, nf=args.nf, ch_mult=_ints(args.ch_mult),
-        num_res_blocks=args.num_res_blocks, attn=_ints(args.attn), hidden=args.hidden)
+        args.network,
+        args.image_size,
+        args.dtype,
+        nf=args.nf,
+        ch_mult=_ints(args.ch_mult),
+        num_res_blocks=args.num_res_blocks,
+        attn=_ints(args.attn),
+        hidden=args.hidden,
+    )
     mesh = sharding.make_mesh(-1, args.fsdp)
     sharding.check_global_batch(args.batch, mesh, name="--batch")
     methods = ["ct", "cd", "edm"] if args.method == "all" else [args.method]
@@ -242,15 +303,21 @@ def main(argv=None):
         rows.append(r)
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
         gflop = f"{r['flops_per_step'] / 1e9:.2f}" if r["flops_per_step"] else "n/a"
-        line = (f"{m:4s} step {1e3 * r['step_s']:8.2f} ms  {r['images_per_s']:9.1f} img/s  "
-                f"baseline {1e3 * r['baseline_s']:8.2f} ms  ratio {r['ratio']:.3f}  "
-                f"(vs baseline+opt {r['ratio_with_opt']:.3f})  GFLOP/step {gflop}  MFU {mfu}")
+        line = (
+            f"{m:4s} step {1e3 * r['step_s']:8.2f} ms  {r['images_per_s']:9.1f} img/s  "
+            f"baseline {1e3 * r['baseline_s']:8.2f} ms  ratio {r['ratio']:.3f}  "
+            f"(vs baseline+opt {r['ratio_with_opt']:.3f})  GFLOP/step {gflop}  MFU {mfu}"
+        )
         if "scan_step_s" in r:
-            line += (f"\n     scan of {args.steps_per_call} steps per call: "
-                     f"{1e3 * r['scan_step_s']:.2f} ms/step ({r['scan_speedup']:.2f}x)")
+            line += (
+                f"\n     scan of {args.steps_per_call} steps per call: "
+                f"{1e3 * r['scan_step_s']:.2f} ms/step ({r['scan_speedup']:.2f}x)"
+            )
         if "loop_s" in r:
-            line += (f"\n     loop: plain {1e3 * r['loop_s']:.2f} ms, prefetch "
-                     f"{1e3 * r['loop_prefetch_s']:.2f} ms, staged {1e3 * r['loop_staged_s']:.2f} ms")
+            line += (
+                f"\n     loop: plain {1e3 * r['loop_s']:.2f} ms, prefetch "
+                f"{1e3 * r['loop_prefetch_s']:.2f} ms, staged {1e3 * r['loop_staged_s']:.2f} ms"
+            )
         print(line, flush=True)
     timing.write_json(args.json, args, rows)
     return rows

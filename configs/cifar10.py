@@ -11,6 +11,7 @@ ECT starts from the EDM run with --config.init.workdir=DIR (without it, from scr
   --config=configs/cifar10.py:method=sct                  sCT (TrigFlow; method=scd distils the EDM run)
   --config=configs/cifar10.py:method=cm_continuous_cd     CM's continuous-time CD (also _ct), l2
 """
+
 import math
 
 from consistency_jax import config as common
@@ -31,13 +32,15 @@ def get_config(arg=None):
         # jcm configs/cifar10_k_ve.py: Adam 1e-3, dropout 0.13, 400k steps, EMA half-life 0.5M images.
         c.model.kwargs = common.ncsnpp_cifar10(dropout=0.13)
         ema = math.exp(math.log(0.5) / (0.5e6 / BATCH))
-        common.paper_schedule(c, optimizer="adam", lr=1e-3, num_steps=400_000, ema_rates=(ema,),
-                              warmup_steps=warmup)
+        common.paper_schedule(
+            c, optimizer="adam", lr=1e-3, num_steps=400_000, ema_rates=(ema,), warmup_steps=warmup
+        )
     elif method == "cd":
         lr = {"lpips": 4e-4, "l1": 2e-4, "l2": 4e-4}[metric]
         c.loss.distance = metric
-        common.paper_schedule(c, optimizer="radam", lr=lr, num_steps=800_000, ema_rates=(0.9999,),
-                              warmup_steps=warmup)
+        common.paper_schedule(
+            c, optimizer="radam", lr=lr, num_steps=800_000, ema_rates=(0.9999,), warmup_steps=warmup
+        )
         c.curriculum.update(num_scales=18, mu0=0.0)
     elif method == "ct":
         c.loss.distance = metric
@@ -49,7 +52,9 @@ def get_config(arg=None):
         # we read them (batch 1024, 400k steps, RAdam 1e-4); check against the paper before relying on them.
         c.model.kwargs = common.ncsnpp_cifar10(dropout=0.3)
         c.data.batch_size = 1024
-        common.paper_schedule(c, optimizer="radam", lr=1e-4, num_steps=400_000, ema_rates=(0.99993,))
+        common.paper_schedule(
+            c, optimizer="radam", lr=1e-4, num_steps=400_000, ema_rates=(0.99993,)
+        )
     elif method == "ect":
         # ECT on CIFAR-10 (REFERENCE §5c and the ECT paper as we read it): batch 128, RAdam 1e-4,
         # dropout 0.2, eval EMA 0.9999, q = 2, k = 8, b = 1, a stage every 25k steps, c = 0
@@ -77,6 +82,12 @@ def get_config(arg=None):
         # CM Appendix B / Table 3 report continuous-time CD and CT with LPIPS; only l2 is implemented
         # here. The schedule is the discrete runs' (RAdam 4e-4, batch 512, 800k steps, EMA 0.9999,
         # lr warm-up for CD) -- unconfirmed for the continuous variants.
-        common.paper_schedule(c, optimizer="radam", lr=4e-4, num_steps=800_000, ema_rates=(0.9999,),
-                              warmup_steps=warmup if method.endswith("cd") else 0)
+        common.paper_schedule(
+            c,
+            optimizer="radam",
+            lr=4e-4,
+            num_steps=800_000,
+            ema_rates=(0.9999,),
+            warmup_steps=warmup if method.endswith("cd") else 0,
+        )
     return c

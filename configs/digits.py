@@ -21,6 +21,7 @@ A small DDPM++ (the NCSN++ code with positional embeddings and plain resampling)
 minutes; evaluation writes sample grids and digits-FD (Fréchet distance to the held-out digits in the
 features of a fixed classifier, ``consistency_jax.metrics.digits``).
 """
+
 from consistency_jax import config as common
 
 
@@ -29,8 +30,14 @@ def get_config(arg=None):
     method = args["method"]
     c = common.base_config()
     common.set_method(c, method)
-    c.data.update(name="sklearn_digits", image_size=args["size"], num_channels=1, random_flip=False,
-                  use_labels=False, batch_size=64)
+    c.data.update(
+        name="sklearn_digits",
+        image_size=args["size"],
+        num_channels=1,
+        random_flip=False,
+        use_labels=False,
+        batch_size=64,
+    )
     c.model.name = "ddpmpp"
     c.model.kwargs = dict(nf=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
     c.optim.update(name="adam", lr=1e-3, warmup_steps=200, decay="cosine", grad_clip=1.0)

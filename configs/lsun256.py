@@ -1,9 +1,10 @@
 """LSUN 256×256 (unconditional) as in CM (Appendix C and the cm launch scripts), ADM UNet.
 
-  --config=configs/lsun256.py:method=cd,metric=lpips,category=bedroom   (metric=l2 also)
-  --config=configs/lsun256.py:method=ct,category=cat
-  --config=configs/lsun256.py:method=edm,category=bedroom   the EDM teacher (dropout 0.1, batch 256)
+--config=configs/lsun256.py:method=cd,metric=lpips,category=bedroom   (metric=l2 also)
+--config=configs/lsun256.py:method=ct,category=cat
+--config=configs/lsun256.py:method=edm,category=bedroom   the EDM teacher (dropout 0.1, batch 256)
 """
+
 from consistency_jax import config as common
 
 EMAS = (0.9999, 0.99994, 0.9999432189950708)
@@ -27,8 +28,13 @@ def get_config(arg=None):
         # Karras weighting, the ImageNet EMA rates; sampled with Heun, 40 steps. The number of
         # steps is not stated (unconfirmed: 600k, as CD).
         c.model.kwargs = common.adm_lsun256(dropout=0.1)
-        common.paper_schedule(c, optimizer="adam", lr=1e-4, num_steps=600_000,
-                              ema_rates=(0.999, 0.9999, 0.9999432189950708))
+        common.paper_schedule(
+            c,
+            optimizer="adam",
+            lr=1e-4,
+            num_steps=600_000,
+            ema_rates=(0.999, 0.9999, 0.9999432189950708),
+        )
         c.eval.edm_steps = 40
     elif method == "cd":
         c.loss.distance = metric

@@ -7,6 +7,7 @@ method=cd (and cm_continuous_cd, scd) distils from the exact denoiser of the mix
 cm_continuous_ct / sct train from scratch, and so does ect here (no EDM run to tune by default; give one
 with --config.init.workdir=runs/toy_edm to tune it as ECT does).
 """
+
 from consistency_jax import config as common
 from consistency_jax import methods
 

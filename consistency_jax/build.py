@@ -3,30 +3,31 @@ train state, created directly with its shardings on the mesh.
 
 Nothing here validates: ``config.validate`` has checked every field before these are called.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import logging
 
 from consistency_jax import losses as losses_lib
 from consistency_jax import methods as methods_lib
-from consistency_jax import networks
+from consistency_jax import networks, toy, toy_data
 from consistency_jax import sharding as sharding_lib
-from consistency_jax import toy
-from consistency_jax import toy_data
 from consistency_jax.toy_data import TOY_DATASETS
 from consistency_jax.train_state import TrainState
 
 PyTree = Any
 
 
-def make_optimizer(config: ml_collections.ConfigDict, clip_layout: Optional[bool] = None
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    config: ml_collections.ConfigDict, clip_layout: bool | None = None
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """optax Adam/RAdam with linear warm-up, constant or cosine decay, and global-norm clipping.
 
     Args:
@@ -40,11 +41,14 @@ def make_optimizer(config: ml_collections.ConfigDict, clip_layout: Optional[bool
     o = config.optim
     steps = config.train.num_steps
     if o.decay == "cosine":
-        schedule = optax.warmup_cosine_decay_schedule(0.0, o.lr, max(o.warmup_steps, 1),
-                                                      max(steps, o.warmup_steps + 1), o.lr * 0.01)
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, o.lr, max(o.warmup_steps, 1), max(steps, o.warmup_steps + 1), o.lr * 0.01
+        )
     elif o.warmup_steps:
-        schedule = optax.join_schedules([optax.linear_schedule(0.0, o.lr, o.warmup_steps),
-                                         optax.constant_schedule(o.lr)], [o.warmup_steps])
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, o.lr, o.warmup_steps), optax.constant_schedule(o.lr)],
+            [o.warmup_steps],
+        )
     else:
         schedule = optax.constant_schedule(o.lr)
     opt = {"adam": optax.adam, "radam": optax.radam}[o.name](schedule, b1=o.b1, b2=o.b2, eps=o.eps)
@@ -66,17 +70,22 @@ def make_optimizer(config: ml_collections.ConfigDict, clip_layout: Optional[bool
 def build_data(config: ml_collections.ConfigDict, start_step: int = 0):
     """Returns (iterator of this host's share of each batch, example shape)."""
     if config.data.name in TOY_DATASETS:
-        it = toy_data.ToyIterator(toy.ring_mixture(), config.data.batch_size // jax.process_count(),
-                                  config.seed, process_index=jax.process_index(),
-                                  start_step=start_step)
+        it = toy_data.ToyIterator(
+            toy.ring_mixture(),
+            config.data.batch_size // jax.process_count(),
+            config.seed,
+            process_index=jax.process_index(),
+            start_step=start_step,
+        )
         return it, (2,)
     from consistency_jax import data as data_lib  # image pipeline (tfds); imported only when needed
 
     return data_lib.iterator_from_config(config, start_step=start_step)
 
 
-def build_network(config: ml_collections.ConfigDict, example_shape: tuple[int, ...]
-                  ) -> tuple[Any, Callable, Callable]:
+def build_network(
+    config: ml_collections.ConfigDict, example_shape: tuple[int, ...]
+) -> tuple[Any, Callable, Callable]:
     """The configured network: (module, apply_fn, init(rng) -> θ in float32)."""
     module = networks.from_config(config.model)
     x = jnp.zeros((1,) + tuple(example_shape), jnp.float32)
@@ -93,8 +102,9 @@ def fsdp_shardings(mesh, min_size: int) -> Callable[[PyTree], PyTree]:
     return lambda tree: sharding_lib.state_shardings(tree, mesh, min_size=min_size)
 
 
-def build_teacher(config: ml_collections.ConfigDict, spec: methods_lib.MethodSpec, mesh
-                  ) -> tuple[Optional[Callable], Optional[PyTree]]:
+def build_teacher(
+    config: ml_collections.ConfigDict, spec: methods_lib.MethodSpec, mesh
+) -> tuple[Callable | None, PyTree | None]:
     """(teacher denoiser, φ placed on the mesh) for a method that needs one, else (None, None)."""
     if not spec.needs_teacher:
         return None, None
@@ -106,12 +116,14 @@ def build_teacher(config: ml_collections.ConfigDict, spec: methods_lib.MethodSpe
 
     # The teacher's slowest (or chosen) EMA, read-only, restored straight into its shardings; never
     # saved into this run's checkpoints.
-    return loading.load_teacher(config.teacher.workdir, ema_rate=config.teacher.ema_rate or None,
-                                sharding=shardings)
+    return loading.load_teacher(
+        config.teacher.workdir, ema_rate=config.teacher.ema_rate or None, sharding=shardings
+    )
 
 
-def build_distance(config: ml_collections.ConfigDict, spec: methods_lib.MethodSpec,
-                   example_shape) -> Optional[Callable]:
+def build_distance(
+    config: ml_collections.ConfigDict, spec: methods_lib.MethodSpec, example_shape
+) -> Callable | None:
     """The distance of ``config.loss.distance`` (LPIPS with its weights), or None when the method
     does not use one."""
     if not spec.uses_distance:
@@ -124,27 +136,40 @@ def build_distance(config: ml_collections.ConfigDict, spec: methods_lib.MethodSp
 
         params = lpips_lib.load_lpips_params(config.loss.lpips_weights, net=config.loss.lpips_net)
         lpips_fn = lpips_lib.make_lpips_distance(params, net=config.loss.lpips_net)
-    return losses_lib.make_distance(config.loss.distance, example_shape,
-                                    huber_c=config.loss.huber_c, lpips_fn=lpips_fn)
+    return losses_lib.make_distance(
+        config.loss.distance, example_shape, huber_c=config.loss.huber_c, lpips_fn=lpips_fn
+    )
 
 
-def build_method(config, spec: methods_lib.MethodSpec, apply_fn, sigmas, example_shape, distance,
-                 teacher) -> methods_lib.Method:
+def build_method(
+    config, spec: methods_lib.MethodSpec, apply_fn, sigmas, example_shape, distance, teacher
+) -> methods_lib.Method:
     """The method object of the run (its plug-in's ``build``)."""
-    return spec.build(methods_lib.BuildContext(config=config, apply_fn=apply_fn, sigmas=sigmas,
-                                               example_shape=tuple(example_shape),
-                                               distance=distance, teacher=teacher))
+    return spec.build(
+        methods_lib.BuildContext(
+            config=config,
+            apply_fn=apply_fn,
+            sigmas=sigmas,
+            example_shape=tuple(example_shape),
+            distance=distance,
+            teacher=teacher,
+        )
+    )
 
 
-def init_adds_logvar_head(source: ml_collections.ConfigDict,
-                          config: ml_collections.ConfigDict) -> bool:
+def init_adds_logvar_head(
+    source: ml_collections.ConfigDict, config: ml_collections.ConfigDict
+) -> bool:
     """This run has sCM's weighting head and the ``config.init`` source run has none: the head starts
     fresh, the source's θ initialises the network beside it."""
-    return bool(config.model.get("logvar_head", False)) and not source.model.get("logvar_head", False)
+    return bool(config.model.get("logvar_head", False)) and not source.model.get(
+        "logvar_head", False
+    )
 
 
-def load_init_params(config: ml_collections.ConfigDict, init_params: Callable[[jax.Array], PyTree],
-                     mesh) -> PyTree:
+def load_init_params(
+    config: ml_collections.ConfigDict, init_params: Callable[[jax.Array], PyTree], mesh
+) -> PyTree:
     """θ from ``config.init.workdir``'s eval EMA (``config.init.ema_rate``; 0: its slowest), restored
     straight into the shardings θ has in the train state and in the tree structure of this run's
     ``init_params`` (``config.validate`` has checked that the network is the same).
@@ -159,34 +184,56 @@ def load_init_params(config: ml_collections.ConfigDict, init_params: Callable[[j
     shardings = fsdp_shardings(mesh, config.mesh.fsdp_min_size)
     abstract = whole = jax.eval_shape(init_params, jax.random.key(0))
     source, params, step = loading.load_eval_params(
-        workdir, ema_rate=config.init.ema_rate or None, sharding=shardings)
+        workdir, ema_rate=config.init.ema_rate or None, sharding=shardings
+    )
     fresh_head = init_adds_logvar_head(source, config)
     if fresh_head:  # sCM's weighting head starts fresh (w_φ ≡ 0); the source's θ is its "net"
         abstract = whole["net"]
     got = jax.tree_util.tree_flatten_with_path(params)[0]
     want = jax.tree_util.tree_flatten_with_path(abstract)[0]
     same = len(got) == len(want) and all(
-        jax.tree_util.keystr(pg) == jax.tree_util.keystr(pw) and g.shape == w.shape
-        and g.dtype == w.dtype for (pg, g), (pw, w) in zip(got, want))
+        jax.tree_util.keystr(pg) == jax.tree_util.keystr(pw)
+        and g.shape == w.shape
+        and g.dtype == w.dtype
+        for (pg, g), (pw, w) in zip(got, want)
+    )
     if not same:
-        raise ValueError(f"config.init.workdir={workdir!r} (step {step}): its parameters do not fit "
-                         "this run's network.")
-    logging.info("config.init: θ, θ⁻ (if kept) and the eval EMAs start from the %s EMA of %s "
-                 "(step %d).", config.init.ema_rate or "slowest", workdir, step)
+        raise ValueError(
+            f"config.init.workdir={workdir!r} (step {step}): its parameters do not fit "
+            "this run's network."
+        )
+    logging.info(
+        "config.init: θ, θ⁻ (if kept) and the eval EMAs start from the %s EMA of %s (step %d).",
+        config.init.ema_rate or "slowest",
+        workdir,
+        step,
+    )
     # Orbax returns plain dicts: this run's treedef makes the state's structure the usual one.
     params = jax.tree.unflatten(jax.tree.structure(abstract), [leaf for _, leaf in got])
     if fresh_head:
         fresh = jax.jit(init_params, out_shardings=shardings(whole))(jax.random.key(config.seed))
-        params = jax.tree.unflatten(jax.tree.structure(whole),
-                                    jax.tree.leaves({**fresh, "net": params}))
-        logging.info("config.init: the weighting head w_φ starts fresh beside the source's network.")
+        params = jax.tree.unflatten(
+            jax.tree.structure(whole), jax.tree.leaves({**fresh, "net": params})
+        )
+        logging.info(
+            "config.init: the weighting head w_φ starts fresh beside the source's network."
+        )
     return params
 
 
-def init_state(init_params: Callable[[jax.Array], PyTree], tx: optax.GradientTransformation,
-               method: methods_lib.Method, ema_rates, rng: jax.Array, mesh, *, min_size: int = 0,
-               teacher_params: Optional[PyTree] = None, distance: Optional[PyTree] = None,
-               params: Optional[PyTree] = None) -> tuple[TrainState, PyTree]:
+def init_state(
+    init_params: Callable[[jax.Array], PyTree],
+    tx: optax.GradientTransformation,
+    method: methods_lib.Method,
+    ema_rates,
+    rng: jax.Array,
+    mesh,
+    *,
+    min_size: int = 0,
+    teacher_params: PyTree | None = None,
+    distance: PyTree | None = None,
+    params: PyTree | None = None,
+) -> tuple[TrainState, PyTree]:
     """The train state created directly with its shardings: θ, θ⁻, the eval EMAs and the optimizer
     state are initialised by one ``jax.jit`` whose ``out_shardings`` split them over the mesh, so no
     device ever holds more than its share (the state is never built whole on one device and then
@@ -211,9 +258,14 @@ def init_state(init_params: Callable[[jax.Array], PyTree], tx: optax.GradientTra
     Returns:
       (state, the shardings of every leaf of the state, for ``sharding.jit_train_step``).
     """
+
     def create(start):
-        return TrainState.create(init_params(rng) if start is None else start, tx,
-                                 ema_rates=ema_rates, use_target=method.keeps_target)
+        return TrainState.create(
+            init_params(rng) if start is None else start,
+            tx,
+            ema_rates=ema_rates,
+            use_target=method.keeps_target,
+        )
 
     abstract = jax.eval_shape(create, params)
     shardings = sharding_lib.state_shardings(abstract, mesh, min_size=min_size)
@@ -221,10 +273,15 @@ def init_state(init_params: Callable[[jax.Array], PyTree], tx: optax.GradientTra
     frozen = set(method.frozen_trees)
     if "distance" in frozen:
         distance = sharding_lib.place(distance, fsdp_shardings(mesh, min_size)(distance))
-    state = state.replace(teacher_params=teacher_params if "teacher" in frozen else None,
-                          distance=distance if "distance" in frozen else None)
-    logging.info("Created the train state on the mesh: %d copies of θ (θ%s, %d EMA), split over "
-                 "fsdp=%d.", 1 + int(method.keeps_target) + len(ema_rates),
-                 ", θ⁻" if method.keeps_target else "", len(ema_rates),
-                 mesh.shape[sharding_lib.FSDP_AXIS])
+    state = state.replace(
+        teacher_params=teacher_params if "teacher" in frozen else None,
+        distance=distance if "distance" in frozen else None,
+    )
+    logging.info(
+        "Created the train state on the mesh: %d copies of θ (θ%s, %d EMA), split over fsdp=%d.",
+        1 + int(method.keeps_target) + len(ema_rates),
+        ", θ⁻" if method.keeps_target else "",
+        len(ema_rates),
+        mesh.shape[sharding_lib.FSDP_AXIS],
+    )
     return state, sharding_lib.state_shardings(state, mesh, min_size=min_size)

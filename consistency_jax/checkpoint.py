@@ -28,20 +28,22 @@ saving and re-attached after a restore). The SIGTERM watcher is ``preemption.py`
 
 Nothing here unpickles: arrays go through Orbax/TensorStore, everything else through JSON.
 """
+
 from __future__ import annotations
 
 import json
 import logging as logging_std
 import threading
 import time
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from consistency_jax import fs
 from consistency_jax.train_state import TrainState
@@ -58,8 +60,15 @@ _STATE, _EMA, _DATA, _CONFIG = "state", "ema", "data", "config"
 # ending in "." covers a whole block. mesh.*: Orbax restores onto the live shardings, so a run may
 # resume on another mesh (the reduction order, hence the last bits, then differ).
 RESUMABLE_KEYS: tuple[str, ...] = (
-    "train.num_steps", "train.log_every", "train.eval_every", "train.steps_per_call", "checkpoint.",
-    "eval.", "mesh.", "data.data_dir", "init.",  # config.init is read only when a run starts
+    "train.num_steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.steps_per_call",
+    "checkpoint.",
+    "eval.",
+    "mesh.",
+    "data.data_dir",
+    "init.",  # config.init is read only when a run starts
 )
 
 # Config fields that change the training dynamics but not the structure of the saved state: the
@@ -67,8 +76,14 @@ RESUMABLE_KEYS: tuple[str, ...] = (
 # on another trajectory from the restored state. optim.grad_clip keeps the optimizer state's layout
 # of the checkpoint (``build.make_optimizer(clip_layout=...)``).
 DYNAMICS_KEYS: tuple[str, ...] = (
-    "optim.lr", "optim.warmup_steps", "optim.decay", "optim.grad_clip", "train.skip_nonfinite",
-    "train.max_consecutive_skips", "train.max_skip_fraction", "loss.huber_c",
+    "optim.lr",
+    "optim.warmup_steps",
+    "optim.decay",
+    "optim.grad_clip",
+    "train.skip_nonfinite",
+    "train.max_consecutive_skips",
+    "train.max_skip_fraction",
+    "loss.huber_c",
 )
 
 
@@ -142,9 +157,13 @@ def _resumable(key: str) -> bool:
     return any(key.startswith(p) if p.endswith(".") else key == p for p in RESUMABLE_KEYS)
 
 
-def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], *,
-                       ignore_resumable: bool = True,
-                       defaults: Optional[Mapping[str, Any]] = None) -> list[str]:
+def config_differences(
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    *,
+    ignore_resumable: bool = True,
+    defaults: Mapping[str, Any] | None = None,
+) -> list[str]:
     """Lists the fields in which two configs (``config_to_dict`` dicts) differ.
 
     Args:
@@ -159,12 +178,21 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], *,
     Returns:
       Sorted strings "key: saved -> current" (``<absent>`` for a missing field).
     """
-    return [f"{key}: {va!r} -> {vb!r}" for key, va, vb in
-            differing_fields(saved, current, ignore_resumable=ignore_resumable, defaults=defaults)]
+    return [
+        f"{key}: {va!r} -> {vb!r}"
+        for key, va, vb in differing_fields(
+            saved, current, ignore_resumable=ignore_resumable, defaults=defaults
+        )
+    ]
 
 
-def differing_fields(saved: Mapping[str, Any], current: Mapping[str, Any], *, ignore_resumable: bool,
-               defaults: Optional[Mapping[str, Any]]) -> list[tuple[str, Any, Any]]:
+def differing_fields(
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    *,
+    ignore_resumable: bool,
+    defaults: Mapping[str, Any] | None,
+) -> list[tuple[str, Any, Any]]:
     """(key, saved value, current value) of every differing field, as ``config_differences`` lists them."""
     a, b, defaults = _flatten(saved), _flatten(current), _flatten(defaults or {})
     out = []
@@ -191,15 +219,20 @@ def _float_leaves(tree: PyTree) -> list:
 
 @jax.jit
 def _all_finite(groups: dict) -> dict:
-    return {k: jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in _float_leaves(v)] or [True]))
-            for k, v in groups.items()}
+    return {
+        k: jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in _float_leaves(v)] or [True]))
+        for k, v in groups.items()
+    }
 
 
 def nonfinite_parts(state: TrainState) -> list[str]:
     """Names the parts of the train state (params, target_params, ema_params['r'], opt_state) that
     hold a NaN or Inf; an empty list when all are finite. One fused reduction on the devices."""
-    groups = {"params": state.params, "target_params": state.target_params,
-              "opt_state": state.opt_state}
+    groups = {
+        "params": state.params,
+        "target_params": state.target_params,
+        "opt_state": state.opt_state,
+    }
     groups.update({f"ema_params[{k!r}]": v for k, v in state.ema_params.items()})
     flags = jax.device_get(_all_finite({k: v for k, v in groups.items() if v is not None}))
     return sorted(k for k, ok in flags.items() if not ok)
@@ -236,9 +269,11 @@ def _checksums(tree: PyTree) -> list:
 
 
 def _array_names(tree: PyTree) -> list[str]:
-    """"state/params/Dense_0/kernel"-like names of the leaves, in ``jax.tree.leaves`` order."""
-    return ["/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-            for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    """ "state/params/Dense_0/kernel"-like names of the leaves, in ``jax.tree.leaves`` order."""
+    return [
+        "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+        for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
 
 
 def _saved_arrays(state: TrainState) -> dict:
@@ -264,10 +299,12 @@ def abstract_like(tree: PyTree) -> PyTree:
     """ShapeDtypeStructs with the shardings of a live pytree: the restore target (Orbax restores
     every array straight into the sharding of the live state, also across hosts)."""
     return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        tree,
+    )
 
 
-def _abstract_from_metadata(tree: PyTree, sharding: Optional[jax.sharding.Sharding]) -> PyTree:
+def _abstract_from_metadata(tree: PyTree, sharding: jax.sharding.Sharding | None) -> PyTree:
     def leaf(m):
         if hasattr(m, "shape") and hasattr(m, "dtype"):
             return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding)
@@ -305,17 +342,23 @@ def check_cadence(every: int, keep: int, keep_every: int = 0) -> None:
     """
     for name, value, low in (("every", every, 1), ("keep", keep, 1), ("keep_every", keep_every, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"config.checkpoint.{name} must be an integer >= {low}, got {value!r} "
-                             "(every: save every N steps; keep: newest checkpoints kept; keep_every: "
-                             "also keep every M-th step, 0 disables).")
+            raise ValueError(
+                f"config.checkpoint.{name} must be an integer >= {low}, got {value!r} "
+                "(every: save every N steps; keep: newest checkpoints kept; keep_every: "
+                "also keep every M-th step, 0 disables)."
+            )
 
 
 def _item_handlers(read_only: bool) -> dict:
     # Read-only managers read the array items with the PyTree handler (the on-disk format of
     # StandardSave), which can restore a part of an item (one EMA, or θ alone).
     arrays = ocp.PyTreeCheckpointHandler if read_only else ocp.StandardCheckpointHandler
-    return {_STATE: arrays(), _EMA: arrays(), _DATA: ocp.JsonCheckpointHandler(),
-            _CONFIG: ocp.JsonCheckpointHandler()}
+    return {
+        _STATE: arrays(),
+        _EMA: arrays(),
+        _DATA: ocp.JsonCheckpointHandler(),
+        _CONFIG: ocp.JsonCheckpointHandler(),
+    }
 
 
 def _pytree_restore(target: PyTree, partial: bool) -> ocp.args.PyTreeRestore:
@@ -326,8 +369,9 @@ def _pytree_restore(target: PyTree, partial: bool) -> ocp.args.PyTreeRestore:
             return ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype)
         return ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype)
 
-    return ocp.args.PyTreeRestore(item=target, restore_args=jax.tree.map(arg, target),
-                                  partial_restore=partial)
+    return ocp.args.PyTreeRestore(
+        item=target, restore_args=jax.tree.map(arg, target), partial_restore=partial
+    )
 
 
 class Checkpointer:
@@ -339,8 +383,17 @@ class Checkpointer:
     step is a multiple of ``keep_every``.
     """
 
-    def __init__(self, workdir: str, *, every: int, keep: int, keep_every: int = 0,
-                 async_save: bool = True, read_only: bool = False, clean_tmp: bool = False):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        every: int,
+        keep: int,
+        keep_every: int = 0,
+        async_save: bool = True,
+        read_only: bool = False,
+        clean_tmp: bool = False,
+    ):
         """Opens (or, unless read-only, creates) ``<workdir>/checkpoints``.
 
         Args:
@@ -374,28 +427,38 @@ class Checkpointer:
             # A save killed half-way leaves a temporary directory: removed on start by the lease
             # holder only.
             cleanup_tmp_directories=clean_tmp and not read_only,
-            preservation_policy=(None if read_only else
-                                 ocp.checkpoint_managers.AnyPreservationPolicy(policies)),
+            preservation_policy=(
+                None if read_only else ocp.checkpoint_managers.AnyPreservationPolicy(policies)
+            ),
         )
         if read_only and not fs.isdir(self.directory):
-            raise CheckpointError(f"No checkpoints in {self.workdir}: {self.directory} does not "
-                                  "exist.")
-        self._manager = ocp.CheckpointManager(self.directory, item_handlers=_item_handlers(read_only),
-                                              options=options)
+            raise CheckpointError(
+                f"No checkpoints in {self.workdir}: {self.directory} does not exist."
+            )
+        self._manager = ocp.CheckpointManager(
+            self.directory, item_handlers=_item_handlers(read_only), options=options
+        )
         self._closed = False
-        self._pending: Optional[int] = None  # the step of a save that may still be in flight
-        self._sums: Optional[threading.Thread] = None  # writes the checksums of the last save
-        self.resumed_config: Optional[dict] = None  # the checkpoint's config, set by check_config
+        self._pending: int | None = None  # the step of a save that may still be in flight
+        self._sums: threading.Thread | None = None  # writes the checksums of the last save
+        self.resumed_config: dict | None = None  # the checkpoint's config, set by check_config
 
     @classmethod
-    def from_config(cls, workdir: str, config: ml_collections.ConfigDict, *,
-                    defaults: Optional[Mapping[str, Any]] = None,
-                    clean_tmp: bool = False) -> "Checkpointer":
+    def from_config(
+        cls,
+        workdir: str,
+        config: ml_collections.ConfigDict,
+        *,
+        defaults: Mapping[str, Any] | None = None,
+        clean_tmp: bool = False,
+    ) -> Checkpointer:
         """Opens the run's checkpoints and checks that they were written by ``config``
         (``check_config``; ``defaults`` as there), before anything is built or compiled.
         ``clean_tmp`` as in the constructor: True only for the holder of the workdir's lease."""
         c = config.checkpoint
-        ckpt = cls(workdir, every=c.every, keep=c.keep, keep_every=c.keep_every, clean_tmp=clean_tmp)
+        ckpt = cls(
+            workdir, every=c.every, keep=c.keep, keep_every=c.keep_every, clean_tmp=clean_tmp
+        )
         try:
             ckpt.check_config(config, defaults=defaults)
         except BaseException:
@@ -408,7 +471,7 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def latest_step(self) -> Optional[int]:
+    def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def step_dir(self, step: int) -> str:
@@ -416,8 +479,9 @@ class Checkpointer:
 
     def read_json(self, step: int, item: str) -> Any:
         """One JSON item ("config" or "data") of checkpoint ``step``."""
-        return self._manager.restore(step, args=ocp.args.Composite(
-            **{item: ocp.args.JsonRestore()}))[item]
+        return self._manager.restore(
+            step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})
+        )[item]
 
     def item_metadata(self, step: int) -> Any:
         """Orbax's metadata of every item of checkpoint ``step`` (shapes and dtypes, no arrays)."""
@@ -431,7 +495,7 @@ class Checkpointer:
         """JAX's preemption sync point (multi-host): True on every host at the same step."""
         return self._manager.reached_preemption(step)
 
-    def saved_config(self) -> Optional[tuple[int, dict]]:
+    def saved_config(self) -> tuple[int, dict] | None:
         """(step, config dict) of the newest checkpoint whose config is readable; None when there
         is no checkpoint.
 
@@ -447,17 +511,24 @@ class Checkpointer:
                     raise ValueError(f"the stored config is a {type(cfg).__name__}, not a dict")
                 return step, cfg
             except Exception as e:  # noqa: BLE001 -- any failure to read means unreadable
-                logging.warning("The config of checkpoint step %d (%s) is unreadable: %s", step,
-                                self.step_dir(step), _brief(e))
+                logging.warning(
+                    "The config of checkpoint step %d (%s) is unreadable: %s",
+                    step,
+                    self.step_dir(step),
+                    _brief(e),
+                )
                 errors.append(f"step {step} ({self.step_dir(step)}): {_brief(e)}")
         if steps:
             raise CheckpointError(
-                f"No readable checkpoint in {self.directory}: " + "; ".join(errors) +
-                ". Move the directory away to start afresh.")
+                f"No readable checkpoint in {self.directory}: "
+                + "; ".join(errors)
+                + ". Move the directory away to start afresh."
+            )
         return None
 
-    def check_config(self, config: ml_collections.ConfigDict, *,
-                     defaults: Optional[Mapping[str, Any]] = None) -> None:
+    def check_config(
+        self, config: ml_collections.ConfigDict, *, defaults: Mapping[str, Any] | None = None
+    ) -> None:
         """Refuses to resume a checkpoint written by a different config.
 
         ``defaults`` (``config.default_values()``) are the values of fields that a checkpoint written
@@ -483,33 +554,54 @@ class Checkpointer:
         changed = [f"{k}: {a!r} -> {b!r}" for k, a, b in differing if _dynamics(k)]
         diffs = [f"{k}: {a!r} -> {b!r}" for k, a, b in differing if not _dynamics(k)]
         if changed:
-            logging.warning("Resuming step %d of %s with changed training dynamics (allowed: the "
-                            "state's structure is the same, the trajectory from here differs): %s",
-                            step, self.directory, "; ".join(changed))
+            logging.warning(
+                "Resuming step %d of %s with changed training dynamics (allowed: the "
+                "state's structure is the same, the trajectory from here differs): %s",
+                step,
+                self.directory,
+                "; ".join(changed),
+            )
         if config.train.num_steps < step:
             raise CheckpointError(
                 f"config.train.num_steps={config.train.num_steps} is below the step of the newest "
                 f"checkpoint in {self.directory} (step {step}): this run is already past it. Set "
                 f"--config.train.num_steps to at least {step} (more to train on), or use another "
-                "workdir.")
+                "workdir."
+            )
         if diffs:
             if config.checkpoint.override_config:
-                logging.warning("Resuming step %d of %s with a different config "
-                                "(config.checkpoint.override_config=True): %s", step,
-                                self.directory, "; ".join(diffs))
+                logging.warning(
+                    "Resuming step %d of %s with a different config "
+                    "(config.checkpoint.override_config=True): %s",
+                    step,
+                    self.directory,
+                    "; ".join(diffs),
+                )
             else:
                 raise CheckpointError(
                     f"{self.directory} holds a checkpoint (step {step}) of a different config; "
                     f"differing fields (saved -> now): {'; '.join(diffs)}. Use another workdir, or "
-                    "set config.checkpoint.override_config=True to resume it anyway.")
+                    "set config.checkpoint.override_config=True to resume it anyway."
+                )
         old_steps = _flatten(saved).get("train.num_steps")
         if old_steps is not None and old_steps != config.train.num_steps:
-            depends = [name for name, yes in (
-                ("the curriculum N(k), μ(k) (curriculum.total_steps = 0)",
-                 not config.curriculum.total_steps and config.curriculum.kind != "constant"),
-                ("the cosine learning-rate decay", config.optim.decay == "cosine")) if yes]
-            logging.warning("Resuming with train.num_steps=%d (was %s)%s.", config.train.num_steps,
-                            old_steps, ("; this changes " + " and ".join(depends)) if depends else "")
+            depends = [
+                name
+                for name, yes in (
+                    (
+                        "the curriculum N(k), μ(k) (curriculum.total_steps = 0)",
+                        not config.curriculum.total_steps and config.curriculum.kind != "constant",
+                    ),
+                    ("the cosine learning-rate decay", config.optim.decay == "cosine"),
+                )
+                if yes
+            ]
+            logging.warning(
+                "Resuming with train.num_steps=%d (was %s)%s.",
+                config.train.num_steps,
+                old_steps,
+                ("; this changes " + " and ".join(depends)) if depends else "",
+            )
 
     # -- saving
 
@@ -517,8 +609,14 @@ class Checkpointer:
         """True every ``every`` steps and at the final step."""
         return final or step % self.every == 0
 
-    def save(self, state: TrainState, *, step: int, data_state: Optional[Mapping[str, Any]],
-             config: ml_collections.ConfigDict) -> bool:
+    def save(
+        self,
+        state: TrainState,
+        *,
+        step: int,
+        data_state: Mapping[str, Any] | None,
+        config: ml_collections.ConfigDict,
+    ) -> bool:
         """Starts an asynchronous save of ``state`` as checkpoint ``step``.
 
         The teacher is not saved. A step that already exists is not overwritten (Orbax would skip
@@ -541,15 +639,17 @@ class Checkpointer:
         if self.read_only:
             raise CheckpointError(f"{self.directory} was opened read-only.")
         if step in self._manager.all_steps():
-            logging.info("Checkpoint step %d already exists in %s; not overwritten.", step,
-                         self.directory)
+            logging.info(
+                "Checkpoint step %d already exists in %s; not overwritten.", step, self.directory
+            )
             return False
         bad = nonfinite_parts(state)
         if bad:
             self.wait()  # the previous, finite checkpoint is committed
             raise NonFiniteStateError(
                 f"Refusing to checkpoint step {step}: non-finite values in {', '.join(bad)}. The "
-                f"checkpoints in {self.directory} hold only earlier steps.")
+                f"checkpoints in {self.directory} hold only earlier steps."
+            )
         items = {
             _STATE: ocp.args.StandardSave(_student_part(state)),
             _DATA: ocp.args.JsonSave(dict(data_state or {})),
@@ -566,11 +666,19 @@ class Checkpointer:
             self._join_save_threads()
             raise self._save_error(step, e) from e
         self._pending = step
-        self._sums = threading.Thread(target=self._write_checksums, args=(step, names, sums),
-                                      name="checkpoint_checksums", daemon=True)
+        self._sums = threading.Thread(
+            target=self._write_checksums,
+            args=(step, names, sums),
+            name="checkpoint_checksums",
+            daemon=True,
+        )
         self._sums.start()
-        logging.info("Checkpoint step %d -> %s (the loop was blocked %.2fs).", step,
-                     self.step_dir(step), time.time() - t0)
+        logging.info(
+            "Checkpoint step %d -> %s (the loop was blocked %.2fs).",
+            step,
+            self.step_dir(step),
+            time.time() - t0,
+        )
         return bool(started)
 
     def checksum_path(self, step: int) -> str:
@@ -586,10 +694,16 @@ class Checkpointer:
                 return
             path = self.checksum_path(step)
             fs.makedirs(fs.join(self.workdir, CHECKSUM_SUBDIR))
-            fs.write_text(path, json.dumps({"step": step, "algorithm": "wsum32",
-                                            "arrays": dict(zip(names, values))}))
+            fs.write_text(
+                path,
+                json.dumps(
+                    {"step": step, "algorithm": "wsum32", "arrays": dict(zip(names, values))}
+                ),
+            )
         except Exception as e:  # noqa: BLE001
-            logging.warning("Could not write the checksums of checkpoint step %d: %s", step, _brief(e))
+            logging.warning(
+                "Could not write the checksums of checkpoint step %d: %s", step, _brief(e)
+            )
 
     def _prune_checksums(self) -> None:
         folder = fs.join(self.workdir, CHECKSUM_SUBDIR)
@@ -608,12 +722,18 @@ class Checkpointer:
             done = [s for s in self._manager.all_steps() if s != step]
         except Exception:  # noqa: BLE001
             done = []
-        newest = f"the newest complete checkpoint is step {max(done)}" if done else "no checkpoint is complete"
+        newest = (
+            f"the newest complete checkpoint is step {max(done)}"
+            if done
+            else "no checkpoint is complete"
+        )
         cause = e.strerror if isinstance(e, OSError) and e.strerror else None
         where = f": {e.filename}" if isinstance(e, OSError) and e.filename else ""
         text = f"{cause}{where}" if cause else _brief(e)
-        return CheckpointSaveError(f"Saving checkpoint step {step} into {self.directory} failed: "
-                                   f"{text}. Stopping the run; {newest}.")
+        return CheckpointSaveError(
+            f"Saving checkpoint step {step} into {self.directory} failed: "
+            f"{text}. Stopping the run; {newest}."
+        )
 
     def check_save(self) -> None:
         """Raises CheckpointSaveError at once when the asynchronous save in flight has failed;
@@ -644,12 +764,18 @@ class Checkpointer:
         """Waits for Orbax's worker threads of a failed save (the parts that did not fail run on):
         left running they die at interpreter exit with a cascade of tracebacks."""
         for t in threading.enumerate():
-            if (t is not threading.current_thread() and not t.daemon and t.is_alive()
-                    and type(t).__module__.startswith("orbax")):
+            if (
+                t is not threading.current_thread()
+                and not t.daemon
+                and t.is_alive()
+                and type(t).__module__.startswith("orbax")
+            ):
                 try:  # Orbax's threads re-raise their own failure on join: another part of the
                     t.join(timeout)  # same failed save, whose first error is being reported
                 except Exception as e:  # noqa: BLE001
-                    logging.warning("A thread of the failed save of %s: %s", self.directory, _brief(e))
+                    logging.warning(
+                        "A thread of the failed save of %s: %s", self.directory, _brief(e)
+                    )
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager (idempotent; the manager is released
@@ -663,10 +789,12 @@ class Checkpointer:
             try:
                 self._manager.close()
             except Exception as e:  # noqa: BLE001 -- the save's error was raised by wait()
-                logging.warning("Closing the checkpoint manager of %s: %s", self.directory, _brief(e))
+                logging.warning(
+                    "Closing the checkpoint manager of %s: %s", self.directory, _brief(e)
+                )
             self._join_save_threads()
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -676,8 +804,10 @@ class Checkpointer:
 
     def _restore_step(self, step: int, state: TrainState) -> tuple[TrainState, dict]:
         student = _student_part(state)
-        items = {_STATE: ocp.args.StandardRestore(abstract_like(student)),
-                 _DATA: ocp.args.JsonRestore()}
+        items = {
+            _STATE: ocp.args.StandardRestore(abstract_like(student)),
+            _DATA: ocp.args.JsonRestore(),
+        }
         if state.ema_params:
             items[_EMA] = ocp.args.StandardRestore(abstract_like(dict(state.ema_params)))
         got = self._manager.restore(step, args=ocp.args.Composite(**items))
@@ -687,19 +817,27 @@ class Checkpointer:
         ema = dict(state.ema_params)
         if state.ema_params:
             ema = jax.tree.unflatten(jax.tree.structure(ema), jax.tree.leaves(got[_EMA]))
-        restored = restored.replace(ema_params=ema, teacher_params=state.teacher_params,
-                                    distance=state.distance)
+        restored = restored.replace(
+            ema_params=ema, teacher_params=state.teacher_params, distance=state.distance
+        )
         self._verify(step, restored)
         saved_step = int(jax.device_get(restored.step))
         if saved_step != step:
-            raise CheckpointError(f"Checkpoint directory {self.step_dir(step)} holds a state of "
-                                  f"step {saved_step}.")
+            raise CheckpointError(
+                f"Checkpoint directory {self.step_dir(step)} holds a state of step {saved_step}."
+            )
         data_state = got[_DATA]
         if not isinstance(data_state, dict):
-            raise CheckpointError(f"The data iterator state of {self.step_dir(step)} is not a dict.")
+            raise CheckpointError(
+                f"The data iterator state of {self.step_dir(step)} is not a dict."
+            )
         if "step" in data_state and int(data_state["step"]) != step:
-            logging.warning("Checkpoint step %d stored the data iterator at step %s; using step %d.",
-                            step, data_state["step"], step)
+            logging.warning(
+                "Checkpoint step %d stored the data iterator at step %s; using step %d.",
+                step,
+                data_state["step"],
+                step,
+            )
             data_state = {**data_state, "step": step}
         return restored, data_state
 
@@ -723,21 +861,30 @@ class Checkpointer:
             names, sums = checksums(restored)
             for name, value in zip(names, jax.device_get(sums)):
                 if name in stored and int(stored[name]) != int(value):
-                    raise CheckpointError(f"Checkpoint step {step}: the array {name} does not match "
-                                          f"its checksum ({path}): the files are damaged.")
+                    raise CheckpointError(
+                        f"Checkpoint step {step}: the array {name} does not match "
+                        f"its checksum ({path}): the files are damaged."
+                    )
             missing = sorted(set(stored) - set(names))
             if missing:
-                logging.warning("Checkpoint step %d: %d saved array(s) not restored: %s", step,
-                                len(missing), ", ".join(missing[:5]))
+                logging.warning(
+                    "Checkpoint step %d: %d saved array(s) not restored: %s",
+                    step,
+                    len(missing),
+                    ", ".join(missing[:5]),
+                )
         else:
-            logging.info("Checkpoint step %d has no checksums (%s); checked for finiteness only.",
-                         step, path)
+            logging.info(
+                "Checkpoint step %d has no checksums (%s); checked for finiteness only.", step, path
+            )
         bad = nonfinite_parts(restored)
         if bad:
-            raise CheckpointError(f"Checkpoint step {step} holds NaN or Inf in {', '.join(bad)}: the "
-                                  "files are damaged (a non-finite state is never saved).")
+            raise CheckpointError(
+                f"Checkpoint step {step} holds NaN or Inf in {', '.join(bad)}: the "
+                "files are damaged (a non-finite state is never saved)."
+            )
 
-    def restore(self, state: TrainState) -> Optional[tuple[TrainState, dict]]:
+    def restore(self, state: TrainState) -> tuple[TrainState, dict] | None:
         """Restores the newest readable checkpoint into the structure and shardings of ``state``.
 
         A checkpoint that fails to load is named in a warning; when an older one loads, the newer
@@ -763,8 +910,12 @@ class Checkpointer:
             try:
                 restored, data_state = self._restore_step(step, state)
             except Exception as e:  # noqa: BLE001 -- any failure to read means unreadable
-                logging.warning("Checkpoint step %d in %s is unreadable (%s); trying the previous "
-                                "one.", step, self.step_dir(step), _brief(e))
+                logging.warning(
+                    "Checkpoint step %d in %s is unreadable (%s); trying the previous one.",
+                    step,
+                    self.step_dir(step),
+                    _brief(e),
+                )
                 bad.append(step)
                 errors.append(f"step {step} ({self.step_dir(step)}): {_brief(e)}")
                 continue
@@ -773,9 +924,11 @@ class Checkpointer:
             logging.info("Resumed from %s (step %d).", self.step_dir(step), step)
             return restored, data_state
         raise CheckpointError(
-            f"None of the checkpoints in {self.directory} can be restored: " + "; ".join(errors) +
-            ". If the network or optimizer changed, use another workdir; if the files are damaged, "
-            "move the directory away to start afresh.")
+            f"None of the checkpoints in {self.directory} can be restored: "
+            + "; ".join(errors)
+            + ". If the network or optimizer changed, use another workdir; if the files are damaged, "
+            "move the directory away to start afresh."
+        )
 
     def _quarantine(self, steps: Sequence[int]) -> None:
         dest_root = fs.join(self.workdir, UNREADABLE_SUBDIR)
@@ -786,9 +939,8 @@ class Checkpointer:
                 fs.move(self.step_dir(step), dest)
                 if fs.exists(self.checksum_path(step)):
                     fs.move(self.checksum_path(step), fs.join(dest, "checksums.json"))
-                logging.warning("Moved the unreadable checkpoint %s to %s.", self.step_dir(step),
-                                dest)
+                logging.warning(
+                    "Moved the unreadable checkpoint %s to %s.", self.step_dir(step), dest
+                )
         ocp.multihost.sync_global_processes("consistency_jax_checkpoint_quarantine")
         self._manager.reload()
-
-

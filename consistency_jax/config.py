@@ -7,16 +7,18 @@ checked, with the field named, before anything is compiled or written; it return
 loop needs (``Setup``). Method-specific fields are checked by the method's plug-in
 (``methods.MethodSpec.check``).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import os
-from typing import Any, Optional
+from typing import Any
 
 import ml_collections
 
 from consistency_jax.toy_data import TOY_DATASETS
+
 DIGITS_DATASET = "sklearn_digits"
 READERS = ("auto", "data_source", "tfds_load")
 OPTIMIZERS = ("adam", "radam")
@@ -86,7 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.curriculum.mu0 = 0.0
     c.curriculum.s0 = 2
     c.curriculum.s1 = 150
-    c.curriculum.mu_form = "code"  # "code": what jcm/cm ran (μ(0) = 0.81); "paper": the paper's form
+    c.curriculum.mu_form = (
+        "code"  # "code": what jcm/cm ran (μ(0) = 0.81); "paper": the paper's form
+    )
     c.curriculum.total_steps = 0  # K; 0 -> train.num_steps
 
     # ECT (methods/ect.py; Geng et al. 2024): pairs (t, r) with ln t ~ N(p_mean, p_std²) and
@@ -186,7 +190,7 @@ def set_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.Conf
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
-def parse_arg(arg: Optional[str], **defaults: Any) -> dict:
+def parse_arg(arg: str | None, **defaults: Any) -> dict:
     """Parses "method=ct,size=16" config-file arguments into a dict over ``defaults``.
 
     A value takes the type of its default: int, float, str, or bool ("true"/"false", "1"/"0",
@@ -198,7 +202,9 @@ def parse_arg(arg: Optional[str], **defaults: Any) -> dict:
     out = dict(defaults)
     for item in filter(None, (arg or "").split(",")):
         if "=" not in item:
-            raise ValueError(f"Config arguments are key=value pairs separated by commas, got {item!r}.")
+            raise ValueError(
+                f"Config arguments are key=value pairs separated by commas, got {item!r}."
+            )
         k, v = item.split("=", 1)
         if k not in out:
             raise ValueError(f"Unknown config argument {k!r}; known: {sorted(out)}.")
@@ -217,7 +223,7 @@ def parse_arg(arg: Optional[str], **defaults: Any) -> dict:
     return out
 
 
-def load_config(path: str, arg: Optional[str] = None) -> ml_collections.ConfigDict:
+def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """Runs ``get_config(arg)`` of a config file given by path ("configs/toy.py" or
     "configs/toy.py:method=ct"), without putting anything on ``sys.path``.
 
@@ -243,38 +249,88 @@ def load_config(path: str, arg: Optional[str] = None) -> ml_collections.ConfigDi
 
 def ncsnpp_cifar10(dropout: float = 0.0) -> dict:
     """NCSN++ as in jcm's CIFAR-10 configs (CM Appendix C; about 56M parameters)."""
-    return dict(nf=128, ch_mult=(2, 2, 2), num_res_blocks=4, attn_resolutions=(16,), dropout=dropout,
-                fir=True, fir_kernel=(1, 3, 3, 1), skip_rescale=True, progressive_input="residual",
-                progressive_combine="sum", embedding_type="fourier", fourier_scale=16.0,
-                init_scale=0.0)
+    return dict(
+        nf=128,
+        ch_mult=(2, 2, 2),
+        num_res_blocks=4,
+        attn_resolutions=(16,),
+        dropout=dropout,
+        fir=True,
+        fir_kernel=(1, 3, 3, 1),
+        skip_rescale=True,
+        progressive_input="residual",
+        progressive_combine="sum",
+        embedding_type="fourier",
+        fourier_scale=16.0,
+        init_scale=0.0,
+    )
 
 
 def adm_imagenet64(dropout: float = 0.0) -> dict:
     """Class-conditional ADM UNet of cm's ImageNet 64 runs (CM Appendix C)."""
-    return dict(model_channels=192, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
-                attention_resolutions=(32, 16, 8), num_head_channels=64, resblock_updown=True,
-                use_scale_shift_norm=True, dropout=dropout, num_classes=1000)
+    return dict(
+        model_channels=192,
+        channel_mult=(1, 2, 3, 4),
+        num_res_blocks=3,
+        attention_resolutions=(32, 16, 8),
+        num_head_channels=64,
+        resblock_updown=True,
+        use_scale_shift_norm=True,
+        dropout=dropout,
+        num_classes=1000,
+    )
 
 
 def adm_lsun256(dropout: float = 0.0) -> dict:
     """Unconditional ADM UNet of cm's LSUN 256 runs (CM Appendix C)."""
-    return dict(model_channels=256, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
-                attention_resolutions=(32, 16, 8), num_head_channels=64, resblock_updown=True,
-                use_scale_shift_norm=False, dropout=dropout, num_classes=None)
+    return dict(
+        model_channels=256,
+        channel_mult=(1, 1, 2, 2, 4, 4),
+        num_res_blocks=2,
+        attention_resolutions=(32, 16, 8),
+        num_head_channels=64,
+        resblock_updown=True,
+        use_scale_shift_norm=False,
+        dropout=dropout,
+        num_classes=None,
+    )
 
 
-def image_data(c: ml_collections.ConfigDict, name: str, image_size: int, num_channels: int = 3, *,
-               random_flip: bool = True, use_labels: bool = False, batch_size: int = 512):
-    c.data.update(name=name, image_size=image_size, num_channels=num_channels,
-                  random_flip=random_flip, use_labels=use_labels, batch_size=batch_size)
+def image_data(
+    c: ml_collections.ConfigDict,
+    name: str,
+    image_size: int,
+    num_channels: int = 3,
+    *,
+    random_flip: bool = True,
+    use_labels: bool = False,
+    batch_size: int = 512,
+):
+    c.data.update(
+        name=name,
+        image_size=image_size,
+        num_channels=num_channels,
+        random_flip=random_flip,
+        use_labels=use_labels,
+        batch_size=batch_size,
+    )
     c.eval.num_samples = 64  # a sample grid; FID/IS/KID runs are separate jobs
     return c
 
 
-def paper_schedule(c: ml_collections.ConfigDict, *, optimizer: str, lr: float, num_steps: int,
-                   ema_rates, warmup_steps: int = 0):
+def paper_schedule(
+    c: ml_collections.ConfigDict,
+    *,
+    optimizer: str,
+    lr: float,
+    num_steps: int,
+    ema_rates,
+    warmup_steps: int = 0,
+):
     c.optim.update(name=optimizer, lr=lr, warmup_steps=warmup_steps, decay="constant")
-    c.train.update(num_steps=num_steps, ema_rates=tuple(ema_rates), log_every=100, eval_every=10_000)
+    c.train.update(
+        num_steps=num_steps, ema_rates=tuple(ema_rates), log_every=100, eval_every=10_000
+    )
     c.checkpoint.update(every=10_000, keep=3, keep_every=100_000)
     return c
 
@@ -323,8 +379,10 @@ def _check_dataset_name(name: str) -> None:
     try:
         tfds.builder_cls(name.split("/")[0])
     except tfds.core.DatasetNotFoundError:
-        raise ValueError(f"Unknown data set {name!r} (config.data.name): not one of {TOY_DATASETS}, "
-                         f"'{DIGITS_DATASET}/<size>', nor a TFDS data set name.") from None
+        raise ValueError(
+            f"Unknown data set {name!r} (config.data.name): not one of {TOY_DATASETS}, "
+            f"'{DIGITS_DATASET}/<size>', nor a TFDS data set name."
+        ) from None
 
 
 def _check_network_input(config: ml_collections.ConfigDict) -> None:
@@ -345,8 +403,9 @@ def _check_network_input(config: ml_collections.ConfigDict) -> None:
         _, _, init = build.build_network(config, shape)  # the init the run will use
         jax.eval_shape(init, jax.random.key(0))
     except (ValueError, TypeError) as e:
-        raise ValueError(f"The network {config.model.name!r} (config.model) cannot take {what}: "
-                         f"{e}") from e
+        raise ValueError(
+            f"The network {config.model.name!r} (config.model) cannot take {what}: {e}"
+        ) from e
 
 
 def _check_optimizer(o) -> None:
@@ -357,8 +416,10 @@ def _check_optimizer(o) -> None:
     if o.decay not in LR_DECAYS:
         raise ValueError(f"Unknown lr decay {o.decay!r} (config.optim.decay); one of {LR_DECAYS}.")
     if o.warmup_steps < 0 or o.grad_clip < 0:
-        raise ValueError("config.optim.warmup_steps and config.optim.grad_clip must be >= 0, got "
-                         f"{o.warmup_steps} and {o.grad_clip}.")
+        raise ValueError(
+            "config.optim.warmup_steps and config.optim.grad_clip must be >= 0, got "
+            f"{o.warmup_steps} and {o.grad_clip}."
+        )
     for name in ("b1", "b2"):
         if not 0.0 <= o[name] < 1.0:
             raise ValueError(f"config.optim.{name} must lie in [0, 1), got {o[name]}.")
@@ -374,9 +435,11 @@ def _check_lpips(config, spec) -> None:
     if lc.lpips_net not in ("vgg", "alex"):
         raise ValueError(f"config.loss.lpips_net must be 'vgg' or 'alex', got {lc.lpips_net!r}.")
     if not lc.lpips_weights or not os.path.isfile(lc.lpips_weights):
-        raise ValueError(f"config.loss.distance='lpips' needs config.loss.lpips_weights, a .safetensors "
-                         f"file made by tools/convert_lpips_weights.py; got {lc.lpips_weights!r}"
-                         f"{' (no such file)' if lc.lpips_weights else ''}.")
+        raise ValueError(
+            f"config.loss.distance='lpips' needs config.loss.lpips_weights, a .safetensors "
+            f"file made by tools/convert_lpips_weights.py; got {lc.lpips_weights!r}"
+            f"{' (no such file)' if lc.lpips_weights else ''}."
+        )
 
 
 def _check_teacher(config, spec) -> None:
@@ -386,8 +449,10 @@ def _check_teacher(config, spec) -> None:
 
     workdir = config.teacher.workdir
     if not workdir:
-        raise ValueError(f"method={spec.name!r} needs a teacher: set config.teacher.workdir to the EDM "
-                         "teacher's workdir (or 'exact' for the toy's exact denoiser).")
+        raise ValueError(
+            f"method={spec.name!r} needs a teacher: set config.teacher.workdir to the EDM "
+            "teacher's workdir (or 'exact' for the toy's exact denoiser)."
+        )
     if workdir == "exact":
         if config.data.name not in TOY_DATASETS:
             raise ValueError("config.teacher.workdir='exact' exists only for the toy data sets.")
@@ -405,11 +470,14 @@ def network_kind(config) -> str:
     """What a run's network parameters mean, for ``config.init``: "an EDM network" (the consistency
     and EDM preconditionings; a TrigFlow method with sigmas.trigflow_time=edm) or "a TrigFlow network
     seeing the angle t" (sct/scd by default)."""
-    from consistency_jax import methods as methods_lib, trigflow
+    from consistency_jax import methods as methods_lib
+    from consistency_jax import trigflow
 
     spec = methods_lib.get(config.method)
-    if (spec.consistency_fn is trigflow.consistency_fn_sigma
-            and config.sigmas.get("trigflow_time", "angle") != "edm"):
+    if (
+        spec.consistency_fn is trigflow.consistency_fn_sigma
+        and config.sigmas.get("trigflow_time", "angle") != "edm"
+    ):
         return "a TrigFlow network seeing the angle t (sigmas.trigflow_time=angle)"
     return "an EDM network"
 
@@ -426,7 +494,9 @@ def _check_init(config) -> None:
     workdir = config.init.workdir
     if not workdir:
         if rate:
-            raise ValueError(f"config.init.ema_rate={rate} is set but config.init.workdir is empty.")
+            raise ValueError(
+                f"config.init.ema_rate={rate} is set but config.init.workdir is empty."
+            )
         return
     where = f"config.init.workdir={workdir!r}"
     hint = " (to resume a run that started from it, clear config.init.workdir)"
@@ -438,13 +508,21 @@ def _check_init(config) -> None:
     # sCM's weighting head may be new here (it starts fresh; the source's θ becomes the "net" part).
     fresh_head = build.init_adds_logvar_head(source, config)
     free = INIT_FREE_MODEL_FIELDS + (("model.logvar_head",) if fresh_head else ())
-    diffs = [f"{k}: {theirs!r} -> {mine!r}" for k, theirs, mine in checkpoint.differing_fields(
-                 checkpoint.config_to_dict(source), checkpoint.config_to_dict(config),
-                 ignore_resumable=False, defaults=default_values())
-             if (k.startswith("model.") or k in INIT_NETWORK_FIELDS) and k not in free]
+    diffs = [
+        f"{k}: {theirs!r} -> {mine!r}"
+        for k, theirs, mine in checkpoint.differing_fields(
+            checkpoint.config_to_dict(source),
+            checkpoint.config_to_dict(config),
+            ignore_resumable=False,
+            defaults=default_values(),
+        )
+        if (k.startswith("model.") or k in INIT_NETWORK_FIELDS) and k not in free
+    ]
     if diffs:
-        raise ValueError(f"{where} (step {step}) has another network than this run; differing fields "
-                         f"(source -> this run): {'; '.join(diffs)}.")
+        raise ValueError(
+            f"{where} (step {step}) has another network than this run; differing fields "
+            f"(source -> this run): {'; '.join(diffs)}."
+        )
     theirs, mine = network_kind(source), network_kind(config)
     if theirs != mine:
         raise ValueError(
@@ -452,7 +530,8 @@ def _check_init(config) -> None:
             f"{config.method}) trains {mine}: the parameters would mean another function. A TrigFlow "
             "method (sct, scd) starts from an EDM-preconditioned run only as an EDM network: set "
             "--config.sigmas.trigflow_time=edm (and the source's sigmas.trigflow_time must match for "
-            "a TrigFlow source).")
+            "a TrigFlow source)."
+        )
     if config.data.name in TOY_DATASETS:
         shape = (2,)
     elif config.data.image_size > 0 and config.data.num_channels > 0:
@@ -464,15 +543,22 @@ def _check_init(config) -> None:
     want = jax.eval_shape(init, jax.random.key(0))
     if fresh_head:
         want = want["net"]
-    describe = lambda tree: {jax.tree_util.keystr(p): (tuple(a.shape), str(a.dtype))
-                             for p, a in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    describe = lambda tree: {
+        jax.tree_util.keystr(p): (tuple(a.shape), str(a.dtype))
+        for p, a in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
     got, need = describe(abstract), describe(want)
     if got != need:
         bad = sorted(k for k in set(got) | set(need) if got.get(k) != need.get(k))
-        raise ValueError(f"{where} (step {step}): its parameters do not fit this run's network "
-                         "(data shape or labels differ?); first differing leaves (source -> this "
-                         f"run): " + "; ".join(f"{k}: {got.get(k, '<absent>')} -> "
-                                               f"{need.get(k, '<absent>')}" for k in bad[:5]) + ".")
+        raise ValueError(
+            f"{where} (step {step}): its parameters do not fit this run's network "
+            "(data shape or labels differ?); first differing leaves (source -> this "
+            f"run): "
+            + "; ".join(
+                f"{k}: {got.get(k, '<absent>')} -> {need.get(k, '<absent>')}" for k in bad[:5]
+            )
+            + "."
+        )
 
 
 def _check_eval(config, sigmas, spec, rates) -> None:
@@ -480,22 +566,30 @@ def _check_eval(config, sigmas, spec, rates) -> None:
     _positive_int(e.num_samples, "eval.num_samples")
     _positive_int(e.edm_steps, "eval.edm_steps")
     if e.ema_rate and float(e.ema_rate) not in rates:
-        raise ValueError(f"config.eval.ema_rate={e.ema_rate} is not one of the EMA rates kept "
-                         f"(config.train.ema_rates={rates}); 0 picks the slowest.")
+        raise ValueError(
+            f"config.eval.ema_rate={e.ema_rate} is not one of the EMA rates kept "
+            f"(config.train.ema_rates={rates}); 0 picks the slowest."
+        )
     if e.get("inception_weights"):
         if config.data.name in TOY_DATASETS:
             raise ValueError("config.eval.inception_weights is for image runs, not the 2-D toy.")
         if not os.path.isfile(e.inception_weights):
-            raise ValueError(f"config.eval.inception_weights={e.inception_weights!r} is not a file; make it "
-                             "with tools/convert_inception_weights.py (README, 'Evaluating like the papers').")
+            raise ValueError(
+                f"config.eval.inception_weights={e.inception_weights!r} is not a file; make it "
+                "with tools/convert_inception_weights.py (README, 'Evaluating like the papers')."
+            )
         if e.fid_reference and not os.path.isfile(e.fid_reference):
-            raise ValueError(f"config.eval.fid_reference={e.fid_reference!r} is not a file (a statistics "
-                             "or reference-batch .npz; empty: the train split of config.data.name).")
+            raise ValueError(
+                f"config.eval.fid_reference={e.fid_reference!r} is not a file (a statistics "
+                "or reference-batch .npz; empty: the train split of config.data.name)."
+            )
         from consistency_jax.evaluation.inception import METRICS
 
         bad = sorted(set(e.fid_metrics) - set(METRICS))
         if bad or not e.fid_metrics:
-            raise ValueError(f"config.eval.fid_metrics={tuple(e.fid_metrics)}: choose from {METRICS}.")
+            raise ValueError(
+                f"config.eval.fid_metrics={tuple(e.fid_metrics)}: choose from {METRICS}."
+            )
     if spec.family != "consistency":
         return
     from consistency_jax.evaluation import samples
@@ -521,8 +615,10 @@ def validate(config: ml_collections.ConfigDict) -> Setup:
 
     spec = methods.get(config.method)
     if config.model.name not in networks.network_names():
-        raise ValueError(f"Unknown network {config.model.name!r} (config.model.name); "
-                         f"known networks: {', '.join(networks.network_names())}.")
+        raise ValueError(
+            f"Unknown network {config.model.name!r} (config.model.name); "
+            f"known networks: {', '.join(networks.network_names())}."
+        )
     if config.model.dtype not in DTYPES:
         raise ValueError(f"config.model.dtype must be one of {DTYPES}, got {config.model.dtype!r}.")
     t = config.train
@@ -531,24 +627,36 @@ def validate(config: ml_collections.ConfigDict) -> Setup:
         _positive_int(t[name], f"train.{name}")
     _positive_int(t.get("max_consecutive_skips", 0), "train.max_consecutive_skips", minimum=0)
     fraction = t.get("max_skip_fraction", 1.0)
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-        raise ValueError(f"config.train.max_skip_fraction must lie in (0, 1] (1: no limit), got "
-                         f"{fraction!r}.")
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, (int, float))
+        or not 0 < fraction <= 1
+    ):
+        raise ValueError(
+            f"config.train.max_skip_fraction must lie in (0, 1] (1: no limit), got {fraction!r}."
+        )
     micro = _positive_int(t.get("microbatches", 1), "train.microbatches")
     per_call = _positive_int(t.get("steps_per_call", 1), "train.steps_per_call")
     c = config.checkpoint
     checkpoint.check_cadence(c.every, c.keep, c.keep_every)
-    for name, every in (("train.log_every", t.log_every), ("train.eval_every", t.eval_every),
-                        ("checkpoint.every", c.every)):
+    for name, every in (
+        ("train.log_every", t.log_every),
+        ("train.eval_every", t.eval_every),
+        ("checkpoint.every", c.every),
+    ):
         if every % per_call:
-            raise ValueError(f"config.{name}={every} is not a multiple of config.train.steps_per_call="
-                             f"{per_call}: the loop only sees every steps_per_call-th step.")
+            raise ValueError(
+                f"config.{name}={every} is not a multiple of config.train.steps_per_call="
+                f"{per_call}: the loop only sees every steps_per_call-th step."
+            )
     _check_optimizer(config.optim)
     rates = tuple(check_ema_rate(r, "Every EMA rate (config.train.ema_rates)") for r in t.ema_rates)
     check_ema_rate(config.teacher.ema_rate, "config.teacher.ema_rate")
     _check_dataset_name(config.data.name)
     if config.data.get("reader", "auto") not in READERS:
-        raise ValueError(f"config.data.reader must be one of {READERS}, got {config.data.reader!r}.")
+        raise ValueError(
+            f"config.data.reader must be one of {READERS}, got {config.data.reader!r}."
+        )
     _positive_int(config.data.get("shuffle_buffer", 0), "data.shuffle_buffer", minimum=0)
     try:
         sigmas = parameterization.SigmaConfig(**config.sigmas.to_dict())
@@ -562,16 +670,28 @@ def validate(config: ml_collections.ConfigDict) -> Setup:
     _positive_int(config.data.batch_size, "data.batch_size")
     sharding.check_global_batch(config.data.batch_size, mesh)
     if config.data.batch_size % micro:
-        raise ValueError(f"config.data.batch_size={config.data.batch_size} does not split into "
-                         f"config.train.microbatches={micro} equal microbatches.")
+        raise ValueError(
+            f"config.data.batch_size={config.data.batch_size} does not split into "
+            f"config.train.microbatches={micro} equal microbatches."
+        )
     if micro > 1:  # every device holds an equal part of every microbatch
-        sharding.check_global_batch(config.data.batch_size // micro, mesh,
-                                    name="config.data.batch_size / config.train.microbatches")
+        sharding.check_global_batch(
+            config.data.batch_size // micro,
+            mesh,
+            name="config.data.batch_size / config.train.microbatches",
+        )
     _check_network_input(config)
     _check_teacher(config, spec)
     _check_init(config)
-    return Setup(spec=spec, sigmas=sigmas, ema_rates=rates, num_steps=num_steps, mesh=mesh,
-                 microbatches=micro, steps_per_call=per_call)
+    return Setup(
+        spec=spec,
+        sigmas=sigmas,
+        ema_rates=rates,
+        num_steps=num_steps,
+        mesh=mesh,
+        microbatches=micro,
+        steps_per_call=per_call,
+    )
 
 
 def default_values() -> dict[str, Any]:

@@ -28,6 +28,7 @@ Tensor mapping (PyTorch -> Flax):
 
 The released models ran in float16; the converted parameters are float32 (float16 tensors are cast).
 """
+
 from __future__ import annotations
 
 import collections
@@ -35,15 +36,26 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Any, Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 PyTree = Any
 
-__all__ = ["ConvertError", "cm_params", "convert_cm", "convert_diffusers", "convert_jcm",
-           "diffusers_arch", "diffusers_state_dict", "jcm_params", "read_jcm_state",
-           "read_state_dict", "run_config"]
+__all__ = [
+    "ConvertError",
+    "cm_params",
+    "convert_cm",
+    "convert_diffusers",
+    "convert_jcm",
+    "diffusers_arch",
+    "diffusers_state_dict",
+    "jcm_params",
+    "read_jcm_state",
+    "read_state_dict",
+    "run_config",
+]
 
 SOURCES = ("cm", "diffusers", "jcm")
 CM_CONFIGS = ("imagenet64", "lsun256")
@@ -80,25 +92,33 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         try:
             return dict(load_file(path))
         except Exception as e:  # noqa: BLE001 -- safetensors' errors name no common class
-            raise ConvertError(f"{path} is not a readable safetensors file (truncated or not a "
-                               f"checkpoint?): {e}") from None
+            raise ConvertError(
+                f"{path} is not a readable safetensors file (truncated or not a checkpoint?): {e}"
+            ) from None
     if ext not in (".pt", ".pth", ".bin"):
         raise ConvertError(f"{path}: give a PyTorch state dict (.pt, .pth) or a .safetensors file.")
     try:
         import torch
     except ImportError:
-        raise ConvertError(f"Reading {path} needs PyTorch (pip install torch; CPU is enough), or give "
-                           "a .safetensors copy of the state dict instead.") from None
+        raise ConvertError(
+            f"Reading {path} needs PyTorch (pip install torch; CPU is enough), or give "
+            "a .safetensors copy of the state dict instead."
+        ) from None
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- pickle, zip and EOF errors alike
-        raise ConvertError(f"{path} is not a readable PyTorch checkpoint (truncated, or not a state "
-                           f"dict saved by torch.save?): {str(e).splitlines()[0][:300]}") from None
+        raise ConvertError(
+            f"{path} is not a readable PyTorch checkpoint (truncated, or not a state "
+            f"dict saved by torch.save?): {str(e).splitlines()[0][:300]}"
+        ) from None
     if not isinstance(loaded, Mapping) or not all(torch.is_tensor(v) for v in loaded.values()):
-        raise ConvertError(f"{path} holds a {type(loaded).__name__}, not a state dict (a mapping "
-                           "name -> tensor).")
-    return {k: v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()
-            for k, v in loaded.items()}
+        raise ConvertError(
+            f"{path} holds a {type(loaded).__name__}, not a state dict (a mapping name -> tensor)."
+        )
+    return {
+        k: v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()
+        for k, v in loaded.items()
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,7 +171,11 @@ class _Layout:
         self.entries[f"{key}.bias"] = (path + ("bias",), self._leaf(path + ("bias",)), lambda b: b)
 
     def norm(self, key: str, path: tuple[str, ...]) -> None:
-        self.entries[f"{key}.weight"] = (path + ("scale",), self._leaf(path + ("scale",)), lambda s: s)
+        self.entries[f"{key}.weight"] = (
+            path + ("scale",),
+            self._leaf(path + ("scale",)),
+            lambda s: s,
+        )
         self.entries[f"{key}.bias"] = (path + ("bias",), self._leaf(path + ("bias",)), lambda b: b)
 
     def resblock(self, key: str) -> None:
@@ -184,8 +208,11 @@ def _cm_layout(kwargs: Mapping[str, Any], image_size: int, abstract: Mapping[str
     lay.linear("time_embed.0", (lay.next_name("Dense"),))
     lay.linear("time_embed.2", (lay.next_name("Dense"),))
     if kwargs.get("num_classes") is not None:
-        lay.entries["label_emb.weight"] = (("Embed_0", "embedding"),
-                                           lay._leaf(("Embed_0", "embedding")), lambda e: e)
+        lay.entries["label_emb.weight"] = (
+            ("Embed_0", "embedding"),
+            lay._leaf(("Embed_0", "embedding")),
+            lambda e: e,
+        )
     lay.conv("input_blocks.0.0", (lay.next_name("Conv"),))
     block, res = 1, image_size
     for level in range(len(mult)):
@@ -229,19 +256,31 @@ def _listing(names: Sequence[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def _refuse_mismatch(source: str, described: str, missing: Sequence[str], extra: Sequence[str],
-                     wrong: Sequence[str], flags: str) -> None:
+def _refuse_mismatch(
+    source: str,
+    described: str,
+    missing: Sequence[str],
+    extra: Sequence[str],
+    wrong: Sequence[str],
+    flags: str,
+) -> None:
     """Raises a ConvertError naming the missing, unexpected and mis-shaped tensors, if any."""
     if missing or extra or wrong:
-        parts = [f"{len(missing)} missing tensor(s): {_listing(missing)}" if missing else "",
-                 f"{len(extra)} unexpected tensor(s): {_listing(extra)}" if extra else "",
-                 f"{len(wrong)} of the wrong shape: {_listing(wrong)}" if wrong else ""]
-        raise ConvertError(f"{source} is not {described}: " + "; ".join(p for p in parts if p)
-                           + f". Check --config and the architecture flags ({flags}).")
+        parts = [
+            f"{len(missing)} missing tensor(s): {_listing(missing)}" if missing else "",
+            f"{len(extra)} unexpected tensor(s): {_listing(extra)}" if extra else "",
+            f"{len(wrong)} of the wrong shape: {_listing(wrong)}" if wrong else "",
+        ]
+        raise ConvertError(
+            f"{source} is not {described}: "
+            + "; ".join(p for p in parts if p)
+            + f". Check --config and the architecture flags ({flags})."
+        )
 
 
-def _cm_expected(model_kwargs: Mapping[str, Any], image_size: int,
-                 num_channels: int) -> tuple[PyTree, _Layout]:
+def _cm_expected(
+    model_kwargs: Mapping[str, Any], image_size: int, num_channels: int
+) -> tuple[PyTree, _Layout]:
     """The abstract ``ADMUNet(**model_kwargs)`` parameters and the cm names, shapes and converters."""
     from consistency_jax.networks import layers
     from consistency_jax.networks.unet import ADMUNet
@@ -249,14 +288,22 @@ def _cm_expected(model_kwargs: Mapping[str, Any], image_size: int,
     try:
         abstract = layers.abstract_params(ADMUNet(**model_kwargs), image_size, num_channels)
     except (TypeError, ValueError) as e:
-        raise ConvertError(f"The architecture flags do not describe an ADM UNet for "
-                           f"{image_size}x{image_size}x{num_channels} images: {e}") from None
+        raise ConvertError(
+            f"The architecture flags do not describe an ADM UNet for "
+            f"{image_size}x{image_size}x{num_channels} images: {e}"
+        ) from None
     abstract = _plain(abstract)
     return abstract, _cm_layout(model_kwargs, image_size, abstract)
 
 
-def cm_params(state_dict: Mapping[str, np.ndarray], model_kwargs: Mapping[str, Any],
-              image_size: int, num_channels: int = 3, *, source: str = "the checkpoint") -> PyTree:
+def cm_params(
+    state_dict: Mapping[str, np.ndarray],
+    model_kwargs: Mapping[str, Any],
+    image_size: int,
+    num_channels: int = 3,
+    *,
+    source: str = "the checkpoint",
+) -> PyTree:
     """The ``ADMUNet(**model_kwargs)`` parameters of a cm ``UNetModel`` state dict (float32 NumPy).
 
     Args:
@@ -276,12 +323,21 @@ def cm_params(state_dict: Mapping[str, np.ndarray], model_kwargs: Mapping[str, A
     abstract, lay = _cm_expected(model_kwargs, image_size, num_channels)
     missing = [k for k in lay.entries if k not in state_dict]
     extra = [k for k in state_dict if k not in lay.entries]
-    wrong = [f"{k} {tuple(state_dict[k].shape)} (expected {lay.entries[k][1]})"
-             for k in lay.entries if k in state_dict and tuple(state_dict[k].shape) != lay.entries[k][1]]
-    _refuse_mismatch(source, f"the ADM UNet described ({_describe(model_kwargs, image_size)})",
-                     missing, extra, wrong, "--model_channels, --channel_mult, --num_res_blocks, "
-                     "--attention_resolutions, --num_head_channels, --num_classes, "
-                     "--use_scale_shift_norm, --resblock_updown, --image_size")
+    wrong = [
+        f"{k} {tuple(state_dict[k].shape)} (expected {lay.entries[k][1]})"
+        for k in lay.entries
+        if k in state_dict and tuple(state_dict[k].shape) != lay.entries[k][1]
+    ]
+    _refuse_mismatch(
+        source,
+        f"the ADM UNet described ({_describe(model_kwargs, image_size)})",
+        missing,
+        extra,
+        wrong,
+        "--model_channels, --channel_mult, --num_res_blocks, "
+        "--attention_resolutions, --num_head_channels, --num_classes, "
+        "--use_scale_shift_norm, --resblock_updown, --image_size",
+    )
     params: dict = {}
     for key, (path, _, fn) in lay.entries.items():
         node = params
@@ -289,15 +345,19 @@ def cm_params(state_dict: Mapping[str, np.ndarray], model_kwargs: Mapping[str, A
             node = node.setdefault(p, {})
         value = np.asarray(state_dict[key])
         if not np.issubdtype(value.dtype, np.floating):
-            raise ConvertError(f"{source}: tensor {key} has dtype {value.dtype}, not floating point.")
+            raise ConvertError(
+                f"{source}: tensor {key} has dtype {value.dtype}, not floating point."
+            )
         node[path[-1]] = np.ascontiguousarray(fn(value).astype(np.float32))
     for name in [n for n in params if n.startswith("AttnBlock_")]:  # [Q | K | V] -> three denses
         qkv = params[name].pop("qkv")
         w, b = qkv["kernel"][:, :, 0, 0], qkv["bias"]
         c = w.shape[1]
         for i in range(3):
-            params[name][f"Dense_{i}"] = {"kernel": np.ascontiguousarray(w[i * c:(i + 1) * c].T),
-                                          "bias": b[i * c:(i + 1) * c].copy()}
+            params[name][f"Dense_{i}"] = {
+                "kernel": np.ascontiguousarray(w[i * c : (i + 1) * c].T),
+                "bias": b[i * c : (i + 1) * c].copy(),
+            }
     _check_tree(params, abstract)
     return params
 
@@ -309,17 +369,29 @@ def _plain(tree: Any) -> Any:
 def _check_tree(params: PyTree, abstract: PyTree) -> None:
     import jax
 
-    got = {jax.tree_util.keystr(p): tuple(a.shape)
-           for p, a in jax.tree_util.tree_flatten_with_path(params)[0]}
-    want = {jax.tree_util.keystr(p): tuple(a.shape)
-            for p, a in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    got = {
+        jax.tree_util.keystr(p): tuple(a.shape)
+        for p, a in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
+    want = {
+        jax.tree_util.keystr(p): tuple(a.shape)
+        for p, a in jax.tree_util.tree_flatten_with_path(abstract)[0]
+    }
     assert got == want, f"conversion bug: {sorted(set(got.items()) ^ set(want.items()))[:5]}"
 
 
 def _describe(kwargs: Mapping[str, Any], image_size: int) -> str:
-    keys = ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
-            "num_head_channels", "num_heads", "num_classes", "use_scale_shift_norm",
-            "resblock_updown")
+    keys = (
+        "model_channels",
+        "channel_mult",
+        "num_res_blocks",
+        "attention_resolutions",
+        "num_head_channels",
+        "num_heads",
+        "num_classes",
+        "use_scale_shift_norm",
+        "resblock_updown",
+    )
     return f"image_size={image_size}, " + ", ".join(f"{k}={kwargs[k]}" for k in keys if k in kwargs)
 
 
@@ -345,9 +417,11 @@ def read_jcm_state(path: str) -> dict:
     try:
         state = serialization.msgpack_restore(data)
     except Exception as e:  # noqa: BLE001 -- msgpack's errors (ExtraData, ValueError, ...) alike
-        raise ConvertError(f"{path} is not a readable flax msgpack checkpoint (truncated, or not a "
-                           f"file of jcm's checkpoints.save_checkpoint?): "
-                           f"{type(e).__name__}: {str(e)[:200]}") from None
+        raise ConvertError(
+            f"{path} is not a readable flax msgpack checkpoint (truncated, or not a "
+            f"file of jcm's checkpoints.save_checkpoint?): "
+            f"{type(e).__name__}: {str(e)[:200]}"
+        ) from None
     if not isinstance(state, dict):
         raise ConvertError(f"{path} holds a msgpack {type(state).__name__}, not a flax state.")
     return state
@@ -383,8 +457,14 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def jcm_params(tree: Mapping[str, Any], model_kwargs: Mapping[str, Any], image_size: int,
-               num_channels: int = 3, *, source: str = "the checkpoint") -> PyTree:
+def jcm_params(
+    tree: Mapping[str, Any],
+    model_kwargs: Mapping[str, Any],
+    image_size: int,
+    num_channels: int = 3,
+    *,
+    source: str = "the checkpoint",
+) -> PyTree:
     """The ``NCSNpp(**model_kwargs)`` parameters of a jcm NCSN++ parameter tree (float32 NumPy).
 
     Every tensor keeps its layout (both are flax: HWIO convolutions, (in, out) dense kernels);
@@ -412,8 +492,10 @@ def jcm_params(tree: Mapping[str, Any], model_kwargs: Mapping[str, Any], image_s
     try:
         abstract = _plain(layers.abstract_params(NCSNpp(**model_kwargs), image_size, num_channels))
     except (TypeError, ValueError) as e:
-        raise ConvertError(f"The architecture flags do not describe an NCSN++ for "
-                           f"{image_size}x{image_size}x{num_channels} images: {e}") from None
+        raise ConvertError(
+            f"The architecture flags do not describe an NCSN++ for "
+            f"{image_size}x{image_size}x{num_channels} images: {e}"
+        ) from None
     want = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
         keys = tuple(p.key for p in path)
@@ -421,18 +503,35 @@ def jcm_params(tree: Mapping[str, Any], model_kwargs: Mapping[str, Any], image_s
     got = _flatten(tree)
     missing = [k for k in want if k not in got]
     extra = [k for k in got if k not in want]
-    wrong = [f"{k} {tuple(np.shape(got[k]))} (expected {want[k][1]})"
-             for k in want if k in got and tuple(np.shape(got[k])) != want[k][1]]
-    described = "the NCSN++ described (" + ", ".join(
-        f"{k}={model_kwargs[k]}" for k in ("nf", "ch_mult", "num_res_blocks", "attn_resolutions")
-        if k in model_kwargs) + f", image_size={image_size})"
-    _refuse_mismatch(source, described, missing, extra, wrong,
-                     "--nf, --ch_mult, --num_res_blocks, --attn_resolutions, --image_size")
+    wrong = [
+        f"{k} {tuple(np.shape(got[k]))} (expected {want[k][1]})"
+        for k in want
+        if k in got and tuple(np.shape(got[k])) != want[k][1]
+    ]
+    described = (
+        "the NCSN++ described ("
+        + ", ".join(
+            f"{k}={model_kwargs[k]}"
+            for k in ("nf", "ch_mult", "num_res_blocks", "attn_resolutions")
+            if k in model_kwargs
+        )
+        + f", image_size={image_size})"
+    )
+    _refuse_mismatch(
+        source,
+        described,
+        missing,
+        extra,
+        wrong,
+        "--nf, --ch_mult, --num_res_blocks, --attn_resolutions, --image_size",
+    )
     params: dict = {}
     for name, (keys, _) in want.items():
         value = np.asarray(got[name])
         if not np.issubdtype(value.dtype, np.floating):
-            raise ConvertError(f"{source}: tensor {name} has dtype {value.dtype}, not floating point.")
+            raise ConvertError(
+                f"{source}: tensor {name} has dtype {value.dtype}, not floating point."
+            )
         node = params
         for k in keys[:-1]:
             node = node.setdefault(k, {})
@@ -446,21 +545,51 @@ def jcm_params(tree: Mapping[str, Any], model_kwargs: Mapping[str, Any], image_s
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # config.json fields that must hold these values for the ADM UNet to be the network described.
-_DIFFUSERS_FIXED = dict(time_embedding_type="positional", flip_sin_to_cos=True, freq_shift=0,
-                        center_input_sample=False, mid_block_type="UNetMidBlock2D",
-                        add_attention=True, mid_block_scale_factor=1, act_fn="silu",
-                        norm_num_groups=_CM_GROUPS, norm_eps=1e-5, class_embed_type=None,
-                        downsample_type="resnet", upsample_type="resnet")
+_DIFFUSERS_FIXED = dict(
+    time_embedding_type="positional",
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    center_input_sample=False,
+    mid_block_type="UNetMidBlock2D",
+    add_attention=True,
+    mid_block_scale_factor=1,
+    act_fn="silu",
+    norm_num_groups=_CM_GROUPS,
+    norm_eps=1e-5,
+    class_embed_type=None,
+    downsample_type="resnet",
+    upsample_type="resnet",
+)
 # Fields read below, and those with no effect on the network's weights or its output.
-_DIFFUSERS_READ = ("sample_size", "in_channels", "out_channels", "block_out_channels",
-                   "layers_per_block", "down_block_types", "up_block_types", "attention_head_dim",
-                   "attn_norm_num_groups", "resnet_time_scale_shift", "num_class_embeds",
-                   "time_embedding_dim")
+_DIFFUSERS_READ = (
+    "sample_size",
+    "in_channels",
+    "out_channels",
+    "block_out_channels",
+    "layers_per_block",
+    "down_block_types",
+    "up_block_types",
+    "attention_head_dim",
+    "attn_norm_num_groups",
+    "resnet_time_scale_shift",
+    "num_class_embeds",
+    "time_embedding_dim",
+)
 _DIFFUSERS_IGNORED = ("dropout", "downsample_padding", "num_train_timesteps")
-_RESNET = (("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
-           ("out_layers.0", "norm2"), ("out_layers.3", "conv2"), ("skip_connection", "conv_shortcut"))
-_DEPRECATED_ATTENTION = ((".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."),
-                         (".proj_attn.", ".to_out.0."))
+_RESNET = (
+    ("in_layers.0", "norm1"),
+    ("in_layers.2", "conv1"),
+    ("emb_layers.1", "time_emb_proj"),
+    ("out_layers.0", "norm2"),
+    ("out_layers.3", "conv2"),
+    ("skip_connection", "conv_shortcut"),
+)
+_DEPRECATED_ATTENTION = (
+    (".query.", ".to_q."),
+    (".key.", ".to_k."),
+    (".value.", ".to_v."),
+    (".proj_attn.", ".to_out.0."),
+)
 
 
 def diffusers_files(path: str) -> tuple[str, str]:
@@ -473,11 +602,16 @@ def diffusers_files(path: str) -> tuple[str, str]:
     if os.path.isdir(path):
         if os.path.isdir(os.path.join(path, "unet")):
             path = os.path.join(path, "unet")
-        found = [os.path.join(path, n) for n in DIFFUSERS_WEIGHTS
-                 if os.path.isfile(os.path.join(path, n))]
+        found = [
+            os.path.join(path, n)
+            for n in DIFFUSERS_WEIGHTS
+            if os.path.isfile(os.path.join(path, n))
+        ]
         if not found:
-            raise ConvertError(f"{path} holds no {' or '.join(DIFFUSERS_WEIGHTS)}; give the UNet's "
-                               "directory (or the pipeline's, with unet/) or its weights file.")
+            raise ConvertError(
+                f"{path} holds no {' or '.join(DIFFUSERS_WEIGHTS)}; give the UNet's "
+                "directory (or the pipeline's, with unet/) or its weights file."
+            )
         weights = found[0]
     elif os.path.isfile(path):
         weights = path
@@ -485,8 +619,9 @@ def diffusers_files(path: str) -> tuple[str, str]:
         raise ConvertError(f"No checkpoint file or directory {path!r}.")
     config = os.path.join(os.path.dirname(weights), "config.json")
     if not os.path.isfile(config):
-        raise ConvertError(f"No config.json beside {weights}: a diffusers UNet's architecture is "
-                           "read from it.")
+        raise ConvertError(
+            f"No config.json beside {weights}: a diffusers UNet's architecture is read from it."
+        )
     return weights, config
 
 
@@ -518,15 +653,26 @@ def diffusers_arch(config: Mapping[str, Any], source: str = "config.json") -> di
     Raises:
       ConvertError: a field the ADM UNet cannot represent (named), or an unknown field.
     """
-    def refuse(field: str, why: str) -> None:
-        raise ConvertError(f"{source}: {field}={config.get(field)!r}: {why}; the ADM UNet of "
-                           "consistency models cannot represent it.")
 
-    unknown = [k for k in config if not k.startswith("_") and k not in _DIFFUSERS_FIXED
-               and k not in _DIFFUSERS_READ and k not in _DIFFUSERS_IGNORED]
+    def refuse(field: str, why: str) -> None:
+        raise ConvertError(
+            f"{source}: {field}={config.get(field)!r}: {why}; the ADM UNet of "
+            "consistency models cannot represent it."
+        )
+
+    unknown = [
+        k
+        for k in config
+        if not k.startswith("_")
+        and k not in _DIFFUSERS_FIXED
+        and k not in _DIFFUSERS_READ
+        and k not in _DIFFUSERS_IGNORED
+    ]
     if unknown:
-        raise ConvertError(f"{source}: unknown UNet2DModel field(s) {_listing(unknown)}; the "
-                           "converter knows diffusers' UNet2DModel fields up to version 0.42.")
+        raise ConvertError(
+            f"{source}: unknown UNet2DModel field(s) {_listing(unknown)}; the "
+            "converter knows diffusers' UNet2DModel fields up to version 0.42."
+        )
     for field, value in _DIFFUSERS_FIXED.items():
         if field in config and config[field] != value:
             refuse(field, f"only {value!r} is supported")
@@ -552,16 +698,20 @@ def diffusers_arch(config: Mapping[str, Any], source: str = "config.json") -> di
     if len(down) != len(widths) or any(d not in kinds for d in down):
         refuse("down_block_types", f"one of {sorted(kinds)} per entry of block_out_channels")
     if up != [kinds[d] for d in reversed(down)]:
-        refuse("up_block_types", "must mirror down_block_types (AttnUpBlock2D for AttnDownBlock2D, "
-               "ResnetUpsampleBlock2D for ResnetDownsampleBlock2D)")
+        refuse(
+            "up_block_types",
+            "must mirror down_block_types (AttnUpBlock2D for AttnDownBlock2D, "
+            "ResnetUpsampleBlock2D for ResnetDownsampleBlock2D)",
+        )
     if config.get("time_embedding_dim") not in (None, 4 * widths[0]):
         refuse("time_embedding_dim", f"only 4·block_out_channels[0] = {4 * widths[0]} (or null)")
     shift = config.get("resnet_time_scale_shift", "default")
     if shift not in ("default", "scale_shift"):
         refuse("resnet_time_scale_shift", "only 'default' or 'scale_shift' is supported")
     # With scale_shift and no attn_norm_num_groups the middle attention has no GroupNorm.
-    if config.get("attn_norm_num_groups") not in ((None, _CM_GROUPS) if shift == "default"
-                                                  else (_CM_GROUPS,)):
+    if config.get("attn_norm_num_groups") not in (
+        (None, _CM_GROUPS) if shift == "default" else (_CM_GROUPS,)
+    ):
         refuse("attn_norm_num_groups", f"the attention GroupNorms must have {_CM_GROUPS} groups")
     head_dim = config.get("attention_head_dim")
     if head_dim is not None and (not isinstance(head_dim, int) or head_dim < 1):
@@ -573,30 +723,48 @@ def diffusers_arch(config: Mapping[str, Any], source: str = "config.json") -> di
     if not isinstance(layers_per_block, int) or layers_per_block < 1:
         refuse("layers_per_block", "a positive count is needed")
     return dict(
-        image_size=size, num_channels=channels, model_channels=widths[0],
-        channel_mult=tuple(w // widths[0] for w in widths), num_res_blocks=layers_per_block,
-        attention_resolutions=tuple(size // 2**level for level, d in enumerate(down)
-                                    if d == "AttnDownBlock2D"),
-        num_head_channels=-1 if head_dim is None else head_dim, num_heads=1,
-        num_classes=classes, use_scale_shift_norm=shift == "scale_shift", resblock_updown=True)
+        image_size=size,
+        num_channels=channels,
+        model_channels=widths[0],
+        channel_mult=tuple(w // widths[0] for w in widths),
+        num_res_blocks=layers_per_block,
+        attention_resolutions=tuple(
+            size // 2**level for level, d in enumerate(down) if d == "AttnDownBlock2D"
+        ),
+        num_head_channels=-1 if head_dim is None else head_dim,
+        num_heads=1,
+        num_classes=classes,
+        use_scale_shift_norm=shift == "scale_shift",
+        resblock_updown=True,
+    )
 
 
 def _diffusers_modules(kwargs: Mapping[str, Any], image_size: int) -> dict[str, str]:
     """cm module name -> diffusers module name, walking the network as ``_cm_layout`` does
     (the correspondence of diffusers' ``scripts/convert_consistency_to_diffusers.py``); an
     attention's ``qkv`` maps to the attention module (its to_q, to_k, to_v)."""
-    m = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-         "label_emb": "class_embedding", "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out",
-         "out.2": "conv_out"}
+    m = {
+        "time_embed.0": "time_embedding.linear_1",
+        "time_embed.2": "time_embedding.linear_2",
+        "label_emb": "class_embedding",
+        "input_blocks.0.0": "conv_in",
+        "out.0": "conv_norm_out",
+        "out.2": "conv_out",
+    }
 
     def resblock(cm: str, d: str) -> None:
         m.update({f"{cm}.{a}": f"{d}.{b}" for a, b in _RESNET})
 
     def attention(cm: str, d: str) -> None:
-        m.update({f"{cm}.norm": f"{d}.group_norm", f"{cm}.qkv": d, f"{cm}.proj_out": f"{d}.to_out.0"})
+        m.update(
+            {f"{cm}.norm": f"{d}.group_norm", f"{cm}.qkv": d, f"{cm}.proj_out": f"{d}.to_out.0"}
+        )
 
-    mult, attn, nrb = tuple(kwargs["channel_mult"]), tuple(kwargs["attention_resolutions"]), \
-        kwargs["num_res_blocks"]
+    mult, attn, nrb = (
+        tuple(kwargs["channel_mult"]),
+        tuple(kwargs["attention_resolutions"]),
+        kwargs["num_res_blocks"],
+    )
     block, res = 1, image_size
     for level in range(len(mult)):
         for j in range(nrb):
@@ -626,9 +794,14 @@ def _diffusers_modules(kwargs: Mapping[str, Any], image_size: int) -> dict[str, 
     return m
 
 
-def diffusers_state_dict(state_dict: Mapping[str, np.ndarray], model_kwargs: Mapping[str, Any],
-                         image_size: int, num_channels: int = 3, *,
-                         source: str = "the checkpoint") -> dict[str, np.ndarray]:
+def diffusers_state_dict(
+    state_dict: Mapping[str, np.ndarray],
+    model_kwargs: Mapping[str, Any],
+    image_size: int,
+    num_channels: int = 3,
+    *,
+    source: str = "the checkpoint",
+) -> dict[str, np.ndarray]:
     """The cm state dict (cm's names and layouts, for ``cm_params``) of a diffusers ``UNet2DModel``
     state dict of the network ``model_kwargs`` (``diffusers_arch``).
 
@@ -663,11 +836,19 @@ def diffusers_state_dict(state_dict: Mapping[str, np.ndarray], model_kwargs: Map
             want[f"{modules[module]}.{leaf}"] = (cm_key, shape, -1)
     missing = [k for k in want if k not in renamed]
     extra = [k for k in renamed if k not in want]
-    wrong = [f"{k} {tuple(np.shape(renamed[k]))} (expected {want[k][1]})"
-             for k in want if k in renamed and tuple(np.shape(renamed[k])) != want[k][1]]
-    _refuse_mismatch(source, f"the UNet2DModel its config.json describes ("
-                     f"{_describe(model_kwargs, image_size)})", missing, extra, wrong,
-                     "config.json beside it")
+    wrong = [
+        f"{k} {tuple(np.shape(renamed[k]))} (expected {want[k][1]})"
+        for k in want
+        if k in renamed and tuple(np.shape(renamed[k])) != want[k][1]
+    ]
+    _refuse_mismatch(
+        source,
+        f"the UNet2DModel its config.json describes ({_describe(model_kwargs, image_size)})",
+        missing,
+        extra,
+        wrong,
+        "config.json beside it",
+    )
     cm: dict[str, Any] = {}
     for key, (cm_key, _, part) in want.items():
         value = np.asarray(renamed[key])
@@ -689,14 +870,22 @@ def _config_path(name: str) -> str:
     if name.endswith(".py") or os.sep in name:
         return name
     if name not in CM_CONFIGS + JCM_CONFIGS:
-        raise ConvertError(f"--config must be one of {CM_CONFIGS + JCM_CONFIGS} or a configs/*.py "
-                           f"path, got {name!r}.")
+        raise ConvertError(
+            f"--config must be one of {CM_CONFIGS + JCM_CONFIGS} or a configs/*.py "
+            f"path, got {name!r}."
+        )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return os.path.join(root, "configs", f"{name}.py")
 
 
-def run_config(config: str, method: str, *, metric: str = "lpips", category: str = "bedroom",
-               arch: Optional[Mapping[str, Any]] = None):
+def run_config(
+    config: str,
+    method: str,
+    *,
+    metric: str = "lpips",
+    category: str = "bedroom",
+    arch: Mapping[str, Any] | None = None,
+):
     """The config of a converted run: ``configs/<config>.py`` with ``method`` (edm, cd or ct; the
     LSUN EDM teachers take the LSUN file's network with the EDM method), the network arguments
     overridden by ``arch`` (ADMUNet arguments, plus ``image_size`` and ``num_channels``), and no
@@ -750,8 +939,10 @@ def abstract_params(c) -> PyTree:
     try:
         return layers.abstract_params(networks.from_config(c.model), size, channels)
     except (TypeError, ValueError) as e:
-        raise ConvertError(f"The architecture flags do not describe a {c.model.name} network for "
-                           f"{size}x{size}x{channels} images: {e}") from None
+        raise ConvertError(
+            f"The architecture flags do not describe a {c.model.name} network for "
+            f"{size}x{size}x{channels} images: {e}"
+        ) from None
 
 
 def _needs_fixed_groups(abstract: PyTree) -> bool:
@@ -760,12 +951,17 @@ def _needs_fixed_groups(abstract: PyTree) -> bool:
 
     from consistency_jax.networks import layers
 
-    widths = {a.shape[0] for p, a in jax.tree_util.tree_flatten_with_path(abstract)[0]
-              if "GroupNorm" in jax.tree_util.keystr(p)}
+    widths = {
+        a.shape[0]
+        for p, a in jax.tree_util.tree_flatten_with_path(abstract)[0]
+        if "GroupNorm" in jax.tree_util.keystr(p)
+    }
     bad = [w for w in widths if w % _CM_GROUPS]
     if bad:
-        raise ConvertError(f"cm's GroupNorm32 needs channel counts divisible by 32; the architecture "
-                           f"flags give {sorted(bad)}.")
+        raise ConvertError(
+            f"cm's GroupNorm32 needs channel counts divisible by 32; the architecture "
+            f"flags give {sorted(bad)}."
+        )
     return any(layers.num_groups(w) != _CM_GROUPS for w in widths)
 
 
@@ -784,8 +980,10 @@ def _prepare_out(out: str, overwrite: bool) -> None:
         raise ConvertError(f"--out={out} exists and is not a directory.")
     if os.path.isdir(out) and os.listdir(out):
         if not overwrite:
-            raise ConvertError(f"--out={out} exists and is not empty; pass --overwrite to replace "
-                               "the run there, or choose another directory.")
+            raise ConvertError(
+                f"--out={out} exists and is not empty; pass --overwrite to replace "
+                "the run there, or choose another directory."
+            )
         for name in (CHECKPOINT_SUBDIR, CHECKSUM_SUBDIR, UNREADABLE_SUBDIR, PROVENANCE):
             p = os.path.join(out, name)
             if os.path.isdir(p):
@@ -795,9 +993,17 @@ def _prepare_out(out: str, overwrite: bool) -> None:
     os.makedirs(out, exist_ok=True)
 
 
-def convert_cm(checkpoint: str, out: str, *, config: str = "imagenet64", method: str = "cd",
-               metric: str = "lpips", category: str = "bedroom",
-               arch: Optional[Mapping[str, Any]] = None, overwrite: bool = False) -> dict:
+def convert_cm(
+    checkpoint: str,
+    out: str,
+    *,
+    config: str = "imagenet64",
+    method: str = "cd",
+    metric: str = "lpips",
+    category: str = "bedroom",
+    arch: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> dict:
     """Converts a released cm checkpoint into the run directory ``out``.
 
     Everything is read and checked before anything is written: the file, every tensor's name and
@@ -821,25 +1027,52 @@ def convert_cm(checkpoint: str, out: str, *, config: str = "imagenet64", method:
     """
     c, out = _adm_run(config, method, metric, category, arch, out, overwrite, "cm")
     state_dict = read_state_dict(checkpoint)
-    params = cm_params(state_dict, c.model.kwargs, int(c.data.image_size), int(c.data.num_channels),
-                       source=checkpoint)
-    return _write_run(c, params, out, overwrite, dict(
-        source="cm", checkpoint=os.path.abspath(checkpoint), method=method, config=config,
-        tensors=len(state_dict)))
+    params = cm_params(
+        state_dict,
+        c.model.kwargs,
+        int(c.data.image_size),
+        int(c.data.num_channels),
+        source=checkpoint,
+    )
+    return _write_run(
+        c,
+        params,
+        out,
+        overwrite,
+        dict(
+            source="cm",
+            checkpoint=os.path.abspath(checkpoint),
+            method=method,
+            config=config,
+            tensors=len(state_dict),
+        ),
+    )
 
 
-def _adm_run(config: str, method: str, metric: str, category: str,
-             arch: Optional[Mapping[str, Any]], out: str, overwrite: bool, source: str):
+def _adm_run(
+    config: str,
+    method: str,
+    metric: str,
+    category: str,
+    arch: Mapping[str, Any] | None,
+    out: str,
+    overwrite: bool,
+    source: str,
+):
     """The run config of a converted ADM UNet (cm's 32 GroupNorm groups where ``layers.num_groups``
     would differ) and the absolute output path, refused before a large file is read if not empty."""
     c = run_config(config, method, metric=metric, category=category, arch=arch)
     if c.model.name != "adm":
-        raise ConvertError(f"--config={config} does not use the ADM UNet (model.name="
-                           f"{c.model.name!r}); {source} checkpoints are ADM UNets.")
+        raise ConvertError(
+            f"--config={config} does not use the ADM UNet (model.name="
+            f"{c.model.name!r}); {source} checkpoints are ADM UNets."
+        )
     out = os.path.abspath(out)
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         _prepare_out(out, overwrite)  # refuse before reading a large file
-    if _needs_fixed_groups(abstract_params(c)):  # narrow networks: cm's 32 groups, not num_groups(C)
+    if _needs_fixed_groups(
+        abstract_params(c)
+    ):  # narrow networks: cm's 32 groups, not num_groups(C)
         c.model.kwargs = dict(c.model.kwargs, norm_groups=_CM_GROUPS)
     return c, out
 
@@ -856,24 +1089,38 @@ def _write_run(c, params: PyTree, out: str, overwrite: bool, summary: dict) -> d
     from consistency_jax.train_state import TrainState
 
     _prepare_out(out, overwrite)
-    state = TrainState.create(jax.tree.map(jax.numpy.asarray, params), optax.identity(),
-                              ema_rates=(), use_target=False)
+    state = TrainState.create(
+        jax.tree.map(jax.numpy.asarray, params), optax.identity(), ema_rates=(), use_target=False
+    )
     ckpt = Checkpointer(out, every=1, keep=1, async_save=False)
     try:
         ckpt.save(state, step=0, data_state={}, config=c)
     finally:
         ckpt.close()
-    summary = dict(summary, sha256=_sha256(summary["checkpoint"]), out=out,
-                   parameters=layers.count_params(params), model=dict(c.model.kwargs),
-                   image_size=int(c.data.image_size), num_channels=int(c.data.num_channels))
+    summary = dict(
+        summary,
+        sha256=_sha256(summary["checkpoint"]),
+        out=out,
+        parameters=layers.count_params(params),
+        model=dict(c.model.kwargs),
+        image_size=int(c.data.image_size),
+        num_channels=int(c.data.num_channels),
+    )
     with open(os.path.join(out, PROVENANCE), "w") as f:
         json.dump(summary, f, indent=1, default=str)
     return summary
 
 
-def convert_diffusers(checkpoint: str, out: str, *, config: str = "", method: str = "cd",
-                      metric: str = "lpips", category: str = "bedroom",
-                      overwrite: bool = False) -> dict:
+def convert_diffusers(
+    checkpoint: str,
+    out: str,
+    *,
+    config: str = "",
+    method: str = "cd",
+    metric: str = "lpips",
+    category: str = "bedroom",
+    overwrite: bool = False,
+) -> dict:
     """Converts a diffusers copy of a released cm model (a ``UNet2DModel``) into the run ``out``.
 
     The network is read from the ``config.json`` beside the weights (``diffusers_arch``); the
@@ -904,17 +1151,39 @@ def convert_diffusers(checkpoint: str, out: str, *, config: str = "", method: st
     c, out = _adm_run(config, method, metric, category, arch, out, overwrite, "diffusers")
     size, channels = int(c.data.image_size), int(c.data.num_channels)
     state_dict = read_state_dict(weights)
-    params = cm_params(diffusers_state_dict(state_dict, c.model.kwargs, size, channels,
-                                            source=weights),
-                       c.model.kwargs, size, channels, source=weights)
-    return _write_run(c, params, out, overwrite, dict(
-        source="diffusers", checkpoint=os.path.abspath(weights), method=method, config=config,
-        tensors=len(state_dict)))
+    params = cm_params(
+        diffusers_state_dict(state_dict, c.model.kwargs, size, channels, source=weights),
+        c.model.kwargs,
+        size,
+        channels,
+        source=weights,
+    )
+    return _write_run(
+        c,
+        params,
+        out,
+        overwrite,
+        dict(
+            source="diffusers",
+            checkpoint=os.path.abspath(weights),
+            method=method,
+            config=config,
+            tensors=len(state_dict),
+        ),
+    )
 
 
-def convert_jcm(checkpoint: str, out: str, *, config: str = "cifar10", method: str = "cd",
-                metric: str = "lpips", tree: str = "params_ema",
-                arch: Optional[Mapping[str, Any]] = None, overwrite: bool = False) -> dict:
+def convert_jcm(
+    checkpoint: str,
+    out: str,
+    *,
+    config: str = "cifar10",
+    method: str = "cd",
+    metric: str = "lpips",
+    tree: str = "params_ema",
+    arch: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> dict:
     """Converts a released jcm checkpoint (CIFAR-10, flax msgpack) into the run directory ``out``.
 
     The run's θ is the state's ``tree``: ``params_ema`` by default, the weights jcm evaluates and
@@ -942,45 +1211,87 @@ def convert_jcm(checkpoint: str, out: str, *, config: str = "cifar10", method: s
         raise ConvertError(f"--jcm_tree must be one of {JCM_TREES}, got {tree!r}.")
     c = run_config(config, method, metric=metric, arch=arch)
     if c.model.name != "ncsnpp":
-        raise ConvertError(f"--config={config} does not use NCSN++ (model.name={c.model.name!r}); "
-                           "jcm checkpoints are NCSN++ networks.")
+        raise ConvertError(
+            f"--config={config} does not use NCSN++ (model.name={c.model.name!r}); "
+            "jcm checkpoints are NCSN++ networks."
+        )
     size, channels = int(c.data.image_size), int(c.data.num_channels)
     out = os.path.abspath(out)
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         _prepare_out(out, overwrite)  # refuse before reading a large file
     state = read_jcm_state(checkpoint)
     if not isinstance(state.get(tree), Mapping):
-        raise ConvertError(f"{checkpoint} has no parameter tree {tree!r} (its entries: "
-                           f"{_listing(list(state))}); is it a jcm checkpoint?")
+        raise ConvertError(
+            f"{checkpoint} has no parameter tree {tree!r} (its entries: "
+            f"{_listing(list(state))}); is it a jcm checkpoint?"
+        )
     params = jcm_params(state[tree], c.model.kwargs, size, channels, source=checkpoint)
-    return _write_run(c, params, out, overwrite, dict(
-        source="jcm", checkpoint=os.path.abspath(checkpoint), tree=tree, method=method,
-        config=config, tensors=len(_flatten(state[tree]))))
+    return _write_run(
+        c,
+        params,
+        out,
+        overwrite,
+        dict(
+            source="jcm",
+            checkpoint=os.path.abspath(checkpoint),
+            tree=tree,
+            method=method,
+            config=config,
+            tensors=len(_flatten(state[tree])),
+        ),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # Command line
 
+
 def _define_flags():
     from absl import flags
 
-    flags.DEFINE_enum("from", "cm", list(SOURCES), "The source: cm (the PyTorch state dicts of "
-                      "openai/consistency_models), diffusers (their UNet2DModel copies, "
-                      "openai/diffusers-*) or jcm (the flax msgpack states of "
-                      "openai/consistency_models_cifar10).")
-    flags.DEFINE_string("checkpoint", None, "The checkpoint: a .pt state dict or a .safetensors file "
-                        "(cm); diffusion_pytorch_model.safetensors with config.json beside it, or "
-                        "the UNet's or pipeline's directory (diffusers); a flax msgpack file (jcm).")
-    flags.DEFINE_string("config", "", "imagenet64 | lsun256 (cm) | cifar10 (jcm) | a configs/*.py "
-                        "path: the network, data shape and noise configuration of the run (default: "
-                        "imagenet64 for cm, cifar10 for jcm; for diffusers the network is "
-                        "config.json's and the default imagenet64 if it has classes, else lsun256).")
-    flags.DEFINE_enum("method", "cd", ["edm", "cd", "ct"], "What the checkpoint is: an EDM teacher "
-                      "(edm_*), a CD model (cd_*) or a CT model (ct_*).")
-    flags.DEFINE_enum("metric", "lpips", ["l1", "l2", "lpips"], "CD's metric (sets the 2-step "
-                      "times of cm's configs; l1 is jcm's CIFAR-10 ablation).")
-    flags.DEFINE_enum("jcm_tree", "params_ema", list(JCM_TREES), "Which parameters of a jcm state "
-                      "become the run's weights (params_ema: what jcm evaluates and distils from).")
+    flags.DEFINE_enum(
+        "from",
+        "cm",
+        list(SOURCES),
+        "The source: cm (the PyTorch state dicts of "
+        "openai/consistency_models), diffusers (their UNet2DModel copies, "
+        "openai/diffusers-*) or jcm (the flax msgpack states of "
+        "openai/consistency_models_cifar10).",
+    )
+    flags.DEFINE_string(
+        "checkpoint",
+        None,
+        "The checkpoint: a .pt state dict or a .safetensors file "
+        "(cm); diffusion_pytorch_model.safetensors with config.json beside it, or "
+        "the UNet's or pipeline's directory (diffusers); a flax msgpack file (jcm).",
+    )
+    flags.DEFINE_string(
+        "config",
+        "",
+        "imagenet64 | lsun256 (cm) | cifar10 (jcm) | a configs/*.py "
+        "path: the network, data shape and noise configuration of the run (default: "
+        "imagenet64 for cm, cifar10 for jcm; for diffusers the network is "
+        "config.json's and the default imagenet64 if it has classes, else lsun256).",
+    )
+    flags.DEFINE_enum(
+        "method",
+        "cd",
+        ["edm", "cd", "ct"],
+        "What the checkpoint is: an EDM teacher (edm_*), a CD model (cd_*) or a CT model (ct_*).",
+    )
+    flags.DEFINE_enum(
+        "metric",
+        "lpips",
+        ["l1", "l2", "lpips"],
+        "CD's metric (sets the 2-step times of cm's configs; l1 is jcm's CIFAR-10 ablation).",
+    )
+    flags.DEFINE_enum(
+        "jcm_tree",
+        "params_ema",
+        list(JCM_TREES),
+        "Which parameters of a jcm state "
+        "become the run's weights (params_ema: what jcm evaluates and distils from).",
+    )
     flags.DEFINE_enum("category", "bedroom", ["bedroom", "cat"], "LSUN category (lsun256).")
     flags.DEFINE_string("out", None, "The run directory to write.")
     flags.DEFINE_bool("overwrite", False, "Replace a run already in --out.")
@@ -989,8 +1300,11 @@ def _define_flags():
     flags.DEFINE_integer("model_channels", 0, "Base channels (0: the config's).")
     flags.DEFINE_list("channel_mult", [], "Channel multipliers per level, e.g. 1,2,3,4.")
     flags.DEFINE_integer("num_res_blocks", 0, "Residual blocks per level (0: the config's).")
-    flags.DEFINE_list("attention_resolutions", [], "Resolutions in pixels with attention, e.g. "
-                      "32,16,8 (cm's flag).")
+    flags.DEFINE_list(
+        "attention_resolutions",
+        [],
+        "Resolutions in pixels with attention, e.g. 32,16,8 (cm's flag).",
+    )
     flags.DEFINE_integer("num_head_channels", 0, "Channels per head (-1: use --num_heads).")
     flags.DEFINE_integer("num_heads", 0, "Heads when num_head_channels is -1.")
     flags.DEFINE_integer("num_classes", -1, "Classes (0: unconditional; -1: the config's).")
@@ -998,7 +1312,9 @@ def _define_flags():
     flags.DEFINE_enum("resblock_updown", "", ["", "true", "false"], "Resample with ResBlocks.")
     flags.DEFINE_integer("nf", 0, "NCSN++ base channels (jcm's model.nf; 0: the config's).")
     flags.DEFINE_list("ch_mult", [], "NCSN++ channel multipliers per level, e.g. 2,2,2.")
-    flags.DEFINE_list("attn_resolutions", [], "NCSN++ resolutions in pixels with attention, e.g. 16.")
+    flags.DEFINE_list(
+        "attn_resolutions", [], "NCSN++ resolutions in pixels with attention, e.g. 16."
+    )
 
 
 def _arch_from_flags(f) -> dict:
@@ -1044,22 +1360,45 @@ def main(argv) -> None:
         if not f.checkpoint or not f.out:
             raise ConvertError("--checkpoint and --out are required.")
         if f["from"].value == "jcm":
-            summary = convert_jcm(f.checkpoint, f.out, config=f.config or "cifar10", method=f.method,
-                                  metric=f.metric, tree=f.jcm_tree, arch=_jcm_arch_from_flags(f),
-                                  overwrite=f.overwrite)
+            summary = convert_jcm(
+                f.checkpoint,
+                f.out,
+                config=f.config or "cifar10",
+                method=f.method,
+                metric=f.metric,
+                tree=f.jcm_tree,
+                arch=_jcm_arch_from_flags(f),
+                overwrite=f.overwrite,
+            )
         elif f["from"].value == "diffusers":
-            summary = convert_diffusers(f.checkpoint, f.out, config=f.config, method=f.method,
-                                        metric=f.metric, category=f.category, overwrite=f.overwrite)
+            summary = convert_diffusers(
+                f.checkpoint,
+                f.out,
+                config=f.config,
+                method=f.method,
+                metric=f.metric,
+                category=f.category,
+                overwrite=f.overwrite,
+            )
         else:
-            summary = convert_cm(f.checkpoint, f.out, config=f.config or "imagenet64",
-                                 method=f.method, metric=f.metric, category=f.category,
-                                 arch=_arch_from_flags(f), overwrite=f.overwrite)
+            summary = convert_cm(
+                f.checkpoint,
+                f.out,
+                config=f.config or "imagenet64",
+                method=f.method,
+                metric=f.metric,
+                category=f.category,
+                arch=_arch_from_flags(f),
+                overwrite=f.overwrite,
+            )
     except ConvertError as e:
         logging.flush()
         print(f"ConvertError: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
-    print(f"Converted {summary['tensors']} tensors ({summary['parameters'] / 1e6:.2f}M parameters) "
-          f"into {summary['out']} (method={summary['method']}).")
+    print(
+        f"Converted {summary['tensors']} tensors ({summary['parameters'] / 1e6:.2f}M parameters) "
+        f"into {summary['out']} (method={summary['method']})."
+    )
 
 
 if __name__ == "__main__":

@@ -40,12 +40,14 @@ flips: about 13k examples/s against 6k/s when every PNG is decoded on the fly).
 The data set must already be prepared under ``data_dir`` (or ``download=True``). The bundled digits
 are built on demand (``ensure_digits_dataset``), offline.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import logging
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import grain
 import jax
@@ -112,27 +114,36 @@ class ImageDataConfig:
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"ImageDataConfig.name must be a non-empty TFDS name, got {self.name!r}.")
+            raise ValueError(
+                f"ImageDataConfig.name must be a non-empty TFDS name, got {self.name!r}."
+            )
         for field in ("image_size", "num_channels"):
             value = getattr(self, field)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"ImageDataConfig.{field} must be a positive integer, got {value!r}.")
+                raise ValueError(
+                    f"ImageDataConfig.{field} must be a positive integer, got {value!r}."
+                )
         if self.num_threads < 0 or self.prefetch_batches < 0:
             raise ValueError(
                 "ImageDataConfig.num_threads and prefetch_batches must be >= 0, got "
                 f"{self.num_threads} and {self.prefetch_batches}."
             )
         if self.reader not in READERS:
-            raise ValueError(f"ImageDataConfig.reader must be one of {READERS}, got {self.reader!r}.")
-        if (not isinstance(self.shuffle_buffer, (int, np.integer)) or isinstance(self.shuffle_buffer, bool)
-                or self.shuffle_buffer < 0):
+            raise ValueError(
+                f"ImageDataConfig.reader must be one of {READERS}, got {self.reader!r}."
+            )
+        if (
+            not isinstance(self.shuffle_buffer, (int, np.integer))
+            or isinstance(self.shuffle_buffer, bool)
+            or self.shuffle_buffer < 0
+        ):
             raise ValueError(
                 "ImageDataConfig.shuffle_buffer must be a non-negative integer (0: the whole share), got "
                 f"{self.shuffle_buffer!r}."
             )
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "ImageDataConfig":
+    def from_mapping(cls, values: Mapping[str, Any]) -> ImageDataConfig:
         """Builds the config from a mapping (e.g. ``config.data`` of a ConfigDict).
 
         Args:
@@ -144,7 +155,9 @@ class ImageDataConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"Unknown image data config keys {unknown}; known keys: {sorted(known)}.")
+            raise ValueError(
+                f"Unknown image data config keys {unknown}; known keys: {sorted(known)}."
+            )
         return cls(**dict(values))
 
 
@@ -223,12 +236,16 @@ def ensure_digits_dataset(
       The prepared TFDS builder.
     """
     if image_size not in _digits.IMAGE_SIZES:
-        raise ValueError(f"sklearn_digits image_size must be one of {_digits.IMAGE_SIZES}, got {image_size}.")
+        raise ValueError(
+            f"sklearn_digits image_size must be one of {_digits.IMAGE_SIZES}, got {image_size}."
+        )
     if file_format not in ("array_record", "tfrecord"):
         raise ValueError(f"file_format must be 'array_record' or 'tfrecord', got {file_format!r}.")
     if file_format == "tfrecord" and not tensorflow_available():
-        raise ValueError("Writing the digits as tfrecord (reader='tfds_load') needs TensorFlow; install "
-                         "tensorflow-cpu or use reader='data_source'.")
+        raise ValueError(
+            "Writing the digits as tfrecord (reader='tfds_load') needs TensorFlow; install "
+            "tensorflow-cpu or use reader='data_source'."
+        )
     name = f"{DIGITS_NAME}/{image_size}"
     builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():
@@ -263,7 +280,8 @@ def _prepared_builder(cfg: ImageDataConfig) -> tfds.core.DatasetBuilder:
     builder = tfds.builder(cfg.name, data_dir=cfg.data_dir)
     if not builder.is_prepared():
         fmt = {"data_source": "array_record", "tfds_load": "tfrecord"}.get(
-            cfg.reader, "tfrecord" if tensorflow_available() else "array_record")
+            cfg.reader, "tfrecord" if tensorflow_available() else "array_record"
+        )
         if not cfg.download:
             raise ValueError(
                 f"TFDS data set {cfg.name!r} is not prepared in data_dir={cfg.data_dir!r}. Prepare it "
@@ -317,7 +335,9 @@ def _image_feature_shape(builder: tfds.core.DatasetBuilder, cfg: ImageDataConfig
     """Checks the declared features against the config; returns the stored image shape."""
     features = builder.info.features
     if "image" not in features:
-        raise ValueError(f"TFDS data set {cfg.name!r} has no 'image' feature; features: {list(features)}.")
+        raise ValueError(
+            f"TFDS data set {cfg.name!r} has no 'image' feature; features: {list(features)}."
+        )
     if cfg.use_labels and "label" not in features:
         raise ValueError(
             f"use_labels=True but TFDS data set {cfg.name!r} has no 'label' feature "
@@ -325,7 +345,9 @@ def _image_feature_shape(builder: tfds.core.DatasetBuilder, cfg: ImageDataConfig
         )
     shape = tuple(features["image"].shape)
     if len(shape) != 3:
-        raise ValueError(f"TFDS data set {cfg.name!r} stores images of rank {len(shape)} {shape}; expected (H, W, C).")
+        raise ValueError(
+            f"TFDS data set {cfg.name!r} stores images of rank {len(shape)} {shape}; expected (H, W, C)."
+        )
     if shape[2] is not None and shape[2] != cfg.num_channels:
         raise ValueError(
             f"TFDS data set {cfg.name!r} has {shape[2]}-channel images but the config/network expects "
@@ -395,7 +417,9 @@ def _prepare_example(example: Mapping[str, Any], cfg: ImageDataConfig) -> dict[s
     """One decoded TFDS example -> {"image": (S, S, C) stored dtype, "label": int32 ()}."""
     image = np.asarray(example["image"])
     if image.ndim != 3:
-        raise ValueError(f"Decoded image of {cfg.name!r} has shape {image.shape}; expected (H, W, C).")
+        raise ValueError(
+            f"Decoded image of {cfg.name!r} has shape {image.shape}; expected (H, W, C)."
+        )
     if image.shape[:2] != (cfg.image_size, cfg.image_size):
         image = _center_crop_resize(image, cfg.image_size)
     out = {"image": image}
@@ -432,8 +456,13 @@ class _GrainStream:
     ``step * B`` starts the stream at any step without reading the steps before it.
     """
 
-    def __init__(self, elements: grain.MapDataset, cfg: ImageDataConfig, local_batch_size: int,
-                 in_memory: bool):
+    def __init__(
+        self,
+        elements: grain.MapDataset,
+        cfg: ImageDataConfig,
+        local_batch_size: int,
+        in_memory: bool,
+    ):
         self._elements = elements
         self._cfg = cfg
         self._local_batch_size = local_batch_size
@@ -445,7 +474,9 @@ class _GrainStream:
             prefetch_buffer_size=self._cfg.prefetch_batches * self._local_batch_size,
         )
         stream = self._elements[step * self._local_batch_size :]
-        return iter(stream.to_iter_dataset(read_options).batch(self._local_batch_size, drop_remainder=True))
+        return iter(
+            stream.to_iter_dataset(read_options).batch(self._local_batch_size, drop_remainder=True)
+        )
 
 
 def _import_tensorflow():
@@ -472,18 +503,31 @@ class _TfdsLoadStream:
     grain's. Resizing, when needed, runs PIL in parallel ``tf.numpy_function`` calls.
     """
 
-    def __init__(self, builder: tfds.core.DatasetBuilder, cfg: ImageDataConfig, *, process_index: int,
-                 per_host: int, shuffle_seed: int, local_batch_size: int):
+    def __init__(
+        self,
+        builder: tfds.core.DatasetBuilder,
+        cfg: ImageDataConfig,
+        *,
+        process_index: int,
+        per_host: int,
+        shuffle_seed: int,
+        local_batch_size: int,
+    ):
         self._builder = builder
         self._cfg = cfg
         self._per_host = per_host
         self._shuffle_seed = shuffle_seed
         self._local_batch_size = local_batch_size
         start, stop = _host_range(process_index, per_host)
-        instructions = tfds.core.ReadInstruction.from_spec(cfg.split).to_absolute(builder.info.splits)
+        instructions = tfds.core.ReadInstruction.from_spec(cfg.split).to_absolute(
+            builder.info.splits
+        )
         if len(instructions) == 1:  # Read only this host's records.
             base = instructions[0].from_ or 0
-            self._split, self._skip = f"{instructions[0].splitname}[{base + start}:{base + stop}]", 0
+            self._split, self._skip = (
+                f"{instructions[0].splitname}[{base + start}:{base + stop}]",
+                0,
+            )
         else:  # A union of splits: read it whole and keep this host's block.
             self._split, self._skip = cfg.split, start
 
@@ -491,7 +535,11 @@ class _TfdsLoadStream:
         """This host's share as undecoded records, in stored order."""
         cfg = self._cfg
         records = tfds.load(
-            cfg.name, split=self._split, data_dir=cfg.data_dir, download=False, shuffle_files=False,
+            cfg.name,
+            split=self._split,
+            data_dir=cfg.data_dir,
+            download=False,
+            shuffle_files=False,
             read_config=tfds.ReadConfig(interleave_cycle_length=1, try_autocache=False),
             decoders={"image": tfds.decode.SkipDecoding()},
         )
@@ -510,7 +558,9 @@ class _TfdsLoadStream:
         def decode(example):
             image = image_feature.decode_example(example["image"])
             if needs_resize:
-                image = tf.numpy_function(lambda x: _center_crop_resize(x, size), [image], image.dtype)
+                image = tf.numpy_function(
+                    lambda x: _center_crop_resize(x, size), [image], image.dtype
+                )
                 image.set_shape((size, size, channels))
             out = {"image": image}
             if cfg.use_labels:
@@ -536,8 +586,9 @@ class _TfdsLoadStream:
             return records.shuffle(buffer, seed=seed + e, reshuffle_each_iteration=False)
 
         stream = tf.data.Dataset.range(epoch, 2**62).flat_map(one_epoch).skip(within)
-        stream = stream.map(self._decode(tf), num_parallel_calls=cfg.num_threads or None,
-                            deterministic=True)
+        stream = stream.map(
+            self._decode(tf), num_parallel_calls=cfg.num_threads or None, deterministic=True
+        )
         stream = stream.batch(self._local_batch_size, drop_remainder=True)
         if cfg.prefetch_batches:
             stream = stream.prefetch(cfg.prefetch_batches)
@@ -596,12 +647,14 @@ class ImageIterator(Iterator[dict[str, np.ndarray]]):
 
     def _restart(self, step: int) -> None:
         if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
-            raise ValueError(f"The data iterator step must be a non-negative integer, got {step!r}.")
+            raise ValueError(
+                f"The data iterator step must be a non-negative integer, got {step!r}."
+            )
         self.close()
         self._batches = self._stream.open(int(step))
         self._step = int(step)
 
-    def __iter__(self) -> "ImageIterator":
+    def __iter__(self) -> ImageIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -639,7 +692,9 @@ class ImageIterator(Iterator[dict[str, np.ndarray]]):
             batch size, data set or split (the positions would not correspond).
         """
         if not isinstance(state, Mapping) or "step" not in state:
-            raise ValueError(f"Data iterator state must be a dict with a 'step' entry, got {state!r}.")
+            raise ValueError(
+                f"Data iterator state must be a dict with a 'step' entry, got {state!r}."
+            )
         for key, mine in (
             ("seed", self._seed),
             ("global_batch_size", self._global_batch_size),
@@ -656,7 +711,9 @@ class ImageIterator(Iterator[dict[str, np.ndarray]]):
             logging.warning(
                 "Resuming a data stream written with process_count=%s on %s processes: batches from "
                 "step %s on differ from the uninterrupted run.",
-                state["process_count"], self._process_count, state["step"],
+                state["process_count"],
+                self._process_count,
+                state["step"],
             )
         self._restart(state["step"])
 
@@ -697,10 +754,13 @@ def make_image_iterator(
     process_index = jax.process_index() if process_index is None else int(process_index)
     process_count = jax.process_count() if process_count is None else int(process_count)
     if process_count <= 0 or not 0 <= process_index < process_count:
-        raise ValueError(f"Need 0 <= process_index < process_count, got {process_index}, {process_count}.")
+        raise ValueError(
+            f"Need 0 <= process_index < process_count, got {process_index}, {process_count}."
+        )
     if global_batch_size <= 0 or global_batch_size % process_count:
         raise ValueError(
-            f"global_batch_size={global_batch_size} must be a positive multiple of process_count={process_count}."
+            f"global_batch_size={global_batch_size} must be a positive multiple of "
+            f"process_count={process_count}."
         )
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"The data seed must be a non-negative integer, got {seed!r}.")
@@ -715,18 +775,27 @@ def make_image_iterator(
     if reader == "tfds_load":
         total = builder.info.splits[cfg.split].num_examples
         per_host = _check_share(total, process_count, cfg)
-        stream = _TfdsLoadStream(builder, cfg, process_index=process_index, per_host=per_host,
-                                 shuffle_seed=shuffle_seed, local_batch_size=local_batch_size)
+        stream = _TfdsLoadStream(
+            builder,
+            cfg,
+            process_index=process_index,
+            per_host=per_host,
+            shuffle_seed=shuffle_seed,
+            local_batch_size=local_batch_size,
+        )
         first = stream.first_example()  # not a whole shuffle buffer: one record, stored order
-        validate_image_batch({k: np.asarray(v)[None] for k, v in first.items()}, cfg.image_size,
-                             cfg.num_channels)
+        validate_image_batch(
+            {k: np.asarray(v)[None] for k, v in first.items()}, cfg.image_size, cfg.num_channels
+        )
     else:
         source = _data_source(builder, cfg)
         per_host = _check_share(len(source), process_count, cfg)
         start, stop = _host_range(process_index, per_host)
         in_memory = _uses_memory(cfg)
         if in_memory:
-            examples = [_prepare_example(e, cfg) for e in source.__getitems__(list(range(start, stop)))]
+            examples = [
+                _prepare_example(e, cfg) for e in source.__getitems__(list(range(start, stop)))
+            ]
             share = grain.MapDataset.source(_InMemorySource(examples))
         else:
             share = grain.MapDataset.source(source)[start:stop]
@@ -761,7 +830,9 @@ def _check_share(total: int, process_count: int, cfg: ImageDataConfig) -> int:
     return per_host
 
 
-def load_image_arrays(cfg: ImageDataConfig, max_examples: int | None = None) -> dict[str, np.ndarray]:
+def load_image_arrays(
+    cfg: ImageDataConfig, max_examples: int | None = None
+) -> dict[str, np.ndarray]:
     """A whole split in stored order, unshuffled and unflipped (for metrics on small data sets).
 
     Args:
@@ -775,8 +846,14 @@ def load_image_arrays(cfg: ImageDataConfig, max_examples: int | None = None) -> 
     _image_feature_shape(builder, cfg)
     if resolve_reader(builder, cfg) == "tfds_load":
         _import_tensorflow()
-        records = tfds.load(cfg.name, split=cfg.split, data_dir=cfg.data_dir, download=False,
-                            shuffle_files=False, read_config=tfds.ReadConfig(interleave_cycle_length=1))
+        records = tfds.load(
+            cfg.name,
+            split=cfg.split,
+            data_dir=cfg.data_dir,
+            download=False,
+            shuffle_files=False,
+            read_config=tfds.ReadConfig(interleave_cycle_length=1),
+        )
         if max_examples is not None:
             records = records.take(max_examples)
         examples = [_prepare_example(e, cfg) for e in records.as_numpy_iterator()]
@@ -791,7 +868,9 @@ def load_image_arrays(cfg: ImageDataConfig, max_examples: int | None = None) -> 
     return out
 
 
-def iterator_from_config(config: Any, start_step: int = 0) -> tuple[ImageIterator, tuple[int, int, int]]:
+def iterator_from_config(
+    config: Any, start_step: int = 0
+) -> tuple[ImageIterator, tuple[int, int, int]]:
     """The training iterator of an experiment config (the ``config.data`` block and ``config.seed``).
 
     Reads ``config.data.{name, data_dir, image_size, num_channels, random_flip, use_labels,
@@ -809,8 +888,16 @@ def iterator_from_config(config: Any, start_step: int = 0) -> tuple[ImageIterato
     """
     data = config.data
     optional = {}
-    for key in ("split", "resize", "download", "num_threads", "prefetch_batches", "in_memory", "reader",
-                "shuffle_buffer"):
+    for key in (
+        "split",
+        "resize",
+        "download",
+        "num_threads",
+        "prefetch_batches",
+        "in_memory",
+        "reader",
+        "shuffle_buffer",
+    ):
         if key in data:
             optional[key] = data[key]
     cfg = ImageDataConfig(
@@ -863,14 +950,24 @@ def iterate_stored_images(
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
     # image_size only picks the digits config of a bare "sklearn_digits"; nothing is resized here.
-    cfg = ImageDataConfig(name=name, data_dir=data_dir, split=split, reader=reader, use_labels=with_labels,
-                          image_size=8)
+    cfg = ImageDataConfig(
+        name=name,
+        data_dir=data_dir,
+        split=split,
+        reader=reader,
+        use_labels=with_labels,
+        image_size=8,
+    )
     builder = _prepared_builder(cfg)
     features = builder.info.features
     if "image" not in features:
-        raise ValueError(f"TFDS data set {name!r} has no 'image' feature; features: {list(features)}.")
+        raise ValueError(
+            f"TFDS data set {name!r} has no 'image' feature; features: {list(features)}."
+        )
     if with_labels and "label" not in features:
-        raise ValueError(f"TFDS data set {name!r} has no 'label' feature; features: {list(features)}.")
+        raise ValueError(
+            f"TFDS data set {name!r} has no 'label' feature; features: {list(features)}."
+        )
     shape = tuple(features["image"].shape)
     if len(shape) != 3 or None in shape:
         raise ValueError(
@@ -887,9 +984,18 @@ def iterate_stored_images(
     if resolve_reader(builder, cfg) == "tfds_load":
         _import_tensorflow()
         total = builder.info.splits[split].num_examples
-        start, stop = process_index * total // process_count, (process_index + 1) * total // process_count
-        records = tfds.load(name, split=split, data_dir=data_dir, download=False, shuffle_files=False,
-                            read_config=tfds.ReadConfig(interleave_cycle_length=1))
+        start, stop = (
+            process_index * total // process_count,
+            (process_index + 1) * total // process_count,
+        )
+        records = tfds.load(
+            name,
+            split=split,
+            data_dir=data_dir,
+            download=False,
+            shuffle_files=False,
+            read_config=tfds.ReadConfig(interleave_cycle_length=1),
+        )
         examples = []
         for e in records.skip(start).take(stop - start).as_numpy_iterator():
             examples.append(e)
@@ -901,6 +1007,9 @@ def iterate_stored_images(
         return
     source = _data_source(builder, cfg)
     total = len(source)
-    start, stop = process_index * total // process_count, (process_index + 1) * total // process_count
+    start, stop = (
+        process_index * total // process_count,
+        (process_index + 1) * total // process_count,
+    )
     for first in range(start, stop, batch_size):
         yield batch_of(source.__getitems__(list(range(first, min(first + batch_size, stop)))))

@@ -1,7 +1,8 @@
 """Joining the processes of a multi-host job (``jax.distributed.initialize``), for every command."""
+
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from absl import app
 
@@ -24,8 +25,10 @@ def distributed_args(env) -> dict:
     if ("num_processes" in args) != ("process_id" in args):
         raise app.UsageError("Set both JAX_NUM_PROCESSES and JAX_PROCESS_ID, or neither.")
     if args and not 0 <= args["process_id"] < args["num_processes"]:
-        raise app.UsageError(f"Need 0 <= JAX_PROCESS_ID < JAX_NUM_PROCESSES, got "
-                             f"{args['process_id']} and {args['num_processes']}.")
+        raise app.UsageError(
+            f"Need 0 <= JAX_PROCESS_ID < JAX_NUM_PROCESSES, got "
+            f"{args['process_id']} and {args['num_processes']}."
+        )
     return args
 
 

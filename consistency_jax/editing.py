@@ -23,9 +23,11 @@ are static, and a ``jax.jit`` of it (with the model, the task and the times fixe
 input shape. The transforms are applied at ``Precision.HIGHEST`` so that the known part survives the
 round trip A⁻¹A to float rounding on every backend.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +37,7 @@ from consistency_jax import parameterization as param_lib
 from consistency_jax import sampling
 
 Array = jax.Array
-MaskLike = Union[str, np.ndarray, Array]
+MaskLike = str | np.ndarray | Array
 
 # ITU-R BT.601 luma weights (R, G, B), the weights CM's official colorization uses (to 3 digits).
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
@@ -95,9 +97,11 @@ def identity_transform() -> Transform:
 
 def _check_rgb(x: Array) -> None:
     if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"Colorization needs RGB images (B, H, W, 3), got shape {tuple(x.shape)}: a "
-                         "grayscale (C = 1) image has no chroma to generate; give its luma replicated to "
-                         "3 channels instead.")
+        raise ValueError(
+            f"Colorization needs RGB images (B, H, W, 3), got shape {tuple(x.shape)}: a "
+            "grayscale (C = 1) image has no chroma to generate; give its luma replicated to "
+            "3 channels instead."
+        )
 
 
 def colorization_transform() -> Transform:
@@ -117,8 +121,10 @@ def colorization_transform() -> Transform:
 
 def _check_patches(x: Array, p: int) -> None:
     if x.ndim != 4 or x.shape[1] % p or x.shape[2] % p:
-        raise ValueError(f"Super-resolution needs NHWC images whose height and width are multiples of "
-                         f"patch_size={p}, got shape {tuple(x.shape)}.")
+        raise ValueError(
+            f"Super-resolution needs NHWC images whose height and width are multiples of "
+            f"patch_size={p}, got shape {tuple(x.shape)}."
+        )
 
 
 def _to_patches(x: Array, p: int) -> Array:
@@ -160,8 +166,14 @@ def superres_transform(patch_size: int) -> Transform:
 # Masks Ω (True where the output is generated, False where it is copied from y)
 
 
-INPAINTING_PRESETS = ("center_box", "left_half", "right_half", "top_half", "bottom_half",
-                      "random_strokes")
+INPAINTING_PRESETS = (
+    "center_box",
+    "left_half",
+    "right_half",
+    "top_half",
+    "bottom_half",
+    "random_strokes",
+)
 
 
 def _strokes(height: int, width: int, seed: int, num_strokes: int = 4) -> np.ndarray:
@@ -193,20 +205,22 @@ def inpainting_mask(name: str, height: int, width: int, *, seed: int = 0) -> np.
     """
     mask = np.zeros((height, width), bool)
     if name == "center_box":
-        mask[height // 4:height - height // 4, width // 4:width - width // 4] = True
+        mask[height // 4 : height - height // 4, width // 4 : width - width // 4] = True
     elif name == "left_half":
-        mask[:, :width // 2] = True
+        mask[:, : width // 2] = True
     elif name == "right_half":
-        mask[:, width // 2:] = True
+        mask[:, width // 2 :] = True
     elif name == "top_half":
-        mask[:height // 2] = True
+        mask[: height // 2] = True
     elif name == "bottom_half":
-        mask[height // 2:] = True
+        mask[height // 2 :] = True
     elif name == "random_strokes":
         mask = _strokes(height, width, seed)
     else:
-        raise ValueError(f"Unknown inpainting mask {name!r}; choose one of {INPAINTING_PRESETS} or pass "
-                         "an array.")
+        raise ValueError(
+            f"Unknown inpainting mask {name!r}; choose one of {INPAINTING_PRESETS} or pass "
+            "an array."
+        )
     return mask
 
 
@@ -238,8 +252,10 @@ def as_mask(mask: MaskLike, shape: Sequence[int], *, seed: int = 0) -> Array:
     elif m.ndim == 3:
         m = m[None]
     if m.ndim != 4 or any(a not in (1, b) for a, b in zip(m.shape, shape)):
-        raise ValueError(f"The mask's shape {tuple(jnp.shape(mask))} does not match images of shape "
-                         f"{shape}: give (H, W), (H, W, C) or (B, H, W, C), any axis 1 to broadcast.")
+        raise ValueError(
+            f"The mask's shape {tuple(jnp.shape(mask))} does not match images of shape "
+            f"{shape}: give (H, W), (H, W, C) or (B, H, W, C), any axis 1 to broadcast."
+        )
     return m if m.dtype == jnp.bool_ else m != 0
 
 
@@ -252,7 +268,7 @@ def project(transform: Transform, omega: Array, x: Array, y: Array) -> Array:
 # Spherical interpolation
 
 
-def slerp(z0: Array, z1: Array, alpha: Union[float, Array]) -> Array:
+def slerp(z0: Array, z1: Array, alpha: float | Array) -> Array:
     """Spherical linear interpolation of two batches of noises, per example (B, ...).
 
     slerp = sin((1 − α)θ)/sin θ · z0 + sin(αθ)/sin θ · z1 with cos θ = ⟨z0, z1⟩/(‖z0‖‖z1‖), the
@@ -262,7 +278,9 @@ def slerp(z0: Array, z1: Array, alpha: Union[float, Array]) -> Array:
     z0, z1 = param_lib.as_compute_dtype(z0), param_lib.as_compute_dtype(z1)
     axes = tuple(range(1, z0.ndim))
     expand = lambda v: jnp.reshape(v, v.shape + (1,) * len(axes))
-    cos = jnp.sum(z0 * z1, axis=axes) / jnp.sqrt(jnp.sum(z0 * z0, axis=axes) * jnp.sum(z1 * z1, axis=axes))
+    cos = jnp.sum(z0 * z1, axis=axes) / jnp.sqrt(
+        jnp.sum(z0 * z0, axis=axes) * jnp.sum(z1 * z1, axis=axes)
+    )
     theta = jnp.arccos(jnp.clip(cos, -1.0, 1.0))
     alpha = jnp.broadcast_to(jnp.asarray(alpha, z0.dtype), theta.shape)
     sin = jnp.sin(theta)
@@ -277,7 +295,9 @@ def slerp(z0: Array, z1: Array, alpha: Union[float, Array]) -> Array:
 # Editing with a consistency model (CM Algorithm 4)
 
 
-def _prepare(y: Array, transform: Transform, mask: MaskLike) -> tuple[Array, Array, Array, Callable]:
+def _prepare(
+    y: Array, transform: Transform, mask: MaskLike
+) -> tuple[Array, Array, Array, Callable]:
     """y in the compute dtype, Ω, A y, and the projection x ↦ A⁻¹[(A y)(1 − Ω) + (A x)Ω]."""
     y = param_lib.as_compute_dtype(y)
     if y.ndim != 4:
@@ -296,8 +316,9 @@ def _start(transform: Transform, omega: Array, y: Array, ay: Array, start_from: 
     raise ValueError(f"start_from must be 'known' or 'y', got {start_from!r}.")
 
 
-def _consistency_loop(apply_fn, params, rng, x_init, ts, sigmas, *, labels, clip, consistency_fn,
-                      proj, return_steps):
+def _consistency_loop(
+    apply_fn, params, rng, x_init, ts, sigmas, *, labels, clip, consistency_fn, proj, return_steps
+):
     """Algorithm 1 from ``x_init`` with ``proj`` after every step; optionally every projected x0."""
     steps = []
 
@@ -307,17 +328,38 @@ def _consistency_loop(apply_fn, params, rng, x_init, ts, sigmas, *, labels, clip
         steps.append(x)
         return x
 
-    x = sampling.multistep_sample(apply_fn, params, rng, x_init.shape, ts, sigmas, labels=labels,
-                                  clip=clip, x_init=x_init, consistency_fn=consistency_fn,
-                                  project=record)
+    x = sampling.multistep_sample(
+        apply_fn,
+        params,
+        rng,
+        x_init.shape,
+        ts,
+        sigmas,
+        labels=labels,
+        clip=clip,
+        x_init=x_init,
+        consistency_fn=consistency_fn,
+        project=record,
+    )
     return (x, jnp.stack(steps)) if return_steps else x
 
 
-def edit(apply_fn: param_lib.ApplyFn, params: Any, rng: Array, y: Array, ts: Sequence[float],
-         sigmas: param_lib.SigmaConfig, *, transform: Transform, mask: MaskLike,
-         labels: Optional[Array] = None, clip: Optional[float] = None,
-         consistency_fn=param_lib.consistency_fn, start_from: str = "known",
-         return_steps: bool = False):
+def edit(
+    apply_fn: param_lib.ApplyFn,
+    params: Any,
+    rng: Array,
+    y: Array,
+    ts: Sequence[float],
+    sigmas: param_lib.SigmaConfig,
+    *,
+    transform: Transform,
+    mask: MaskLike,
+    labels: Array | None = None,
+    clip: float | None = None,
+    consistency_fn=param_lib.consistency_fn,
+    start_from: str = "known",
+    return_steps: bool = False,
+):
     """Zero-shot editing of y with a consistency model, any orthogonal A (CM Algorithm 4).
 
     With ts = (τ_0 > τ_1 > …) and ỹ = A⁻¹[(A y) ⊙ (1 − Ω)] (y with its generated part zeroed):
@@ -350,30 +392,67 @@ def edit(apply_fn: param_lib.ApplyFn, params: Any, rng: Array, y: Array, ts: Seq
     ts = sampling.check_times(ts, sigmas)
     y, omega, ay, proj = _prepare(y, transform, mask)
     k_init, k_loop = jax.random.split(rng)
-    x_init = _start(transform, omega, y, ay, start_from) + ts[0] * jax.random.normal(k_init, y.shape,
-                                                                                   y.dtype)
-    return _consistency_loop(apply_fn, params, k_loop, x_init, ts, sigmas, labels=labels, clip=clip,
-                             consistency_fn=consistency_fn, proj=proj, return_steps=return_steps)
+    x_init = _start(transform, omega, y, ay, start_from) + ts[0] * jax.random.normal(
+        k_init, y.shape, y.dtype
+    )
+    return _consistency_loop(
+        apply_fn,
+        params,
+        k_loop,
+        x_init,
+        ts,
+        sigmas,
+        labels=labels,
+        clip=clip,
+        consistency_fn=consistency_fn,
+        proj=proj,
+        return_steps=return_steps,
+    )
 
 
-def inpaint(apply_fn: param_lib.ApplyFn, params: Any, rng: Array, y: Array, mask: MaskLike,
-            ts: Sequence[float], sigmas: param_lib.SigmaConfig, **kwargs: Any):
+def inpaint(
+    apply_fn: param_lib.ApplyFn,
+    params: Any,
+    rng: Array,
+    y: Array,
+    mask: MaskLike,
+    ts: Sequence[float],
+    sigmas: param_lib.SigmaConfig,
+    **kwargs: Any,
+):
     """Inpainting (Algorithm 4 with A = I): the pixels where ``mask`` is True are generated, the others
     are y's exactly. ``mask`` is an array (see ``as_mask``) or a preset name (``inpainting_mask``).
     Keyword arguments as in ``edit``."""
-    return edit(apply_fn, params, rng, y, ts, sigmas, transform=identity_transform(), mask=mask,
-                **kwargs)
+    return edit(
+        apply_fn, params, rng, y, ts, sigmas, transform=identity_transform(), mask=mask, **kwargs
+    )
 
 
-def colorize(apply_fn: param_lib.ApplyFn, params: Any, rng: Array, y: Array, ts: Sequence[float],
-             sigmas: param_lib.SigmaConfig, **kwargs: Any):
+def colorize(
+    apply_fn: param_lib.ApplyFn,
+    params: Any,
+    rng: Array,
+    y: Array,
+    ts: Sequence[float],
+    sigmas: param_lib.SigmaConfig,
+    **kwargs: Any,
+):
     """Colorization (Algorithm 4 with A = ``colorization_transform()``): the output's luma is y's, its
     chroma generated. y is RGB (B, H, W, 3): a colour image or a gray one replicated to 3 channels (the
     luma weights sum to 1, so gray g has luma g). A 1-channel y is refused. Keyword arguments as in
     ``edit``."""
     _check_rgb(jnp.asarray(y))
-    return edit(apply_fn, params, rng, y, ts, sigmas, transform=colorization_transform(),
-                mask=colorization_mask(), **kwargs)
+    return edit(
+        apply_fn,
+        params,
+        rng,
+        y,
+        ts,
+        sigmas,
+        transform=colorization_transform(),
+        mask=colorization_mask(),
+        **kwargs,
+    )
 
 
 def patch_average(x: Array, patch_size: int) -> Array:
@@ -389,9 +468,17 @@ def upsample_nearest(x: Array, patch_size: int) -> Array:
     return jnp.repeat(jnp.repeat(jnp.asarray(x), p, axis=1), p, axis=2)
 
 
-def super_resolve(apply_fn: param_lib.ApplyFn, params: Any, rng: Array, y_low: Array,
-                  ts: Sequence[float], sigmas: param_lib.SigmaConfig, *, patch_size: int,
-                  **kwargs: Any):
+def super_resolve(
+    apply_fn: param_lib.ApplyFn,
+    params: Any,
+    rng: Array,
+    y_low: Array,
+    ts: Sequence[float],
+    sigmas: param_lib.SigmaConfig,
+    *,
+    patch_size: int,
+    **kwargs: Any,
+):
     """Super-resolution (Algorithm 4 with A = ``superres_transform(p)``) of a low-resolution image.
 
     ``y_low`` (B, h, w, C) becomes (B, h·p, w·p, C) whose p×p patch means equal ``y_low`` (to float
@@ -399,12 +486,30 @@ def super_resolve(apply_fn: param_lib.ApplyFn, params: Any, rng: Array, y_low: A
     ``patch_average`` first. Keyword arguments as in ``edit``.
     """
     y = upsample_nearest(y_low, patch_size)
-    return edit(apply_fn, params, rng, y, ts, sigmas, transform=superres_transform(patch_size),
-                mask=superres_mask(y.shape[1], y.shape[2], patch_size), **kwargs)
+    return edit(
+        apply_fn,
+        params,
+        rng,
+        y,
+        ts,
+        sigmas,
+        transform=superres_transform(patch_size),
+        mask=superres_mask(y.shape[1], y.shape[2], patch_size),
+        **kwargs,
+    )
 
 
-def sdedit(apply_fn: param_lib.ApplyFn, params: Any, rng: Array, y: Array, ts: Sequence[float],
-           sigmas: param_lib.SigmaConfig, *, mask: Optional[MaskLike] = None, **kwargs: Any):
+def sdedit(
+    apply_fn: param_lib.ApplyFn,
+    params: Any,
+    rng: Array,
+    y: Array,
+    ts: Sequence[float],
+    sigmas: param_lib.SigmaConfig,
+    *,
+    mask: MaskLike | None = None,
+    **kwargs: Any,
+):
     """Stroke-guided generation (SDEdit; CM §6): x ← f(y + τ_0·z, τ_0), then Algorithm 1 over ts[1:].
 
     Unlike inpainting, the whole stroke image y is noised (not zeroed first): ts[0] = τ_0 < T sets how
@@ -413,14 +518,34 @@ def sdedit(apply_fn: param_lib.ApplyFn, params: Any, rng: Array, y: Array, ts: S
     after every step, as in ``inpaint``. Keyword arguments as in ``edit``.
     """
     mask = np.ones((1, 1, 1, 1), bool) if mask is None else mask
-    return edit(apply_fn, params, rng, y, ts, sigmas, transform=identity_transform(), mask=mask,
-                start_from="y", **kwargs)
+    return edit(
+        apply_fn,
+        params,
+        rng,
+        y,
+        ts,
+        sigmas,
+        transform=identity_transform(),
+        mask=mask,
+        start_from="y",
+        **kwargs,
+    )
 
 
-def denoise(apply_fn: param_lib.ApplyFn, params: Any, rng: Optional[Array], y: Array, sigma: float,
-            sigmas: param_lib.SigmaConfig, *, ts: Sequence[float] = (), labels: Optional[Array] = None,
-            clip: Optional[float] = None, consistency_fn=param_lib.consistency_fn,
-            return_steps: bool = False):
+def denoise(
+    apply_fn: param_lib.ApplyFn,
+    params: Any,
+    rng: Array | None,
+    y: Array,
+    sigma: float,
+    sigmas: param_lib.SigmaConfig,
+    *,
+    ts: Sequence[float] = (),
+    labels: Array | None = None,
+    clip: float | None = None,
+    consistency_fn=param_lib.consistency_fn,
+    return_steps: bool = False,
+):
     """Denoising of y = x + σ·z (CM §6): x ← f(y, σ), one network evaluation, no known part.
 
     σ is a Python float (static under jit), the same for the whole batch.
@@ -429,17 +554,31 @@ def denoise(apply_fn: param_lib.ApplyFn, params: Any, rng: Optional[Array], y: A
     ts = sampling.check_times((sigma, *ts), sigmas)
     rng = _rng_or_unused(rng, ts, sigmas, "denoise")
     y = param_lib.as_compute_dtype(y)
-    return _consistency_loop(apply_fn, params, rng, y, ts, sigmas, labels=labels, clip=clip,
-                             consistency_fn=consistency_fn, proj=None, return_steps=return_steps)
+    return _consistency_loop(
+        apply_fn,
+        params,
+        rng,
+        y,
+        ts,
+        sigmas,
+        labels=labels,
+        clip=clip,
+        consistency_fn=consistency_fn,
+        proj=None,
+        return_steps=return_steps,
+    )
 
 
-def _rng_or_unused(rng: Optional[Array], ts: tuple[float, ...], sigmas: param_lib.SigmaConfig,
-                   what: str) -> Array:
+def _rng_or_unused(
+    rng: Array | None, ts: tuple[float, ...], sigmas: param_lib.SigmaConfig, what: str
+) -> Array:
     """``rng``, or a placeholder key where one step (or a trailing ε) draws no noise."""
     if rng is not None:
         return rng
     if len(ts) > 1 and ts[1] > sigmas.sigma_min:
-        raise ValueError(f"{what} with more than one time needs an rng for the noise of the later steps.")
+        raise ValueError(
+            f"{what} with more than one time needs an rng for the noise of the later steps."
+        )
     return jax.random.key(0)  # never drawn from
 
 
@@ -449,14 +588,24 @@ def _slerp_batch(z0: Array, z1: Array, alphas: Array) -> Array:
     return z.reshape((-1,) + z.shape[2:])
 
 
-def _tile_labels(labels: Optional[Array], k: int) -> Optional[Array]:
+def _tile_labels(labels: Array | None, k: int) -> Array | None:
     return None if labels is None else jnp.tile(jnp.asarray(labels), k)
 
 
-def interpolate(apply_fn: param_lib.ApplyFn, params: Any, rng: Optional[Array], z0: Array, z1: Array,
-                alphas: Sequence[float], ts: Sequence[float], sigmas: param_lib.SigmaConfig, *,
-                labels: Optional[Array] = None, clip: Optional[float] = None,
-                consistency_fn=param_lib.consistency_fn) -> Array:
+def interpolate(
+    apply_fn: param_lib.ApplyFn,
+    params: Any,
+    rng: Array | None,
+    z0: Array,
+    z1: Array,
+    alphas: Sequence[float],
+    ts: Sequence[float],
+    sigmas: param_lib.SigmaConfig,
+    *,
+    labels: Array | None = None,
+    clip: float | None = None,
+    consistency_fn=param_lib.consistency_fn,
+) -> Array:
     """Interpolation between two noises (CM §6, Figure 6): x_α = sample from ts[0]·slerp(z0, z1, α).
 
     z0, z1 are unit-variance noises (B, H, W, C); the result is (K, B, H, W, C) for K ``alphas``. With
@@ -466,9 +615,19 @@ def interpolate(apply_fn: param_lib.ApplyFn, params: Any, rng: Optional[Array], 
     alphas = jnp.asarray(alphas)
     x_init = ts[0] * _slerp_batch(z0, z1, alphas)
     rng = _rng_or_unused(rng, ts, sigmas, "interpolate")
-    x = _consistency_loop(apply_fn, params, rng, x_init, ts, sigmas,
-                          labels=_tile_labels(labels, alphas.shape[0]), clip=clip,
-                          consistency_fn=consistency_fn, proj=None, return_steps=False)
+    x = _consistency_loop(
+        apply_fn,
+        params,
+        rng,
+        x_init,
+        ts,
+        sigmas,
+        labels=_tile_labels(labels, alphas.shape[0]),
+        clip=clip,
+        consistency_fn=consistency_fn,
+        proj=None,
+        return_steps=False,
+    )
     return x.reshape((alphas.shape[0],) + tuple(jnp.shape(z0)))
 
 
@@ -476,10 +635,19 @@ def interpolate(apply_fn: param_lib.ApplyFn, params: Any, rng: Optional[Array], 
 # The same tasks with an EDM teacher (diffusion-based editing, for comparison)
 
 
-def edm_edit(denoise: Callable[[Array, Array], Array], rng: Array, y: Array,
-             sigmas: param_lib.SigmaConfig, num_steps: int = 18, *, transform: Transform,
-             mask: MaskLike, t_max: Optional[float] = None, start_from: str = "known",
-             noise_known: bool = True) -> Array:
+def edm_edit(
+    denoise: Callable[[Array, Array], Array],
+    rng: Array,
+    y: Array,
+    sigmas: param_lib.SigmaConfig,
+    num_steps: int = 18,
+    *,
+    transform: Transform,
+    mask: MaskLike,
+    t_max: float | None = None,
+    start_from: str = "known",
+    noise_known: bool = True,
+) -> Array:
     """Zero-shot editing with an EDM denoiser D(x, t): EDM's Heun sampler with a projection after
     every step (diffusion-based editing in the manner of CM Algorithm 4).
 
@@ -517,56 +685,115 @@ def edm_edit(denoise: Callable[[Array, Array], Array], rng: Array, y: Array,
         return transform.inverse(jnp.where(omega, transform.forward(x), known))
 
     x_init = _start(transform, omega, y, ay, start_from) + t_start * z
-    return sampling.edm_heun_sample(denoise, rng, y.shape, sigmas, num_steps, x_init=x_init,
-                                    t_max=t_max, project=proj)
+    return sampling.edm_heun_sample(
+        denoise, rng, y.shape, sigmas, num_steps, x_init=x_init, t_max=t_max, project=proj
+    )
 
 
-def edm_inpaint(denoise, rng: Array, y: Array, mask: MaskLike, sigmas: param_lib.SigmaConfig,
-                num_steps: int = 18, **kwargs: Any) -> Array:
+def edm_inpaint(
+    denoise,
+    rng: Array,
+    y: Array,
+    mask: MaskLike,
+    sigmas: param_lib.SigmaConfig,
+    num_steps: int = 18,
+    **kwargs: Any,
+) -> Array:
     """``inpaint`` with an EDM teacher (``edm_edit`` with A = I)."""
-    return edm_edit(denoise, rng, y, sigmas, num_steps, transform=identity_transform(), mask=mask,
-                    **kwargs)
+    return edm_edit(
+        denoise, rng, y, sigmas, num_steps, transform=identity_transform(), mask=mask, **kwargs
+    )
 
 
-def edm_colorize(denoise, rng: Array, y: Array, sigmas: param_lib.SigmaConfig, num_steps: int = 18,
-                 **kwargs: Any) -> Array:
+def edm_colorize(
+    denoise, rng: Array, y: Array, sigmas: param_lib.SigmaConfig, num_steps: int = 18, **kwargs: Any
+) -> Array:
     """``colorize`` with an EDM teacher (``edm_edit`` with the luma basis)."""
     _check_rgb(jnp.asarray(y))
-    return edm_edit(denoise, rng, y, sigmas, num_steps, transform=colorization_transform(),
-                    mask=colorization_mask(), **kwargs)
+    return edm_edit(
+        denoise,
+        rng,
+        y,
+        sigmas,
+        num_steps,
+        transform=colorization_transform(),
+        mask=colorization_mask(),
+        **kwargs,
+    )
 
 
-def edm_super_resolve(denoise, rng: Array, y_low: Array, sigmas: param_lib.SigmaConfig,
-                      num_steps: int = 18, *, patch_size: int, **kwargs: Any) -> Array:
+def edm_super_resolve(
+    denoise,
+    rng: Array,
+    y_low: Array,
+    sigmas: param_lib.SigmaConfig,
+    num_steps: int = 18,
+    *,
+    patch_size: int,
+    **kwargs: Any,
+) -> Array:
     """``super_resolve`` with an EDM teacher (``edm_edit`` with the patch basis)."""
     y = upsample_nearest(y_low, patch_size)
-    return edm_edit(denoise, rng, y, sigmas, num_steps, transform=superres_transform(patch_size),
-                    mask=superres_mask(y.shape[1], y.shape[2], patch_size), **kwargs)
+    return edm_edit(
+        denoise,
+        rng,
+        y,
+        sigmas,
+        num_steps,
+        transform=superres_transform(patch_size),
+        mask=superres_mask(y.shape[1], y.shape[2], patch_size),
+        **kwargs,
+    )
 
 
-def edm_sdedit(denoise, rng: Array, y: Array, t_start: float, sigmas: param_lib.SigmaConfig,
-               num_steps: int = 18, *, mask: Optional[MaskLike] = None) -> Array:
+def edm_sdedit(
+    denoise,
+    rng: Array,
+    y: Array,
+    t_start: float,
+    sigmas: param_lib.SigmaConfig,
+    num_steps: int = 18,
+    *,
+    mask: MaskLike | None = None,
+) -> Array:
     """``sdedit`` with an EDM teacher: the PF-ODE from y + t_start·z (SDEdit with the deterministic
     sampler); with ``mask``, the pixels outside it follow y + t·z as in ``edm_edit``."""
     mask = np.ones((1, 1, 1, 1), bool) if mask is None else mask
-    return edm_edit(denoise, rng, y, sigmas, num_steps, transform=identity_transform(), mask=mask,
-                    t_max=t_start, start_from="y")
+    return edm_edit(
+        denoise,
+        rng,
+        y,
+        sigmas,
+        num_steps,
+        transform=identity_transform(),
+        mask=mask,
+        t_max=t_start,
+        start_from="y",
+    )
 
 
-def edm_denoise(denoise, y: Array, sigma: float, sigmas: param_lib.SigmaConfig,
-                num_steps: int = 18) -> Array:
+def edm_denoise(
+    denoise, y: Array, sigma: float, sigmas: param_lib.SigmaConfig, num_steps: int = 18
+) -> Array:
     """``denoise`` with an EDM teacher: the deterministic PF-ODE from (y, σ) to t = 0 (Heun)."""
     y = param_lib.as_compute_dtype(y)
-    return sampling.edm_heun_sample(denoise, jax.random.key(0), y.shape, sigmas, num_steps, x_init=y,
-                                    t_max=sigma)
+    return sampling.edm_heun_sample(
+        denoise, jax.random.key(0), y.shape, sigmas, num_steps, x_init=y, t_max=sigma
+    )
 
 
-def edm_interpolate(denoise, z0: Array, z1: Array, alphas: Sequence[float],
-                    sigmas: param_lib.SigmaConfig, num_steps: int = 18) -> Array:
+def edm_interpolate(
+    denoise,
+    z0: Array,
+    z1: Array,
+    alphas: Sequence[float],
+    sigmas: param_lib.SigmaConfig,
+    num_steps: int = 18,
+) -> Array:
     """``interpolate`` with an EDM teacher: the PF-ODE from T·slerp(z0, z1, α), (K, B, H, W, C)."""
     alphas = jnp.asarray(alphas)
     x_init = sigmas.sigma_max * _slerp_batch(z0, z1, alphas)
-    x = sampling.edm_heun_sample(denoise, jax.random.key(0), x_init.shape, sigmas, num_steps,
-                                 x_init=x_init)
+    x = sampling.edm_heun_sample(
+        denoise, jax.random.key(0), x_init.shape, sigmas, num_steps, x_init=x_init
+    )
     return x.reshape((alphas.shape[0],) + tuple(jnp.shape(z0)))
-

@@ -15,6 +15,7 @@ an ``.npz`` with ``mu``/``sigma`` or with reference images under ``arr_0``.
 Every argument is checked before anything is compiled. Prints the figures and writes them as JSON.
 FIDs are comparable with the papers only with the real weights and 50 000 samples.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,22 +24,41 @@ import sys
 
 from absl import app, flags
 
-_SAMPLES = flags.DEFINE_string("samples", None, "An .npz (uint8 NHWC under arr_0), a TFDS data set name, "
-                                "or run:WORKDIR (generated now by the sampling command).")
-_SAMPLES_SPLIT = flags.DEFINE_string("samples_split", "train", "Split of a TFDS --samples data set.")
+_SAMPLES = flags.DEFINE_string(
+    "samples",
+    None,
+    "An .npz (uint8 NHWC under arr_0), a TFDS data set name, "
+    "or run:WORKDIR (generated now by the sampling command).",
+)
+_SAMPLES_SPLIT = flags.DEFINE_string(
+    "samples_split", "train", "Split of a TFDS --samples data set."
+)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory (samples and reference).")
-_REF = flags.DEFINE_string("ref", None, "A TFDS data set name, or an .npz with mu/sigma or images under arr_0.")
-_REF_SPLIT = flags.DEFINE_string("ref_split", "train", "Split of a TFDS --ref (papers: all of train).")
-_WEIGHTS = flags.DEFINE_string("inception_weights", None,
-                               "FID Inception-v3 .safetensors (default: $INCEPTION_WEIGHTS).")
+_REF = flags.DEFINE_string(
+    "ref", None, "A TFDS data set name, or an .npz with mu/sigma or images under arr_0."
+)
+_REF_SPLIT = flags.DEFINE_string(
+    "ref_split", "train", "Split of a TFDS --ref (papers: all of train)."
+)
+_WEIGHTS = flags.DEFINE_string(
+    "inception_weights", None, "FID Inception-v3 .safetensors (default: $INCEPTION_WEIGHTS)."
+)
 _METRICS = flags.DEFINE_list("metrics", ["fid", "is"], "Any of fid, is, kid, pr.")
 _OUT = flags.DEFINE_string("out", None, "Write the figures to this JSON file.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 0, "Use the first N samples (0: all).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 200, "Images per compiled batch (over all local devices).")
-_CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Where TFDS reference statistics are cached "
-                                 "(default: $data_dir/inception_stats/<weights file name>).")
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", 200, "Images per compiled batch (over all local devices)."
+)
+_CACHE_DIR = flags.DEFINE_string(
+    "cache_dir",
+    None,
+    "Where TFDS reference statistics are cached "
+    "(default: $data_dir/inception_stats/<weights file name>).",
+)
 _KID_SUBSETS = flags.DEFINE_integer("kid_subsets", 100, "KID subsets.")
-_KID_SUBSET_SIZE = flags.DEFINE_integer("kid_subset_size", 1000, "KID subset size (smaller with fewer samples).")
+_KID_SUBSET_SIZE = flags.DEFINE_integer(
+    "kid_subset_size", 1000, "KID subset size (smaller with fewer samples)."
+)
 
 
 def _is_file_argument(value: str) -> bool:
@@ -65,18 +85,33 @@ def _generate(workdir: str, num_samples: int, batch_size: int) -> str:
 
     out = tempfile.mkdtemp(prefix="evaluate_samples_")
     request = sample_lib.SampleRequest(
-        workdir=workdir, out=out, num_samples=num_samples, grid=False,
-        per_device_batch=max(1, batch_size // jax.local_device_count()))
+        workdir=workdir,
+        out=out,
+        num_samples=num_samples,
+        grid=False,
+        per_device_batch=max(1, batch_size // jax.local_device_count()),
+    )
     try:
         return sample_lib.run(request)["npz"]
     except sample_lib.SampleError as e:
         raise ValueError(f"--samples=run:{workdir}: {e}") from None
 
 
-def evaluate(samples: str, ref: str, *, weights: str | None = None, metrics=("fid", "is"),
-             data_dir: str | None = None, samples_split: str = "train", ref_split: str = "train",
-             num_samples: int = 0, batch_size: int = 200, cache_dir: str | None = None,
-             kid_subsets: int = 100, kid_subset_size: int = 1000) -> dict:
+def evaluate(
+    samples: str,
+    ref: str,
+    *,
+    weights: str | None = None,
+    metrics=("fid", "is"),
+    data_dir: str | None = None,
+    samples_split: str = "train",
+    ref_split: str = "train",
+    num_samples: int = 0,
+    batch_size: int = 200,
+    cache_dir: str | None = None,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+) -> dict:
     """The figures of ``samples`` against ``ref`` (see the module docstring); returns a dict.
 
     Raises:
@@ -94,18 +129,20 @@ def evaluate(samples: str, ref: str, *, weights: str | None = None, metrics=("fi
     if not metrics or unknown:
         raise ValueError(f"--metrics must list some of {list(ev.METRICS)}; got unknown {unknown}.")
     if num_samples < 0 or batch_size <= 0:
-        raise ValueError(f"Need --num_samples >= 0 and --batch_size > 0, got {num_samples} and {batch_size}.")
+        raise ValueError(
+            f"Need --num_samples >= 0 and --batch_size > 0, got {num_samples} and {batch_size}."
+        )
     weights = inception_lib.resolve_weights_path(weights)
     need_ref_features = bool(set(metrics) & {"kid", "pr"})
 
     # Samples: read (an .npz) or opened (TFDS) before anything compiles; "run:DIR" generates them.
     if samples.startswith("run:"):
-        samples = _generate(samples[len("run:"):], num_samples or 50000, batch_size)
+        samples = _generate(samples[len("run:") :], num_samples or 50000, batch_size)
     if _is_file_argument(samples):
         images = ev.read_npz_images(samples)
         if num_samples:
             images = images[:num_samples]
-        sample_batches = (images[i:i + batch_size] for i in range(0, images.shape[0], batch_size))
+        sample_batches = (images[i : i + batch_size] for i in range(0, images.shape[0], batch_size))
     else:
         stream = data_lib.iterate_stored_images(samples, samples_split, data_dir, batch_size)
         first = next(stream)["image"]
@@ -122,21 +159,39 @@ def evaluate(samples: str, ref: str, *, weights: str | None = None, metrics=("fi
 
     metric = ev.InceptionMetrics(weights, batch_size=batch_size)  # checks the weight file
     if _is_file_argument(ref):
-        mu, sigma, ref_count, ref_features = ev.read_reference(ref, metric, keep_features=need_ref_features)
+        mu, sigma, ref_count, ref_features = ev.read_reference(
+            ref, metric, keep_features=need_ref_features
+        )
         if need_ref_features and ref_features is None:
-            raise ValueError(f"--metrics {sorted(set(metrics) & {'kid', 'pr'})} need reference images; "
-                             f"{ref!r} holds only mu/sigma.")
+            raise ValueError(
+                f"--metrics {sorted(set(metrics) & {'kid', 'pr'})} need reference images; "
+                f"{ref!r} holds only mu/sigma."
+            )
     else:
         if cache_dir is None:
             base = data_dir or os.path.expanduser("~/.cache/consistency_jax")
-            cache_dir = os.path.join(base, "inception_stats", os.path.splitext(os.path.basename(weights))[0])
+            cache_dir = os.path.join(
+                base, "inception_stats", os.path.splitext(os.path.basename(weights))[0]
+            )
         mu, sigma, ref_count, ref_features = ev.reference_statistics(
-            ref, ref_split, data_dir, metrics=metric, cache_dir=cache_dir, keep_features=need_ref_features)
+            ref,
+            ref_split,
+            data_dir,
+            metrics=metric,
+            cache_dir=cache_dir,
+            keep_features=need_ref_features,
+        )
 
     needs_outputs = set(metrics) != {"fid"}
     stats, outputs = metric.statistics(sample_batches, keep=needs_outputs)
-    figures = metric.score(outputs if needs_outputs else stats, (mu, sigma), ref_features=ref_features,
-                           metrics=metrics, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)
+    figures = metric.score(
+        outputs if needs_outputs else stats,
+        (mu, sigma),
+        ref_features=ref_features,
+        metrics=metrics,
+        kid_subsets=kid_subsets,
+        kid_subset_size=kid_subset_size,
+    )
     return {
         **figures,
         "num_samples": int(stats.count),
@@ -144,8 +199,10 @@ def evaluate(samples: str, ref: str, *, weights: str | None = None, metrics=("fi
         "samples": samples,
         "reference": ref if _is_file_argument(ref) else f"{ref}:{ref_split}",
         "inception_weights": os.path.abspath(weights),
-        "note": ("Comparable with published numbers only with the real pt_inception-2015-12-05 weights, "
-                 "50000 samples and the full training-set statistics."),
+        "note": (
+            "Comparable with published numbers only with the real pt_inception-2015-12-05 weights, "
+            "50000 samples and the full training-set statistics."
+        ),
     }
 
 
@@ -155,11 +212,20 @@ def main(argv):
     if not _SAMPLES.value or not _REF.value:
         raise app.UsageError("--samples and --ref are required.")
     try:
-        result = evaluate(_SAMPLES.value, _REF.value, weights=_WEIGHTS.value, metrics=_METRICS.value,
-                          data_dir=_DATA_DIR.value, samples_split=_SAMPLES_SPLIT.value,
-                          ref_split=_REF_SPLIT.value, num_samples=_NUM_SAMPLES.value,
-                          batch_size=_BATCH_SIZE.value, cache_dir=_CACHE_DIR.value,
-                          kid_subsets=_KID_SUBSETS.value, kid_subset_size=_KID_SUBSET_SIZE.value)
+        result = evaluate(
+            _SAMPLES.value,
+            _REF.value,
+            weights=_WEIGHTS.value,
+            metrics=_METRICS.value,
+            data_dir=_DATA_DIR.value,
+            samples_split=_SAMPLES_SPLIT.value,
+            ref_split=_REF_SPLIT.value,
+            num_samples=_NUM_SAMPLES.value,
+            batch_size=_BATCH_SIZE.value,
+            cache_dir=_CACHE_DIR.value,
+            kid_subsets=_KID_SUBSETS.value,
+            kid_subset_size=_KID_SUBSET_SIZE.value,
+        )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)

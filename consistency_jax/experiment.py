@@ -13,23 +13,24 @@ that order, an error while closing is logged in one line, and the first error is
 SIGTERM and Ctrl-C finish the step, save and stop (SIGTERM: a clean return; Ctrl-C:
 ``RunInterrupted``); a second Ctrl-C aborts at once.
 """
+
 from __future__ import annotations
 
 import math
 import shlex
 import time
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
-from consistency_jax import build
+from consistency_jax import build, fs
 from consistency_jax import checkpoint as ckpt_lib
 from consistency_jax import config as config_lib
-from consistency_jax import fs
 from consistency_jax import sharding as sharding_lib
 from consistency_jax.evaluation import build_evaluator
 from consistency_jax.preemption import PreemptionWatcher
@@ -55,8 +56,9 @@ class RunInterrupted(RuntimeError):
     """Ctrl-C (SIGINT) stopped the run after its state was saved; ``main`` exits with status 130."""
 
 
-def resume_command(workdir: str, flags: Sequence[str] = (),
-                   argv: Optional[Sequence[str]] = None) -> str:
+def resume_command(
+    workdir: str, flags: Sequence[str] = (), argv: Sequence[str] | None = None
+) -> str:
     """The command line that resumes the run in ``workdir`` with ``flags`` ("--config.X=V") added.
 
     Args:
@@ -73,9 +75,11 @@ def resume_command(workdir: str, flags: Sequence[str] = (),
     return shlex.join(["python", "-m", "consistency_jax.main", *args, *flags])
 
 
-def check_finite(history: list[tuple[int, dict]],
-                 before_raise: Optional[Callable[[], None]] = None,
-                 advice: Optional[Callable[[], str]] = None) -> None:
+def check_finite(
+    history: list[tuple[int, dict]],
+    before_raise: Callable[[], None] | None = None,
+    advice: Callable[[], str] | None = None,
+) -> None:
     """Raises NonFiniteError naming the first step and quantity that is NaN or Inf; calls
     ``before_raise()`` first, and appends ``advice()`` (how to resume) to the message."""
     for step, m in history:
@@ -83,11 +87,18 @@ def check_finite(history: list[tuple[int, dict]],
             if not np.isfinite(m[name]):
                 if before_raise is not None:
                     before_raise()
-                tail = advice() if advice is not None else (
-                    "Lower the learning rate, enable config.optim.grad_clip, or set "
-                    "config.train.skip_nonfinite.")
-                raise NonFiniteError(f"Non-finite {name} ({m[name]}) at step {step}; the state of "
-                                     f"this step was not checkpointed. {tail}")
+                tail = (
+                    advice()
+                    if advice is not None
+                    else (
+                        "Lower the learning rate, enable config.optim.grad_clip, or set "
+                        "config.train.skip_nonfinite."
+                    )
+                )
+                raise NonFiniteError(
+                    f"Non-finite {name} ({m[name]}) at step {step}; the state of "
+                    f"this step was not checkpointed. {tail}"
+                )
 
 
 class SkipCounter:
@@ -101,8 +112,13 @@ class SkipCounter:
       advice: how to resume (appended to the error message).
     """
 
-    def __init__(self, start: int, max_consecutive: int, max_fraction: float,
-                 advice: Callable[[], str] = lambda: ""):
+    def __init__(
+        self,
+        start: int,
+        max_consecutive: int,
+        max_fraction: float,
+        advice: Callable[[], str] = lambda: "",
+    ):
         self.start, self.max_consecutive, self.max_fraction = start, max_consecutive, max_fraction
         self.advice = advice
         self.skipped = self.run = 0
@@ -121,14 +137,19 @@ class SkipCounter:
                 raise SkipLimitError(
                     f"config.train.skip_nonfinite skipped {self.run} steps in a row (steps "
                     f"{step - self.run + 1}..{step}; config.train.max_consecutive_skips="
-                    f"{self.max_consecutive}): the training has diverged. {self.advice()}")
+                    f"{self.max_consecutive}): the training has diverged. {self.advice()}"
+                )
         ran = done - self.start
-        if (self.max_fraction < 1 and self.skipped > self.max_fraction * ran
-                and (ran >= MIN_STEPS_FOR_SKIP_FRACTION or final)):
+        if (
+            self.max_fraction < 1
+            and self.skipped > self.max_fraction * ran
+            and (ran >= MIN_STEPS_FOR_SKIP_FRACTION or final)
+        ):
             raise SkipLimitError(
                 f"config.train.skip_nonfinite skipped {self.skipped} of the {ran} steps this run "
                 f"made (steps {self.start + 1}..{done}), more than config.train.max_skip_fraction="
-                f"{self.max_fraction}: the training has diverged. {self.advice()}")
+                f"{self.max_fraction}: the training has diverged. {self.advice()}"
+            )
 
 
 class _Closers:
@@ -150,15 +171,16 @@ class _Closers:
                 fn()
             except BaseException as e:  # noqa: BLE001 -- a KeyboardInterrupt too: close the rest
                 if failing:
-                    logging.warning("While stopping: closing the %s failed: %s", name,
-                                    ckpt_lib._brief(e))
+                    logging.warning(
+                        "While stopping: closing the %s failed: %s", name, ckpt_lib._brief(e)
+                    )
                 elif first is None:
                     first = e
         if first is not None:
             raise first
 
 
-def _take_lease(workdir: str, is_main: bool) -> Optional[WorkdirLock]:
+def _take_lease(workdir: str, is_main: bool) -> WorkdirLock | None:
     """The workdir's lease, taken by process 0 (the other processes learn whether it got it).
 
     Raises:
@@ -176,8 +198,10 @@ def _take_lease(workdir: str, is_main: bool) -> Optional[WorkdirLock]:
 
         ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
         if not ok and error is None:
-            error = WorkdirLockedError(f"Process 0 could not take the lease of the workdir "
-                                       f"{workdir}; its log names the run holding it.")
+            error = WorkdirLockedError(
+                f"Process 0 could not take the lease of the workdir "
+                f"{workdir}; its log names the run holding it."
+            )
     if error is not None:
         raise error
     return lock
@@ -191,12 +215,15 @@ def check_workdir(workdir: str) -> str:
       ValueError: an empty workdir, an unsupported URL scheme, or gs:// without a GCS client.
     """
     if not workdir:
-        raise ValueError("The workdir is empty: give --workdir=DIR (a local path or gs://BUCKET/PATH).")
+        raise ValueError(
+            "The workdir is empty: give --workdir=DIR (a local path or gs://BUCKET/PATH)."
+        )
     return fs.resolve(workdir, "workdir")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       argv: Optional[Sequence[str]] = None) -> TrainState:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, argv: Sequence[str] | None = None
+) -> TrainState:
     """Trains the configured model, evaluating and writing to ``workdir``; returns the final state.
 
     Args:
@@ -232,7 +259,8 @@ def _train(config, workdir, setup, is_main, lock, closers, argv) -> TrainState:
     # Refuses a workdir holding checkpoints of another config (or none readable) before anything
     # is built, compiled or overwritten. Only the lease holder removes temporary directories.
     checkpointer = ckpt_lib.Checkpointer.from_config(
-        workdir, config, defaults=config_lib.default_values(), clean_tmp=lock is not None)
+        workdir, config, defaults=config_lib.default_values(), clean_tmp=lock is not None
+    )
     closers.add("checkpointer", checkpointer.close)  # commits the save in flight
     # From here Ctrl-C and SIGTERM mean "save and stop" (also while compiling).
     preemption = PreemptionWatcher(checkpointer)
@@ -242,15 +270,19 @@ def _train(config, workdir, setup, is_main, lock, closers, argv) -> TrainState:
     distance = build.build_distance(config, spec, example_shape)
     saved = checkpointer.resumed_config
     # A resumed run keeps the optimizer-state layout of its checkpoint (grad_clip may change).
-    clip_layout = (None if saved is None else
-                   float(ckpt_lib._flatten(saved).get("optim.grad_clip", 0.0) or 0.0) > 0)
+    clip_layout = (
+        None
+        if saved is None
+        else float(ckpt_lib._flatten(saved).get("optim.grad_clip", 0.0) or 0.0) > 0
+    )
     tx, lr_schedule = build.make_optimizer(config, clip_layout=clip_layout)
 
     rng = jax.random.key(config.seed)
     init_rng, step_rng, eval_rng = jax.random.split(rng, 3)
     _, apply_fn, init_params = build.build_network(config, example_shape)
-    method = build.build_method(config, spec, apply_fn, setup.sigmas, example_shape, distance,
-                                teacher)
+    method = build.build_method(
+        config, spec, apply_fn, setup.sigmas, example_shape, distance, teacher
+    )
     # config.init: a fresh run starts from another run's EMA (ECT tunes an EDM denoiser); a run that
     # resumes from its own checkpoint does not read it.
     start_params = None
@@ -262,26 +294,47 @@ def _train(config, workdir, setup, is_main, lock, closers, argv) -> TrainState:
     # Born on the mesh: replicated over "data"; θ, θ⁻, EMAs, optimizer state, the teacher and LPIPS
     # weights split over "fsdp".
     state, state_shardings = build.init_state(
-        init_params, tx, method, setup.ema_rates, init_rng, mesh,
-        min_size=config.mesh.fsdp_min_size, teacher_params=teacher_params, distance=distance,
-        params=start_params)
+        init_params,
+        tx,
+        method,
+        setup.ema_rates,
+        init_rng,
+        mesh,
+        min_size=config.mesh.fsdp_min_size,
+        teacher_params=teacher_params,
+        distance=distance,
+        params=start_params,
+    )
     step_rng = sharding_lib.place(step_rng, sharding_lib.replicated(mesh))
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    logging.info("method=%s network=%s (%.3fM parameters) data=%s batch=%d steps=%d",
-                 spec.name, config.model.name, n_params / 1e6, config.data.name,
-                 config.data.batch_size, setup.num_steps)
+    logging.info(
+        "method=%s network=%s (%.3fM parameters) data=%s batch=%d steps=%d",
+        spec.name,
+        config.model.name,
+        n_params / 1e6,
+        config.data.name,
+        config.data.batch_size,
+        setup.num_steps,
+    )
 
     fs.makedirs(workdir)
     evaluator = build_evaluator(config, spec, setup.sigmas, example_shape)
-    step_fn = make_train_step(method, tx, lr_schedule=lr_schedule,
-                              skip_nonfinite=config.train.skip_nonfinite,
-                              microbatches=setup.microbatches)
+    step_fn = make_train_step(
+        method,
+        tx,
+        lr_schedule=lr_schedule,
+        skip_nonfinite=config.train.skip_nonfinite,
+        microbatches=setup.microbatches,
+    )
     schedule_keys = tuple(jax.eval_shape(method.schedule, jnp.int32(0)))
     per_call = setup.steps_per_call
     # in/out shardings, state donated; a scan of `per_call` steps per call when > 1.
     train_step = sharding_lib.jit_train_step(step_fn, mesh, state_shardings)
-    multi_step = (train_step if per_call == 1 else
-                  sharding_lib.jit_train_step(step_fn, mesh, state_shardings, steps_per_call=per_call))
+    multi_step = (
+        train_step
+        if per_call == 1
+        else sharding_lib.jit_train_step(step_fn, mesh, state_shardings, steps_per_call=per_call)
+    )
 
     # Resume: the newest readable checkpoint, restored into the live (sharded) state; the teacher
     # is re-attached, never read from the student's checkpoint.
@@ -295,15 +348,18 @@ def _train(config, workdir, setup, is_main, lock, closers, argv) -> TrainState:
     closers.add("metric writer", writer.close)
 
     def run_eval(state):
-        figures, samples = evaluator(apply_fn, state.eval_params(config.eval.ema_rate or None),
-                                     eval_rng)
+        figures, samples = evaluator(
+            apply_fn, state.eval_params(config.eval.ema_rate or None), eval_rng
+        )
         step = int(state.step)
         writer.evaluation(step, figures)
         if is_main:
-            evaluator.plot(samples, fs.join(workdir, f"samples_{step:08d}.png"),
-                           f"{spec.name} step {step}")
-        logging.info("eval step %d: %s", step,
-                     " ".join(f"{k}={v:.4g}" for k, v in sorted(figures.items())))
+            evaluator.plot(
+                samples, fs.join(workdir, f"samples_{step:08d}.png"), f"{spec.name} step {step}"
+            )
+        logging.info(
+            "eval step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in sorted(figures.items()))
+        )
         return figures
 
     def advice() -> str:
@@ -314,13 +370,18 @@ def _train(config, workdir, setup, is_main, lock, closers, argv) -> TrainState:
         except Exception:  # noqa: BLE001 -- the advice must not hide the error
             newest = None
         lr = float(config.optim.lr) / 10
-        where = (f"The newest checkpoint is step {newest}" if newest is not None else
-                 "There is no checkpoint yet")
-        return (f"{where}; to resume it with a 10x lower learning rate run\n  "
-                f"{resume_command(workdir, [f'--config.optim.lr={lr:g}'], argv)}\n"
-                "optim.lr, optim.warmup_steps, optim.decay, optim.grad_clip (e.g. "
-                "--config.optim.grad_clip=1.0), train.skip_nonfinite and loss.huber_c may change on "
-                "resume.")
+        where = (
+            f"The newest checkpoint is step {newest}"
+            if newest is not None
+            else "There is no checkpoint yet"
+        )
+        return (
+            f"{where}; to resume it with a 10x lower learning rate run\n  "
+            f"{resume_command(workdir, [f'--config.optim.lr={lr:g}'], argv)}\n"
+            "optim.lr, optim.warmup_steps, optim.decay, optim.grad_clip (e.g. "
+            "--config.optim.grad_clip=1.0), train.skip_nonfinite and loss.huber_c may change on "
+            "resume."
+        )
 
     def save(step: int) -> None:
         if history and not config.train.skip_nonfinite:  # never checkpoint a broken state
@@ -329,8 +390,12 @@ def _train(config, workdir, setup, is_main, lock, closers, argv) -> TrainState:
         saved_steps.add(step)
 
     t = config.train
-    skips = SkipCounter(start, int(t.get("max_consecutive_skips", 0)),
-                        float(t.get("max_skip_fraction", 1.0)), advice)
+    skips = SkipCounter(
+        start,
+        int(t.get("max_consecutive_skips", 0)),
+        float(t.get("max_skip_fraction", 1.0)),
+        advice,
+    )
     history: list[tuple[int, int, Any]] = []  # (first step, steps, device metrics)
     saved_steps: set[int] = {start} if restored is not None else set()
     t_last, k_last = time.time(), start
@@ -348,8 +413,9 @@ def _train(config, workdir, setup, is_main, lock, closers, argv) -> TrainState:
         else:
             local = [next(data_it) for _ in range(n)]
             stacked = jax.tree.map(lambda *rows: np.stack(rows), *local)
-            state, metrics = multi_step(state, sharding_lib.global_batch(stacked, mesh, stacked=True),
-                                        step_rng)
+            state, metrics = multi_step(
+                state, sharding_lib.global_batch(stacked, mesh, stacked=True), step_rng
+            )
         history.append((k, n, metrics))
         k = done = k + n
         checkpointer.check_save()  # a failed asynchronous save stops the run at once
@@ -368,13 +434,26 @@ def _train(config, workdir, setup, is_main, lock, closers, argv) -> TrainState:
             eta = (setup.num_steps - done) / max(rate, 1e-9)
             img_s = rate * config.data.batch_size
             schedule = "".join(f" {key}={float(last[key]):.6g}" for key in schedule_keys)
-            logging.info("step %d/%d loss=%.5g grad_norm=%.3g%s lr=%.3g | %.1f steps/s "
-                         "%.0f img/s | ETA %s%s", done, setup.num_steps, last["loss"],
-                         last["grad_norm"], schedule, last.get("lr", 0.0), rate,
-                         img_s, _fmt_time(eta), f" | skipped {skipped}" if skipped else "")
+            logging.info(
+                "step %d/%d loss=%.5g grad_norm=%.3g%s lr=%.3g | %.1f steps/s "
+                "%.0f img/s | ETA %s%s",
+                done,
+                setup.num_steps,
+                last["loss"],
+                last["grad_norm"],
+                schedule,
+                last.get("lr", 0.0),
+                rate,
+                img_s,
+                _fmt_time(eta),
+                f" | skipped {skipped}" if skipped else "",
+            )
             means = {k2: float(np.mean([m[k2] for _, m in fetched])) for k2 in last}
-            writer.scalars(done, {**means, "steps_per_s": rate, "img_per_s": img_s,
-                                  "skipped_steps": skipped}, "train")
+            writer.scalars(
+                done,
+                {**means, "steps_per_s": rate, "img_per_s": img_s, "skipped_steps": skipped},
+                "train",
+            )
             t_last, k_last = now, done
         preempted = preemption.reached(done, n)
         if checkpointer.should_save(done, final=done == setup.num_steps or preempted):
@@ -387,14 +466,24 @@ def _train(config, workdir, setup, is_main, lock, closers, argv) -> TrainState:
         save(k)  # the signal came during an evaluation
     closers.close(failing=False)  # waits until the last checkpoint is committed
     if preemption.received == "SIGINT":
-        where = (f"checkpoint step {k} saved in {checkpointer.directory}" if k in saved_steps else
-                 "nothing new to save")
-        raise RunInterrupted(f"Interrupted by Ctrl-C (SIGINT) at step {k}: {where}; run the same "
-                             "command again to resume.")
+        where = (
+            f"checkpoint step {k} saved in {checkpointer.directory}"
+            if k in saved_steps
+            else "nothing new to save"
+        )
+        raise RunInterrupted(
+            f"Interrupted by Ctrl-C (SIGINT) at step {k}: {where}; run the same "
+            "command again to resume."
+        )
     if preemption.received:
-        logging.info("Stopped by %s after step %d: %s; exiting cleanly.", preemption.received, k,
-                     f"checkpoint saved in {checkpointer.directory}" if k in saved_steps else
-                     "nothing new to save")
+        logging.info(
+            "Stopped by %s after step %d: %s; exiting cleanly.",
+            preemption.received,
+            k,
+            f"checkpoint saved in {checkpointer.directory}"
+            if k in saved_steps
+            else "nothing new to save",
+        )
     else:
         logging.info("finished %d steps in %s", setup.num_steps, _fmt_time(time.time() - t_start))
     return state
@@ -408,7 +497,9 @@ def _unstack_history(history: list[tuple[int, int, Any]]) -> list[tuple[int, dic
         if n == 1:
             out.append((first, host))
         else:
-            out.extend((first + i, {key: value[i] for key, value in host.items()}) for i in range(n))
+            out.extend(
+                (first + i, {key: value[i] for key, value in host.items()}) for i in range(n)
+            )
     return out
 
 

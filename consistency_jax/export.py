@@ -23,6 +23,7 @@ is complete, a killed export never leaves a half-written shard where a reader lo
 writes only the missing shards. With several hosts each writes its own shards; one host writes the
 metadata after a barrier (the caller's).
 """
+
 from __future__ import annotations
 
 import io
@@ -30,7 +31,7 @@ import json
 import os
 import shutil
 import struct
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -49,8 +50,10 @@ def check_dataset_name(name: str) -> str:
     import re
 
     if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-        raise ExportError(f"A TFDS dataset name is lower_snake_case (letters, digits, '_', starting "
-                          f"with a letter), got {name!r}.")
+        raise ExportError(
+            f"A TFDS dataset name is lower_snake_case (letters, digits, '_', starting "
+            f"with a letter), got {name!r}."
+        )
     return name
 
 
@@ -60,8 +63,10 @@ def png_bytes(image: np.ndarray) -> bytes:
 
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
         raise ValueError(f"Expected a uint8 (H, W, 1|3) image, got {image.dtype} {image.shape}.")
-    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image,
-                          mode="L" if image.shape[-1] == 1 else "RGB")
+    pil = Image.fromarray(
+        image[..., 0] if image.shape[-1] == 1 else image,
+        mode="L" if image.shape[-1] == 1 else "RGB",
+    )
     buf = io.BytesIO()
     pil.save(buf, format="PNG")
     return buf.getvalue()
@@ -115,25 +120,39 @@ class TfdsExport:
       description: the dataset description (shown by TFDS).
     """
 
-    def __init__(self, data_dir: str, name: str, image_shape: Sequence[int], num_classes: Optional[int],
-                 num_examples: int, examples_per_shard: int, formats: Sequence[str] = FORMATS,
-                 description: str = ""):
+    def __init__(
+        self,
+        data_dir: str,
+        name: str,
+        image_shape: Sequence[int],
+        num_classes: int | None,
+        num_examples: int,
+        examples_per_shard: int,
+        formats: Sequence[str] = FORMATS,
+        description: str = "",
+    ):
         self.name = check_dataset_name(name)
         self.data_dir = os.path.abspath(data_dir)
         self.dir = os.path.join(self.data_dir, name, VERSION)
         self.image_shape = tuple(int(s) for s in image_shape)
         if len(self.image_shape) != 3 or self.image_shape[-1] not in (1, 3):
-            raise ExportError(f"TFDS export writes (H, W, 1|3) images, got shape {self.image_shape}.")
+            raise ExportError(
+                f"TFDS export writes (H, W, 1|3) images, got shape {self.image_shape}."
+            )
         self.num_classes = num_classes
         self.num_examples = int(num_examples)
         self.examples_per_shard = int(examples_per_shard)
         if self.num_examples < 1 or self.examples_per_shard < 1:
-            raise ExportError(f"Need num_examples >= 1 and examples_per_shard >= 1, got "
-                              f"{self.num_examples} and {self.examples_per_shard}.")
+            raise ExportError(
+                f"Need num_examples >= 1 and examples_per_shard >= 1, got "
+                f"{self.num_examples} and {self.examples_per_shard}."
+            )
         formats = tuple(formats)
         bad = [f for f in formats if f not in FORMATS]
         if bad or "array_record" not in formats:
-            raise ExportError(f"TFDS export formats are {FORMATS} (array_record always), got {formats}.")
+            raise ExportError(
+                f"TFDS export formats are {FORMATS} (array_record always), got {formats}."
+            )
         self.formats = formats
         self.description = description
         self._features = None
@@ -149,7 +168,9 @@ class TfdsExport:
         return start, min(start + self.examples_per_shard, self.num_examples)
 
     def shard_path(self, shard: int, fmt: str) -> str:
-        return os.path.join(self.dir, f"{self.name}-{SPLIT}.{fmt}-{shard:05d}-of-{self.num_shards:05d}")
+        return os.path.join(
+            self.dir, f"{self.name}-{SPLIT}.{fmt}-{shard:05d}-of-{self.num_shards:05d}"
+        )
 
     def shard_done(self, shard: int) -> bool:
         return all(os.path.exists(self.shard_path(shard, f)) for f in self.formats)
@@ -175,20 +196,23 @@ class TfdsExport:
         if self._features is None:
             import tensorflow_datasets as tfds
 
-            spec = {"image": tfds.features.Image(shape=self.image_shape, dtype=np.uint8,
-                                                  encoding_format="png")}
+            spec = {
+                "image": tfds.features.Image(
+                    shape=self.image_shape, dtype=np.uint8, encoding_format="png"
+                )
+            }
             if self.num_classes:
                 spec["label"] = tfds.features.ClassLabel(num_classes=int(self.num_classes))
             self._features = tfds.features.FeaturesDict(spec)
         return self._features
 
-    def serialize(self, image: np.ndarray, label: Optional[int] = None) -> bytes:
+    def serialize(self, image: np.ndarray, label: int | None = None) -> bytes:
         example = {"image": png_bytes(image)}
         if self.num_classes:
             example["label"] = int(label)
         return self.features.serialize_example(example)
 
-    def write_shard(self, shard: int, images: np.ndarray, labels: Optional[np.ndarray] = None) -> None:
+    def write_shard(self, shard: int, images: np.ndarray, labels: np.ndarray | None = None) -> None:
         """Writes ``shard`` (every format) from its uint8 images (and labels), atomically per file.
 
         Raises:
@@ -197,15 +221,25 @@ class TfdsExport:
         start, stop = self.shard_range(shard)
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.shape != (stop - start,) + self.image_shape:
-            raise ValueError(f"Shard {shard} needs uint8 images of shape {(stop - start,) + self.image_shape}, "
-                             f"got {images.dtype} {images.shape}.")
+            raise ValueError(
+                f"Shard {shard} needs uint8 images of shape {(stop - start,) + self.image_shape}, "
+                f"got {images.dtype} {images.shape}."
+            )
         if self.num_classes:
             labels = np.asarray(labels) if labels is not None else None
-            if labels is None or labels.shape != (stop - start,) or labels.min() < 0 or \
-                    labels.max() >= self.num_classes:
-                raise ValueError(f"Shard {shard} needs {stop - start} labels in [0, {self.num_classes}).")
-        records = [self.serialize(images[i], None if not self.num_classes else labels[i])
-                   for i in range(stop - start)]
+            if (
+                labels is None
+                or labels.shape != (stop - start,)
+                or labels.min() < 0
+                or labels.max() >= self.num_classes
+            ):
+                raise ValueError(
+                    f"Shard {shard} needs {stop - start} labels in [0, {self.num_classes})."
+                )
+        records = [
+            self.serialize(images[i], None if not self.num_classes else labels[i])
+            for i in range(stop - start)
+        ]
         tmp_dir = os.path.join(self.dir, _INCOMPLETE)
         os.makedirs(tmp_dir, exist_ok=True)
         for fmt in self.formats:
@@ -214,7 +248,7 @@ class TfdsExport:
             _WRITERS[fmt](tmp, records)
             os.replace(tmp, final)
 
-    def write_metadata(self, metadata: Optional[dict] = None) -> None:
+    def write_metadata(self, metadata: dict | None = None) -> None:
         """Writes ``dataset_info.json``/``features.json`` once every shard is complete.
 
         The primary format is TFRecord when written (``tfds.load`` reads the primary format) with
@@ -230,29 +264,42 @@ class TfdsExport:
 
         missing = self.missing_shards()
         if missing:
-            raise ExportError(f"Cannot write the metadata of {self.dir}: shards {missing} are missing.")
+            raise ExportError(
+                f"Cannot write the metadata of {self.dir}: shards {missing} are missing."
+            )
         primary = "tfrecord" if "tfrecord" in self.formats else "array_record"
-        identity = dataset_info_lib.DatasetIdentity(name=self.name, version=tfds.core.Version(VERSION),
-                                                    data_dir=self.dir, module_name="")
+        identity = dataset_info_lib.DatasetIdentity(
+            name=self.name, version=tfds.core.Version(VERSION), data_dir=self.dir, module_name=""
+        )
         info = tfds.core.DatasetInfo(
-            builder=identity, description=self.description, features=self.features,
+            builder=identity,
+            description=self.description,
+            features=self.features,
             supervised_keys=("image", "label") if self.num_classes else None,
             disable_shuffling=True,
             metadata=tfds.core.MetadataDict(metadata or {}),
-            alternative_file_formats=[f for f in self.formats if f != primary])
+            alternative_file_formats=[f for f in self.formats if f != primary],
+        )
         info.set_file_format(primary)
-        template = naming.ShardedFileTemplate(data_dir=epath.Path(self.dir), dataset_name=self.name,
-                                              split=SPLIT, filetype_suffix=primary)
+        template = naming.ShardedFileTemplate(
+            data_dir=epath.Path(self.dir),
+            dataset_name=self.name,
+            split=SPLIT,
+            filetype_suffix=primary,
+        )
         lengths = [self.shard_range(s)[1] - self.shard_range(s)[0] for s in range(self.num_shards)]
-        num_bytes = sum(os.path.getsize(self.shard_path(s, primary)) for s in range(self.num_shards))
-        split = tfds.core.SplitInfo(name=SPLIT, shard_lengths=lengths, num_bytes=num_bytes,
-                                    filename_template=template)
+        num_bytes = sum(
+            os.path.getsize(self.shard_path(s, primary)) for s in range(self.num_shards)
+        )
+        split = tfds.core.SplitInfo(
+            name=SPLIT, shard_lengths=lengths, num_bytes=num_bytes, filename_template=template
+        )
         info.set_splits(tfds.core.SplitDict([split]))
         info.write_to_directory(self.dir)
         shutil.rmtree(os.path.join(self.dir, _INCOMPLETE), ignore_errors=True)
 
 
-def save_npz(path: str, images: np.ndarray, labels: Optional[np.ndarray] = None) -> None:
+def save_npz(path: str, images: np.ndarray, labels: np.ndarray | None = None) -> None:
     """The layout the official evaluation scripts read: uint8 NHWC images under ``arr_0`` and, for
     class-conditional samples, int labels under ``arr_1``; written atomically."""
     tmp = path + ".tmp.npz"

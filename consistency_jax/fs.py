@@ -15,6 +15,7 @@ Object stores have no atomic rename and no append: ``write_text`` uploads the wh
 upload is atomic: a reader sees the old or the new object, never half), and ``move`` copies then
 deletes. On local paths ``write_text``/``write_bytes`` write a temporary file and rename it.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -23,11 +24,10 @@ import os
 import posixpath
 import shutil
 import uuid
-from typing import Union
 
 SUPPORTED_SCHEMES = ("gs",)
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 def is_url(path: PathLike) -> bool:
@@ -48,9 +48,11 @@ def _configure_gcs() -> None:
     if not _installed("gcsfs") and not _installed("tensorflow"):
         missing.append("gcsfs")
     if missing:
-        raise ValueError(f"gs:// paths need {' and '.join(missing)}: pip install "
-                         "'consistency_jax[gcs]' (or mount the bucket with gcsfuse and give the "
-                         "mounted path).")
+        raise ValueError(
+            f"gs:// paths need {' and '.join(missing)}: pip install "
+            "'consistency_jax[gcs]' (or mount the bucket with gcsfuse and give the "
+            "mounted path)."
+        )
     if _installed("fsspec"):
         import fsspec.config
 
@@ -74,9 +76,11 @@ def resolve(path: PathLike, what: str = "workdir") -> str:
         return os.path.abspath(os.path.expanduser(p))
     scheme, rest = p.split("://", 1)
     if scheme not in SUPPORTED_SCHEMES:
-        raise ValueError(f"{what} {p!r}: {scheme}:// is not supported (local paths and "
-                         f"{', '.join(s + '://' for s in SUPPORTED_SCHEMES)} are). Mount the store "
-                         "and give the mounted path.")
+        raise ValueError(
+            f"{what} {p!r}: {scheme}:// is not supported (local paths and "
+            f"{', '.join(s + '://' for s in SUPPORTED_SCHEMES)} are). Mount the store "
+            "and give the mounted path."
+        )
     rest = rest.strip("/")
     if not rest or rest.startswith("/"):
         raise ValueError(f"{what} {p!r} names no bucket (expected gs://BUCKET/PATH).")

@@ -5,21 +5,32 @@ is ever written into the directory read. It needs no training code (no losses, n
 sampling or evaluation command can use it alone. The teacher of consistency distillation (CM
 Algorithm 2) is another run's EDM checkpoint, wrapped with that run's own preconditioning (EDM Eq. 7).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any
 
-from absl import logging
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
-from consistency_jax import fs
-from consistency_jax import networks
+from consistency_jax import fs, networks
 from consistency_jax import parameterization as param_lib
-from consistency_jax.checkpoint import (_CONFIG, _EMA, _STATE, CHECKPOINT_SUBDIR, CheckpointError, Checkpointer,
-                                        _abstract_from_metadata, _brief, _metadata_tree,
-                                        _pytree_restore, config_from_dict)
+from consistency_jax.checkpoint import (
+    _CONFIG,
+    _EMA,
+    _STATE,
+    CHECKPOINT_SUBDIR,
+    Checkpointer,
+    CheckpointError,
+    _abstract_from_metadata,
+    _brief,
+    _metadata_tree,
+    _pytree_restore,
+    config_from_dict,
+)
 from consistency_jax.train_state import ema_key
 
 PyTree = Any
@@ -28,28 +39,31 @@ PyTree = Any
 TEACHER_FAMILIES = ("denoiser",)
 
 
-
-
 def _replicated() -> jax.sharding.Sharding:
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("devices",))
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-ShardingSpec = Union[None, jax.sharding.Sharding, Callable[[PyTree], PyTree]]
+ShardingSpec = None | jax.sharding.Sharding | Callable[[PyTree], PyTree]
 
 
 def _with_shardings(abstract: PyTree, sharding: ShardingSpec) -> PyTree:
     if callable(sharding) and not isinstance(sharding, jax.sharding.Sharding):
         shardings = sharding(abstract)
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, shardings)
+        return jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+        )
     s = sharding if sharding is not None else _replicated()
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract)
 
 
-def load_eval_params(workdir: str, ema_rate: Optional[float] = None, *,
-                     step: Optional[int] = None, sharding: ShardingSpec = None
-                     ) -> tuple[ml_collections.ConfigDict, PyTree, int]:
+def load_eval_params(
+    workdir: str,
+    ema_rate: float | None = None,
+    *,
+    step: int | None = None,
+    sharding: ShardingSpec = None,
+) -> tuple[ml_collections.ConfigDict, PyTree, int]:
     """Reads the evaluation parameters of a run, read-only (nothing is written into ``workdir``).
 
     Args:
@@ -65,12 +79,14 @@ def load_eval_params(workdir: str, ema_rate: Optional[float] = None, *,
     Raises:
       CheckpointError: no checkpoint, no readable one, or no EMA of ``ema_rate``.
     """
-    return _newest_readable(workdir, step,
-                            lambda ckpt, s: _read_eval_params(ckpt, s, ema_rate, sharding))
+    return _newest_readable(
+        workdir, step, lambda ckpt, s: _read_eval_params(ckpt, s, ema_rate, sharding)
+    )
 
 
-def eval_params_metadata(workdir: str, ema_rate: Optional[float] = None
-                         ) -> tuple[ml_collections.ConfigDict, int, PyTree]:
+def eval_params_metadata(
+    workdir: str, ema_rate: float | None = None
+) -> tuple[ml_collections.ConfigDict, int, PyTree]:
     """What ``load_eval_params`` would read, without reading an array: (the run's config, the step,
     the parameters as a tree of ``jax.ShapeDtypeStruct``) of the newest checkpoint whose config and
     metadata are readable.
@@ -78,6 +94,7 @@ def eval_params_metadata(workdir: str, ema_rate: Optional[float] = None
     Raises:
       CheckpointError: as ``load_eval_params``.
     """
+
     def read(ckpt, s):
         config = config_from_dict(ckpt.read_json(s, _CONFIG))
         _, _, abstract = _eval_item(ckpt, s, ema_rate)
@@ -86,7 +103,7 @@ def eval_params_metadata(workdir: str, ema_rate: Optional[float] = None
     return _newest_readable(workdir, None, read)
 
 
-def _newest_readable(workdir: str, step: Optional[int], read: Callable[[Checkpointer, int], Any]):
+def _newest_readable(workdir: str, step: int | None, read: Callable[[Checkpointer, int], Any]):
     """``read(checkpointer, step)`` of the given step, else of the newest step it succeeds on (an
     unreadable step is warned about and the previous one tried; a CheckpointError is final)."""
     workdir = fs.resolve(workdir)
@@ -96,25 +113,26 @@ def _newest_readable(workdir: str, step: Optional[int], read: Callable[[Checkpoi
         if not steps:
             raise CheckpointError(f"No checkpoint in {ckpt.directory}.")
         if step is not None and step not in steps:
-            raise CheckpointError(f"No checkpoint of step {step} in {ckpt.directory}; saved steps: "
-                                  f"{steps}.")
+            raise CheckpointError(
+                f"No checkpoint of step {step} in {ckpt.directory}; saved steps: {steps}."
+            )
         errors = []
-        for s in ([step] if step is not None else list(reversed(steps))):
+        for s in [step] if step is not None else list(reversed(steps)):
             try:
                 return read(ckpt, s)
             except CheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 -- unreadable: try the previous step
-                logging.warning("Checkpoint step %d in %s is unreadable (%s).", s,
-                                ckpt.step_dir(s), _brief(e))
+                logging.warning(
+                    "Checkpoint step %d in %s is unreadable (%s).", s, ckpt.step_dir(s), _brief(e)
+                )
                 errors.append(f"step {s} ({ckpt.step_dir(s)}): {_brief(e)}")
         raise CheckpointError(f"No readable checkpoint in {ckpt.directory}: " + "; ".join(errors))
     finally:
         ckpt.close()
 
 
-def _eval_item(ckpt: Checkpointer, step: int, ema_rate: Optional[float]
-               ) -> tuple[str, str, PyTree]:
+def _eval_item(ckpt: Checkpointer, step: int, ema_rate: float | None) -> tuple[str, str, PyTree]:
     """(item, key, abstract parameters) of the eval parameters of checkpoint ``step``: the EMA of
     ``ema_rate`` (None: the slowest), or θ ("state", "params") when the run saved no EMA."""
     metadata = ckpt.item_metadata(step)
@@ -127,8 +145,10 @@ def _eval_item(ckpt: Checkpointer, step: int, ema_rate: Optional[float]
         else:
             key = ema_key(ema_rate)
             if key not in saved:
-                raise CheckpointError(f"{ckpt.step_dir(step)} has no EMA of rate {ema_rate}; "
-                                      f"saved EMA rates: {sorted(saved.values())}.")
+                raise CheckpointError(
+                    f"{ckpt.step_dir(step)} has no EMA of rate {ema_rate}; "
+                    f"saved EMA rates: {sorted(saved.values())}."
+                )
         return _EMA, key, _abstract_from_metadata(ema_md[key], None)
     if ema_rate is not None:
         raise CheckpointError(f"{ckpt.step_dir(step)} has no eval EMAs (asked for {ema_rate}).")
@@ -136,16 +156,20 @@ def _eval_item(ckpt: Checkpointer, step: int, ema_rate: Optional[float]
     return _STATE, "params", _abstract_from_metadata(state_md["params"], None)
 
 
-def _read_eval_params(ckpt: Checkpointer, step: int, ema_rate: Optional[float],
-                      sharding: ShardingSpec) -> tuple[ml_collections.ConfigDict, PyTree, int]:
+def _read_eval_params(
+    ckpt: Checkpointer, step: int, ema_rate: float | None, sharding: ShardingSpec
+) -> tuple[ml_collections.ConfigDict, PyTree, int]:
     config = config_from_dict(ckpt.read_json(step, _CONFIG))
     item, key, abstract = _eval_item(ckpt, step, ema_rate)
     # Read only these parameters: the other EMAs and the optimizer state are left out of the
     # target (partial restore).
     target = {key: _with_shardings(abstract, sharding)}
     got = ckpt.restore_items(step, **{item: _pytree_restore(target, partial=True)})
-    logging.info("Read %s of %s.", f"the EMA {key}" if item == _EMA else "θ (no eval EMA saved)",
-                 ckpt.step_dir(step))
+    logging.info(
+        "Read %s of %s.",
+        f"the EMA {key}" if item == _EMA else "θ (no eval EMA saved)",
+        ckpt.step_dir(step),
+    )
     return config, got[item][key], step
 
 
@@ -169,16 +193,19 @@ def teacher_config(workdir: str) -> ml_collections.ConfigDict:
     if not workdir or not fs.isdir(fs.join(workdir, CHECKPOINT_SUBDIR)):
         raise CheckpointError(
             f"config.teacher.workdir={workdir!r} holds no checkpoints (no {CHECKPOINT_SUBDIR}/ "
-            "directory); train an EDM teacher there first (method='edm').")
+            "directory); train an EDM teacher there first (method='edm')."
+        )
     ckpt = Checkpointer(workdir, every=1, keep=1, read_only=True)
     try:
         found = ckpt.saved_config()
     finally:
         ckpt.close()
     if found is None:
-        raise CheckpointError(f"config.teacher.workdir={workdir!r} holds no checkpoint (the "
-                              f"{CHECKPOINT_SUBDIR}/ directory is empty); train an EDM teacher "
-                              "first.")
+        raise CheckpointError(
+            f"config.teacher.workdir={workdir!r} holds no checkpoint (the "
+            f"{CHECKPOINT_SUBDIR}/ directory is empty); train an EDM teacher "
+            "first."
+        )
     config = config_from_dict(found[1])
     _check_teacher_method(config, workdir)
     return config
@@ -192,11 +219,13 @@ def _check_teacher_method(config: ml_collections.ConfigDict, where: str) -> None
     if method not in teachers:
         raise CheckpointError(
             f"The teacher {where} is a method={method!r} run; consistency distillation needs an EDM "
-            f"teacher (a run of a denoiser method: {teachers}).")
+            f"teacher (a run of a denoiser method: {teachers})."
+        )
 
 
-def load_teacher(workdir: str, ema_rate: Optional[float] = None, *,
-                 sharding: ShardingSpec = None) -> tuple[param_lib.TeacherDenoise, PyTree]:
+def load_teacher(
+    workdir: str, ema_rate: float | None = None, *, sharding: ShardingSpec = None
+) -> tuple[param_lib.TeacherDenoise, PyTree]:
     """The CD teacher D_φ (CM §3, Algorithm 2) from an EDM run's workdir, read-only.
 
     Reads the teacher run's saved config, builds its network (``networks.from_config`` of its
@@ -221,12 +250,17 @@ def load_teacher(workdir: str, ema_rate: Optional[float] = None, *,
     _check_teacher_method(config, f"{workdir} (step {step})")
     module = networks.from_config(config.model)
     sigmas = param_lib.SigmaConfig(**config.sigmas.to_dict())
-    logging.info("Teacher: %s network of %s step %d (%.3fM parameters).", config.model.name, workdir,
-                 step, sum(x.size for x in jax.tree.leaves(params)) / 1e6)
+    logging.info(
+        "Teacher: %s network of %s step %d (%.3fM parameters).",
+        config.model.name,
+        workdir,
+        step,
+        sum(x.size for x in jax.tree.leaves(params)) / 1e6,
+    )
     return param_lib.network_teacher(networks.make_apply_fn(module), sigmas), params
 
 
-def read_arrays(workdir: str, step: Optional[int] = None) -> dict[str, np.ndarray]:
+def read_arrays(workdir: str, step: int | None = None) -> dict[str, np.ndarray]:
     """Every array of a checkpoint as host NumPy arrays, keyed "state/params/Dense_0/kernel",
     "ema/0.999/..." (for inspection and tests; read-only).
 
@@ -254,8 +288,9 @@ def read_arrays(workdir: str, step: Optional[int] = None) -> dict[str, np.ndarra
         out = {}
         for name in items:
             for path, leaf in jax.tree_util.tree_flatten_with_path(got[name])[0]:
-                key = "/".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p))))
-                               for p in path)
+                key = "/".join(
+                    str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path
+                )
                 out[f"{name}/{key}"] = np.asarray(leaf)
         return out
     finally:

@@ -6,11 +6,13 @@ with x̂_{t_n} one teacher ODE step from t_{n+1} (CD, CM Algorithm 2) or x + t_n
 the methods that use it are ``methods.cd`` and ``methods.ct``. Indices are 0-based on the ascending
 grid of ``schedules.karras_time``: the pair is (t_i, t_{i+1}), i ∈ {0, …, N−2}.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -63,8 +65,13 @@ def pseudo_huber_distance(a: Array, b: Array, c: float) -> Array:
     return jnp.sqrt(sq + c * c) - c
 
 
-def make_distance(name: str, data_shape: tuple[int, ...], *, huber_c: Optional[float] = None,
-                  lpips_fn: Optional[Distance] = None) -> Distance:
+def make_distance(
+    name: str,
+    data_shape: tuple[int, ...],
+    *,
+    huber_c: float | None = None,
+    lpips_fn: Distance | None = None,
+) -> Distance:
     """Builds d(a, b) -> (B,).
 
     Args:
@@ -85,8 +92,10 @@ def make_distance(name: str, data_shape: tuple[int, ...], *, huber_c: Optional[f
         return lambda a, b: pseudo_huber_distance(a, b, c)
     if name == "lpips":
         if lpips_fn is None:
-            raise ValueError("distance='lpips' needs LPIPS weights: set config.loss.lpips_weights to a "
-                             ".safetensors file (see tools/convert_lpips_weights.py).")
+            raise ValueError(
+                "distance='lpips' needs LPIPS weights: set config.loss.lpips_weights to a "
+                ".safetensors file (see tools/convert_lpips_weights.py)."
+            )
         return lpips_fn
     raise ValueError(f"Unknown distance {name!r}; choose one of {DISTANCES}.")
 
@@ -115,8 +124,13 @@ def weighting(name: str, t_lo: Array, t_hi: Array) -> Array:
     raise ValueError(f"Unknown weighting {name!r}; choose one of {WEIGHTINGS}.")
 
 
-def lognormal_index_logits(num_scales: Array, max_scales: int, sigmas: param_lib.SigmaConfig,
-                           p_mean: float = -1.1, p_std: float = 2.0) -> Array:
+def lognormal_index_logits(
+    num_scales: Array,
+    max_scales: int,
+    sigmas: param_lib.SigmaConfig,
+    p_mean: float = -1.1,
+    p_std: float = 2.0,
+) -> Array:
     """Log-probabilities of iCT's discrete lognormal choice of n (iCT §3.5).
 
     p(i) ∝ erf((ln t_{i+1} − P_m)/(√2 P_s)) − erf((ln t_i − P_m)/(√2 P_s)) for i ∈ {0, …, N−2};
@@ -131,8 +145,16 @@ def lognormal_index_logits(num_scales: Array, max_scales: int, sigmas: param_lib
     return jnp.where(valid & (p > 0), jnp.log(jnp.where(p > 0, p, 1.0)), -jnp.inf)
 
 
-def sample_index(rng: Array, batch: int, num_scales: Array, max_scales: int, kind: str,
-                 sigmas: param_lib.SigmaConfig, p_mean: float = -1.1, p_std: float = 2.0) -> Array:
+def sample_index(
+    rng: Array,
+    batch: int,
+    num_scales: Array,
+    max_scales: int,
+    kind: str,
+    sigmas: param_lib.SigmaConfig,
+    p_mean: float = -1.1,
+    p_std: float = 2.0,
+) -> Array:
     """Draws the lower grid index i ∈ {0, …, N−2} of each example's pair (t_i, t_{i+1})."""
     if kind == "uniform":
         return jax.random.randint(rng, (batch,), 0, num_scales - 1)
@@ -163,7 +185,7 @@ class LossConfig:
     weighting: str = "uniform"
     index_sampling: str = "uniform"
     solver: str = "heun"
-    huber_c: Optional[float] = None
+    huber_c: float | None = None
     p_mean: float = -1.1
     p_std: float = 2.0
 
@@ -173,23 +195,35 @@ class LossConfig:
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"Unknown weighting {self.weighting!r}; choose one of {WEIGHTINGS}.")
         if self.index_sampling not in INDEX_SAMPLINGS:
-            raise ValueError(f"Unknown index sampling {self.index_sampling!r}; "
-                             f"choose one of {INDEX_SAMPLINGS}.")
+            raise ValueError(
+                f"Unknown index sampling {self.index_sampling!r}; choose one of {INDEX_SAMPLINGS}."
+            )
         solvers.get_solver(self.solver)
         if not self.p_std > 0:
             raise ValueError(f"The lognormal p_std must be positive, got {self.p_std}.")
         if self.huber_c is not None and not self.huber_c > 0:
-            raise ValueError(f"The pseudo-Huber constant huber_c must be positive, got {self.huber_c}.")
+            raise ValueError(
+                f"The pseudo-Huber constant huber_c must be positive, got {self.huber_c}."
+            )
 
 
 # x_hat(x0, x_hi, z, t_hi, t_lo, labels) -> the point x̂_{t_n} at which the target is evaluated
-TargetPoint = Callable[[Array, Array, Array, Array, Array, Optional[Array]], Array]
+TargetPoint = Callable[[Array, Array, Array, Array, Array, Array | None], Array]
 
 
-def consistency_loss(apply_fn: param_lib.ApplyFn, sigmas: param_lib.SigmaConfig, cfg: LossConfig,
-                     max_scales: int, params: Any, target_params: Any, batch: dict, rng: Array,
-                     num_scales: Array, distance: Distance,
-                     target_point: TargetPoint) -> tuple[Array, dict[str, Array]]:
+def consistency_loss(
+    apply_fn: param_lib.ApplyFn,
+    sigmas: param_lib.SigmaConfig,
+    cfg: LossConfig,
+    max_scales: int,
+    params: Any,
+    target_params: Any,
+    batch: dict,
+    rng: Array,
+    num_scales: Array,
+    distance: Distance,
+    target_point: TargetPoint,
+) -> tuple[Array, dict[str, Array]]:
     """The consistency loss of one batch (CM Eq. 7–10, Algorithms 2–3).
 
     Args:
@@ -213,8 +247,9 @@ def consistency_loss(apply_fn: param_lib.ApplyFn, sigmas: param_lib.SigmaConfig,
     labels = batch.get("label")
     b = x0.shape[0]
     rng_n, rng_z, rng_drop = jax.random.split(rng, 3)
-    i = sample_index(rng_n, b, num_scales, max_scales, cfg.index_sampling, sigmas, cfg.p_mean,
-                     cfg.p_std)
+    i = sample_index(
+        rng_n, b, num_scales, max_scales, cfg.index_sampling, sigmas, cfg.p_mean, cfg.p_std
+    )
     t_lo = schedules.karras_time(i, num_scales, sigmas)
     t_hi = schedules.karras_time(i + 1, num_scales, sigmas)
     z = jax.random.normal(rng_z, x0.shape, x0.dtype)
@@ -223,8 +258,9 @@ def consistency_loss(apply_fn: param_lib.ApplyFn, sigmas: param_lib.SigmaConfig,
     # jcm evaluates online and target networks with one shared dropout key.
     kw = dict(labels=labels, train=True, rng=rng_drop)
     online = param_lib.consistency_fn(apply_fn, params, x_hi, t_hi, sigmas, **kw)
-    target = param_lib.consistency_fn(apply_fn, jax.lax.stop_gradient(target_params), x_lo, t_lo,
-                                      sigmas, **kw)
+    target = param_lib.consistency_fn(
+        apply_fn, jax.lax.stop_gradient(target_params), x_lo, t_lo, sigmas, **kw
+    )
     target = jax.lax.stop_gradient(target)
     per_example = weighting(cfg.weighting, t_lo, t_hi) * distance(online, target)
     loss = jnp.mean(per_example)

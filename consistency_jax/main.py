@@ -2,6 +2,7 @@
 
 Any config field can be overridden on the command line, e.g. ``--config.train.num_steps=2000``.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,10 +15,14 @@ from consistency_jax.distributed import distributed_args, maybe_initialize
 
 __all__ = ["distributed_args", "main"]
 
-FLAGS = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples: a local "
-                            "path or gs://BUCKET/PATH.")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file (with :arg).",
-                                          lock_config=True)
+FLAGS = flags.DEFINE_string(
+    "workdir",
+    None,
+    "Directory for checkpoints, metrics and samples: a local path or gs://BUCKET/PATH.",
+)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "A configs/*.py file (with :arg).", lock_config=True
+)
 
 
 def main(argv):
@@ -30,15 +35,26 @@ def main(argv):
     maybe_initialize(os.environ)
     from consistency_jax import checkpoint, workdir_lock
 
-    logging.info("JAX %s on %d process(es), %d device(s): %s", jax.__version__, jax.process_count(),
-                 jax.device_count(), jax.devices()[0].device_kind)
+    logging.info(
+        "JAX %s on %d process(es), %d device(s): %s",
+        jax.__version__,
+        jax.process_count(),
+        jax.device_count(),
+        jax.devices()[0].device_kind,
+    )
     try:
         experiment.train_and_evaluate(_CONFIG.value, FLAGS.value, argv=sys.argv[1:])
     except experiment.RunInterrupted as e:
         _exit(130, str(e))
-    except (workdir_lock.WorkdirLockedError, workdir_lock.WorkdirLockLostError,
-            checkpoint.CheckpointError, checkpoint.CheckpointSaveError, experiment.NonFiniteError,
-            experiment.SkipLimitError, checkpoint.NonFiniteStateError) as e:
+    except (
+        workdir_lock.WorkdirLockedError,
+        workdir_lock.WorkdirLockLostError,
+        checkpoint.CheckpointError,
+        checkpoint.CheckpointSaveError,
+        experiment.NonFiniteError,
+        experiment.SkipLimitError,
+        checkpoint.NonFiniteStateError,
+    ) as e:
         _exit(1, f"{type(e).__name__}: {e}")
 
 

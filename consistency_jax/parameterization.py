@@ -16,10 +16,12 @@ The network's output is cast to that dtype before the skip connection is added.
 Everything here is a pure function of arrays; ``apply_fn`` is any callable, so users can bring their own
 network (Flax, Haiku, Equinox or plain jnp).
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +32,7 @@ Array = jax.Array
 class ApplyFn(Protocol):
     """A raw network: F(params, x_in, c_noise, **kwargs) -> array shaped like x_in."""
 
-    def __call__(self, params: Any, x: Array, c_noise: Array, **kwargs: Any) -> Array:
-        ...
+    def __call__(self, params: Any, x: Array, c_noise: Array, **kwargs: Any) -> Array: ...
 
 
 # How a TrigFlow network sees its time (SigmaConfig.trigflow_time).
@@ -65,7 +66,8 @@ class SigmaConfig:
         if not 0.0 < self.sigma_min < self.sigma_max:
             raise ValueError(
                 f"Need 0 < sigma_min < sigma_max, got sigma_min={self.sigma_min}, "
-                f"sigma_max={self.sigma_max}.")
+                f"sigma_max={self.sigma_max}."
+            )
         if self.sigma_data <= 0.0:
             raise ValueError(f"sigma_data must be positive, got {self.sigma_data}.")
         if self.rho <= 0.0:
@@ -73,8 +75,10 @@ class SigmaConfig:
         if self.c_noise not in _C_NOISE:
             raise ValueError(f"Unknown c_noise {self.c_noise!r}; choose one of {sorted(_C_NOISE)}.")
         if self.trigflow_time not in TRIGFLOW_TIMES:
-            raise ValueError(f"Unknown trigflow_time {self.trigflow_time!r}; choose one of "
-                             f"{list(TRIGFLOW_TIMES)}.")
+            raise ValueError(
+                f"Unknown trigflow_time {self.trigflow_time!r}; choose one of "
+                f"{list(TRIGFLOW_TIMES)}."
+            )
 
 
 def _c_noise_jcm(t: Array) -> Array:
@@ -94,7 +98,9 @@ def c_noise(t: Array, kind: str = "jcm") -> Array:
     return _C_NOISE[kind](t)
 
 
-def consistency_scalings(t: Array, sigma_min: float, sigma_data: float) -> tuple[Array, Array, Array]:
+def consistency_scalings(
+    t: Array, sigma_min: float, sigma_data: float
+) -> tuple[Array, Array, Array]:
     """c_skip, c_out, c_in of the consistency model (CM Eq. 5–6 and Appendix C).
 
     c_skip(t) = σ_d² / ((t − ε)² + σ_d²),  c_out(t) = σ_d·(t − ε)/√(σ_d² + t²),  c_in(t) = 1/√(σ_d² + t²).
@@ -122,7 +128,9 @@ def compute_dtype(x: Array, t: Array):
 
     A Python-scalar t is weakly typed and does not widen x; bfloat16, float16 and integers give float32.
     """
-    as_typed = lambda v: v if hasattr(v, "dtype") or isinstance(v, (bool, int, float)) else jnp.asarray(v)
+    as_typed = lambda v: (
+        v if hasattr(v, "dtype") or isinstance(v, (bool, int, float)) else jnp.asarray(v)
+    )
     return jnp.result_type(as_typed(x), as_typed(t), jnp.float32)
 
 
@@ -137,8 +145,9 @@ def broadcast_times(t: Array, x: Array, dtype=None) -> Array:
     return t.reshape(t.shape + (1,) * (x.ndim - 1))
 
 
-def _precond(apply_fn: ApplyFn, params: Any, x: Array, t: Array, scalings, kind: str,
-             **kwargs: Any) -> tuple[Array, Array, Array]:
+def _precond(
+    apply_fn: ApplyFn, params: Any, x: Array, t: Array, scalings, kind: str, **kwargs: Any
+) -> tuple[Array, Array, Array]:
     dtype = compute_dtype(x, t)
     x = jnp.asarray(x, dtype)
     tb = broadcast_times(t, x, dtype)
@@ -150,8 +159,9 @@ def _precond(apply_fn: ApplyFn, params: Any, x: Array, t: Array, scalings, kind:
     return c_skip * x + c_out * out.astype(dtype), tb, x
 
 
-def consistency_fn(apply_fn: ApplyFn, params: Any, x: Array, t: Array, sigmas: SigmaConfig,
-                   **kwargs: Any) -> Array:
+def consistency_fn(
+    apply_fn: ApplyFn, params: Any, x: Array, t: Array, sigmas: SigmaConfig, **kwargs: Any
+) -> Array:
     """The consistency function f_θ(x, t) (CM Eq. 5–6), exact at the boundary t = ε.
 
     Args:
@@ -171,8 +181,9 @@ def consistency_fn(apply_fn: ApplyFn, params: Any, x: Array, t: Array, sigmas: S
     return jnp.where(tb <= sigmas.sigma_min, x, f)
 
 
-def denoiser_fn(apply_fn: ApplyFn, params: Any, x: Array, t: Array, sigmas: SigmaConfig,
-                **kwargs: Any) -> Array:
+def denoiser_fn(
+    apply_fn: ApplyFn, params: Any, x: Array, t: Array, sigmas: SigmaConfig, **kwargs: Any
+) -> Array:
     """The EDM denoiser D_φ(x, t) = c_skip·x + c_out·F_φ(c_in·x, c_noise) (EDM Eq. 7, Table 1), in the
     same dtype as ``consistency_fn``."""
     scalings = lambda tb: edm_scalings(tb, sigmas.sigma_data)
@@ -193,7 +204,8 @@ def network_teacher(apply_fn: ApplyFn, sigmas: SigmaConfig) -> TeacherDenoise:
     """A CD teacher D_φ(x, t) from a raw EDM-preconditioned network (EDM Eq. 7), without dropout."""
 
     def denoise(teacher_params, x, t, labels=None):
-        return denoiser_fn(apply_fn, teacher_params, x, t, sigmas, labels=labels, train=False,
-                           rng=None)
+        return denoiser_fn(
+            apply_fn, teacher_params, x, t, sigmas, labels=labels, train=False, rng=None
+        )
 
     return denoise

@@ -5,21 +5,21 @@ On several hosts JAX's preemption sync service (started by ``jax.distributed.ini
 host stop at the same step; the checkpoint manager answers where that step is
 (``checkpoint.Checkpointer.reached_preemption``).
 """
+
 from __future__ import annotations
 
 import os
 import signal
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from absl import logging
 import jax
+from absl import logging
 
 if TYPE_CHECKING:  # only for the annotation: preemption needs no checkpoint code to run
     from consistency_jax.checkpoint import Checkpointer
-
-
 
 
 class PreemptionWatcher:
@@ -36,10 +36,13 @@ class PreemptionWatcher:
     ``reached`` returns True on every host at the same step (Orbax ``reached_preemption``).
     """
 
-    def __init__(self, checkpointer: Optional["Checkpointer"] = None,
-                 signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)):
+    def __init__(
+        self,
+        checkpointer: Checkpointer | None = None,
+        signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT),
+    ):
         self._checkpointer = checkpointer
-        self.received: Optional[str] = None
+        self.received: str | None = None
         self._active = True
         self._previous: dict[int, Any] = {}
         self._handler = None
@@ -54,9 +57,11 @@ class PreemptionWatcher:
         if not self._active or self.received is not None:
             return False
         self.received = signal.Signals(signum).name
-        logging.warning("Received %s: finishing the current step, saving a checkpoint and exiting%s.",
-                        self.received, " (press Ctrl-C again to abort at once)"
-                        if signum == signal.SIGINT else "")
+        logging.warning(
+            "Received %s: finishing the current step, saving a checkpoint and exiting%s.",
+            self.received,
+            " (press Ctrl-C again to abort at once)" if signum == signal.SIGINT else "",
+        )
         return True
 
     def reached(self, step: int, steps: int = 1) -> bool:
@@ -86,14 +91,14 @@ class PreemptionWatcher:
                 if signal.getsignal(sig) is self._handler:
                     signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
 
-    def __enter__(self) -> "PreemptionWatcher":
+    def __enter__(self) -> PreemptionWatcher:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def _make_handler(watcher_ref: "weakref.ref[PreemptionWatcher]", previous: dict[int, Any]):
+def _make_handler(watcher_ref: weakref.ref[PreemptionWatcher], previous: dict[int, Any]):
     def handler(signum, frame):
         watcher = watcher_ref()
         if watcher is not None and watcher._take(signum):

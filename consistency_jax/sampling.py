@@ -4,11 +4,13 @@
 All samplers are pure functions of (params, rng) that jit; ``make_sampler`` returns a jitted one for a
 fixed shape. Randomness comes only from ``rng``, so a key gives the same samples every time.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +22,9 @@ from consistency_jax import schedules
 Array = jax.Array
 
 
-def times_from_indices(indices: Sequence[int], num_scales: int,
-                       sigmas: param_lib.SigmaConfig) -> tuple[float, ...]:
+def times_from_indices(
+    indices: Sequence[int], num_scales: int, sigmas: param_lib.SigmaConfig
+) -> tuple[float, ...]:
     """Converts grid indices counted from T (the cm/jcm convention: 0 is T, N−1 is ε) to times.
 
     E.g. ImageNet-64 CD 2-step uses indices (0, 22, 39) on the N = 40 grid (cm's launch scripts): the sampler
@@ -31,7 +34,9 @@ def times_from_indices(indices: Sequence[int], num_scales: int,
     if idx.ndim != 1 or idx.size < 1 or np.any(idx < 0) or np.any(idx > num_scales - 1):
         raise ValueError(f"Indices must lie in [0, {num_scales - 1}], got {list(indices)}.")
     if np.any(np.diff(idx) <= 0):
-        raise ValueError(f"Indices must be strictly increasing (from T towards ε), got {list(indices)}.")
+        raise ValueError(
+            f"Indices must be strictly increasing (from T towards ε), got {list(indices)}."
+        )
     grid = np.asarray(schedules.karras_sigmas(num_scales, sigmas))[::-1]
     return tuple(float(grid[i]) for i in idx)
 
@@ -48,12 +53,20 @@ def check_times(ts: Sequence[float], sigmas: param_lib.SigmaConfig) -> tuple[flo
     return ts
 
 
-def multistep_sample(apply_fn: param_lib.ApplyFn, params: Any, rng: Array, shape: Sequence[int],
-                     ts: Sequence[float], sigmas: param_lib.SigmaConfig, *,
-                     labels: Optional[Array] = None, clip: Optional[float] = None,
-                     x_init: Optional[Array] = None,
-                     consistency_fn=param_lib.consistency_fn,
-                     project: Optional[Callable[[Array], Array]] = None) -> Array:
+def multistep_sample(
+    apply_fn: param_lib.ApplyFn,
+    params: Any,
+    rng: Array,
+    shape: Sequence[int],
+    ts: Sequence[float],
+    sigmas: param_lib.SigmaConfig,
+    *,
+    labels: Array | None = None,
+    clip: float | None = None,
+    x_init: Array | None = None,
+    consistency_fn=param_lib.consistency_fn,
+    project: Callable[[Array], Array] | None = None,
+) -> Array:
     """Multistep consistency sampling (CM Algorithm 1).
 
     x ← f(τ_0·z, τ_0); for τ in τ_1 > … : x ← f(x + √(τ² − ε²)·z, τ). One step when ``ts`` = (T,).
@@ -75,8 +88,9 @@ def multistep_sample(apply_fn: param_lib.ApplyFn, params: Any, rng: Array, shape
     """
     keys = jax.random.split(rng, len(_sampler_times(ts, sigmas)))
     noise = lambda j: jax.random.normal(keys[j], tuple(shape), jnp.float32)
-    return _multistep(apply_fn, params, noise, ts, sigmas, labels, clip, x_init, consistency_fn,
-                      project)
+    return _multistep(
+        apply_fn, params, noise, ts, sigmas, labels, clip, x_init, consistency_fn, project
+    )
 
 
 def _sampler_times(ts, sigmas) -> tuple[float, ...]:
@@ -85,13 +99,15 @@ def _sampler_times(ts, sigmas) -> tuple[float, ...]:
     return ts[:-1] if len(ts) > 1 and ts[-1] == sigmas.sigma_min else ts
 
 
-def _multistep(apply_fn, params, noise, ts, sigmas, labels, clip, x_init, consistency_fn,
-               project=None) -> Array:
+def _multistep(
+    apply_fn, params, noise, ts, sigmas, labels, clip, x_init, consistency_fn, project=None
+) -> Array:
     """CM Algorithm 1 with the j-th Gaussian draw ``noise(j)`` (j = 0: the initial noise)."""
     ts = _sampler_times(ts, sigmas)
     x = ts[0] * noise(0) if x_init is None else x_init
-    f = functools.partial(consistency_fn, apply_fn, params, sigmas=sigmas, labels=labels,
-                          train=False, rng=None)
+    f = functools.partial(
+        consistency_fn, apply_fn, params, sigmas=sigmas, labels=labels, train=False, rng=None
+    )
     for j, t in enumerate(ts):
         if j > 0:
             noise_std = np.sqrt(t * t - sigmas.sigma_min**2)
@@ -115,7 +131,9 @@ def example_keys(key: Array, indices: Array) -> Array:
 
 def example_noise(keys: Array, stream: int, example_shape: Sequence[int]) -> Array:
     """Standard normal draws (B, *example_shape), row b from ``fold_in(keys[b], stream)`` alone."""
-    draw = lambda k: jax.random.normal(jax.random.fold_in(k, stream), tuple(example_shape), jnp.float32)
+    draw = lambda k: jax.random.normal(
+        jax.random.fold_in(k, stream), tuple(example_shape), jnp.float32
+    )
     return jax.vmap(draw)(keys)
 
 
@@ -125,10 +143,19 @@ def example_labels(keys: Array, num_classes: int) -> Array:
     return jax.vmap(draw)(keys).astype(jnp.int32)
 
 
-def indexed_sample(apply_fn: param_lib.ApplyFn, params: Any, key: Array, indices: Array,
-                   example_shape: Sequence[int], ts: Sequence[float], sigmas: param_lib.SigmaConfig,
-                   *, labels: Optional[Array] = None, clip: Optional[float] = None,
-                   consistency_fn=param_lib.consistency_fn) -> Array:
+def indexed_sample(
+    apply_fn: param_lib.ApplyFn,
+    params: Any,
+    key: Array,
+    indices: Array,
+    example_shape: Sequence[int],
+    ts: Sequence[float],
+    sigmas: param_lib.SigmaConfig,
+    *,
+    labels: Array | None = None,
+    clip: float | None = None,
+    consistency_fn=param_lib.consistency_fn,
+) -> Array:
     """CM Algorithm 1 where example i is a function of (key, i) alone.
 
     Every Gaussian draw of example i comes from ``fold_in(fold_in(key, i), j)`` (j the step), so the
@@ -145,8 +172,14 @@ def indexed_sample(apply_fn: param_lib.ApplyFn, params: Any, key: Array, indices
     return _multistep(apply_fn, params, noise, ts, sigmas, labels, clip, None, consistency_fn)
 
 
-def indexed_heun_sample(denoise, key: Array, indices: Array, example_shape: Sequence[int],
-                        sigmas: param_lib.SigmaConfig, num_steps: int = 18) -> Array:
+def indexed_heun_sample(
+    denoise,
+    key: Array,
+    indices: Array,
+    example_shape: Sequence[int],
+    sigmas: param_lib.SigmaConfig,
+    num_steps: int = 18,
+) -> Array:
     """EDM's Heun sampler (``edm_heun_sample``) from the initial noise of ``indexed_sample``: example
     i is a function of (key, i) alone."""
     keys = example_keys(key, indices)
@@ -154,16 +187,29 @@ def indexed_heun_sample(denoise, key: Array, indices: Array, example_shape: Sequ
     return edm_heun_sample(denoise, key, x_init.shape, sigmas, num_steps, x_init=x_init)
 
 
-def onestep_sample(apply_fn: param_lib.ApplyFn, params: Any, rng: Array, shape: Sequence[int],
-                   sigmas: param_lib.SigmaConfig, **kwargs: Any) -> Array:
+def onestep_sample(
+    apply_fn: param_lib.ApplyFn,
+    params: Any,
+    rng: Array,
+    shape: Sequence[int],
+    sigmas: param_lib.SigmaConfig,
+    **kwargs: Any,
+) -> Array:
     """One-step generation x = f_θ(T·z, T) (CM Algorithm 1 with one step)."""
     return multistep_sample(apply_fn, params, rng, shape, (sigmas.sigma_max,), sigmas, **kwargs)
 
 
-def edm_heun_sample(denoise, rng: Array, shape: Sequence[int], sigmas: param_lib.SigmaConfig,
-                    num_steps: int = 18, *, x_init: Optional[Array] = None,
-                    t_max: Optional[float] = None,
-                    project: Optional[Callable[[Array, Array], Array]] = None) -> Array:
+def edm_heun_sample(
+    denoise,
+    rng: Array,
+    shape: Sequence[int],
+    sigmas: param_lib.SigmaConfig,
+    num_steps: int = 18,
+    *,
+    x_init: Array | None = None,
+    t_max: float | None = None,
+    project: Callable[[Array, Array], Array] | None = None,
+) -> Array:
     """EDM's deterministic Heun sampler (EDM Algorithm 1) on the Karras grid, 2·num_steps − 1 NFE.
 
     ``denoise(x, t)`` is the teacher D(x, t) with t of shape (B,). The times are the Karras grid from T
@@ -197,15 +243,30 @@ def edm_heun_sample(denoise, rng: Array, shape: Sequence[int], sigmas: param_lib
     return jax.lax.fori_loop(0, num_steps, body, x)
 
 
-def make_sampler(apply_fn: param_lib.ApplyFn, sigmas: param_lib.SigmaConfig, ts: Sequence[float],
-                 shape: Sequence[int], *, clip: Optional[float] = None,
-                 consistency_fn=param_lib.consistency_fn):
+def make_sampler(
+    apply_fn: param_lib.ApplyFn,
+    sigmas: param_lib.SigmaConfig,
+    ts: Sequence[float],
+    shape: Sequence[int],
+    *,
+    clip: float | None = None,
+    consistency_fn=param_lib.consistency_fn,
+):
     """A jitted ``sample(params, rng, labels=None) -> x`` for a fixed shape and fixed times."""
     ts = check_times(ts, sigmas)
 
     @jax.jit
     def sample(params, rng, labels=None):
-        return multistep_sample(apply_fn, params, rng, shape, ts, sigmas, labels=labels, clip=clip,
-                                consistency_fn=consistency_fn)
+        return multistep_sample(
+            apply_fn,
+            params,
+            rng,
+            shape,
+            ts,
+            sigmas,
+            labels=labels,
+            clip=clip,
+            consistency_fn=consistency_fn,
+        )
 
     return sample

@@ -8,6 +8,7 @@ the compiled train step with no host round-trip. There is exactly ONE implementa
 Dtypes: the grid is computed in the default float dtype for integer inputs (float64 when
 ``jax_enable_x64`` is on, float32 otherwise); N(k) is an int32 and μ(k) a float32 scalar.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -100,8 +101,10 @@ class Curriculum:
             if self.total_steps < 1:
                 raise ValueError(f"total_steps (K) must be positive, got {self.total_steps}.")
         if self.kind == "cm" and self.s0 < 2:
-            raise ValueError(f"Need s0 >= 2 for kind='cm' (N(0) = s0 grid points, and a grid needs "
-                             f"at least 2), got s0={self.s0}.")
+            raise ValueError(
+                f"Need s0 >= 2 for kind='cm' (N(0) = s0 grid points, and a grid needs "
+                f"at least 2), got s0={self.s0}."
+            )
         if self.mu_form not in ("code", "paper"):
             raise ValueError(f"mu_form must be 'code' or 'paper', got {self.mu_form!r}.")
 
@@ -164,7 +167,9 @@ def cm_num_scales(step: Array, total_steps: int, s0: int, s1: int) -> Array:
     t = jnp.asarray(thresholds, t_dtype)
     # A scalar step (the train step) compares against all ~s1 thresholds at once: no while loop.
     method = "compare_all" if k.ndim == 0 else "scan"
-    idx = jnp.searchsorted(t, k.astype(jnp.promote_types(k.dtype, t_dtype)), side="left", method=method)
+    idx = jnp.searchsorted(
+        t, k.astype(jnp.promote_types(k.dtype, t_dtype)), side="left", method=method
+    )
     return jnp.minimum(s0 + idx, s1 + 1).astype(jnp.int32)
 
 

@@ -21,12 +21,14 @@ must run first (``main.py`` does when ``CONSISTENCY_JAX_DISTRIBUTED=1``, which `
 process_count`` rows) and ``global_batch`` assembles the global array with
 ``jax.make_array_from_process_local_data``.
 """
+
 from __future__ import annotations
 
 import collections
 import dataclasses
 import math
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -67,15 +69,21 @@ def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
         raise ValueError(f"config.mesh.fsdp must be at least 1, got {fsdp}.")
     if data == -1:
         if num_devices % fsdp:
-            raise ValueError(f"config.mesh.fsdp={fsdp} does not divide the {num_devices} devices of "
-                             f"this job; choose an fsdp size that divides {num_devices}.")
+            raise ValueError(
+                f"config.mesh.fsdp={fsdp} does not divide the {num_devices} devices of "
+                f"this job; choose an fsdp size that divides {num_devices}."
+            )
         data = num_devices // fsdp
     elif data < 1:
-        raise ValueError(f"config.mesh.data must be positive or -1 (all remaining devices), got {data}.")
+        raise ValueError(
+            f"config.mesh.data must be positive or -1 (all remaining devices), got {data}."
+        )
     if data * fsdp != num_devices:
-        raise ValueError(f"The mesh config.mesh.data={data} × config.mesh.fsdp={fsdp} = {data * fsdp} "
-                         f"devices does not fit the {num_devices} devices of this job (data × fsdp "
-                         f"must equal the device count; data=-1 takes all remaining devices).")
+        raise ValueError(
+            f"The mesh config.mesh.data={data} × config.mesh.fsdp={fsdp} = {data * fsdp} "
+            f"devices does not fit the {num_devices} devices of this job (data × fsdp "
+            f"must equal the device count; data=-1 takes all remaining devices)."
+        )
     return data, fsdp
 
 
@@ -86,8 +94,7 @@ def _auto_axis_types(n: int) -> dict:
     return {} if axis_type is None else {"axis_types": (axis_type.Auto,) * n}
 
 
-def make_mesh(data: int = -1, fsdp: int = 1,
-              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ("data", "fsdp") device mesh.
 
     ``jax.make_mesh`` orders the devices for the physical topology (TPU ICI rings, NVLink islands)
@@ -173,7 +180,9 @@ def state_shardings(state: PyTree, mesh: Mesh, *, min_size: int = 0) -> PyTree:
       a pytree of the same structure with a NamedSharding at every leaf.
     """
     fsdp = mesh.shape[FSDP_AXIS]
-    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), fsdp, min_size)), state)
+    return jax.tree.map(
+        lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), fsdp, min_size)), state
+    )
 
 
 def _is_key(x) -> bool:
@@ -214,7 +223,9 @@ def place(tree: PyTree, shardings: PyTree) -> PyTree:
 # Batches
 
 
-def check_global_batch(batch_size: int, mesh: Mesh, *, name: str = "config.data.batch_size") -> None:
+def check_global_batch(
+    batch_size: int, mesh: Mesh, *, name: str = "config.data.batch_size"
+) -> None:
     """Raises ValueError unless the global batch splits evenly over the devices and the processes.
 
     Args:
@@ -227,12 +238,16 @@ def check_global_batch(batch_size: int, mesh: Mesh, *, name: str = "config.data.
     if batch_size < 1:
         raise ValueError(f"{name} must be positive, got {batch_size}.")
     if batch_size % n:
-        raise ValueError(f"{name}={batch_size} is not divisible by the {n} devices it is split over "
-                         f"(mesh data={mesh.shape[DATA_AXIS]} × fsdp={mesh.shape[FSDP_AXIS]}); use a "
-                         f"multiple of {n}, e.g. {max(n, batch_size // n * n)}.")
+        raise ValueError(
+            f"{name}={batch_size} is not divisible by the {n} devices it is split over "
+            f"(mesh data={mesh.shape[DATA_AXIS]} × fsdp={mesh.shape[FSDP_AXIS]}); use a "
+            f"multiple of {n}, e.g. {max(n, batch_size // n * n)}."
+        )
     if batch_size % procs:
-        raise ValueError(f"{name}={batch_size} is not divisible by the {procs} processes (hosts) "
-                         "that each load an equal share.")
+        raise ValueError(
+            f"{name}={batch_size} is not divisible by the {procs} processes (hosts) "
+            "that each load an equal share."
+        )
 
 
 def global_batch(local_batch: PyTree, mesh: Mesh, stacked: bool = False) -> PyTree:
@@ -257,11 +272,12 @@ def global_batch(local_batch: PyTree, mesh: Mesh, stacked: bool = False) -> PyTr
     if not leaves:
         raise ValueError("The batch is empty.")
     axis = 1 if stacked else 0
-    rows = {np.shape(x)[:axis + 1] if np.ndim(x) > axis else None for x in leaves}
+    rows = {np.shape(x)[: axis + 1] if np.ndim(x) > axis else None for x in leaves}
     if len(rows) != 1 or None in rows:
         what = "(steps, examples) dimensions" if stacked else "leading (example) dimension"
-        raise ValueError(f"Every batch entry needs the same {what}, got "
-                         f"{jax.tree.map(np.shape, local_batch)}.")
+        raise ValueError(
+            f"Every batch entry needs the same {what}, got {jax.tree.map(np.shape, local_batch)}."
+        )
     procs = jax.process_count()
     check_global_batch(rows.pop()[axis] * procs, mesh, name="The global batch size")
     sharding = batch_sharding(mesh, stacked)
@@ -329,20 +345,30 @@ class ShardedTrainStep:
         axis = 0 if self.steps_per_call == 1 else 1
         for x in jax.tree.leaves(batch):
             if np.ndim(x) <= axis or np.shape(x)[axis] % self.mesh.size:
-                raise ValueError(f"A batch entry of shape {np.shape(x)} does not split over the "
-                                 f"{self.mesh.size} devices of the mesh {dict(self.mesh.shape)}; the "
-                                 "global batch size must be a multiple of the device count.")
+                raise ValueError(
+                    f"A batch entry of shape {np.shape(x)} does not split over the "
+                    f"{self.mesh.size} devices of the mesh {dict(self.mesh.shape)}; the "
+                    "global batch size must be a multiple of the device count."
+                )
             if axis and np.shape(x)[0] != self.steps_per_call:
-                raise ValueError(f"A batch entry of shape {np.shape(x)} does not stack "
-                                 f"steps_per_call={self.steps_per_call} batches on its leading axis.")
+                raise ValueError(
+                    f"A batch entry of shape {np.shape(x)} does not stack "
+                    f"steps_per_call={self.steps_per_call} batches on its leading axis."
+                )
         return self.jitted(state, batch, rng)
 
     def lower(self, state, batch, rng):
         return self.jitted.lower(state, batch, rng)
 
 
-def jit_train_step(train_step: Callable, mesh: Mesh, state_shardings: PyTree, *,
-                   donate: bool = True, steps_per_call: int = 1) -> ShardedTrainStep:
+def jit_train_step(
+    train_step: Callable,
+    mesh: Mesh,
+    state_shardings: PyTree,
+    *,
+    donate: bool = True,
+    steps_per_call: int = 1,
+) -> ShardedTrainStep:
     """``jax.jit`` of a train step with explicit shardings and donation of the state.
 
     Args:
@@ -360,15 +386,21 @@ def jit_train_step(train_step: Callable, mesh: Mesh, state_shardings: PyTree, *,
     """
     rep = replicated(mesh)
     stacked = steps_per_call > 1
-    jitted = jax.jit(make_multi_step(train_step, steps_per_call),
-                     in_shardings=(state_shardings, batch_sharding(mesh, stacked), rep),
-                     out_shardings=(state_shardings, rep), donate_argnums=0 if donate else ())
-    return ShardedTrainStep(jitted=jitted, mesh=mesh, state_shardings=state_shardings,
-                            steps_per_call=steps_per_call)
+    jitted = jax.jit(
+        make_multi_step(train_step, steps_per_call),
+        in_shardings=(state_shardings, batch_sharding(mesh, stacked), rep),
+        out_shardings=(state_shardings, rep),
+        donate_argnums=0 if donate else (),
+    )
+    return ShardedTrainStep(
+        jitted=jitted, mesh=mesh, state_shardings=state_shardings, steps_per_call=steps_per_call
+    )
 
 
 def describe(mesh: Mesh) -> str:
     """One line for the log: mesh shape, device kind and process count."""
     d = mesh.devices.flat[0]
-    return (f"mesh data={mesh.shape[DATA_AXIS]} × fsdp={mesh.shape[FSDP_AXIS]} over {mesh.size} "
-            f"{d.platform} device(s) ({d.device_kind}), {jax.process_count()} process(es)")
+    return (
+        f"mesh data={mesh.shape[DATA_AXIS]} × fsdp={mesh.shape[FSDP_AXIS]} over {mesh.size} "
+        f"{d.platform} device(s) ({d.device_kind}), {jax.process_count()} process(es)"
+    )

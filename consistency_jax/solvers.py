@@ -6,9 +6,10 @@ Eq. 1 and 3 with σ(t) = t). A ``denoise`` argument is any callable D(x, t) -> x
 times t of shape (B,). Nothing here casts: the step is computed in the dtype that x, t and D(x, t)
 promote to (float64 under x64 for float64 inputs, float32 otherwise).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

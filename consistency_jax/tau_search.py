@@ -11,14 +11,15 @@ by ternary search (assumes the score is unimodal in the index, as the paper does
 every candidate, so differences between candidates are not sampling noise), with the times as a traced
 array (one compilation for all candidates of a stage).
 """
+
 from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
-from absl import logging
 import numpy as np
+from absl import logging
 
 Score = Callable[[tuple[float, ...]], float]
 
@@ -41,8 +42,15 @@ def ternary_argmin(f: Callable[[int], float], lo: int, hi: int) -> int:
     return min(range(lo, hi + 1), key=f)
 
 
-def greedy_search(score: Score, grid: Sequence[float], num_steps: int = 2, *, method: str = "ternary",
-                  stride: int = 1, first: int = 0) -> dict:
+def greedy_search(
+    score: Score,
+    grid: Sequence[float],
+    num_steps: int = 2,
+    *,
+    method: str = "ternary",
+    stride: int = 1,
+    first: int = 0,
+) -> dict:
     """Greedy choice of the times of ``num_steps``-step sampling on a grid (CM §6).
 
     Args:
@@ -64,8 +72,10 @@ def greedy_search(score: Score, grid: Sequence[float], num_steps: int = 2, *, me
     if method not in ("ternary", "exhaustive"):
         raise ValueError(f"method must be 'ternary' or 'exhaustive', got {method!r}.")
     if num_steps < 1 or num_steps > len(grid) - 1 - first:
-        raise ValueError(f"num_steps must be in [1, {len(grid) - 1 - first}] on a grid of {len(grid)}, "
-                         f"got {num_steps}.")
+        raise ValueError(
+            f"num_steps must be in [1, {len(grid) - 1 - first}] on a grid of {len(grid)}, "
+            f"got {num_steps}."
+        )
     evaluations: list[dict] = []
     cache: dict[tuple[int, ...], float] = {}
 
@@ -73,9 +83,15 @@ def greedy_search(score: Score, grid: Sequence[float], num_steps: int = 2, *, me
         if indices not in cache:
             times = tuple(grid[i] for i in indices)
             cache[indices] = float(score(times))
-            evaluations.append({"indices": list(indices), "times": list(times), "score": cache[indices]})
-            logging.info("τ search: indices %s times %s -> %.4f", list(indices),
-                         [round(t, 4) for t in times], cache[indices])
+            evaluations.append(
+                {"indices": list(indices), "times": list(times), "score": cache[indices]}
+            )
+            logging.info(
+                "τ search: indices %s times %s -> %.4f",
+                list(indices),
+                [round(t, 4) for t in times],
+                cache[indices],
+            )
         return cache[indices]
 
     chosen = (first,)
@@ -85,6 +101,7 @@ def greedy_search(score: Score, grid: Sequence[float], num_steps: int = 2, *, me
         def f(i, chosen=chosen):
             value = evaluate(chosen + (i,))
             return value if math.isfinite(value) else math.inf  # a NaN score never wins
+
         if method == "ternary":
             best = ternary_argmin(f, lo, hi)
         else:
@@ -92,13 +109,28 @@ def greedy_search(score: Score, grid: Sequence[float], num_steps: int = 2, *, me
             best = min(candidates, key=f)
         chosen = chosen + (best,)
     final = evaluate(chosen)
-    return {"indices": list(chosen), "times": [grid[i] for i in chosen], "score": final,
-            "evaluations": evaluations}
+    return {
+        "indices": list(chosen),
+        "times": [grid[i] for i in chosen],
+        "score": final,
+        "evaluations": evaluations,
+    }
 
 
-def make_scorer(apply_fn, params, sigmas, example_shape: Sequence[int], num_samples: int, metric,
-                *, seed: int = 0, num_classes: Optional[int] = None, clip: Optional[float] = 1.0,
-                consistency_fn=None, batch: int = 500) -> Score:
+def make_scorer(
+    apply_fn,
+    params,
+    sigmas,
+    example_shape: Sequence[int],
+    num_samples: int,
+    metric,
+    *,
+    seed: int = 0,
+    num_classes: int | None = None,
+    clip: float | None = 1.0,
+    consistency_fn=None,
+    batch: int = 500,
+) -> Score:
     """The score of a run's samples at times ts: ``metric(uint8-quantised samples in [−1, 1])``.
 
     Sample i uses the draws of ``sampling.indexed_sample`` (example i from (seed, i); uniform labels
@@ -118,13 +150,15 @@ def make_scorer(apply_fn, params, sigmas, example_shape: Sequence[int], num_samp
     def draw(params, ts, indices):
         keys = sampling.example_keys(key, indices)
         labels = sampling.example_labels(keys, num_classes) if num_classes else None
-        f = functools.partial(consistency_fn, apply_fn, params, sigmas=sigmas, labels=labels,
-                              train=False, rng=None)
+        f = functools.partial(
+            consistency_fn, apply_fn, params, sigmas=sigmas, labels=labels, train=False, rng=None
+        )
         x = ts[0] * sampling.example_noise(keys, 0, example_shape)
         for j in range(ts.shape[0]):
             if j > 0:
-                x = x + jnp.sqrt(ts[j] ** 2 - sigmas.sigma_min ** 2) * sampling.example_noise(
-                    keys, j, example_shape)
+                x = x + jnp.sqrt(ts[j] ** 2 - sigmas.sigma_min**2) * sampling.example_noise(
+                    keys, j, example_shape
+                )
             x = f(x=x, t=jnp.full(x.shape[:1], ts[j], jnp.float32))
             if clip:
                 x = jnp.clip(x, -clip, clip)
@@ -135,7 +169,9 @@ def make_scorer(apply_fn, params, sigmas, example_shape: Sequence[int], num_samp
         out = []
         for lo in range(0, num_samples, batch):
             idx = np.arange(lo, lo + batch, dtype=np.int32)
-            out.append(np.asarray(draw(params, jnp.asarray(ts, jnp.float32), idx))[: num_samples - lo])
+            out.append(
+                np.asarray(draw(params, jnp.asarray(ts, jnp.float32), idx))[: num_samples - lo]
+            )
         images = np.concatenate(out).astype(np.float32) / 127.5 - 1.0
         return float(metric(images))
 

@@ -12,11 +12,11 @@ x_t = x_0 + t·z the noised density is again a mixture, p_t = Σ π_k N(μ_k, (s
 ``exact_denoiser`` is a jittable teacher for consistency distillation whose "parameters" are the
 mixture itself (a pytree), so it slots into ``TrainState.teacher_params`` like a network's weights.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,9 @@ class GaussianMixture:
         means = np.asarray(self.means, np.float64)
         weights = np.asarray(self.weights, np.float64)
         if means.ndim != 2 or weights.shape != means.shape[:1]:
-            raise ValueError(f"means must be (K, D) and weights (K,), got {means.shape}, {weights.shape}.")
+            raise ValueError(
+                f"means must be (K, D) and weights (K,), got {means.shape}, {weights.shape}."
+            )
         if self.std <= 0 or np.any(weights < 0) or not np.isclose(weights.sum(), 1.0):
             raise ValueError("Need std > 0 and non-negative weights summing to 1.")
         object.__setattr__(self, "means", means)
@@ -54,9 +56,11 @@ class GaussianMixture:
 
     def as_params(self) -> dict[str, Array]:
         """The mixture as a float32 pytree for ``exact_denoiser`` / ``exact_score``."""
-        return {"means": jnp.asarray(self.means, jnp.float32),
-                "log_weights": jnp.asarray(np.log(np.maximum(self.weights, 1e-300)), jnp.float32),
-                "var": jnp.asarray(self.std**2, jnp.float32)}
+        return {
+            "means": jnp.asarray(self.means, jnp.float32),
+            "log_weights": jnp.asarray(np.log(np.maximum(self.weights, 1e-300)), jnp.float32),
+            "var": jnp.asarray(self.std**2, jnp.float32),
+        }
 
 
 def ring_mixture(num_modes: int = 8, radius: float = 0.7, std: float = 0.05) -> GaussianMixture:
@@ -77,12 +81,13 @@ def _responsibilities(p: dict, x: Array, t: Array):
     return jax.nn.softmax(logits, axis=-1), var_t
 
 
-def exact_denoiser(params: dict, x: Array, t: Array, labels: Optional[Array] = None) -> Array:
+def exact_denoiser(params: dict, x: Array, t: Array, labels: Array | None = None) -> Array:
     """D(x, t) = E[x_0 | x_t = x] of the mixture; x (B, D), t (B,). Signature of a CD teacher."""
     del labels
     r, var_t = _responsibilities(params, x, t)
-    post_mean = (params["var"] * x[:, None, :] + (t[:, None, None] ** 2) * params["means"][None]) \
-        / var_t[..., None]
+    post_mean = (
+        params["var"] * x[:, None, :] + (t[:, None, None] ** 2) * params["means"][None]
+    ) / var_t[..., None]
     return jnp.sum(r[..., None] * post_mean, axis=1)
 
 
@@ -107,8 +112,14 @@ def _denoiser_np(gm: GaussianMixture, x: np.ndarray, t: float) -> np.ndarray:
     return np.sum(r[..., None] * post, axis=1)
 
 
-def ode_map(gm: GaussianMixture, x_start: np.ndarray, t_start: float, t_end: float,
-            rtol: float = 1e-10, atol: float = 1e-10) -> np.ndarray:
+def ode_map(
+    gm: GaussianMixture,
+    x_start: np.ndarray,
+    t_start: float,
+    t_end: float,
+    rtol: float = 1e-10,
+    atol: float = 1e-10,
+) -> np.ndarray:
     """Solves the exact PF-ODE dx/dt = (x − D(x, t))/t from t_start to t_end (float64).
 
     Integrated in u = ln t, where dx/du = x − D(x, e^u) is smooth, with SciPy's DOP853.
@@ -122,8 +133,14 @@ def ode_map(gm: GaussianMixture, x_start: np.ndarray, t_start: float, t_end: flo
         x = y.reshape(shape)
         return (x - _denoiser_np(gm, x, math.exp(u))).ravel()
 
-    sol = solve_ivp(rhs, (math.log(t_start), math.log(t_end)), x_start.ravel(), method="DOP853",
-                    rtol=rtol, atol=atol)
+    sol = solve_ivp(
+        rhs,
+        (math.log(t_start), math.log(t_end)),
+        x_start.ravel(),
+        method="DOP853",
+        rtol=rtol,
+        atol=atol,
+    )
     if not sol.success:
         raise RuntimeError(f"The exact ODE solve failed: {sol.message}")
     return sol.y[:, -1].reshape(shape)

@@ -1,4 +1,5 @@
 """The toy's data iterator: exact mixture samples, a pure function of (seed, step)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,8 +17,15 @@ class ToyIterator:
     batches an uninterrupted run would have seen; ``get_state``/``set_state`` carry the position.
     """
 
-    def __init__(self, mixture: toy.GaussianMixture, batch_size: int, seed: int, *,
-                 process_index: int = 0, start_step: int = 0):
+    def __init__(
+        self,
+        mixture: toy.GaussianMixture,
+        batch_size: int,
+        seed: int,
+        *,
+        process_index: int = 0,
+        start_step: int = 0,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
         self.mixture = mixture

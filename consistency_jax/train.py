@@ -7,9 +7,10 @@ gradient of ``method.loss`` is followed by the method's target update θ⁻ ← 
 keeps a target) and the eval EMA updates. The method (``methods.base.Method``) owns everything specific:
 its loss, its schedule of the step, which frozen trees it reads (θ⁻, a teacher, distance weights).
 """
+
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +23,15 @@ Array = jax.Array
 TrainStep = Callable[[TrainState, dict, Array], tuple[TrainState, dict]]
 
 
-def make_train_step(method: Method, tx: optax.GradientTransformation, *,
-                    axis_name: Optional[str] = None,
-                    lr_schedule: Optional[optax.Schedule] = None,
-                    skip_nonfinite: bool = False, microbatches: int = 1) -> TrainStep:
+def make_train_step(
+    method: Method,
+    tx: optax.GradientTransformation,
+    *,
+    axis_name: str | None = None,
+    lr_schedule: optax.Schedule | None = None,
+    skip_nonfinite: bool = False,
+    microbatches: int = 1,
+) -> TrainStep:
     """Builds the train step.
 
     Args:
@@ -41,7 +47,9 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, *,
         if False the update is applied and the caller must stop on ``finite = 0``.
       microbatches: split the batch into this many equal microbatches whose gradients are summed in
         a ``lax.scan`` (gradient accumulation): one update with the mean gradient of the whole batch
-        (its noise drawn per microbatch), with the activation memory of one microbatch. Microbatch ``i`` takes rows ``i, i + m, i + 2m, ...``
+        (its noise drawn per microbatch), with the activation memory of one microbatch.
+        Microbatch ``i`` takes rows
+        ``i, i + m, i + 2m, ...``
         (so that on a mesh every device keeps its share of every microbatch) and draws its noise
         with ``fold_in(key, i)``; the loss and metrics are the mean over microbatches (equal sizes,
         so the mean of the per-example losses of the batch).
@@ -53,8 +61,10 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, *,
       parameter and update norms, ``finite``, the method's ``schedule(step)`` and its aux scalars.
     """
     if not callable(getattr(method, "loss", None)):
-        raise TypeError(f"make_train_step needs a method with a loss(params, frozen, batch, rng, step) "
-                        f"(consistency_jax.methods.Method), got {type(method).__name__}.")
+        raise TypeError(
+            f"make_train_step needs a method with a loss(params, frozen, batch, rng, step) "
+            f"(consistency_jax.methods.Method), got {type(method).__name__}."
+        )
     if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
         raise ValueError(f"microbatches must be a positive integer, got {microbatches!r}.")
 
@@ -62,8 +72,9 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, *,
         rng = jax.random.fold_in(rng, state.step)
         if axis_name is not None:
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-        frozen = frozen_inputs(method, state.params, state.target_params, state.teacher_params,
-                               state.distance)
+        frozen = frozen_inputs(
+            method, state.params, state.target_params, state.teacher_params, state.distance
+        )
 
         def objective(params, rows, key):
             loss, aux = method.loss(params, frozen, rows, key, state.step)
@@ -87,19 +98,28 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, *,
 
             first = jax.tree.map(lambda x: x[0], chunks)
             shapes = jax.eval_shape(grad_fn, state.params, first, rng)
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                 (shapes[0][0], shapes[0][1], shapes[1]))
+            zeros = jax.tree.map(
+                lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][0], shapes[0][1], shapes[1])
+            )
             total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), chunks))
             loss, aux, grads = jax.tree.map(lambda x: x / microbatches, total)
         if axis_name is not None:
             grads = jax.lax.pmean(grads, axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        target_params = (method.update_target(state.target_params, params, state.step)
-                         if state.target_params is not None else None)
+        target_params = (
+            method.update_target(state.target_params, params, state.step)
+            if state.target_params is not None
+            else None
+        )
         ema_params = {k: ema_update(v, params, float(k)) for k, v in state.ema_params.items()}
-        new_state = state.replace(step=state.step + 1, params=params, target_params=target_params,
-                                  ema_params=ema_params, opt_state=opt_state)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            target_params=target_params,
+            ema_params=ema_params,
+            opt_state=opt_state,
+        )
 
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -126,8 +146,9 @@ def split_microbatches(x: Array, microbatches: int) -> Array:
     """(B, ...) -> (m, B / m, ...) with microbatch i = rows i, i + m, i + 2m, ... (strided, so that a
     batch split over devices in contiguous blocks gives every device an equal part of each)."""
     if x.shape[0] % microbatches:
-        raise ValueError(f"A batch of {x.shape[0]} rows does not split into {microbatches} equal "
-                         "microbatches.")
+        raise ValueError(
+            f"A batch of {x.shape[0]} rows does not split into {microbatches} equal microbatches."
+        )
     return jnp.swapaxes(x.reshape((x.shape[0] // microbatches, microbatches) + x.shape[1:]), 0, 1)
 
 
@@ -146,7 +167,11 @@ def make_multi_step(train_step: TrainStep, steps_per_call: int) -> TrainStep:
       train_step: from ``make_train_step``.
       steps_per_call: the scan length, at least 1 (1 returns ``train_step`` itself).
     """
-    if not isinstance(steps_per_call, int) or isinstance(steps_per_call, bool) or steps_per_call < 1:
+    if (
+        not isinstance(steps_per_call, int)
+        or isinstance(steps_per_call, bool)
+        or steps_per_call < 1
+    ):
         raise ValueError(f"steps_per_call must be a positive integer, got {steps_per_call!r}.")
     if steps_per_call == 1:
         return train_step
@@ -154,8 +179,10 @@ def make_multi_step(train_step: TrainStep, steps_per_call: int) -> TrainStep:
     def multi_step(state: TrainState, batches: dict, rng: Array) -> tuple[TrainState, dict]:
         leading = {x.shape[0] for x in jax.tree.leaves(batches)}
         if leading != {steps_per_call}:
-            raise ValueError(f"multi_step needs batches stacked on a leading axis of {steps_per_call} "
-                             f"steps, got leading sizes {sorted(leading)}.")
+            raise ValueError(
+                f"multi_step needs batches stacked on a leading axis of {steps_per_call} "
+                f"steps, got leading sizes {sorted(leading)}."
+            )
         return jax.lax.scan(lambda s, b: train_step(s, b, rng), state, batches)
 
     return multi_step

@@ -1,7 +1,9 @@
 """The one training-state pytree shared by every method, and the EMA update (CM Eq. 8, Algorithms 2–3)."""
+
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax
 import jax
@@ -16,7 +18,8 @@ def ema_update(ema: PyTree, new: PyTree, rate: Array | float) -> PyTree:
     """ema ← rate·ema + (1 − rate)·new, leaf by leaf, under stop_gradient (CM Eq. 8 / Alg. 2–3)."""
     rate = jnp.asarray(rate, jnp.float32)
     return jax.tree.map(
-        lambda e, p: jax.lax.stop_gradient((rate * e + (1.0 - rate) * p).astype(e.dtype)), ema, new)
+        lambda e, p: jax.lax.stop_gradient((rate * e + (1.0 - rate) * p).astype(e.dtype)), ema, new
+    )
 
 
 def check_ema_rate(rate: float, name: str = "EMA rate") -> float:
@@ -56,28 +59,39 @@ class TrainState(flax.struct.PyTreeNode):
 
     step: Array
     params: PyTree
-    target_params: Optional[PyTree]
+    target_params: PyTree | None
     ema_params: Mapping[str, PyTree]
     opt_state: optax.OptState
-    teacher_params: Optional[PyTree] = None
-    distance: Optional[PyTree] = None
+    teacher_params: PyTree | None = None
+    distance: PyTree | None = None
 
     @classmethod
-    def create(cls, params: PyTree, tx: optax.GradientTransformation, *,
-               ema_rates: Sequence[float] = (), use_target: bool = True,
-               teacher_params: Optional[PyTree] = None,
-               distance: Optional[PyTree] = None) -> "TrainState":
+    def create(
+        cls,
+        params: PyTree,
+        tx: optax.GradientTransformation,
+        *,
+        ema_rates: Sequence[float] = (),
+        use_target: bool = True,
+        teacher_params: PyTree | None = None,
+        distance: PyTree | None = None,
+    ) -> TrainState:
         """θ⁻ and every EMA start as copies of θ (jcm, cm). Under ``jax.jit`` with ``out_shardings``
         the whole state is created directly on the mesh (``build.init_state``)."""
         for r in ema_rates:
             check_ema_rate(r, "Every EMA rate (ema_rates)")
         copy = lambda t: jax.tree.map(jnp.array, t)
-        return cls(step=jnp.zeros((), jnp.int32), params=params,
-                   target_params=copy(params) if use_target else None,
-                   ema_params={ema_key(r): copy(params) for r in ema_rates},
-                   opt_state=tx.init(params), teacher_params=teacher_params, distance=distance)
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            target_params=copy(params) if use_target else None,
+            ema_params={ema_key(r): copy(params) for r in ema_rates},
+            opt_state=tx.init(params),
+            teacher_params=teacher_params,
+            distance=distance,
+        )
 
-    def eval_params(self, rate: Optional[float] = None) -> PyTree:
+    def eval_params(self, rate: float | None = None) -> PyTree:
         """The parameters to sample with: the EMA of ``rate`` (default: the slowest), else θ."""
         if rate is not None:
             return self.ema_params[ema_key(rate)]

@@ -36,10 +36,12 @@ An EDM denoiser D(x_σ, σ) is a TrigFlow diffusion model (sCM §3, used for sCD
 
     σ_d·F_teacher(x_t/σ_d, t) = (cos t·x_t − D(x_t/cos t, σ_d·tan t)) / sin t      (``edm_velocity``).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -80,8 +82,14 @@ def sigma_from_t(t: Array, sigma_data: float) -> Array:
     return sigma_data * jnp.tan(t)
 
 
-def raw_output(apply_fn: param_lib.ApplyFn, params: Any, x_t: Array, t: Array,
-               sigmas: param_lib.SigmaConfig, **kwargs: Any) -> Array:
+def raw_output(
+    apply_fn: param_lib.ApplyFn,
+    params: Any,
+    x_t: Array,
+    t: Array,
+    sigmas: param_lib.SigmaConfig,
+    **kwargs: Any,
+) -> Array:
     """F_θ(x_t/σ_d, c_noise(t)) in the compute dtype of x_t and t (float32, float64 under x64); for an
     "edm" network (``sigmas.trigflow_time``) −F_net(x_t/σ_d, c_noise(σ_d·tan t)) (module docstring).
 
@@ -95,16 +103,25 @@ def raw_output(apply_fn: param_lib.ApplyFn, params: Any, x_t: Array, t: Array,
     dtype = param_lib.compute_dtype(x_t, t)
     x_t = jnp.asarray(x_t, dtype)
     tb = param_lib.broadcast_times(t, x_t, dtype)
-    out = apply_fn(params, x_t / sigmas.sigma_data, network_time(tb.reshape(x_t.shape[:1]), sigmas),
-                   **kwargs)
+    out = apply_fn(
+        params, x_t / sigmas.sigma_data, network_time(tb.reshape(x_t.shape[:1]), sigmas), **kwargs
+    )
     if out.shape != x_t.shape:
-        raise ValueError(f"The network returned shape {out.shape} for an input of shape {x_t.shape}.")
+        raise ValueError(
+            f"The network returned shape {out.shape} for an input of shape {x_t.shape}."
+        )
     out = out.astype(dtype)
     return -out if sigmas.trigflow_time == "edm" else out
 
 
-def consistency_fn(apply_fn: param_lib.ApplyFn, params: Any, x_t: Array, t: Array,
-                   sigmas: param_lib.SigmaConfig, **kwargs: Any) -> Array:
+def consistency_fn(
+    apply_fn: param_lib.ApplyFn,
+    params: Any,
+    x_t: Array,
+    t: Array,
+    sigmas: param_lib.SigmaConfig,
+    **kwargs: Any,
+) -> Array:
     """The TrigFlow consistency function f_θ(x_t, t) = cos t·x_t − sin t·σ_d·F_θ (sCM Eq. 6).
 
     f_θ(x, 0) == x bit for bit, whatever the network returns (also a non-finite value).
@@ -117,8 +134,14 @@ def consistency_fn(apply_fn: param_lib.ApplyFn, params: Any, x_t: Array, t: Arra
     return jnp.where(tb <= 0, x_t, f)
 
 
-def consistency_fn_sigma(apply_fn: param_lib.ApplyFn, params: Any, x: Array, t: Array,
-                         sigmas: param_lib.SigmaConfig, **kwargs: Any) -> Array:
+def consistency_fn_sigma(
+    apply_fn: param_lib.ApplyFn,
+    params: Any,
+    x: Array,
+    t: Array,
+    sigmas: param_lib.SigmaConfig,
+    **kwargs: Any,
+) -> Array:
     """The TrigFlow consistency function at the EDM point (x_σ, σ = ``t``): f_θ(cos s·x_σ, s) with the
     angle s = arctan(σ/σ_d).
 
@@ -130,11 +153,14 @@ def consistency_fn_sigma(apply_fn: param_lib.ApplyFn, params: Any, x: Array, t: 
     x = jnp.asarray(x, dtype)
     sb = param_lib.broadcast_times(t, x, dtype)
     t = t_from_sigma(sb, sigmas.sigma_data)
-    return consistency_fn(apply_fn, params, jnp.cos(t) * x, t.reshape(x.shape[:1]), sigmas, **kwargs)
+    return consistency_fn(
+        apply_fn, params, jnp.cos(t) * x, t.reshape(x.shape[:1]), sigmas, **kwargs
+    )
 
 
-def edm_velocity(denoise: param_lib.TeacherDenoise, sigma_data: float
-                 ) -> Callable[[Any, Array, Array, Any], Array]:
+def edm_velocity(
+    denoise: param_lib.TeacherDenoise, sigma_data: float
+) -> Callable[[Any, Array, Array, Any], Array]:
     """An EDM denoiser as a TrigFlow diffusion model: (φ, x_t, t, labels) -> dx_t/dt = σ_d·F_φ.
 
     dx_t/dt = (cos t·x_t − D_φ(x_t/cos t, σ_d·tan t))/sin t, the exact TrigFlow PF-ODE of the same

@@ -21,6 +21,7 @@ object changed since it was read).
 In a multi-process run only process 0 holds the lease (``experiment.py`` tells the others whether
 it got it).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,6 @@ import socket
 import threading
 import time
 import uuid
-from typing import Optional
 
 from absl import logging
 
@@ -55,7 +55,7 @@ class WorkdirLockLostError(RuntimeError):
     """The lease of this run was taken over by another run: this run must stop writing."""
 
 
-def _process_start(pid: int) -> Optional[str]:
+def _process_start(pid: int) -> str | None:
     """The start time of process ``pid`` in clock ticks since boot (Linux), None where unknown."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -83,7 +83,7 @@ class _LocalStore:
     def __init__(self, path: str):
         self.path = path
 
-    def read(self) -> Optional[str]:
+    def read(self) -> str | None:
         try:
             with open(self.path) as f:
                 return f.read()
@@ -146,9 +146,9 @@ class _GcsStore:
         bucket, name = url.split("://", 1)[1].split("/", 1)
         self._bucket = storage.Client().bucket(bucket)
         self._name = name
-        self._gen: Optional[int] = None  # the generation last read or written
+        self._gen: int | None = None  # the generation last read or written
 
-    def read(self) -> Optional[str]:
+    def read(self) -> str | None:
         blob = self._bucket.blob(self._name)
         try:
             text = blob.download_as_text()
@@ -188,8 +188,10 @@ def describe(lease: dict) -> str:
     """'host H, pid P (started at ..., heartbeat Ns ago)' of a lease dict."""
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lease.get("started", 0)))
     age = time.time() - float(lease.get("heartbeat", 0))
-    return (f"host {lease.get('host', '?')}, pid {lease.get('pid', '?')} (running since {started}, "
-            f"last heartbeat {age:.0f}s ago)")
+    return (
+        f"host {lease.get('host', '?')}, pid {lease.get('pid', '?')} (running since {started}, "
+        f"last heartbeat {age:.0f}s ago)"
+    )
 
 
 class WorkdirLock:
@@ -202,19 +204,22 @@ class WorkdirLock:
       timeout_s: a lease whose heartbeat is older than this is stale.
     """
 
-    def __init__(self, workdir: str, *, heartbeat_s: float = HEARTBEAT_S,
-                 timeout_s: float = TIMEOUT_S):
+    def __init__(
+        self, workdir: str, *, heartbeat_s: float = HEARTBEAT_S, timeout_s: float = TIMEOUT_S
+    ):
         if not timeout_s > heartbeat_s > 0:
-            raise ValueError(f"Need timeout_s > heartbeat_s > 0, got {timeout_s} and {heartbeat_s}.")
+            raise ValueError(
+                f"Need timeout_s > heartbeat_s > 0, got {timeout_s} and {heartbeat_s}."
+            )
         self.workdir = fs.resolve(workdir)
         self.path = fs.join(self.workdir, LEASE_NAME)
         self.heartbeat_s, self.timeout_s = float(heartbeat_s), float(timeout_s)
         self._store = _GcsStore(self.path) if fs.is_url(self.path) else _LocalStore(self.path)
         self._token = uuid.uuid4().hex
-        self._lease: Optional[dict] = None
+        self._lease: dict | None = None
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self.lost: Optional[str] = None
+        self._thread: threading.Thread | None = None
+        self.lost: str | None = None
 
     @property
     def held(self) -> bool:
@@ -231,9 +236,10 @@ class WorkdirLock:
         except ValueError:
             raise WorkdirLockedError(
                 f"The lease {self.path} of the workdir is unreadable ({text[:80]!r}). If no run uses "
-                f"{self.workdir}, delete the file and start again.") from None
+                f"{self.workdir}, delete the file and start again."
+            ) from None
 
-    def _stale(self, lease: dict) -> Optional[str]:
+    def _stale(self, lease: dict) -> str | None:
         """Why ``lease`` is stale, or None when its holder may be alive."""
         age = time.time() - float(lease.get("heartbeat", 0))
         if lease.get("host") == socket.gethostname():
@@ -254,13 +260,18 @@ class WorkdirLock:
 
     def _new_lease(self) -> dict:
         now = time.time()
-        return {"host": socket.gethostname(), "pid": os.getpid(),
-                "pid_start": _process_start(os.getpid()), "started": now, "heartbeat": now,
-                "token": self._token}
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "pid_start": _process_start(os.getpid()),
+            "started": now,
+            "heartbeat": now,
+            "token": self._token,
+        }
 
     # -- taking and giving back
 
-    def acquire(self) -> "WorkdirLock":
+    def acquire(self) -> WorkdirLock:
         """Takes the lease, taking over a stale one with a logged note.
 
         Raises:
@@ -273,7 +284,8 @@ class WorkdirLock:
             if self.path in _HELD:
                 raise WorkdirLockedError(
                     f"The workdir {self.workdir} is in use by another run of this process (pid "
-                    f"{os.getpid()}); lease {self.path}.")
+                    f"{os.getpid()}); lease {self.path}."
+                )
             _HELD[self.path] = self._token
         try:
             return self._acquire()
@@ -286,7 +298,7 @@ class WorkdirLock:
             if _HELD.get(self.path) == self._token:
                 del _HELD[self.path]
 
-    def _acquire(self) -> "WorkdirLock":
+    def _acquire(self) -> WorkdirLock:
         fs.makedirs(self.workdir)
         for _ in range(5):  # a takeover races only with another starting run; retry a few times
             lease = self._new_lease()
@@ -302,21 +314,27 @@ class WorkdirLock:
                 raise WorkdirLockedError(
                     f"The workdir {self.workdir} is in use by another run: {describe(other)}; lease "
                     f"{self.path}. Wait for it to finish or stop it; if that process is gone and the "
-                    f"lease remains, it is taken over {self.timeout_s:.0f}s after its last heartbeat.")
+                    f"lease remains, it is taken over {self.timeout_s:.0f}s after its last heartbeat."
+                )
             if not self._store.remove_if(text):
                 continue  # another starter replaced or removed it meanwhile: look again
-            logging.warning("Taking over the stale lease %s of %s: %s.", self.path, describe(other),
-                            why)
-        raise WorkdirLockedError(f"Could not take the lease {self.path}: other runs keep taking it.")
+            logging.warning(
+                "Taking over the stale lease %s of %s: %s.", self.path, describe(other), why
+            )
+        raise WorkdirLockedError(
+            f"Could not take the lease {self.path}: other runs keep taking it."
+        )
 
     def _hold(self, lease: dict) -> None:
         self._lease = lease
         self._stop.clear()
-        self._thread = threading.Thread(target=self._beat, name="workdir_lease_heartbeat",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._beat, name="workdir_lease_heartbeat", daemon=True
+        )
         self._thread.start()
-        logging.info("Holding the lease %s (host %s, pid %d).", self.path, lease["host"],
-                     lease["pid"])
+        logging.info(
+            "Holding the lease %s (host %s, pid %d).", self.path, lease["host"], lease["pid"]
+        )
 
     def _beat(self) -> None:
         warned = False
@@ -325,8 +343,10 @@ class WorkdirLock:
                 text = self._store.read()
                 current = json.loads(text) if text else None
                 if not isinstance(current, dict) or current.get("token") != self._token:
-                    self.lost = (f"the lease {self.path} now holds "
-                                 f"{describe(current) if isinstance(current, dict) else 'nothing'}")
+                    self.lost = (
+                        f"the lease {self.path} now holds "
+                        f"{describe(current) if isinstance(current, dict) else 'nothing'}"
+                    )
                     logging.error("This run lost its workdir lease: %s.", self.lost)
                     return
                 self._lease = {**self._lease, "heartbeat": time.time()}
@@ -340,8 +360,10 @@ class WorkdirLock:
     def check(self) -> None:
         """Raises WorkdirLockLostError when another run has taken this run's lease."""
         if self.lost is not None:
-            raise WorkdirLockLostError(f"Stopping: this run lost its workdir lease ({self.lost}); "
-                                       "another run writes into the workdir now.")
+            raise WorkdirLockLostError(
+                f"Stopping: this run lost its workdir lease ({self.lost}); "
+                "another run writes into the workdir now."
+            )
 
     def release(self) -> None:
         """Stops the heartbeat and removes the lease if it is still this run's (idempotent)."""
@@ -360,7 +382,7 @@ class WorkdirLock:
         except Exception as e:  # noqa: BLE001
             logging.warning("Could not remove the lease %s: %s", self.path, e)
 
-    def __enter__(self) -> "WorkdirLock":
+    def __enter__(self) -> WorkdirLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

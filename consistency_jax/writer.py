@@ -6,10 +6,10 @@ A resumed run continues the files of the run it resumes: rows of ``metrics.jsonl
 restored step (written after the last checkpoint by a run that then died) are dropped when the
 writer opens, and TensorBoard is told to purge its events after that step, so no step appears twice.
 """
+
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 from absl import logging
 
@@ -27,7 +27,7 @@ class MetricWriter:
         everything.
     """
 
-    def __init__(self, workdir: str, enabled: bool, start_step: Optional[int] = None):
+    def __init__(self, workdir: str, enabled: bool, start_step: int | None = None):
         self.enabled = enabled
         self.path = fs.join(workdir, "metrics.jsonl")
         self._url = fs.is_url(self.path)
@@ -38,8 +38,9 @@ class MetricWriter:
             try:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(fs.join(workdir, "tensorboard"),
-                                        purge_step=start_step or None)
+                self.tb = SummaryWriter(
+                    fs.join(workdir, "tensorboard"), purge_step=start_step or None
+                )
             except ImportError:  # TensorBoard is optional
                 logging.warning("tensorboardX is not installed: no TensorBoard scalars.")
 
@@ -62,8 +63,12 @@ class MetricWriter:
         if not dropped:
             return
         fs.write_text(self.path, "".join(line + "\n" for line in kept))
-        logging.info("Dropped %d row(s) of %s after step %d (the run resumes from that step).",
-                     dropped, self.path, step)
+        logging.info(
+            "Dropped %d row(s) of %s after step %d (the run resumes from that step).",
+            dropped,
+            self.path,
+            step,
+        )
 
     def scalars(self, step: int, values: dict, prefix: str) -> None:
         if self.tb is not None:

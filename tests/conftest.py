@@ -1,4 +1,5 @@
 """Shared pytest set-up: small, deterministic, CPU-only."""
+
 import os
 
 # Tests run on CPU; keep XLA from grabbing every core thread pool it can and keep output quiet.
@@ -8,9 +9,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # XLA:CPU aborts a collective whose participants do not all arrive within about 40 s. On a busy
 # 2-core machine the threads of 8 virtual devices can be that late, so the multi-device subprocesses
 # of the tests raise the limit (these flags exist in jaxlib >= 0.4.3x; an unknown flag aborts XLA).
-SLOW_CPU_COLLECTIVES = ("--xla_cpu_collective_call_terminate_timeout_seconds=900 "
-                        "--xla_cpu_collective_timeout_seconds=900 "
-                        "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120")
+SLOW_CPU_COLLECTIVES = (
+    "--xla_cpu_collective_call_terminate_timeout_seconds=900 "
+    "--xla_cpu_collective_timeout_seconds=900 "
+    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120"
+)
 
 # A persistent XLA compilation cache shared by the test processes of one run (both xdist workers and
 # every subprocess they start: the 8-device sharding scripts, the killed-and-resumed jobs, the
@@ -21,10 +24,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
     _run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
     if _run_id:
-        os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(tempfile.gettempdir(),
-                                                               f"consistency_jax_xla_cache_{_run_id}")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+            tempfile.gettempdir(), f"consistency_jax_xla_cache_{_run_id}"
+        )
     else:
-        os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="consistency_jax_xla_cache_")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+            prefix="consistency_jax_xla_cache_"
+        )
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -33,7 +39,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 if os.environ.get("PYTEST_XDIST_WORKER"):
     import tempfile
 
-    os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix=f"tfds_{os.environ['PYTEST_XDIST_WORKER']}_")
+    os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(
+        prefix=f"tfds_{os.environ['PYTEST_XDIST_WORKER']}_"
+    )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,7 +71,9 @@ def load_tool(name: str):
     """tools/<name>.py as a module (the weight converters and fixture generators; no torch needed)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(
+        f"_tool_{name}", os.path.join(ROOT, "tools", f"{name}.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -89,6 +99,7 @@ def x64(on: bool = True):
     if hasattr(jax, "enable_x64"):
         return jax.enable_x64(True)
     from jax.experimental import enable_x64  # older JAX
+
     return enable_x64()
 
 

@@ -7,6 +7,7 @@ the download step is replaced (the builder is handed the local directory instead
 cs.toronto.edu), so the data set that results is a genuine ``cifar10`` TFDS data set, read by name
 like the real one.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,10 +16,30 @@ from unittest import mock
 import numpy as np
 import tensorflow_datasets as tfds
 
-_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
-           "retina", "colorwheel", "logo", "cell")
-_CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                "truck")
+_PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "colorwheel",
+    "logo",
+    "cell",
+)
+_CLASS_NAMES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 
 
 def _photo_patches(count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -29,7 +50,9 @@ def _photo_patches(count: int, rng: np.random.Generator) -> tuple[np.ndarray, np
     photos = []
     for name in _PHOTOS:
         image = np.asarray(getattr(skimage.data, name)())
-        image = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]  # gray, RGBA
+        image = (
+            np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]
+        )  # gray, RGBA
         small = Image.fromarray(image).resize((image.shape[1] // 4, image.shape[0] // 4), Image.BOX)
         photos.append(np.asarray(small))
     images, labels = [], []
@@ -43,8 +66,9 @@ def _photo_patches(count: int, rng: np.random.Generator) -> tuple[np.ndarray, np
     return np.stack(images).astype(np.uint8), np.asarray(labels, np.uint8)
 
 
-def write_cifar10_binaries(root: str, num_train: int = 60, num_test: int = 12,
-                           seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def write_cifar10_binaries(
+    root: str, num_train: int = 60, num_test: int = 12, seed: int = 0
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Writes ``root/cifar-10-batches-bin`` in CIFAR-10's binary format; returns what it wrote.
 
     Each record is one label byte followed by the 32x32 red, green and blue planes (row major).
@@ -58,8 +82,10 @@ def write_cifar10_binaries(root: str, num_train: int = 60, num_test: int = 12,
     with open(os.path.join(folder, "batches.meta.txt"), "w") as f:
         f.write("\n".join(_CLASS_NAMES) + "\n")
     written = {}
-    for split, count, files in (("train", num_train, [f"data_batch_{i}.bin" for i in range(1, 6)]),
-                                ("test", num_test, ["test_batch.bin"])):
+    for split, count, files in (
+        ("train", num_train, [f"data_batch_{i}.bin" for i in range(1, 6)]),
+        ("test", num_test, ["test_batch.bin"]),
+    ):
         images, labels = _photo_patches(count, rng)
         written[split] = (images, labels)
         for part, name in zip(np.array_split(np.arange(count), len(files)), files):
@@ -74,8 +100,9 @@ def prepare_cifar10(data_dir: str, source_dir: str, file_format: str) -> tfds.co
     """Runs TFDS's ``cifar10`` builder on ``source_dir`` (from ``write_cifar10_binaries``)."""
     builder = tfds.builder("cifar10", data_dir=data_dir)
     if not builder.is_prepared():
-        with mock.patch.object(tfds.download.DownloadManager, "download_and_extract",
-                               lambda self, url: source_dir):
+        with mock.patch.object(
+            tfds.download.DownloadManager, "download_and_extract", lambda self, url: source_dir
+        ):
             builder.download_and_prepare(
                 file_format=file_format,
                 download_config=tfds.download.DownloadConfig(try_download_gcs=False),

@@ -1,5 +1,6 @@
 """The shape of the package: no import circles (counting imports inside functions too), and loading
 a trained run needs no training code."""
+
 import ast
 import pathlib
 import subprocess
@@ -19,8 +20,12 @@ def _import_graph() -> dict[str, set[str]]:
     graph = {}
     for name, path in modules.items():
         tree = ast.parse(path.read_text())
-        skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
-                and getattr(node.test, "id", "") == "TYPE_CHECKING" for n in ast.walk(node)}
+        skip = {
+            id(n)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING"
+            for n in ast.walk(node)
+        }
         deps = set()
         for node in ast.walk(tree):
             if id(node) in skip:
@@ -30,8 +35,12 @@ def _import_graph() -> dict[str, set[str]]:
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
                 # "from pkg import sub" depends on pkg.sub; "from pkg import attr" on pkg.
-                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules
-                           else node.module for a in node.names]
+                targets = [
+                    f"{node.module}.{a.name}"
+                    if f"{node.module}.{a.name}" in modules
+                    else node.module
+                    for a in node.names
+                ]
             for t in targets:
                 while t and t not in modules:
                     t = t.rpartition(".")[0]
@@ -51,7 +60,7 @@ def _cycles(graph):
 
     def visit(node):
         if node in stack:
-            found.append(stack[stack.index(node):] + [node])
+            found.append(stack[stack.index(node) :] + [node])
             return
         if node in seen:
             return
@@ -76,13 +85,15 @@ def test_no_import_circles():
 
 
 def test_loading_a_run_imports_no_training_code():
-    code = ("import sys, consistency_jax.loading\n"
-            "heavy = [m for m in ('consistency_jax.losses', 'consistency_jax.methods', "
-            "'consistency_jax.train', 'consistency_jax.experiment', 'consistency_jax.data') "
-            "if m in sys.modules]\n"
-            "print('HEAVY', heavy)\n"
-            "import consistency_jax as cj\n"
-            "assert callable(cj.make_train_step) and 'consistency_jax.train' in sys.modules\n")
+    code = (
+        "import sys, consistency_jax.loading\n"
+        "heavy = [m for m in ('consistency_jax.losses', 'consistency_jax.methods', "
+        "'consistency_jax.train', 'consistency_jax.experiment', 'consistency_jax.data') "
+        "if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+        "import consistency_jax as cj\n"
+        "assert callable(cj.make_train_step) and 'consistency_jax.train' in sys.modules\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "HEAVY []" in out.stdout, out.stdout

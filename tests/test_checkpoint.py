@@ -1,5 +1,6 @@
 """Checkpoints: bitwise round trips, keep policies, no teacher in student checkpoints, unreadable
 checkpoints, non-finite states, skip_nonfinite, SIGTERM handling, read-only teachers, no pickle."""
+
 import ast
 import logging
 import os
@@ -12,14 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from conftest import load_config
+
 from consistency_jax import checkpoint as C
 from consistency_jax import loading
 from consistency_jax import losses as L
-from consistency_jax.methods.ct import ConsistencyTraining
 from consistency_jax import parameterization as P
 from consistency_jax import schedules as S
+from consistency_jax.methods.ct import ConsistencyTraining
 from consistency_jax.networks import get_network, make_apply_fn
 from consistency_jax.preemption import PreemptionWatcher
 from consistency_jax.train import make_train_step
@@ -41,12 +42,17 @@ def _state(seed=0, teacher=None, rates=RATES, use_target=True):
     """A TrainState whose every float leaf holds distinct random values (not the init copies)."""
     module = get_network("mlp", hidden=8, depth=1)
     params = module.init(jax.random.key(seed), jnp.zeros((1, 2)), jnp.zeros((1,)))["params"]
-    state = TrainState.create(params, optax.adam(1e-3), ema_rates=rates, use_target=use_target,
-                              teacher_params=teacher)
+    state = TrainState.create(
+        params, optax.adam(1e-3), ema_rates=rates, use_target=use_target, teacher_params=teacher
+    )
     leaves, treedef = jax.tree.flatten(state.replace(teacher_params=None))
     rng = np.random.default_rng(seed)
-    leaves = [jnp.asarray(rng.standard_normal(np.shape(x)), x.dtype)
-              if jnp.issubdtype(x.dtype, jnp.floating) else x + 7 for x in leaves]
+    leaves = [
+        jnp.asarray(rng.standard_normal(np.shape(x)), x.dtype)
+        if jnp.issubdtype(x.dtype, jnp.floating)
+        else x + 7
+        for x in leaves
+    ]
     return jax.tree.unflatten(treedef, leaves).replace(teacher_params=teacher)
 
 
@@ -59,8 +65,10 @@ def _student_leaves(state):
 
 
 def _files(d):
-    return sorted((str(p.relative_to(d)), p.stat().st_size, p.stat().st_mtime_ns)
-                  for p in pathlib.Path(d).rglob("*"))
+    return sorted(
+        (str(p.relative_to(d)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in pathlib.Path(d).rglob("*")
+    )
 
 
 # ---------------------------------------------------------------- round trip and layout
@@ -113,8 +121,9 @@ def test_existing_step_is_not_overwritten(tmp_path):
     assert not ckpt.save(_at(second, 5), step=5, data_state={"step": 5}, config=_config())
     ckpt.close()
     arrays = loading.read_arrays(str(tmp_path), 5)
-    np.testing.assert_array_equal(arrays["state/params/Dense_0/kernel"],
-                                  np.asarray(first.params["Dense_0"]["kernel"]))
+    np.testing.assert_array_equal(
+        arrays["state/params/Dense_0/kernel"], np.asarray(first.params["Dense_0"]["kernel"])
+    )
 
 
 # ---------------------------------------------------------------- unreadable checkpoints
@@ -178,8 +187,9 @@ def test_no_readable_checkpoint_is_a_clear_error_and_moves_nothing(tmp_path):
 def test_nonfinite_state_is_never_saved(tmp_path):
     state = _state(8)
     ema = dict(state.ema_params)
-    ema[ema_key(0.99)] = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan),
-                                      ema[ema_key(0.99)])
+    ema[ema_key(0.99)] = jax.tree.map(
+        lambda x: x.at[(0,) * x.ndim].set(jnp.nan), ema[ema_key(0.99)]
+    )
     bad = state.replace(ema_params=ema)
     assert C.nonfinite_parts(state) == []
     assert C.nonfinite_parts(bad) == [f"ema_params[{ema_key(0.99)!r}]"]
@@ -196,9 +206,13 @@ def test_skip_nonfinite_counts_steps_and_keeps_the_state():
     cur = S.Curriculum(kind="constant", num_scales=10)
     module = get_network("mlp", hidden=8, depth=1)
     apply_fn = make_apply_fn(module)
-    loss_fn = ConsistencyTraining(apply_fn=apply_fn, sigmas=sig, curriculum=cur,
-                                  loss_cfg=L.LossConfig(distance="l2"),
-                                  distance=L.make_distance("l2", (2,)))
+    loss_fn = ConsistencyTraining(
+        apply_fn=apply_fn,
+        sigmas=sig,
+        curriculum=cur,
+        loss_cfg=L.LossConfig(distance="l2"),
+        distance=L.make_distance("l2", (2,)),
+    )
     tx = optax.adam(1e-2)
     params = module.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros((1,)))["params"]
     state = TrainState.create(params, tx, ema_rates=(0.9,), use_target=True)
@@ -213,8 +227,12 @@ def test_skip_nonfinite_counts_steps_and_keeps_the_state():
         new, metrics = step(state, {"image": jnp.asarray(x)}, jax.random.key(1))
         finite_flags.append(int(metrics["finite"]))
         assert int(new.step) == k + 1  # the counter advances either way
-        same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
-                   zip(jax.tree.leaves(new.replace(step=0)), jax.tree.leaves(state.replace(step=0))))
+        same = all(
+            np.array_equal(np.asarray(a), np.asarray(b))
+            for a, b in zip(
+                jax.tree.leaves(new.replace(step=0)), jax.tree.leaves(state.replace(step=0))
+            )
+        )
         assert same == (k in bad_steps)
         assert C.nonfinite_parts(new) == []
         state = new
@@ -311,8 +329,12 @@ def _unpickling_calls(tree: ast.AST) -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
-            bad += [n for n in names if n.split(".")[0] in ("pickle", "cloudpickle", "dill",
-                                                            "joblib", "marshal", "shelve")]
+            bad += [
+                n
+                for n in names
+                if n.split(".")[0]
+                in ("pickle", "cloudpickle", "dill", "joblib", "marshal", "shelve")
+            ]
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
             kw = {k.arg: k.value for k in node.keywords}
             const = lambda name: kw[name].value if isinstance(kw.get(name), ast.Constant) else None
@@ -328,12 +350,18 @@ def _unpickling_calls(tree: ast.AST) -> list[str]:
 def test_library_never_unpickles():
     files = [p for d in ("consistency_jax", "tools") for p in (REPO / d).rglob("*.py")]
     assert files
-    found = {str(p.relative_to(REPO)): b for p in files
-             if (b := _unpickling_calls(ast.parse(p.read_text(), str(p))))}
+    found = {
+        str(p.relative_to(REPO)): b
+        for p in files
+        if (b := _unpickling_calls(ast.parse(p.read_text(), str(p))))
+    }
     assert found == {}
     # The checker itself catches the forms it looks for.
     assert _unpickling_calls(ast.parse("import pickle\nnp.load(f)\ntorch.load(f)")) == [
-        "pickle", "np.load without allow_pickle=False", "torch.load without weights_only=True"]
+        "pickle",
+        "np.load without allow_pickle=False",
+        "torch.load without weights_only=True",
+    ]
 
 
 # ---------------------------------------------------------------- sharded states
@@ -390,11 +418,23 @@ def test_sharded_state_restores_into_the_live_shardings(tmp_path):
 
     from conftest import SLOW_CPU_COLLECTIVES
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {SLOW_CPU_COLLECTIVES}")
-    out = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT, str(tmp_path)], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "SHARDED-OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(REPO),
+        XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {SLOW_CPU_COLLECTIVES}",
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", _SHARDED_SCRIPT, str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0 and "SHARDED-OK" in out.stdout, (
+        out.stdout[-2000:] + out.stderr[-4000:]
+    )
 
 
 def test_cd_run_never_writes_its_teacher(tmp_path):

@@ -1,24 +1,22 @@
 """CM's continuous-time CD/CT (CM Appendix B): the jvp against finite differences in float64, the
 pseudo-objective's gradient as the limit of the discrete gradient over Δt (CM Thm. 6), and a run
 through the main loop."""
+
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_config, x64
 
-from conftest import load_config
 from consistency_jax import parameterization as P
 from consistency_jax import toy
 from consistency_jax.methods import Frozen
 from consistency_jax.methods import cm_continuous as CC
 from consistency_jax.networks import get_network, make_apply_fn
-from conftest import x64
 
 SIG = P.SigmaConfig()
-
-
 
 
 def _tanh_net(params, x, c_noise, **_):
@@ -30,9 +28,12 @@ def _tanh_net(params, x, c_noise, **_):
 
 def _tanh_params(seed=0, dim=2, hidden=32):
     r = np.random.default_rng(seed)
-    return {"w1": jnp.asarray(r.standard_normal((dim, hidden))), "wt": jnp.asarray(r.standard_normal(hidden)),
-            "b1": jnp.asarray(0.1 * r.standard_normal(hidden)),
-            "w2": jnp.asarray(r.standard_normal((hidden, dim)) / np.sqrt(hidden))}
+    return {
+        "w1": jnp.asarray(r.standard_normal((dim, hidden))),
+        "wt": jnp.asarray(r.standard_normal(hidden)),
+        "b1": jnp.asarray(0.1 * r.standard_normal(hidden)),
+        "w2": jnp.asarray(r.standard_normal((hidden, dim)) / np.sqrt(hidden)),
+    }
 
 
 def _central_difference(apply_fn, params, x, t, v, rel):
@@ -71,10 +72,13 @@ def test_jvp_tangent_through_a_tiny_ncsnpp():
     module = get_network("ncsnpp", nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
     # Random weights of the network's shapes (tracing init is enough; NCSN++ would zero-initialise its
     # last convolutions, which would make F vanish).
-    shapes = jax.eval_shape(lambda r: module.init(r, jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,))),
-                            jax.random.key(0))["params"]
+    shapes = jax.eval_shape(
+        lambda r: module.init(r, jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,))), jax.random.key(0)
+    )["params"]
     rng = np.random.default_rng(1)
-    params = jax.tree.map(lambda a: jnp.asarray(0.3 * rng.standard_normal(a.shape), a.dtype), shapes)
+    params = jax.tree.map(
+        lambda a: jnp.asarray(0.3 * rng.standard_normal(a.shape), a.dtype), shapes
+    )
     _check_jvp(make_apply_fn(module), params, (8, 8, 1), rel=3e-3, rtol=3e-3)
 
 
@@ -101,17 +105,23 @@ def test_pseudo_objective_gradient_is_the_limit_of_the_discrete_gradient_over_dt
         x_t = x0 + t[:, None] * z
         phi = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), gm.as_params())
         dist = L.make_distance(distance, (2,), huber_c=1.0) if distance != "l2" else None
-        m = CC.ContinuousConsistency(apply_fn=apply_fn, sigmas=SIG, stopgrad=True,
-                                     teacher=toy.exact_denoiser if method == "cd" else None,
-                                     distance=dist)
+        m = CC.ContinuousConsistency(
+            apply_fn=apply_fn,
+            sigmas=SIG,
+            stopgrad=True,
+            teacher=toy.exact_denoiser if method == "cd" else None,
+            distance=dist,
+        )
         v = m.velocity(Frozen(teacher=phi), x0, z, x_t, t, None)
-        cont = jax.grad(lambda p: CC.continuous_loss(apply_fn, SIG, p, x_t, t, v, stopgrad=True,
-                                                     distance=dist)[0])(params)
+        cont = jax.grad(
+            lambda p: CC.continuous_loss(apply_fn, SIG, p, x_t, t, v, stopgrad=True, distance=dist)[
+                0
+            ]
+        )(params)
         d = dist if dist is not None else L.l2_distance
 
         def discrete(p, dt):
-            target = jax.lax.stop_gradient(
-                P.consistency_fn(apply_fn, p, x_t - dt * v, t - dt, SIG))
+            target = jax.lax.stop_gradient(P.consistency_fn(apply_fn, p, x_t - dt * v, t - dt, SIG))
             online = P.consistency_fn(apply_fn, p, x_t, t, SIG)
             return jnp.mean(d(online, target)) / dt
 
@@ -130,8 +140,9 @@ def test_metric_hvp_of_l2_is_the_closed_form():
     with x64():
         rng = np.random.default_rng(3)
         a, v = (jnp.asarray(rng.standard_normal((4, 3, 2))) for _ in range(2))
-        np.testing.assert_allclose(np.asarray(CC.metric_hvp(L.l2_distance, a, v)),
-                                   2.0 / 6 * np.asarray(v), rtol=1e-13)
+        np.testing.assert_allclose(
+            np.asarray(CC.metric_hvp(L.l2_distance, a, v)), 2.0 / 6 * np.asarray(v), rtol=1e-13
+        )
 
 
 def test_true_objective_is_the_norm_of_the_time_derivative():
@@ -148,7 +159,8 @@ def test_true_objective_is_the_norm_of_the_time_derivative():
         assert float(aux["dfdt_norm"]) == pytest.approx(want, rel=1e-12)
         # and it is differentiated through the jvp (a true objective): a nonzero gradient
         g = jax.grad(lambda p: CC.continuous_loss(apply_fn, SIG, p, x_t, t, z, stopgrad=False)[0])(
-            params)
+            params
+        )
         assert np.linalg.norm(_flat(g)) > 0
 
 

@@ -1,17 +1,18 @@
 """Every bad config or workdir fails with a clear ValueError naming the problem, before anything is
 compiled or written."""
+
 import pathlib
 import re
 
 import jax
 import pytest
-
 from conftest import load_config
+
+from consistency_jax import build
 from consistency_jax import checkpoint as C
 from consistency_jax import experiment as E
-from consistency_jax.train_state import TrainState
 from consistency_jax.config import default_values, validate
-from consistency_jax import build
+from consistency_jax.train_state import TrainState
 
 
 def _config(method="ct"):
@@ -33,50 +34,98 @@ def _set(c, dotted, value):
     return c
 
 
-@pytest.mark.parametrize("changes,message", [
-    ({"curriculum.kind": "constant", "curriculum.num_scales": 1},
-     r"config\.curriculum: num_scales \(N\) must be at least 2, got 1"),
-    ({"curriculum.kind": "cm", "curriculum.s0": 1, "curriculum.mu0": 0.0},
-     r"config\.curriculum: .*s0 >= 2 for kind='cm'"),
-    ({"sigmas.sigma_min": 80.0, "sigmas.sigma_max": 80.0},
-     r"config\.sigmas: Need 0 < sigma_min < sigma_max, got sigma_min=80\.0, sigma_max=80\.0"),
-    ({"sigmas.sigma_min": 5.0, "sigmas.sigma_max": 1.0}, r"config\.sigmas: .*sigma_min < sigma_max"),
-    ({"train.ema_rates": (-0.1,)}, r"config\.train\.ema_rates\) must lie in \[0, 1\), got -0\.1"),
-    ({"train.ema_rates": (0.999, 1.5)}, r"config\.train\.ema_rates\) must lie in \[0, 1\), got 1\.5"),
-    ({"curriculum.mu0": 1.2}, r"config\.curriculum: The target EMA rate mu0 must be in \[0, 1\)"),
-    ({"teacher.ema_rate": -0.5}, r"config\.teacher\.ema_rate must lie in \[0, 1\)"),
-    ({"eval.ema_rate": 0.5}, r"config\.eval\.ema_rate=0\.5 is not one of the EMA rates"),
-    ({"method": "sctx"}, r"Unknown method 'sctx'"),
-    ({"loss.distance": "l3"}, r"config\.loss: Unknown distance 'l3'"),
-    ({"loss.weighting": "snr2"}, r"config\.loss: Unknown weighting 'snr2'"),
-    ({"model.name": "resnet"}, r"Unknown network 'resnet' \(config\.model\.name\)"),
-    ({"data.name": "not_a_dataset_xyz"},
-     r"Unknown data set 'not_a_dataset_xyz' \(config\.data\.name\)"),
-    ({"model.kwargs": {"hidden": 8, "width": 3}},
-     r"The network 'mlp' \(config\.model\) cannot take 2-D toy points: .*width"),
-    ({"optim.decay": "linear"}, r"Unknown lr decay 'linear' \(config\.optim\.decay\)"),
-    ({"checkpoint.keep": 0}, r"config\.checkpoint\.keep must be an integer >= 1, got 0"),
-    ({"checkpoint.every": 0}, r"config\.checkpoint\.every must be an integer >= 1, got 0"),
-    ({"checkpoint.keep_every": -2}, r"config\.checkpoint\.keep_every must be an integer >= 0"),
-    ({"train.microbatches": 0}, r"config\.train\.microbatches must be an integer >= 1, got 0"),
-    ({"train.steps_per_call": True}, r"config\.train\.steps_per_call must be an integer >= 1"),
-    ({"mesh.fsdp_min_size": -1}, r"config\.mesh\.fsdp_min_size must be an integer >= 0"),
-    ({"loss.p_std": 0.0}, r"config\.loss: The lognormal p_std must be positive"),
-    ({"loss.huber_c": -1.0}, r"config\.loss: The pseudo-Huber constant huber_c must be positive"),
-    ({"eval.two_step_time": 0.001}, r"config\.eval\.two_step_time / two_step_indices: .*\[sigma_min, sigma_max\]"),
-    ({"eval.two_step_indices": (0, 200)}, r"config\.eval\.two_step_time / two_step_indices: Indices must lie in \[0, 150\]"),
-    ({"method": "edm", "loss.edm_p_std": 0.0}, r"config\.loss\.edm_p_std must be positive"),
-    ({"eval.num_samples": 0}, r"config\.eval\.num_samples must be an integer >= 1"),
-    ({"optim.b2": 1.0}, r"config\.optim\.b2 must lie in \[0, 1\), got 1\.0"),
-    ({"optim.eps": 0.0}, r"config\.optim\.eps must be positive"),
-    ({"data.shuffle_buffer": -1}, r"config\.data\.shuffle_buffer must be an integer >= 0"),
-    ({"loss.distance": "lpips"}, r"config\.loss\.distance='lpips' needs config\.loss\.lpips_weights"),
-    ({"loss.distance": "lpips", "loss.lpips_weights": "/nonexistent/lpips.safetensors"},
-     r"lpips_weights.*got '/nonexistent/lpips\.safetensors' \(no such file\)"),
-    ({"loss.distance": "lpips", "loss.lpips_net": "resnet"}, r"config\.loss\.lpips_net must be 'vgg' or 'alex'"),
-    ({"train.microbatches": 3}, r"config\.data\.batch_size=16 does not split into config\.train\.microbatches=3"),
-    ({"data.reader": "tf"}, r"config\.data\.reader must be one of \('auto', 'data_source', 'tfds_load'\), got 'tf'"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (
+            {"curriculum.kind": "constant", "curriculum.num_scales": 1},
+            r"config\.curriculum: num_scales \(N\) must be at least 2, got 1",
+        ),
+        (
+            {"curriculum.kind": "cm", "curriculum.s0": 1, "curriculum.mu0": 0.0},
+            r"config\.curriculum: .*s0 >= 2 for kind='cm'",
+        ),
+        (
+            {"sigmas.sigma_min": 80.0, "sigmas.sigma_max": 80.0},
+            r"config\.sigmas: Need 0 < sigma_min < sigma_max, got sigma_min=80\.0, sigma_max=80\.0",
+        ),
+        (
+            {"sigmas.sigma_min": 5.0, "sigmas.sigma_max": 1.0},
+            r"config\.sigmas: .*sigma_min < sigma_max",
+        ),
+        (
+            {"train.ema_rates": (-0.1,)},
+            r"config\.train\.ema_rates\) must lie in \[0, 1\), got -0\.1",
+        ),
+        (
+            {"train.ema_rates": (0.999, 1.5)},
+            r"config\.train\.ema_rates\) must lie in \[0, 1\), got 1\.5",
+        ),
+        (
+            {"curriculum.mu0": 1.2},
+            r"config\.curriculum: The target EMA rate mu0 must be in \[0, 1\)",
+        ),
+        ({"teacher.ema_rate": -0.5}, r"config\.teacher\.ema_rate must lie in \[0, 1\)"),
+        ({"eval.ema_rate": 0.5}, r"config\.eval\.ema_rate=0\.5 is not one of the EMA rates"),
+        ({"method": "sctx"}, r"Unknown method 'sctx'"),
+        ({"loss.distance": "l3"}, r"config\.loss: Unknown distance 'l3'"),
+        ({"loss.weighting": "snr2"}, r"config\.loss: Unknown weighting 'snr2'"),
+        ({"model.name": "resnet"}, r"Unknown network 'resnet' \(config\.model\.name\)"),
+        (
+            {"data.name": "not_a_dataset_xyz"},
+            r"Unknown data set 'not_a_dataset_xyz' \(config\.data\.name\)",
+        ),
+        (
+            {"model.kwargs": {"hidden": 8, "width": 3}},
+            r"The network 'mlp' \(config\.model\) cannot take 2-D toy points: .*width",
+        ),
+        ({"optim.decay": "linear"}, r"Unknown lr decay 'linear' \(config\.optim\.decay\)"),
+        ({"checkpoint.keep": 0}, r"config\.checkpoint\.keep must be an integer >= 1, got 0"),
+        ({"checkpoint.every": 0}, r"config\.checkpoint\.every must be an integer >= 1, got 0"),
+        ({"checkpoint.keep_every": -2}, r"config\.checkpoint\.keep_every must be an integer >= 0"),
+        ({"train.microbatches": 0}, r"config\.train\.microbatches must be an integer >= 1, got 0"),
+        ({"train.steps_per_call": True}, r"config\.train\.steps_per_call must be an integer >= 1"),
+        ({"mesh.fsdp_min_size": -1}, r"config\.mesh\.fsdp_min_size must be an integer >= 0"),
+        ({"loss.p_std": 0.0}, r"config\.loss: The lognormal p_std must be positive"),
+        (
+            {"loss.huber_c": -1.0},
+            r"config\.loss: The pseudo-Huber constant huber_c must be positive",
+        ),
+        (
+            {"eval.two_step_time": 0.001},
+            r"config\.eval\.two_step_time / two_step_indices: .*\[sigma_min, sigma_max\]",
+        ),
+        (
+            {"eval.two_step_indices": (0, 200)},
+            r"config\.eval\.two_step_time / two_step_indices: Indices must lie in \[0, 150\]",
+        ),
+        ({"method": "edm", "loss.edm_p_std": 0.0}, r"config\.loss\.edm_p_std must be positive"),
+        ({"eval.num_samples": 0}, r"config\.eval\.num_samples must be an integer >= 1"),
+        ({"optim.b2": 1.0}, r"config\.optim\.b2 must lie in \[0, 1\), got 1\.0"),
+        ({"optim.eps": 0.0}, r"config\.optim\.eps must be positive"),
+        ({"data.shuffle_buffer": -1}, r"config\.data\.shuffle_buffer must be an integer >= 0"),
+        (
+            {"loss.distance": "lpips"},
+            r"config\.loss\.distance='lpips' needs config\.loss\.lpips_weights",
+        ),
+        (
+            {"loss.distance": "lpips", "loss.lpips_weights": "/nonexistent/lpips.safetensors"},
+            r"lpips_weights.*got '/nonexistent/lpips\.safetensors' \(no such file\)",
+        ),
+        (
+            {"loss.distance": "lpips", "loss.lpips_net": "resnet"},
+            r"config\.loss\.lpips_net must be 'vgg' or 'alex'",
+        ),
+        (
+            {"train.microbatches": 3},
+            r"config\.data\.batch_size=16 does not split into config\.train\.microbatches=3",
+        ),
+        (
+            {"data.reader": "tf"},
+            r"config\.data\.reader must be one of \('auto', 'data_source', 'tfds_load'\), got 'tf'",
+        ),
+    ],
+)
 def test_bad_values_are_named(changes, message):
     c = _config()
     for k, v in changes.items():
@@ -95,8 +144,11 @@ def _image_config(model, kwargs, image_size, dataset="cifar10", channels=3):
 def test_image_size_the_network_cannot_take():
     small = dict(nf=8, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,))
     validate(_image_config("ncsnpp", small, 32))  # 32 -> 16 -> 8: fine
-    with pytest.raises(ValueError, match=r"'ncsnpp' \(config\.model\) cannot take 30x30x3 images"
-                                         r".*not divisible by .* 4"):
+    with pytest.raises(
+        ValueError,
+        match=r"'ncsnpp' \(config\.model\) cannot take 30x30x3 images"
+        r".*not divisible by .* 4",
+    ):
         validate(_image_config("ncsnpp", small, 30))
     with pytest.raises(ValueError, match=r"'ncsnpp' .* cannot take 2-D toy points"):
         c = _config()
@@ -136,13 +188,16 @@ def _initial_state(config):
     tx, _ = build.make_optimizer(config)
     _, apply_fn, init = build.build_network(config, (2,))
     method = build.build_method(config, setup.spec, apply_fn, setup.sigmas, (2,), None, None)
-    return TrainState.create(init(jax.random.key(0)), tx, ema_rates=setup.ema_rates,
-                             use_target=method.keeps_target)
+    return TrainState.create(
+        init(jax.random.key(0)), tx, ema_rates=setup.ema_rates, use_target=method.keeps_target
+    )
 
 
 def _snapshot(d):
-    return sorted((str(p.relative_to(d)), p.stat().st_size, p.stat().st_mtime_ns)
-                  for p in pathlib.Path(d).rglob("*"))
+    return sorted(
+        (str(p.relative_to(d)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in pathlib.Path(d).rglob("*")
+    )
 
 
 def _workdir_with_checkpoint(tmp_path, config):
@@ -179,8 +234,10 @@ def test_resumable_differences_and_override_are_accepted(tmp_path, caplog):
     forced.optim.b1 = 0.5
     forced.checkpoint.override_config = True
     C.Checkpointer.from_config(str(tmp_path), forced).close()
-    assert any("override_config=True" in r.getMessage() and "optim.b1" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "override_config=True" in r.getMessage() and "optim.b1" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_checkpoint_of_a_config_without_the_newer_fields_still_resumes(tmp_path):
@@ -200,22 +257,30 @@ def test_checkpoint_of_a_config_without_the_newer_fields_still_resumes(tmp_path)
     assert int(state.step) == 10
     changed = _config()
     changed.loss.p_mean = -0.5
-    with pytest.raises(C.CheckpointError, match=r"fields \(saved -> now\): loss\.p_mean: -1\.1 -> -0\.5\. "):
+    with pytest.raises(
+        C.CheckpointError, match=r"fields \(saved -> now\): loss\.p_mean: -1\.1 -> -0\.5\. "
+    ):
         C.Checkpointer.from_config(str(tmp_path), changed, defaults=default_values())
 
 
 def test_config_differences_lists_keys():
     a = {"optim": {"lr": 1.0, "b1": 0.9}, "train": {"num_steps": 5}, "x": [1, 2]}
     b = {"optim": {"lr": 2.0, "b1": 0.9}, "train": {"num_steps": 9}, "x": [1, 3], "y": 1}
-    assert C.config_differences(a, b) == ["optim.lr: 1.0 -> 2.0", "x: [1, 2] -> [1, 3]",
-                                          "y: '<absent>' -> 1"]
+    assert C.config_differences(a, b) == [
+        "optim.lr: 1.0 -> 2.0",
+        "x: [1, 2] -> [1, 3]",
+        "y: '<absent>' -> 1",
+    ]
     assert "train.num_steps: 5 -> 9" in C.config_differences(a, b, ignore_resumable=False)
     # An absent field takes the given default: equal to it is no difference, another value is.
-    assert C.config_differences(a, b, defaults={"y": 1}) == ["optim.lr: 1.0 -> 2.0",
-                                                            "x: [1, 2] -> [1, 3]"]
+    assert C.config_differences(a, b, defaults={"y": 1}) == [
+        "optim.lr: 1.0 -> 2.0",
+        "x: [1, 2] -> [1, 3]",
+    ]
     assert "y: 0 -> 1" in C.config_differences(a, b, defaults={"y": 0})
-    nested = C.config_differences({"loss": {"q": 1}}, {"loss": {"q": 1, "p": 2}},
-                                  defaults={"loss": {"q": 0, "p": 2}})
+    nested = C.config_differences(
+        {"loss": {"q": 1}}, {"loss": {"q": 1, "p": 2}}, defaults={"loss": {"q": 0, "p": 2}}
+    )
     assert nested == []
 
 
@@ -223,7 +288,8 @@ def test_config_file_arguments_take_the_type_of_their_default():
     from consistency_jax.config import parse_arg
 
     assert parse_arg("flag=False,n=3,x=0.5,s=a", flag=True, n=1, x=1.0, s="") == dict(
-        flag=False, n=3, x=0.5, s="a")
+        flag=False, n=3, x=0.5, s="a"
+    )
     assert parse_arg("flag=false", flag=True)["flag"] is False  # bool("False") would be True
     assert parse_arg("flag=TRUE", flag=False)["flag"] is True
     assert parse_arg("flag=0", flag=True)["flag"] is False
@@ -242,8 +308,11 @@ def test_unreadable_checkpoint_is_refused_before_anything_is_written(tmp_path):
     _workdir_with_checkpoint(tmp_path, _config())
     (tmp_path / "checkpoints" / "0" / "config" / "metadata").write_text("{not json")
     before = _snapshot(tmp_path)
-    with pytest.raises(C.CheckpointError, match=r"No readable checkpoint in .*checkpoints: step 0 "
-                                                r"\(.*checkpoints/0\)"):
+    with pytest.raises(
+        C.CheckpointError,
+        match=r"No readable checkpoint in .*checkpoints: step 0 "
+        r"\(.*checkpoints/0\)",
+    ):
         E.train_and_evaluate(_config(), str(tmp_path))
     assert _snapshot(tmp_path) == before
 
@@ -256,7 +325,10 @@ def test_unreadable_arrays_are_refused_and_nothing_moved(tmp_path):
         if p.is_file() and p.parent.name == "d":
             p.write_bytes(b"")
     before = _snapshot(tmp_path / "checkpoints")
-    with pytest.raises(C.CheckpointError, match=r"None of the checkpoints in .* can be restored: "
-                                                r"step 0 \(.*checkpoints/0\)"):
+    with pytest.raises(
+        C.CheckpointError,
+        match=r"None of the checkpoints in .* can be restored: "
+        r"step 0 \(.*checkpoints/0\)",
+    ):
         E.train_and_evaluate(_config(), str(tmp_path))
     assert _snapshot(tmp_path / "checkpoints") == before

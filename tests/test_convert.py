@@ -3,6 +3,7 @@
 The fixtures (tools/make_cm_fixture.py) hold two tiny ADM UNets of the official cm code with random
 weights and the official network's outputs on fixed inputs; no torch is needed here.
 """
+
 import importlib.util
 import os
 import subprocess
@@ -24,12 +25,29 @@ SIGMA_MIN, SIGMA_DATA, T = 0.002, 0.5, 80.0
 
 # The fixtures' architectures in the converter's terms (attention resolutions in pixels).
 ARCH = {
-    "cond": dict(image_size=16, model_channels=32, channel_mult=(1, 1), num_res_blocks=1,
-                 attention_resolutions=(16, 8), num_head_channels=16, num_classes=10,
-                 resblock_updown=True, use_scale_shift_norm=True),
-    "uncond": dict(image_size=16, model_channels=32, channel_mult=(1, 1), num_res_blocks=1,
-                   attention_resolutions=(8,), num_head_channels=-1, num_heads=2, num_classes=None,
-                   resblock_updown=False, use_scale_shift_norm=False),
+    "cond": dict(
+        image_size=16,
+        model_channels=32,
+        channel_mult=(1, 1),
+        num_res_blocks=1,
+        attention_resolutions=(16, 8),
+        num_head_channels=16,
+        num_classes=10,
+        resblock_updown=True,
+        use_scale_shift_norm=True,
+    ),
+    "uncond": dict(
+        image_size=16,
+        model_channels=32,
+        channel_mult=(1, 1),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+        num_head_channels=-1,
+        num_heads=2,
+        num_classes=None,
+        resblock_updown=False,
+        use_scale_shift_norm=False,
+    ),
 }
 
 
@@ -54,12 +72,14 @@ def test_converted_network_equals_the_official_one(name):
     state_dict = load_file(weights)
     assert all(v.dtype == np.float16 for v in state_dict.values())  # cast to float32 on the way
     params = convert.cm_params(state_dict, _kwargs(name), 16)
-    out = ADMUNet(**_kwargs(name)).apply({"params": params}, ref["x_in"], ref["timesteps"],
-                                         _labels(ref))
+    out = ADMUNet(**_kwargs(name)).apply(
+        {"params": params}, ref["x_in"], ref["timesteps"], _labels(ref)
+    )
     assert np.abs(np.asarray(out) - ref["out"]).max() <= 1e-5
     # cm's time input is 1000·0.25·ln σ: the library's c_noise(kind="cm") gives the same.
-    np.testing.assert_allclose(param_lib.c_noise(ref["sigma"].astype(np.float32), "cm"),
-                               ref["timesteps"], rtol=1e-6)
+    np.testing.assert_allclose(
+        param_lib.c_noise(ref["sigma"].astype(np.float32), "cm"), ref["timesteps"], rtol=1e-6
+    )
 
 
 def _f_reference(ref, x, edm=False):
@@ -91,16 +111,31 @@ def test_cd_run_gives_f_of_the_official_network(cd_run):
     x = (ref["sigma"][:, None, None, None] * ref["z"]).astype(np.float32)
     want = _f_reference(ref, x.astype(np.float64))
     # One-step samples from the fixed noise z of the first two examples (σ = T, CM Algorithm 1).
-    one_step = sampling.multistep_sample(apply_fn, params, jax.random.key(0), x[:2].shape, (T,), sigmas,
-                                         labels=ref["labels"][:2], x_init=x[:2])
+    one_step = sampling.multistep_sample(
+        apply_fn,
+        params,
+        jax.random.key(0),
+        x[:2].shape,
+        (T,),
+        sigmas,
+        labels=ref["labels"][:2],
+        x_init=x[:2],
+    )
     assert np.abs(np.asarray(one_step) - want[:2]).max() <= 1e-5
 
 
 def test_sampling_command_reads_the_converted_run(cd_run, tmp_path):
     from consistency_jax import sample
 
-    request = sample.SampleRequest(workdir=cd_run, out=str(tmp_path / "samples"), num_samples=4,
-                                   per_device_batch=4, examples_per_shard=4, grid=False, seed=1)
+    request = sample.SampleRequest(
+        workdir=cd_run,
+        out=str(tmp_path / "samples"),
+        num_samples=4,
+        per_device_batch=4,
+        examples_per_shard=4,
+        grid=False,
+        seed=1,
+    )
     summary = sample.run(request)
     with np.load(summary["npz"]) as z:
         images, labels = z["arr_0"], z["arr_1"]
@@ -143,11 +178,14 @@ def _convert(path, tmp_path, **kw):
     return convert.convert_cm(path, str(tmp_path / "run"), **kw)
 
 
-@pytest.mark.parametrize("edit, message", [
-    ("missing", "1 missing tensor(s): middle_block.1.qkv.weight"),
-    ("extra", "1 unexpected tensor(s): middle_block.1.extra.weight"),
-    ("shape", "1 of the wrong shape: out.2.weight (3, 32, 3, 1) (expected (3, 32, 3, 3))"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ("missing", "1 missing tensor(s): middle_block.1.qkv.weight"),
+        ("extra", "1 unexpected tensor(s): middle_block.1.extra.weight"),
+        ("shape", "1 of the wrong shape: out.2.weight (3, 32, 3, 1) (expected (3, 32, 3, 3))"),
+    ],
+)
 def test_refuses_a_checkpoint_that_is_not_the_network(tmp_path, edit, message):
     state_dict = load_file(_fixture("cond")[0])
     if edit == "missing":
@@ -166,7 +204,9 @@ def test_refuses_wrong_architecture_flags(tmp_path):
     weights, _ = _fixture("cond")
     with pytest.raises(convert.ConvertError, match="unexpected tensor.*label_emb.weight"):
         _convert(weights, tmp_path, arch=dict(ARCH["cond"], num_classes=None))
-    with pytest.raises(convert.ConvertError, match=r"84 missing tensor\(s\): input_blocks.2.1.norm.bias"):
+    with pytest.raises(
+        convert.ConvertError, match=r"84 missing tensor\(s\): input_blocks.2.1.norm.bias"
+    ):
         _convert(weights, tmp_path, arch=dict(ARCH["cond"], num_res_blocks=2))
     with pytest.raises(convert.ConvertError, match="not the ADM UNet described"):
         _convert(weights, tmp_path, config="lsun256", arch={})  # the paper LSUN network
@@ -200,7 +240,9 @@ def test_pt_files_are_read_with_weights_only_or_refused_with_what_to_do(tmp_path
     if importlib.util.find_spec("torch") is None:
         pt = tmp_path / "cd_imagenet64_l2.pt"
         pt.write_bytes(b"PK\x03\x04")
-        with pytest.raises(convert.ConvertError, match=r"needs PyTorch \(pip install torch.*safetensors"):
+        with pytest.raises(
+            convert.ConvertError, match=r"needs PyTorch \(pip install torch.*safetensors"
+        ):
             _convert(str(pt), tmp_path)
         return
     import torch
@@ -219,11 +261,24 @@ def test_command_refuses_a_non_empty_out_then_overwrites(tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("x")
     weights, _ = _fixture("uncond")
-    cmd = [sys.executable, "-m", "consistency_jax.convert", "--from=cm", f"--checkpoint={weights}",
-           "--config=lsun256", "--method=ct", f"--out={out}", "--image_size=16",
-           "--model_channels=32", "--channel_mult=1,1", "--num_res_blocks=1",
-           "--attention_resolutions=8", "--num_head_channels=-1", "--num_heads=2",
-           "--resblock_updown=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "consistency_jax.convert",
+        "--from=cm",
+        f"--checkpoint={weights}",
+        "--config=lsun256",
+        "--method=ct",
+        f"--out={out}",
+        "--image_size=16",
+        "--model_channels=32",
+        "--channel_mult=1,1",
+        "--num_res_blocks=1",
+        "--attention_resolutions=8",
+        "--num_head_channels=-1",
+        "--num_heads=2",
+        "--resblock_updown=false",
+    ]
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     refused = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert refused.returncode == 1 and "is not empty; pass --overwrite" in refused.stderr
@@ -281,16 +336,24 @@ def test_jcm_cd_run_gives_jcm_distiller(jcm_cd_run):
     sigmas = param_lib.SigmaConfig(**config.sigmas.to_dict())
     x = ref["sigma"][:, None, None, None] * ref["z"]
     # One-step samples from the fixed noise (σ = T) equal jcm's get_distiller_fn f(x, T).
-    one_step = sampling.multistep_sample(apply_fn, params, jax.random.key(0), x[:2].shape, (T,),
-                                         sigmas, x_init=x[:2])
+    one_step = sampling.multistep_sample(
+        apply_fn, params, jax.random.key(0), x[:2].shape, (T,), sigmas, x_init=x[:2]
+    )
     assert np.abs(np.asarray(one_step) - ref["f"][:2]).max() <= 1e-5
 
 
 def test_jcm_sampling_command_reads_the_converted_run(jcm_cd_run, tmp_path):
     from consistency_jax import sample
 
-    request = sample.SampleRequest(workdir=jcm_cd_run, out=str(tmp_path / "samples"), num_samples=2,
-                                   per_device_batch=2, examples_per_shard=2, grid=False, seed=1)
+    request = sample.SampleRequest(
+        workdir=jcm_cd_run,
+        out=str(tmp_path / "samples"),
+        num_samples=2,
+        per_device_batch=2,
+        examples_per_shard=2,
+        grid=False,
+        seed=1,
+    )
     with np.load(sample.run(request)["npz"]) as z:
         assert z["arr_0"].shape == (2, 16, 16, 3) and z["arr_0"].dtype == np.uint8
 
@@ -306,7 +369,9 @@ def test_jcm_edm_run_is_a_cd_teacher_with_jcm_denoiser(tmp_path):
     # The run holds the state's params_ema, not its (different) params.
     state = convert.read_jcm_state(JCM_WEIGHTS)
     kernel = np.asarray(params["ResBlock_0"]["Conv_0"]["kernel"])
-    np.testing.assert_array_equal(kernel, state["params_ema"]["ResnetBlockBigGANpp_0"]["Conv_0"]["kernel"])
+    np.testing.assert_array_equal(
+        kernel, state["params_ema"]["ResnetBlockBigGANpp_0"]["Conv_0"]["kernel"]
+    )
     assert not np.allclose(kernel, state["params"]["ResnetBlockBigGANpp_0"]["Conv_0"]["kernel"])
 
 
@@ -326,11 +391,14 @@ def _jcm_edited(tmp_path, edit):
     return str(path)
 
 
-@pytest.mark.parametrize("edit, message", [
-    ("missing", "1 missing tensor(s): AttnBlockpp_1/NIN_2/W"),
-    ("extra", "1 unexpected tensor(s): AttnBlockpp_1/NIN_4/W"),
-    ("shape", "1 of the wrong shape: Conv_1/kernel (3, 1, 8, 3) (expected (3, 3, 8, 3))"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ("missing", "1 missing tensor(s): AttnBlockpp_1/NIN_2/W"),
+        ("extra", "1 unexpected tensor(s): AttnBlockpp_1/NIN_4/W"),
+        ("shape", "1 of the wrong shape: Conv_1/kernel (3, 1, 8, 3) (expected (3, 3, 8, 3))"),
+    ],
+)
 def test_jcm_refuses_a_checkpoint_that_is_not_the_network(tmp_path, edit, message):
     with pytest.raises(convert.ConvertError) as e:
         convert.convert_jcm(_jcm_edited(tmp_path, edit), str(tmp_path / "run"), arch=JCM_ARCH)
@@ -350,7 +418,9 @@ def test_jcm_refuses_wrong_flags_truncated_and_foreign_files(tmp_path):
     with pytest.raises(convert.ConvertError, match="not a readable flax msgpack checkpoint"):
         convert.convert_jcm(str(tmp_path / "truncated"), run, arch=JCM_ARCH)
     (tmp_path / "notes").write_text("not a checkpoint")
-    with pytest.raises(convert.ConvertError, match="not a readable flax msgpack checkpoint|not a flax"):
+    with pytest.raises(
+        convert.ConvertError, match="not a readable flax msgpack checkpoint|not a flax"
+    ):
         convert.convert_jcm(str(tmp_path / "notes"), run, arch=JCM_ARCH)
     with pytest.raises(convert.ConvertError, match="does not use NCSN"):
         convert.convert_jcm(JCM_WEIGHTS, run, config="imagenet64", arch={})
@@ -374,8 +444,11 @@ def test_diffusers_network_equals_the_diffusers_one():
     with open(os.path.join(DIFFUSERS, "config.json")) as f:
         arch = convert.diffusers_arch(json.load(f))
     assert arch == dict(ARCH["cond"], attention_resolutions=(8,), num_heads=1, num_channels=3)
-    kwargs = dict({k: v for k, v in arch.items() if k not in ("image_size", "num_channels")},
-                  norm_groups=32, dropout=0.0)
+    kwargs = dict(
+        {k: v for k, v in arch.items() if k not in ("image_size", "num_channels")},
+        norm_groups=32,
+        dropout=0.0,
+    )
     state_dict = load_file(os.path.join(DIFFUSERS, "diffusion_pytorch_model.safetensors"))
     params = convert.cm_params(convert.diffusers_state_dict(state_dict, kwargs, 16), kwargs, 16)
     ref = _diffusers_reference()
@@ -385,8 +458,9 @@ def test_diffusers_network_equals_the_diffusers_one():
     # float32 sinusoidal embeddings differ by ~2e-6, which the network carries to ~1.1e-5.
     assert err[:2].max() <= 1e-5 and err.max() <= 2e-5, err
     # diffusers' CMStochasticIterativeScheduler.sigma_to_t is cm's c_noise.
-    np.testing.assert_allclose(param_lib.c_noise(ref["sigma"].astype(np.float32), "cm"),
-                               ref["timesteps"], rtol=1e-6)
+    np.testing.assert_allclose(
+        param_lib.c_noise(ref["sigma"].astype(np.float32), "cm"), ref["timesteps"], rtol=1e-6
+    )
 
 
 @pytest.fixture(scope="module")
@@ -406,12 +480,26 @@ def test_diffusers_run_samples_like_the_pipeline(diffusers_run, tmp_path):
     apply_fn = make_apply_fn(ADMUNet(**config.model.kwargs))
     sigmas = param_lib.SigmaConfig(**config.sigmas.to_dict())
     x = (ref["sigma"][:, None, None, None] * ref["z"]).astype(np.float32)
-    one_step = sampling.multistep_sample(apply_fn, params, jax.random.key(0), x[:2].shape, (T,),
-                                         sigmas, labels=ref["labels"][:2], x_init=x[:2])
+    one_step = sampling.multistep_sample(
+        apply_fn,
+        params,
+        jax.random.key(0),
+        x[:2].shape,
+        (T,),
+        sigmas,
+        labels=ref["labels"][:2],
+        x_init=x[:2],
+    )
     assert np.abs(np.asarray(one_step) - _f_reference(ref, x.astype(np.float64))[:2]).max() <= 1e-5
-    request = sample.SampleRequest(workdir=diffusers_run, out=str(tmp_path / "samples"),
-                                   num_samples=4, per_device_batch=4, examples_per_shard=4,
-                                   grid=False, seed=1)
+    request = sample.SampleRequest(
+        workdir=diffusers_run,
+        out=str(tmp_path / "samples"),
+        num_samples=4,
+        per_device_batch=4,
+        examples_per_shard=4,
+        grid=False,
+        seed=1,
+    )
     with np.load(sample.run(request)["npz"]) as z:
         assert z["arr_0"].shape == (4, 16, 16, 3) and ((0 <= z["arr_1"]) & (z["arr_1"] < 10)).all()
 
@@ -440,14 +528,23 @@ def _drop(name):
     return lambda sd: sd.pop(name)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (_drop("mid_block.attentions.0.to_k.weight"),
-     "1 missing tensor(s): mid_block.attentions.0.to_k.weight"),
-    (lambda sd: sd.update({"mid_block.extra.weight": np.ones((2,), np.float16)}),
-     "1 unexpected tensor(s): mid_block.extra.weight"),
-    (lambda sd: sd.update({"conv_out.weight": sd["conv_out.weight"][..., :1].copy()}),
-     "1 of the wrong shape: conv_out.weight (3, 32, 3, 1) (expected (3, 32, 3, 3))"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            _drop("mid_block.attentions.0.to_k.weight"),
+            "1 missing tensor(s): mid_block.attentions.0.to_k.weight",
+        ),
+        (
+            lambda sd: sd.update({"mid_block.extra.weight": np.ones((2,), np.float16)}),
+            "1 unexpected tensor(s): mid_block.extra.weight",
+        ),
+        (
+            lambda sd: sd.update({"conv_out.weight": sd["conv_out.weight"][..., :1].copy()}),
+            "1 of the wrong shape: conv_out.weight (3, 32, 3, 1) (expected (3, 32, 3, 3))",
+        ),
+    ],
+)
 def test_diffusers_refuses_a_checkpoint_that_is_not_the_network(tmp_path, edit, message):
     with pytest.raises(convert.ConvertError) as e:
         convert.convert_diffusers(_diffusers_copy(tmp_path, edit=edit), str(tmp_path / "run"))
@@ -455,14 +552,22 @@ def test_diffusers_refuses_a_checkpoint_that_is_not_the_network(tmp_path, edit, 
     assert not os.path.exists(tmp_path / "run")
 
 
-@pytest.mark.parametrize("field, value", [
-    ("time_embedding_type", "fourier"), ("flip_sin_to_cos", False),
-    ("up_block_types", ["ResnetUpsampleBlock2D", "AttnUpBlock2D"]), ("attn_norm_num_groups", None),
-    ("downsample_type", "conv"), ("block_out_channels", [32, 48]), ("norm_num_groups", 16),
-    ("cross_attention_dim", 8),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("time_embedding_type", "fourier"),
+        ("flip_sin_to_cos", False),
+        ("up_block_types", ["ResnetUpsampleBlock2D", "AttnUpBlock2D"]),
+        ("attn_norm_num_groups", None),
+        ("downsample_type", "conv"),
+        ("block_out_channels", [32, 48]),
+        ("norm_num_groups", 16),
+        ("cross_attention_dim", 8),
+    ],
+)
 def test_diffusers_refuses_a_config_the_adm_unet_cannot_represent(tmp_path, field, value):
     with pytest.raises(convert.ConvertError, match=field):
-        convert.convert_diffusers(_diffusers_copy(tmp_path, config_edit={field: value}),
-                                  str(tmp_path / "run"))
+        convert.convert_diffusers(
+            _diffusers_copy(tmp_path, config_edit={field: value}), str(tmp_path / "run")
+        )
     assert not os.path.exists(tmp_path / "run")

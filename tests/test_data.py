@@ -1,4 +1,5 @@
 """Tests of the bundled digits data set and the per-host, exactly resumable image pipeline."""
+
 from __future__ import annotations
 
 import json
@@ -56,9 +57,13 @@ def test_digits_builder_offline_and_matches_sklearn(data_dir, monkeypatch):
     raw = load_digits()
     expected = np.rint(raw.images * 255.0 / 16.0).astype(np.uint8)
     for split, rows in (("train", slice(0, 1500)), ("test", slice(1500, 1797))):
-        source = tfds.data_source("sklearn_digits/8", data_dir=data_dir, split=split, download=False)
+        source = tfds.data_source(
+            "sklearn_digits/8", data_dir=data_dir, split=split, download=False
+        )
         got = sorted(e["image"][..., 0].tobytes() + bytes([e["label"]]) for e in source)
-        want = sorted(im.tobytes() + bytes([lab]) for im, lab in zip(expected[rows], raw.target[rows]))
+        want = sorted(
+            im.tobytes() + bytes([lab]) for im, lab in zip(expected[rows], raw.target[rows])
+        )
         assert got == want
 
 
@@ -85,7 +90,9 @@ def test_batches_shape_dtype_range(data_dir):
     assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
     assert batch["image"].min() == -1.0 and batch["image"].max() == 1.0  # Both ends occur.
     assert it.step == 1
-    no_labels = data_lib.make_image_iterator(_cfg(data_dir, use_labels=False), global_batch_size=4, seed=0)
+    no_labels = data_lib.make_image_iterator(
+        _cfg(data_dir, use_labels=False), global_batch_size=4, seed=0
+    )
     assert set(next(no_labels)) == {"image"}
 
 
@@ -94,8 +101,11 @@ def test_host_shares_are_disjoint_and_cover_the_split(data_dir):
     all_rows = []
     for p in range(process_count):
         it = data_lib.make_image_iterator(
-            _cfg(data_dir), global_batch_size=local * process_count, seed=7,
-            process_index=p, process_count=process_count,
+            _cfg(data_dir),
+            global_batch_size=local * process_count,
+            seed=7,
+            process_index=p,
+            process_count=process_count,
         )
         assert it.local_batch_size == local and it.examples_per_host == 500
         rows = [k for b in _take(it, 25) for k in _row_keys(b)]
@@ -148,7 +158,10 @@ def test_in_memory_and_streaming_paths_agree(data_dir):
     for in_memory in (True, False):
         it = data_lib.make_image_iterator(
             _cfg(data_dir, random_flip=True, in_memory=in_memory, num_threads=2),
-            global_batch_size=8, seed=5, process_index=1, process_count=2,
+            global_batch_size=8,
+            seed=5,
+            process_index=1,
+            process_count=2,
         )
         batches.append(_take(it, 6))
     for a, b in zip(*batches):
@@ -159,7 +172,10 @@ def test_in_memory_and_streaming_paths_agree(data_dir):
 def test_flips_follow_the_config(data_dir):
     plain = _take(data_lib.make_image_iterator(_cfg(data_dir), global_batch_size=64, seed=2), 3)
     flipped = _take(
-        data_lib.make_image_iterator(_cfg(data_dir, random_flip=True), global_batch_size=64, seed=2), 3
+        data_lib.make_image_iterator(
+            _cfg(data_dir, random_flip=True), global_batch_size=64, seed=2
+        ),
+        3,
     )
     n_flipped = 0
     for a, b in zip(plain, flipped):
@@ -233,10 +249,12 @@ def test_center_crop_resize_against_block_images():
 
 def test_to_unit_range():
     np.testing.assert_allclose(
-        data_lib._to_unit_range(np.array([0, 255], np.uint8)), [-1.0, 1.0]  # pylint: disable=protected-access
+        data_lib._to_unit_range(np.array([0, 255], np.uint8)),
+        [-1.0, 1.0],  # pylint: disable=protected-access
     )
     np.testing.assert_allclose(
-        data_lib._to_unit_range(np.array([0, 65535], np.uint16)), [-1.0, 1.0]  # pylint: disable=protected-access
+        data_lib._to_unit_range(np.array([0, 65535], np.uint16)),
+        [-1.0, 1.0],  # pylint: disable=protected-access
     )
     np.testing.assert_allclose(data_lib._to_unit_range(np.array([0.0, 0.5, 1.0])), [-1.0, 0.0, 1.0])  # pylint: disable=protected-access
 
@@ -251,13 +269,22 @@ def test_iterator_from_experiment_config(data_dir):
 
     config = ml_collections.ConfigDict()
     config.seed = 3
-    config.data = ml_collections.ConfigDict(dict(
-        name="sklearn_digits", data_dir=data_dir, image_size=8, num_channels=1, random_flip=False,
-        use_labels=True, batch_size=16,
-    ))
+    config.data = ml_collections.ConfigDict(
+        dict(
+            name="sklearn_digits",
+            data_dir=data_dir,
+            image_size=8,
+            num_channels=1,
+            random_flip=False,
+            use_labels=True,
+            batch_size=16,
+        )
+    )
     it, shape = data_lib.iterator_from_config(config, start_step=4)
     assert shape == (8, 8, 1) and it.step == 4
-    direct = data_lib.make_image_iterator(_cfg(data_dir, name="sklearn_digits"), 16, seed=3, start_step=4)
+    direct = data_lib.make_image_iterator(
+        _cfg(data_dir, name="sklearn_digits"), 16, seed=3, start_step=4
+    )
     np.testing.assert_array_equal(next(it)["image"], next(direct)["image"])
 
 
@@ -268,11 +295,21 @@ def test_concurrent_builds_of_the_digits_all_succeed(tmp_path):
     import subprocess
     import sys
 
-    script = ("import sys; from consistency_jax import data as d; "
-              "b = d.ensure_digits_dataset(sys.argv[1], 8); print('EXAMPLES', len(b.as_data_source('train')))")
+    script = (
+        "import sys; from consistency_jax import data as d; "
+        "b = d.ensure_digits_dataset(sys.argv[1], 8); print('EXAMPLES', len(b.as_data_source('train')))"
+    )
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "tfds")], env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path / "tfds")],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for _ in range(3)
+    ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0 and "EXAMPLES 1500" in out, out[-3000:]

@@ -5,6 +5,7 @@
 The same data prepared in both formats must give the same host shares, the same stored-order
 arrays, and each reader an exactly resumable stream.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,8 @@ import sys
 
 import numpy as np
 import pytest
-
 import real_tfds
+
 from consistency_jax import data as data_lib
 
 
@@ -42,14 +43,22 @@ def cifar(tmp_path_factory):
 
 
 def _cfg(data_dir: str, **kwargs) -> data_lib.ImageDataConfig:
-    values = dict(name="sklearn_digits/8", data_dir=data_dir, image_size=8, num_channels=1,
-                  random_flip=False, use_labels=True)
+    values = dict(
+        name="sklearn_digits/8",
+        data_dir=data_dir,
+        image_size=8,
+        num_channels=1,
+        random_flip=False,
+        use_labels=True,
+    )
     values.update(kwargs)
     return data_lib.ImageDataConfig(**values)
 
 
 def _rows(batches) -> list[bytes]:
-    return [img.tobytes() + bytes([lab]) for b in batches for img, lab in zip(b["image"], b["label"])]
+    return [
+        img.tobytes() + bytes([lab]) for b in batches for img, lab in zip(b["image"], b["label"])
+    ]
 
 
 def _take(iterator, steps):
@@ -59,8 +68,10 @@ def _take(iterator, steps):
 def _unflip(batch: dict, seed: int, step: int) -> dict:
     """The batch of ``step`` with the pipeline's random horizontal flips undone (host 0)."""
     flip = data_lib._flip_mask(seed, 0, step, batch["image"].shape[0])
-    return {"image": np.where(flip[:, None, None, None], batch["image"][:, :, ::-1], batch["image"]),
-            "label": batch["label"]}
+    return {
+        "image": np.where(flip[:, None, None, None], batch["image"][:, :, ::-1], batch["image"]),
+        "label": batch["label"],
+    }
 
 
 def test_auto_reader_follows_the_prepared_format(digits_dirs):
@@ -79,8 +90,12 @@ def test_both_readers_give_the_same_host_shares(digits_dirs):
         shares = []
         for fmt in ("array_record", "tfrecord"):
             it = data_lib.make_image_iterator(
-                _cfg(digits_dirs[fmt]), global_batch_size=local * process_count, seed=7,
-                process_index=p, process_count=process_count)
+                _cfg(digits_dirs[fmt]),
+                global_batch_size=local * process_count,
+                seed=7,
+                process_index=p,
+                process_count=process_count,
+            )
             assert it.examples_per_host == 500
             rows = _rows(_take(it, 25))
             assert len(set(rows)) == 500  # one epoch: a permutation of the share
@@ -105,7 +120,9 @@ def test_tfds_load_stream_resumes_exactly_and_reshuffles(digits_dirs):
     reference = _take(make(), 105)  # 50 steps per epoch: crosses two epoch boundaries.
     unflipped = [_rows([_unflip(b, 11, k)]) for k, b in enumerate(reference[:100])]
     first, second = sum(unflipped[:50], []), sum(unflipped[50:], [])
-    stored = sorted(_rows([data_lib.load_image_arrays(_cfg(digits_dirs["tfrecord"], split="train[:600]"))]))
+    stored = sorted(
+        _rows([data_lib.load_image_arrays(_cfg(digits_dirs["tfrecord"], split="train[:600]"))])
+    )
     assert sorted(first) == sorted(second) == stored  # each epoch is a permutation of the split
     assert first != second  # a new permutation every epoch
 
@@ -127,7 +144,9 @@ def test_tfds_load_stream_resumes_exactly_and_reshuffles(digits_dirs):
 
 
 def test_reader_errors_name_the_problem(digits_dirs, monkeypatch):
-    with pytest.raises(ValueError, match="prepared as tfrecord; tfds.data_source reads array_record"):
+    with pytest.raises(
+        ValueError, match="prepared as tfrecord; tfds.data_source reads array_record"
+    ):
         data_lib.make_image_iterator(_cfg(digits_dirs["tfrecord"], reader="data_source"), 4, 0)
     with pytest.raises(ValueError, match="prepared as array_record; tfds.load reads tfrecord only"):
         data_lib.make_image_iterator(_cfg(digits_dirs["array_record"], reader="tfds_load"), 4, 0)
@@ -137,7 +156,9 @@ def test_reader_errors_name_the_problem(digits_dirs, monkeypatch):
         _cfg(digits_dirs["tfrecord"], shuffle_buffer=-1)
     grain_state = data_lib.make_image_iterator(_cfg(digits_dirs["array_record"]), 4, 0).get_state()
     tf_it = data_lib.make_image_iterator(_cfg(digits_dirs["tfrecord"]), 4, 0)
-    with pytest.raises(ValueError, match="reader='data_source' but this iterator has reader='tfds_load'"):
+    with pytest.raises(
+        ValueError, match="reader='data_source' but this iterator has reader='tfds_load'"
+    ):
         tf_it.set_state(grain_state)
     monkeypatch.setattr(data_lib, "tensorflow_available", lambda: False)
     with pytest.raises(ValueError, match="needs TensorFlow, and TensorFlow is not installed"):
@@ -150,7 +171,10 @@ def _pixel_rows(batches) -> list[bytes]:
     for b in batches:
         pixels = (b["image"].astype(np.float64) + 1.0) * 255.0 / 2.0
         np.testing.assert_allclose(pixels, np.rint(pixels), atol=1e-4)  # exactly k / 255 steps
-        out += [p.tobytes() + bytes([int(lab)]) for p, lab in zip(np.rint(pixels).astype(np.uint8), b["label"])]
+        out += [
+            p.tobytes() + bytes([int(lab)])
+            for p, lab in zip(np.rint(pixels).astype(np.uint8), b["label"])
+        ]
     return sorted(out)
 
 
@@ -167,34 +191,61 @@ def test_cifar10_by_name_through_both_readers(cifar):
         it, shape = data_lib.iterator_from_config(config)
         assert it.reader == reader and shape == (32, 32, 3)
         batches = _take(it, 5)  # one epoch of 60
-        assert all(b["image"].shape == (12, 32, 32, 3) and b["image"].dtype == np.float32
-                   for b in batches)
+        assert all(
+            b["image"].shape == (12, 32, 32, 3) and b["image"].dtype == np.float32 for b in batches
+        )
         seed = config.data.get("seed", config.seed)
         restored = [_unflip(b, seed, k) for k, b in enumerate(batches)]
         images, labels = written["train"]
-        assert _pixel_rows(restored) == _pixel_rows([{"image": images / 127.5 - 1.0, "label": labels}])
-        test = data_lib.load_image_arrays(data_lib.ImageDataConfig(
-            name="cifar10", data_dir=dirs[fmt], split="test", image_size=32, num_channels=3,
-            use_labels=True))
+        assert _pixel_rows(restored) == _pixel_rows(
+            [{"image": images / 127.5 - 1.0, "label": labels}]
+        )
+        test = data_lib.load_image_arrays(
+            data_lib.ImageDataConfig(
+                name="cifar10",
+                data_dir=dirs[fmt],
+                split="test",
+                image_size=32,
+                num_channels=3,
+                use_labels=True,
+            )
+        )
         images, labels = written["test"]
-        assert _pixel_rows([test]) == _pixel_rows([{"image": images / 127.5 - 1.0, "label": labels}])
+        assert _pixel_rows([test]) == _pixel_rows(
+            [{"image": images / 127.5 - 1.0, "label": labels}]
+        )
 
 
 def test_resized_cifar10_is_the_same_through_both_readers(cifar):
     dirs, _ = cifar
-    cfgs = {fmt: data_lib.ImageDataConfig(name="cifar10", data_dir=dirs[fmt], image_size=16,
-                                          num_channels=3, resize=True, random_flip=False,
-                                          use_labels=True) for fmt in dirs}
+    cfgs = {
+        fmt: data_lib.ImageDataConfig(
+            name="cifar10",
+            data_dir=dirs[fmt],
+            image_size=16,
+            num_channels=3,
+            resize=True,
+            random_flip=False,
+            use_labels=True,
+        )
+        for fmt in dirs
+    }
     arrays = {fmt: data_lib.load_image_arrays(cfg) for fmt, cfg in cfgs.items()}
     np.testing.assert_array_equal(arrays["array_record"]["image"], arrays["tfrecord"]["image"])
     assert arrays["tfrecord"]["image"].shape == (60, 16, 16, 3)
-    streams = {fmt: _rows(_take(data_lib.make_image_iterator(cfg, 10, seed=1), 6))
-               for fmt, cfg in cfgs.items()}  # the tf.data stream resizes in tf.numpy_function
-    assert sorted(streams["tfrecord"]) == sorted(streams["array_record"]) == sorted(
-        _rows([arrays["array_record"]]))
+    streams = {
+        fmt: _rows(_take(data_lib.make_image_iterator(cfg, 10, seed=1), 6))
+        for fmt, cfg in cfgs.items()
+    }  # the tf.data stream resizes in tf.numpy_function
+    assert (
+        sorted(streams["tfrecord"])
+        == sorted(streams["array_record"])
+        == sorted(_rows([arrays["array_record"]]))
+    )
     with pytest.raises(ValueError, match="set resize=True"):
         data_lib.make_image_iterator(
-            data_lib.ImageDataConfig(name="cifar10", data_dir=dirs["tfrecord"], image_size=16), 4, 0)
+            data_lib.ImageDataConfig(name="cifar10", data_dir=dirs["tfrecord"], image_size=16), 4, 0
+        )
 
 
 _WITHOUT_TF = r"""
@@ -222,7 +273,18 @@ def test_data_source_reader_needs_no_tensorflow(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
     result = subprocess.run(
-        [sys.executable, "-S", "-c", _WITHOUT_TF, site_without_tensorflow(tmp_path),
-         str(tmp_path / "tfds")], capture_output=True, text=True, timeout=300, env=env)
+        [
+            sys.executable,
+            "-S",
+            "-c",
+            _WITHOUT_TF,
+            site_without_tensorflow(tmp_path),
+            str(tmp_path / "tfds"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK without tensorflow" in result.stdout

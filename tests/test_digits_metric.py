@@ -1,4 +1,5 @@
 """Tests of the Fréchet distance and the digits classifier metrics."""
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,13 @@ def dirs(tmp_path_factory) -> dict[str, str]:
 def splits(dirs) -> dict[str, dict[str, np.ndarray]]:
     def load(split):
         cfg = data_lib.ImageDataConfig(
-            name="sklearn_digits/8", data_dir=dirs["data_dir"], split=split, image_size=8,
-            num_channels=1, random_flip=False, use_labels=True,
+            name="sklearn_digits/8",
+            data_dir=dirs["data_dir"],
+            split=split,
+            image_size=8,
+            num_channels=1,
+            random_flip=False,
+            use_labels=True,
         )
         return data_lib.load_image_arrays(cfg)
 
@@ -51,14 +57,18 @@ def test_frechet_distance_closed_forms():
     a, b = np.array([1.0, 2.0, 5.0]), np.array([3.0, 0.5, 5.0])
     mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
     fd = digits_metric.frechet_distance(mu1, np.diag(a), mu2, np.diag(b))
-    assert fd == pytest.approx(np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2), rel=1e-12)
+    assert fd == pytest.approx(
+        np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2), rel=1e-12
+    )
     # Non-commuting 2x2: for M with positive eigenvalues, Tr sqrt(M) = sqrt(Tr M + 2 sqrt(det M)).
     s1 = np.array([[2.0, 0.3], [0.3, 1.0]])
     s2 = np.array([[1.0, -0.6], [-0.6, 3.0]])
     m = s1 @ s2
     tr_sqrt = math.sqrt(np.trace(m) + 2 * math.sqrt(np.linalg.det(m)))
     want = np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
-    assert digits_metric.frechet_distance(np.zeros(2), s1, np.zeros(2), s2) == pytest.approx(want, rel=1e-12)
+    assert digits_metric.frechet_distance(np.zeros(2), s1, np.zeros(2), s2) == pytest.approx(
+        want, rel=1e-12
+    )
 
 
 def test_frechet_distance_matches_scipy_sqrtm():
@@ -68,7 +78,9 @@ def test_frechet_distance_matches_scipy_sqrtm():
         mu1, mu2 = rng.normal(size=dim), rng.normal(size=dim)
         covmean = scipy.linalg.sqrtm(s1 @ s2).real
         want = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * covmean)
-        assert digits_metric.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(want, rel=1e-9, abs=1e-9)
+        assert digits_metric.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(
+            want, rel=1e-9, abs=1e-9
+        )
     with pytest.raises(ValueError, match="covariances"):
         digits_metric.frechet_distance(np.zeros(3), np.eye(2), np.zeros(3), np.eye(3))
 
@@ -136,9 +148,10 @@ def test_classifier_stats(extractor, dirs, splits):
     assert stats["label_accuracy"] == pytest.approx(np.mean(predicted == test["label"]))
     assert stats["confident_fraction"] > 0.8
     assert stats["confident_accuracy"] <= stats["label_accuracy"]
-    assert digits_metric.digits_confident_accuracy(test["image"], test["label"], **kwargs) == stats[
-        "confident_accuracy"
-    ]
+    assert (
+        digits_metric.digits_confident_accuracy(test["image"], test["label"], **kwargs)
+        == stats["confident_accuracy"]
+    )
 
     # Mode collapse: only zeros -> one class, entropy 0.
     zeros = splits["train"]["image"][splits["train"]["label"] == 0]
@@ -159,4 +172,6 @@ def test_bad_samples_raise(extractor, dirs):
     with pytest.raises(ValueError, match="NaN"):
         digits_metric.digits_fd(np.full((4, 8, 8, 1), np.nan, np.float32), **kwargs)
     with pytest.raises(ValueError, match="labels"):
-        digits_metric.digits_classifier_stats(np.zeros((4, 8, 8, 1), np.float32), np.zeros(3, np.int32), **kwargs)
+        digits_metric.digits_classifier_stats(
+            np.zeros((4, 8, 8, 1), np.float32), np.zeros(3, np.int32), **kwargs
+        )

@@ -6,6 +6,7 @@ regenerated here by the fixture script's own NumPy generator from the library's 
 names and shapes, and the FID/KID/IS/PR of torch-fidelity and pytorch-fid on random features. The
 formulas are also checked against direct NumPy/SciPy computations written here.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,8 @@ import pytest
 import scipy.linalg
 import scipy.spatial.distance
 import scipy.special
-
 from conftest import load_npz, load_tool
+
 from consistency_jax.evaluation import inception as ev
 from consistency_jax.metrics import fid as F
 from consistency_jax.metrics import inception as I
@@ -44,8 +45,11 @@ def ref() -> dict[str, np.ndarray]:
 def state(ref) -> dict[str, np.ndarray]:
     state = make_fixture.random_inception_state_dict(I.inception_tensor_shapes())
     assert len(state) == int(ref["num_tensors"]) == 472
-    np.testing.assert_array_equal(make_fixture.state_checksums(state), ref["state_sums"],
-                                  err_msg="NumPy's random stream changed: rerun tools/make_inception_fixture.py")
+    np.testing.assert_array_equal(
+        make_fixture.state_checksums(state),
+        ref["state_sums"],
+        err_msg="NumPy's random stream changed: rerun tools/make_inception_fixture.py",
+    )
     return state
 
 
@@ -68,8 +72,14 @@ def variables(weights_file):
 
 def test_network_matches_torch_fidelity(ref, variables):
     # Both sizes through the batched extractor (the 2 images of 64x64 padded to a batch of 4).
-    out = I.InceptionFeatureExtractor(variables, batch_size=BATCH)([ref["images32"], ref["images64"]])
-    assert out.pool.shape == (6, 2048) and out.logits.shape == (6, 1008) and out.pool.dtype == np.float32
+    out = I.InceptionFeatureExtractor(variables, batch_size=BATCH)(
+        [ref["images32"], ref["images64"]]
+    )
+    assert (
+        out.pool.shape == (6, 2048)
+        and out.logits.shape == (6, 1008)
+        and out.pool.dtype == np.float32
+    )
     want_pool = np.concatenate([ref["pool32"], ref["pool64"]])
     want_logits = np.concatenate([ref["logits32"], ref["logits64"]])
     # Absolute error ≤ 1e-4 on features of size up to ~12 (float32 here, float64 there; measured ~6e-6).
@@ -77,11 +87,17 @@ def test_network_matches_torch_fidelity(ref, variables):
     np.testing.assert_allclose(out.pool, want_pool, rtol=0, atol=1e-4)
     np.testing.assert_allclose(out.logits, want_logits, rtol=0, atol=1e-4)
     full = out.logits + np.asarray(variables["params"]["fc"]["bias"])
-    np.testing.assert_allclose(full, np.concatenate([ref["full_logits32"], ref["full_logits64"]]), atol=1e-4)
+    np.testing.assert_allclose(
+        full, np.concatenate([ref["full_logits32"], ref["full_logits64"]]), atol=1e-4
+    )
     # The FID of two halves of these features agrees with the peer's features to 1e-3 relative
     # (on the first 256 feature dimensions: a 2048-d eigendecomposition costs seconds here).
-    ours = F.frechet_distance(*F.gaussian_stats(out.pool[:3, :256]), *F.gaussian_stats(out.pool[3:, :256]))
-    theirs = F.frechet_distance(*F.gaussian_stats(want_pool[:3, :256]), *F.gaussian_stats(want_pool[3:, :256]))
+    ours = F.frechet_distance(
+        *F.gaussian_stats(out.pool[:3, :256]), *F.gaussian_stats(out.pool[3:, :256])
+    )
+    theirs = F.frechet_distance(
+        *F.gaussian_stats(want_pool[:3, :256]), *F.gaussian_stats(want_pool[3:, :256])
+    )
     assert ours == pytest.approx(theirs, rel=1e-3) and theirs > 1.0
 
 
@@ -150,11 +166,23 @@ want = np.concatenate([ref["pool32"], ref["pool32"][:1]])
 np.testing.assert_allclose(out.pool, want, rtol=0, atol=1e-4)
 print("SHARDED-OK")
 """
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0 and "SHARDED-OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(ROOT),
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0 and "SHARDED-OK" in out.stdout, (
+        out.stdout[-2000:] + out.stderr[-4000:]
+    )
 
 
 def test_weight_file_errors(state, weights_file, tmp_path, monkeypatch):
@@ -163,7 +191,9 @@ def test_weight_file_errors(state, weights_file, tmp_path, monkeypatch):
     monkeypatch.delenv(I.INCEPTION_WEIGHTS_ENV, raising=False)
     with pytest.raises(ValueError, match="pt_inception-2015-12-05-6726825d.pth") as err:
         I.load_inception_params()
-    assert "tools/convert_inception_weights.py" in str(err.value) and "INCEPTION_WEIGHTS" in str(err.value)
+    assert "tools/convert_inception_weights.py" in str(err.value) and "INCEPTION_WEIGHTS" in str(
+        err.value
+    )
     with pytest.raises(ValueError, match="does not exist.*convert_inception_weights"):
         I.load_inception_params(tmp_path / "nope.safetensors")
     monkeypatch.setenv(I.INCEPTION_WEIGHTS_ENV, str(weights_file))
@@ -175,12 +205,18 @@ def test_weight_file_errors(state, weights_file, tmp_path, monkeypatch):
     missing = {k: v for k, v in state.items() if k != "fc.bias"}
     missing["AuxLogits.fc.weight"] = np.zeros((1000, 768), np.float32)
     save_file(missing, str(tmp_path / "missing.safetensors"))
-    with pytest.raises(ValueError, match=r"missing tensors \['fc.bias'\].*unexpected tensors \['AuxLogits.fc.weight'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing tensors \['fc.bias'\].*unexpected tensors \['AuxLogits.fc.weight'\]",
+    ):
         I.load_inception_params(tmp_path / "missing.safetensors")
     wrong = dict(state)
     wrong["Mixed_6b.branch7x7_2.conv.weight"] = np.zeros((128, 128, 7, 1), np.float32)
     save_file(wrong, str(tmp_path / "wrong.safetensors"))
-    with pytest.raises(ValueError, match=r"Mixed_6b.branch7x7_2.conv.weight \(128, 128, 7, 1\) \(expected \(128, 128, 1, 7\)\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"Mixed_6b.branch7x7_2.conv.weight \(128, 128, 7, 1\) \(expected \(128, 128, 1, 7\)\)",
+    ):
         I.load_inception_params(tmp_path / "wrong.safetensors")
 
 
@@ -190,10 +226,14 @@ def test_converter_refuses_by_name(state):
     with pytest.raises(ValueError, match=r"unexpected tensors \['AuxLogits.conv0.conv.weight'\]"):
         convert.build_inception_tensors(extra, shapes)
     lacking = {k: v for k, v in state.items() if k != "Mixed_7c.branch_pool.bn.running_var"}
-    with pytest.raises(ValueError, match=r"missing tensors \['Mixed_7c.branch_pool.bn.running_var'\]"):
+    with pytest.raises(
+        ValueError, match=r"missing tensors \['Mixed_7c.branch_pool.bn.running_var'\]"
+    ):
         convert.build_inception_tensors(lacking, shapes)
     bad = dict(state, **{"fc.weight": np.zeros((1000, 2048), np.float32)})
-    with pytest.raises(ValueError, match=r"'fc.weight' has shape \(1000, 2048\), expected \(1008, 2048\)"):
+    with pytest.raises(
+        ValueError, match=r"'fc.weight' has shape \(1000, 2048\), expected \(1008, 2048\)"
+    ):
         convert.build_inception_tensors(bad, shapes)
     float64 = {k: v.astype(np.float64) for k, v in state.items()}
     out = convert.build_inception_tensors(float64, shapes)
@@ -221,7 +261,9 @@ def test_fid_matches_pytorch_fid_torch_fidelity_and_scipy_sqrtm(ref):
 
 def test_streaming_statistics_equal_numpy_float64():
     rng = np.random.default_rng(0)
-    x = 1e4 + rng.standard_normal((203, 16)) @ rng.standard_normal((16, 16))  # large offset: no cancellation
+    x = 1e4 + rng.standard_normal((203, 16)) @ rng.standard_normal(
+        (16, 16)
+    )  # large offset: no cancellation
     stats = F.GaussianStats()
     for start, stop in ((0, 1), (1, 50), (50, 50), (50, 128), (128, 203)):
         stats.update(x[start:stop].astype(np.float32) if start == 0 else x[start:stop])
@@ -232,7 +274,7 @@ def test_streaming_statistics_equal_numpy_float64():
     halves = F.GaussianStats().update(x[:100]).merge(F.GaussianStats().update(x[100:]))
     np.testing.assert_allclose(halves.sigma, stats.sigma, rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="need at least 2"):
-        F.GaussianStats().update(x[:1]).sigma
+        _ = F.GaussianStats().update(x[:1]).sigma
 
 
 def _direct_mmd2(x: np.ndarray, y: np.ndarray) -> float:
@@ -253,12 +295,17 @@ def test_kid_matches_torch_fidelity_and_direct_sum(ref):
     m = make_fixture.metric_inputs()
     fake, real = m["fake"], m["real"][:160]
     mean, std = F.kernel_inception_distance(fake, real, num_subsets=3)  # every subset is everything
-    assert mean == pytest.approx(float(ref["kid_one_subset"]), rel=1e-9) and std == pytest.approx(0.0, abs=1e-12)
+    assert mean == pytest.approx(float(ref["kid_one_subset"]), rel=1e-9) and std == pytest.approx(
+        0.0, abs=1e-12
+    )
     small_x, small_y = fake[:30], m["real"][100:130]
     assert F.kernel_inception_distance(small_x, small_y, num_subsets=1)[0] == pytest.approx(
-        _direct_mmd2(small_x, small_y), rel=1e-9)
+        _direct_mmd2(small_x, small_y), rel=1e-9
+    )
     # Subsets smaller than the sets: different draws, mean near the full-set value.
-    mean_sub, std_sub = F.kernel_inception_distance(fake, real, num_subsets=50, subset_size=60, seed=1)
+    mean_sub, std_sub = F.kernel_inception_distance(
+        fake, real, num_subsets=50, subset_size=60, seed=1
+    )
     assert std_sub > 0 and abs(mean_sub - mean) < 4 * std_sub / np.sqrt(50) + 0.1 * mean
     # Two halves of one distribution: near 0 (its expectation), far below the fake/real figure.
     same = F.kernel_inception_distance(m["real"][:100], m["real"][100:], num_subsets=1)[0]
@@ -286,9 +333,13 @@ def test_inception_score_matches_torch_fidelity_and_entropy_form(ref):
 
 def _direct_precision_recall(fake: np.ndarray, real: np.ndarray, k: int) -> tuple[float, float]:
     def radii(x):
-        return np.sort(scipy.spatial.distance.cdist(x, x), axis=1)[:, k]  # column 0 is the point itself
+        return np.sort(scipy.spatial.distance.cdist(x, x), axis=1)[
+            :, k
+        ]  # column 0 is the point itself
 
-    precision = np.mean(np.any(scipy.spatial.distance.cdist(fake, real) <= radii(real)[None], axis=1))
+    precision = np.mean(
+        np.any(scipy.spatial.distance.cdist(fake, real) <= radii(real)[None], axis=1)
+    )
     recall = np.mean(np.any(scipy.spatial.distance.cdist(real, fake) <= radii(fake)[None], axis=1))
     return precision, recall
 
@@ -301,7 +352,9 @@ def test_precision_recall_matches_torch_fidelity_and_direct(ref):
     assert got == pytest.approx(_direct_precision_recall(fake, real, 3), abs=1e-12)
     assert 0.0 < got[0] < got[1] < 1.0
     assert F.precision_recall(real, real, k=3) == (1.0, 1.0)
-    assert F.precision_recall(fake, real, k=5) == pytest.approx(_direct_precision_recall(fake, real, 5))
+    assert F.precision_recall(fake, real, k=5) == pytest.approx(
+        _direct_precision_recall(fake, real, 5)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -317,16 +370,31 @@ def digits_ref(variables, tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     cache_dir = os.path.join(data_dir, "inception_cache")
     metrics = ev.InceptionMetrics(variables, batch_size=BATCH)
-    mu, sigma, count, features = ev.reference_statistics("sklearn_digits/8", REF_SPLIT, data_dir, metrics=metrics,
-                                                         cache_dir=cache_dir, keep_features=True, batch_size=5)
-    return dict(data_dir=data_dir, cache_dir=cache_dir, mu=mu, sigma=sigma, count=count, features=features)
+    mu, sigma, count, features = ev.reference_statistics(
+        "sklearn_digits/8",
+        REF_SPLIT,
+        data_dir,
+        metrics=metrics,
+        cache_dir=cache_dir,
+        keep_features=True,
+        batch_size=5,
+    )
+    return dict(
+        data_dir=data_dir, cache_dir=cache_dir, mu=mu, sigma=sigma, count=count, features=features
+    )
 
 
 def test_reference_statistics_of_a_tfds_split(digits_ref, variables, monkeypatch):
     from consistency_jax import data as data_lib
 
-    images = np.concatenate([b["image"] for b in data_lib.iterate_stored_images(
-        "sklearn_digits/8", REF_SPLIT, digits_ref["data_dir"], 100)])
+    images = np.concatenate(
+        [
+            b["image"]
+            for b in data_lib.iterate_stored_images(
+                "sklearn_digits/8", REF_SPLIT, digits_ref["data_dir"], 100
+            )
+        ]
+    )
     assert images.shape == (12, 8, 8, 1) and images.dtype == np.uint8
     direct = np.asarray(jax.jit(I.inception_outputs)(variables, images).pool, np.float64)
     assert digits_ref["count"] == 12
@@ -335,8 +403,13 @@ def test_reference_statistics_of_a_tfds_split(digits_ref, variables, monkeypatch
     np.testing.assert_allclose(digits_ref["sigma"], np.cov(direct.T), rtol=0, atol=1e-3)
     # The second call reads the cache: no weights are needed (none are available here).
     monkeypatch.delenv(I.INCEPTION_WEIGHTS_ENV, raising=False)
-    mu, sigma, count, features = ev.reference_statistics("sklearn_digits/8", REF_SPLIT, digits_ref["data_dir"],
-                                                          cache_dir=digits_ref["cache_dir"], keep_features=True)
+    mu, sigma, count, features = ev.reference_statistics(
+        "sklearn_digits/8",
+        REF_SPLIT,
+        digits_ref["data_dir"],
+        cache_dir=digits_ref["cache_dir"],
+        keep_features=True,
+    )
     np.testing.assert_array_equal(mu, digits_ref["mu"])
     np.testing.assert_array_equal(features, digits_ref["features"])
     assert count == 12 and sigma.dtype == np.float64
@@ -346,7 +419,9 @@ def test_reference_statistics_of_a_tfds_split(digits_ref, variables, monkeypatch
     assert ev.read_reference(stats_file)[2] == -1
     batch_file = os.path.join(digits_ref["data_dir"], "ref_batch.npz")
     np.savez(batch_file, images)
-    mu_b, sigma_b, count_b, _ = ev.read_reference(batch_file, ev.InceptionMetrics(variables, batch_size=BATCH))
+    mu_b, sigma_b, count_b, _ = ev.read_reference(
+        batch_file, ev.InceptionMetrics(variables, batch_size=BATCH)
+    )
     np.testing.assert_allclose(mu_b, mu, atol=1e-5)
     assert count_b == 12
 
@@ -361,10 +436,19 @@ def test_evaluate_command_end_to_end(digits_ref, weights_file, variables, tmp_pa
     labels = np.arange(12) % 10
     np.savez(tmp_path / "samples.npz", samples, labels)
     out_json = tmp_path / "results.json"
-    argv = ["evaluate", f"--samples={tmp_path / 'samples.npz'}", "--ref=sklearn_digits/8", f"--ref_split={REF_SPLIT}",
-            f"--data_dir={digits_ref['data_dir']}", f"--cache_dir={digits_ref['cache_dir']}",
-            f"--inception_weights={weights_file}", "--metrics=fid,is,kid,pr", f"--out={out_json}",
-            f"--batch_size={BATCH}", "--kid_subsets=5"]
+    argv = [
+        "evaluate",
+        f"--samples={tmp_path / 'samples.npz'}",
+        "--ref=sklearn_digits/8",
+        f"--ref_split={REF_SPLIT}",
+        f"--data_dir={digits_ref['data_dir']}",
+        f"--cache_dir={digits_ref['cache_dir']}",
+        f"--inception_weights={weights_file}",
+        "--metrics=fid,is,kid,pr",
+        f"--out={out_json}",
+        f"--batch_size={BATCH}",
+        "--kid_subsets=5",
+    ]
     import logging
 
     absl_level = logging.getLogger("absl").level  # parsing absl flags sets the absl logger's level
@@ -383,7 +467,7 @@ def test_evaluate_command_end_to_end(digits_ref, weights_file, variables, tmp_pa
     a1, a2 = pool - pool.mean(0), ref_pool - ref_pool.mean(0)
     small = a1 @ a2.T @ a2 @ a1.T / ((len(a1) - 1) * (len(a2) - 1))
     tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(small), 0, None)).sum()
-    trace1, trace2 = np.sum(a1 ** 2) / (len(a1) - 1), np.sum(a2 ** 2) / (len(a2) - 1)
+    trace1, trace2 = np.sum(a1**2) / (len(a1) - 1), np.sum(a2**2) / (len(a2) - 1)
     want_fid = np.sum((pool.mean(0) - ref_pool.mean(0)) ** 2) + trace1 + trace2 - 2 * tr_sqrt
     assert result["fid"] == pytest.approx(want_fid, rel=1e-3)
     assert result["num_samples"] == 12 and result["num_reference"] == 12
@@ -392,7 +476,9 @@ def test_evaluate_command_end_to_end(digits_ref, weights_file, variables, tmp_pa
     assert result["is_mean"] >= 1.0 and 0 <= result["precision"] <= 1
 
 
-def test_evaluate_rejects_bad_arguments_before_compiling(weights_file, digits_ref, tmp_path, monkeypatch):
+def test_evaluate_rejects_bad_arguments_before_compiling(
+    weights_file, digits_ref, tmp_path, monkeypatch
+):
     from consistency_jax import evaluate
 
     def no_extractor(*args, **kwargs):
@@ -409,11 +495,23 @@ def test_evaluate_rejects_bad_arguments_before_compiling(weights_file, digits_re
     w = str(weights_file)
     cases = [
         (dict(samples=str(good), ref=str(stats_only)), "No Inception weights.*pt_inception"),
-        (dict(samples=str(tmp_path / "missing.npz"), ref=str(stats_only), weights=w), "does not exist"),
+        (
+            dict(samples=str(tmp_path / "missing.npz"), ref=str(stats_only), weights=w),
+            "does not exist",
+        ),
         (dict(samples=str(floats), ref=str(stats_only), weights=w), "uint8 images.*float32"),
-        (dict(samples=str(good), ref=str(tmp_path / "nope.npz"), weights=w), "Reference file .* does not exist"),
-        (dict(samples=str(good), ref=str(stats_only), weights=w, metrics=["fid", "lpips"]), r"unknown \['lpips'\]"),
-        (dict(samples="no_such_tfds_dataset", ref=str(stats_only), weights=w), "no_such_tfds_dataset"),
+        (
+            dict(samples=str(good), ref=str(tmp_path / "nope.npz"), weights=w),
+            "Reference file .* does not exist",
+        ),
+        (
+            dict(samples=str(good), ref=str(stats_only), weights=w, metrics=["fid", "lpips"]),
+            r"unknown \['lpips'\]",
+        ),
+        (
+            dict(samples="no_such_tfds_dataset", ref=str(stats_only), weights=w),
+            "no_such_tfds_dataset",
+        ),
     ]
     for kwargs, message in cases:
         with pytest.raises(Exception, match=message):
@@ -421,8 +519,20 @@ def test_evaluate_rejects_bad_arguments_before_compiling(weights_file, digits_re
     # Through the command line: a clear one-line error and exit status 2.
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
     env.pop(I.INCEPTION_WEIGHTS_ENV, None)
-    out = subprocess.run([sys.executable, "-m", "consistency_jax.evaluate", f"--samples={good}",
-                          f"--ref={stats_only}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "consistency_jax.evaluate",
+            f"--samples={good}",
+            f"--ref={stats_only}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "error: No Inception weights" in out.stderr, out.stderr[-2000:]
 
 
@@ -438,8 +548,17 @@ def test_fid_in_the_training_evaluation_and_evaluate_from_a_run(digits_ref, weig
     ref = tmp_path / "ref.npz"
     from consistency_jax import data as data_lib
 
-    np.savez(ref, np.concatenate([b["image"] for b in data_lib.iterate_stored_images(
-        "sklearn_digits/8", REF_SPLIT, digits_ref["data_dir"], 100)]))
+    np.savez(
+        ref,
+        np.concatenate(
+            [
+                b["image"]
+                for b in data_lib.iterate_stored_images(
+                    "sklearn_digits/8", REF_SPLIT, digits_ref["data_dir"], 100
+                )
+            ]
+        ),
+    )
     c = load_config("digits", "method=ict")
     c.data.data_dir = digits_ref["data_dir"]
     c.data.batch_size = 8
@@ -459,8 +578,17 @@ def test_fid_in_the_training_evaluation_and_evaluate_from_a_run(digits_ref, weig
     with pytest.raises(ValueError, match="is not a file"):
         validate(bad)
 
-    common = dict(ref=str(ref), weights=str(weights_file), metrics=("fid",), num_samples=6, batch_size=BATCH)
+    common = dict(
+        ref=str(ref), weights=str(weights_file), metrics=("fid",), num_samples=6, batch_size=BATCH
+    )
     on_the_fly = evaluate.evaluate(f"run:{workdir}", **common)
-    npz = sample_lib.run(sample_lib.SampleRequest(workdir=str(workdir), out=str(tmp_path / "s"),
-                                                  num_samples=6, per_device_batch=BATCH, grid=False))["npz"]
+    npz = sample_lib.run(
+        sample_lib.SampleRequest(
+            workdir=str(workdir),
+            out=str(tmp_path / "s"),
+            num_samples=6,
+            per_device_batch=BATCH,
+            grid=False,
+        )
+    )["npz"]
     assert on_the_fly["fid"] == pytest.approx(evaluate.evaluate(npz, **common)["fid"], rel=1e-9)

@@ -9,6 +9,7 @@ epath prefers TensorFlow's file system for gs:// when TensorFlow is installed (t
 install it); TensorFlow cannot be pointed at an emulator, so these tests set EPATH_USE_TF=false (the
 fsspec/gcsfs backend, used wherever TensorFlow is absent).
 """
+
 import json
 import os
 import pathlib
@@ -23,8 +24,8 @@ import urllib.request
 
 import numpy as np
 import pytest
-
 from conftest import dead_pid
+
 from consistency_jax import fs
 from consistency_jax import workdir_lock as W
 
@@ -41,9 +42,22 @@ class _Server:
             self.port = s.getsockname()[1]
         self.url = f"http://localhost:{self.port}"
         self.proc = subprocess.Popen(
-            [str(_server._get_binary_path()), "-scheme", "http", "-port", str(self.port),
-             "-public-host", f"localhost:{self.port}", "-backend", "memory", "-log-level", "error"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                str(_server._get_binary_path()),
+                "-scheme",
+                "http",
+                "-port",
+                str(self.port),
+                "-public-host",
+                f"localhost:{self.port}",
+                "-backend",
+                "memory",
+                "-log-level",
+                "error",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         t0 = time.time()
         while True:
             try:
@@ -53,9 +67,12 @@ class _Server:
                 assert self.proc.poll() is None, "fake-gcs-server exited"
                 assert time.time() - t0 < 30, "fake-gcs-server did not start"
                 time.sleep(0.05)
-        req = urllib.request.Request(f"{self.url}/storage/v1/b", method="POST",
-                                     data=json.dumps({"name": BUCKET}).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{self.url}/storage/v1/b",
+            method="POST",
+            data=json.dumps({"name": BUCKET}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         urllib.request.urlopen(req, timeout=10).read()
         self.env = {
             "STORAGE_EMULATOR_HOST": self.url,  # google-cloud-storage, gcsfs
@@ -70,19 +87,22 @@ class _Server:
     # What the bucket holds, through the server's JSON API (independent of the code under test).
     def objects(self, prefix: str) -> dict:
         q = urllib.parse.urlencode({"prefix": prefix})
-        listing = json.loads(urllib.request.urlopen(f"{self.url}/storage/v1/b/{BUCKET}/o?{q}",
-                                                    timeout=10).read())
-        return {o["name"][len(prefix):]: int(o["size"]) for o in listing.get("items", [])}
+        listing = json.loads(
+            urllib.request.urlopen(f"{self.url}/storage/v1/b/{BUCKET}/o?{q}", timeout=10).read()
+        )
+        return {o["name"][len(prefix) :]: int(o["size"]) for o in listing.get("items", [])}
 
     def get(self, name: str) -> bytes:
         q = urllib.parse.quote(name, safe="")
-        return urllib.request.urlopen(f"{self.url}/storage/v1/b/{BUCKET}/o/{q}?alt=media",
-                                      timeout=10).read()
+        return urllib.request.urlopen(
+            f"{self.url}/storage/v1/b/{BUCKET}/o/{q}?alt=media", timeout=10
+        ).read()
 
     def put(self, name: str, data: bytes) -> None:
         q = urllib.parse.urlencode({"uploadType": "media", "name": name})
-        req = urllib.request.Request(f"{self.url}/upload/storage/v1/b/{BUCKET}/o?{q}", data=data,
-                                     method="POST")
+        req = urllib.request.Request(
+            f"{self.url}/upload/storage/v1/b/{BUCKET}/o?{q}", data=data, method="POST"
+        )
         urllib.request.urlopen(req, timeout=10).read()
 
     def download(self, prefix: str, dest: pathlib.Path) -> None:
@@ -145,17 +165,31 @@ def test_files_on_gcs_behave_like_local_files(gcs, tmp_path):
         fs.makedirs(fs.join(root, "b"))
         fs.write_text(fs.join(root, "b", "y.txt"), "y")
         out.append(fs.listdir(fs.join(root, "a")))
-        out.append((fs.read_text(fs.join(root, "a", "x.json")), fs.read_bytes(fs.join(root, "a", "p.png"))))
-        out.append((fs.exists(fs.join(root, "a", "x.json")), fs.isdir(fs.join(root, "a")),
-                    fs.isdir(fs.join(root, "a", "x.json")), fs.exists(fs.join(root, "nope"))))
+        out.append(
+            (fs.read_text(fs.join(root, "a", "x.json")), fs.read_bytes(fs.join(root, "a", "p.png")))
+        )
+        out.append(
+            (
+                fs.exists(fs.join(root, "a", "x.json")),
+                fs.isdir(fs.join(root, "a")),
+                fs.isdir(fs.join(root, "a", "x.json")),
+                fs.exists(fs.join(root, "nope")),
+            )
+        )
         fs.makedirs(fs.join(root, "aside"))
         fs.move(fs.join(root, "a"), fs.join(root, "aside", "a-1"))
         fs.move(fs.join(root, "b", "y.txt"), fs.join(root, "aside", "y.txt"))
         fs.remove(fs.join(root, "aside", "a-1", "p.png"))
         fs.remove(fs.join(root, "aside", "a-1", "p.png"))  # missing: fine
         fs.rmtree(fs.join(root, "nothing"))  # missing: fine
-        out.append((fs.listdir(root), fs.listdir(fs.join(root, "aside")),
-                    fs.listdir(fs.join(root, "aside", "a-1")), fs.listdir(fs.join(root, "nope"))))
+        out.append(
+            (
+                fs.listdir(root),
+                fs.listdir(fs.join(root, "aside")),
+                fs.listdir(fs.join(root, "aside", "a-1")),
+                fs.listdir(fs.join(root, "nope")),
+            )
+        )
         with pytest.raises(FileNotFoundError):
             fs.read_text(fs.join(root, "a", "x.json"))
         return out
@@ -172,9 +206,16 @@ def test_files_on_gcs_behave_like_local_files(gcs, tmp_path):
 
 def _lease_bytes(**fields) -> bytes:
     now = time.time()
-    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": now,
-                       "heartbeat": now, "token": "other", **fields}).encode()
-
+    return json.dumps(
+        {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": now,
+            "heartbeat": now,
+            "token": "other",
+            **fields,
+        }
+    ).encode()
 
 
 def test_the_lease_on_gcs(gcs, caplog):
@@ -186,22 +227,37 @@ def test_the_lease_on_gcs(gcs, caplog):
     # Eight processes start at the same moment on a free lease: exactly one gets it (the server's
     # ifGenerationMatch=0); each holds what it got for 3 s, then gives it back.
     start_at = time.time() + 4.0
-    script = ("import json, sys, time\n"
-              "from consistency_jax import workdir_lock as W\n"
-              "lock = W.WorkdirLock(sys.argv[1])\n"
-              "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
-              "try:\n"
-              "    lock.acquire(); print('HELD', flush=True); time.sleep(3); lock.release()\n"
-              "except W.WorkdirLockedError as e:\n"
-              "    print('REFUSED', e, flush=True)\n")
+    script = (
+        "import json, sys, time\n"
+        "from consistency_jax import workdir_lock as W\n"
+        "lock = W.WorkdirLock(sys.argv[1])\n"
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+        "try:\n"
+        "    lock.acquire(); print('HELD', flush=True); time.sleep(3); lock.release()\n"
+        "except W.WorkdirLockedError as e:\n"
+        "    print('REFUSED', e, flush=True)\n"
+    )
     env = dict(os.environ, **gcs.env)
-    procs = [subprocess.Popen([sys.executable, "-c", script, url, str(start_at)], env=env, cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(8)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, url, str(start_at)],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(8)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
-    lines = [o.decode().strip().splitlines()[-1] if o.strip() else e.decode()[-500:] for o, e in outs]
+    lines = [
+        o.decode().strip().splitlines()[-1] if o.strip() else e.decode()[-500:] for o, e in outs
+    ]
     assert sum(line == "HELD" for line in lines) == 1, lines
-    assert all(line.startswith("REFUSED The workdir gs://") and "is in use by another run: host" in line
-               for line in lines if line != "HELD"), lines
+    assert all(
+        line.startswith("REFUSED The workdir gs://") and "is in use by another run: host" in line
+        for line in lines
+        if line != "HELD"
+    ), lines
     assert name not in {f"lease/{n}" for n in gcs.objects("lease/")}
 
     # The lease object names its holder; release removes it.
@@ -213,7 +269,9 @@ def test_the_lease_on_gcs(gcs, caplog):
 
     # A live holder elsewhere (fresh heartbeat) is refused by name; a stale one is taken over.
     gcs.put(name, _lease_bytes(host="tpu-vm-7", pid=4242))
-    with pytest.raises(W.WorkdirLockedError, match=r"in use by another run: host tpu-vm-7, pid 4242"):
+    with pytest.raises(
+        W.WorkdirLockedError, match=r"in use by another run: host tpu-vm-7, pid 4242"
+    ):
         W.WorkdirLock(url).acquire()
     gcs.put(name, _lease_bytes(pid=dead_pid()))
     with caplog.at_level("WARNING", logger="absl"):
@@ -238,21 +296,32 @@ def test_the_lease_on_gcs(gcs, caplog):
 
 # ---------------------------------------------------------------- real processes: train, kill, resume, sample
 
-_FLAGS = ["--config=configs/digits.py:method=ict", "--config.model.kwargs.nf=4",
-          "--config.model.kwargs.ch_mult=(1,)", "--config.data.batch_size=8",
-          "--config.train.log_every=1", "--config.train.eval_every=1000000",
-          "--config.eval.num_samples=16", "--config.checkpoint.every=2", "--config.checkpoint.keep=2"]
+_FLAGS = [
+    "--config=configs/digits.py:method=ict",
+    "--config.model.kwargs.nf=4",
+    "--config.model.kwargs.ch_mult=(1,)",
+    "--config.data.batch_size=8",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=1000000",
+    "--config.eval.num_samples=16",
+    "--config.checkpoint.every=2",
+    "--config.checkpoint.keep=2",
+]
 
 
 def _python(args, gcs, log, **kw):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", **gcs.env)
-    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, **kw)
+    return subprocess.Popen(
+        [sys.executable, *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, **kw
+    )
 
 
 def _committed(gcs, prefix) -> list[int]:
-    return sorted(int(n.split("/")[0]) for n in gcs.objects(prefix + "checkpoints/")
-                  if re.fullmatch(r"\d+/commit_success\.txt", n))
+    return sorted(
+        int(n.split("/")[0])
+        for n in gcs.objects(prefix + "checkpoints/")
+        if re.fullmatch(r"\d+/commit_success\.txt", n)
+    )
 
 
 def test_train_kill_resume_and_sample_a_gs_workdir(gcs, tmp_path):
@@ -263,8 +332,18 @@ def test_train_kill_resume_and_sample_a_gs_workdir(gcs, tmp_path):
     data = [f"--config.data.data_dir={tmp_path / 'tfds'}"]
     log_a = tmp_path / "a.log"
     with open(log_a, "wb") as f:
-        a = _python(["-m", "consistency_jax.main", *_FLAGS, *data, "--config.train.num_steps=1000000",
-                     f"--workdir={workdir}"], gcs, f)
+        a = _python(
+            [
+                "-m",
+                "consistency_jax.main",
+                *_FLAGS,
+                *data,
+                "--config.train.num_steps=1000000",
+                f"--workdir={workdir}",
+            ],
+            gcs,
+            f,
+        )
     try:
         t0 = time.time()
         while not _committed(gcs, prefix):
@@ -282,8 +361,18 @@ def test_train_kill_resume_and_sample_a_gs_workdir(gcs, tmp_path):
 
     log_b = tmp_path / "b.log"
     with open(log_b, "wb") as f:
-        b = _python(["-m", "consistency_jax.main", *_FLAGS, *data, f"--config.train.num_steps={final}",
-                     f"--workdir={workdir}"], gcs, f)
+        b = _python(
+            [
+                "-m",
+                "consistency_jax.main",
+                *_FLAGS,
+                *data,
+                f"--config.train.num_steps={final}",
+                f"--workdir={workdir}",
+            ],
+            gcs,
+            f,
+        )
         assert b.wait(timeout=600) == 0, log_b.read_text()[-3000:]
     text = log_b.read_text()
     assert "Taking over the stale lease" in text, text[-3000:]
@@ -305,8 +394,18 @@ def test_train_kill_resume_and_sample_a_gs_workdir(gcs, tmp_path):
     for name, src in (("gs", workdir), ("local", str(local))):
         out = tmp_path / f"samples_{name}"
         with open(tmp_path / f"{name}.log", "wb") as f:
-            p = _python(["-m", "consistency_jax.sample", f"--workdir={src}", f"--out={out}",
-                         "--num_samples=12", "--seed=5"], gcs, f)
+            p = _python(
+                [
+                    "-m",
+                    "consistency_jax.sample",
+                    f"--workdir={src}",
+                    f"--out={out}",
+                    "--num_samples=12",
+                    "--seed=5",
+                ],
+                gcs,
+                f,
+            )
             assert p.wait(timeout=300) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
         with np.load(out / "samples.npz", allow_pickle=False) as z:
             got[name] = z["arr_0"]

@@ -1,4 +1,5 @@
 """Solvers, distances, weightings and the CD/CT/EDM losses against NumPy float64 re-computations."""
+
 import math
 
 import jax
@@ -10,8 +11,7 @@ from scipy.special import erf
 from consistency_jax import losses as L
 from consistency_jax import parameterization as P
 from consistency_jax import schedules as S
-from consistency_jax import solvers
-from consistency_jax import toy
+from consistency_jax import solvers, toy
 from consistency_jax.methods import Frozen
 from consistency_jax.methods.cd import ConsistencyDistillation
 from consistency_jax.methods.ct import ConsistencyTraining
@@ -38,7 +38,9 @@ def test_ode_steps_converge_at_their_order(name, order):
     errs = []
     for h in [0.2, 0.1, 0.05]:
         xj = jnp.asarray(x, jnp.float32)
-        got = np.asarray(step(_gauss_denoiser(s), xj, jnp.array([t0]), jnp.array([t0 - h])), np.float64)
+        got = np.asarray(
+            step(_gauss_denoiser(s), xj, jnp.array([t0]), jnp.array([t0 - h])), np.float64
+        )
         errs.append(np.abs(got - _exact(x, t0, t0 - h, s)).max())
     # local error O(h^{order+1}): halving h divides it by about 2^{order+1}
     for a, b in zip(errs, errs[1:]):
@@ -53,8 +55,9 @@ def test_heun_step_formula():
     d = (x - D(x, tc)) / tc
     xe = x + (tn - tc) * d
     want = x + (tn - tc) * 0.5 * (d + (xe - D(xe, tn)) / tn)
-    got = solvers.heun_step(_gauss_denoiser(s), jnp.asarray(x, jnp.float32), jnp.array([tc]),
-                            jnp.array([tn]))
+    got = solvers.heun_step(
+        _gauss_denoiser(s), jnp.asarray(x, jnp.float32), jnp.array([tc]), jnp.array([tn])
+    )
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
 
 
@@ -65,8 +68,9 @@ def test_ct_target_is_euler_step_with_clean_sample_as_denoiser():
     t_hi = np.array([0.01, 0.1, 1.0, 5.0, 40.0, 80.0], np.float32)
     t_lo = t_hi * 0.7
     x_hi = x0 + t_hi[:, None] * z
-    got = solvers.euler_step(lambda x, t: jnp.asarray(x0), jnp.asarray(x_hi), jnp.asarray(t_hi),
-                             jnp.asarray(t_lo))
+    got = solvers.euler_step(
+        lambda x, t: jnp.asarray(x0), jnp.asarray(x_hi), jnp.asarray(t_hi), jnp.asarray(t_lo)
+    )
     np.testing.assert_allclose(np.asarray(got), x0 + t_lo[:, None] * z, rtol=1e-5, atol=1e-5)
 
 
@@ -81,8 +85,11 @@ def test_distances_match_numpy():
     np.testing.assert_allclose(L.l1_distance(fa, fb), np.mean(np.abs(diff), 1), rtol=1e-5)
     c = L.default_huber_c(32)
     assert c == pytest.approx(0.00054 * math.sqrt(32))
-    np.testing.assert_allclose(L.make_distance("pseudo_huber", (4, 4, 2))(fa, fb),
-                               np.sqrt(np.sum(diff**2, 1) + c * c) - c, rtol=1e-5)
+    np.testing.assert_allclose(
+        L.make_distance("pseudo_huber", (4, 4, 2))(fa, fb),
+        np.sqrt(np.sum(diff**2, 1) + c * c) - c,
+        rtol=1e-5,
+    )
     with pytest.raises(ValueError, match="lpips_weights"):
         L.make_distance("lpips", (4, 4, 2))
     with pytest.raises(ValueError, match="Unknown distance"):
@@ -95,7 +102,9 @@ def test_weightings():
     np.testing.assert_allclose(L.weighting("uniform", jl, jh), [1, 1])
     np.testing.assert_allclose(L.weighting("ict", jl, jh), 1 / (hi - lo), rtol=1e-5)
     np.testing.assert_allclose(L.weighting("snr", jl, jh), 1 / lo**2, rtol=1e-5)
-    np.testing.assert_allclose(L.weighting("truncated_snr", jl, jh), np.maximum(1 / lo**2, 1), rtol=1e-5)
+    np.testing.assert_allclose(
+        L.weighting("truncated_snr", jl, jh), np.maximum(1 / lo**2, 1), rtol=1e-5
+    )
 
 
 def test_lognormal_index_distribution():
@@ -106,9 +115,11 @@ def test_lognormal_index_distribution():
     p /= p.sum()
     logits = L.lognormal_index_logits(jnp.int32(n), 1281, SIG)
     got = np.exp(np.asarray(logits, np.float64))
-    assert np.all(got[n - 1:] == 0)
+    assert np.all(got[n - 1 :] == 0)
     np.testing.assert_allclose(got[: n - 1] / got.sum(), p, rtol=1e-4, atol=1e-7)
-    draws = np.asarray(L.sample_index(jax.random.key(0), 20000, jnp.int32(n), 1281, "lognormal", SIG))
+    draws = np.asarray(
+        L.sample_index(jax.random.key(0), 20000, jnp.int32(n), 1281, "lognormal", SIG)
+    )
     assert draws.min() >= 0 and draws.max() <= n - 2
     freq = np.bincount(draws, minlength=n - 1) / draws.size
     assert np.abs(freq - p).max() < 0.01
@@ -120,7 +131,9 @@ def _linear_net(params, x, c_noise, **kw):
 
 
 def _np_linear_net(params, x, c_noise):
-    return x @ np.asarray(params["w"], np.float64) + c_noise[:, None] * np.asarray(params["b"], np.float64)
+    return x @ np.asarray(params["w"], np.float64) + c_noise[:, None] * np.asarray(
+        params["b"], np.float64
+    )
 
 
 def _np_f(params, x, t, eps=0.002, sd=0.5):
@@ -145,12 +158,15 @@ def _draws(rng, b, n, dim, kind="uniform"):
     return i, z
 
 
-@pytest.mark.parametrize("method,solver,distance,weight", [
-    ("ct", "heun", "l2", "uniform"),
-    ("ct", "heun", "pseudo_huber", "ict"),
-    ("cd", "euler", "l1", "uniform"),
-    ("cd", "heun", "l2", "snr"),
-])
+@pytest.mark.parametrize(
+    "method,solver,distance,weight",
+    [
+        ("ct", "heun", "l2", "uniform"),
+        ("ct", "heun", "pseudo_huber", "ict"),
+        ("cd", "euler", "l1", "uniform"),
+        ("cd", "heun", "l2", "snr"),
+    ],
+)
 def test_consistency_loss_matches_numpy(method, solver, distance, weight):
     dim, b, n = 2, 16, 10
     k = jax.random.split(jax.random.key(3), 3)
@@ -160,10 +176,17 @@ def test_consistency_loss_matches_numpy(method, solver, distance, weight):
     x0 = np.asarray(gm.sample(np.random.default_rng(0), b), np.float32)
     cfg = L.LossConfig(solver=solver, distance=distance, weighting=weight)
     cur = S.Curriculum(kind="constant", num_scales=n)
-    m = _method(method, cfg, _linear_net, cur, L.make_distance(distance, (dim,)), toy.exact_denoiser)
+    m = _method(
+        method, cfg, _linear_net, cur, L.make_distance(distance, (dim,)), toy.exact_denoiser
+    )
     rng = jax.random.key(7)
-    loss, _ = m.loss(params, Frozen(target=target, teacher=gm.as_params()), {"image": jnp.asarray(x0)},
-                     rng, jnp.int32(0))
+    loss, _ = m.loss(
+        params,
+        Frozen(target=target, teacher=gm.as_params()),
+        {"image": jnp.asarray(x0)},
+        rng,
+        jnp.int32(0),
+    )
 
     # NumPy float64 re-computation with the same random draws
     i, z = _draws(rng, b, n, dim)
@@ -174,16 +197,19 @@ def test_consistency_loss_matches_numpy(method, solver, distance, weight):
     if method == "ct":
         x_lo = x0d + t_lo[:, None] * z
     else:
-        D = lambda x, t: np.stack([toy._denoiser_np(gm, x[j:j + 1], t[j])[0] for j in range(b)])
+        D = lambda x, t: np.stack([toy._denoiser_np(gm, x[j : j + 1], t[j])[0] for j in range(b)])
         d = (x_hi - D(x_hi, t_hi)) / t_hi[:, None]
         x_lo = x_hi + (t_lo - t_hi)[:, None] * d
         if solver == "heun":
             d2 = (x_lo - D(x_lo, t_lo)) / t_lo[:, None]
             x_lo = x_hi + (t_lo - t_hi)[:, None] * 0.5 * (d + d2)
     diff = _np_f(params, x_hi, t_hi) - _np_f(target, x_lo, t_lo)
-    dist = {"l2": np.mean(diff**2, 1), "l1": np.mean(np.abs(diff), 1),
-            "pseudo_huber": np.sqrt(np.sum(diff**2, 1) + (0.00054 * math.sqrt(dim)) ** 2)
-            - 0.00054 * math.sqrt(dim)}[distance]
+    dist = {
+        "l2": np.mean(diff**2, 1),
+        "l1": np.mean(np.abs(diff), 1),
+        "pseudo_huber": np.sqrt(np.sum(diff**2, 1) + (0.00054 * math.sqrt(dim)) ** 2)
+        - 0.00054 * math.sqrt(dim),
+    }[distance]
     lam = {"uniform": np.ones(b), "ict": 1 / (t_hi - t_lo), "snr": 1 / t_lo**2}[weight]
     np.testing.assert_allclose(float(loss), np.mean(lam * dist), rtol=2e-4)
 
@@ -193,16 +219,22 @@ def test_edm_loss_matches_numpy():
     params = {"w": 0.2 * jnp.eye(dim), "b": jnp.ones((dim,))}
     x0 = np.random.default_rng(2).standard_normal((b, dim)).astype(np.float32) * 0.5
     rng = jax.random.key(11)
-    loss, _ = EDMDenoiser(apply_fn=_linear_net, sigmas=SIG).loss(params, Frozen(),
-                                                                 {"image": jnp.asarray(x0)}, rng,
-                                                                 jnp.int32(0))
+    loss, _ = EDMDenoiser(apply_fn=_linear_net, sigmas=SIG).loss(
+        params, Frozen(), {"image": jnp.asarray(x0)}, rng, jnp.int32(0)
+    )
     rng_s, rng_z, _ = jax.random.split(rng, 3)
     sigma = np.exp(-1.2 + 1.2 * np.asarray(jax.random.normal(rng_s, (b,)), np.float64))
     z = np.asarray(jax.random.normal(rng_z, (b, dim)), np.float64)
     xn = x0 + sigma[:, None] * z
     sd = 0.5
-    cs, co, ci = sd**2 / (sigma**2 + sd**2), sigma * sd / np.sqrt(sd**2 + sigma**2), 1 / np.sqrt(sd**2 + sigma**2)
-    D = cs[:, None] * xn + co[:, None] * _np_linear_net(params, ci[:, None] * xn, 0.25 * np.log(sigma))
+    cs, co, ci = (
+        sd**2 / (sigma**2 + sd**2),
+        sigma * sd / np.sqrt(sd**2 + sigma**2),
+        1 / np.sqrt(sd**2 + sigma**2),
+    )
+    D = cs[:, None] * xn + co[:, None] * _np_linear_net(
+        params, ci[:, None] * xn, 0.25 * np.log(sigma)
+    )
     lam = (sigma**2 + sd**2) / (sigma * sd) ** 2
     np.testing.assert_allclose(float(loss), np.mean(lam * np.mean((D - x0) ** 2, 1)), rtol=1e-4)
 
@@ -215,6 +247,7 @@ def test_cd_without_teacher_is_an_error():
 def test_theorem2_cd_approaches_ct_as_n_grows():
     """CM Theorem 2: with the exact teacher, L_CD^N − L_CT^N = o(Δt): the gap shrinks faster than 1/N."""
     from consistency_jax.networks import get_network, make_apply_fn
+
     net = get_network("mlp", hidden=32, depth=2)
     params = net.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros((1,)))["params"]
     apply_fn = make_apply_fn(net)
@@ -225,9 +258,21 @@ def test_theorem2_cd_approaches_ct_as_n_grows():
     gaps = []
     for n in ns:
         cur = S.Curriculum(kind="constant", num_scales=n)
-        vals = {m: float(jax.jit(_method(m, L.LossConfig(solver="heun"), apply_fn, cur, L.l2_distance,
-                                         toy.exact_denoiser).loss)(
-            params, frozen, {"image": x0}, jax.random.key(1), jnp.int32(0))[0]) for m in ("cd", "ct")}
+        vals = {
+            m: float(
+                jax.jit(
+                    _method(
+                        m,
+                        L.LossConfig(solver="heun"),
+                        apply_fn,
+                        cur,
+                        L.l2_distance,
+                        toy.exact_denoiser,
+                    ).loss
+                )(params, frozen, {"image": x0}, jax.random.key(1), jnp.int32(0))[0]
+            )
+            for m in ("cd", "ct")
+        }
         gaps.append(abs(vals["cd"] - vals["ct"]))
     scaled = [g * n for g, n in zip(gaps, ns)]  # gap / Δt
     assert all(a > b for a, b in zip(gaps, gaps[1:])), gaps

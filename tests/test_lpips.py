@@ -4,6 +4,7 @@ tests/fixtures/lpips_reference.npz holds inputs, the lpips package's v0.1 linear
 distances computed by lpips / piq in float64 (tools/make_lpips_fixture.py); the backbone weights
 are regenerated here with the fixture script's own NumPy generator.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -12,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import load_npz, load_tool
-from consistency_jax.metrics import lpips as L
+
 from consistency_jax import loading
+from consistency_jax.metrics import lpips as L
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "lpips_reference.npz"
@@ -48,7 +49,9 @@ def weight_files(ref, tmp_path_factory) -> dict[str, pathlib.Path]:
             ref[f"{net}_backbone_sums"],
             err_msg="NumPy's random stream changed: rerun tools/make_lpips_fixture.py",
         )
-        tensors = convert.build_lpips_tensors(backbone, _lin_state(ref, net), L.lpips_tensor_shapes(net))
+        tensors = convert.build_lpips_tensors(
+            backbone, _lin_state(ref, net), L.lpips_tensor_shapes(net)
+        )
         files[net] = folder / f"lpips_{net}.safetensors"
         convert.save_lpips_safetensors(tensors, files[net], net)
     return files
@@ -107,7 +110,9 @@ def test_resize_matches_numpy_bilinear(n_in, size):
     x = np.random.default_rng(n_in).uniform(-1, 1, (2, n_in, n_in, 3)).astype(np.float32)
     # float32 source positions near 240 carry ~1.5e-5 of rounding; a wrong sampling convention
     # (align_corners, antialiasing, off by half a pixel) is off by ~1e-2 or more.
-    np.testing.assert_allclose(L._resize_bilinear(jnp.asarray(x), size), _numpy_bilinear(x, size), atol=1e-4)
+    np.testing.assert_allclose(
+        L._resize_bilinear(jnp.asarray(x), size), _numpy_bilinear(x, size), atol=1e-4
+    )
 
 
 def test_identical_images_give_zero_and_distance_is_symmetric(ref, params):
@@ -174,7 +179,9 @@ def test_bad_weight_files(ref, weight_files, tmp_path):
         L.load_lpips_params(weight_files["vgg"], net="resnet")
 
     backbone = make_fixture.random_backbone_state_dict("alex")
-    tensors = convert.build_lpips_tensors(backbone, _lin_state(ref, "alex"), L.lpips_tensor_shapes("alex"))
+    tensors = convert.build_lpips_tensors(
+        backbone, _lin_state(ref, "alex"), L.lpips_tensor_shapes("alex")
+    )
     missing = dict(tensors)
     del missing["lin3.weight"]
     save_file(missing, str(tmp_path / "missing.safetensors"))
@@ -201,7 +208,9 @@ def test_converter_selects_renames_and_validates(ref):
     del backbone["features.6.bias"]
     with pytest.raises(ValueError, match="backbone tensor 'features.6.bias' is missing"):
         convert.build_lpips_tensors(backbone, _lin_state(ref, "alex"), shapes)
-    with pytest.raises(ValueError, match=r"linear-head tensor 'lin1.weight' has shape \(1, 128, 1, 1\)"):
+    with pytest.raises(
+        ValueError, match=r"linear-head tensor 'lin1.weight' has shape \(1, 128, 1, 1\)"
+    ):
         convert.build_lpips_tensors(
             make_fixture.random_backbone_state_dict("alex"), _lin_state(ref, "vgg"), shapes
         )
@@ -230,6 +239,7 @@ def test_lpips_loss_trains_through_the_main_loop(weight_files, tmp_path):
     import json
 
     from conftest import load_config
+
     from consistency_jax import experiment
 
     c = load_config("digits", "method=ct")
@@ -260,7 +270,11 @@ def test_hessian_vector_product_for_continuous_time_cm(ref, params):
     hv = np.asarray(jax.jit(lambda a_, v_: metric_hvp(d, a_, v_))(a, v), np.float64)
     grad = jax.jit(lambda x: jax.grad(lambda y: jnp.sum(d(y, a)))(x))
     h = 3e-3
-    fd = (np.asarray(grad(a + h * v), np.float64) - np.asarray(grad(a - h * v), np.float64)) / (2 * h)
+    fd = (np.asarray(grad(a + h * v), np.float64) - np.asarray(grad(a - h * v), np.float64)) / (
+        2 * h
+    )
     assert np.linalg.norm(hv) > 0
-    assert np.linalg.norm(hv - fd) <= 2e-2 * np.linalg.norm(fd), np.linalg.norm(hv - fd) / np.linalg.norm(fd)
+    assert np.linalg.norm(hv - fd) <= 2e-2 * np.linalg.norm(fd), np.linalg.norm(
+        hv - fd
+    ) / np.linalg.norm(fd)
     assert float(jnp.sum(hv * np.asarray(v))) > 0  # G is positive semi-definite on the diagonal

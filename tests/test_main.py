@@ -1,11 +1,11 @@
 """Smoke runs of the main job on tiny configs: the digits (real images through TFDS) and the toy."""
+
 import json
 import os
 
 import numpy as np
 
-from consistency_jax import experiment
-from consistency_jax import loading
+from consistency_jax import experiment, loading
 from consistency_jax.config import validate
 
 
@@ -69,7 +69,9 @@ def _toy_ct(num_steps, steps_per_call, every):
     c = load_config("toy", "method=ct")
     c.model.kwargs = dict(hidden=16, depth=1)
     c.data.batch_size = 32
-    c.train.update(num_steps=num_steps, log_every=every, eval_every=20, steps_per_call=steps_per_call)
+    c.train.update(
+        num_steps=num_steps, log_every=every, eval_every=20, steps_per_call=steps_per_call
+    )
     c.curriculum.total_steps = 22  # the same N(k), μ(k) for a run stopped early at 6,
     c.optim.decay = "constant"  # and the same learning rates
     c.eval.num_samples = 32
@@ -85,17 +87,20 @@ def test_steps_per_call_scan_gives_the_same_run(tmp_path):
     gradient accumulation (train.microbatches=2) inside the scanned steps."""
     import pytest
 
-
     experiment.train_and_evaluate(_toy_ct(22, 1, 2), str(tmp_path / "one"))
     experiment.train_and_evaluate(_toy_ct(22, 4, 4), str(tmp_path / "scan"))
     experiment.train_and_evaluate(_toy_ct(6, 1, 2), str(tmp_path / "resumed"))  # stops at 6
-    experiment.train_and_evaluate(_toy_ct(22, 4, 4), str(tmp_path / "resumed"))  # 6,7 then 8..19 by 4
+    experiment.train_and_evaluate(
+        _toy_ct(22, 4, 4), str(tmp_path / "resumed")
+    )  # 6,7 then 8..19 by 4
     want = loading.read_arrays(str(tmp_path / "one"), 22)
     for run in ("scan", "resumed"):
         got = loading.read_arrays(str(tmp_path / run), 22)
         assert sorted(got) == sorted(want)
         for key in want:
-            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=f"{run} {key}")
+            np.testing.assert_allclose(
+                got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=f"{run} {key}"
+            )
     # Gradient accumulation inside the scan: microbatches=2 with 4 steps per call = with 1 per call.
     for run, per_call in (("micro", 1), ("micro_scan", 4)):
         c = _toy_ct(22, per_call, 4)
@@ -105,15 +110,22 @@ def test_steps_per_call_scan_gives_the_same_run(tmp_path):
     micro_scan = loading.read_arrays(str(tmp_path / "micro_scan"), 22)
     for key in micro:
         np.testing.assert_allclose(micro_scan[key], micro[key], rtol=1e-5, atol=1e-6, err_msg=key)
-    assert not np.allclose(micro["state/params/Dense_0/kernel"], want["state/params/Dense_0/kernel"])
-    evals = {run: [json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-             for run in ("one", "scan")}
+    assert not np.allclose(
+        micro["state/params/Dense_0/kernel"], want["state/params/Dense_0/kernel"]
+    )
+    evals = {
+        run: [json.loads(ln) for ln in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("one", "scan")
+    }
     assert [e["step"] for e in evals["scan"]] == [e["step"] for e in evals["one"]] == [20, 22]
     for a, b in zip(evals["scan"], evals["one"]):
         assert sorted(a) == sorted(b)
         np.testing.assert_allclose([a[k] for k in sorted(a)], [b[k] for k in sorted(b)], rtol=1e-4)
-    with pytest.raises(ValueError, match=r"config\.checkpoint\.every=6 is not a multiple of "
-                                         r"config\.train\.steps_per_call=4"):
+    with pytest.raises(
+        ValueError,
+        match=r"config\.checkpoint\.every=6 is not a multiple of "
+        r"config\.train\.steps_per_call=4",
+    ):
         bad = _toy_ct(22, 4, 4)
         bad.checkpoint.every = 6
         validate(bad)

@@ -1,5 +1,6 @@
 """Training methods as plug-ins: the registry, the contract the train step relies on, and a method
 added in one file (the README's example) trained by the main loop."""
+
 import json
 import pathlib
 import re
@@ -13,13 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from conftest import load_config
+
 from consistency_jax import losses as L
-from consistency_jax import methods
+from consistency_jax import methods, toy
 from consistency_jax import parameterization as P
 from consistency_jax import schedules as S
-from consistency_jax import toy
 from consistency_jax.methods import Frozen, base
 from consistency_jax.methods.cd import ConsistencyDistillation
 from consistency_jax.methods.ct import ConsistencyTraining
@@ -38,15 +38,22 @@ def _linear(params, x, c_noise, **_):
 
 def test_every_method_module_registers_and_the_registry_is_the_one_list():
     # Every module of the package except the shared ones registers at least one method.
-    modules = sorted(p.stem for p in METHODS_DIR.glob("*.py") if p.stem not in ("__init__", "base",
-                                                                               "discrete"))
-    owners = sorted({spec.build.__module__.rsplit(".", 1)[-1] for spec in methods.registered().values()})
+    modules = sorted(
+        p.stem for p in METHODS_DIR.glob("*.py") if p.stem not in ("__init__", "base", "discrete")
+    )
+    owners = sorted(
+        {spec.build.__module__.rsplit(".", 1)[-1] for spec in methods.registered().values()}
+    )
     assert owners == modules
     assert set(methods.names()) >= {"cd", "ct", "edm", "ict"}
     assert methods.get("edm").family == "denoiser" and methods.get("cd").needs_teacher
     assert all(methods.get(n).family == "consistency" for n in ("cd", "ct", "ict"))
-    assert methods.get("sct").consistency_fn is not methods.get("ict").consistency_fn  # TrigFlow's f
-    with pytest.raises(ValueError, match=r"Unknown method 'sctx' \(config\.method\); choose one of"):
+    assert (
+        methods.get("sct").consistency_fn is not methods.get("ict").consistency_fn
+    )  # TrigFlow's f
+    with pytest.raises(
+        ValueError, match=r"Unknown method 'sctx' \(config\.method\); choose one of"
+    ):
         methods.get("sctx")
     # The configs, the validation and the loading of teachers all read this registry.
     for name in methods.names():
@@ -71,7 +78,9 @@ def test_frozen_trees_and_targets_are_the_methods_declarations():
         def __call__(self, a, b):
             return jnp.mean(self.w * (a - b) ** 2, axis=-1)
 
-    weighted = ConsistencyTraining(curriculum=cur_cm, **{**parts, "distance": Weighted(jnp.ones(2))})
+    weighted = ConsistencyTraining(
+        curriculum=cur_cm, **{**parts, "distance": Weighted(jnp.ones(2))}
+    )
     assert weighted.frozen_trees == ("target", "distance")
     # The train step hands each method exactly what it declared, under stop-gradient.
     params, target = {"w": jnp.eye(2)}, {"w": 2 * jnp.eye(2)}
@@ -81,8 +90,12 @@ def test_frozen_trees_and_targets_are_the_methods_declarations():
     got = methods.frozen_inputs(cd, params, target, {"phi": jnp.ones(1)}, None)
     chex.assert_trees_all_equal(got.target, target)
     chex.assert_trees_all_equal(got.teacher, {"phi": jnp.ones(1)})
-    assert methods.frozen_inputs(EDMDenoiser(apply_fn=_linear, sigmas=SIG), params, target,
-                                 {"phi": 1}, None) == Frozen()
+    assert (
+        methods.frozen_inputs(
+            EDMDenoiser(apply_fn=_linear, sigmas=SIG), params, target, {"phi": 1}, None
+        )
+        == Frozen()
+    )
     # μ(k) of the target update and the logged schedule come from the method's curriculum.
     n, mu = cur_cm(37)
     np.testing.assert_allclose(float(ct.target_rate(jnp.int32(37))), float(mu))
@@ -91,7 +104,9 @@ def test_frozen_trees_and_targets_are_the_methods_declarations():
 
 
 def test_the_train_step_takes_methods_only():
-    with pytest.raises(TypeError, match=r"needs a method with a loss\(params, frozen, batch, rng, step\)"):
+    with pytest.raises(
+        TypeError, match=r"needs a method with a loss\(params, frozen, batch, rng, step\)"
+    ):
         make_train_step(lambda *a: 0.0, optax.sgd(0.1))
 
 
@@ -107,7 +122,9 @@ def test_a_method_with_its_own_schedule_and_target_rule():
         def loss(self, params, frozen, batch, rng, step):
             r = jnp.minimum(1.0, step / 10.0)
             pred = batch["image"] @ params["w"]
-            return r * jnp.mean((pred - batch["image"] @ frozen.target["w"]) ** 2 + pred ** 2), {"r": r}
+            return r * jnp.mean((pred - batch["image"] @ frozen.target["w"]) ** 2 + pred**2), {
+                "r": r
+            }
 
         def update_target(self, target, params, step):
             return jax.tree.map(lambda t, p: 0.5 * (t + p), target, params)
@@ -130,8 +147,11 @@ def test_a_method_with_its_own_schedule_and_target_rule():
 
 
 def _readme_method_module():
-    (code,) = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-               if "consistency_jax/methods/my_ct.py" in b]
+    (code,) = [
+        b
+        for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+        if "consistency_jax/methods/my_ct.py" in b
+    ]
     module = types.ModuleType("consistency_jax.methods.my_ct")
     exec(compile(code, str(README), "exec"), module.__dict__)  # noqa: S102 - our own README
     return module

@@ -9,6 +9,7 @@ References are independent: the same train step in this (single) process on one 
 concatenation of the two hosts' local batches; and the two hosts' data shares read here with
 explicit ``process_index``/``process_count``. This file run as a script is the worker.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,6 +23,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from consistency_jax import loading
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -38,9 +40,13 @@ def _toy_step_pieces():
 
     module = get_network("mlp", hidden=32, depth=1)
     curriculum = schedules.Curriculum(kind="cm", s0=2, s1=150, mu0=0.9, total_steps=100)
-    loss_fn = ConsistencyTraining(apply_fn=make_apply_fn(module), sigmas=SigmaConfig(),
-                                  curriculum=curriculum, loss_cfg=losses.LossConfig(),
-                                  distance=losses.l2_distance)
+    loss_fn = ConsistencyTraining(
+        apply_fn=make_apply_fn(module),
+        sigmas=SigmaConfig(),
+        curriculum=curriculum,
+        loss_cfg=losses.LossConfig(),
+        distance=losses.l2_distance,
+    )
     # SGD: updates linear in the gradients, so reduction-order rounding stays at float32 level.
     return module, loss_fn, optax.sgd(0.1, momentum=0.9), curriculum
 
@@ -65,30 +71,43 @@ def _local_toy_batches(process_index: int) -> list[dict]:
 def _digits_cfg(data_dir: str):
     from consistency_jax import data as data_lib
 
-    return data_lib.ImageDataConfig(name="sklearn_digits/8", data_dir=data_dir, image_size=8,
-                                    num_channels=1, random_flip=True, use_labels=True)
+    return data_lib.ImageDataConfig(
+        name="sklearn_digits/8",
+        data_dir=data_dir,
+        image_size=8,
+        num_channels=1,
+        random_flip=True,
+        use_labels=True,
+    )
 
 
 def _worker(coordinator: str, process_id: int, out_dir: str, data_dir: str) -> None:
     import jax
 
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=NUM_PROCESSES,
-                               process_id=process_id)
+    jax.distributed.initialize(
+        coordinator_address=coordinator, num_processes=NUM_PROCESSES, process_id=process_id
+    )
     from jax.experimental import multihost_utils
 
     from consistency_jax import data as data_lib
     from consistency_jax import sharding
     from consistency_jax.train import make_train_step
 
-    report = {"process_index": jax.process_index(), "process_count": jax.process_count(),
-              "device_count": jax.device_count(), "local_device_count": jax.local_device_count()}
+    report = {
+        "process_index": jax.process_index(),
+        "process_count": jax.process_count(),
+        "device_count": jax.device_count(),
+        "local_device_count": jax.local_device_count(),
+    }
     module, loss_fn, tx, curriculum = _toy_step_pieces()
     train_step = make_train_step(loss_fn, tx)
     rng = jax.random.key(3)
     arrays = {}
     for name, (data, fsdp) in {"data4": (-1, 1), "data2_fsdp2": (2, 2)}.items():
         mesh = sharding.make_mesh(data, fsdp)
-        shardings = sharding.state_shardings(_initial_state(module, tx, curriculum), mesh, min_size=0)
+        shardings = sharding.state_shardings(
+            _initial_state(module, tx, curriculum), mesh, min_size=0
+        )
         state = sharding.place(_initial_state(module, tx, curriculum), shardings)
         step = sharding.jit_train_step(train_step, mesh, shardings)
         losses = []
@@ -100,7 +119,8 @@ def _worker(coordinator: str, process_id: int, out_dir: str, data_dir: str) -> N
             arrays[f"{name}/{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
         arrays[f"{name}/loss"] = np.asarray(losses)
         report[f"{name}_params_split"] = sum(
-            int(x.addressable_shards[0].data.size < x.size) for x in jax.tree.leaves(state.params))
+            int(x.addressable_shards[0].data.size < x.size) for x in jax.tree.leaves(state.params)
+        )
 
     # The image pipeline: this host's share (its process index/count from JAX), assembled into the
     # global batch; gathered back to compare with the shares read in the parent.
@@ -129,19 +149,31 @@ def _free_port() -> int:
 def run(tmp_path_factory):
     """Starts the two worker processes and waits for them."""
     from conftest import SLOW_CPU_COLLECTIVES
+
     from consistency_jax import data as data_lib
 
     out = tmp_path_factory.mktemp("multihost")
     data_dir = str(out / "tfds")
     data_lib.ensure_digits_dataset(data_dir, 8)  # built once here: the workers only read it
     env = dict(os.environ)
-    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES} {SLOW_CPU_COLLECTIVES}",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")])))
+    env.update(
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="3",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES} {SLOW_CPU_COLLECTIVES}",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")])),
+    )
     coordinator = f"localhost:{_free_port()}"
-    procs = [subprocess.Popen([sys.executable, __file__, coordinator, str(i), str(out), data_dir],
-                              env=env, cwd=REPO, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT) for i in range(NUM_PROCESSES)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, coordinator, str(i), str(out), data_dir],
+            env=env,
+            cwd=REPO,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(NUM_PROCESSES)
+    ]
     outputs = []
     try:
         for p in procs:
@@ -180,16 +212,21 @@ def test_two_process_step_equals_single_device_step(run):
         batch = jax.tree.map(lambda *x: np.concatenate(x), *[h[k] for h in hosts])
         state, metrics = step(state, batch, jax.random.key(3))
         losses.append(float(metrics["loss"]))
-    reference = {jax.tree_util.keystr(p): np.asarray(x)
-                 for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
+    reference = {
+        jax.tree_util.keystr(p): np.asarray(x)
+        for p, x in jax.tree_util.tree_leaves_with_path(state.params)
+    }
     initial = _initial_state(module, tx, curriculum).params
-    moved = max(float(np.max(np.abs(reference[jax.tree_util.keystr(p)] - np.asarray(x))))
-                for p, x in jax.tree_util.tree_leaves_with_path(initial))
+    moved = max(
+        float(np.max(np.abs(reference[jax.tree_util.keystr(p)] - np.asarray(x))))
+        for p, x in jax.tree_util.tree_leaves_with_path(initial)
+    )
     assert moved > 1e-3  # the steps changed the parameters, so equality below means something
     for layout in ("data4", "data2_fsdp2"):
         for key, value in reference.items():
-            np.testing.assert_allclose(arrays[f"{layout}/{key}"], value, rtol=1e-5, atol=1e-6,
-                                       err_msg=f"{layout} {key}")
+            np.testing.assert_allclose(
+                arrays[f"{layout}/{key}"], value, rtol=1e-5, atol=1e-6, err_msg=f"{layout} {key}"
+            )
         np.testing.assert_allclose(arrays[f"{layout}/loss"], losses, rtol=1e-5)
 
 
@@ -199,23 +236,36 @@ def test_each_process_reads_its_own_share_into_the_global_batch(run):
     reports, arrays, data_dir = run
     assert all(r["global_batch_shape"] == [NUM_PROCESSES * LOCAL_BATCH, 8, 8, 1] for r in reports)
     assert all(r["examples_per_host"] == 750 for r in reports)
-    shares = [data_lib.make_image_iterator(_digits_cfg(data_dir), NUM_PROCESSES * LOCAL_BATCH, seed=5,
-                                           process_index=p, process_count=NUM_PROCESSES)
-              for p in range(NUM_PROCESSES)]
+    shares = [
+        data_lib.make_image_iterator(
+            _digits_cfg(data_dir),
+            NUM_PROCESSES * LOCAL_BATCH,
+            seed=5,
+            process_index=p,
+            process_count=NUM_PROCESSES,
+        )
+        for p in range(NUM_PROCESSES)
+    ]
     for k in range(2):
         local = [next(s) for s in shares]
-        np.testing.assert_array_equal(arrays[f"digits/{k}/image"],
-                                      np.concatenate([b["image"] for b in local]))
-        np.testing.assert_array_equal(arrays[f"digits/{k}/label"],
-                                      np.concatenate([b["label"] for b in local]))
+        np.testing.assert_array_equal(
+            arrays[f"digits/{k}/image"], np.concatenate([b["image"] for b in local])
+        )
+        np.testing.assert_array_equal(
+            arrays[f"digits/{k}/label"], np.concatenate([b["label"] for b in local])
+        )
     # Host p's rows are (possibly mirrored) images of its block [750 p, 750 (p + 1)) of the split.
     stored = data_lib.load_image_arrays(_digits_cfg(data_dir))["image"]
-    blocks = [{x.tobytes() for img in stored[p * 750:(p + 1) * 750] for x in (img, img[:, ::-1])}
-              for p in range(NUM_PROCESSES)]
+    blocks = [
+        {x.tobytes() for img in stored[p * 750 : (p + 1) * 750] for x in (img, img[:, ::-1])}
+        for p in range(NUM_PROCESSES)
+    ]
     for k in range(2):
         rows = arrays[f"digits/{k}/image"]
         for p in range(NUM_PROCESSES):
-            assert all(r.tobytes() in blocks[p] for r in rows[p * LOCAL_BATCH:(p + 1) * LOCAL_BATCH])
+            assert all(
+                r.tobytes() in blocks[p] for r in rows[p * LOCAL_BATCH : (p + 1) * LOCAL_BATCH]
+            )
 
 
 def test_distributed_arguments_from_the_environment():
@@ -225,10 +275,13 @@ def test_distributed_arguments_from_the_environment():
 
     assert distributed_args({}) == {}
     assert distributed_args({"JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}) == dict(
-        num_processes=4, process_id=3)
-    for env, message in (({"JAX_NUM_PROCESSES": "4"}, "both JAX_NUM_PROCESSES and JAX_PROCESS_ID"),
-                         ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, "0 <= JAX_PROCESS_ID"),
-                         ({"JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, "must be an integer")):
+        num_processes=4, process_id=3
+    )
+    for env, message in (
+        ({"JAX_NUM_PROCESSES": "4"}, "both JAX_NUM_PROCESSES and JAX_PROCESS_ID"),
+        ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, "0 <= JAX_PROCESS_ID"),
+        ({"JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, "must be an integer"),
+    ):
         with pytest.raises(app.UsageError, match=message):
             distributed_args(env)
 
@@ -260,20 +313,41 @@ def _launch_job(workdir: pathlib.Path, logs: pathlib.Path, *extra: str) -> list[
     procs = []
     for i in range(NUM_PROCESSES):
         env = dict(os.environ)
-        env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", CONSISTENCY_JAX_DISTRIBUTED="1",
-                   JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES=str(NUM_PROCESSES),
-                   JAX_PROCESS_ID=str(i),
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES} {SLOW_CPU_COLLECTIVES}")
+        env.update(
+            JAX_PLATFORMS="cpu",
+            TF_CPP_MIN_LOG_LEVEL="3",
+            CONSISTENCY_JAX_DISTRIBUTED="1",
+            JAX_COORDINATOR_ADDRESS=coordinator,
+            JAX_NUM_PROCESSES=str(NUM_PROCESSES),
+            JAX_PROCESS_ID=str(i),
+            XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES} {SLOW_CPU_COLLECTIVES}",
+        )
         with open(f"{logs}.{i}", "ab") as f:
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "consistency_jax.main", *JOB_FLAGS, *extra, f"--workdir={workdir}"],
-                cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "consistency_jax.main",
+                        *JOB_FLAGS,
+                        *extra,
+                        f"--workdir={workdir}",
+                    ],
+                    cwd=REPO,
+                    env=env,
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                )
+            )
     return procs
 
 
 def _log(logs: pathlib.Path) -> str:
-    return "\n".join(pathlib.Path(f"{logs}.{i}").read_text() for i in range(NUM_PROCESSES)
-                     if pathlib.Path(f"{logs}.{i}").exists())
+    return "\n".join(
+        pathlib.Path(f"{logs}.{i}").read_text()
+        for i in range(NUM_PROCESSES)
+        if pathlib.Path(f"{logs}.{i}").exists()
+    )
 
 
 def _wait_all(procs, logs, timeout=300) -> list[int]:
@@ -295,7 +369,6 @@ def _saved_steps(workdir: pathlib.Path) -> list[int]:
 def test_two_process_job_preempted_and_resumed_equals_uninterrupted(tmp_path):
     import time
 
-
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref = _launch_job(ref_dir, tmp_path / "ref.log", f"--config.checkpoint.every={JOB_STEPS}")
     run_log = tmp_path / "run.log"
@@ -305,14 +378,20 @@ def test_two_process_job_preempted_and_resumed_equals_uninterrupted(tmp_path):
         if any(p.poll() is not None for p in procs) or time.time() - t0 > 300:
             for p in procs:
                 p.kill()
-            pytest.fail(f"the run ended or stalled before step {2 * JOB_EVERY}:\n{_log(run_log)[-6000:]}")
+            pytest.fail(
+                f"the run ended or stalled before step {2 * JOB_EVERY}:\n{_log(run_log)[-6000:]}"
+            )
         time.sleep(0.01)
     # The preemption notice reaches one host; JAX's preemption sync service makes every host stop
     # after the same step.
     procs[1].send_signal(signal.SIGTERM)
     assert _wait_all(procs, run_log) == [0, 0], _log(run_log)[-6000:]
-    stopped = sorted({int(s) for s in re.findall(r"Stopped by .* after step (\d+): checkpoint saved",
-                                                 _log(run_log))})
+    stopped = sorted(
+        {
+            int(s)
+            for s in re.findall(r"Stopped by .* after step (\d+): checkpoint saved", _log(run_log))
+        }
+    )
     assert len(stopped) == 1, _log(run_log)[-6000:]
     assert _log(run_log).count("checkpoint saved") == NUM_PROCESSES  # both hosts said so
     stopped = stopped[0]

@@ -5,6 +5,7 @@ for FIR resampling, NumPy float64 formulas for embeddings and attention, and lay
 parameter counts written from the published architectures (score_sde / jcm ``ncsnpp.py``,
 cm ``unet.py``) in plain Python.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,11 +17,10 @@ import numpy as np
 import pytest
 from scipy import signal
 
-from consistency_jax.networks import get_network
-from consistency_jax.networks import fir
+from consistency_jax.networks import fir, get_network
 from consistency_jax.networks import layers as L
 from consistency_jax.networks.ncsnpp import DDPMpp, NCSNpp
-from consistency_jax.networks.unet import ADMUNet, IMAGENET64_CONFIG, LSUN256_CONFIG
+from consistency_jax.networks.unet import IMAGENET64_CONFIG, LSUN256_CONFIG, ADMUNet
 
 
 # ------------------------------------------------------------------------------------------------
@@ -56,8 +56,12 @@ def _key(seed: int):
 
 
 def _apply_fn(module):
-    return jax.jit(lambda p, x, c, y, key, train: module.apply(
-        {"params": p}, x, c, y=y, train=train, rngs={"dropout": key}), static_argnames="train")
+    return jax.jit(
+        lambda p, x, c, y, key, train: module.apply(
+            {"params": p}, x, c, y=y, train=train, rngs={"dropout": key}
+        ),
+        static_argnames="train",
+    )
 
 
 def _inputs(batch=2, size=8, channels=3, seed=1):
@@ -109,8 +113,9 @@ def _correlate_same(x, w):
 # ------------------------------------------------------------------------------------------------
 # Parameter counts written from the published layer lists (no Flax involved).
 # ------------------------------------------------------------------------------------------------
-def _ncsnpp_count(nf, ch_mult, nrb, attn, size, c_in=3, fourier=True, residual_pyramid=True,
-                  num_classes=None):
+def _ncsnpp_count(
+    nf, ch_mult, nrb, attn, size, c_in=3, fourier=True, residual_pyramid=True, num_classes=None
+):
     e = 4 * nf
     n = (nf if fourier else 0) + ((2 * nf if fourier else nf) * e + e) + (e * e + e)
     n += num_classes * e if num_classes else 0
@@ -149,15 +154,32 @@ def _ncsnpp_count(nf, ch_mult, nrb, attn, size, c_in=3, fourier=True, residual_p
     return n + 2 * ch + 9 * ch * c_in + c_in
 
 
-def _adm_count(model_channels, channel_mult, num_res_blocks, attention_resolutions,
-               use_scale_shift_norm, num_classes, size, c_in=3, **_):
+def _adm_count(
+    model_channels,
+    channel_mult,
+    num_res_blocks,
+    attention_resolutions,
+    use_scale_shift_norm,
+    num_classes,
+    size,
+    c_in=3,
+    **_,
+):
     mc = model_channels
     e = 4 * mc
     f = 2 if use_scale_shift_norm else 1
     n = mc * e + e + e * e + e + (num_classes * e if num_classes else 0)
 
     def res(cin, cout):  # cm ResBlock (identity skip unless the channels change)
-        k = 2 * cin + 9 * cin * cout + cout + f * (e * cout + cout) + 2 * cout + 9 * cout * cout + cout
+        k = (
+            2 * cin
+            + 9 * cin * cout
+            + cout
+            + f * (e * cout + cout)
+            + 2 * cout
+            + 9 * cout * cout
+            + cout
+        )
         return k + (cin * cout + cout if cin != cout else 0)
 
     def att(c):  # cm AttentionBlock: norm, qkv 1x1 conv, proj_out
@@ -196,14 +218,26 @@ def test_fir_kernel_and_group_count():
     np.testing.assert_allclose(k, np.outer([1, 3, 3, 1], [1, 3, 3, 1]) / 64.0, rtol=1e-7)
     with pytest.raises(ValueError, match="FIR kernel"):
         L.setup_fir_kernel(np.ones((2, 3)))
-    assert [L.num_groups(c) for c in (4, 8, 12, 16, 128, 192, 256, 512)] == [1, 2, 3, 4, 32, 32, 32, 32]
-    assert L.num_groups(132) == 22  # min(32, 33) = 32 does not divide 132; the largest divisor below
+    assert [L.num_groups(c) for c in (4, 8, 12, 16, 128, 192, 256, 512)] == [
+        1,
+        2,
+        3,
+        4,
+        32,
+        32,
+        32,
+        32,
+    ]
+    assert (
+        L.num_groups(132) == 22
+    )  # min(32, 33) = 32 does not divide 132; the largest divisor below
     with pytest.raises(ValueError):
         L.num_groups(0)
 
 
-@pytest.mark.parametrize("up,down,pad", [(1, 1, (1, 2)), (2, 1, (2, 1)), (1, 2, (1, 1)),
-                                         (2, 2, (0, 0)), (3, 1, (-1, 2))])
+@pytest.mark.parametrize(
+    "up,down,pad", [(1, 1, (1, 2)), (2, 1, (2, 1)), (1, 2, (1, 1)), (2, 2, (0, 0)), (3, 1, (-1, 2))]
+)
 def test_upfirdn2d_matches_scipy(up, down, pad):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 7, 7, 3))
@@ -234,12 +268,16 @@ def test_fir_up_and_downsampling():
     np.testing.assert_allclose(L.upsample_2d(ones)[:, 2:-2, 2:-2], 2.0, rtol=1e-6)
     np.testing.assert_allclose(L.downsample_2d(ones)[:, 1:-1, 1:-1], 2.0, rtol=1e-6)
     # With the box kernel [1, 1] FIR resampling is nearest-neighbour / 2x2 mean.
-    np.testing.assert_allclose(L.upsample_2d(xj, [1, 1]), np.repeat(np.repeat(x, 2, 1), 2, 2), atol=1e-6)
-    np.testing.assert_allclose(L.downsample_2d(xj, [1, 1]),
-                               x.reshape(2, 4, 2, 4, 2, 3).mean((2, 4)), atol=1e-6)
+    np.testing.assert_allclose(
+        L.upsample_2d(xj, [1, 1]), np.repeat(np.repeat(x, 2, 1), 2, 2), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        L.downsample_2d(xj, [1, 1]), x.reshape(2, 4, 2, 4, 2, 3).mean((2, 4)), atol=1e-6
+    )
     np.testing.assert_allclose(L.naive_upsample_2d(xj), np.repeat(np.repeat(x, 2, 1), 2, 2))
-    np.testing.assert_allclose(L.naive_downsample_2d(xj), x.reshape(2, 4, 2, 4, 2, 3).mean((2, 4)),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        L.naive_downsample_2d(xj), x.reshape(2, 4, 2, 4, 2, 3).mean((2, 4)), atol=1e-6
+    )
 
 
 def test_fused_fir_convolutions():
@@ -262,13 +300,21 @@ def test_fused_fir_convolutions():
     wf = w[::-1, ::-1]
     for i in range(10):
         for j in range(10):
-            t[0, 2 * i:2 * i + 3, 2 * j:2 * j + 3] += np.einsum("c,abco->abo", x[0, i, j], wf)
-    np.testing.assert_allclose(up, _upfirdn_ref(t, np.array([1, 3, 3, 1]) / 4.0, 1, 1, (1, 1)),
-                               atol=1e-4)
+            t[0, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3] += np.einsum("c,abco->abo", x[0, i, j], wf)
+    np.testing.assert_allclose(
+        up, _upfirdn_ref(t, np.array([1, 3, 3, 1]) / 4.0, 1, 1, (1, 1)), atol=1e-4
+    )
     # ... and FIR with padding (2, 2) followed by a valid stride-2 correlation.
     f = _upfirdn_ref(x, np.array([1, 3, 3, 1]) / 8.0, 1, 1, (2, 2))
-    d = np.stack([[np.einsum("abc,abco->o", f[0, 2 * i:2 * i + 3, 2 * j:2 * j + 3], w)
-                   for j in range(5)] for i in range(5)])[None]
+    d = np.stack(
+        [
+            [
+                np.einsum("abc,abco->o", f[0, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3], w)
+                for j in range(5)
+            ]
+            for i in range(5)
+        ]
+    )[None]
     np.testing.assert_allclose(down, d, atol=1e-4)
 
 
@@ -278,12 +324,14 @@ def test_embeddings_match_numpy():
         half = dim // 2
         freqs = np.exp(-np.log(10000.0) * np.arange(half) / ((half - 1) if endpoint else half))
         args = c[:, None] * freqs[None]
-        ref = np.concatenate([np.sin(args), np.cos(args)] if sin_first else
-                             [np.cos(args), np.sin(args)], axis=1)
+        ref = np.concatenate(
+            [np.sin(args), np.cos(args)] if sin_first else [np.cos(args), np.sin(args)], axis=1
+        )
         if dim % 2:
             ref = np.pad(ref, ((0, 0), (0, 1)))
-        ours = L.sinusoidal_embedding(jnp.asarray(c, jnp.float32), dim, endpoint=endpoint,
-                                      sin_first=sin_first)
+        ours = L.sinusoidal_embedding(
+            jnp.asarray(c, jnp.float32), dim, endpoint=endpoint, sin_first=sin_first
+        )
         np.testing.assert_allclose(ours, ref, atol=1e-5)
 
     proj = L.GaussianFourierProjection(embedding_size=6, scale=16.0)
@@ -291,8 +339,11 @@ def test_embeddings_match_numpy():
     w = np.asarray(params["W"], np.float64)
     assert 3.0 < np.abs(w).max()  # drawn with standard deviation 16
     args = 2 * np.pi * c[:, None] * w[None]
-    np.testing.assert_allclose(proj.apply({"params": params}, jnp.asarray(c, jnp.float32)),
-                               np.concatenate([np.sin(args), np.cos(args)], 1), atol=1e-4)
+    np.testing.assert_allclose(
+        proj.apply({"params": params}, jnp.asarray(c, jnp.float32)),
+        np.concatenate([np.sin(args), np.cos(args)], 1),
+        atol=1e-4,
+    )
     grad = jax.grad(lambda p: proj.apply({"params": p}, jnp.asarray(c, jnp.float32)).sum())(params)
     assert float(jnp.abs(grad["W"]).max()) == 0.0  # the frequencies are never trained
 
@@ -301,7 +352,9 @@ def test_attention_block_matches_numpy():
     block = L.AttnBlock(num_heads=2, skip_rescale=True, norm_eps=1e-6)
     rng = np.random.default_rng(3)
     x = rng.normal(size=(2, 3, 3, 8))
-    params = _random_params(jax.eval_shape(block.init, jax.random.key(0), jnp.zeros(x.shape))["params"])
+    params = _random_params(
+        jax.eval_shape(block.init, jax.random.key(0), jnp.zeros(x.shape))["params"]
+    )
     ours = jax.jit(block.apply)({"params": params}, jnp.asarray(x, jnp.float32))
 
     p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
@@ -332,8 +385,9 @@ def test_group_norm_matches_numpy_and_flax():
     ref = g.reshape(x.shape) * np.asarray(params["scale"], np.float64) + np.asarray(params["bias"])
     np.testing.assert_allclose(ours, ref, atol=2e-5)
     flax_gn = nn.GroupNorm(num_groups=3, epsilon=1e-6)
-    np.testing.assert_allclose(ours, flax_gn.apply({"params": params}, jnp.asarray(x, jnp.float32)),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        ours, flax_gn.apply({"params": params}, jnp.asarray(x, jnp.float32)), atol=1e-5
+    )
     # bfloat16 input: statistics in float32, output in bfloat16.
     xb = jnp.asarray(x, jnp.bfloat16)
     yb = gn.apply({"params": params}, xb)
@@ -343,10 +397,14 @@ def test_group_norm_matches_numpy_and_flax():
     f_ours = lambda z: gn.apply({"params": params}, z)
     f_flax = lambda z: flax_gn.apply({"params": params}, z)
     xj, tj = jnp.asarray(x, jnp.float32), jnp.asarray(rng.normal(size=x.shape), jnp.float32)
-    np.testing.assert_allclose(jax.jvp(f_ours, (xj,), (tj,))[1], jax.jvp(f_flax, (xj,), (tj,))[1],
-                               atol=1e-4)
-    np.testing.assert_allclose(jax.grad(lambda z: (f_ours(z) * tj).sum())(xj),
-                               jax.grad(lambda z: (f_flax(z) * tj).sum())(xj), atol=1e-4)
+    np.testing.assert_allclose(
+        jax.jvp(f_ours, (xj,), (tj,))[1], jax.jvp(f_flax, (xj,), (tj,))[1], atol=1e-4
+    )
+    np.testing.assert_allclose(
+        jax.grad(lambda z: (f_ours(z) * tj).sum())(xj),
+        jax.grad(lambda z: (f_flax(z) * tj).sum())(xj),
+        atol=1e-4,
+    )
     with pytest.raises(ValueError, match="5 groups do not divide 12"):
         L.GroupNorm(num_groups=5).init(jax.random.key(0), jnp.zeros(x.shape))
 
@@ -355,8 +413,9 @@ def _old_layers(monkeypatch):
     """Swap in the slower formulations the fast ones replaced: flax's GroupNorm, 2-D FIR kernels
     (depthwise convolutions) and ``jax.nn.dot_product_attention``."""
     monkeypatch.setattr(L, "GroupNorm", nn.GroupNorm)
-    monkeypatch.setattr(fir, "_fir_taps",
-                        lambda k, scale=1.0: fir.setup_fir_kernel(k) * np.float32(scale))
+    monkeypatch.setattr(
+        fir, "_fir_taps", lambda k, scale=1.0: fir.setup_fir_kernel(k) * np.float32(scale)
+    )
     monkeypatch.setattr(L, "_attention", lambda q, k, v: jax.nn.dot_product_attention(q, k, v))
 
 
@@ -367,8 +426,15 @@ def test_fast_layers_compute_what_the_old_ones_did(arch, monkeypatch):
     if arch == "ncsnpp":
         net = NCSNpp(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
     else:
-        net = ADMUNet(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, num_classes=None,
-                      attention_resolutions=(4,), num_head_channels=4, dropout=0.0)
+        net = ADMUNet(
+            model_channels=8,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            num_classes=None,
+            attention_resolutions=(4,),
+            num_head_channels=4,
+            dropout=0.0,
+        )
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
     c = jnp.asarray([-1.0, 0.5], jnp.float32)
@@ -410,7 +476,9 @@ def test_ncsnpp_cifar10_parameter_count():
     # EDM (Karras et al. 2022) Table 7 lists 55.73 M for this DDPM++ (EDM's adds 1,152 for its
     # augmentation labels) and 61.80 M for score_sde's DDPM++ cont. with ch_mult (1, 2, 2, 2).
     assert abs(m - 55.73e6) < 0.01e6
-    assert abs(L.count_params(L.abstract_params(DDPMpp(ch_mult=(1, 2, 2, 2)), 32)) - 61.80e6) < 0.01e6
+    assert (
+        abs(L.count_params(L.abstract_params(DDPMpp(ch_mult=(1, 2, 2, 2)), 32)) - 61.80e6) < 0.01e6
+    )
 
 
 def test_adm_parameter_counts():
@@ -428,8 +496,14 @@ def test_adm_parameter_counts():
 # Tiny networks: behaviour.
 # ------------------------------------------------------------------------------------------------
 TINY_NCSNPP = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.2)
-TINY_ADM = dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                attention_resolutions=(4,), num_head_channels=8, dropout=0.2)
+TINY_ADM = dict(
+    model_channels=16,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(4,),
+    num_head_channels=8,
+    dropout=0.2,
+)
 
 
 def test_ncsnpp_tiny_behaviour():
@@ -470,22 +544,28 @@ def test_ddpmpp_tiny_is_ncsnpp_without_fir_and_pyramid():
     net = DDPMpp(**TINY_NCSNPP)
     shapes = L.abstract_params(net, 8)
     assert "GaussianFourierProjection_0" not in shapes and "FIRConv2d_0" not in shapes
-    assert L.count_params(shapes) == _ncsnpp_count(8, (1, 2), 1, (4,), 8, fourier=False,
-                                                   residual_pyramid=False)
+    assert L.count_params(shapes) == _ncsnpp_count(
+        8, (1, 2), 1, (4,), 8, fourier=False, residual_pyramid=False
+    )
     x, c = _inputs(size=8)
     out = jax.jit(lambda p: net.apply({"params": p}, x, c))(_random_params(shapes))
     assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out)))
     # score_sde's "input_skip" pyramid is supported too.
     skip = NCSNpp(progressive_input="input_skip", **TINY_NCSNPP)
-    assert L.count_params(L.abstract_params(skip, 8)) == L.count_params(L.abstract_params(
-        NCSNpp(progressive_input="none", **TINY_NCSNPP), 8)) + 3 * 8 + 8  # one 1x1 combine conv
+    assert (
+        L.count_params(L.abstract_params(skip, 8))
+        == L.count_params(L.abstract_params(NCSNpp(progressive_input="none", **TINY_NCSNPP), 8))
+        + 3 * 8
+        + 8
+    )  # one 1x1 combine conv
 
 
 def test_adm_tiny_behaviour():
     net = ADMUNet(num_classes=4, use_scale_shift_norm=True, **TINY_ADM)
     shapes = L.abstract_params(net, 8)
-    assert L.count_params(shapes) == _adm_count(size=8, use_scale_shift_norm=True, num_classes=4,
-                                                **TINY_ADM)
+    assert L.count_params(shapes) == _adm_count(
+        size=8, use_scale_shift_norm=True, num_classes=4, **TINY_ADM
+    )
     params = _random_params(shapes, seed=4)
     x, c = _inputs()
     c = 1000 * c  # the PyTorch code feeds 1000·0.25·ln t to the ADM UNet
@@ -509,23 +589,48 @@ def test_adm_tiny_behaviour():
     assert out.shape == x.shape and out.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("build,kwargs,x_shape,match", [
-    (lambda: NCSNpp(num_classes=3, **TINY_NCSNPP), {}, (2, 8, 8, 3), "class-conditional"),
-    (lambda: NCSNpp(**TINY_NCSNPP), {"y": jnp.array([0, 1])}, (2, 8, 8, 3), "unconditional"),
-    (lambda: NCSNpp(**TINY_NCSNPP), {}, (2, 7, 7, 3), "not divisible"),
-    (lambda: NCSNpp(**TINY_NCSNPP), {}, (2, 16, 16, 3), "never reached"),
-    (lambda: NCSNpp(**TINY_NCSNPP), {}, (2, 8, 16, 3), "square"),
-    (lambda: NCSNpp(embedding_type="learned", **TINY_NCSNPP), {}, (2, 8, 8, 3), "embedding_type"),
-    (lambda: ADMUNet(num_classes=10, **TINY_ADM), {}, (2, 8, 8, 3), "class-conditional"),
-    (lambda: ADMUNet(num_classes=None, **TINY_ADM), {"y": jnp.array([0, 1])}, (2, 8, 8, 3),
-     "unconditional"),
-    (lambda: ADMUNet(num_classes=10, **TINY_ADM), {"y": jnp.array([0.0, 1.0])}, (2, 8, 8, 3),
-     "integers"),
-    (lambda: ADMUNet(num_classes=None, **TINY_ADM), {}, (2, 12, 12, 3), "never reached"),
-    (lambda: ADMUNet(num_classes=None, **{**TINY_ADM, "num_head_channels": 5}), {}, (2, 8, 8, 3),
-     "num_head_channels"),
-    (lambda: ADMUNet(num_classes=None, **TINY_ADM), {"c": jnp.zeros(3)}, (2, 8, 8, 3), "c_noise"),
-])
+@pytest.mark.parametrize(
+    "build,kwargs,x_shape,match",
+    [
+        (lambda: NCSNpp(num_classes=3, **TINY_NCSNPP), {}, (2, 8, 8, 3), "class-conditional"),
+        (lambda: NCSNpp(**TINY_NCSNPP), {"y": jnp.array([0, 1])}, (2, 8, 8, 3), "unconditional"),
+        (lambda: NCSNpp(**TINY_NCSNPP), {}, (2, 7, 7, 3), "not divisible"),
+        (lambda: NCSNpp(**TINY_NCSNPP), {}, (2, 16, 16, 3), "never reached"),
+        (lambda: NCSNpp(**TINY_NCSNPP), {}, (2, 8, 16, 3), "square"),
+        (
+            lambda: NCSNpp(embedding_type="learned", **TINY_NCSNPP),
+            {},
+            (2, 8, 8, 3),
+            "embedding_type",
+        ),
+        (lambda: ADMUNet(num_classes=10, **TINY_ADM), {}, (2, 8, 8, 3), "class-conditional"),
+        (
+            lambda: ADMUNet(num_classes=None, **TINY_ADM),
+            {"y": jnp.array([0, 1])},
+            (2, 8, 8, 3),
+            "unconditional",
+        ),
+        (
+            lambda: ADMUNet(num_classes=10, **TINY_ADM),
+            {"y": jnp.array([0.0, 1.0])},
+            (2, 8, 8, 3),
+            "integers",
+        ),
+        (lambda: ADMUNet(num_classes=None, **TINY_ADM), {}, (2, 12, 12, 3), "never reached"),
+        (
+            lambda: ADMUNet(num_classes=None, **{**TINY_ADM, "num_head_channels": 5}),
+            {},
+            (2, 8, 8, 3),
+            "num_head_channels",
+        ),
+        (
+            lambda: ADMUNet(num_classes=None, **TINY_ADM),
+            {"c": jnp.zeros(3)},
+            (2, 8, 8, 3),
+            "c_noise",
+        ),
+    ],
+)
 def test_bad_inputs_raise_value_error(build, kwargs, x_shape, match):
     net = build()
     kwargs = dict(kwargs)

@@ -5,18 +5,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import x64 as x64_context
 
 from consistency_jax import parameterization as P
 from consistency_jax import solvers
-from conftest import x64 as x64_context
 
 SIG = P.SigmaConfig()
 
 
 def _np_scalings(t, eps, sd):
     t = np.asarray(t, np.float64)
-    return (sd**2 / ((t - eps) ** 2 + sd**2), sd * (t - eps) / np.sqrt(sd**2 + t**2),
-            1 / np.sqrt(sd**2 + t**2))
+    return (
+        sd**2 / ((t - eps) ** 2 + sd**2),
+        sd * (t - eps) / np.sqrt(sd**2 + t**2),
+        1 / np.sqrt(sd**2 + t**2),
+    )
 
 
 def test_consistency_scalings_match_formulas():
@@ -87,6 +90,7 @@ def test_f_theta_is_forward_differentiable_in_x_and_t_for_continuous_time_losses
     """Continuous-time CD/CT (CM Appendix B) needs jax.jvp through f_θ in (x, t): check it against a
     central finite difference in float64-free form (small network, smooth in both arguments)."""
     from consistency_jax.networks import get_network, make_apply_fn
+
     net = get_network("mlp", hidden=16, depth=1)
     params = net.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros((1,)))["params"]
     apply_fn = make_apply_fn(net)
@@ -133,8 +137,12 @@ def test_consistency_and_denoiser_follow_the_input_dtype(x64):
     np.testing.assert_allclose(fj, _np_f(x, t, w, SIG.sigma_min), rtol=rtol, atol=atol)
     d_want = _np_f(x, t, w, 0.0)
     np.testing.assert_allclose(d, d_want, rtol=rtol, atol=atol)
-    np.testing.assert_allclose(score, (d_want - x) / t[:, None] ** 2, rtol=1e-9 if x64 else 1e-3,
-                               atol=1e-9 if x64 else 1e-3)
+    np.testing.assert_allclose(
+        score,
+        (d_want - x) / t[:, None] ** 2,
+        rtol=1e-9 if x64 else 1e-3,
+        atol=1e-9 if x64 else 1e-3,
+    )
     # The boundary condition f(x, ε) = x holds exactly in both precisions.
     np.testing.assert_array_equal(f[0], x_in[0])
     np.testing.assert_array_equal(fj[0], x_in[0])
@@ -158,6 +166,7 @@ def test_low_precision_and_integer_inputs_compute_in_float32(dtype, x64):
 
 def test_mlp_network_under_x64_gives_float64():
     from consistency_jax.networks import get_network, make_apply_fn
+
     net = get_network("mlp", hidden=16, depth=1)
     params = net.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros((1,)))["params"]
     x = np.array([[0.3, -0.4], [1.0, 2.0], [-5.0, 7.0]])

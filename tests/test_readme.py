@@ -1,4 +1,5 @@
 """The README's commands and its train-step example are what CI runs and what users copy."""
+
 import pathlib
 import re
 

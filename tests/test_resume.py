@@ -1,6 +1,7 @@
 """Exact resume: a run SIGKILLed at any moment (also in the middle of writing a checkpoint) or stopped
 by SIGTERM, and restarted, ends bitwise identical to an uninterrupted run; plus NaN handling of the
 loop. Real ``python -m consistency_jax.main`` processes on a tiny toy config."""
+
 import os
 import pathlib
 import random
@@ -12,8 +13,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import load_config
+
 from consistency_jax import experiment as E
 from consistency_jax import loading
 
@@ -37,9 +38,13 @@ FLAGS = [
 def _launch(workdir: pathlib.Path, log: pathlib.Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
     with open(log, "ab") as f:
-        return subprocess.Popen([sys.executable, "-m", "consistency_jax.main", *FLAGS, *extra,
-                                 f"--workdir={workdir}"], cwd=REPO, env=env, stdout=f,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "consistency_jax.main", *FLAGS, *extra, f"--workdir={workdir}"],
+            cwd=REPO,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def _entries(workdir: pathlib.Path) -> list[str]:
@@ -61,8 +66,9 @@ def _wait_for(pred, proc, log, timeout=120.0):
     t0 = time.time()
     while not pred():
         if proc.poll() is not None:
-            pytest.fail(f"the run exited with {proc.returncode} too early:\n"
-                        f"{log.read_text()[-3000:]}")
+            pytest.fail(
+                f"the run exited with {proc.returncode} too early:\n{log.read_text()[-3000:]}"
+            )
         if time.time() - t0 > timeout:
             proc.kill()
             pytest.fail(f"timed out:\n{log.read_text()[-3000:]}")
@@ -121,8 +127,9 @@ def test_killed_anywhere_resumes_bitwise(tmp_path):
     for k in want:
         assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]), k
     # The runs did move away from their initialisation (a weak but independent sanity check).
-    assert not np.array_equal(got["state/params/Dense_0/kernel"],
-                              got["state/target_params/Dense_0/kernel"])
+    assert not np.array_equal(
+        got["state/params/Dense_0/kernel"], got["state/target_params/Dense_0/kernel"]
+    )
 
 
 def _nan_config():
@@ -142,8 +149,9 @@ def test_nan_stops_the_run_and_only_finite_steps_are_checkpointed(tmp_path):
         E.train_and_evaluate(_nan_config(), str(tmp_path))
     msg = str(err.value)
     # Either the pending metrics (loss / grad_norm of step k) or the state itself (step k) is named.
-    found = (re.search(r"Non-finite (?:loss|grad_norm) \(\S+\) at step (\d+)", msg) or
-             re.search(r"Refusing to checkpoint step (\d+): non-finite values in \w+", msg))
+    found = re.search(r"Non-finite (?:loss|grad_norm) \(\S+\) at step (\d+)", msg) or re.search(
+        r"Refusing to checkpoint step (\d+): non-finite values in \w+", msg
+    )
     assert found, msg
     bad_step = int(found.group(1))
     steps = _steps(tmp_path)

@@ -2,6 +2,7 @@
 checkpoints, Ctrl-C, failed saves, recoverable NaNs with a limit on skipped steps, no duplicate
 metric rows after a resume, and clear errors before compiling. One test runs real processes (two
 launches on one workdir, then Ctrl-C); the others run in this process on a tiny toy config."""
+
 import errno
 import json
 import logging
@@ -16,8 +17,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import dead_pid, load_config
+
 from consistency_jax import checkpoint as C
 from consistency_jax import experiment as E
 from consistency_jax import workdir_lock as W
@@ -54,12 +55,17 @@ def _tmp(workdir) -> list[str]:
 
 def _lease(workdir, **fields) -> dict:
     now = time.time()
-    lease = {"host": socket.gethostname(), "pid": os.getpid(), "started": now, "heartbeat": now,
-             "token": "other", **fields}
+    lease = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": now,
+        "heartbeat": now,
+        "token": "other",
+        **fields,
+    }
     pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
     (pathlib.Path(workdir) / W.LEASE_NAME).write_text(json.dumps(lease))
     return lease
-
 
 
 # ---------------------------------------------------------------- the workdir lease
@@ -68,15 +74,20 @@ def _lease(workdir, **fields) -> dict:
 def test_lease_refuses_a_live_holder_and_takes_over_stale_ones(tmp_path, caplog):
     # A live holder on another host (fresh heartbeat): refused, naming host and pid.
     _lease(tmp_path, host="other-host", pid=4242)
-    with pytest.raises(W.WorkdirLockedError, match=r"in use by another run: host other-host, pid "
-                                                   r"4242 .*last heartbeat \d+s ago"):
+    with pytest.raises(
+        W.WorkdirLockedError,
+        match=r"in use by another run: host other-host, pid "
+        r"4242 .*last heartbeat \d+s ago",
+    ):
         W.WorkdirLock(str(tmp_path)).acquire()
     # Another host whose heartbeat is older than the timeout: taken over.
     _lease(tmp_path, host="other-host", pid=4242, heartbeat=time.time() - 3600)
     with caplog.at_level(logging.WARNING):
         lock = W.WorkdirLock(str(tmp_path)).acquire()
-    assert any("Taking over the stale lease" in r.getMessage() and "heartbeat is" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "Taking over the stale lease" in r.getMessage() and "heartbeat is" in r.getMessage()
+        for r in caplog.records
+    )
     # A second lock object of this process is refused while the first holds the lease.
     with pytest.raises(W.WorkdirLockedError, match=f"pid {os.getpid()}"):
         W.WorkdirLock(str(tmp_path)).acquire()
@@ -153,17 +164,28 @@ def test_lease_heartbeat_and_losing_it(tmp_path):
 
 # ---------------------------------------------------------------- real processes: lease and Ctrl-C
 
-_FLAGS = ["--config=configs/toy.py:method=ct", "--config.model.kwargs.hidden=8",
-          "--config.model.kwargs.depth=1", "--config.data.batch_size=16",
-          "--config.train.num_steps=1000000", "--config.train.log_every=50",
-          "--config.train.eval_every=1000000", "--config.eval.num_samples=32",
-          "--config.checkpoint.every=25", "--config.checkpoint.keep=2"]
+_FLAGS = [
+    "--config=configs/toy.py:method=ct",
+    "--config.model.kwargs.hidden=8",
+    "--config.model.kwargs.depth=1",
+    "--config.data.batch_size=16",
+    "--config.train.num_steps=1000000",
+    "--config.train.log_every=50",
+    "--config.train.eval_every=1000000",
+    "--config.eval.num_samples=32",
+    "--config.checkpoint.every=25",
+    "--config.checkpoint.keep=2",
+]
 
 
 def _launch(workdir, *extra, **kwargs):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.Popen([sys.executable, "-m", "consistency_jax.main", *_FLAGS, *extra,
-                             f"--workdir={workdir}"], cwd=REPO, env=env, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "consistency_jax.main", *_FLAGS, *extra, f"--workdir={workdir}"],
+        cwd=REPO,
+        env=env,
+        **kwargs,
+    )
 
 
 def _wait_for(pred, proc, log, timeout=180.0):
@@ -189,8 +211,11 @@ def test_second_launch_is_refused_ctrl_c_saves_and_the_run_resumes(tmp_path, cap
         out, err = b.communicate(timeout=180)
         assert b.returncode == 1, err.decode()[-3000:]
         last = err.decode().strip().splitlines()[-1]
-        assert re.match(rf"WorkdirLockedError: The workdir {re.escape(str(run))} is in use by another "
-                        rf"run: host {re.escape(socket.gethostname())}, pid {a.pid} ", last), last
+        assert re.match(
+            rf"WorkdirLockedError: The workdir {re.escape(str(run))} is in use by another "
+            rf"run: host {re.escape(socket.gethostname())}, pid {a.pid} ",
+            last,
+        ), last
         # The first run goes on saving, then Ctrl-C: it finishes the step, saves and exits 130 with
         # one line.
         seen = max(_steps(run))
@@ -203,8 +228,11 @@ def test_second_launch_is_refused_ctrl_c_saves_and_the_run_resumes(tmp_path, cap
     text = log.read_text()
     assert "Traceback" not in text, text[-3000:]
     last = text.strip().splitlines()[-1]
-    stopped = re.fullmatch(r"Interrupted by Ctrl-C \(SIGINT\) at step (\d+): checkpoint step \1 saved "
-                           r"in \S+; run the same command again to resume\.", last)
+    stopped = re.fullmatch(
+        r"Interrupted by Ctrl-C \(SIGINT\) at step (\d+): checkpoint step \1 saved "
+        r"in \S+; run the same command again to resume\.",
+        last,
+    )
     assert stopped, last
     step = int(stopped.group(1))
     assert max(_steps(run)) == step and _tmp(run) == []
@@ -212,25 +240,32 @@ def test_second_launch_is_refused_ctrl_c_saves_and_the_run_resumes(tmp_path, cap
 
     # Resume in this process from that step, with rows after it in metrics.jsonl (as a run that
     # evaluated after its last save and then died leaves them): they are dropped, not repeated.
-    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "x": 1.0}) + "\n" +
-                                       json.dumps({"step": step + 1, "x": 2.0}) + "\n")
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "x": 1.0}) + "\n" + json.dumps({"step": step + 1, "x": 2.0}) + "\n"
+    )
     c = load_config("toy", "method=ct")
     c.model.kwargs.hidden, c.model.kwargs.depth = 8, 1
     c.data.batch_size = 16
     c.train.update(num_steps=step + 5, log_every=50, eval_every=1000000)
     c.eval.num_samples = 32
     c.checkpoint.update(every=25, keep=2)
-    with caplog.at_level(logging.INFO, logger="absl"):  # absl flags parsed by another test set its level
+    with caplog.at_level(
+        logging.INFO, logger="absl"
+    ):  # absl flags parsed by another test set its level
         state = E.train_and_evaluate(c, str(run))
     assert int(state.step) == step + 5
-    assert any(f"(step {step})" in r.getMessage() and "Resumed from" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        f"(step {step})" in r.getMessage() and "Resumed from" in r.getMessage()
+        for r in caplog.records
+    )
     rows = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows == [1, step + 5]
 
 
 def test_second_ctrl_c_aborts_at_once():
-    before = signal.getsignal(signal.SIGINT)  # default_int_handler; SIG_IGN in a pytest-xdist worker
+    before = signal.getsignal(
+        signal.SIGINT
+    )  # default_int_handler; SIG_IGN in a pytest-xdist worker
     watcher = PreemptionWatcher()
     try:
         os.kill(os.getpid(), signal.SIGINT)
@@ -262,8 +297,11 @@ def test_an_error_after_a_save_started_keeps_that_checkpoint(tmp_path, monkeypat
     assert not (tmp_path / W.LEASE_NAME).exists()
 
     # Resuming with num_steps below the saved step is an error, not "finished".
-    with pytest.raises(C.CheckpointError, match=r"config\.train\.num_steps=5 is below the step of "
-                                                r"the newest checkpoint .*\(step 10\)"):
+    with pytest.raises(
+        C.CheckpointError,
+        match=r"config\.train\.num_steps=5 is below the step of "
+        r"the newest checkpoint .*\(step 10\)",
+    ):
         E.train_and_evaluate(_config(num_steps=5), str(tmp_path))
 
 
@@ -283,10 +321,14 @@ def test_a_failed_write_stops_the_run_at_once_with_its_cause(tmp_path, monkeypat
 
     monkeypatch.setattr(E.sharding_lib, "jit_train_step", counting)
     with pytest.raises(C.CheckpointSaveError) as err:
-        E.train_and_evaluate(_config(num_steps=300, every=100, eval_every=1000, log_every=100),
-                             str(tmp_path))
-    assert re.match(r"Saving checkpoint step 100 into \S+ failed: No space left on device: \S+\. "
-                    r"Stopping the run; no checkpoint is complete\.", str(err.value)), str(err.value)
+        E.train_and_evaluate(
+            _config(num_steps=300, every=100, eval_every=1000, log_every=100), str(tmp_path)
+        )
+    assert re.match(
+        r"Saving checkpoint step 100 into \S+ failed: No space left on device: \S+\. "
+        r"Stopping the run; no checkpoint is complete\.",
+        str(err.value),
+    ), str(err.value)
     assert 100 <= len(calls) < 200  # stopped long before the next save would have noticed
     assert _steps(tmp_path) == [] and not (tmp_path / W.LEASE_NAME).exists()
 
@@ -309,8 +351,11 @@ def test_nan_recovery_knobs_change_on_resume(tmp_path, caplog):
     newest = max(_steps(tmp_path))
     msg = str(err.value)
     assert f"The newest checkpoint is step {newest}; to resume it with a 10x lower" in msg
-    assert re.search(rf"python -m consistency_jax\.main '--config=<your config file>' "
-                     rf"--workdir={re.escape(str(tmp_path))} --config\.optim\.lr=3e\+06\n", msg), msg
+    assert re.search(
+        rf"python -m consistency_jax\.main '--config=<your config file>' "
+        rf"--workdir={re.escape(str(tmp_path))} --config\.optim\.lr=3e\+06\n",
+        msg,
+    ), msg
 
     # A lower learning rate without warm-up, gradient clipping switched on (another layout of the
     # optimizer state than the checkpoint's) and skip_nonfinite: resumes with a note, finishes.
@@ -320,10 +365,18 @@ def test_nan_recovery_knobs_change_on_resume(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         state = E.train_and_evaluate(c, str(tmp_path))
     assert int(state.step) == newest + 10
-    notes = [r.getMessage() for r in caplog.records if "changed training dynamics" in r.getMessage()]
-    assert notes and all(k in notes[0] for k in (
-        "optim.lr: 30000000.0 -> 0.001", "optim.grad_clip: 0.0 -> 1.0", "optim.warmup_steps",
-        "train.skip_nonfinite: False -> True")), notes
+    notes = [
+        r.getMessage() for r in caplog.records if "changed training dynamics" in r.getMessage()
+    ]
+    assert notes and all(
+        k in notes[0]
+        for k in (
+            "optim.lr: 30000000.0 -> 0.001",
+            "optim.grad_clip: 0.0 -> 1.0",
+            "optim.warmup_steps",
+            "train.skip_nonfinite: False -> True",
+        )
+    ), notes
     assert np.isfinite(float(state.params["Dense_0"]["kernel"].sum()))
 
 
@@ -334,15 +387,21 @@ def _metrics(*finite):
 def test_skipped_steps_are_limited():
     counter = E.SkipCounter(0, max_consecutive=3, max_fraction=1.0)
     counter.update(_metrics(1, 0, 0, 1, 0, 0), done=6, final=False)  # never 3 in a row so far
-    with pytest.raises(E.SkipLimitError, match=r"skipped 3 steps in a row \(steps 5\.\.7; "
-                                               r"config\.train\.max_consecutive_skips=3\)"):
+    with pytest.raises(
+        E.SkipLimitError,
+        match=r"skipped 3 steps in a row \(steps 5\.\.7; "
+        r"config\.train\.max_consecutive_skips=3\)",
+    ):
         counter.update([(7, {"finite": 0}), (8, {"finite": 0}), (9, {"finite": 0})], 9, False)
     # A fraction: judged from MIN_STEPS_FOR_SKIP_FRACTION steps on, or at the end of the run.
     counter = E.SkipCounter(100, max_consecutive=0, max_fraction=0.25)
     counter.update([(100 + i, {"finite": int(i % 2 == 0)}) for i in range(1, 11)], 110, False)
-    with pytest.raises(E.SkipLimitError, match=r"skipped 10 of the 20 steps this run made \(steps "
-                                               r"101\.\.120\), more than config\.train\."
-                                               r"max_skip_fraction=0\.25"):
+    with pytest.raises(
+        E.SkipLimitError,
+        match=r"skipped 10 of the 20 steps this run made \(steps "
+        r"101\.\.120\), more than config\.train\."
+        r"max_skip_fraction=0\.25",
+    ):
         counter.update([(110 + i, {"finite": int(i % 2 == 0)}) for i in range(1, 11)], 120, True)
     counter = E.SkipCounter(0, max_consecutive=0, max_fraction=0.25)
     counter.update([(i, {"finite": 1}) for i in range(1, 101)], 100, False)
@@ -365,14 +424,21 @@ def test_metric_rows_after_the_restored_step_are_dropped(tmp_path):
 # ---------------------------------------------------------------- validation before compiling
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("train.max_consecutive_skips", -1, r"config\.train\.max_consecutive_skips must be an integer >= 0"),
-    ("train.max_skip_fraction", 0.0, r"config\.train\.max_skip_fraction must lie in \(0, 1\]"),
-    ("eval.two_step_time", 100.0, r"config\.eval\.two_step_time"),
-    ("optim.b2", 1.5, r"config\.optim\.b2 must lie in \[0, 1\), got 1\.5"),
-    ("optim.eps", -1.0, r"config\.optim\.eps must be positive"),
-    ("loss.huber_c", 0.0, r"config\.loss\.huber_c|huber_c must be positive"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        (
+            "train.max_consecutive_skips",
+            -1,
+            r"config\.train\.max_consecutive_skips must be an integer >= 0",
+        ),
+        ("train.max_skip_fraction", 0.0, r"config\.train\.max_skip_fraction must lie in \(0, 1\]"),
+        ("eval.two_step_time", 100.0, r"config\.eval\.two_step_time"),
+        ("optim.b2", 1.5, r"config\.optim\.b2 must lie in \[0, 1\), got 1\.5"),
+        ("optim.eps", -1.0, r"config\.optim\.eps must be positive"),
+        ("loss.huber_c", 0.0, r"config\.loss\.huber_c|huber_c must be positive"),
+    ],
+)
 def test_bad_fields_are_named_before_compiling(field, value, message):
     from consistency_jax.config import validate
 
@@ -387,8 +453,10 @@ def test_unsupported_workdirs_are_refused_before_anything_is_written(tmp_path, m
     """gs:// workdirs work (tests/test_gcs.py); other URL schemes are refused by name, and nothing
     (no ./s3:/b/run) is made."""
     monkeypatch.chdir(tmp_path)
-    for url, message in (("s3://b/run", r"s3:// is not supported \(local paths and gs:// are\)"),
-                         ("gs://", "names no bucket")):
+    for url, message in (
+        ("s3://b/run", r"s3:// is not supported \(local paths and gs:// are\)"),
+        ("gs://", "names no bucket"),
+    ):
         with pytest.raises(ValueError, match=message):
             E.train_and_evaluate(_config(), url)
     assert os.listdir(tmp_path) == []
@@ -413,15 +481,25 @@ def test_a_flipped_bit_is_caught_by_the_checksums_and_the_previous_step_used(tmp
     config = _config()
     with C.Checkpointer(str(tmp_path), every=1, keep=3) as ckpt:
         for step in (1, 2):
-            ckpt.save(state.replace(step=jnp.asarray(step, jnp.int32)), step=step,
-                      data_state={"step": step}, config=config)
+            ckpt.save(
+                state.replace(step=jnp.asarray(step, jnp.int32)),
+                step=step,
+                data_state={"step": step},
+                config=config,
+            )
     sums = json.loads((tmp_path / C.CHECKSUM_SUBDIR / "2.json").read_text())["arrays"]
     assert "state/params/Dense_0/kernel" in sums and "ema/0.9/Dense_0/kernel" in sums
 
     # One flipped bit in the largest data file of step 2's state: tried at a few places until it
     # changes a value (a flip in unused bytes changes nothing; one in an index is a read error).
-    data = max((p for p in (tmp_path / "checkpoints" / "2" / "state").rglob("*")
-                if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size)
+    data = max(
+        (
+            p
+            for p in (tmp_path / "checkpoints" / "2" / "state").rglob("*")
+            if p.is_file() and p.parent.name == "d"
+        ),
+        key=lambda p: p.stat().st_size,
+    )
     original = data.read_bytes()
     ckpt = C.Checkpointer(str(tmp_path), every=1, keep=3)
     for offset in range(len(original) // 2, len(original), 97):

@@ -1,5 +1,6 @@
 """The sampling command: deterministic per-example samples, the .npz and TFDS exports read back by
 every reader, the same dataset on any mesh, a crashed export completed exactly, refusals."""
+
 import json
 import os
 import subprocess
@@ -30,8 +31,9 @@ def run_dir(tmp_path_factory):
     c.data.data_dir = str(root / "tfds")
     c.data.batch_size = 8
     c.data.use_labels = True
-    c.model.kwargs = dict(nf=4, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
-                          num_classes=10)
+    c.model.kwargs = dict(
+        nf=4, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0, num_classes=10
+    )
     c.train.update(num_steps=1, log_every=1, eval_every=1000)
     c.checkpoint.every = 1
     experiment.train_and_evaluate(c, str(root / "run"))
@@ -39,8 +41,14 @@ def run_dir(tmp_path_factory):
 
 
 def _request(run_dir, out, **kw):
-    base = dict(workdir=run_dir, out=str(out), num_samples=N, examples_per_shard=8, per_device_batch=4,
-                seed=3)
+    base = dict(
+        workdir=run_dir,
+        out=str(out),
+        num_samples=N,
+        examples_per_shard=8,
+        per_device_batch=4,
+        seed=3,
+    )
     base.update(kw)
     return sample_lib.SampleRequest(**base)
 
@@ -49,11 +57,18 @@ def _request(run_dir, out, **kw):
 def reference(run_dir, tmp_path_factory):
     """One uninterrupted export on this process's single device: the reference of the other tests."""
     root = tmp_path_factory.mktemp("sample_ref")
-    request = _request(run_dir, root / "out", export_tfds="ref_samples", data_dir=str(root / "tfds"),
-                       keep_parts=True)
+    request = _request(
+        run_dir,
+        root / "out",
+        export_tfds="ref_samples",
+        data_dir=str(root / "tfds"),
+        keep_parts=True,
+    )
     summary = sample_lib.run(request)
     with np.load(summary["npz"], allow_pickle=False) as z:
-        return dict(root=root, request=request, summary=summary, images=z["arr_0"], labels=z["arr_1"])
+        return dict(
+            root=root, request=request, summary=summary, images=z["arr_0"], labels=z["arr_1"]
+        )
 
 
 def _read_data_source(name, data_dir):
@@ -72,8 +87,12 @@ def test_samples_are_a_function_of_seed_and_index_alone():
     params = {"w": jnp.float32(0.7)}
     key = jax.random.key(11)
     ts = (sigmas.sigma_max, 0.8)
-    big = sampling.indexed_sample(apply_fn, params, key, jnp.arange(16), (4, 4, 1), ts, sigmas, clip=1.0)
-    small = sampling.indexed_sample(apply_fn, params, key, jnp.arange(5, 10), (4, 4, 1), ts, sigmas, clip=1.0)
+    big = sampling.indexed_sample(
+        apply_fn, params, key, jnp.arange(16), (4, 4, 1), ts, sigmas, clip=1.0
+    )
+    small = sampling.indexed_sample(
+        apply_fn, params, key, jnp.arange(5, 10), (4, 4, 1), ts, sigmas, clip=1.0
+    )
     np.testing.assert_array_equal(np.asarray(big[5:10]), np.asarray(small))
     f = lambda x, t: param_lib.consistency_fn(apply_fn, params, x, jnp.full((1,), t), sigmas)
     for i in (0, 7, 15):
@@ -107,8 +126,14 @@ def test_export_reads_back_with_every_reader(reference, tmp_path):
     # The project's training pipeline reads the dataset by name (a teacher's samples as a data set).
     from consistency_jax import data as data_lib
 
-    cfg = data_lib.ImageDataConfig(name="ref_samples", data_dir=data_dir, image_size=8, num_channels=1,
-                                   use_labels=True, random_flip=False)
+    cfg = data_lib.ImageDataConfig(
+        name="ref_samples",
+        data_dir=data_dir,
+        image_size=8,
+        num_channels=1,
+        use_labels=True,
+        random_flip=False,
+    )
     arrays = data_lib.load_image_arrays(cfg)
     np.testing.assert_allclose(arrays["image"], images.astype(np.float64) / 127.5 - 1.0, atol=1e-6)
     np.testing.assert_array_equal(arrays["label"], labels)
@@ -138,9 +163,21 @@ def test_export_reads_back_in_a_fresh_python_without_tensorflow(reference, tmp_p
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     result = subprocess.run(
-        [sys.executable, "-S", "-c", _WITHOUT_TF, site_without_tensorflow(tmp_path),
-         str(reference["root"] / "tfds"), "ref_samples", str(tmp_path / "got.npz")],
-        capture_output=True, text=True, timeout=300, env=env)
+        [
+            sys.executable,
+            "-S",
+            "-c",
+            _WITHOUT_TF,
+            site_without_tensorflow(tmp_path),
+            str(reference["root"] / "tfds"),
+            "ref_samples",
+            str(tmp_path / "got.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     with np.load(tmp_path / "got.npz") as z:
         np.testing.assert_array_equal(z["images"], reference["images"])
@@ -151,9 +188,20 @@ def _cli(run_dir, out, data_dir, name, extra_env=None, extra_flags=()):
     env = dict(os.environ)
     env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
     env.update(extra_env or {})
-    return [sys.executable, "-m", "consistency_jax.sample", f"--workdir={run_dir}", f"--out={out}",
-            f"--num_samples={N}", "--examples_per_shard=8", "--per_device_batch=4", "--seed=3",
-            f"--export_tfds={name}", f"--data_dir={data_dir}", *extra_flags], env
+    return [
+        sys.executable,
+        "-m",
+        "consistency_jax.sample",
+        f"--workdir={run_dir}",
+        f"--out={out}",
+        f"--num_samples={N}",
+        "--examples_per_shard=8",
+        "--per_device_batch=4",
+        "--seed=3",
+        f"--export_tfds={name}",
+        f"--data_dir={data_dir}",
+        *extra_flags,
+    ], env
 
 
 def test_same_dataset_on_four_devices_and_on_two_processes(run_dir, reference, tmp_path):
@@ -165,15 +213,29 @@ def test_same_dataset_on_four_devices_and_on_two_processes(run_dir, reference, t
     data_dir = str(tmp_path / "tfds")
     cmd, env = _cli(run_dir, tmp_path / "four", data_dir, "four_devices")
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ]
     coordinator = f"localhost:{_free_port()}"
     for i in range(2):
-        cmd, env = _cli(run_dir, tmp_path / "hosts", data_dir, "two_hosts", extra_env=dict(
-            CONSISTENCY_JAX_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2",
-            JAX_PROCESS_ID=str(i),
-            XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {SLOW_CPU_COLLECTIVES}"))
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        cmd, env = _cli(
+            run_dir,
+            tmp_path / "hosts",
+            data_dir,
+            "two_hosts",
+            extra_env=dict(
+                CONSISTENCY_JAX_DISTRIBUTED="1",
+                JAX_COORDINATOR_ADDRESS=coordinator,
+                JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID=str(i),
+                XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {SLOW_CPU_COLLECTIVES}",
+            ),
+        )
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(o[-3000:] for o in outs)
     for name in ("four_devices", "two_hosts"):
@@ -181,12 +243,13 @@ def test_same_dataset_on_four_devices_and_on_two_processes(run_dir, reference, t
         np.testing.assert_array_equal(images, reference["images"], err_msg=name)
         np.testing.assert_array_equal(labels, reference["labels"], err_msg=name)
     # Each host wrote its own shards: shard s by host s mod 2 (the summary counts what it generated).
-    generated = sorted(json.loads(o[o.index("{"):])["generated"] for o in outs[1:])
+    generated = sorted(json.loads(o[o.index("{") :])["generated"] for o in outs[1:])
     assert generated == [8, 14]
 
 
 def test_an_export_that_crashed_is_completed_without_a_missing_or_duplicated_example(
-        run_dir, reference, tmp_path, monkeypatch):
+    run_dir, reference, tmp_path, monkeypatch
+):
     """The ArrayRecord writer dies half-way through the second shard file it writes (a partial file in
     .incomplete/): no reader sees an incomplete dataset, and the rerun completes the same dataset."""
     import tensorflow_datasets as tfds
@@ -202,13 +265,15 @@ def test_an_export_that_crashed_is_completed_without_a_missing_or_duplicated_exa
         real(path, records)
 
     monkeypatch.setattr(export, "_WRITERS", dict(export._WRITERS, array_record=dying_writer))
-    request = _request(run_dir, tmp_path / "out", export_tfds="crashed", data_dir=str(tmp_path / "tfds"))
+    request = _request(
+        run_dir, tmp_path / "out", export_tfds="crashed", data_dir=str(tmp_path / "tfds")
+    )
     with pytest.raises(OSError, match="simulated crash"):
         sample_lib.run(request)
     ds_dir = tmp_path / "tfds" / "crashed" / "1.0.0"
     assert not (ds_dir / "dataset_info.json").exists()
     assert os.listdir(ds_dir / ".incomplete")  # the half-written file, under a name no reader globs
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (TFDS raises one of several types)
         tfds.data_source("crashed", data_dir=str(tmp_path / "tfds"), split="train")
     monkeypatch.setattr(export, "_WRITERS", dict(export._WRITERS, array_record=real))
     summary = sample_lib.run(request)
@@ -223,14 +288,20 @@ def test_refusals_before_anything_is_computed(run_dir, reference, tmp_path):
     # A finished output and an existing dataset are never overwritten without --overwrite.
     with pytest.raises(sample_lib.SampleError, match="finished sampling run"):
         sample_lib.run(reference["request"])
-    other = _request(run_dir, tmp_path / "new", export_tfds="ref_samples",
-                     data_dir=str(reference["root"] / "tfds"))
+    other = _request(
+        run_dir,
+        tmp_path / "new",
+        export_tfds="ref_samples",
+        data_dir=str(reference["root"] / "tfds"),
+    )
     with pytest.raises(sample_lib.SampleError, match="already exists"):
         sample_lib.run(other)
     # An unfinished output of a different request.
     (tmp_path / "half").mkdir()
-    plan = sample_lib.plan_of(_request(run_dir, tmp_path / "half"),
-                              sample_lib.describe_run(_request(run_dir, tmp_path / "half")))
+    plan = sample_lib.plan_of(
+        _request(run_dir, tmp_path / "half"),
+        sample_lib.describe_run(_request(run_dir, tmp_path / "half")),
+    )
     plan["complete"] = False
     (tmp_path / "half" / "plan.json").write_text(json.dumps(plan))
     with pytest.raises(sample_lib.SampleError, match=r"differs in \['seed'\]"):
@@ -240,20 +311,23 @@ def test_refusals_before_anything_is_computed(run_dir, reference, tmp_path):
     with pytest.raises(sample_lib.SampleError, match="not a sampling output"):
         sample_lib.run(_request(run_dir, tmp_path / "junk"))
     # Flags that do not fit the run.
-    for kw, message in ((dict(sampler="heun"), "is for EDM teachers"),
-                        (dict(labels="12"), "not a class of this run"),
-                        (dict(sampler="multistep"), "needs the times"),
-                        (dict(sampler="multistep", ts=(80.0, 100.0)), "strictly decreasing"),
-                        (dict(sampler="multistep", ts_indices=(0, 500)), "Indices must lie"),
-                        (dict(num_samples=0), "positive integer"),
-                        (dict(export_tfds="Bad-Name"), "lower_snake_case")):
+    for kw, message in (
+        (dict(sampler="heun"), "is for EDM teachers"),
+        (dict(labels="12"), "not a class of this run"),
+        (dict(sampler="multistep"), "needs the times"),
+        (dict(sampler="multistep", ts=(80.0, 100.0)), "strictly decreasing"),
+        (dict(sampler="multistep", ts_indices=(0, 500)), "Indices must lie"),
+        (dict(num_samples=0), "positive integer"),
+        (dict(export_tfds="Bad-Name"), "lower_snake_case"),
+    ):
         with pytest.raises(sample_lib.SampleError, match=message):
             sample_lib.run(_request(run_dir, tmp_path / "x", **kw))
     assert not (tmp_path / "x").exists()
     # --overwrite replaces the finished output.
     summary = sample_lib.run(_request(run_dir, tmp_path / "o2", num_samples=4, grid=False))
-    summary = sample_lib.run(_request(run_dir, tmp_path / "o2", num_samples=4, grid=False, seed=5,
-                                      overwrite=True))
+    summary = sample_lib.run(
+        _request(run_dir, tmp_path / "o2", num_samples=4, grid=False, seed=5, overwrite=True)
+    )
     assert summary["generated"] == 4
 
 
@@ -264,10 +338,19 @@ def test_multistep_indices_and_fixed_labels(run_dir, reference, tmp_path):
     model = sample_lib.describe_run(_request(run_dir, tmp_path / "a"))
     grid_n = discrete.grid_size(model.config)
     times = sampling.times_from_indices((0, grid_n // 2), grid_n, model.sigmas)
-    a = sample_lib.run(_request(run_dir, tmp_path / "a", sampler="multistep",
-                                ts_indices=(0, grid_n // 2), labels="3", num_samples=6))
-    b = sample_lib.run(_request(run_dir, tmp_path / "b", sampler="multistep", ts=times, labels="3",
-                                num_samples=6))
+    a = sample_lib.run(
+        _request(
+            run_dir,
+            tmp_path / "a",
+            sampler="multistep",
+            ts_indices=(0, grid_n // 2),
+            labels="3",
+            num_samples=6,
+        )
+    )
+    b = sample_lib.run(
+        _request(run_dir, tmp_path / "b", sampler="multistep", ts=times, labels="3", num_samples=6)
+    )
     with np.load(a["npz"]) as za, np.load(b["npz"]) as zb:
         np.testing.assert_array_equal(za["arr_0"], zb["arr_0"])
         assert (za["arr_1"] == 3).all()
@@ -294,8 +377,9 @@ def test_ternary_and_greedy_search_find_the_brute_force_optimum():
         i2 = min(range(i1 + 1, 39), key=lambda i: (np.log(grid[i]) - np.log(0.4)) ** 2)
         assert got["indices"] == [0, i1, i2], method
         assert got["score"] == pytest.approx(score(tuple(grid[[0, i1, i2]])))
-        assert all(e["score"] >= got["score"] - 1e-12 for e in got["evaluations"]
-                   if len(e["indices"]) == 3)
+        assert all(
+            e["score"] >= got["score"] - 1e-12 for e in got["evaluations"] if len(e["indices"]) == 3
+        )
     ternary = tau_search.greedy_search(score, grid, 2, method="ternary")
     exhaustive = tau_search.greedy_search(score, grid, 2, method="exhaustive")
     assert ternary["indices"] == exhaustive["indices"]
@@ -303,7 +387,9 @@ def test_ternary_and_greedy_search_find_the_brute_force_optimum():
     with pytest.raises(ValueError, match="strictly decreasing"):
         tau_search.greedy_search(score, grid[::-1], 2)
     # A NaN score never wins.
-    nan_at_best = lambda ts: float("nan") if len(ts) > 1 and abs(ts[1] - grid[i1]) < 1e-12 else score(ts)
+    nan_at_best = lambda ts: (
+        float("nan") if len(ts) > 1 and abs(ts[1] - grid[i1]) < 1e-12 else score(ts)
+    )
     assert tau_search.greedy_search(nan_at_best, grid, 2, method="exhaustive")["indices"][1] != i1
 
 
@@ -316,14 +402,34 @@ def test_tau_search_command_scores_the_sampling_commands_samples(run_dir, refere
     _, params, _ = loading.load_eval_params(run_dir)
     apply_fn = networks.make_apply_fn(networks.from_config(model.config.model))
     seen = []
-    score = tau_search.make_scorer(apply_fn, params, model.sigmas, model.example_shape, N,
-                                   lambda x: seen.append(x) or 0.0, seed=3, num_classes=10,
-                                   consistency_fn=model.consistency_fn, batch=8)
+    score = tau_search.make_scorer(
+        apply_fn,
+        params,
+        model.sigmas,
+        model.example_shape,
+        N,
+        lambda x: seen.append(x) or 0.0,
+        seed=3,
+        num_classes=10,
+        consistency_fn=model.consistency_fn,
+        batch=8,
+    )
     score((model.sigmas.sigma_max,))
-    np.testing.assert_array_equal(np.round((seen[0] + 1) * 127.5).astype(np.uint8), reference["images"])
+    np.testing.assert_array_equal(
+        np.round((seen[0] + 1) * 127.5).astype(np.uint8), reference["images"]
+    )
 
-    summary = sample_lib.run_tau_search(_request(run_dir, tmp_path / "t", tau_search=True, num_samples=24,
-                                                 search="exhaustive", search_stride=2, num_scales=8))
+    summary = sample_lib.run_tau_search(
+        _request(
+            run_dir,
+            tmp_path / "t",
+            tau_search=True,
+            num_samples=24,
+            search="exhaustive",
+            search_stride=2,
+            num_scales=8,
+        )
+    )
     result = json.loads((tmp_path / "t" / "tau_search.json").read_text())
     assert result["metric"] == "digits_fd" and len(result["evaluations"]) == 3  # indices 1, 3, 5
     assert result["score"] == min(e["score"] for e in result["evaluations"])
@@ -331,9 +437,17 @@ def test_tau_search_command_scores_the_sampling_commands_samples(run_dir, refere
     # The recorded score is the digits-FD of those samples, recomputed here.
     from consistency_jax.metrics import digits as digits_lib
 
-    check = tau_search.make_scorer(apply_fn, params, model.sigmas, model.example_shape, 24,
-                                   lambda x: digits_lib.digits_fd(x, data_dir=model.config.data.data_dir),
-                                   seed=3, num_classes=10, consistency_fn=model.consistency_fn)
+    check = tau_search.make_scorer(
+        apply_fn,
+        params,
+        model.sigmas,
+        model.example_shape,
+        24,
+        lambda x: digits_lib.digits_fd(x, data_dir=model.config.data.data_dir),
+        seed=3,
+        num_classes=10,
+        consistency_fn=model.consistency_fn,
+    )
     assert check(tuple(result["times"])) == pytest.approx(result["score"], rel=1e-6)
 
 
@@ -344,30 +458,48 @@ def test_tau_search_command_scores_the_sampling_commands_samples(run_dir, refere
 def test_editing_modes_of_the_command_keep_the_known_part(run_dir, tmp_path):
     model = sample_lib.describe_run(_request(run_dir, tmp_path / "x"))
     # One step each (the multistep loops are tested in test_editing.py): one short compilation per mode.
-    common = dict(num_samples=6, inputs="tfds:sklearn_digits/8:test", data_dir=model.config.data.data_dir,
-                  ts=(80.0,))
-    out = sample_lib.run_edit(_request(run_dir, tmp_path / "inpaint", edit="inpaint", mask="left_half",
-                                       **common))
+    common = dict(
+        num_samples=6,
+        inputs="tfds:sklearn_digits/8:test",
+        data_dir=model.config.data.data_dir,
+        ts=(80.0,),
+    )
+    out = sample_lib.run_edit(
+        _request(run_dir, tmp_path / "inpaint", edit="inpaint", mask="left_half", **common)
+    )
     with np.load(out["npz"]) as z:
         result, inputs = z["arr_0"], z["inputs"]
     assert result.shape == (6, 8, 8, 1) and (tmp_path / "inpaint" / "edit.png").exists()
-    np.testing.assert_array_equal(result[:, :, 4:], inputs[:, :, 4:])  # the right half is the input's
-    out = sample_lib.run_edit(_request(run_dir, tmp_path / "sr", edit="superres", patch_size=2, **common))
+    np.testing.assert_array_equal(
+        result[:, :, 4:], inputs[:, :, 4:]
+    )  # the right half is the input's
+    out = sample_lib.run_edit(
+        _request(run_dir, tmp_path / "sr", edit="superres", patch_size=2, **common)
+    )
     with np.load(out["npz"]) as z:
         mean = lambda a: a.astype(np.float64).reshape(6, 4, 2, 4, 2).mean(axis=(2, 4))
         # The 2×2 patch means of the (unquantised) result are the input's.
         np.testing.assert_allclose(mean(z["float"]), mean(z["inputs"] / 127.5 - 1.0), atol=1e-5)
-    for edit, extra in (("denoise", dict(edit_sigma=0.5, noise_inputs=True)),
-                        ("sdedit", dict(edit_sigma=5.0, ts=(5.0,))), ("interpolate", dict(num_alphas=3))):
-        out = sample_lib.run_edit(_request(run_dir, tmp_path / edit, edit=edit, **{**common, **extra}))
+    for edit, extra in (
+        ("denoise", dict(edit_sigma=0.5, noise_inputs=True)),
+        ("sdedit", dict(edit_sigma=5.0, ts=(5.0,))),
+        ("interpolate", dict(num_alphas=3)),
+    ):
+        out = sample_lib.run_edit(
+            _request(run_dir, tmp_path / edit, edit=edit, **{**common, **extra})
+        )
         with np.load(out["npz"]) as z:
-            assert z["arr_0"].shape == ((3, 6, 8, 8, 1) if edit == "interpolate" else (6, 8, 8, 1)), edit
+            assert z["arr_0"].shape == (
+                (3, 6, 8, 8, 1) if edit == "interpolate" else (6, 8, 8, 1)
+            ), edit
     with pytest.raises(sample_lib.SampleError, match="needs an RGB run"):
         sample_lib.run_edit(_request(run_dir, tmp_path / "c", edit="colorize", **common))
     with pytest.raises(sample_lib.SampleError, match="needs --edit_sigma"):
         _request(run_dir, tmp_path / "d", edit="denoise", **common)
     with pytest.raises(sample_lib.SampleError, match="neither a preset"):
-        sample_lib.run_edit(_request(run_dir, tmp_path / "m", edit="inpaint", mask="nowhere", **common))
+        sample_lib.run_edit(
+            _request(run_dir, tmp_path / "m", edit="inpaint", mask="nowhere", **common)
+        )
 
 
 def test_export_killed_by_sigkill_is_completed_exactly_by_a_rerun(run_dir, tmp_path):
@@ -395,8 +527,14 @@ def test_export_killed_by_sigkill_is_completed_exactly_by_a_rerun(run_dir, tmp_p
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "tfds" / "killed" / "1.0.0" / "dataset_info.json").exists()
-    request = _request(run_dir, out, num_samples=n, examples_per_shard=per_shard, export_tfds="killed",
-                       data_dir=data_dir)
+    request = _request(
+        run_dir,
+        out,
+        num_samples=n,
+        examples_per_shard=per_shard,
+        export_tfds="killed",
+        data_dir=data_dir,
+    )
     summary = sample_lib.run(request)
     assert 0 < summary["generated"] < n  # what the killed process finished was kept
     images, labels = _read_data_source("killed", data_dir)
@@ -405,9 +543,9 @@ def test_export_killed_by_sigkill_is_completed_exactly_by_a_rerun(run_dir, tmp_p
     model = sample_lib.describe_run(request)
     _, params, _ = loading.load_eval_params(run_dir)
     mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
-    generate = sample_lib.make_generator(request, model,
-                                         networks.make_apply_fn(networks.from_config(model.config.model)),
-                                         mesh)
+    generate = sample_lib.make_generator(
+        request, model, networks.make_apply_fn(networks.from_config(model.config.model)), mesh
+    )
     want_images, want_labels = generate(params, np.arange(n, dtype=np.int32))
     np.testing.assert_array_equal(images, np.asarray(want_images))
     np.testing.assert_array_equal(labels, np.asarray(want_labels))
@@ -443,19 +581,35 @@ def test_edm_teacher_runs_sample_with_heun_and_edit(edm_run_dir, tmp_path):
     keys = sampling.example_keys(jax.random.key(3), jnp.arange(5))
     x_init = model.sigmas.sigma_max * sampling.example_noise(keys, 0, model.example_shape)
     denoise = lambda x, t: param_lib.denoiser_fn(apply_fn, params, x, t, model.sigmas)
-    x = jnp.clip(sampling.edm_heun_sample(denoise, jax.random.key(0), x_init.shape, model.sigmas, 3,
-                                          x_init=x_init), -1, 1)
+    x = jnp.clip(
+        sampling.edm_heun_sample(
+            denoise, jax.random.key(0), x_init.shape, model.sigmas, 3, x_init=x_init
+        ),
+        -1,
+        1,
+    )
     want = np.clip(np.round((np.asarray(x) + 1) * 127.5), 0, 255).astype(np.uint8)
     with np.load(summary["npz"]) as z:
         assert "arr_1" not in z.files  # unconditional: no labels
         np.testing.assert_array_equal(z["arr_0"], want)
     with pytest.raises(sample_lib.SampleError, match="with --sampler=heun"):
         sample_lib.run(_request(edm_run_dir, tmp_path / "x", sampler="onestep"))
-    out = sample_lib.run_edit(_request(edm_run_dir, tmp_path / "e", edit="inpaint", mask="top_half",
-                                       num_samples=4, heun_steps=3, inputs="tfds:sklearn_digits/8:test",
-                                       data_dir=model.config.data.data_dir))
+    out = sample_lib.run_edit(
+        _request(
+            edm_run_dir,
+            tmp_path / "e",
+            edit="inpaint",
+            mask="top_half",
+            num_samples=4,
+            heun_steps=3,
+            inputs="tfds:sklearn_digits/8:test",
+            data_dir=model.config.data.data_dir,
+        )
+    )
     with np.load(out["npz"]) as z:
-        np.testing.assert_array_equal(z["arr_0"][:, 4:], z["inputs"][:, 4:])  # the bottom half is kept
+        np.testing.assert_array_equal(
+            z["arr_0"][:, 4:], z["inputs"][:, 4:]
+        )  # the bottom half is kept
 
 
 def test_trigflow_runs_sample_in_their_own_parameterisation(run_dir, tmp_path):
@@ -484,9 +638,14 @@ def test_trigflow_runs_sample_in_their_own_parameterisation(run_dir, tmp_path):
     x_sigma = big_t * np.asarray(sampling.example_noise(keys, 0, model.example_shape), np.float64)
     s = np.arctan(big_t / sd)
     x_s = np.cos(s) * x_sigma
-    raw = np.asarray(apply_fn(params, jnp.asarray(x_s / sd, jnp.float32),
-                              trigflow.time_input(jnp.full((4,), s, jnp.float32), model.sigmas.c_noise)),
-                     np.float64)
+    raw = np.asarray(
+        apply_fn(
+            params,
+            jnp.asarray(x_s / sd, jnp.float32),
+            trigflow.time_input(jnp.full((4,), s, jnp.float32), model.sigmas.c_noise),
+        ),
+        np.float64,
+    )
     f = np.cos(s) * x_s - np.sin(s) * sd * raw
     want = np.clip(np.round((f + 1) * 127.5), 0, 255)
     with np.load(summary["npz"]) as z:

@@ -1,4 +1,5 @@
 """Samplers: determinism per key, Algorithm 1's noise schedule, the EDM Heun sampler on a closed form."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +14,9 @@ SIG = P.SigmaConfig()
 
 def _mlp():
     net = get_network("mlp", hidden=16, depth=1)
-    return make_apply_fn(net), net.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros((1,)))["params"]
+    return make_apply_fn(net), net.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros((1,)))[
+        "params"
+    ]
 
 
 def test_samplers_are_deterministic_per_key():
@@ -35,7 +38,9 @@ def test_multistep_follows_algorithm_1():
     cskip = lambda t: 0.25 / ((t - 0.002) ** 2 + 0.25)
     x = 80.0 * np.asarray(jax.random.normal(keys[0], (5, 3)), np.float64) * cskip(80.0)
     for j, t in enumerate(ts[1:], start=1):
-        x = x + np.sqrt(t * t - 0.002**2) * np.asarray(jax.random.normal(keys[j], (5, 3)), np.float64)
+        x = x + np.sqrt(t * t - 0.002**2) * np.asarray(
+            jax.random.normal(keys[j], (5, 3)), np.float64
+        )
         x = cskip(t) * x
     np.testing.assert_allclose(np.asarray(got), x, rtol=1e-5, atol=1e-6)
 
@@ -43,7 +48,9 @@ def test_multistep_follows_algorithm_1():
 def test_trailing_epsilon_is_the_identity_and_bad_times_are_named():
     apply_fn, params = _mlp()
     a = sampling.multistep_sample(apply_fn, params, jax.random.key(0), (4, 2), (80.0, 1.0), SIG)
-    b = sampling.multistep_sample(apply_fn, params, jax.random.key(0), (4, 2), (80.0, 1.0, 0.002), SIG)
+    b = sampling.multistep_sample(
+        apply_fn, params, jax.random.key(0), (4, 2), (80.0, 1.0, 0.002), SIG
+    )
     np.testing.assert_array_equal(np.asarray(a)[:, :], np.asarray(b)[:, :])
     with pytest.raises(ValueError, match="strictly decreasing"):
         sampling.multistep_sample(apply_fn, params, jax.random.key(0), (4, 2), (1.0, 80.0), SIG)
@@ -87,12 +94,17 @@ def test_edm_heun_sampler_on_gaussian_data_closed_form():
     errs = []
     for n in (18, 72):
         out = sampling.edm_heun_sample(denoise, jax.random.key(0), (64, 2), SIG, n, x_init=x_T)
-        np.testing.assert_allclose(np.asarray(out), _np_edm_heun(np.asarray(x_T, np.float64), s, n),
-                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(out), _np_edm_heun(np.asarray(x_T, np.float64), s, n), rtol=1e-4, atol=1e-5
+        )
         errs.append(np.abs(np.asarray(out) - exact).max())
-    assert errs[1] < errs[0] / 4, errs  # second order: 4× the steps cut the error by far more than 4
+    assert errs[1] < errs[0] / 4, (
+        errs
+    )  # second order: 4× the steps cut the error by far more than 4
     # count network evaluations by tracing the loop body once per branch: 18 steps -> 35 NFE
     nfe = []
     fake = lambda x, t: (nfe.append(1), x)[1]
     jax.make_jaxpr(lambda r: sampling.edm_heun_sample(fake, r, (1, 2), SIG, 18))(jax.random.key(0))
-    assert len(nfe) == 2  # one in the predictor, one in the corrector branch (skipped at the last step)
+    assert (
+        len(nfe) == 2
+    )  # one in the predictor, one in the corrector branch (skipped at the last step)

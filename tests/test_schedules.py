@@ -1,14 +1,15 @@
 """The Karras grid (EDM Eq. 5) and the N(k), μ(k) curricula (CM Appendix C / Table 3 and the official
 code's ``get_ema_scales_fn``; iCT §3.4 Eq. 7) against NumPy float64 or exact integer computations."""
+
 import math
 
 import jax
 import numpy as np
 import pytest
+from conftest import x64 as x64_context
 
 from consistency_jax import parameterization as P
 from consistency_jax import schedules as S
-from conftest import x64 as x64_context
 
 SIG = P.SigmaConfig()
 
@@ -29,15 +30,14 @@ def test_karras_grid(n):
 
 def test_karras_time_with_traced_n_matches_static_grid():
     f = jax.jit(lambda i, n: S.karras_time(i, n, SIG))
-    np.testing.assert_allclose(np.asarray(f(np.arange(18), 18)), np.asarray(S.karras_sigmas(18, SIG)),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(f(np.arange(18), 18)), np.asarray(S.karras_sigmas(18, SIG)), rtol=1e-6
+    )
 
 
 def test_grid_needs_two_points():
     with pytest.raises(ValueError, match="at least 2"):
         S.karras_sigmas(1, SIG)
-
-
 
 
 @pytest.mark.parametrize("x64", [False, True])
@@ -99,13 +99,25 @@ def test_cm_curriculum_is_exact_at_every_step_of_the_cifar10_schedule():
     np.testing.assert_array_equal(got, _exact_cm_n(ks, K, s0, s1))
 
 
-@pytest.mark.parametrize("K,s0,s1", [(40_000, 2, 150), (3000, 2, 40), (800_000, 2, 200),
-                                     (1_000_000, 2, 150), (1, 2, 150), (997, 3, 17), (12_345, 5, 5)])
+@pytest.mark.parametrize(
+    "K,s0,s1",
+    [
+        (40_000, 2, 150),
+        (3000, 2, 40),
+        (800_000, 2, 200),
+        (1_000_000, 2, 150),
+        (1, 2, 150),
+        (997, 3, 17),
+        (12_345, 5, 5),
+    ],
+)
 def test_cm_curriculum_is_exact_for_other_schedules(K, s0, s1):
     if K > 100_000:  # every 7th step and a window around each change of N
         D = (s1 + 1) ** 2 - s0**2
         edges = np.array([(j * j - s0 * s0) * K // D for j in range(s0, s1 + 2)])
-        ks = np.unique(np.concatenate([np.arange(0, K + 1, 7), (edges[:, None] + np.arange(-2, 3)).ravel()]))
+        ks = np.unique(
+            np.concatenate([np.arange(0, K + 1, 7), (edges[:, None] + np.arange(-2, 3)).ravel()])
+        )
         ks = ks[(ks >= 0) & (ks <= K)]
     else:
         ks = np.arange(0, K + 1)
@@ -140,14 +152,17 @@ def _np_ict_k_prime(K, s0, s1):
     return max(int(np.floor(K / (np.log2(np.floor(s1 / s0)) + 1.0))), 1)
 
 
-@pytest.mark.parametrize("K,s0,s1,kp", [
-    (400_000, 10, 1280, 50_000),   # s1/s0 = 128: K/8, both readings agree
-    (3000, 10, 320, 500),          # digits iCT: s1/s0 = 32
-    (800_000, 2, 150, 110_668),    # s1/s0 = 75: K/(log2 75 + 1) = 110668.2, not K/7 = 114285
-    (100_000, 3, 100, 16_544),     # ⌊100/3⌋ = 33: K/(log2 33 + 1) = 16544.3, not K/6 = 16666
-    (1000, 10, 10, 1000),          # s1 = s0: log2 1 = 0
-    (5, 1, 1024, 1),               # K' < 1 is guarded to 1
-])
+@pytest.mark.parametrize(
+    "K,s0,s1,kp",
+    [
+        (400_000, 10, 1280, 50_000),  # s1/s0 = 128: K/8, both readings agree
+        (3000, 10, 320, 500),  # digits iCT: s1/s0 = 32
+        (800_000, 2, 150, 110_668),  # s1/s0 = 75: K/(log2 75 + 1) = 110668.2, not K/7 = 114285
+        (100_000, 3, 100, 16_544),  # ⌊100/3⌋ = 33: K/(log2 33 + 1) = 16544.3, not K/6 = 16666
+        (1000, 10, 10, 1000),  # s1 = s0: log2 1 = 0
+        (5, 1, 1024, 1),  # K' < 1 is guarded to 1
+    ],
+)
 def test_ict_k_prime_against_numpy(K, s0, s1, kp):
     assert _np_ict_k_prime(K, s0, s1) == kp
     # N(k) doubles exactly at the multiples of K': N(mK' − 1) = min(s0·2^(m−1), s1) + 1 and

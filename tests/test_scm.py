@@ -1,25 +1,23 @@
 """sCM in TrigFlow (Lu & Song 2024): the parameterisation and its EDM form, the exact conversion of an
 EDM teacher, the tangent against a closed-form time derivative and central differences, the loss and
 its gradient against NumPy float64, the weighting head, the config checks, and the main loop."""
+
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_config, x64
 
-from conftest import load_config
 from consistency_jax import parameterization as P
 from consistency_jax import toy
 from consistency_jax import trigflow as TF
 from consistency_jax.methods import scm as S
 from consistency_jax.networks import get_network, make_apply_fn
-from conftest import x64
 
 SIG = P.SigmaConfig()
 SD = SIG.sigma_data
-
-
 
 
 def _poly_net(params, y, s, **_):
@@ -71,8 +69,9 @@ def test_sigma_form_is_the_edm_preconditioning_with_the_angle_as_time_input():
         params = _poly_params(rng, 3)
         x = rng.standard_normal((4, 3))
         sigma = np.array([0.002, 0.3, 2.0, 80.0])
-        got = np.asarray(TF.consistency_fn_sigma(_poly_net, params, jnp.asarray(x), jnp.asarray(sigma),
-                                                 SIG))
+        got = np.asarray(
+            TF.consistency_fn_sigma(_poly_net, params, jnp.asarray(x), jnp.asarray(sigma), SIG)
+        )
         A, B = np.asarray(params["A"]), np.asarray(params["B"])
         s, d = sigma[:, None], np.sqrt(sigma[:, None] ** 2 + SD**2)
         ang = np.arctan(sigma / SD)[:, None]
@@ -81,8 +80,13 @@ def test_sigma_form_is_the_edm_preconditioning_with_the_angle_as_time_input():
         # the ADM convention feeds 1000·t to the network
         cm = P.SigmaConfig(c_noise="cm")
         seen = []
-        TF.raw_output(lambda p, y, c, **_: seen.append(c) or y, None, jnp.asarray(x), jnp.asarray(ang[:, 0]),
-                      cm)
+        TF.raw_output(
+            lambda p, y, c, **_: seen.append(c) or y,
+            None,
+            jnp.asarray(x),
+            jnp.asarray(ang[:, 0]),
+            cm,
+        )
         np.testing.assert_allclose(np.asarray(seen[0]), 1000 * ang[:, 0], rtol=1e-15)
 
 
@@ -100,8 +104,12 @@ def test_converted_edm_teacher_is_the_same_model_in_float64():
         x_t = jnp.cos(t)[:, None] * x_sigma
         v = velocity(phi, x_t, t)
         x0 = TF.denoised_from_velocity(x_t, t, v)
-        np.testing.assert_allclose(np.asarray(x0), np.asarray(toy.exact_denoiser(phi, x_sigma, sigma)),
-                                   rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(
+            np.asarray(x0),
+            np.asarray(toy.exact_denoiser(phi, x_sigma, sigma)),
+            rtol=1e-12,
+            atol=1e-13,
+        )
 
         # TrigFlow ODE from σ = 2 to σ = 0.05 (RK4 in t) against the exact EDM ODE map.
         s0, s1 = 2.0, 0.05
@@ -141,16 +149,20 @@ def test_an_edm_network_is_the_same_model_in_trigflow_float64():
         got = SD * TF.raw_output(apply_fn, params, x_t, t, edm)
         np.testing.assert_allclose(np.asarray(got), np.asarray(teacher_v), rtol=1e-10, atol=1e-12)
         f = TF.consistency_fn_sigma(apply_fn, params, x_sigma, sigma, edm)
-        np.testing.assert_allclose(np.asarray(f), np.asarray(P.denoiser_fn(apply_fn, params, x_sigma,
-                                                                           sigma, SIG)),
-                                   rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(
+            np.asarray(f),
+            np.asarray(P.denoiser_fn(apply_fn, params, x_sigma, sigma, SIG)),
+            rtol=1e-12,
+            atol=1e-14,
+        )
         # the angle network is another function of the same parameters
         other = TF.consistency_fn_sigma(apply_fn, params, x_sigma, sigma, SIG)
         assert np.max(np.abs(np.asarray(other) - np.asarray(f))) > 1e-3
         seen = []
         TF.raw_output(lambda p, y, c, **_: seen.append(c) or y, None, x_t, t, edm)
-        np.testing.assert_allclose(np.asarray(seen[0]), 0.25 * np.log(np.asarray(sigma)), rtol=1e-12,
-                                   atol=1e-15)
+        np.testing.assert_allclose(
+            np.asarray(seen[0]), 0.25 * np.log(np.asarray(sigma)), rtol=1e-12, atol=1e-15
+        )
         assert np.isfinite(np.asarray(TF.network_time(jnp.zeros(2), edm))).all()
 
 
@@ -159,6 +171,7 @@ def test_scd_starts_as_its_edm_teacher_from_config_init(tmp_path):
     (the weighting head starts fresh, w ≡ 0), so the student's consistency function is the source's EDM
     denoiser; it trains. Without trigflow_time=edm the init is refused, naming the field."""
     from conftest import tiny_toy_config, write_toy_edm_run
+
     from consistency_jax import build, experiment, loading
     from consistency_jax.config import validate
 
@@ -223,8 +236,9 @@ def test_scd_tangent_vanishes_at_the_exact_consistency_function():
         t = jnp.asarray([0.1, 0.5, 0.9, 1.3, 1.55])
         x_t = jnp.cos(t)[:, None] * x0 + jnp.sin(t)[:, None] * z
         _, g_cd = S.tangent(exact_net, SIG, None, x_t, t, velocity(phi, x_t, t), 1.0)
-        _, g_ct = S.tangent(exact_net, SIG, None, x_t, t,
-                            jnp.cos(t)[:, None] * z - jnp.sin(t)[:, None] * x0, 1.0)
+        _, g_ct = S.tangent(
+            exact_net, SIG, None, x_t, t, jnp.cos(t)[:, None] * z - jnp.sin(t)[:, None] * x0, 1.0
+        )
         assert np.max(np.abs(np.asarray(g_cd))) < 1e-6
         assert np.max(np.abs(np.asarray(g_ct))) > 1e-2
 
@@ -237,8 +251,9 @@ def test_tangent_is_the_closed_form_time_derivative(r):
         rng = np.random.default_rng(3)
         params = _poly_params(rng, 3)
         x0, z, t, x_t, v = _path(rng, 5, 3)
-        F_got, g = S.tangent(_poly_net, SIG, params, jnp.asarray(x_t), jnp.asarray(t), jnp.asarray(v),
-                             jnp.float64(r))
+        F_got, g = S.tangent(
+            _poly_net, SIG, params, jnp.asarray(x_t), jnp.asarray(t), jnp.asarray(v), jnp.float64(r)
+        )
         A, B = np.asarray(params["A"]), np.asarray(params["B"])
         F, f, dfdt = _poly_f_and_dfdt(A, B, x_t, v, t)
         c, s = np.cos(t)[:, None], np.sin(t)[:, None]
@@ -258,15 +273,26 @@ def test_tangent_through_the_toy_mlp_equals_central_differences(sig=SIG):
     params = module.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros((1,)))["params"]
     rng = np.random.default_rng(4)
     x0, z, t, x_t, v = _path(rng, 5, 2)
-    _, g = S.tangent(apply_fn, sig, params, jnp.asarray(x_t, jnp.float32), jnp.asarray(t, jnp.float32),
-                     jnp.asarray(v, jnp.float32), 1.0)
+    _, g = S.tangent(
+        apply_fn,
+        sig,
+        params,
+        jnp.asarray(x_t, jnp.float32),
+        jnp.asarray(t, jnp.float32),
+        jnp.asarray(v, jnp.float32),
+        1.0,
+    )
     h = 1e-3
 
     def f_at(dt):
         tt = t + dt
         xt = np.cos(tt)[:, None] * x0 + np.sin(tt)[:, None] * z
-        return np.asarray(TF.consistency_fn(apply_fn, params, jnp.asarray(xt, jnp.float32),
-                                            jnp.asarray(tt, jnp.float32), sig), np.float64)
+        return np.asarray(
+            TF.consistency_fn(
+                apply_fn, params, jnp.asarray(xt, jnp.float32), jnp.asarray(tt, jnp.float32), sig
+            ),
+            np.float64,
+        )
 
     fd = np.cos(t)[:, None] * (f_at(h) - f_at(-h)) / (2 * h)
     assert np.max(np.abs(fd)) > 1e-2
@@ -282,20 +308,25 @@ def test_tangent_of_an_edm_network_equals_central_differences_float64():
         rng = np.random.default_rng(4)
         params = _poly_params(rng, 2)
         x0, z, t, x_t, v = _path(rng, 5, 2)
-        _, g = S.tangent(_poly_net, sig, params, jnp.asarray(x_t), jnp.asarray(t), jnp.asarray(v), 1.0)
+        _, g = S.tangent(
+            _poly_net, sig, params, jnp.asarray(x_t), jnp.asarray(t), jnp.asarray(v), 1.0
+        )
         h = 1e-6
 
         def f_at(dt):
             tt = t + dt
             xt = np.cos(tt)[:, None] * x0 + np.sin(tt)[:, None] * z
-            return np.asarray(TF.consistency_fn(_poly_net, params, jnp.asarray(xt), jnp.asarray(tt), sig))
+            return np.asarray(
+                TF.consistency_fn(_poly_net, params, jnp.asarray(xt), jnp.asarray(tt), sig)
+            )
 
         fd = np.cos(t)[:, None] * (f_at(h) - f_at(-h)) / (2 * h)
         assert np.max(np.abs(fd)) > 1e-2
         np.testing.assert_allclose(np.asarray(g), fd, rtol=0, atol=1e-7 * np.max(np.abs(fd)))
         # the angle network's tangent is another one
-        _, g_angle = S.tangent(_poly_net, SIG, params, jnp.asarray(x_t), jnp.asarray(t), jnp.asarray(v),
-                               1.0)
+        _, g_angle = S.tangent(
+            _poly_net, SIG, params, jnp.asarray(x_t), jnp.asarray(t), jnp.asarray(v), 1.0
+        )
         assert np.max(np.abs(np.asarray(g_angle) - fd)) > 1e-2 * np.max(np.abs(fd))
 
 
@@ -308,9 +339,18 @@ def test_loss_and_its_gradient_match_numpy_float64():
         params = {**_poly_params(rng, dim), "alpha": jnp.float64(0.4)}
         logvar_fn = lambda p, c: p["alpha"] * c + 0.2
         x0, z, t, x_t, v = _path(rng, 5, dim)
-        loss_fn = lambda p: S.scm_loss(_poly_net, logvar_fn, SIG, p, p, jnp.asarray(x_t),
-                                       jnp.asarray(t), jnp.asarray(v), jnp.float64(r),
-                                       tangent_c=c_const)
+        loss_fn = lambda p: S.scm_loss(
+            _poly_net,
+            logvar_fn,
+            SIG,
+            p,
+            p,
+            jnp.asarray(x_t),
+            jnp.asarray(t),
+            jnp.asarray(v),
+            jnp.float64(r),
+            tangent_c=c_const,
+        )
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
 
         A, B, alpha = (np.asarray(params[k]) for k in ("A", "B", "alpha"))
@@ -328,10 +368,12 @@ def test_loss_and_its_gradient_match_numpy_float64():
         assert float(aux["tangent_norm"]) == pytest.approx(np.mean(gn), rel=1e-12)
         # d/dA of e^w/D·Σ(F − const)²: e^w/D·2·(F − const)·∂F/∂A with ∂F/∂A = (x_t/σ_d)·t
         coef = (np.exp(w) / dim)[:, None] * 2 * resid
-        np.testing.assert_allclose(np.asarray(grads["A"]),
-                                   np.mean(coef * (x_t / SD) * t[:, None], axis=0), rtol=1e-11)
-        np.testing.assert_allclose(np.asarray(grads["B"]), np.mean(coef * t[:, None] ** 2, axis=0),
-                                   rtol=1e-11)
+        np.testing.assert_allclose(
+            np.asarray(grads["A"]), np.mean(coef * (x_t / SD) * t[:, None], axis=0), rtol=1e-11
+        )
+        np.testing.assert_allclose(
+            np.asarray(grads["B"]), np.mean(coef * t[:, None] ** 2, axis=0), rtol=1e-11
+        )
         want_alpha = np.mean((np.exp(w) / dim * sq - 1.0) * t)
         assert float(grads["alpha"]) == pytest.approx(want_alpha, rel=1e-11)
 
@@ -345,7 +387,9 @@ def test_logvar_head_wraps_the_network_without_changing_it():
     params = wrapped.init(jax.random.key(1), x, c)["params"]
     assert set(params) == {"net", "logvar_hidden", "logvar_out"}
     bare = net.apply({"params": params["net"]}, x, c)
-    np.testing.assert_array_equal(np.asarray(make_apply_fn(wrapped)(params, x, c)), np.asarray(bare))
+    np.testing.assert_array_equal(
+        np.asarray(make_apply_fn(wrapped)(params, x, c)), np.asarray(bare)
+    )
     logvar_fn = make_logvar_fn(wrapped)
     np.testing.assert_array_equal(np.asarray(logvar_fn(params, c)), np.zeros(3))  # zero-initialised
     # trainable: the gradient of Σ w reaches the output layer
@@ -359,21 +403,35 @@ def test_normalized_scale_shift_keeps_the_parameters_and_normalises():
     v = jnp.asarray(np.random.default_rng(6).standard_normal((2, 1, 1, 16)) * 3.0, jnp.float32)
     rms = np.sqrt(np.mean(np.asarray(_pixel_norm(v)) ** 2, axis=-1))
     np.testing.assert_allclose(rms, 1.0, rtol=1e-4)
-    kw = dict(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
-              num_classes=None, num_head_channels=8)
-    shapes = lambda m: jax.tree.map(lambda a: a.shape, jax.eval_shape(
-        lambda r: m.init(r, jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)))["params"], jax.random.key(0)))
+    kw = dict(
+        model_channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(4,),
+        num_classes=None,
+        num_head_channels=8,
+    )
+    shapes = lambda m: jax.tree.map(
+        lambda a: a.shape,
+        jax.eval_shape(
+            lambda r: m.init(r, jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)))["params"],
+            jax.random.key(0),
+        ),
+    )
     plain, normed = get_network("adm", **kw), get_network("adm", normalize_scale_shift=True, **kw)
     assert shapes(plain) == shapes(normed)
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("loss.tangent_c", 0.0, "config.loss.tangent_c"),
-    ("loss.tangent_warmup", -1, "config.loss.tangent_warmup"),
-    ("loss.p_std", 0.0, "config.loss.p_std"),
-    ("model.logvar_head", False, "config.model.logvar_head"),
-    ("sigmas.trigflow_time", "sigma", "trigflow_time"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("loss.tangent_c", 0.0, "config.loss.tangent_c"),
+        ("loss.tangent_warmup", -1, "config.loss.tangent_warmup"),
+        ("loss.p_std", 0.0, "config.loss.p_std"),
+        ("model.logvar_head", False, "config.model.logvar_head"),
+        ("sigmas.trigflow_time", "sigma", "trigflow_time"),
+    ],
+)
 def test_config_errors_name_the_field(field, value, match):
     from consistency_jax import config as config_lib
 

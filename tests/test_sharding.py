@@ -11,6 +11,7 @@ References are independent computations: the same step on one device without any
 ``axis_name``, the single-device step on the full batch with an explicitly chunked loss that draws
 each chunk's noise with the key the corresponding device derives (mean of chunk means = full mean).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,17 +55,33 @@ def _toy_pieces(method: str, hidden: int = 32, depth: int = 1, dtype=None):
     else:
         curriculum = schedules.Curriculum(kind="constant", num_scales=18, mu0=0.5)
         teacher, teacher_params = toy.exact_denoiser, toy.ring_mixture().as_params()
-    parts = dict(apply_fn=apply_fn, sigmas=sigmas, curriculum=curriculum,
-                 loss_cfg=losses.LossConfig(solver="heun"), distance=losses.l2_distance)
-    method_obj = (ConsistencyTraining(**parts) if method == "ct" else
-                  ConsistencyDistillation(**parts, teacher=teacher))
+    parts = dict(
+        apply_fn=apply_fn,
+        sigmas=sigmas,
+        curriculum=curriculum,
+        loss_cfg=losses.LossConfig(solver="heun"),
+        distance=losses.l2_distance,
+    )
+    method_obj = (
+        ConsistencyTraining(**parts)
+        if method == "ct"
+        else ConsistencyDistillation(**parts, teacher=teacher)
+    )
     # SGD with momentum: a per-parameter optimizer state to shard, and updates linear in the
     # gradients, so float32 reduction-order differences stay at rounding level (Adam's first steps
     # divide g by |g| and amplify them where g ≈ 0).
     tx = optax.sgd(0.1, momentum=0.9)
     init = lambda rng: module.init(rng, jnp.zeros((1, 2)), jnp.zeros((1,)))["params"]
-    return dict(module=module, apply_fn=apply_fn, method=method_obj, tx=tx, curriculum=curriculum,
-                teacher_params=teacher_params, init=init, sigmas=sigmas)
+    return dict(
+        module=module,
+        apply_fn=apply_fn,
+        method=method_obj,
+        tx=tx,
+        curriculum=curriculum,
+        teacher_params=teacher_params,
+        init=init,
+        sigmas=sigmas,
+    )
 
 
 # The continuous-time methods (issue 13): one file's registry name -> how to build it on the toy.
@@ -89,18 +106,32 @@ def _continuous_pieces(method: str, hidden: int = 32):
     teacher = toy.exact_denoiser if method.endswith("cd") else None
     if method in ("sct", "scd"):
         module = WithLogVar(net=module, features=16)
-        method_obj = SCM(apply_fn=make_apply_fn(module), logvar_fn=make_logvar_fn(module),
-                         sigmas=sigmas, warmup_steps=4, teacher=teacher)
+        method_obj = SCM(
+            apply_fn=make_apply_fn(module),
+            logvar_fn=make_logvar_fn(module),
+            sigmas=sigmas,
+            warmup_steps=4,
+            teacher=teacher,
+        )
     elif method == "ect":  # stages of one step: the two steps see two different Δt
-        method_obj = EasyConsistencyTuning(apply_fn=make_apply_fn(module), sigmas=sigmas,
-                                           stage_steps=1, huber_c=0.03)
+        method_obj = EasyConsistencyTuning(
+            apply_fn=make_apply_fn(module), sigmas=sigmas, stage_steps=1, huber_c=0.03
+        )
     else:
-        method_obj = ContinuousConsistency(apply_fn=make_apply_fn(module), sigmas=sigmas,
-                                           stopgrad=True, teacher=teacher)
+        method_obj = ContinuousConsistency(
+            apply_fn=make_apply_fn(module), sigmas=sigmas, stopgrad=True, teacher=teacher
+        )
     init = lambda rng: module.init(rng, jnp.zeros((1, 2)), jnp.zeros((1,)))["params"]
-    return dict(module=module, apply_fn=make_apply_fn(module), method=method_obj,
-                tx=optax.sgd(0.1, momentum=0.9), curriculum=None, init=init, sigmas=sigmas,
-                teacher_params=toy.ring_mixture().as_params() if teacher else None)
+    return dict(
+        module=module,
+        apply_fn=make_apply_fn(module),
+        method=method_obj,
+        tx=optax.sgd(0.1, momentum=0.9),
+        curriculum=None,
+        init=init,
+        sigmas=sigmas,
+        teacher_params=toy.ring_mixture().as_params() if teacher else None,
+    )
 
 
 def _toy_state(pieces, seed: int = 0):
@@ -111,9 +142,13 @@ def _toy_state(pieces, seed: int = 0):
     params = pieces["init"](jax.random.key(seed))
     # A fresh teacher copy per state: a donated state takes its teacher buffers with it.
     teacher = jax.tree.map(np.array, pieces["teacher_params"])
-    return TrainState.create(params, pieces["tx"], ema_rates=(0.9,),
-                             use_target=pieces["method"].keeps_target,
-                             teacher_params=teacher)
+    return TrainState.create(
+        params,
+        pieces["tx"],
+        ema_rates=(0.9,),
+        use_target=pieces["method"].keeps_target,
+        teacher_params=teacher,
+    )
 
 
 def _toy_batches(num: int, size: int = 16, seed: int = 0) -> list[dict]:
@@ -128,8 +163,10 @@ def _max_diff(a, b) -> float:
 
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(la) == len(lb)
-    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-               for x, y in zip(la, lb))
+    return max(
+        float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+        for x, y in zip(la, lb)
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,15 +215,20 @@ def _check_jit_sharding(method: str) -> dict:
             "batch_shard_rows": int(gbatches[0]["image"].addressable_shards[0].data.shape[0]),
             # Leaves whose shards are smaller than the leaf (split over fsdp), and the teacher's.
             "split_leaves": sum(
-                int(x.addressable_shards[0].data.size < x.size) for x in jax.tree.leaves(state)),
+                int(x.addressable_shards[0].data.size < x.size) for x in jax.tree.leaves(state)
+            ),
             "num_leaves": len(jax.tree.leaves(state)),
             "kernel_spec": list(state.params["Dense_0"]["kernel"].sharding.spec),
             "opt_spec": list(state.opt_state[0].trace["Dense_0"]["kernel"].sharding.spec),
             "ema_spec": list(state.ema_params["0.9"]["Dense_0"]["kernel"].sharding.spec),
-            "teacher_split": (None if state.teacher_params is None else
-                              int(state.teacher_params["means"].sharding.spec
-                                  == PartitionSpec("fsdp", None))),
-            "all_float32": all(str(x.dtype) in ("float32", "int32") for x in jax.tree.leaves(state)),
+            "teacher_split": (
+                None
+                if state.teacher_params is None
+                else int(state.teacher_params["means"].sharding.spec == PartitionSpec("fsdp", None))
+            ),
+            "all_float32": all(
+                str(x.dtype) in ("float32", "int32") for x in jax.tree.leaves(state)
+            ),
         }
     return out
 
@@ -208,10 +250,14 @@ def _check_continuous(method: str) -> dict:
     state = sharding.place(_toy_state(p), shardings)
     step = sharding.jit_train_step(train_step, mesh, shardings)
     state, metrics = _run_steps(step, state, [sharding.global_batch(b, mesh) for b in batches], rng)
-    return {"moved": _max_diff(ref_state.params, _toy_state(p).params),
-            "state_diff": _max_diff(state, ref_state), "metrics_diff": _max_diff(metrics, ref_metrics),
-            "split_leaves": sum(int(x.addressable_shards[0].data.size < x.size)
-                                for x in jax.tree.leaves(state.params))}
+    return {
+        "moved": _max_diff(ref_state.params, _toy_state(p).params),
+        "state_diff": _max_diff(state, ref_state),
+        "metrics_diff": _max_diff(metrics, ref_metrics),
+        "split_leaves": sum(
+            int(x.addressable_shards[0].data.size < x.size) for x in jax.tree.leaves(state.params)
+        ),
+    }
 
 
 def _check_axis_name(method: str) -> dict:
@@ -234,8 +280,9 @@ def _check_axis_name(method: str) -> dict:
             # What device d computes: its rows, with the step's key folded with d; then the plain
             # mean over devices (no collectives anywhere in the reference).
             chunks = batch["image"].reshape((n, -1) + batch["image"].shape[1:])
-            one = lambda chunk, d: inner.loss(params, frozen, {"image": chunk},
-                                              jax.random.fold_in(rng, d), step)
+            one = lambda chunk, d: inner.loss(
+                params, frozen, {"image": chunk}, jax.random.fold_in(rng, d), step
+            )
             loss, aux = jax.vmap(one)(chunks, jnp.arange(n))
             return jnp.mean(loss), jax.tree.map(jnp.mean, aux)
 
@@ -248,12 +295,22 @@ def _check_axis_name(method: str) -> dict:
     # check_vma=True is shard_map's default (replication tracking: the gradient of a replicated θ
     # of a per-device loss is summed over the axis automatically); False is the pmap-like mode.
     for check_vma in (True, False) if method == "ct" else (True,):
-        sm = jax.jit(jax.shard_map(axis_step, mesh=mesh, in_specs=(P(), P("batch"), P()),
-                                   out_specs=(P(), P()), check_vma=check_vma), donate_argnums=0)
+        sm = jax.jit(
+            jax.shard_map(
+                axis_step,
+                mesh=mesh,
+                in_specs=(P(), P("batch"), P()),
+                out_specs=(P(), P()),
+                check_vma=check_vma,
+            ),
+            donate_argnums=0,
+        )
         sm_state, sm_metrics = _run_steps(sm, _toy_state(p), batches, rng)
         out[f"shard_map_vma{int(check_vma)}"] = {
-            "state": _max_diff(sm_state, ref_state), "metrics": _max_diff(sm_metrics, ref_metrics),
-            "grad_norm_ratio": float(sm_metrics[0]["grad_norm"] / ref_metrics[0]["grad_norm"])}
+            "state": _max_diff(sm_state, ref_state),
+            "metrics": _max_diff(sm_metrics, ref_metrics),
+            "grad_norm_ratio": float(sm_metrics[0]["grad_norm"] / ref_metrics[0]["grad_norm"]),
+        }
 
     if method != "ct":
         return out
@@ -268,7 +325,8 @@ def _check_axis_name(method: str) -> dict:
         "state": _max_diff(replica(pm_state, 0), ref_state),
         "metrics": _max_diff([replica(m, 0) for m in pm_metrics], ref_metrics),
         "grad_norm_ratio": float(pm_metrics[0]["grad_norm"][0] / ref_metrics[0]["grad_norm"]),
-        "replicas": max(_max_diff(replica(pm_state, i), replica(pm_state, 0)) for i in range(n))}
+        "replicas": max(_max_diff(replica(pm_state, i), replica(pm_state, 0)) for i in range(n)),
+    }
     return out
 
 
@@ -290,10 +348,16 @@ def _check_microbatches() -> dict:
         mesh = sharding.make_mesh(data, fsdp)
         shardings = sharding.state_shardings(_toy_state(p), mesh)
         step = sharding.jit_train_step(train_step, mesh, shardings)
-        state, metrics = _run_steps(step, sharding.place(_toy_state(p), shardings),
-                                    [sharding.global_batch(b, mesh) for b in batches], rng)
-        out[name] = {"state_diff": _max_diff(state, ref_state),
-                     "metrics_diff": _max_diff(metrics, ref_metrics)}
+        state, metrics = _run_steps(
+            step,
+            sharding.place(_toy_state(p), shardings),
+            [sharding.global_batch(b, mesh) for b in batches],
+            rng,
+        )
+        out[name] = {
+            "state_diff": _max_diff(state, ref_state),
+            "metrics_diff": _max_diff(metrics, ref_metrics),
+        }
     return out
 
 
@@ -309,27 +373,38 @@ def _check_born_sharded() -> dict:
     p = _toy_pieces("ct")
     mesh = sharding.make_mesh(4, 2)
     rng, min_size = jax.random.key(0), 64
-    state, shardings = build.init_state(p["init"], p["tx"], p["method"], (0.9,), rng, mesh,
-                                        min_size=min_size)
+    state, shardings = build.init_state(
+        p["init"], p["tx"], p["method"], (0.9,), rng, mesh, min_size=min_size
+    )
     leaves = jax.tree.leaves(state)
     split = [int(x.addressable_shards[0].data.size < x.size) for x in leaves]
 
     def create():
-        return TrainState.create(p["init"](rng), p["tx"], ema_rates=(0.9,),
-                                 use_target=p["method"].keeps_target)
+        return TrainState.create(
+            p["init"](rng), p["tx"], ema_rates=(0.9,), use_target=p["method"].keeps_target
+        )
 
     abstract = jax.eval_shape(create)
-    plan = jax.jit(create, out_shardings=sharding.state_shardings(abstract, mesh, min_size=min_size)
-                   ).lower().compile().memory_analysis()
+    plan = (
+        jax.jit(create, out_shardings=sharding.state_shardings(abstract, mesh, min_size=min_size))
+        .lower()
+        .compile()
+        .memory_analysis()
+    )
     share = sum(x.addressable_shards[0].data.nbytes for x in leaves)
-    return {"diff": _max_diff(state, _toy_state(p)),
-            "in_final_shardings": all(x.sharding == s for x, s in zip(leaves, jax.tree.leaves(shardings))),
-            "split": sum(split), "num_leaves": len(leaves),
-            "small_replicated": all(not s for x, s in zip(leaves, split) if x.size < min_size),
-            "has_target": state.target_params is not None,
-            "plan_output_bytes": None if plan is None else int(plan.output_size_in_bytes),
-            "share_bytes": int(share),
-            "whole_bytes": int(sum(x.nbytes for x in leaves))}
+    return {
+        "diff": _max_diff(state, _toy_state(p)),
+        "in_final_shardings": all(
+            x.sharding == s for x, s in zip(leaves, jax.tree.leaves(shardings))
+        ),
+        "split": sum(split),
+        "num_leaves": len(leaves),
+        "small_replicated": all(not s for x, s in zip(leaves, split) if x.size < min_size),
+        "has_target": state.target_params is not None,
+        "plan_output_bytes": None if plan is None else int(plan.output_size_in_bytes),
+        "share_bytes": int(share),
+        "whole_bytes": int(sum(x.nbytes for x in leaves)),
+    }
 
 
 def _expect_error(fn) -> str:
@@ -343,8 +418,8 @@ def _expect_error(fn) -> str:
 def _check_errors(tmp: str) -> dict:
     """Bad meshes and batch sizes: ValueErrors raised before anything is traced or compiled."""
     import jax
-
     from conftest import load_config
+
     from consistency_jax import experiment, sharding
     from consistency_jax.train import make_train_step
 
@@ -358,9 +433,13 @@ def _check_errors(tmp: str) -> dict:
     mesh = sharding.make_mesh(-1, 1)
     out["batch_12"] = _expect_error(lambda: sharding.check_global_batch(12, mesh))
     out["global_batch_12"] = _expect_error(
-        lambda: sharding.global_batch({"image": np.zeros((12, 2), np.float32)}, mesh))
-    out["ragged"] = _expect_error(lambda: sharding.global_batch(
-        {"image": np.zeros((16, 2), np.float32), "label": np.zeros((8,), np.int32)}, mesh))
+        lambda: sharding.global_batch({"image": np.zeros((12, 2), np.float32)}, mesh)
+    )
+    out["ragged"] = _expect_error(
+        lambda: sharding.global_batch(
+            {"image": np.zeros((16, 2), np.float32), "label": np.zeros((8,), np.int32)}, mesh
+        )
+    )
 
     p = _toy_pieces("ct")
     traces = []
@@ -374,12 +453,15 @@ def _check_errors(tmp: str) -> dict:
     step = sharding.jit_train_step(counted, mesh, shardings)
     state = sharding.place(_toy_state(p), shardings)
     out["step_12"] = _expect_error(
-        lambda: step(state, {"image": np.zeros((12, 2), np.float32)}, jax.random.key(0)))
+        lambda: step(state, {"image": np.zeros((12, 2), np.float32)}, jax.random.key(0))
+    )
     out["step_12_traces"] = len(traces)
 
     # The job itself stops before building data, model or workdir.
-    for name, overrides in {"job_batch_12": {"data.batch_size": 12},
-                            "job_mesh_3x2": {"mesh.data": 3, "mesh.fsdp": 2}}.items():
+    for name, overrides in {
+        "job_batch_12": {"data.batch_size": 12},
+        "job_mesh_3x2": {"mesh.data": 3, "mesh.fsdp": 2},
+    }.items():
         config = load_config("toy", "method=ct")
         for k, v in overrides.items():
             section, field = k.split(".")
@@ -429,12 +511,12 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
+from conftest import SLOW_CPU_COLLECTIVES  # noqa: E402
 
 from consistency_jax import parameterization as param_lib  # noqa: E402
 from consistency_jax import sharding  # noqa: E402
 from consistency_jax.networks import get_network, make_apply_fn  # noqa: E402
 from consistency_jax.train import make_train_step  # noqa: E402
-from conftest import SLOW_CPU_COLLECTIVES  # noqa: E402
 
 # Sharded results equal the single-device ones up to float32 reduction-order rounding.
 TOL = 1e-5
@@ -446,9 +528,17 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 
 def _device_env(extra_flags: str = "") -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = " ".join(filter(None, [
-        env.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={NUM_DEVICES}",
-        SLOW_CPU_COLLECTIVES, extra_flags]))
+    env["XLA_FLAGS"] = " ".join(
+        filter(
+            None,
+            [
+                env.get("XLA_FLAGS", ""),
+                f"--xla_force_host_platform_device_count={NUM_DEVICES}",
+                SLOW_CPU_COLLECTIVES,
+                extra_flags,
+            ],
+        )
+    )
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
@@ -461,17 +551,34 @@ class _Background:
     def __init__(self, workdir: pathlib.Path):
         self.workdir = workdir
         env = _device_env()
-        self.checks = subprocess.Popen([sys.executable, __file__], cwd=REPO,
-                                       env=_device_env(FAST_COMPILE), text=True,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        job_args = ["--config=configs/toy.py:method=cd", f"--workdir={workdir}",
-                    "--config.train.num_steps=2", "--config.data.batch_size=16",
-                    "--config.train.log_every=1", "--config.train.eval_every=2",
-                    "--config.eval.num_samples=64", "--config.model.kwargs.hidden=32",
-                    "--config.mesh.data=4", "--config.mesh.fsdp=2"]
-        self.job = subprocess.Popen(["bash", str(REPO / "launch" / "run.sh"), "--", *job_args],
-                                    cwd="/", env={**env, "PYTHON": sys.executable}, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.checks = subprocess.Popen(
+            [sys.executable, __file__],
+            cwd=REPO,
+            env=_device_env(FAST_COMPILE),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        job_args = [
+            "--config=configs/toy.py:method=cd",
+            f"--workdir={workdir}",
+            "--config.train.num_steps=2",
+            "--config.data.batch_size=16",
+            "--config.train.log_every=1",
+            "--config.train.eval_every=2",
+            "--config.eval.num_samples=64",
+            "--config.model.kwargs.hidden=32",
+            "--config.mesh.data=4",
+            "--config.mesh.fsdp=2",
+        ]
+        self.job = subprocess.Popen(
+            ["bash", str(REPO / "launch" / "run.sh"), "--", *job_args],
+            cwd="/",
+            env={**env, "PYTHON": sys.executable},
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         self._results = None
         self._job_out = None
 
@@ -479,8 +586,8 @@ class _Background:
         if self._results is None:
             out, err = self.checks.communicate(timeout=600)
             assert self.checks.returncode == 0, f"8-device checks failed:\n{err[-6000:]}"
-            line = [l for l in out.splitlines() if l.startswith("RESULTS ")][-1]
-            self._results = json.loads(line[len("RESULTS "):])
+            line = [ln for ln in out.splitlines() if ln.startswith("RESULTS ")][-1]
+            self._results = json.loads(line[len("RESULTS ") :])
         return self._results
 
     def job_output(self) -> tuple[int, str]:
@@ -530,8 +637,7 @@ def test_bfloat16_step_keeps_float32_state_and_tracks_float32_loss():
 
     step16 = jax.jit(make_train_step(p16["method"], p16["tx"]))
     new, m16 = step16(state, batch, rng)
-    _, m32 = jax.jit(make_train_step(p32["method"], p32["tx"]))(
-        _toy_state(p32), batch, rng)
+    _, m32 = jax.jit(make_train_step(p32["method"], p32["tx"]))(_toy_state(p32), batch, rng)
     for tree in (new.params, new.target_params, new.ema_params, new.opt_state):
         assert all(x.dtype in (jnp.float32, jnp.int32) for x in jax.tree.leaves(tree))
     assert _max_diff(new.params, state.params) > 1e-4
@@ -553,17 +659,25 @@ def test_bfloat16_boundary_condition_is_exact(network):
         module = get_network("mlp", hidden=32, depth=2, dtype=jnp.bfloat16)
         shape = (8, 2)
     else:
-        module = get_network("ncsnpp", nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-                             dtype=jnp.bfloat16)
+        module = get_network(
+            "ncsnpp",
+            nf=8,
+            ch_mult=(1, 2),
+            num_res_blocks=1,
+            attn_resolutions=(),
+            dtype=jnp.bfloat16,
+        )
         shape = (2, 8, 8, 3)
     x = jax.random.normal(jax.random.key(0), shape, jnp.float32)
     # Random float32 weights everywhere (NCSN++ zero-initialises its output convolutions, and its
     # init is slow to compile on CPU): F_θ ≠ 0, so exactness at ε is not an accident.
-    abstract = jax.eval_shape(lambda r: module.init(r, x, jnp.zeros((shape[0],)))["params"],
-                              jax.random.key(1))
+    abstract = jax.eval_shape(
+        lambda r: module.init(r, x, jnp.zeros((shape[0],)))["params"], jax.random.key(1)
+    )
     rs = np.random.default_rng(0)
-    params = jax.tree.map(lambda a: jnp.asarray(0.1 * rs.standard_normal(a.shape), a.dtype),
-                          abstract)
+    params = jax.tree.map(
+        lambda a: jnp.asarray(0.1 * rs.standard_normal(a.shape), a.dtype), abstract
+    )
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(params))
     apply_fn = make_apply_fn(module)
     f = jax.jit(lambda q, x, t: param_lib.consistency_fn(apply_fn, q, x, t, sigmas))
@@ -641,8 +755,10 @@ def test_microbatched_sharded_step_equals_single_device_step(background):
         assert r[layout]["state_diff"] < TOL and r[layout]["metrics_diff"] < TOL, r
 
 
-@pytest.mark.parametrize("method, mode", [("ct", "shard_map_vma1"), ("ct", "shard_map_vma0"),
-                                          ("ct", "pmap"), ("cd", "shard_map_vma1")])
+@pytest.mark.parametrize(
+    "method, mode",
+    [("ct", "shard_map_vma1"), ("ct", "shard_map_vma0"), ("ct", "pmap"), ("cd", "shard_map_vma1")],
+)
 def test_axis_name_step_averages_over_the_axis(background, method, mode):
     """Inside shard_map (with and without replication checking) and pmap, the update equals the
     single-device update on the full batch with the per-device noise draws."""
@@ -689,12 +805,24 @@ def test_launcher_rejects_bad_usage_and_prints_tpu_commands(tmp_path):
     assert bad.returncode == 2 and "unknown option '--config=x'" in bad.stderr
     none = subprocess.run(["bash", script, "--tpu=pod"], capture_output=True, text=True)
     assert none.returncode == 2 and "no job arguments" in none.stderr
-    nozone = subprocess.run(["bash", script, "--tpu=pod", "--", "--workdir=x"],
-                            capture_output=True, text=True)
+    nozone = subprocess.run(
+        ["bash", script, "--tpu=pod", "--", "--workdir=x"], capture_output=True, text=True
+    )
     assert nozone.returncode == 2 and "--zone" in nozone.stderr
-    dry = subprocess.run(["bash", script, "--dry_run", "--tpu=pod", "--zone=us-central2-b", "--",
-                          "--config=configs/toy.py:method=ct", "--workdir=gs://b/run 1"],
-                         capture_output=True, text=True)
+    dry = subprocess.run(
+        [
+            "bash",
+            script,
+            "--dry_run",
+            "--tpu=pod",
+            "--zone=us-central2-b",
+            "--",
+            "--config=configs/toy.py:method=ct",
+            "--workdir=gs://b/run 1",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert dry.returncode == 0, dry.stderr
     scp, ssh = dry.stdout.strip().splitlines()
     assert scp.startswith("gcloud compute tpus tpu-vm scp ") and "--worker=all" in scp

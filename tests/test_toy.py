@@ -1,4 +1,5 @@
 """The toy's exact answers: score and denoiser against NumPy / autodiff, the ODE map against a closed form."""
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -18,8 +19,13 @@ def test_exact_score_is_gradient_of_noised_log_density():
     x = np.random.default_rng(0).standard_normal((6, 2)) * 0.8
     for t in [0.01, 0.3, 2.0]:
         h = 1e-6
-        num = np.stack([(_np_logpdf(gm, x + h * e, t) - _np_logpdf(gm, x - h * e, t)) / (2 * h)
-                        for e in np.eye(2)], axis=1)
+        num = np.stack(
+            [
+                (_np_logpdf(gm, x + h * e, t) - _np_logpdf(gm, x - h * e, t)) / (2 * h)
+                for e in np.eye(2)
+            ],
+            axis=1,
+        )
         got = toy.exact_score(gm.as_params(), jnp.asarray(x, jnp.float32), jnp.full((6,), t))
         np.testing.assert_allclose(np.asarray(got), num, rtol=2e-3, atol=2e-3 / t)
 
@@ -50,5 +56,7 @@ def test_ode_map_transports_noise_to_the_mixture():
     x0 = toy.ode_map(gm, x_T, 80.0, 0.002)
     d = np.sqrt(((x0[:, None] - gm.means[None]) ** 2).sum(-1)).min(1)
     assert np.mean(d < 4 * gm.std) > 0.99  # every point lands on a mode
-    counts = np.bincount(np.sqrt(((x0[:, None] - gm.means[None]) ** 2).sum(-1)).argmin(1), minlength=8)
+    counts = np.bincount(
+        np.sqrt(((x0[:, None] - gm.means[None]) ** 2).sum(-1)).argmin(1), minlength=8
+    )
     assert counts.min() > 25  # and the modes are equally populated (50 expected each)

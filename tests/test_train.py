@@ -1,4 +1,5 @@
 """The train step: θ⁻ / EMA arithmetic, one compile per shape, non-finite handling, a short run."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,9 +8,8 @@ import pytest
 
 from consistency_jax import losses as L
 from consistency_jax import parameterization as P
-from consistency_jax import sampling
+from consistency_jax import sampling, toy
 from consistency_jax import schedules as S
-from consistency_jax import toy
 from consistency_jax.methods import Frozen
 from consistency_jax.methods.cd import ConsistencyDistillation
 from consistency_jax.methods.ct import ConsistencyTraining
@@ -28,20 +28,28 @@ def _mlp(hidden=32):
     return make_apply_fn(net), params
 
 
-def _ct(apply_fn, cur, distance=L.l2_distance, cfg=L.LossConfig()):
-    return ConsistencyTraining(apply_fn=apply_fn, sigmas=SIG, curriculum=cur, loss_cfg=cfg,
-                               distance=distance)
+_LOSS_CFG = L.LossConfig()
+
+
+def _ct(apply_fn, cur, distance=L.l2_distance, cfg=_LOSS_CFG):
+    return ConsistencyTraining(
+        apply_fn=apply_fn, sigmas=SIG, curriculum=cur, loss_cfg=cfg, distance=distance
+    )
 
 
 def _batch(seed, n=64):
-    return {"image": jnp.asarray(toy.ring_mixture().sample(np.random.default_rng(seed), n), jnp.float32)}
+    return {
+        "image": jnp.asarray(toy.ring_mixture().sample(np.random.default_rng(seed), n), jnp.float32)
+    }
 
 
 def test_ema_update_arithmetic():
     a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
     b = {"w": jnp.array([5.0, -2.0]), "b": jnp.array(1.0)}
     out = ema_update(a, b, 0.9)
-    np.testing.assert_allclose(out["w"], 0.9 * np.array([1, 2]) + 0.1 * np.array([5, -2]), rtol=1e-6)
+    np.testing.assert_allclose(
+        out["w"], 0.9 * np.array([1, 2]) + 0.1 * np.array([5, -2]), rtol=1e-6
+    )
     np.testing.assert_allclose(out["b"], 0.9 * 3 + 0.1 * 1, rtol=1e-6)
 
 
@@ -54,28 +62,41 @@ def test_train_step_updates_params_target_and_emas():
     loss_fn = _ct(apply_fn, cur, L.l2_distance)
     state = TrainState.create(params, tx, ema_rates=(0.99, 0.5), use_target=True)
     # make θ⁻ and the EMAs differ from θ so that the arithmetic is visible
-    state = state.replace(target_params=jax.tree.map(lambda x: x * 0.5, params),
-                          ema_params={k: jax.tree.map(lambda x: x - 0.1, params)
-                                      for k in state.ema_params})
+    state = state.replace(
+        target_params=jax.tree.map(lambda x: x * 0.5, params),
+        ema_params={k: jax.tree.map(lambda x: x - 0.1, params) for k in state.ema_params},
+    )
     state = state.replace(step=jnp.int32(37))
     batch, rng = _batch(0), jax.random.key(5)
     step = jax.jit(make_train_step(loss_fn, tx))
     new, metrics = step(state, batch, rng)
 
     n, mu = cur(37)
-    grads = jax.grad(lambda p: loss_fn.loss(p, Frozen(target=state.target_params), batch,
-                                            jax.random.fold_in(rng, 37), jnp.int32(37))[0])(params)
-    flat = lambda t: np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(t)])
+    grads = jax.grad(
+        lambda p: loss_fn.loss(
+            p, Frozen(target=state.target_params), batch, jax.random.fold_in(rng, 37), jnp.int32(37)
+        )[0]
+    )(params)
+    flat = lambda t: np.concatenate(
+        [np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(t)]
+    )
     want_p = flat(params) - lr * flat(grads)
     np.testing.assert_allclose(flat(new.params), want_p, rtol=1e-5, atol=1e-6)
     mu = float(mu)
     assert abs(mu - np.exp(2 * np.log(0.9) / (int(n) - 1))) < 1e-6
-    np.testing.assert_allclose(flat(new.target_params), mu * flat(state.target_params) + (1 - mu) * want_p,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        flat(new.target_params),
+        mu * flat(state.target_params) + (1 - mu) * want_p,
+        rtol=1e-5,
+        atol=1e-6,
+    )
     for key, rate in (("0.99", 0.99), ("0.5", 0.5)):
-        np.testing.assert_allclose(flat(new.ema_params[key]),
-                                   rate * flat(state.ema_params[key]) + (1 - rate) * want_p,
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            flat(new.ema_params[key]),
+            rate * flat(state.ema_params[key]) + (1 - rate) * want_p,
+            rtol=1e-5,
+            atol=1e-6,
+        )
     assert int(new.step) == 38 and int(metrics["num_scales"]) == int(n)
     np.testing.assert_allclose(float(metrics["grad_norm"]), np.linalg.norm(flat(grads)), rtol=1e-4)
 
@@ -119,10 +140,14 @@ def test_nonfinite_steps_are_reported_or_skipped():
     bad = {"image": jnp.full((8, 2), jnp.nan)}
     _, m = jax.jit(make_train_step(loss_fn, tx))(state, bad, jax.random.key(0))
     assert int(m["finite"]) == 0
-    new, m = jax.jit(make_train_step(loss_fn, tx, skip_nonfinite=True))(state, bad, jax.random.key(0))
+    new, m = jax.jit(make_train_step(loss_fn, tx, skip_nonfinite=True))(
+        state, bad, jax.random.key(0)
+    )
     assert int(m["finite"]) == 0 and int(new.step) == 1
-    for a, b in zip(jax.tree.leaves((new.params, new.ema_params, new.opt_state)),
-                    jax.tree.leaves((state.params, state.ema_params, state.opt_state))):
+    for a, b in zip(
+        jax.tree.leaves((new.params, new.ema_params, new.opt_state)),
+        jax.tree.leaves((state.params, state.ema_params, state.opt_state)),
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -137,8 +162,14 @@ def test_short_toy_training_lowers_distance_to_data(method):
     else:
         cur = S.Curriculum(kind="constant", num_scales=18)
         cfg = L.LossConfig(solver="heun")
-        loss_fn = ConsistencyDistillation(apply_fn=apply_fn, sigmas=SIG, curriculum=cur, loss_cfg=cfg,
-                                          distance=L.l2_distance, teacher=toy.exact_denoiser)
+        loss_fn = ConsistencyDistillation(
+            apply_fn=apply_fn,
+            sigmas=SIG,
+            curriculum=cur,
+            loss_cfg=cfg,
+            distance=L.l2_distance,
+            teacher=toy.exact_denoiser,
+        )
     tx = optax.adam(optax.warmup_cosine_decay_schedule(0, 2e-3, 100, 1500, 2e-5))
     state = TrainState.create(params, tx, use_target=False, teacher_params=gm.as_params())
     step = jax.jit(make_train_step(loss_fn, tx), donate_argnums=0)
@@ -150,7 +181,7 @@ def test_short_toy_training_lowers_distance_to_data(method):
 
     before = dist(params)
     rng = np.random.default_rng(0)
-    for k in range(1500):
+    for _ in range(1500):
         batch = {"image": jnp.asarray(gm.sample(rng, 128), jnp.float32)}
         state, _ = step(state, batch, jax.random.key(1))
     after = dist(state.params)
@@ -258,14 +289,19 @@ def test_microbatched_step_equals_mean_of_microbatch_gradients(method):
     for i in range(m):
         chunk = {"image": jnp.asarray(x[i::m])}  # rows i, i + m, ...
         target = state.params if state.target_params is None else state.target_params
-        f = lambda p: loss_fn.loss(p, Frozen(target=target), chunk, jax.random.fold_in(key, i),
-                                   jnp.int32(11))[0]
+        f = lambda p: loss_fn.loss(
+            p, Frozen(target=target), chunk, jax.random.fold_in(key, i), jnp.int32(11)
+        )[0]
         value, g = jax.value_and_grad(f)(params)
         grads.append(g)
         losses.append(float(value))
-    flat = lambda t: np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in jax.tree.leaves(t)])
+    flat = lambda t: np.concatenate(
+        [np.ravel(np.asarray(v, np.float64)) for v in jax.tree.leaves(t)]
+    )
     mean_grad = np.mean([flat(g) for g in grads], axis=0)
-    np.testing.assert_allclose(flat(new.params), flat(params) - lr * mean_grad, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        flat(new.params), flat(params) - lr * mean_grad, rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["grad_norm"]), np.linalg.norm(mean_grad), rtol=1e-4)
     # A different split gives a different (equally valid) step: the test can tell them apart.

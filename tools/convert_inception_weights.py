@@ -21,6 +21,7 @@ running_mean``, ``fc.weight``, ...; see ``inception_tensor_shapes()``), in float
 ``format``. Batch-norm ``num_batches_tracked`` counters are dropped (they are not weights); any
 other tensor that is missing, extra or of another shape stops the conversion, by name.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,11 @@ def build_inception_tensors(
     kept = {k: v for k, v in state.items() if not k.endswith(".num_batches_tracked")}
     missing = sorted(set(shapes) - set(kept))
     unexpected = sorted(set(kept) - set(shapes))
-    wrong = sorted(f"{name!r} has shape {tuple(np.shape(kept[name]))}, expected {tuple(shapes[name])}"
-                   for name in set(shapes) & set(kept) if tuple(np.shape(kept[name])) != tuple(shapes[name]))
+    wrong = sorted(
+        f"{name!r} has shape {tuple(np.shape(kept[name]))}, expected {tuple(shapes[name])}"
+        for name in set(shapes) & set(kept)
+        if tuple(np.shape(kept[name])) != tuple(shapes[name])
+    )
     problems = []
     if missing:
         problems.append(f"missing tensors {missing}")
@@ -78,8 +82,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output .safetensors file")
     args = parser.parse_args(argv)
 
-    from consistency_jax.metrics.inception import inception_tensor_shapes
     from convert_lpips_weights import _torch_state_dict  # the same weights_only reader
+
+    from consistency_jax.metrics.inception import inception_tensor_shapes
 
     tensors = build_inception_tensors(_torch_state_dict(args.pth), inception_tensor_shapes())
     save_inception_safetensors(tensors, args.out)

@@ -32,6 +32,7 @@ The file keeps PyTorch names and layouts: ``features.{i}.weight`` / ``features.{
 backbone's conv layers, torchvision indices; the classifier is dropped) and ``lin{l}.weight``
 (renamed from the lpips package's ``lin{l}.model.1.weight``), with metadata ``net`` and ``format``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,7 +79,9 @@ def build_lpips_tensors(
             continue
         array = np.asarray(source[name], dtype=np.float32)
         if array.shape != tuple(shape):
-            problems.append(f"{what} tensor {name!r} has shape {array.shape}, expected {tuple(shape)}")
+            problems.append(
+                f"{what} tensor {name!r} has shape {array.shape}, expected {tuple(shape)}"
+            )
             continue
         out[name] = np.ascontiguousarray(array)
     if problems:
@@ -86,7 +89,9 @@ def build_lpips_tensors(
     return out
 
 
-def save_lpips_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, net: str) -> None:
+def save_lpips_safetensors(
+    tensors: Mapping[str, np.ndarray], path: str | os.PathLike, net: str
+) -> None:
     """Writes ``tensors`` to ``path`` with metadata {"net": net, "format": "lpips-v0.1"}."""
     from safetensors.numpy import save_file
 
@@ -100,7 +105,11 @@ def _torch_state_dict(path: str) -> dict[str, np.ndarray]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, Mapping):
         raise ValueError(f"{path!r} does not hold a state_dict (got {type(state).__name__}).")
-    return {name: value.detach().cpu().numpy() for name, value in state.items() if hasattr(value, "detach")}
+    return {
+        name: value.detach().cpu().numpy()
+        for name, value in state.items()
+        if hasattr(value, "detach")
+    }
 
 
 def _default_lin_path(net: str) -> str:
@@ -108,7 +117,9 @@ def _default_lin_path(net: str) -> str:
 
     spec = importlib.util.find_spec("lpips")
     if spec is None or spec.origin is None:
-        raise ValueError("The lpips package is not installed; pass --lin PATH to its weights/v0.1/NET.pth.")
+        raise ValueError(
+            "The lpips package is not installed; pass --lin PATH to its weights/v0.1/NET.pth."
+        )
     return os.path.join(os.path.dirname(spec.origin), "weights", "v0.1", f"{net}.pth")
 
 

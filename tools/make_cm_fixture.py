@@ -34,6 +34,7 @@ Only ``cm/unet.py``, ``cm/nn.py`` and ``cm/fp16_util.py`` are read from the chec
 copied into a temporary directory and imported from there (``cm/logger.py``, imported by
 ``fp16_util``, is replaced by a stub).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,19 +51,41 @@ SEED = 0
 SIGMA_DATA = 0.5
 SIGMAS = (80.0, 80.0, 2.0, 0.02)
 LABELS = (0, 3, 7, 9)
-FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests",
-                        "fixtures")
+FIXTURES = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures"
+)
 
 # The architectures, as cm's UNetModel arguments (attention_resolutions as down-sampling rates, the
 # way cm's script_util.create_model passes them: image_size // pixels).
 VARIANTS = {
-    "cond": dict(image_size=16, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
-                 attention_resolutions=(1, 2), channel_mult=(1, 1), num_classes=10,
-                 num_head_channels=16, resblock_updown=True, use_scale_shift_norm=True),
-    "uncond": dict(image_size=16, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
-                   attention_resolutions=(2,), channel_mult=(1, 1), num_classes=None, num_heads=2,
-                   num_head_channels=-1, resblock_updown=False, conv_resample=True,
-                   use_scale_shift_norm=False),
+    "cond": dict(
+        image_size=16,
+        in_channels=3,
+        model_channels=32,
+        out_channels=3,
+        num_res_blocks=1,
+        attention_resolutions=(1, 2),
+        channel_mult=(1, 1),
+        num_classes=10,
+        num_head_channels=16,
+        resblock_updown=True,
+        use_scale_shift_norm=True,
+    ),
+    "uncond": dict(
+        image_size=16,
+        in_channels=3,
+        model_channels=32,
+        out_channels=3,
+        num_res_blocks=1,
+        attention_resolutions=(2,),
+        channel_mult=(1, 1),
+        num_classes=None,
+        num_heads=2,
+        num_head_channels=-1,
+        resblock_updown=False,
+        conv_resample=True,
+        use_scale_shift_norm=False,
+    ),
 }
 
 
@@ -123,15 +146,20 @@ def make(unet, torch, name: str, kwargs: dict) -> tuple[dict, dict]:
     n, size = len(SIGMAS), kwargs["image_size"]
     z = torch.randn(n, kwargs["in_channels"], size, size, generator=gen, dtype=torch.float64)
     sigma = torch.tensor(SIGMAS, dtype=torch.float64)
-    c_in = 1.0 / torch.sqrt(sigma ** 2 + SIGMA_DATA ** 2)
+    c_in = 1.0 / torch.sqrt(sigma**2 + SIGMA_DATA**2)
     x_in = (c_in[:, None, None, None] * sigma[:, None, None, None] * z).float()
     timesteps = (1000 * 0.25 * torch.log(sigma + 1e-44)).float()
     labels = torch.tensor(LABELS) if kwargs.get("num_classes") else None
     with torch.no_grad():
         out = model(x_in, timesteps, labels)
     nhwc = lambda t: t.permute(0, 2, 3, 1).numpy()
-    arrays = dict(z=nhwc(z).astype(np.float32), sigma=sigma.numpy(), timesteps=timesteps.numpy(),
-                  x_in=nhwc(x_in), out=nhwc(out))
+    arrays = dict(
+        z=nhwc(z).astype(np.float32),
+        sigma=sigma.numpy(),
+        timesteps=timesteps.numpy(),
+        x_in=nhwc(x_in),
+        out=nhwc(out),
+    )
     if labels is not None:
         arrays["labels"] = labels.numpy().astype(np.int32)
     return state, arrays
@@ -154,9 +182,11 @@ def main() -> None:
             path = os.path.join(args.out, f"cm_unet_{name}")
             save_file(state, path + ".safetensors")
             np.savez(path + ".npz", **arrays)
-            print(f"{path}.safetensors: {len(state)} tensors, "
-                  f"{sum(v.numel() for v in state.values())} parameters; output std "
-                  f"{arrays['out'].std():.3f}")
+            print(
+                f"{path}.safetensors: {len(state)} tensors, "
+                f"{sum(v.numel() for v in state.values())} parameters; output std "
+                f"{arrays['out'].std():.3f}"
+            )
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ Run (not part of the test suite; torch==2.13.0 CPU, torch-fidelity 0.4.0, pytorc
     /tmp/torchenv/bin/pip install --no-deps torch-fidelity==0.4.0 pytorch-fid==0.3.0
     /tmp/torchenv/bin/python tools/make_inception_fixture.py
 """
+
 from __future__ import annotations
 
 import importlib.abc
@@ -42,11 +43,17 @@ from collections.abc import Mapping
 import numpy as np
 
 SEED = 0
-FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures",
-                       "inception_reference.npz")
+FIXTURE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "tests",
+    "fixtures",
+    "inception_reference.npz",
+)
 
 
-def random_inception_state_dict(shapes: Mapping[str, tuple[int, ...]], seed: int = SEED) -> dict[str, np.ndarray]:
+def random_inception_state_dict(
+    shapes: Mapping[str, tuple[int, ...]], seed: int = SEED
+) -> dict[str, np.ndarray]:
     """Deterministic stand-in for the FID Inception-v3 weights, keeping activations O(1).
 
     Tensors are drawn in sorted name order from ``np.random.default_rng(seed)`` in float64 and
@@ -95,7 +102,9 @@ def fixture_images(seed: int = 1234) -> dict[str, np.ndarray]:
         coarse = rng.uniform(0.0, 255.0, (n, 4, 4, 3))
         smooth = np.kron(coarse, np.ones((1, size // 4, size // 4, 1)))
         smooth = (smooth + np.roll(smooth, 1, axis=1) + np.roll(smooth, 1, axis=2)) / 3.0
-        return np.clip(np.round(0.8 * smooth + 40.0 * rng.standard_normal((n, size, size, 3))), 0, 255)
+        return np.clip(
+            np.round(0.8 * smooth + 40.0 * rng.standard_normal((n, size, size, 3))), 0, 255
+        )
 
     return {"images32": images(4, 32).astype(np.uint8), "images64": images(2, 64).astype(np.uint8)}
 
@@ -158,7 +167,9 @@ def main() -> None:
     sys.meta_path.insert(0, _TorchvisionStub())
     from pytorch_fid.fid_score import calculate_frechet_distance
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+    from torch_fidelity.interpolate_compat_tensorflow import (
+        interpolate_bilinear_2d_like_tensorflow1x,
+    )
     from torch_fidelity.metric_fid import fid_statistics_to_metric
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
@@ -178,18 +189,30 @@ def main() -> None:
         finally:
             FeatureExtractorInceptionV3.load_state_dict = original
         full_state = probe.state_dict()
-        shapes = {k: tuple(v.shape) for k, v in full_state.items() if not k.endswith("num_batches_tracked")}
+        shapes = {
+            k: tuple(v.shape)
+            for k, v in full_state.items()
+            if not k.endswith("num_batches_tracked")
+        }
         state = random_inception_state_dict(shapes)
         path = os.path.join(tmp, "random_inception.pth")
-        torch.save({k: torch.from_numpy(state[k]) if k in state else torch.zeros_like(v)
-                    for k, v in full_state.items()}, path)
-        model = FeatureExtractorInceptionV3("inception-v3-compat", features, path,
-                                            feature_extractor_internal_dtype="float64")
+        torch.save(
+            {
+                k: torch.from_numpy(state[k]) if k in state else torch.zeros_like(v)
+                for k, v in full_state.items()
+            },
+            path,
+        )
+        model = FeatureExtractorInceptionV3(
+            "inception-v3-compat", features, path, feature_extractor_internal_dtype="float64"
+        )
     out["state_sums"] = state_checksums(state)
     out["num_tensors"] = np.asarray(len(state))
 
     pooled = []
-    model.AvgPool.register_forward_hook(lambda module, inputs, output: pooled.append(output.flatten(1)))
+    model.AvgPool.register_forward_hook(
+        lambda module, inputs, output: pooled.append(output.flatten(1))
+    )
     images = fixture_images()
     out.update(images)
     weight = model.fc.weight  # float64 (1008, 2048)
@@ -199,7 +222,9 @@ def main() -> None:
         model(x)
         pool = pooled[0]
         out[f"pool{key[6:]}"] = pool.numpy()
-        out[f"logits{key[6:]}"] = (pool @ weight.T).numpy()  # the peer's logits_unbiased, in float64
+        out[f"logits{key[6:]}"] = (
+            pool @ weight.T
+        ).numpy()  # the peer's logits_unbiased, in float64
         out[f"full_logits{key[6:]}"] = (pool @ weight.T + model.fc.bias).numpy()
         print(key, "pool mean/std", pool.mean().item(), pool.std().item())
 
@@ -207,7 +232,9 @@ def main() -> None:
     rng = np.random.default_rng(99)
     for name, (h, w, oh, ow) in {"up": (7, 5, 13, 11), "down": (13, 17, 5, 6)}.items():
         x = rng.uniform(0, 255, (2, 3, h, w))
-        y = interpolate_bilinear_2d_like_tensorflow1x(torch.from_numpy(x), size=(oh, ow), align_corners=False)
+        y = interpolate_bilinear_2d_like_tensorflow1x(
+            torch.from_numpy(x), size=(oh, ow), align_corners=False
+        )
         out[f"resize_{name}_in"] = x.transpose(0, 2, 3, 1)
         out[f"resize_{name}_out"] = y.numpy().transpose(0, 2, 3, 1)
     x299 = torch.from_numpy(images["images32"][:1].astype(np.float64)).permute(0, 3, 1, 2)
@@ -221,24 +248,39 @@ def main() -> None:
     mu_f, sigma_f = fake.mean(0), np.cov(fake, rowvar=False)
     out["fid_pytorch_fid"] = np.asarray(calculate_frechet_distance(mu_f, sigma_f, mu_r, sigma_r))
     out["fid_torch_fidelity"] = np.asarray(
-        fid_statistics_to_metric({"mu": mu_f, "sigma": sigma_f}, {"mu": mu_r, "sigma": sigma_r}, False)
-        ["frechet_inception_distance"])
+        fid_statistics_to_metric(
+            {"mu": mu_f, "sigma": sigma_f}, {"mu": mu_r, "sigma": sigma_r}, False
+        )["frechet_inception_distance"]
+    )
     n = fake.shape[0]
-    kid = kid_features_to_metric(torch.from_numpy(fake), torch.from_numpy(real[:n]), kid_subsets=1,
-                                 kid_subset_size=n, verbose=False)
+    kid = kid_features_to_metric(
+        torch.from_numpy(fake),
+        torch.from_numpy(real[:n]),
+        kid_subsets=1,
+        kid_subset_size=n,
+        verbose=False,
+    )
     out["kid_one_subset"] = np.asarray(kid["kernel_inception_distance_mean"])
     isc = isc_features_to_metric(torch.from_numpy(m["logits"]), splits=10, shuffle=False)
     out["is_mean"] = np.asarray(isc["inception_score_mean"])
     out["is_std"] = np.asarray(isc["inception_score_std"])
-    precision, recall = calculate_precision_recall_full(torch.from_numpy(fake), torch.from_numpy(real),
-                                                        neighborhood=3)
+    precision, recall = calculate_precision_recall_full(
+        torch.from_numpy(fake), torch.from_numpy(real), neighborhood=3
+    )
     out["precision"] = np.asarray(precision)
     out["recall"] = np.asarray(recall)
 
     os.makedirs(os.path.dirname(FIXTURE), exist_ok=True)
     np.savez_compressed(FIXTURE, **out)
-    for name in ("fid_pytorch_fid", "fid_torch_fidelity", "kid_one_subset", "is_mean", "is_std",
-                 "precision", "recall"):
+    for name in (
+        "fid_pytorch_fid",
+        "fid_torch_fidelity",
+        "kid_one_subset",
+        "is_mean",
+        "is_std",
+        "precision",
+        "recall",
+    ):
         print(name, out[name])
     print(f"wrote {FIXTURE} ({os.path.getsize(FIXTURE)} bytes)")
 

@@ -27,6 +27,7 @@ Regenerate (jcm's code is read from the checkout and imported from a temporary c
     git clone https://github.com/openai/consistency_models_cifar10 /tmp/jcm-official
     python tools/make_jcm_fixture.py /tmp/jcm-official
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,9 @@ import numpy as np
 
 SEED = 0
 SIGMAS = (80.0, 80.0, 2.0, 0.02)
-FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests",
-                        "fixtures")
+FIXTURES = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures"
+)
 NAME = "jcm_ncsnpp"
 # The tiny architecture, as jcm config overrides (the rest is configs/cifar10_ve_cd.py's).
 ARCH = dict(nf=8, ch_mult=(1, 1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
@@ -70,7 +72,9 @@ def randomize(params, rng: np.random.Generator):
     def draw(path, leaf):
         name = jax.tree_util.keystr(path)
         shape = leaf.shape
-        if name.endswith("['W']") and len(shape) == 1:  # Fourier frequencies: N(0, 16²) as initialised
+        if (
+            name.endswith("['W']") and len(shape) == 1
+        ):  # Fourier frequencies: N(0, 16²) as initialised
             value = 16.0 * rng.standard_normal(shape)
         elif name.endswith("['scale']"):
             value = 1.0 + 0.1 * rng.standard_normal(shape)
@@ -87,7 +91,9 @@ def randomize(params, rng: np.random.Generator):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkout", help="a checkout of github.com/openai/consistency_models_cifar10")
+    parser.add_argument(
+        "checkout", help="a checkout of github.com/openai/consistency_models_cifar10"
+    )
     parser.add_argument("--out", default=FIXTURES, help="fixture directory")
     args = parser.parse_args()
     import flax
@@ -100,41 +106,63 @@ def main() -> None:
         config.model.update(ARCH)
         config.data.image_size = IMAGE_SIZE
         model = ncsnpp.NCSNpp(config=config)
-        variables = model.init({"params": jax.random.key(SEED), "dropout": jax.random.key(1)},
-                               jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)), jnp.ones((1,)), train=False)
+        variables = model.init(
+            {"params": jax.random.key(SEED), "dropout": jax.random.key(1)},
+            jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)),
+            jnp.ones((1,)),
+            train=False,
+        )
         model_state, params = flax.core.pop(variables, "params")
         rng = np.random.default_rng(SEED)
         params = flax.core.unfreeze(params)
         params_ema = randomize(params, rng)
         params = randomize(params, rng)
-        state = mutils.State(step=800_000, lr=4e-4, ema_rate=0.9999, params=params,
-                             params_ema=params_ema, model_state=flax.core.unfreeze(model_state),
-                             opt_state=optax.sgd(1.0).init(params),
-                             rng_state=np.asarray(jax.random.key_data(jax.random.key(SEED))))
+        state = mutils.State(
+            step=800_000,
+            lr=4e-4,
+            ema_rate=0.9999,
+            params=params,
+            params_ema=params_ema,
+            model_state=flax.core.unfreeze(model_state),
+            opt_state=optax.sgd(1.0).init(params),
+            rng_state=np.asarray(jax.random.key_data(jax.random.key(SEED))),
+        )
 
-        sde = sde_lib.KVESDE(t_min=config.model.t_min, t_max=config.model.t_max,
-                             N=config.model.num_scales, rho=config.model.rho,
-                             data_std=config.model.data_std)
+        sde = sde_lib.KVESDE(
+            t_min=config.model.t_min,
+            t_max=config.model.t_max,
+            N=config.model.num_scales,
+            rho=config.model.rho,
+            data_std=config.model.data_std,
+        )
         sigma = np.asarray(SIGMAS, np.float32)
         z = rng.standard_normal((len(SIGMAS), IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
         x = sigma[:, None, None, None] * z
-        c_in = 1.0 / np.sqrt(sigma ** 2 + sde.data_std ** 2)
+        c_in = 1.0 / np.sqrt(sigma**2 + sde.data_std**2)
         x_in = (c_in[:, None, None, None] * x).astype(np.float32)
         c_noise = (0.25 * np.log(sigma)).astype(np.float32)
         out = model.apply({"params": params_ema, **model_state}, x_in, c_noise, train=False)
         distiller = mutils.get_distiller_fn(sde, model, params_ema, model_state, train=False)
         denoiser = mutils.get_denoiser_fn(sde, model, params_ema, model_state, train=False)
-        arrays = dict(z=z, sigma=sigma, x_in=x_in, c_noise=c_noise, out=np.asarray(out),
-                      f=np.asarray(distiller(jnp.asarray(x), jnp.asarray(sigma))),
-                      denoised=np.asarray(denoiser(jnp.asarray(x), jnp.asarray(sigma))))
+        arrays = dict(
+            z=z,
+            sigma=sigma,
+            x_in=x_in,
+            c_noise=c_noise,
+            out=np.asarray(out),
+            f=np.asarray(distiller(jnp.asarray(x), jnp.asarray(sigma))),
+            denoised=np.asarray(denoiser(jnp.asarray(x), jnp.asarray(sigma))),
+        )
         data = flax.serialization.to_bytes(state)
     path = os.path.join(args.out, NAME)
     with open(path + ".msgpack", "wb") as f:
         f.write(data)
     np.savez(path + ".npz", **arrays)
     n = sum(v.size for v in jax.tree.leaves(params))
-    print(f"{path}.msgpack: {len(data)} bytes, {len(jax.tree.leaves(params))} tensors, {n} "
-          f"parameters per tree; output std {arrays['out'].std():.3f}")
+    print(
+        f"{path}.msgpack: {len(data)} bytes, {len(jax.tree.leaves(params))} tensors, {n} "
+        f"parameters per tree; output std {arrays['out'].std():.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ Run (needs torch, torchvision, lpips and piq; not part of the test suite):
     /tmp/torchenv/bin/pip install torch==2.14.1 torchvision==0.29.1 lpips piq numpy
     /tmp/torchenv/bin/python tools/make_lpips_fixture.py
 """
+
 from __future__ import annotations
 
 import os
@@ -34,21 +35,37 @@ import tempfile
 import numpy as np
 
 SEED = 0
-FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures",
-                       "lpips_reference.npz")
+FIXTURE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "tests",
+    "fixtures",
+    "lpips_reference.npz",
+)
 
 # Conv layers of torchvision's vgg16().features / alexnet().features: (index, in, out, kernel).
 # Written out here independently of consistency_jax (checked against torchvision in main()).
 BACKBONE_CONVS: dict[str, tuple[tuple[int, int, int, int], ...]] = {
     "vgg": (
-        (0, 3, 64, 3), (2, 64, 64, 3),
-        (5, 64, 128, 3), (7, 128, 128, 3),
-        (10, 128, 256, 3), (12, 256, 256, 3), (14, 256, 256, 3),
-        (17, 256, 512, 3), (19, 512, 512, 3), (21, 512, 512, 3),
-        (24, 512, 512, 3), (26, 512, 512, 3), (28, 512, 512, 3),
+        (0, 3, 64, 3),
+        (2, 64, 64, 3),
+        (5, 64, 128, 3),
+        (7, 128, 128, 3),
+        (10, 128, 256, 3),
+        (12, 256, 256, 3),
+        (14, 256, 256, 3),
+        (17, 256, 512, 3),
+        (19, 512, 512, 3),
+        (21, 512, 512, 3),
+        (24, 512, 512, 3),
+        (26, 512, 512, 3),
+        (28, 512, 512, 3),
     ),
     "alex": (
-        (0, 3, 64, 11), (3, 64, 192, 5), (6, 192, 384, 3), (8, 384, 256, 3), (10, 256, 256, 3),
+        (0, 3, 64, 11),
+        (3, 64, 192, 5),
+        (6, 192, 384, 3),
+        (8, 384, 256, 3),
+        (10, 256, 256, 3),
     ),
 }
 
@@ -127,7 +144,9 @@ def main() -> None:
         state = random_backbone_state_dict(net)
         tv_features = trunks[net]().features.state_dict()
         tv_shapes = {f"features.{k}": tuple(v.shape) for k, v in tv_features.items()}
-        assert tv_shapes == {k: v.shape for k, v in state.items()}, f"BACKBONE_CONVS[{net!r}] != torchvision"
+        assert tv_shapes == {k: v.shape for k, v in state.items()}, (
+            f"BACKBONE_CONVS[{net!r}] != torchvision"
+        )
 
         model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
         # model.net.slice{k}.{i} are torchvision's features[i].
@@ -149,15 +168,25 @@ def main() -> None:
         # Gradient of Σ d(a, b) in a (NHWC): 16x16 crops of the first two 32x32 pairs, VGG16 as
         # is, AlexNet through the resize to 224 (finite differences are useless here: the
         # ReLU and max-pool kinks are too dense for float32 steps).
-        crop_a = torch.from_numpy(x32_a[:2, :16, :16].astype(np.float64)).permute(0, 3, 1, 2).contiguous()
-        crop_b = torch.from_numpy(x32_b[:2, :16, :16].astype(np.float64)).permute(0, 3, 1, 2).contiguous()
+        crop_a = (
+            torch.from_numpy(x32_a[:2, :16, :16].astype(np.float64))
+            .permute(0, 3, 1, 2)
+            .contiguous()
+        )
+        crop_b = (
+            torch.from_numpy(x32_b[:2, :16, :16].astype(np.float64))
+            .permute(0, 3, 1, 2)
+            .contiguous()
+        )
         with torch.enable_grad():
             crop_a.requires_grad_(True)
             if net == "vgg":
                 total = model(crop_a, crop_b).sum()
             else:
-                total = model(F.interpolate(crop_a, size=224, mode="bilinear"),
-                              F.interpolate(crop_b, size=224, mode="bilinear")).sum()
+                total = model(
+                    F.interpolate(crop_a, size=224, mode="bilinear"),
+                    F.interpolate(crop_b, size=224, mode="bilinear"),
+                ).sum()
             total.backward()
         out[f"{net}_grad16"] = crop_a.grad.permute(0, 2, 3, 1).numpy()
 

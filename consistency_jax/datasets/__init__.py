@@ -3,8 +3,8 @@
 Importing this package registers the builders with ``tensorflow_datasets`` so that
 ``tfds.builder("sklearn_digits/8")`` resolves. Builders here never touch the network.
 """
+
 from consistency_jax.datasets.digits import IMAGE_SIZES as DIGITS_IMAGE_SIZES
-from consistency_jax.datasets.digits import SklearnDigits
-from consistency_jax.datasets.digits import digits_images
+from consistency_jax.datasets.digits import SklearnDigits, digits_images
 
 __all__ = ["DIGITS_IMAGE_SIZES", "SklearnDigits", "digits_images"]

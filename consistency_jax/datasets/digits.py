@@ -1,7 +1,9 @@
 """``sklearn_digits``: scikit-learn's bundled 8x8 handwritten digits as a TFDS dataset.
 
 The 1797 real digits of ``sklearn.datasets.load_digits`` (the test part of UCI "optdigits", written
-by 13 people; 4x4 pixel counts of 32x32 bitmaps, values 0..16) ship inside scikit-learn, so this builder never touches the network. It gives the library a
+by 13 people; 4x4 pixel counts of 32x32 bitmaps, values 0..16) ship inside
+scikit-learn, so this builder never touches the network.
+It gives the library a
 real, tiny image data set on which a consistency model trains in minutes on a CPU and whose sample
 quality is measured by ``consistency_jax.metrics.digits``.
 
@@ -15,16 +17,19 @@ Configs (one ``BuilderConfig`` per image size):
 Splits are deterministic: the last 297 digits of scikit-learn's order (27..33 per class) are
 ``test``; the first 1500 are ``train``. This split is harder than a random one (logistic regression:
 91 % on it against 97-98 % on random 297-digit splits), which suggests the file is ordered by writer;
-a held-out set of unseen hands is the honest reference for a sample-quality metric. Within a split TFDS stores the records in its own
+a held-out set of unseen hands is the honest reference for a sample-quality metric. Within a split
+TFDS stores the records in its own
 deterministic (key-hash) order, not in scikit-learn's. Features: ``image`` uint8 (H, W, 1), ``label``
 ClassLabel(10).
 
 Without TensorFlow, prepare with ``file_format="array_record"`` and read with ``as_data_source``;
 ``consistency_jax.data.ensure_digits_dataset`` does both.
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -53,7 +58,9 @@ def digits_images(image_size: int) -> tuple[np.ndarray, np.ndarray]:
       ``(images, labels)`` in the order of ``sklearn.datasets.load_digits``.
     """
     if image_size not in IMAGE_SIZES:
-        raise ValueError(f"sklearn_digits image_size must be one of {IMAGE_SIZES}, got {image_size}.")
+        raise ValueError(
+            f"sklearn_digits image_size must be one of {IMAGE_SIZES}, got {image_size}."
+        )
     # Imported here: scikit-learn is only needed while the data set is being prepared.
     from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
 
@@ -62,10 +69,14 @@ def digits_images(image_size: int) -> tuple[np.ndarray, np.ndarray]:
     if image_size != 8:
         from PIL import Image  # pylint: disable=g-import-not-at-top
 
-        images = np.stack([
-            np.asarray(Image.fromarray(im, mode="L").resize((image_size, image_size), Image.BILINEAR))
-            for im in images
-        ])
+        images = np.stack(
+            [
+                np.asarray(
+                    Image.fromarray(im, mode="L").resize((image_size, image_size), Image.BILINEAR)
+                )
+                for im in images
+            ]
+        )
     return images[..., None], digits.target.astype(np.int64)
 
 
@@ -83,12 +94,14 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         size = self.builder_config.image_size
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(
-                    shape=(size, size, 1), dtype=np.uint8, encoding_format="png"
-                ),
-                "label": tfds.features.ClassLabel(num_classes=10),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(
+                        shape=(size, size, 1), dtype=np.uint8, encoding_format="png"
+                    ),
+                    "label": tfds.features.ClassLabel(num_classes=10),
+                }
+            ),
             supervised_keys=("image", "label"),
             homepage="https://archive.ics.uci.edu/dataset/80",
         )
@@ -108,4 +121,7 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
         from PIL import Image  # pylint: disable=g-import-not-at-top
 
         for i, (image, label) in enumerate(zip(images, labels)):
-            yield offset + i, {"image": Image.fromarray(image[..., 0], mode="L"), "label": int(label)}
+            yield (
+                offset + i,
+                {"image": Image.fromarray(image[..., 0], mode="L"), "label": int(label)},
+            )

@@ -9,6 +9,7 @@
 ``build_evaluator`` picks one for a run; an evaluator is called as
 ``evaluator(apply_fn, params, rng) -> (figures, samples)`` and draws them with ``plot``.
 """
+
 from __future__ import annotations
 
 from consistency_jax.toy_data import TOY_DATASETS
@@ -26,10 +27,15 @@ def build_evaluator(config, spec, sigmas, example_shape):
     if config.data.name in TOY_DATASETS:
         from consistency_jax.evaluation.toy import ToyEvaluator
 
-        return ToyEvaluator(config, spec.family, sigmas,
-                            exact_map=spec.needs_teacher and spec.family == "consistency",
-                            consistency_fn=spec.consistency_fn)
+        return ToyEvaluator(
+            config,
+            spec.family,
+            sigmas,
+            exact_map=spec.needs_teacher and spec.family == "consistency",
+            consistency_fn=spec.consistency_fn,
+        )
     from consistency_jax.evaluation.images import ImageEvaluator
 
-    return ImageEvaluator(config, spec.family, sigmas, example_shape,
-                          consistency_fn=spec.consistency_fn)
+    return ImageEvaluator(
+        config, spec.family, sigmas, example_shape, consistency_fn=spec.consistency_fn
+    )

@@ -6,6 +6,7 @@ For every evaluation the model generates ``config.eval.num_samples`` images from
 distance to the held-out digits in the features of a fixed classifier (digits-FD, ``metrics.digits``)
 and the classifier's confident fraction and class entropy (a mode-collapse detector).
 """
+
 from __future__ import annotations
 
 import io
@@ -33,7 +34,10 @@ def image_grid(images: np.ndarray, ncols: int = 8, scale: int = 1, pad: int = 1)
     grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
     for i in range(n):
         r, col = divmod(i, ncols)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = x[i]
+        grid[
+            pad + r * (h + pad) : pad + r * (h + pad) + h,
+            pad + col * (w + pad) : pad + col * (w + pad) + w,
+        ] = x[i]
     img = Image.fromarray(grid[..., 0] if c == 1 else grid, mode="L" if c == 1 else "RGB")
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
 
@@ -45,14 +49,18 @@ def is_digits(name: str) -> bool:
 class ImageEvaluator:
     """Generates samples and computes the figures of one evaluation (see the module docstring)."""
 
-    def __init__(self, config, family: str, sigmas, example_shape,
-                 consistency_fn=param_lib.consistency_fn):
+    def __init__(
+        self, config, family: str, sigmas, example_shape, consistency_fn=param_lib.consistency_fn
+    ):
         self.config = config
         self.shape = (int(config.eval.num_samples),) + tuple(example_shape)
-        self.num_classes = config.model.kwargs.get("num_classes") if config.data.use_labels else None
+        self.num_classes = (
+            config.model.kwargs.get("num_classes") if config.data.use_labels else None
+        )
         self.digits = is_digits(config.data.name)
-        self.generate = SampleGenerator(family, sigmas, config, self.shape, labels=self.labels(),
-                                        consistency_fn=consistency_fn)
+        self.generate = SampleGenerator(
+            family, sigmas, config, self.shape, labels=self.labels(), consistency_fn=consistency_fn
+        )
         if self.digits:
             from consistency_jax.metrics import digits as digits_lib
 
@@ -69,16 +77,22 @@ class ImageEvaluator:
         from consistency_jax.evaluation import inception as inception_eval
 
         self.inception = inception_eval.InceptionMetrics(
-            config.eval.inception_weights, batch_size=min(200, self.shape[0]))
+            config.eval.inception_weights, batch_size=min(200, self.shape[0])
+        )
         self.fid_metrics = tuple(config.eval.fid_metrics)
         need_features = bool(set(self.fid_metrics) & {"kid", "pr"})
         if config.eval.fid_reference:
             mu, sigma, _, features = inception_eval.read_reference(
-                config.eval.fid_reference, self.inception, keep_features=need_features)
+                config.eval.fid_reference, self.inception, keep_features=need_features
+            )
         else:
             mu, sigma, _, features = inception_eval.reference_statistics(
-                config.data.name, "train", config.data.data_dir or None, metrics=self.inception,
-                keep_features=need_features)
+                config.data.name,
+                "train",
+                config.data.data_dir or None,
+                metrics=self.inception,
+                keep_features=need_features,
+            )
         self.fid_reference = ((mu, sigma), features)
 
     def labels(self):
@@ -111,10 +125,15 @@ class ImageEvaluator:
 
         _, outputs = self.inception.statistics(to_uint8(x), keep=True)
         (mu, sigma), ref_features = self.fid_reference
-        got = InceptionMetrics.score(outputs, (mu, sigma), ref_features=ref_features,
-                                     metrics=self.fid_metrics,
-                                     kid_subset_size=min(1000, len(x), len(ref_features))
-                                     if ref_features is not None else 1000)
+        got = InceptionMetrics.score(
+            outputs,
+            (mu, sigma),
+            ref_features=ref_features,
+            metrics=self.fid_metrics,
+            kid_subset_size=min(1000, len(x), len(ref_features))
+            if ref_features is not None
+            else 1000,
+        )
         return {f"{k}_{name}": float(v) for k, v in got.items()}
 
     def plot(self, samples: dict, path: str, title: str) -> None:

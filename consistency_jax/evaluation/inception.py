@@ -10,6 +10,7 @@ under ``arr_0``, or with ``mu``/``sigma``). ``python -m consistency_jax.evaluate
 Numbers are comparable with the papers only with the real weights (``pt_inception-2015-12-05``),
 50 000 samples, and the statistics of the full training set (CIFAR-10: its 50 000 train images).
 """
+
 from __future__ import annotations
 
 import os
@@ -22,7 +23,13 @@ import numpy as np
 from consistency_jax.metrics import fid as fid_lib
 from consistency_jax.metrics import inception as inception_lib
 
-__all__ = ["InceptionMetrics", "METRICS", "read_reference", "reference_statistics", "reference_cache_path"]
+__all__ = [
+    "InceptionMetrics",
+    "METRICS",
+    "read_reference",
+    "reference_statistics",
+    "reference_cache_path",
+]
 
 METRICS = ("fid", "is", "kid", "pr")
 
@@ -38,14 +45,17 @@ class InceptionMetrics:
     """
 
     def __init__(self, weights_path: Any = None, *, batch_size: int = 200, mesh=None):
-        self.extractor = inception_lib.InceptionFeatureExtractor(weights_path, batch_size=batch_size, mesh=mesh)
+        self.extractor = inception_lib.InceptionFeatureExtractor(
+            weights_path, batch_size=batch_size, mesh=mesh
+        )
 
     def features(self, images: np.ndarray | Iterable[np.ndarray]) -> inception_lib.InceptionOutput:
         """Pool features (N, 2048) and bias-free logits (N, 1008) of uint8 images, float32 NumPy."""
         return self.extractor(images)
 
-    def statistics(self, images: np.ndarray | Iterable[np.ndarray], *, keep: bool = False
-                   ) -> tuple[fid_lib.GaussianStats, inception_lib.InceptionOutput | None]:
+    def statistics(
+        self, images: np.ndarray | Iterable[np.ndarray], *, keep: bool = False
+    ) -> tuple[fid_lib.GaussianStats, inception_lib.InceptionOutput | None]:
         """Streaming float64 statistics of the pool features of many images (all hosts merged).
 
         Args:
@@ -66,13 +76,21 @@ class InceptionMetrics:
             raise ValueError("No images were given.")
         outputs = None
         if keep:
-            outputs = inception_lib.InceptionOutput(pool=np.concatenate(pools), logits=np.concatenate(logits))
+            outputs = inception_lib.InceptionOutput(
+                pool=np.concatenate(pools), logits=np.concatenate(logits)
+            )
         return stats.allgather(), outputs
 
     @staticmethod
-    def score(samples: Any, ref_stats: tuple[np.ndarray, np.ndarray], *, ref_features: np.ndarray | None = None,
-              metrics: Iterable[str] = ("fid",), kid_subsets: int = 100, kid_subset_size: int = 1000
-              ) -> dict[str, float]:
+    def score(
+        samples: Any,
+        ref_stats: tuple[np.ndarray, np.ndarray],
+        *,
+        ref_features: np.ndarray | None = None,
+        metrics: Iterable[str] = ("fid",),
+        kid_subsets: int = 100,
+        kid_subset_size: int = 1000,
+    ) -> dict[str, float]:
         """The figures of samples against a reference.
 
         Args:
@@ -92,10 +110,14 @@ class InceptionMetrics:
             raise ValueError(f"Unknown metrics {unknown}; known: {list(METRICS)}.")
         outputs = samples if isinstance(samples, inception_lib.InceptionOutput) else None
         if outputs is None and set(metrics) - {"fid"}:
-            raise ValueError(f"Metrics {sorted(set(metrics) - {'fid'})} need the sample features, not only statistics.")
+            raise ValueError(
+                f"Metrics {sorted(set(metrics) - {'fid'})} need the sample features, not only statistics."
+            )
         if ref_features is None and set(metrics) & {"kid", "pr"}:
-            raise ValueError("KID and precision/recall need the reference features (a TFDS data set or an "
-                             "official reference batch with images), not only mu/sigma.")
+            raise ValueError(
+                "KID and precision/recall need the reference features (a TFDS data set or an "
+                "official reference batch with images), not only mu/sigma."
+            )
         out: dict[str, float] = {}
         if "fid" in metrics:
             if isinstance(samples, fid_lib.GaussianStats):
@@ -106,25 +128,37 @@ class InceptionMetrics:
                 mu, sigma = samples
             out["fid"] = fid_lib.frechet_distance(mu, sigma, *ref_stats)
         if "is" in metrics:
-            out["is_mean"], out["is_std"] = fid_lib.inception_score(outputs.logits, splits=min(10, len(outputs.logits)))
+            out["is_mean"], out["is_std"] = fid_lib.inception_score(
+                outputs.logits, splits=min(10, len(outputs.logits))
+            )
         if "kid" in metrics:
             out["kid_mean"], out["kid_std"] = fid_lib.kernel_inception_distance(
-                outputs.pool, ref_features, num_subsets=kid_subsets, subset_size=kid_subset_size)
+                outputs.pool, ref_features, num_subsets=kid_subsets, subset_size=kid_subset_size
+            )
         if "pr" in metrics:
             out["precision"], out["recall"] = fid_lib.precision_recall(outputs.pool, ref_features)
         return out
 
 
-def reference_cache_path(cache_dir: str, dataset_name: str, split: str, features: bool = False) -> str:
+def reference_cache_path(
+    cache_dir: str, dataset_name: str, split: str, features: bool = False
+) -> str:
     """``{cache_dir}/inception_{name}_{split}.npz`` with '/' and other odd characters as '_'."""
     tag = re.sub(r"[^A-Za-z0-9.-]+", "_", f"{dataset_name}_{split}")
     return os.path.join(cache_dir, f"inception_{tag}{'_features' if features else ''}.npz")
 
 
-def reference_statistics(dataset_name: str, split: str = "train", data_dir: str | None = None, *,
-                         metrics: InceptionMetrics | None = None, weights_path: Any = None,
-                         cache_dir: str | None = None, keep_features: bool = False, batch_size: int = 500
-                         ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
+def reference_statistics(
+    dataset_name: str,
+    split: str = "train",
+    data_dir: str | None = None,
+    *,
+    metrics: InceptionMetrics | None = None,
+    weights_path: Any = None,
+    cache_dir: str | None = None,
+    keep_features: bool = False,
+    batch_size: int = 500,
+) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
     """Inception statistics of a whole TFDS split (papers: the train split, all of it).
 
     Each host reads its block of the split (``data.iterate_stored_images``), extracts features on
@@ -153,8 +187,11 @@ def reference_statistics(dataset_name: str, split: str = "train", data_dir: str 
     from consistency_jax import data as data_lib
 
     if cache_dir is None:
-        cache_dir = os.path.join(data_dir, "inception_stats") if data_dir else os.path.expanduser(
-            "~/.cache/consistency_jax/inception_stats")
+        cache_dir = (
+            os.path.join(data_dir, "inception_stats")
+            if data_dir
+            else os.path.expanduser("~/.cache/consistency_jax/inception_stats")
+        )
     stats_path = reference_cache_path(cache_dir, dataset_name, split)
     features_path = reference_cache_path(cache_dir, dataset_name, split, features=True)
     if os.path.isfile(stats_path) and (not keep_features or os.path.isfile(features_path)):
@@ -165,11 +202,21 @@ def reference_statistics(dataset_name: str, split: str = "train", data_dir: str 
                 features = f["pool"]
         return mu, sigma, count, features
     if keep_features and jax.process_count() > 1:
-        raise ValueError("keep_features reads every feature into one process; use it on a single host.")
+        raise ValueError(
+            "keep_features reads every feature into one process; use it on a single host."
+        )
     metrics = metrics or InceptionMetrics(weights_path)
-    batches = (b["image"] for b in data_lib.iterate_stored_images(
-        dataset_name, split, data_dir, batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count()))
+    batches = (
+        b["image"]
+        for b in data_lib.iterate_stored_images(
+            dataset_name,
+            split,
+            data_dir,
+            batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+    )
     stats, outputs = metrics.statistics(batches, keep=keep_features)
     if jax.process_index() == 0:
         fid_lib.save_statistics(stats_path, stats.mu, stats.sigma, stats.count)
@@ -179,9 +226,16 @@ def reference_statistics(dataset_name: str, split: str = "train", data_dir: str 
 
 
 def _check_uint8_images(array: np.ndarray, origin: str) -> np.ndarray:
-    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3) or array.shape[0] == 0:
-        raise ValueError(f"{origin} must hold uint8 images (N, H, W, 3) or (N, H, W, 1), N > 0; got "
-                         f"{array.dtype} {array.shape}.")
+    if (
+        array.dtype != np.uint8
+        or array.ndim != 4
+        or array.shape[-1] not in (1, 3)
+        or array.shape[0] == 0
+    ):
+        raise ValueError(
+            f"{origin} must hold uint8 images (N, H, W, 3) or (N, H, W, 1), N > 0; got "
+            f"{array.dtype} {array.shape}."
+        )
     return array
 
 
@@ -200,8 +254,9 @@ def read_npz_images(path: str) -> np.ndarray:
     return _check_uint8_images(images, f"'arr_0' of {path!r}")
 
 
-def read_reference(path: str, metrics: InceptionMetrics | None = None, *, keep_features: bool = False
-                   ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
+def read_reference(
+    path: str, metrics: InceptionMetrics | None = None, *, keep_features: bool = False
+) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
     """Reference statistics from an ``.npz``: ``mu``/``sigma`` (ours, or the official statistics
     files), or images under ``arr_0`` (the official reference batches), whose features are
     computed here (also when the file has both and ``keep_features`` asks for the features).
@@ -217,8 +272,10 @@ def read_reference(path: str, metrics: InceptionMetrics | None = None, *, keep_f
         mu, sigma, count = fid_lib.load_statistics(path)
         return mu, sigma, count, None
     if "arr_0" not in keys:
-        raise ValueError(f"Reference file {path!r} holds neither 'mu'/'sigma' nor images under 'arr_0' "
-                         f"(it has {sorted(keys)}).")
+        raise ValueError(
+            f"Reference file {path!r} holds neither 'mu'/'sigma' nor images under 'arr_0' "
+            f"(it has {sorted(keys)})."
+        )
     images = read_npz_images(path)
     if metrics is None:
         raise ValueError("Reading a reference batch of images needs the Inception weights.")
@@ -228,4 +285,4 @@ def read_reference(path: str, metrics: InceptionMetrics | None = None, *, keep_f
 
 def _batches(images: np.ndarray, size: int) -> Iterator[np.ndarray]:
     for start in range(0, images.shape[0], size):
-        yield images[start:start + size]
+        yield images[start : start + size]

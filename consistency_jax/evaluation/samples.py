@@ -1,8 +1,7 @@
 """The samples an evaluation looks at, by method family: 1-step and 2-step consistency sampling (CM
 Algorithm 1) for consistency models, EDM's Heun sampler (EDM Algorithm 1) for denoisers."""
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import jax
 import numpy as np
@@ -21,8 +20,9 @@ def two_step_times(config, sigmas: param_lib.SigmaConfig) -> tuple[float, ...]:
     if config.eval.two_step_indices:
         from consistency_jax.methods import discrete  # the grid of the discrete curricula
 
-        return sampling.times_from_indices(tuple(config.eval.two_step_indices),
-                                           discrete.grid_size(config), sigmas)
+        return sampling.times_from_indices(
+            tuple(config.eval.two_step_indices), discrete.grid_size(config), sigmas
+        )
     ts = (sigmas.sigma_max, float(config.eval.two_step_time))
     sampling.check_times(ts, sigmas)
     return ts
@@ -43,8 +43,15 @@ class SampleGenerator:
       consistency_fn: the consistency function of the model (``MethodSpec.consistency_fn``).
     """
 
-    def __init__(self, family: str, sigmas: param_lib.SigmaConfig, config, shape,
-                 labels: Optional[jax.Array] = None, consistency_fn=param_lib.consistency_fn):
+    def __init__(
+        self,
+        family: str,
+        sigmas: param_lib.SigmaConfig,
+        config,
+        shape,
+        labels: jax.Array | None = None,
+        consistency_fn=param_lib.consistency_fn,
+    ):
         self.family, self.sigmas, self.shape, self.labels = family, sigmas, tuple(shape), labels
         self.consistency_fn = consistency_fn
         self.edm_steps = int(config.eval.edm_steps)
@@ -57,20 +64,25 @@ class SampleGenerator:
             n = self.edm_steps
 
             def heun(params, rng, labels):
-                denoise = lambda x, t: param_lib.denoiser_fn(apply_fn, params, x, t, sigmas,
-                                                             labels=labels)
+                denoise = lambda x, t: param_lib.denoiser_fn(
+                    apply_fn, params, x, t, sigmas, labels=labels
+                )
                 return sampling.edm_heun_sample(denoise, rng, shape, sigmas, n)
 
             return {f"heun_{2 * n - 1}nfe": jax.jit(heun)}
         if self.family != "consistency":
             raise ValueError(f"No evaluation samplers for the method family {self.family!r}.")
         clip = 1.0 if len(shape) == 4 else None
-        return {name: sampling.make_sampler(apply_fn, sigmas, ts, shape, clip=clip,
-                                            consistency_fn=self.consistency_fn)
-                for name, ts in (("1step", (sigmas.sigma_max,)), ("2step", self.two_step))}
+        return {
+            name: sampling.make_sampler(
+                apply_fn, sigmas, ts, shape, clip=clip, consistency_fn=self.consistency_fn
+            )
+            for name, ts in (("1step", (sigmas.sigma_max,)), ("2step", self.two_step))
+        }
 
     def __call__(self, apply_fn, params, rng) -> dict[str, np.ndarray]:
         if self._samplers is None:
             self._samplers = self._build(apply_fn)
-        return {name: np.asarray(fn(params, rng, self.labels))
-                for name, fn in self._samplers.items()}
+        return {
+            name: np.asarray(fn(params, rng, self.labels)) for name, fn in self._samplers.items()
+        }

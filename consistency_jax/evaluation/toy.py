@@ -1,5 +1,6 @@
 """Evaluation on the 2-D toy: distances of samples to fresh data beside the noise floor, and (for
 distillation from the exact teacher) the error of the one-step map against the exact PF-ODE map."""
+
 from __future__ import annotations
 
 import io
@@ -7,9 +8,8 @@ import io
 import jax.numpy as jnp
 import numpy as np
 
-from consistency_jax import fs
+from consistency_jax import fs, toy
 from consistency_jax import parameterization as param_lib
-from consistency_jax import toy
 from consistency_jax.evaluation.samples import SampleGenerator
 from consistency_jax.metrics import energy_distance, sliced_wasserstein2
 
@@ -19,9 +19,16 @@ class ToyEvaluator:
     independent data sets of the same size; for CD also the error of the one-step map against the
     exact PF-ODE map x_T -> x_ε."""
 
-    def __init__(self, config, family: str, sigmas: param_lib.SigmaConfig, *,
-                 exact_map: bool = False, num_map_points: int = 500,
-                 consistency_fn=param_lib.consistency_fn):
+    def __init__(
+        self,
+        config,
+        family: str,
+        sigmas: param_lib.SigmaConfig,
+        *,
+        exact_map: bool = False,
+        num_map_points: int = 500,
+        consistency_fn=param_lib.consistency_fn,
+    ):
         self.ed, self.sw2 = energy_distance, sliced_wasserstein2
         self.sigmas = sigmas
         self.mixture = toy.ring_mixture()
@@ -31,10 +38,14 @@ class ToyEvaluator:
         # The noise floor: the same figures between independent data sets of the same size, averaged
         # over several pairs (one pair's value fluctuates by tens of percent with the mode counts).
         pairs = [(self.mixture.sample(rng, n), self.mixture.sample(rng, n)) for _ in range(8)]
-        self.floor = {"sw2_floor": float(np.mean([self.sw2(a, b) for a, b in pairs])),
-                      "ed_floor": float(np.mean([self.ed(a, b) for a, b in pairs]))}
+        self.floor = {
+            "sw2_floor": float(np.mean([self.sw2(a, b) for a, b in pairs])),
+            "ed_floor": float(np.mean([self.ed(a, b) for a, b in pairs])),
+        }
         self.consistency_fn = consistency_fn
-        self.generate = SampleGenerator(family, sigmas, config, (n, 2), consistency_fn=consistency_fn)
+        self.generate = SampleGenerator(
+            family, sigmas, config, (n, 2), consistency_fn=consistency_fn
+        )
         self.map_points = None
         if exact_map:
             t_max, t_min = sigmas.sigma_max, sigmas.sigma_min
@@ -50,8 +61,9 @@ class ToyEvaluator:
             figures[f"sw2_ratio_{name}"] = figures[f"sw2_{name}"] / self.floor["sw2_floor"]
         if self.map_points is not None:
             t = jnp.full((len(self.map_points),), self.sigmas.sigma_max)
-            x1 = self.consistency_fn(apply_fn, params, jnp.asarray(self.map_points, jnp.float32), t,
-                                     self.sigmas)
+            x1 = self.consistency_fn(
+                apply_fn, params, jnp.asarray(self.map_points, jnp.float32), t, self.sigmas
+            )
             err = np.linalg.norm(np.asarray(x1, np.float64) - self.map_truth, axis=1)
             figures["map_error"] = float(err.mean())
             figures["map_error_over_sigma_data"] = float(err.mean() / self.sigmas.sigma_data)

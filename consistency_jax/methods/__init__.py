@@ -11,13 +11,23 @@ one new file (see ``methods/base.py`` for the contract and the README for an exa
 what configs (``config.method``), the config validation, the training loop, evaluation and loading
 consult.
 """
+
 from __future__ import annotations
 
 import importlib
 import pkgutil
 
-from consistency_jax.methods.base import (FAMILIES, FROZEN_TREES, BuildContext, Frozen, Method,
-                                          MethodSpec, frozen_inputs, register, registered)
+from consistency_jax.methods.base import (
+    FAMILIES,
+    FROZEN_TREES,
+    BuildContext,
+    Frozen,
+    Method,
+    MethodSpec,
+    frozen_inputs,
+    register,
+    registered,
+)
 
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if _info.name != "base":
@@ -41,5 +51,16 @@ def get(name: str) -> MethodSpec:
     return specs[name]
 
 
-__all__ = ["FAMILIES", "FROZEN_TREES", "BuildContext", "Frozen", "Method", "MethodSpec", "frozen_inputs",
-           "get", "names", "register", "registered"]
+__all__ = [
+    "FAMILIES",
+    "FROZEN_TREES",
+    "BuildContext",
+    "Frozen",
+    "Method",
+    "MethodSpec",
+    "frozen_inputs",
+    "get",
+    "names",
+    "register",
+    "registered",
+]

@@ -18,10 +18,12 @@ its paper defaults, its config checks (run before anything compiles), how to bui
 whether it needs a teacher, and which family of samplers evaluates it. ``register`` adds one;
 ``consistency_jax.methods`` imports every module of its package, so a new method is one new file.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax
 import jax
@@ -50,9 +52,9 @@ class Frozen(flax.struct.PyTreeNode):
         None when the method's distance has no weights.
     """
 
-    target: Optional[PyTree] = None
-    teacher: Optional[PyTree] = None
-    distance: Optional[PyTree] = None
+    target: PyTree | None = None
+    teacher: PyTree | None = None
+    distance: PyTree | None = None
 
 
 class Method:
@@ -68,14 +70,17 @@ class Method:
     frozen_trees: tuple[str, ...] = ()
     keeps_target: bool = False
 
-    def loss(self, params: PyTree, frozen: Frozen, batch: Mapping[str, Array], rng: Array,
-             step: Array) -> tuple[Array, dict[str, Array]]:
+    def loss(
+        self, params: PyTree, frozen: Frozen, batch: Mapping[str, Array], rng: Array, step: Array
+    ) -> tuple[Array, dict[str, Array]]:
         """The loss of one batch at optimizer step ``step`` (a traced int32), and scalars to log."""
         raise NotImplementedError
 
     def target_rate(self, step: Array) -> Array:
         """μ(k) of the target update (only called when ``keeps_target``)."""
-        raise NotImplementedError(f"{type(self).__name__} keeps a target but defines no target_rate.")
+        raise NotImplementedError(
+            f"{type(self).__name__} keeps a target but defines no target_rate."
+        )
 
     def update_target(self, target: PyTree, params: PyTree, step: Array) -> PyTree:
         """θ⁻ after the optimizer step ``step`` updated θ to ``params`` (CM Algorithms 2–3)."""
@@ -86,15 +91,22 @@ class Method:
         return {}
 
 
-def frozen_inputs(method: Method, params: PyTree, target: Optional[PyTree],
-                  teacher: Optional[PyTree], distance: Optional[PyTree]) -> Frozen:
+def frozen_inputs(
+    method: Method,
+    params: PyTree,
+    target: PyTree | None,
+    teacher: PyTree | None,
+    distance: PyTree | None,
+) -> Frozen:
     """The ``Frozen`` a method declared: θ⁻ (or stopgrad θ without a separate copy), φ, weights."""
     wants = set(method.frozen_trees)
     if "target" in wants:
         target = params if target is None else target
-    return Frozen(target=jax.lax.stop_gradient(target) if "target" in wants else None,
-                  teacher=jax.lax.stop_gradient(teacher) if "teacher" in wants else None,
-                  distance=distance if "distance" in wants else None)
+    return Frozen(
+        target=jax.lax.stop_gradient(target) if "target" in wants else None,
+        teacher=jax.lax.stop_gradient(teacher) if "teacher" in wants else None,
+        distance=distance if "distance" in wants else None,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +126,8 @@ class BuildContext:
     apply_fn: Callable
     sigmas: Any
     example_shape: tuple[int, ...]
-    distance: Optional[Callable] = None
-    teacher: Optional[Callable] = None
+    distance: Callable | None = None
+    teacher: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +161,9 @@ class MethodSpec:
 
     def __post_init__(self):
         if self.family not in FAMILIES:
-            raise ValueError(f"Method {self.name!r}: unknown family {self.family!r}; one of {FAMILIES}.")
+            raise ValueError(
+                f"Method {self.name!r}: unknown family {self.family!r}; one of {FAMILIES}."
+            )
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -165,4 +179,3 @@ def register(spec: MethodSpec) -> MethodSpec:
 
 def registered() -> dict[str, MethodSpec]:
     return dict(_REGISTRY)
-

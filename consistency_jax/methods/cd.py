@@ -1,13 +1,14 @@
 """Consistency distillation from a diffusion teacher (CM Algorithm 2): the target is evaluated one
 teacher ODE step (Euler or Heun) below x_{t_{n+1}}."""
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from consistency_jax import solvers
-from consistency_jax.methods.base import Frozen, MethodSpec, register
 from consistency_jax.methods import discrete
+from consistency_jax.methods.base import Frozen, MethodSpec, register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,10 +34,14 @@ class ConsistencyDistillation(discrete.DiscreteConsistency):
 
 
 def build(ctx) -> ConsistencyDistillation:
-    return ConsistencyDistillation(apply_fn=ctx.apply_fn, sigmas=ctx.sigmas,
-                                   curriculum=discrete.curriculum_from_config(ctx.config),
-                                   loss_cfg=discrete.loss_config_from(ctx.config),
-                                   distance=ctx.distance, teacher=ctx.teacher)
+    return ConsistencyDistillation(
+        apply_fn=ctx.apply_fn,
+        sigmas=ctx.sigmas,
+        curriculum=discrete.curriculum_from_config(ctx.config),
+        loss_cfg=discrete.loss_config_from(ctx.config),
+        distance=ctx.distance,
+        teacher=ctx.teacher,
+    )
 
 
 def defaults(c) -> None:
@@ -45,6 +50,14 @@ def defaults(c) -> None:
     c.loss.update(solver="heun", weighting="uniform", index_sampling="uniform")
 
 
-register(MethodSpec(name="cd", summary="consistency distillation (CM Algorithm 2)",
-                    family="consistency", defaults=defaults, check=discrete.check, build=build,
-                    needs_teacher=True))
+register(
+    MethodSpec(
+        name="cd",
+        summary="consistency distillation (CM Algorithm 2)",
+        family="consistency",
+        defaults=defaults,
+        check=discrete.check,
+        build=build,
+        needs_teacher=True,
+    )
+)

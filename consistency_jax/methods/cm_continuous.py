@@ -24,11 +24,13 @@ Two objectives:
 
 Methods ``cm_continuous_cd`` (needs an EDM teacher) and ``cm_continuous_ct``.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +48,15 @@ def sample_time(rng: Array, batch: int, sigmas: param_lib.SigmaConfig, dtype=jnp
     return jax.random.uniform(rng, (batch,), dtype, lo, hi) ** sigmas.rho
 
 
-def time_derivative(apply_fn: param_lib.ApplyFn, sigmas: param_lib.SigmaConfig, params: Any,
-                    x_t: Array, t: Array, velocity: Array, **kwargs: Any) -> tuple[Array, Array]:
+def time_derivative(
+    apply_fn: param_lib.ApplyFn,
+    sigmas: param_lib.SigmaConfig,
+    params: Any,
+    x_t: Array,
+    t: Array,
+    velocity: Array,
+    **kwargs: Any,
+) -> tuple[Array, Array]:
     """(f_θ(x_t, t), df_θ/dt along dx/dt = ``velocity``) by one ``jax.jvp`` (CM Appendix B).
 
     ``kwargs`` (labels, train, rng) go to the network: one dropout key for value and tangent.
@@ -64,10 +73,19 @@ def metric_hvp(distance: Callable, a: Array, v: Array) -> Array:
     return jax.jvp(grad, (a,), (v,))[1]
 
 
-def continuous_loss(apply_fn: param_lib.ApplyFn, sigmas: param_lib.SigmaConfig, params: Any,
-                    x_t: Array, t: Array, velocity: Array, *, stopgrad: bool,
-                    labels: Optional[Array] = None, rng: Optional[Array] = None,
-                    distance: Optional[Callable] = None) -> tuple[Array, dict[str, Array]]:
+def continuous_loss(
+    apply_fn: param_lib.ApplyFn,
+    sigmas: param_lib.SigmaConfig,
+    params: Any,
+    x_t: Array,
+    t: Array,
+    velocity: Array,
+    *,
+    stopgrad: bool,
+    labels: Array | None = None,
+    rng: Array | None = None,
+    distance: Callable | None = None,
+) -> tuple[Array, dict[str, Array]]:
     """The continuous-time objective of one batch at given noisy points (module docstring).
 
     Args:
@@ -80,8 +98,9 @@ def continuous_loss(apply_fn: param_lib.ApplyFn, sigmas: param_lib.SigmaConfig, 
     """
     b = x_t.shape[0]
     kwargs = dict(labels=labels, train=rng is not None, rng=rng)
-    f_t, dfdt = time_derivative(apply_fn, sigmas, params, x_t, t, jax.lax.stop_gradient(velocity),
-                                **kwargs)
+    f_t, dfdt = time_derivative(
+        apply_fn, sigmas, params, x_t, t, jax.lax.stop_gradient(velocity), **kwargs
+    )
     flat = lambda a: a.reshape(b, -1)
     dim = math.prod(x_t.shape[1:])
     norm = jnp.sqrt(jnp.sum(flat(dfdt) ** 2, axis=-1))
@@ -91,11 +110,14 @@ def continuous_loss(apply_fn: param_lib.ApplyFn, sigmas: param_lib.SigmaConfig, 
         per_example = jnp.sum(flat(jax.lax.stop_gradient(g_dfdt)) * flat(f_t), axis=-1)
     else:
         if distance is not None:
-            raise ValueError("The true continuous-time objective (stopgrad=False) is implemented for l2 "
-                             "only.")
+            raise ValueError(
+                "The true continuous-time objective (stopgrad=False) is implemented for l2 only."
+            )
         per_example = norm
-    return jnp.mean(per_example), {"mean_t": jnp.mean(t),
-                                   "dfdt_norm": jnp.mean(jax.lax.stop_gradient(norm))}
+    return jnp.mean(per_example), {
+        "mean_t": jnp.mean(t),
+        "dfdt_norm": jnp.mean(jax.lax.stop_gradient(norm)),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +136,8 @@ class ContinuousConsistency(Method):
     apply_fn: Callable
     sigmas: Any
     stopgrad: bool = True
-    teacher: Optional[Callable] = None
-    distance: Optional[Callable] = None
+    teacher: Callable | None = None
+    distance: Callable | None = None
 
     name = "cm_continuous"
 
@@ -124,7 +146,8 @@ class ContinuousConsistency(Method):
         from consistency_jax.methods.discrete import has_weights
 
         return (("teacher",) if self.teacher is not None else ()) + (
-            ("distance",) if self.distance is not None and has_weights(self.distance) else ())
+            ("distance",) if self.distance is not None and has_weights(self.distance) else ()
+        )
 
     def velocity(self, frozen: Frozen, x0, z, x_t, t, labels) -> Array:
         """dx/dt = (x_t − D(x_t, t))/t: the teacher's D for CD, the clean x0 for CT (= z)."""
@@ -144,26 +167,43 @@ class ContinuousConsistency(Method):
         x_t = x0 + t.reshape((b,) + (1,) * (x0.ndim - 1)) * z
         v = self.velocity(frozen, x0, z, x_t, t, labels)
         distance = frozen.distance if frozen.distance is not None else self.distance
-        return continuous_loss(self.apply_fn, self.sigmas, params, x_t, t, v,
-                               stopgrad=self.stopgrad, labels=labels, rng=rng_drop, distance=distance)
+        return continuous_loss(
+            self.apply_fn,
+            self.sigmas,
+            params,
+            x_t,
+            t,
+            v,
+            stopgrad=self.stopgrad,
+            labels=labels,
+            rng=rng_drop,
+            distance=distance,
+        )
 
 
 def check(config) -> None:
     if config.loss.distance not in DISTANCES:
-        raise ValueError(f"config.loss.distance={config.loss.distance!r}: the continuous-time CM "
-                         f"methods implement {DISTANCES} (l1's Hessian vanishes almost everywhere).")
+        raise ValueError(
+            f"config.loss.distance={config.loss.distance!r}: the continuous-time CM "
+            f"methods implement {DISTANCES} (l1's Hessian vanishes almost everywhere)."
+        )
     if not config.loss.stopgrad and config.loss.distance != "l2":
-        raise ValueError(f"config.loss.stopgrad=False (the true objective ‖df/dt‖) is implemented for "
-                         f"config.loss.distance='l2' only, got {config.loss.distance!r}.")
+        raise ValueError(
+            f"config.loss.stopgrad=False (the true objective ‖df/dt‖) is implemented for "
+            f"config.loss.distance='l2' only, got {config.loss.distance!r}."
+        )
 
 
 def _build(teacher_needed: bool):
     def build(ctx) -> ContinuousConsistency:
         l2 = ctx.config.loss.distance == "l2"  # closed-form G = (2/D)·I, no Hessian-vector product
-        return ContinuousConsistency(apply_fn=ctx.apply_fn, sigmas=ctx.sigmas,
-                                     stopgrad=bool(ctx.config.loss.stopgrad),
-                                     teacher=ctx.teacher if teacher_needed else None,
-                                     distance=None if l2 else ctx.distance)
+        return ContinuousConsistency(
+            apply_fn=ctx.apply_fn,
+            sigmas=ctx.sigmas,
+            stopgrad=bool(ctx.config.loss.stopgrad),
+            teacher=ctx.teacher if teacher_needed else None,
+            distance=None if l2 else ctx.distance,
+        )
 
     return build
 
@@ -174,8 +214,24 @@ def defaults(c) -> None:
     c.curriculum.update(kind="constant", mu0=0.0)
 
 
-register(MethodSpec(name="cm_continuous_ct", summary="CM's continuous-time CT (Appendix B)",
-                    family="consistency", defaults=defaults, check=check, build=_build(False)))
-register(MethodSpec(name="cm_continuous_cd", summary="CM's continuous-time CD (Appendix B)",
-                    family="consistency", defaults=defaults, check=check, build=_build(True),
-                    needs_teacher=True))
+register(
+    MethodSpec(
+        name="cm_continuous_ct",
+        summary="CM's continuous-time CT (Appendix B)",
+        family="consistency",
+        defaults=defaults,
+        check=check,
+        build=_build(False),
+    )
+)
+register(
+    MethodSpec(
+        name="cm_continuous_cd",
+        summary="CM's continuous-time CD (Appendix B)",
+        family="consistency",
+        defaults=defaults,
+        check=check,
+        build=_build(True),
+        needs_teacher=True,
+    )
+)

@@ -1,12 +1,13 @@
 """Consistency training from scratch: CM's CT (CM Algorithm 3, the adaptive curriculum of CM
 Appendix C) and the improved iCT (Song & Dhariwal 2023: pseudo-Huber, λ = 1/Δt, lognormal n,
 doubling N, no target EMA), as the methods ``ct`` and ``ict``."""
+
 from __future__ import annotations
 
 import dataclasses
 
-from consistency_jax.methods.base import Frozen, MethodSpec, register
 from consistency_jax.methods import discrete
+from consistency_jax.methods.base import Frozen, MethodSpec, register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,9 +22,13 @@ class ConsistencyTraining(discrete.DiscreteConsistency):
 
 
 def build(ctx) -> ConsistencyTraining:
-    return ConsistencyTraining(apply_fn=ctx.apply_fn, sigmas=ctx.sigmas,
-                               curriculum=discrete.curriculum_from_config(ctx.config),
-                               loss_cfg=discrete.loss_config_from(ctx.config), distance=ctx.distance)
+    return ConsistencyTraining(
+        apply_fn=ctx.apply_fn,
+        sigmas=ctx.sigmas,
+        curriculum=discrete.curriculum_from_config(ctx.config),
+        loss_cfg=discrete.loss_config_from(ctx.config),
+        distance=ctx.distance,
+    )
 
 
 def ct_defaults(c) -> None:
@@ -39,7 +44,23 @@ def ict_defaults(c) -> None:
     c.loss.update(distance="pseudo_huber", weighting="ict", index_sampling="lognormal")
 
 
-register(MethodSpec(name="ct", summary="consistency training (CM Algorithm 3)", family="consistency",
-                    defaults=ct_defaults, check=discrete.check, build=build))
-register(MethodSpec(name="ict", summary="improved consistency training (iCT)", family="consistency",
-                    defaults=ict_defaults, check=discrete.check, build=build))
+register(
+    MethodSpec(
+        name="ct",
+        summary="consistency training (CM Algorithm 3)",
+        family="consistency",
+        defaults=ct_defaults,
+        check=discrete.check,
+        build=build,
+    )
+)
+register(
+    MethodSpec(
+        name="ict",
+        summary="improved consistency training (iCT)",
+        family="consistency",
+        defaults=ict_defaults,
+        check=discrete.check,
+        build=build,
+    )
+)

@@ -1,14 +1,15 @@
 """What the discrete-time consistency methods (CD and CT, CM Algorithms 2–3) share: the method object
 around ``losses.consistency_loss`` with its curriculum N(k), μ(k), and their config blocks."""
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
-from consistency_jax import losses
-from consistency_jax import schedules
+from consistency_jax import losses, schedules
 from consistency_jax.methods.base import Frozen, Method
 
 Array = jax.Array
@@ -63,9 +64,19 @@ class DiscreteConsistency(Method):
         num_scales, _ = self.curriculum(step)
         distance = frozen.distance if frozen.distance is not None else self.distance
         point = lambda *args: self.target_point(frozen, *args)
-        return losses.consistency_loss(self.apply_fn, self.sigmas, self.loss_cfg,
-                                       self.curriculum.max_scales, params, frozen.target, batch,
-                                       rng, num_scales, distance, point)
+        return losses.consistency_loss(
+            self.apply_fn,
+            self.sigmas,
+            self.loss_cfg,
+            self.curriculum.max_scales,
+            params,
+            frozen.target,
+            batch,
+            rng,
+            num_scales,
+            distance,
+            point,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -81,8 +92,14 @@ def curriculum_from_config(config) -> schedules.Curriculum:
     cur = config.curriculum
     try:
         return schedules.Curriculum(
-            kind=cur.kind, num_scales=cur.num_scales, mu0=cur.mu0, s0=cur.s0, s1=cur.s1,
-            total_steps=cur.total_steps or config.train.num_steps, mu_form=cur.mu_form)
+            kind=cur.kind,
+            num_scales=cur.num_scales,
+            mu0=cur.mu0,
+            s0=cur.s0,
+            s1=cur.s1,
+            total_steps=cur.total_steps or config.train.num_steps,
+            mu_form=cur.mu_form,
+        )
     except (ValueError, TypeError) as e:
         raise ValueError(f"config.curriculum: {e}") from e
 
@@ -95,9 +112,15 @@ def loss_config_from(config) -> losses.LossConfig:
     """
     lc = config.loss
     try:
-        return losses.LossConfig(distance=lc.distance, weighting=lc.weighting,
-                                 index_sampling=lc.index_sampling, solver=lc.solver,
-                                 huber_c=lc.huber_c, p_mean=lc.p_mean, p_std=lc.p_std)
+        return losses.LossConfig(
+            distance=lc.distance,
+            weighting=lc.weighting,
+            index_sampling=lc.index_sampling,
+            solver=lc.solver,
+            huber_c=lc.huber_c,
+            p_mean=lc.p_mean,
+            p_std=lc.p_std,
+        )
     except (ValueError, TypeError) as e:
         raise ValueError(f"config.loss: {e}") from e
 
@@ -108,6 +131,6 @@ def check(config) -> None:
     loss_config_from(config)
 
 
-def grid_size(config) -> Optional[int]:
+def grid_size(config) -> int | None:
     """The number of points of the final Karras grid (for sampling times given as grid indices)."""
     return curriculum_from_config(config).max_scales

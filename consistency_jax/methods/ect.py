@@ -28,10 +28,12 @@ boundary f(x, 0) = x under this parameterization.
 
 Config: the ``config.ect`` block (q, k, b, stage_steps, p_mean, p_std, huber_c), checked by ``check``.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,9 +62,20 @@ def ect_r(t: Array, stage: Array, *, q: float, k: float, b: float) -> Array:
     return jnp.maximum(t - ect_gap(t, stage, q=q, k=k, b=b), 0.0)
 
 
-def ect_pairs(rng: Array, batch: int, step: Array, *, sigmas: param_lib.SigmaConfig, q: float,
-              k: float, b: float, stage_steps: int, p_mean: float = -1.1, p_std: float = 2.0,
-              dtype=jnp.float32) -> tuple[Array, Array]:
+def ect_pairs(
+    rng: Array,
+    batch: int,
+    step: Array,
+    *,
+    sigmas: param_lib.SigmaConfig,
+    q: float,
+    k: float,
+    b: float,
+    stage_steps: int,
+    p_mean: float = -1.1,
+    p_std: float = 2.0,
+    dtype=jnp.float32,
+) -> tuple[Array, Array]:
     """ECT's pairs (t, r) of optimizer step ``step``, each of shape (batch,).
 
     ln t ~ N(p_mean, p_std²), clipped to [σ_min, σ_max]; r = ``ect_r(t, ⌊step / stage_steps⌋)``, set to
@@ -75,10 +88,20 @@ def ect_pairs(rng: Array, batch: int, step: Array, *, sigmas: param_lib.SigmaCon
     return t, jnp.where(r < sigmas.sigma_min, jnp.zeros_like(r), r)
 
 
-def ect_loss(apply_fn: param_lib.ApplyFn, sigmas: param_lib.SigmaConfig, params: Any,
-             target_params: Any, x0: Array, z: Array, t: Array, r: Array, *, huber_c: float,
-             labels: Optional[Array] = None, rng: Optional[Array] = None
-             ) -> tuple[Array, dict[str, Array]]:
+def ect_loss(
+    apply_fn: param_lib.ApplyFn,
+    sigmas: param_lib.SigmaConfig,
+    params: Any,
+    target_params: Any,
+    x0: Array,
+    z: Array,
+    t: Array,
+    r: Array,
+    *,
+    huber_c: float,
+    labels: Array | None = None,
+    rng: Array | None = None,
+) -> tuple[Array, dict[str, Array]]:
     """ECT's loss (ECT Eq. 20, weighting 1/(t − r)) of given clean data, noise and pairs.
 
     Args:
@@ -103,13 +126,18 @@ def ect_loss(apply_fn: param_lib.ApplyFn, sigmas: param_lib.SigmaConfig, params:
     x_r = x0 + bcast(r) * z
     kw = dict(labels=labels, train=rng is not None, rng=rng)  # one dropout key for both calls
     online = param_lib.consistency_fn(apply_fn, params, x_t, t, sigmas, **kw)
-    target = param_lib.consistency_fn(apply_fn, jax.lax.stop_gradient(target_params), x_r, r,
-                                      sigmas, **kw)
+    target = param_lib.consistency_fn(
+        apply_fn, jax.lax.stop_gradient(target_params), x_r, r, sigmas, **kw
+    )
     target = jax.lax.stop_gradient(jnp.where(bcast(r) > 0, target, x0.astype(target.dtype)))
     dist = losses.pseudo_huber_distance(online, target, huber_c)
     loss = jnp.mean(dist / (t - r))
-    aux = {"mean_t": jnp.mean(t), "distance": jnp.mean(dist), "dt_ratio": jnp.mean((t - r) / t),
-           "frac_r0": jnp.mean((r == 0).astype(t.dtype))}
+    aux = {
+        "mean_t": jnp.mean(t),
+        "distance": jnp.mean(dist),
+        "dt_ratio": jnp.mean((t - r) / t),
+        "frac_r0": jnp.mean((r == 0).astype(t.dtype)),
+    }
     return loss, aux
 
 
@@ -147,31 +175,62 @@ class EasyConsistencyTuning(Method):
     def loss(self, params, frozen: Frozen, batch, rng, step):
         x0 = param_lib.as_compute_dtype(batch["image"])
         rng_t, rng_z, rng_drop = jax.random.split(rng, 3)
-        t, r = ect_pairs(rng_t, x0.shape[0], step, sigmas=self.sigmas, q=self.q, k=self.k,
-                         b=self.b, stage_steps=self.stage_steps, p_mean=self.p_mean,
-                         p_std=self.p_std, dtype=x0.dtype)
+        t, r = ect_pairs(
+            rng_t,
+            x0.shape[0],
+            step,
+            sigmas=self.sigmas,
+            q=self.q,
+            k=self.k,
+            b=self.b,
+            stage_steps=self.stage_steps,
+            p_mean=self.p_mean,
+            p_std=self.p_std,
+            dtype=x0.dtype,
+        )
         z = jax.random.normal(rng_z, x0.shape, x0.dtype)
-        return ect_loss(self.apply_fn, self.sigmas, params, frozen.target, x0, z, t, r,
-                        huber_c=self.huber_c, labels=batch.get("label"), rng=rng_drop)
+        return ect_loss(
+            self.apply_fn,
+            self.sigmas,
+            params,
+            frozen.target,
+            x0,
+            z,
+            t,
+            r,
+            huber_c=self.huber_c,
+            labels=batch.get("label"),
+            rng=rng_drop,
+        )
 
 
 def build(ctx) -> EasyConsistencyTuning:
     e = ctx.config.ect
-    return EasyConsistencyTuning(apply_fn=ctx.apply_fn, sigmas=ctx.sigmas, q=float(e.q),
-                                 k=float(e.k), b=float(e.b), stage_steps=int(e.stage_steps),
-                                 p_mean=float(e.p_mean), p_std=float(e.p_std),
-                                 huber_c=float(e.huber_c))
+    return EasyConsistencyTuning(
+        apply_fn=ctx.apply_fn,
+        sigmas=ctx.sigmas,
+        q=float(e.q),
+        k=float(e.k),
+        b=float(e.b),
+        stage_steps=int(e.stage_steps),
+        p_mean=float(e.p_mean),
+        p_std=float(e.p_std),
+        huber_c=float(e.huber_c),
+    )
 
 
 def check(config) -> None:
     """The ``config.ect`` block: q > 1, k ≥ 0, b ≥ 0, stage_steps ≥ 1, p_std > 0, huber_c ≥ 0."""
     e = config.ect
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-    for name, ok, need in (("q", lambda v: v > 1, "> 1 (Δt/t shrinks by q per stage)"),
-                           ("k", lambda v: v >= 0, ">= 0"), ("b", lambda v: v >= 0, ">= 0"),
-                           ("p_mean", lambda v: True, "a number"),
-                           ("p_std", lambda v: v > 0, "> 0"),
-                           ("huber_c", lambda v: v >= 0, ">= 0 (0: the l2 norm)")):
+    for name, ok, need in (
+        ("q", lambda v: v > 1, "> 1 (Δt/t shrinks by q per stage)"),
+        ("k", lambda v: v >= 0, ">= 0"),
+        ("b", lambda v: v >= 0, ">= 0"),
+        ("p_mean", lambda v: True, "a number"),
+        ("p_std", lambda v: v > 0, "> 0"),
+        ("huber_c", lambda v: v >= 0, ">= 0 (0: the l2 norm)"),
+    ):
         if not number(e[name]) or not ok(e[name]):
             raise ValueError(f"config.ect.{name} must be {need}, got {e[name]!r}.")
     s = e.stage_steps
@@ -186,6 +245,14 @@ def defaults(c) -> None:
     c.curriculum.update(kind="constant", mu0=0.0)
 
 
-register(MethodSpec(name="ect", summary="easy consistency tuning (ECT, Geng et al. 2024)",
-                    family="consistency", defaults=defaults, check=check, build=build,
-                    uses_distance=False))
+register(
+    MethodSpec(
+        name="ect",
+        summary="easy consistency tuning (ECT, Geng et al. 2024)",
+        family="consistency",
+        defaults=defaults,
+        check=check,
+        build=build,
+        uses_distance=False,
+    )
+)

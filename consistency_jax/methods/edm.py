@@ -1,10 +1,12 @@
 """An EDM diffusion model, the teacher of consistency distillation (Karras et al. 2022, Eq. 2 and
 Table 1): ln σ ~ N(P_mean, P_std²), λ(σ) = (σ² + σ_d²)/(σ·σ_d)²,
 loss = E[λ(σ)·mean((D_θ(x + σz, σ) − x)²)]."""
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +39,16 @@ class EDMDenoiser(Method):
         sigma = jnp.exp(self.p_mean + self.p_std * jax.random.normal(rng_s, (b,), x0.dtype))
         z = jax.random.normal(rng_z, x0.shape, x0.dtype)
         x_noisy = x0 + sigma.reshape((b,) + (1,) * (x0.ndim - 1)) * z
-        denoised = param_lib.denoiser_fn(self.apply_fn, params, x_noisy, sigma, self.sigmas,
-                                         labels=batch.get("label"), train=True, rng=rng_drop)
+        denoised = param_lib.denoiser_fn(
+            self.apply_fn,
+            params,
+            x_noisy,
+            sigma,
+            self.sigmas,
+            labels=batch.get("label"),
+            train=True,
+            rng=rng_drop,
+        )
         sd = self.sigmas.sigma_data
         lam = (sigma**2 + sd**2) / (sigma * sd) ** 2
         per_example = lam * losses.l2_distance(denoised, x0)
@@ -46,8 +56,12 @@ class EDMDenoiser(Method):
 
 
 def build(ctx) -> EDMDenoiser:
-    return EDMDenoiser(apply_fn=ctx.apply_fn, sigmas=ctx.sigmas, p_mean=ctx.config.loss.edm_p_mean,
-                       p_std=ctx.config.loss.edm_p_std)
+    return EDMDenoiser(
+        apply_fn=ctx.apply_fn,
+        sigmas=ctx.sigmas,
+        p_mean=ctx.config.loss.edm_p_mean,
+        p_std=ctx.config.loss.edm_p_std,
+    )
 
 
 def check(config) -> None:
@@ -60,5 +74,14 @@ def defaults(c) -> None:
     c.loss.update(edm_p_mean=-1.2, edm_p_std=1.2)
 
 
-register(MethodSpec(name="edm", summary="an EDM diffusion model (a CD teacher)", family="denoiser",
-                    defaults=defaults, check=check, build=build, uses_distance=False))
+register(
+    MethodSpec(
+        name="edm",
+        summary="an EDM diffusion model (a CD teacher)",
+        family="denoiser",
+        defaults=defaults,
+        check=check,
+        build=build,
+        uses_distance=False,
+    )
+)

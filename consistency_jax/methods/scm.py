@@ -34,11 +34,13 @@ Forward-mode through attention: the library's attention is written with ``jnp.ei
 The trained model's consistency function is ``trigflow.consistency_fn`` (sCM Eq. 6); the method plug-ins
 give samplers its EDM-unit form ``trigflow.consistency_fn_sigma``.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -50,8 +52,14 @@ from consistency_jax.methods.base import Frozen, Method, MethodSpec, register
 Array = jax.Array
 
 
-def sample_time(rng: Array, batch: int, p_mean: float, p_std: float,
-                sigmas: param_lib.SigmaConfig, dtype=jnp.float32) -> Array:
+def sample_time(
+    rng: Array,
+    batch: int,
+    p_mean: float,
+    p_std: float,
+    sigmas: param_lib.SigmaConfig,
+    dtype=jnp.float32,
+) -> Array:
     """The angles t = arctan(σ/σ_d) with ln σ ~ N(p_mean, p_std²), σ clipped to [σ_min, σ_max]."""
     sigma = jnp.exp(p_mean + p_std * jax.random.normal(rng, (batch,), dtype))
     sigma = jnp.clip(sigma, sigmas.sigma_min, sigmas.sigma_max)
@@ -65,9 +73,16 @@ def tangent_warmup(step: Array, warmup_steps: int) -> Array:
     return jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / warmup_steps)
 
 
-def tangent(apply_fn: param_lib.ApplyFn, sigmas: param_lib.SigmaConfig, target_params: Any,
-            x_t: Array, t: Array, velocity: Array, r: Array, **kwargs: Any
-            ) -> tuple[Array, Array]:
+def tangent(
+    apply_fn: param_lib.ApplyFn,
+    sigmas: param_lib.SigmaConfig,
+    target_params: Any,
+    x_t: Array,
+    t: Array,
+    velocity: Array,
+    r: Array,
+    **kwargs: Any,
+) -> tuple[Array, Array]:
     """(F⁻, g): the target network's output and the unnormalised tangent g (module docstring).
 
     g equals cos t·df_θ⁻/dt along dx_t/dt = ``velocity`` when r = 1. ``kwargs`` (labels, train, rng)
@@ -86,13 +101,25 @@ def tangent(apply_fn: param_lib.ApplyFn, sigmas: param_lib.SigmaConfig, target_p
 def per_example_norm(a: Array) -> Array:
     """‖a_i‖₂ over all but the first axis, shaped to broadcast against a."""
     return jnp.sqrt(jnp.sum(a.reshape(a.shape[0], -1) ** 2, axis=-1)).reshape(
-        (a.shape[0],) + (1,) * (a.ndim - 1))
+        (a.shape[0],) + (1,) * (a.ndim - 1)
+    )
 
 
-def scm_loss(apply_fn: param_lib.ApplyFn, logvar_fn: Optional[Callable], sigmas: param_lib.SigmaConfig,
-             params: Any, target_params: Any, x_t: Array, t: Array, velocity: Array, r: Array, *,
-             tangent_c: float, labels: Optional[Array] = None, rng: Optional[Array] = None
-             ) -> tuple[Array, dict[str, Array]]:
+def scm_loss(
+    apply_fn: param_lib.ApplyFn,
+    logvar_fn: Callable | None,
+    sigmas: param_lib.SigmaConfig,
+    params: Any,
+    target_params: Any,
+    x_t: Array,
+    t: Array,
+    velocity: Array,
+    r: Array,
+    *,
+    tangent_c: float,
+    labels: Array | None = None,
+    rng: Array | None = None,
+) -> tuple[Array, dict[str, Array]]:
     """The sCM objective of one batch at given TrigFlow points (module docstring).
 
     Args:
@@ -110,8 +137,9 @@ def scm_loss(apply_fn: param_lib.ApplyFn, logvar_fn: Optional[Callable], sigmas:
     """
     kwargs = dict(labels=labels, train=rng is not None, rng=rng)
     velocity = jax.lax.stop_gradient(velocity)
-    f_minus, g = tangent(apply_fn, sigmas, jax.lax.stop_gradient(target_params), x_t, t, velocity, r,
-                         **kwargs)
+    f_minus, g = tangent(
+        apply_fn, sigmas, jax.lax.stop_gradient(target_params), x_t, t, velocity, r, **kwargs
+    )
     g_norm = per_example_norm(g)
     g = jax.lax.stop_gradient(g / (g_norm + tangent_c))
     f_minus = jax.lax.stop_gradient(f_minus)
@@ -123,8 +151,12 @@ def scm_loss(apply_fn: param_lib.ApplyFn, logvar_fn: Optional[Callable], sigmas:
     else:
         w = logvar_fn(params, trigflow.network_time(t, sigmas)).astype(sq.dtype)
     per_example = jnp.exp(w) / dim * sq - w
-    return jnp.mean(per_example), {"mean_t": jnp.mean(t), "tangent_norm": jnp.mean(g_norm),
-                                   "logvar": jnp.mean(w), "mse": jnp.mean(sq) / dim}
+    return jnp.mean(per_example), {
+        "mean_t": jnp.mean(t),
+        "tangent_norm": jnp.mean(g_norm),
+        "logvar": jnp.mean(w),
+        "mse": jnp.mean(sq) / dim,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,13 +174,13 @@ class SCM(Method):
     """
 
     apply_fn: Callable
-    logvar_fn: Optional[Callable]
+    logvar_fn: Callable | None
     sigmas: Any
     p_mean: float = -1.0
     p_std: float = 1.4
     warmup_steps: int = 10_000
     tangent_c: float = 0.1
-    teacher: Optional[Callable] = None
+    teacher: Callable | None = None
 
     name = "scm"
 
@@ -164,8 +196,9 @@ class SCM(Method):
         if self.teacher is None:
             tb = param_lib.broadcast_times(t, x0)
             return jnp.cos(tb) * z - jnp.sin(tb) * x0
-        return trigflow.edm_velocity(self.teacher, self.sigmas.sigma_data)(frozen.teacher, x_t, t,
-                                                                           labels)
+        return trigflow.edm_velocity(self.teacher, self.sigmas.sigma_data)(
+            frozen.teacher, x_t, t, labels
+        )
 
     def loss(self, params, frozen: Frozen, batch, rng, step):
         x0 = param_lib.as_compute_dtype(batch["image"])
@@ -177,9 +210,20 @@ class SCM(Method):
         tb = param_lib.broadcast_times(t, x0)
         x_t = jnp.cos(tb) * x0 + jnp.sin(tb) * z
         v = self.velocity(frozen, x0, z, x_t, t, labels)
-        return scm_loss(self.apply_fn, self.logvar_fn, self.sigmas, params, frozen.target, x_t, t, v,
-                        tangent_warmup(step, self.warmup_steps), tangent_c=self.tangent_c,
-                        labels=labels, rng=rng_drop)
+        return scm_loss(
+            self.apply_fn,
+            self.logvar_fn,
+            self.sigmas,
+            params,
+            frozen.target,
+            x_t,
+            t,
+            v,
+            tangent_warmup(step, self.warmup_steps),
+            tangent_c=self.tangent_c,
+            labels=labels,
+            rng=rng_drop,
+        )
 
 
 def check(config) -> None:
@@ -188,13 +232,16 @@ def check(config) -> None:
     if not lc.p_std > 0:
         raise ValueError(f"config.loss.p_std must be positive, got {lc.p_std}.")
     if not isinstance(lc.tangent_warmup, int) or lc.tangent_warmup < 0:
-        raise ValueError(f"config.loss.tangent_warmup must be an integer >= 0, got "
-                         f"{lc.tangent_warmup!r}.")
+        raise ValueError(
+            f"config.loss.tangent_warmup must be an integer >= 0, got {lc.tangent_warmup!r}."
+        )
     if not lc.tangent_c > 0:
         raise ValueError(f"config.loss.tangent_c must be positive, got {lc.tangent_c}.")
     if not config.model.logvar_head:
-        raise ValueError("method=sct/scd train the adaptive weighting w_φ(t) jointly: set "
-                         "config.model.logvar_head=True (the method's default).")
+        raise ValueError(
+            "method=sct/scd train the adaptive weighting w_φ(t) jointly: set "
+            "config.model.logvar_head=True (the method's default)."
+        )
 
 
 def _build(with_teacher: bool):
@@ -203,11 +250,16 @@ def _build(with_teacher: bool):
         from consistency_jax.networks.logvar import make_logvar_fn
 
         lc = ctx.config.loss
-        return SCM(apply_fn=ctx.apply_fn,
-                   logvar_fn=make_logvar_fn(networks.from_config(ctx.config.model)),
-                   sigmas=ctx.sigmas, p_mean=float(lc.p_mean), p_std=float(lc.p_std),
-                   warmup_steps=int(lc.tangent_warmup), tangent_c=float(lc.tangent_c),
-                   teacher=ctx.teacher if with_teacher else None)
+        return SCM(
+            apply_fn=ctx.apply_fn,
+            logvar_fn=make_logvar_fn(networks.from_config(ctx.config.model)),
+            sigmas=ctx.sigmas,
+            p_mean=float(lc.p_mean),
+            p_std=float(lc.p_std),
+            warmup_steps=int(lc.tangent_warmup),
+            tangent_c=float(lc.tangent_c),
+            teacher=ctx.teacher if with_teacher else None,
+        )
 
     return build
 
@@ -220,10 +272,28 @@ def defaults(c) -> None:
     c.curriculum.update(kind="constant", mu0=0.0)
 
 
-register(MethodSpec(name="sct", summary="sCM consistency training in TrigFlow (Lu & Song 2024)",
-                    family="consistency", defaults=defaults, check=check, build=_build(False),
-                    uses_distance=False, consistency_fn=trigflow.consistency_fn_sigma))
-register(MethodSpec(name="scd", summary="sCM consistency distillation from an EDM teacher",
-                    family="consistency", defaults=defaults, check=check, build=_build(True),
-                    needs_teacher=True, uses_distance=False,
-                    consistency_fn=trigflow.consistency_fn_sigma))
+register(
+    MethodSpec(
+        name="sct",
+        summary="sCM consistency training in TrigFlow (Lu & Song 2024)",
+        family="consistency",
+        defaults=defaults,
+        check=check,
+        build=_build(False),
+        uses_distance=False,
+        consistency_fn=trigflow.consistency_fn_sigma,
+    )
+)
+register(
+    MethodSpec(
+        name="scd",
+        summary="sCM consistency distillation from an EDM teacher",
+        family="consistency",
+        defaults=defaults,
+        check=check,
+        build=_build(True),
+        needs_teacher=True,
+        uses_distance=False,
+        consistency_fn=trigflow.consistency_fn_sigma,
+    )
+)

@@ -9,6 +9,7 @@
 The names of ``inception`` and ``fid`` are exported lazily: ``import consistency_jax.metrics``
 does not build or import the Inception network.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -23,6 +23,7 @@ CNN (convolution backward passes are slow on CPU XLA). GELU keeps every feature 
 Training is deterministic on one platform, but floating-point reductions differ between CPU, GPU and
 TPU: to compare FDs across machines, compute them with the same cached ``.npz``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -88,7 +89,9 @@ def _train_classifier(images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     model = DigitsClassifier()
     key = jax.random.key(_TRAIN_SEED)
     params = model.init(key, jnp.zeros((1,) + images.shape[1:], jnp.float32))["params"]
-    tx = optax.adamw(optax.cosine_decay_schedule(_LEARNING_RATE, _TRAIN_STEPS), weight_decay=_WEIGHT_DECAY)
+    tx = optax.adamw(
+        optax.cosine_decay_schedule(_LEARNING_RATE, _TRAIN_STEPS), weight_decay=_WEIGHT_DECAY
+    )
     x_all, y_all = jnp.asarray(images), jnp.asarray(labels)
 
     def loss_fn(p, x, y):
@@ -99,7 +102,9 @@ def _train_classifier(images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
         p, opt_state = carry
         idx_key, noise_key = jax.random.split(step_key)
         idx = jax.random.choice(idx_key, x_all.shape[0], (_TRAIN_BATCH,), replace=False)
-        x = x_all[idx] + _NOISE_STD * jax.random.normal(noise_key, (_TRAIN_BATCH,) + x_all.shape[1:])
+        x = x_all[idx] + _NOISE_STD * jax.random.normal(
+            noise_key, (_TRAIN_BATCH,) + x_all.shape[1:]
+        )
         grads = jax.grad(loss_fn)(p, x, y_all[idx])
         updates, opt_state = tx.update(grads, opt_state, p)
         return (optax.apply_updates(p, updates), opt_state), None
@@ -122,12 +127,14 @@ class DigitsFeatureExtractor:
 
     @staticmethod
     def cache_path(cache_dir: str, image_size: int) -> str:
-        return os.path.join(cache_dir, f"digits_classifier_{image_size}x{image_size}_v{CLASSIFIER_VERSION}.npz")
+        return os.path.join(
+            cache_dir, f"digits_classifier_{image_size}x{image_size}_v{CLASSIFIER_VERSION}.npz"
+        )
 
     @classmethod
     def load_or_train(
         cls, image_size: int, *, data_dir: str | None = None, cache_dir: str | None = None
-    ) -> "DigitsFeatureExtractor":
+    ) -> DigitsFeatureExtractor:
         """Loads the cached classifier, or trains it on the train split and caches it.
 
         Args:
@@ -283,7 +290,9 @@ def digits_classifier_stats(
     if labels is not None:
         labels = np.asarray(labels)
         if labels.shape != predicted.shape or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"labels must be integers of shape {predicted.shape}, got {labels.dtype} {labels.shape}.")
+            raise ValueError(
+                f"labels must be integers of shape {predicted.shape}, got {labels.dtype} {labels.shape}."
+            )
         correct = predicted == labels
         stats["label_accuracy"] = float(correct.mean())
         stats["confident_accuracy"] = float((correct & confident).mean())

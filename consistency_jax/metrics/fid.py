@@ -20,6 +20,7 @@ Feature statistics (mean and covariance) are accumulated in float64 over batches
 ``GaussianStats`` (Chan et al.'s pairwise update, exact to rounding whatever the batching), stored
 as ``.npz`` (``mu``, ``sigma``, ``num_examples``; read with ``allow_pickle=False``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -83,7 +84,12 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     dim = mu1.shape[0] if mu1.ndim == 1 else -1
-    if mu1.ndim != 1 or mu2.shape != (dim,) or sigma1.shape != (dim, dim) or sigma2.shape != (dim, dim):
+    if (
+        mu1.ndim != 1
+        or mu2.shape != (dim,)
+        or sigma1.shape != (dim, dim)
+        or sigma2.shape != (dim, dim)
+    ):
         raise ValueError(
             f"Need means (D,) and covariances (D, D) of one D; got {mu1.shape}, {sigma1.shape}, "
             f"{mu2.shape}, {sigma2.shape}."
@@ -113,24 +119,32 @@ class GaussianStats:
     mean: np.ndarray | None = None
     scatter: np.ndarray | None = None
 
-    def merge(self, other: "GaussianStats") -> "GaussianStats":
+    def merge(self, other: GaussianStats) -> GaussianStats:
         """Adds ``other``'s examples into this accumulator (in place) and returns it."""
         if other.count == 0:
             return self
         if self.count == 0:
-            self.count, self.mean, self.scatter = other.count, other.mean.copy(), other.scatter.copy()
+            self.count, self.mean, self.scatter = (
+                other.count,
+                other.mean.copy(),
+                other.scatter.copy(),
+            )
             return self
         if other.mean.shape != self.mean.shape:
-            raise ValueError(f"Cannot merge statistics of {other.mean.shape[0]}-d features into "
-                             f"{self.mean.shape[0]}-d ones.")
+            raise ValueError(
+                f"Cannot merge statistics of {other.mean.shape[0]}-d features into "
+                f"{self.mean.shape[0]}-d ones."
+            )
         n = self.count + other.count
         delta = other.mean - self.mean
         self.mean = self.mean + delta * (other.count / n)
-        self.scatter = self.scatter + other.scatter + np.outer(delta, delta) * (self.count * other.count / n)
+        self.scatter = (
+            self.scatter + other.scatter + np.outer(delta, delta) * (self.count * other.count / n)
+        )
         self.count = n
         return self
 
-    def update(self, features: Any) -> "GaussianStats":
+    def update(self, features: Any) -> GaussianStats:
         """Adds a batch of (B, D) features; returns self."""
         x = np.asarray(features, np.float64)
         if x.ndim != 2:
@@ -155,7 +169,7 @@ class GaussianStats:
         if self.count < n:
             raise ValueError(f"Statistics of {self.count} example(s); need at least {n}.")
 
-    def allgather(self) -> "GaussianStats":
+    def allgather(self) -> GaussianStats:
         """The statistics of every process's examples (a no-op with one process).
 
         Every process must call it (a collective); each gets the same merged result.
@@ -170,7 +184,9 @@ class GaussianStats:
         scatters = np.asarray(multihost_utils.process_allgather(self.scatter))
         merged = GaussianStats()
         for c, m, s in zip(counts, means, scatters):
-            merged.merge(GaussianStats(int(c), np.asarray(m, np.float64), np.asarray(s, np.float64)))
+            merged.merge(
+                GaussianStats(int(c), np.asarray(m, np.float64), np.asarray(s, np.float64))
+            )
         return merged
 
 
@@ -179,8 +195,12 @@ def save_statistics(path: str | os.PathLike, mu: Any, sigma: Any, num_examples: 
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}.npz"
-    np.savez(tmp, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
-             num_examples=np.asarray(num_examples, np.int64))
+    np.savez(
+        tmp,
+        mu=np.asarray(mu, np.float64),
+        sigma=np.asarray(sigma, np.float64),
+        num_examples=np.asarray(num_examples, np.int64),
+    )
     os.replace(tmp, path)
 
 
@@ -198,13 +218,17 @@ def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, in
     try:
         with np.load(path, allow_pickle=False) as data:
             if "mu" not in data or "sigma" not in data:
-                raise ValueError(f"Statistics file {path!r} has no 'mu' and 'sigma' arrays (it has {sorted(data)}).")
+                raise ValueError(
+                    f"Statistics file {path!r} has no 'mu' and 'sigma' arrays (it has {sorted(data)})."
+                )
             mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
             count = int(data["num_examples"]) if "num_examples" in data else -1
     except (OSError, EOFError) as err:
         raise ValueError(f"Statistics file {path!r} is not a readable .npz: {err}") from err
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"Statistics file {path!r}: mu {mu.shape} and sigma {sigma.shape} do not fit.")
+        raise ValueError(
+            f"Statistics file {path!r}: mu {mu.shape} and sigma {sigma.shape} do not fit."
+        )
     return mu, sigma, count
 
 
@@ -215,8 +239,9 @@ def _features_2d(name: str, x: Any, min_rows: int = 1) -> np.ndarray:
     return x
 
 
-def kernel_inception_distance(fake: Any, real: Any, num_subsets: int = 100, subset_size: int = 1000,
-                              seed: int = 0) -> tuple[float, float]:
+def kernel_inception_distance(
+    fake: Any, real: Any, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
     """KID (Bińkowski et al. 2018, §4): unbiased MMD² with k(a, b) = (aᵀb / d + 1)³, over subsets.
 
     For each subset, m fake features X and m real features Y drawn without replacement,
@@ -240,7 +265,9 @@ def kernel_inception_distance(fake: Any, real: Any, num_subsets: int = 100, subs
     if fake.shape[1] != real.shape[1]:
         raise ValueError(f"Features of different widths: {fake.shape} and {real.shape}.")
     if num_subsets < 1 or subset_size < 2:
-        raise ValueError(f"Need num_subsets >= 1 and subset_size >= 2, got {num_subsets} and {subset_size}.")
+        raise ValueError(
+            f"Need num_subsets >= 1 and subset_size >= 2, got {num_subsets} and {subset_size}."
+        )
     m = min(subset_size, fake.shape[0], real.shape[0])
     dim = fake.shape[1]
     rng = np.random.default_rng(seed)
@@ -280,7 +307,7 @@ def inception_score(logits: Any, splits: int = 10) -> tuple[float, float]:
     n = logits.shape[0]
     scores = []
     for i in range(splits):
-        part = log_p[i * n // splits:(i + 1) * n // splits]
+        part = log_p[i * n // splits : (i + 1) * n // splits]
         p = np.exp(part)
         log_marginal = np.log(p.mean(axis=0))
         scores.append(np.exp(np.mean(np.sum(p * (part - log_marginal), axis=1))))
@@ -289,8 +316,11 @@ def inception_score(logits: Any, splits: int = 10) -> tuple[float, float]:
 
 def _sq_distances(rows: jax.Array, points: jax.Array) -> jax.Array:
     hi = jax.lax.Precision.HIGHEST
-    d2 = (jnp.sum(rows * rows, axis=1)[:, None] + jnp.sum(points * points, axis=1)[None, :]
-          - 2.0 * jnp.dot(rows, points.T, precision=hi))
+    d2 = (
+        jnp.sum(rows * rows, axis=1)[:, None]
+        + jnp.sum(points * points, axis=1)[None, :]
+        - 2.0 * jnp.dot(rows, points.T, precision=hi)
+    )
     return jnp.maximum(d2, 0.0)
 
 
@@ -309,7 +339,7 @@ def _batched_rows(fn, rows: np.ndarray, batch_size: int, *args) -> np.ndarray:
     """fn(row batch, *args) over row batches padded to ``batch_size`` (one compilation)."""
     out = []
     for start in range(0, rows.shape[0], batch_size):
-        chunk = rows[start:start + batch_size]
+        chunk = rows[start : start + batch_size]
         n = chunk.shape[0]
         if n < batch_size and rows.shape[0] > batch_size:
             chunk = np.concatenate([chunk, np.zeros((batch_size - n, chunk.shape[1]), chunk.dtype)])
@@ -317,7 +347,9 @@ def _batched_rows(fn, rows: np.ndarray, batch_size: int, *args) -> np.ndarray:
     return np.concatenate(out)
 
 
-def precision_recall(fake: Any, real: Any, k: int = 3, batch_size: int = 2048) -> tuple[float, float]:
+def precision_recall(
+    fake: Any, real: Any, k: int = 3, batch_size: int = 2048
+) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019, Eq. 1–2) with k-NN manifolds.
 
     The manifold of a feature set is the union of balls around its points, each with radius the
@@ -341,8 +373,12 @@ def precision_recall(fake: Any, real: Any, k: int = 3, batch_size: int = 2048) -
     if fake.shape[1] != real.shape[1]:
         raise ValueError(f"Features of different widths: {fake.shape} and {real.shape}.")
     fake_dev, real_dev = jnp.asarray(fake), jnp.asarray(real)
-    radii_real = jnp.asarray(_batched_rows(functools.partial(_kth_neighbour_sq, k=k), real, batch_size, real_dev))
-    radii_fake = jnp.asarray(_batched_rows(functools.partial(_kth_neighbour_sq, k=k), fake, batch_size, fake_dev))
+    radii_real = jnp.asarray(
+        _batched_rows(functools.partial(_kth_neighbour_sq, k=k), real, batch_size, real_dev)
+    )
+    radii_fake = jnp.asarray(
+        _batched_rows(functools.partial(_kth_neighbour_sq, k=k), fake, batch_size, fake_dev)
+    )
     precision = _batched_rows(_inside_any, fake, batch_size, real_dev, radii_real).mean()
     recall = _batched_rows(_inside_any, real, batch_size, fake_dev, radii_fake).mean()
     return float(precision), float(recall)

@@ -36,6 +36,7 @@ and layouts (``Mixed_5b.branch1x1.conv.weight`` (out, in, kh, kw), ``….bn.{wei
 running_var}``, ``fc.weight`` (1008, 2048), ``fc.bias``). Where no path is passed, the environment
 variable ``INCEPTION_WEIGHTS`` names the file. Nothing here downloads anything.
 """
+
 from __future__ import annotations
 
 import functools
@@ -100,8 +101,15 @@ class _Conv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         ph, pw = self.padding
-        x = nn.Conv(self.features, self.kernel, strides=self.stride, padding=((ph, ph), (pw, pw)),
-                    use_bias=False, precision=self.precision, name="conv")(x)
+        x = nn.Conv(
+            self.features,
+            self.kernel,
+            strides=self.stride,
+            padding=((ph, ph), (pw, pw)),
+            use_bias=False,
+            precision=self.precision,
+            name="conv",
+        )(x)
         x = nn.BatchNorm(use_running_average=True, epsilon=_BN_EPS, name="bn")(x)
         return nn.relu(x)
 
@@ -205,12 +213,19 @@ class _MixedE(nn.Module):
         row, col = dict(kernel=(1, 3), padding=(0, 1)), dict(kernel=(3, 1), padding=(1, 0))
         b1 = conv(320, (1, 1), name="branch1x1")(x)
         b3 = conv(384, (1, 1), name="branch3x3_1")(x)
-        b3 = jnp.concatenate([conv(384, **row, name="branch3x3_2a")(b3),
-                              conv(384, **col, name="branch3x3_2b")(b3)], axis=-1)
+        b3 = jnp.concatenate(
+            [conv(384, **row, name="branch3x3_2a")(b3), conv(384, **col, name="branch3x3_2b")(b3)],
+            axis=-1,
+        )
         bd = conv(448, (1, 1), name="branch3x3dbl_1")(x)
         bd = conv(384, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
-        bd = jnp.concatenate([conv(384, **row, name="branch3x3dbl_3a")(bd),
-                              conv(384, **col, name="branch3x3dbl_3b")(bd)], axis=-1)
+        bd = jnp.concatenate(
+            [
+                conv(384, **row, name="branch3x3dbl_3a")(bd),
+                conv(384, **col, name="branch3x3dbl_3b")(bd),
+            ],
+            axis=-1,
+        )
         if self.max_pool:
             pooled = nn.max_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)))
         else:
@@ -302,7 +317,9 @@ def _check_images(images: Any) -> tuple[int, ...]:
     shape = tuple(np.shape(images))
     dtype = np.dtype(images.dtype) if hasattr(images, "dtype") else np.asarray(images).dtype
     if len(shape) != 4 or shape[-1] not in (1, 3):
-        raise ValueError(f"Inception expects uint8 images (N, H, W, 3) or (N, H, W, 1), got shape {shape}.")
+        raise ValueError(
+            f"Inception expects uint8 images (N, H, W, 3) or (N, H, W, 1), got shape {shape}."
+        )
     if dtype != np.uint8:
         raise ValueError(
             f"Inception expects uint8 images (quantise samples first, e.g. evaluation.images.to_uint8), "
@@ -336,8 +353,9 @@ def preprocess(images: jax.typing.ArrayLike, size: int = INPUT_SIZE) -> jax.Arra
     return (x - 128.0) / 128.0
 
 
-def inception_outputs(variables: Variables, images: jax.typing.ArrayLike, precision: Any = "highest"
-                      ) -> InceptionOutput:
+def inception_outputs(
+    variables: Variables, images: jax.typing.ArrayLike, precision: Any = "highest"
+) -> InceptionOutput:
     """Pool features and logits of uint8 images (``preprocess`` then ``InceptionV3``). Jittable.
 
     Args:
@@ -357,8 +375,11 @@ def inception_outputs(variables: Variables, images: jax.typing.ArrayLike, precis
 
 
 def _abstract_variables() -> Any:
-    return jax.eval_shape(InceptionV3().init, jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32))
+    return jax.eval_shape(
+        InceptionV3().init,
+        jax.random.key(0),
+        jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32),
+    )
 
 
 _FLAX_TO_TORCH = {
@@ -440,7 +461,9 @@ def resolve_weights_path(path: str | os.PathLike | None = None) -> str:
     if path is None or os.fspath(path) == "":
         path = os.environ.get(INCEPTION_WEIGHTS_ENV, "")
         if not path:
-            raise ValueError(_missing_weights_message(f"no path given and ${INCEPTION_WEIGHTS_ENV} is not set"))
+            raise ValueError(
+                _missing_weights_message(f"no path given and ${INCEPTION_WEIGHTS_ENV} is not set")
+            )
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(_missing_weights_message(f"the file {path!r} does not exist"))
@@ -452,10 +475,16 @@ def check_tensors(tensors: Mapping[str, np.ndarray], origin: str) -> None:
     expected = inception_tensor_shapes()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    wrong = [f"{name} {tuple(np.shape(tensors[name]))} (expected {expected[name]})"
-             for name in sorted(set(expected) & set(tensors)) if tuple(np.shape(tensors[name])) != expected[name]]
-    not_float = sorted(name for name in set(expected) & set(tensors)
-                       if not np.issubdtype(np.asarray(tensors[name]).dtype, np.floating))
+    wrong = [
+        f"{name} {tuple(np.shape(tensors[name]))} (expected {expected[name]})"
+        for name in sorted(set(expected) & set(tensors))
+        if tuple(np.shape(tensors[name])) != expected[name]
+    ]
+    not_float = sorted(
+        name
+        for name in set(expected) & set(tensors)
+        if not np.issubdtype(np.asarray(tensors[name]).dtype, np.floating)
+    )
     if missing or unexpected or wrong or not_float:
         raise ValueError(
             f"{origin} is not the FID Inception-v3: missing tensors {missing[:10]}"
@@ -485,7 +514,9 @@ def load_inception_params(path: str | os.PathLike | None = None) -> dict[str, An
         with safe_open(path, framework="numpy") as f:
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"Inception weight file {path!r} is not a readable .safetensors file: {err}") from err
+        raise ValueError(
+            f"Inception weight file {path!r} is not a readable .safetensors file: {err}"
+        ) from err
     check_tensors(tensors, f"Inception weight file {path!r}")
     return variables_from_tensors(tensors)
 
@@ -504,7 +535,9 @@ def _as_batches(images: np.ndarray | Iterable[np.ndarray]) -> Iterable[np.ndarra
 @functools.lru_cache(maxsize=8)
 def _compiled_outputs(precision: Any, sharding: NamedSharding):
     """One jitted ``inception_outputs`` per (precision, sharding): extractors share compilations."""
-    return jax.jit(functools.partial(inception_outputs, precision=precision), out_shardings=sharding)
+    return jax.jit(
+        functools.partial(inception_outputs, precision=precision), out_shardings=sharding
+    )
 
 
 class InceptionFeatureExtractor:
@@ -525,15 +558,25 @@ class InceptionFeatureExtractor:
         precision: see ``InceptionV3``.
     """
 
-    def __init__(self, variables: Variables | str | os.PathLike | None = None, *, batch_size: int = 200,
-                 mesh: Mesh | None = None, precision: Any = "highest"):
+    def __init__(
+        self,
+        variables: Variables | str | os.PathLike | None = None,
+        *,
+        batch_size: int = 200,
+        mesh: Mesh | None = None,
+        precision: Any = "highest",
+    ):
         if variables is None or isinstance(variables, (str, os.PathLike)):
             variables = load_inception_params(variables)
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
-        self.mesh = mesh if mesh is not None else Mesh(np.asarray(jax.local_devices()), (_BATCH_AXIS,))
+        self.mesh = (
+            mesh if mesh is not None else Mesh(np.asarray(jax.local_devices()), (_BATCH_AXIS,))
+        )
         if len(self.mesh.axis_names) != 1:
-            raise ValueError(f"InceptionFeatureExtractor needs a 1-D mesh, got axes {self.mesh.axis_names}.")
+            raise ValueError(
+                f"InceptionFeatureExtractor needs a 1-D mesh, got axes {self.mesh.axis_names}."
+            )
         self.num_devices = self.mesh.size
         self.batch_size = -(-batch_size // self.num_devices) * self.num_devices
         self._batch_sharding = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names[0]))
@@ -543,11 +586,15 @@ class InceptionFeatureExtractor:
     def _run(self, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows = chunk.shape[0]
         if rows < self.batch_size:
-            chunk = np.concatenate([chunk, np.zeros((self.batch_size - rows,) + chunk.shape[1:], chunk.dtype)])
+            chunk = np.concatenate(
+                [chunk, np.zeros((self.batch_size - rows,) + chunk.shape[1:], chunk.dtype)]
+            )
         out = self._apply(self.variables, jax.device_put(chunk, self._batch_sharding))
         return np.asarray(out.pool)[:rows], np.asarray(out.logits)[:rows]
 
-    def iter_outputs(self, images: np.ndarray | Iterable[np.ndarray]) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    def iter_outputs(
+        self, images: np.ndarray | Iterable[np.ndarray]
+    ) -> Iterable[tuple[np.ndarray, np.ndarray]]:
         """Yields ``(pool, logits)`` NumPy float32 arrays batch by batch.
 
         Args:
@@ -557,7 +604,7 @@ class InceptionFeatureExtractor:
             _check_images(array)
             array = np.asarray(array)
             for start in range(0, array.shape[0], self.batch_size):
-                yield self._run(array[start:start + self.batch_size])
+                yield self._run(array[start : start + self.batch_size])
 
     def __call__(self, images: np.ndarray | Iterable[np.ndarray]) -> InceptionOutput:
         """All pool features (N, 2048) and logits (N, 1008) as NumPy float32 arrays."""

@@ -31,6 +31,7 @@ linear heads). Tensors keep PyTorch's names and layouts in the file:
 
 Nothing here downloads anything.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -106,11 +107,28 @@ _VGG16 = _BackboneSpec(
     name="vgg",
     pool_window=2,
     ops=(
-        _Conv(0, 3, 64, 3), _Conv(2, 64, 64, 3), _TAP, _POOL,
-        _Conv(5, 64, 128, 3), _Conv(7, 128, 128, 3), _TAP, _POOL,
-        _Conv(10, 128, 256, 3), _Conv(12, 256, 256, 3), _Conv(14, 256, 256, 3), _TAP, _POOL,
-        _Conv(17, 256, 512, 3), _Conv(19, 512, 512, 3), _Conv(21, 512, 512, 3), _TAP, _POOL,
-        _Conv(24, 512, 512, 3), _Conv(26, 512, 512, 3), _Conv(28, 512, 512, 3), _TAP,
+        _Conv(0, 3, 64, 3),
+        _Conv(2, 64, 64, 3),
+        _TAP,
+        _POOL,
+        _Conv(5, 64, 128, 3),
+        _Conv(7, 128, 128, 3),
+        _TAP,
+        _POOL,
+        _Conv(10, 128, 256, 3),
+        _Conv(12, 256, 256, 3),
+        _Conv(14, 256, 256, 3),
+        _TAP,
+        _POOL,
+        _Conv(17, 256, 512, 3),
+        _Conv(19, 512, 512, 3),
+        _Conv(21, 512, 512, 3),
+        _TAP,
+        _POOL,
+        _Conv(24, 512, 512, 3),
+        _Conv(26, 512, 512, 3),
+        _Conv(28, 512, 512, 3),
+        _TAP,
     ),
 )
 
@@ -119,11 +137,18 @@ _ALEXNET = _BackboneSpec(
     name="alex",
     pool_window=3,
     ops=(
-        _Conv(0, 3, 64, 11, stride=4, padding=2), _TAP, _POOL,
-        _Conv(3, 64, 192, 5, padding=2), _TAP, _POOL,
-        _Conv(6, 192, 384, 3), _TAP,
-        _Conv(8, 384, 256, 3), _TAP,
-        _Conv(10, 256, 256, 3), _TAP,
+        _Conv(0, 3, 64, 11, stride=4, padding=2),
+        _TAP,
+        _POOL,
+        _Conv(3, 64, 192, 5, padding=2),
+        _TAP,
+        _POOL,
+        _Conv(6, 192, 384, 3),
+        _TAP,
+        _Conv(8, 384, 256, 3),
+        _TAP,
+        _Conv(10, 256, 256, 3),
+        _TAP,
     ),
 )
 
@@ -270,7 +295,12 @@ def lpips_tensor_shapes(net: str = "vgg") -> dict[str, tuple[int, ...]]:
     spec = _spec(net)
     shapes: dict[str, tuple[int, ...]] = {}
     for conv in spec.convs:
-        shapes[f"features.{conv.index}.weight"] = (conv.out_ch, conv.in_ch, conv.kernel, conv.kernel)
+        shapes[f"features.{conv.index}.weight"] = (
+            conv.out_ch,
+            conv.in_ch,
+            conv.kernel,
+            conv.kernel,
+        )
         shapes[f"features.{conv.index}.bias"] = (conv.out_ch,)
     for layer, channels in enumerate(spec.tap_channels):
         shapes[f"lin{layer}.weight"] = (1, channels, 1, 1)
@@ -319,11 +349,15 @@ def load_lpips_params(path: str | os.PathLike, net: str = "vgg") -> dict[str, An
             metadata = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"LPIPS weight file {path!r} is not a readable .safetensors file: {err}") from err
+        raise ValueError(
+            f"LPIPS weight file {path!r} is not a readable .safetensors file: {err}"
+        ) from err
 
     file_net = metadata.get("net")
     if file_net is not None and file_net != net:
-        raise ValueError(f"LPIPS weight file {path!r} holds net={file_net!r} weights, not net={net!r}.")
+        raise ValueError(
+            f"LPIPS weight file {path!r} holds net={file_net!r} weights, not net={net!r}."
+        )
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -370,18 +404,26 @@ def _min_input_size(net: str) -> int:
 def _resize_bilinear(x: jax.Array, size: int) -> jax.Array:
     """Bilinear resize of NHWC images to size x size, as torch's
     ``F.interpolate(x, size, mode="bilinear", align_corners=False)`` (no antialiasing)."""
-    return jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), method="bilinear", antialias=False)
+    return jax.image.resize(
+        x, (x.shape[0], size, size, x.shape[3]), method="bilinear", antialias=False
+    )
 
 
 def _check_params(params: Params, net: str) -> None:
     """Raises ValueError when ``params`` is not a ``{"params": ...}`` tree for LPIPS(net)."""
     if not isinstance(params, Mapping) or "params" not in params:
-        raise ValueError('LPIPS params must be the {"params": ...} dict returned by load_lpips_params.')
+        raise ValueError(
+            'LPIPS params must be the {"params": ...} dict returned by load_lpips_params.'
+        )
     expected = jax.eval_shape(
         LPIPS(net=net).init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64, 3))
     )
-    want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
-    got = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    want = {
+        jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)
+    }
+    got = {
+        jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params)
+    }
     if want != got:
         missing = sorted(set(want) - set(got))
         extra = sorted(set(got) - set(want))

@@ -9,6 +9,7 @@ with ``x`` of shape (B, ...) (NHWC for images, (B, D) for vectors), ``c_noise`` 
 labels ``y`` of shape (B,), and it returns an array of the same shape as ``x``. Networks never read
 a config: they take plain constructor arguments. ``get_network(name, **kwargs)`` builds one by name.
 """
+
 from __future__ import annotations
 
 import importlib

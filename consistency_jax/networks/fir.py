@@ -7,10 +7,11 @@ Written here because no maintained JAX library provides upfirdn2d with StyleGAN2
 as sums of strided slices (``_upfirdn1d``), which XLA fuses forward and backward; 2-D kernels as a
 depthwise convolution. Pure functions of arrays: ``layers.FIRConv2d`` holds the parameters.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,8 +66,9 @@ def _fir_taps(k: Sequence[float] | np.ndarray, scale: float = 1.0) -> np.ndarray
     return (k / k.sum() * math.sqrt(scale)).astype(np.float32)
 
 
-def _upfirdn1d(x: Array, taps: np.ndarray, up: int, down: int, pad: tuple[int, int],
-               axis: int) -> Array:
+def _upfirdn1d(
+    x: Array, taps: np.ndarray, up: int, down: int, pad: tuple[int, int], axis: int
+) -> Array:
     """``upfirdn2d`` along one spatial axis with a 1-D kernel, as a sum of strided slices.
 
     Output j is Σ_m taps[K−1−m]·u[j·down + m], u the zero-upsampled, padded input along ``axis``
@@ -82,8 +84,10 @@ def _upfirdn1d(x: Array, taps: np.ndarray, up: int, down: int, pad: tuple[int, i
     size = taps.shape[0]
     n_out = (u.shape[axis] - size) // down + 1
     if n_out < 1:
-        raise ValueError(f"upfirdn2d: the padded length {u.shape[axis]} is shorter than the kernel "
-                         f"({size} taps).")
+        raise ValueError(
+            f"upfirdn2d: the padded length {u.shape[axis]} is shorter than the kernel "
+            f"({size} taps)."
+        )
     flipped = taps[::-1]
     out = None
     for m in range(size):
@@ -93,13 +97,15 @@ def _upfirdn1d(x: Array, taps: np.ndarray, up: int, down: int, pad: tuple[int, i
         part = part * float(flipped[m])  # a weakly typed Python float keeps x's dtype
         out = part if out is None else out + part
     if out is None:
-        out = jnp.zeros_like(jax.lax.slice_in_dim(u, 0, (n_out - 1) * down + 1, stride=down,
-                                                  axis=axis))
+        out = jnp.zeros_like(
+            jax.lax.slice_in_dim(u, 0, (n_out - 1) * down + 1, stride=down, axis=axis)
+        )
     return out
 
 
-def upfirdn2d(x: Array, kernel: np.ndarray | Array, up: int = 1, down: int = 1,
-              pad: tuple[int, int] = (0, 0)) -> Array:
+def upfirdn2d(
+    x: Array, kernel: np.ndarray | Array, up: int = 1, down: int = 1, pad: tuple[int, int] = (0, 0)
+) -> Array:
     """Upsample, pad, FIR-filter and downsample a batch of images (NHWC), channel by channel.
 
     The same sequence as StyleGAN2's ``upfirdn_2d`` (and ``scipy.signal.upfirdn`` per axis):
@@ -139,12 +145,18 @@ def upfirdn2d(x: Array, kernel: np.ndarray | Array, up: int = 1, down: int = 1,
     # lax convolutions are cross-correlations: flip the kernel for a true convolution.
     w = jnp.tile(kernel[::-1, ::-1, None, None], (1, 1, 1, channels))
     return jax.lax.conv_general_dilated(
-        x, w, window_strides=(down, down), padding="VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
+        x,
+        w,
+        window_strides=(down, down),
+        padding="VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=channels,
+    )
 
 
-def upsample_2d(x: Array, k: Sequence[float] = (1, 3, 3, 1), factor: int = 2,
-                gain: float = 1.0) -> Array:
+def upsample_2d(
+    x: Array, k: Sequence[float] = (1, 3, 3, 1), factor: int = 2, gain: float = 1.0
+) -> Array:
     """FIR upsampling by ``factor`` (StyleGAN2 ``upsample_2d``): (B, H, W, C) -> (B, fH, fW, C).
 
     Args:
@@ -161,8 +173,9 @@ def upsample_2d(x: Array, k: Sequence[float] = (1, 3, 3, 1), factor: int = 2,
     return upfirdn2d(x, kernel, up=factor, pad=((p + 1) // 2 + factor - 1, p // 2))
 
 
-def downsample_2d(x: Array, k: Sequence[float] = (1, 3, 3, 1), factor: int = 2,
-                  gain: float = 1.0) -> Array:
+def downsample_2d(
+    x: Array, k: Sequence[float] = (1, 3, 3, 1), factor: int = 2, gain: float = 1.0
+) -> Array:
     """FIR downsampling by ``factor`` (StyleGAN2 ``downsample_2d``): (B, H, W, C) -> (B, H/f, W/f, C).
 
     Args:
@@ -179,8 +192,9 @@ def downsample_2d(x: Array, k: Sequence[float] = (1, 3, 3, 1), factor: int = 2,
     return upfirdn2d(x, kernel, down=factor, pad=((p + 1) // 2, p // 2))
 
 
-def upsample_conv_2d(x: Array, w: Array, k: Sequence[float] = (1, 3, 3, 1),
-                     factor: int = 2) -> Array:
+def upsample_conv_2d(
+    x: Array, w: Array, k: Sequence[float] = (1, 3, 3, 1), factor: int = 2
+) -> Array:
     """Fused "upsample then 3×3 convolution" (StyleGAN2 ``upsample_conv_2d``).
 
     A stride-``factor`` transposed convolution with ``w`` followed by the FIR filter, padded once.
@@ -199,15 +213,21 @@ def upsample_conv_2d(x: Array, w: Array, k: Sequence[float] = (1, 3, 3, 1),
         raise ValueError(f"Convolution kernel must be square; got {w.shape[:2]}.")
     # Transposed convolution = correlation of the zero-dilated input, fully padded.
     x = jax.lax.conv_general_dilated(
-        x, w.astype(x.dtype), window_strides=(1, 1), padding=((kh - 1, kh - 1), (kw - 1, kw - 1)),
-        lhs_dilation=(factor, factor), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x,
+        w.astype(x.dtype),
+        window_strides=(1, 1),
+        padding=((kh - 1, kh - 1), (kw - 1, kw - 1)),
+        lhs_dilation=(factor, factor),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
     kernel = _fir_taps(k, factor**2)
     p = (kernel.shape[0] - factor) - (kw - 1)
     return upfirdn2d(x, kernel, pad=((p + 1) // 2 + factor - 1, p // 2 + 1))
 
 
-def conv_downsample_2d(x: Array, w: Array, k: Sequence[float] = (1, 3, 3, 1),
-                       factor: int = 2) -> Array:
+def conv_downsample_2d(
+    x: Array, w: Array, k: Sequence[float] = (1, 3, 3, 1), factor: int = 2
+) -> Array:
     """Fused "3×3 convolution then downsample" (StyleGAN2 ``conv_downsample_2d``).
 
     The FIR filter (padded once) followed by a stride-``factor`` valid convolution with ``w``.
@@ -226,8 +246,12 @@ def conv_downsample_2d(x: Array, w: Array, k: Sequence[float] = (1, 3, 3, 1),
     p = (kernel.shape[0] - factor) + (kw - 1)
     x = upfirdn2d(x, kernel, pad=((p + 1) // 2, p // 2))
     return jax.lax.conv_general_dilated(
-        x, w.astype(x.dtype), window_strides=(factor, factor), padding="VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x,
+        w.astype(x.dtype),
+        window_strides=(factor, factor),
+        padding="VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
 
 
 def naive_upsample_2d(x: Array, factor: int = 2) -> Array:

@@ -15,10 +15,12 @@ Every layer takes ``dtype`` (the compute dtype, e.g. ``jnp.bfloat16``) and ``par
 storage dtype of parameters, float32 by default). GroupNorm statistics and attention softmax are
 always computed in float32.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -26,8 +28,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from consistency_jax.networks.fir import (  # noqa: F401  (re-exported)
-    conv_downsample_2d, downsample_2d, naive_downsample_2d, naive_upsample_2d, setup_fir_kernel,
-    upfirdn2d, upsample_2d, upsample_conv_2d)
+    conv_downsample_2d,
+    downsample_2d,
+    naive_downsample_2d,
+    naive_upsample_2d,
+    setup_fir_kernel,
+    upfirdn2d,
+    upsample_2d,
+    upsample_conv_2d,
+)
 
 Array = jax.Array
 Dtype = Any
@@ -109,10 +118,19 @@ def _bias_init(init_style: str, scale: float, fan_in: int) -> Initializer:
 # --------------------------------------------------------------------------------------------------
 # Thin layer helpers (called inside a parent's ``nn.compact`` method, like score_sde's conv3x3).
 # --------------------------------------------------------------------------------------------------
-def conv2d(x: Array, features: int, kernel_size: int = 3, *, stride: int = 1,
-           padding: Any = "SAME", init_style: str = "ddpm", init_scale: float = 1.0,
-           dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-           name: Optional[str] = None) -> Array:
+def conv2d(
+    x: Array,
+    features: int,
+    kernel_size: int = 3,
+    *,
+    stride: int = 1,
+    padding: Any = "SAME",
+    init_style: str = "ddpm",
+    init_scale: float = 1.0,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    name: str | None = None,
+) -> Array:
     """A 2-D convolution with bias (NHWC, HWIO kernel) and the network's initialisation style.
 
     Args:
@@ -131,15 +149,29 @@ def conv2d(x: Array, features: int, kernel_size: int = 3, *, stride: int = 1,
       The convolved array (B, H', W', features).
     """
     fan_in = x.shape[-1] * kernel_size * kernel_size
-    return nn.Conv(features, (kernel_size, kernel_size), strides=stride, padding=padding,
-                   kernel_init=_kernel_init(init_style, init_scale),
-                   bias_init=_bias_init(init_style, init_scale, fan_in),
-                   dtype=dtype, param_dtype=param_dtype, name=name)(x)
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=stride,
+        padding=padding,
+        kernel_init=_kernel_init(init_style, init_scale),
+        bias_init=_bias_init(init_style, init_scale, fan_in),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )(x)
 
 
-def dense(x: Array, features: int, *, init_style: str = "ddpm", init_scale: float = 1.0,
-          dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-          name: Optional[str] = None) -> Array:
+def dense(
+    x: Array,
+    features: int,
+    *,
+    init_style: str = "ddpm",
+    init_scale: float = 1.0,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    name: str | None = None,
+) -> Array:
     """A dense layer on the last axis (also score_sde's ``NIN`` 1×1 projection).
 
     Args:
@@ -154,9 +186,14 @@ def dense(x: Array, features: int, *, init_style: str = "ddpm", init_scale: floa
     Returns:
       The projected array (..., features).
     """
-    return nn.Dense(features, kernel_init=_kernel_init(init_style, init_scale),
-                    bias_init=_bias_init(init_style, init_scale, x.shape[-1]),
-                    dtype=dtype, param_dtype=param_dtype, name=name)(x)
+    return nn.Dense(
+        features,
+        kernel_init=_kernel_init(init_style, init_scale),
+        bias_init=_bias_init(init_style, init_scale, x.shape[-1]),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )(x)
 
 
 def num_groups(channels: int, max_groups: int = 32) -> int:
@@ -180,9 +217,15 @@ def num_groups(channels: int, max_groups: int = 32) -> int:
     return groups
 
 
-def group_norm(x: Array, *, epsilon: float, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, name: Optional[str] = None,
-               groups: Optional[int] = None) -> Array:
+def group_norm(
+    x: Array,
+    *,
+    epsilon: float,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    name: str | None = None,
+    groups: int | None = None,
+) -> Array:
     """GroupNorm over the channel axis with ``num_groups(C)`` groups (statistics in float32).
 
     Args:
@@ -198,8 +241,9 @@ def group_norm(x: Array, *, epsilon: float, dtype: Dtype = jnp.float32,
       The normalised array, in ``dtype``.
     """
     g = num_groups(x.shape[-1]) if groups is None else groups  # GroupNorm checks that g divides C
-    return GroupNorm(num_groups=g, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
-                     name=name)(x)
+    return GroupNorm(
+        num_groups=g, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name
+    )(x)
 
 
 class GroupNorm(nn.Module):
@@ -222,7 +266,7 @@ class GroupNorm(nn.Module):
 
     num_groups: int = 32
     epsilon: float = 1e-6
-    dtype: Optional[Dtype] = None
+    dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -238,9 +282,9 @@ class GroupNorm(nn.Module):
         xg = xf.reshape(batch, -1, g, c // g)
         mean = jnp.mean(xg, axis=(1, 3))
         var = jnp.maximum(jnp.mean(jnp.square(xg), axis=(1, 3)) - jnp.square(mean), 0.0)
-        inv = jax.lax.rsqrt(var + self.epsilon)                         # (B, G)
+        inv = jax.lax.rsqrt(var + self.epsilon)  # (B, G)
         gamma = scale.astype(jnp.float32).reshape(g, c // g)
-        a = inv[:, :, None] * gamma                                     # (B, G, C/G)
+        a = inv[:, :, None] * gamma  # (B, G, C/G)
         b = bias.astype(jnp.float32).reshape(g, c // g) - mean[:, :, None] * a
         bshape = (batch,) + (1,) * (x.ndim - 2) + (c,)
         y = xf * a.reshape(bshape) + b.reshape(bshape)
@@ -265,8 +309,9 @@ def count_params(params: Any) -> int:
     return int(sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params)))
 
 
-def abstract_params(module: nn.Module, image_size: int, channels: int = 3,
-                    batch_size: int = 1) -> Any:
+def abstract_params(
+    module: nn.Module, image_size: int, channels: int = 3, batch_size: int = 1
+) -> Any:
     """Parameter shapes of an image network, computed with ``jax.eval_shape`` (no memory used).
 
     Args:
@@ -283,8 +328,9 @@ def abstract_params(module: nn.Module, image_size: int, channels: int = 3,
     kwargs = {}
     if getattr(module, "num_classes", None) is not None:
         kwargs["y"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
-    variables = jax.eval_shape(lambda xx, cc, kw: module.init(jax.random.key(0), xx, cc, **kw),
-                               x, c, kwargs)
+    variables = jax.eval_shape(
+        lambda xx, cc, kw: module.init(jax.random.key(0), xx, cc, **kw), x, c, kwargs
+    )
     return variables["params"]
 
 
@@ -313,13 +359,15 @@ def check_image(x: Array, num_levels: int, attn_resolutions: Sequence[int], net:
     if height % factor:
         raise ValueError(
             f"{net}: image size {height} is not divisible by 2**(levels-1) = {factor} "
-            f"({num_levels} resolution levels).")
+            f"({num_levels} resolution levels)."
+        )
     reached = tuple(height // 2**i for i in range(num_levels))
     missing = [r for r in attn_resolutions if r not in reached]
     if missing:
         raise ValueError(
             f"{net}: attention resolution(s) {missing} are never reached for {height}x{width} "
-            f"images; the UNet runs at resolutions {reached}.")
+            f"images; the UNet runs at resolutions {reached}."
+        )
 
 
 def check_noise_levels(c_noise: Any, batch: int) -> Array:
@@ -336,7 +384,7 @@ def check_noise_levels(c_noise: Any, batch: int) -> Array:
     return c_noise
 
 
-def check_labels(y: Optional[Array], num_classes: Optional[int], batch: int, net: str) -> None:
+def check_labels(y: Array | None, num_classes: int | None, batch: int, net: str) -> None:
     """Checks the class labels against the network's conditioning.
 
     Labels must lie in [0, num_classes); that cannot be checked on traced values (an out-of-range
@@ -347,14 +395,18 @@ def check_labels(y: Optional[Array], num_classes: Optional[int], batch: int, net
         of the wrong shape, or not integers; num_classes < 1.
     """
     if num_classes is not None and num_classes < 1:
-        raise ValueError(f"{net}: num_classes must be a positive integer or None; got {num_classes}.")
+        raise ValueError(
+            f"{net}: num_classes must be a positive integer or None; got {num_classes}."
+        )
     if num_classes is None:
         if y is not None:
             raise ValueError(f"{net} is unconditional (num_classes=None) but labels y were given.")
         return
     if y is None:
-        raise ValueError(f"{net} is class-conditional (num_classes={num_classes}); pass labels y "
-                         f"of shape ({batch},).")
+        raise ValueError(
+            f"{net} is class-conditional (num_classes={num_classes}); pass labels y "
+            f"of shape ({batch},)."
+        )
     if jnp.shape(y) != (batch,):
         raise ValueError(f"Labels y must have shape ({batch},); got {jnp.shape(y)}.")
     if not jnp.issubdtype(jnp.result_type(y), jnp.integer):
@@ -381,15 +433,21 @@ class GaussianFourierProjection(nn.Module):
     @nn.compact
     def __call__(self, c_noise: Array) -> Array:
         """Args: c_noise (B,). Returns: (B, 2·embedding_size) float32 features."""
-        w = self.param("W", nn.initializers.normal(stddev=self.scale), (self.embedding_size,),
-                       jnp.float32)
+        w = self.param(
+            "W", nn.initializers.normal(stddev=self.scale), (self.embedding_size,), jnp.float32
+        )
         w = jax.lax.stop_gradient(w).astype(jnp.float32)
         proj = c_noise.astype(jnp.float32)[:, None] * w[None, :] * (2.0 * np.pi)
         return jnp.concatenate([jnp.sin(proj), jnp.cos(proj)], axis=-1)
 
 
-def sinusoidal_embedding(c_noise: Array, dim: int, max_period: float = 10000.0,
-                         endpoint: bool = False, sin_first: bool = False) -> Array:
+def sinusoidal_embedding(
+    c_noise: Array,
+    dim: int,
+    max_period: float = 10000.0,
+    endpoint: bool = False,
+    sin_first: bool = False,
+) -> Array:
     """Sinusoidal ("positional") embedding of the noise level (DDPM, Transformer).
 
     Frequencies f_i = max_period^(−i/d), i = 0..half−1, with d = half − 1 if ``endpoint`` (score_sde's
@@ -450,9 +508,12 @@ class FIRConv2d(nn.Module):
             raise ValueError("FIRConv2d cannot both upsample and downsample.")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and positive; got {self.kernel_size}.")
-        w = self.param("kernel", default_init(self.init_scale),
-                       (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
-                       self.param_dtype)
+        w = self.param(
+            "kernel",
+            default_init(self.init_scale),
+            (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
+            self.param_dtype,
+        )
         x = x.astype(self.dtype)
         w = w.astype(self.dtype)
         if self.up:
@@ -460,8 +521,9 @@ class FIRConv2d(nn.Module):
         elif self.down:
             y = conv_downsample_2d(x, w, self.fir_kernel)
         else:
-            y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            y = jax.lax.conv_general_dilated(
+                x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
         if self.use_bias:
             b = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             y = y + b.astype(self.dtype)
@@ -506,10 +568,10 @@ class ResBlock(nn.Module):
       param_dtype: parameter dtype.
     """
 
-    out_ch: Optional[int] = None
+    out_ch: int | None = None
     up: bool = False
     down: bool = False
-    fir_kernel: Optional[Sequence[int]] = None
+    fir_kernel: Sequence[int] | None = None
     dropout: float = 0.0
     skip_rescale: bool = False
     scale_shift_norm: bool = False
@@ -518,7 +580,7 @@ class ResBlock(nn.Module):
     init_style: str = "ddpm"
     out_init_scale: float = 0.0
     norm_eps: float = 1e-6
-    norm_groups: Optional[int] = None
+    norm_groups: int | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -552,8 +614,9 @@ class ResBlock(nn.Module):
         x = self._resample(x)
         h = conv2d(h, out_ch, 3, **conv_kw)
 
-        emb_out = dense(nn.swish(emb), 2 * out_ch if self.scale_shift_norm else out_ch,
-                        **conv_kw)[:, None, None, :].astype(h.dtype)
+        emb_out = dense(nn.swish(emb), 2 * out_ch if self.scale_shift_norm else out_ch, **conv_kw)[
+            :, None, None, :
+        ].astype(h.dtype)
         if self.scale_shift_norm:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
             if self.normalize_scale_shift:
@@ -584,7 +647,7 @@ def _attention(q: Array, k: Array, v: Array) -> Array:
     ``jax.nn.dot_product_attention``; on XLA:CPU at NCSN++/ADM shapes (L = 256, 1–4 heads) 1.1–2.5×
     faster forward and up to 1.3× forward+backward. Plain ops: ``jax.jvp`` and ``jax.grad`` apply.
     """
-    q = jnp.swapaxes(q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), 1, 2)   # (B, heads, L, d)
+    q = jnp.swapaxes(q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), 1, 2)  # (B, heads, L, d)
     k = jnp.swapaxes(k, 1, 2)
     v = jnp.swapaxes(v, 1, 2)
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
@@ -617,7 +680,7 @@ class AttnBlock(nn.Module):
     qkv_init_scale: float = 0.1
     out_init_scale: float = 0.0
     norm_eps: float = 1e-6
-    norm_groups: Optional[int] = None
+    norm_groups: int | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -628,8 +691,13 @@ class AttnBlock(nn.Module):
         if c % self.num_heads:
             raise ValueError(f"{c} channels cannot be split into {self.num_heads} attention heads.")
         common = dict(init_style=self.init_style, dtype=self.dtype, param_dtype=self.param_dtype)
-        h = group_norm(x, epsilon=self.norm_eps, groups=self.norm_groups, dtype=self.dtype,
-                       param_dtype=self.param_dtype)
+        h = group_norm(
+            x,
+            epsilon=self.norm_eps,
+            groups=self.norm_groups,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
         shape = (b, height * width, self.num_heads, c // self.num_heads)
         q = dense(h, c, init_scale=self.qkv_init_scale, **common).reshape(shape)
         k = dense(h, c, init_scale=self.qkv_init_scale, **common).reshape(shape)

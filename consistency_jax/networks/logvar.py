@@ -6,6 +6,7 @@
 checkpoints. ``logvar(c_noise) -> (B,)`` evaluates w_φ on the network's time input: fixed sinusoidal
 features, one hidden layer, and a zero-initialised output (w_φ ≡ 0, uniform weighting, at the start).
 """
+
 from __future__ import annotations
 
 import flax.linen as nn

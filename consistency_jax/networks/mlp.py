@@ -1,7 +1,6 @@
 """A small MLP denoiser for low-dimensional data (the 2-D toy problem)."""
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import flax.linen as nn
 import jax
@@ -33,7 +32,7 @@ class MLP(nn.Module):
     depth: int = 3
     emb_dim: int = 64
     emb_scale: float = 100.0
-    num_classes: Optional[int] = None
+    num_classes: int | None = None
     dropout: float = 0.0
     dtype: jnp.dtype = jnp.float32
 

@@ -17,19 +17,32 @@ Layout for the CIFAR-10 defaults (32×32 input, nf = 128, ch_mult = (2, 2, 2)):
 With ``progressive_input = "residual"`` the input image is also downsampled alongside (a fused FIR
 convolution per level) and added to the down path (score_sde App. H.1, item 5).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from consistency_jax.networks.layers import (
-    AttnBlock, FIRConv2d, GaussianFourierProjection, ResBlock, check_image, check_labels,
-    check_noise_levels, conv2d, dense, downsample_2d, group_norm, naive_downsample_2d,
-    sinusoidal_embedding)
+    AttnBlock,
+    FIRConv2d,
+    GaussianFourierProjection,
+    ResBlock,
+    check_image,
+    check_labels,
+    check_noise_levels,
+    conv2d,
+    dense,
+    downsample_2d,
+    group_norm,
+    naive_downsample_2d,
+    sinusoidal_embedding,
+)
 
 Array = jax.Array
 Dtype = Any
@@ -87,20 +100,24 @@ class NCSNpp(nn.Module):
     embedding_type: str = "fourier"
     fourier_scale: float = 16.0
     init_scale: float = 0.0
-    num_classes: Optional[int] = None
+    num_classes: int | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def _check_config(self) -> None:
         if self.embedding_type not in _EMBEDDINGS:
-            raise ValueError(f"embedding_type must be one of {_EMBEDDINGS}; "
-                             f"got {self.embedding_type!r}.")
+            raise ValueError(
+                f"embedding_type must be one of {_EMBEDDINGS}; got {self.embedding_type!r}."
+            )
         if self.progressive_input not in _PROGRESSIVE_INPUTS:
-            raise ValueError(f"progressive_input must be one of {_PROGRESSIVE_INPUTS}; "
-                             f"got {self.progressive_input!r}.")
+            raise ValueError(
+                f"progressive_input must be one of {_PROGRESSIVE_INPUTS}; "
+                f"got {self.progressive_input!r}."
+            )
         if self.progressive_combine not in _COMBINES:
-            raise ValueError(f"progressive_combine must be one of {_COMBINES}; "
-                             f"got {self.progressive_combine!r}.")
+            raise ValueError(
+                f"progressive_combine must be one of {_COMBINES}; got {self.progressive_combine!r}."
+            )
         if not self.ch_mult or self.num_res_blocks < 1 or self.nf < 1:
             raise ValueError("NCSN++ needs nf >= 1, num_res_blocks >= 1 and a non-empty ch_mult.")
         if not 0.0 <= self.dropout < 1.0:
@@ -109,15 +126,18 @@ class NCSNpp(nn.Module):
     def _embed(self, c_noise: Array) -> Array:
         """Noise-level embedding -> two dense layers (score_sde ``conditional=True``)."""
         if self.embedding_type == "fourier":
-            temb = GaussianFourierProjection(embedding_size=self.nf, scale=self.fourier_scale)(c_noise)
+            temb = GaussianFourierProjection(embedding_size=self.nf, scale=self.fourier_scale)(
+                c_noise
+            )
         else:
             temb = sinusoidal_embedding(c_noise, self.nf, endpoint=True, sin_first=True)
         temb = dense(temb, 4 * self.nf, param_dtype=self.param_dtype)
         return dense(nn.swish(temb), 4 * self.nf, param_dtype=self.param_dtype)
 
     @nn.compact
-    def __call__(self, x: Array, c_noise: Array, y: Optional[Array] = None,
-                 train: bool = False) -> Array:
+    def __call__(
+        self, x: Array, c_noise: Array, y: Array | None = None, train: bool = False
+    ) -> Array:
         """Evaluates F_θ.
 
         Args:
@@ -141,21 +161,38 @@ class NCSNpp(nn.Module):
 
         temb = self._embed(c_noise)
         if self.num_classes is not None:
-            temb = temb + nn.Embed(self.num_classes, 4 * self.nf, param_dtype=self.param_dtype,
-                                   embedding_init=nn.initializers.normal(1.0))(y)
+            temb = temb + nn.Embed(
+                self.num_classes,
+                4 * self.nf,
+                param_dtype=self.param_dtype,
+                embedding_init=nn.initializers.normal(1.0),
+            )(y)
 
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         fir_kernel = tuple(self.fir_kernel) if self.fir else None
-        block_kw = dict(fir_kernel=fir_kernel, dropout=self.dropout, skip_rescale=self.skip_rescale,
-                        out_init_scale=self.init_scale, init_style="ddpm", norm_eps=1e-6, **common)
+        block_kw = dict(
+            fir_kernel=fir_kernel,
+            dropout=self.dropout,
+            skip_rescale=self.skip_rescale,
+            out_init_scale=self.init_scale,
+            init_style="ddpm",
+            norm_eps=1e-6,
+            **common,
+        )
 
         def res_block(h, out_ch=None, up=False, down=False):
             return ResBlock(out_ch=out_ch, up=up, down=down, **block_kw)(h, temb, train)
 
         def attention(h):
-            return AttnBlock(num_heads=1, skip_rescale=self.skip_rescale, init_style="ddpm",
-                             qkv_init_scale=0.1, out_init_scale=self.init_scale, norm_eps=1e-6,
-                             **common)(h)
+            return AttnBlock(
+                num_heads=1,
+                skip_rescale=self.skip_rescale,
+                init_style="ddpm",
+                qkv_init_scale=0.1,
+                out_init_scale=self.init_scale,
+                norm_eps=1e-6,
+                **common,
+            )(h)
 
         x = x.astype(self.dtype)
         input_pyramid = x
@@ -175,7 +212,11 @@ class NCSNpp(nn.Module):
             if self.progressive_input == "input_skip":
                 input_pyramid = self._pyramid_down(input_pyramid, None)
                 skip = conv2d(input_pyramid, h.shape[-1], 1, **common)
-                h = skip + h if self.progressive_combine == "sum" else jnp.concatenate([skip, h], -1)
+                h = (
+                    skip + h
+                    if self.progressive_combine == "sum"
+                    else jnp.concatenate([skip, h], -1)
+                )
             elif self.progressive_input == "residual":
                 input_pyramid = self._pyramid_down(input_pyramid, h.shape[-1])
                 input_pyramid = input_pyramid + h
@@ -192,8 +233,9 @@ class NCSNpp(nn.Module):
         # Up path (attention once per level, after the residual blocks, as in score_sde).
         for level in reversed(range(len(self.ch_mult))):
             for _ in range(self.num_res_blocks + 1):
-                h = res_block(jnp.concatenate([h, hs.pop()], axis=-1),
-                              out_ch=self.nf * self.ch_mult[level])
+                h = res_block(
+                    jnp.concatenate([h, hs.pop()], axis=-1), out_ch=self.nf * self.ch_mult[level]
+                )
             if resolution in self.attn_resolutions:
                 h = attention(h)
             if level != 0:
@@ -207,7 +249,7 @@ class NCSNpp(nn.Module):
         h = conv2d(h, channels, 3, init_scale=self.init_scale, param_dtype=self.param_dtype)
         return h.astype(jnp.float32)
 
-    def _pyramid_down(self, pyramid: Array, out_ch: Optional[int]) -> Array:
+    def _pyramid_down(self, pyramid: Array, out_ch: int | None) -> Array:
         """Downsamples the input pyramid ×2; with a (FIR) 3×3 convolution to ``out_ch`` if given.
 
         As in score_sde, the "residual" pyramid always uses a convolution and "input_skip" never
@@ -215,9 +257,15 @@ class NCSNpp(nn.Module):
         """
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if out_ch is None:
-            return downsample_2d(pyramid, self.fir_kernel) if self.fir else naive_downsample_2d(pyramid)
+            return (
+                downsample_2d(pyramid, self.fir_kernel)
+                if self.fir
+                else naive_downsample_2d(pyramid)
+            )
         if self.fir:
-            return FIRConv2d(out_ch, 3, down=True, fir_kernel=tuple(self.fir_kernel), **common)(pyramid)
+            return FIRConv2d(out_ch, 3, down=True, fir_kernel=tuple(self.fir_kernel), **common)(
+                pyramid
+            )
         return conv2d(pyramid, out_ch, 3, stride=2, **common)
 
 

@@ -11,17 +11,29 @@ Layout (ImageNet-64 values): conv3×3 -> per level [3 ResBlocks (+ multi-head at
 The paper trains in float16; here mixed precision is ``dtype=jnp.bfloat16`` (parameters stay float32,
 normalisation statistics, softmax, embeddings and the output head run in float32).
 """
+
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from consistency_jax.networks.layers import (
-    AttnBlock, ResBlock, check_image, check_labels, check_noise_levels, conv2d, dense, group_norm,
-    naive_downsample_2d, naive_upsample_2d, sinusoidal_embedding)
+    AttnBlock,
+    ResBlock,
+    check_image,
+    check_labels,
+    check_noise_levels,
+    conv2d,
+    dense,
+    group_norm,
+    naive_downsample_2d,
+    naive_upsample_2d,
+    sinusoidal_embedding,
+)
 
 Array = jax.Array
 Dtype = Any
@@ -93,24 +105,24 @@ class ADMUNet(nn.Module):
     num_res_blocks: int = 3
     attention_resolutions: Sequence[int] = (32, 16, 8)
     dropout: float = 0.0
-    num_classes: Optional[int] = 1000
+    num_classes: int | None = 1000
     num_head_channels: int = 64
     num_heads: int = 1
     use_scale_shift_norm: bool = True
     normalize_scale_shift: bool = False
     resblock_updown: bool = True
     conv_resample: bool = True
-    norm_groups: Optional[int] = None
+    norm_groups: int | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @classmethod
-    def imagenet64(cls, **overrides: Any) -> "ADMUNet":
+    def imagenet64(cls, **overrides: Any) -> ADMUNet:
         """The class-conditional ImageNet 64×64 network of CM (App. C; cm's ImageNet 64 launch flags)."""
         return cls(**{**IMAGENET64_CONFIG, **overrides})
 
     @classmethod
-    def lsun256(cls, **overrides: Any) -> "ADMUNet":
+    def lsun256(cls, **overrides: Any) -> ADMUNet:
         """The unconditional LSUN 256×256 network of CM (App. C; cm's LSUN 256 launch flags)."""
         return cls(**{**LSUN256_CONFIG, **overrides})
 
@@ -118,13 +130,16 @@ class ADMUNet(nn.Module):
         if self.num_head_channels == -1:
             return self.num_heads
         if self.num_head_channels < 1 or channels % self.num_head_channels:
-            raise ValueError(f"ADMUNet: {channels} channels are not divisible by "
-                             f"num_head_channels={self.num_head_channels}.")
+            raise ValueError(
+                f"ADMUNet: {channels} channels are not divisible by "
+                f"num_head_channels={self.num_head_channels}."
+            )
         return channels // self.num_head_channels
 
     @nn.compact
-    def __call__(self, x: Array, c_noise: Array, y: Optional[Array] = None,
-                 train: bool = False) -> Array:
+    def __call__(
+        self, x: Array, c_noise: Array, y: Array | None = None, train: bool = False
+    ) -> Array:
         """Evaluates F_θ.
 
         Args:
@@ -140,8 +155,10 @@ class ADMUNet(nn.Module):
           ValueError: bad image size, attention resolution, head split or labels.
         """
         if not self.channel_mult or self.num_res_blocks < 1 or self.model_channels < 1:
-            raise ValueError("ADMUNet needs model_channels >= 1, num_res_blocks >= 1 and a "
-                             "non-empty channel_mult.")
+            raise ValueError(
+                "ADMUNet needs model_channels >= 1, num_res_blocks >= 1 and a "
+                "non-empty channel_mult."
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {self.dropout}.")
         check_image(x, len(self.channel_mult), self.attention_resolutions, "ADMUNet")
@@ -155,30 +172,56 @@ class ADMUNet(nn.Module):
         emb = dense(emb, 4 * mc, init_style="torch", param_dtype=self.param_dtype)
         emb = dense(nn.swish(emb), 4 * mc, init_style="torch", param_dtype=self.param_dtype)
         if self.num_classes is not None:
-            emb = emb + nn.Embed(self.num_classes, 4 * mc, param_dtype=self.param_dtype,
-                                 embedding_init=nn.initializers.normal(1.0))(y)
+            emb = emb + nn.Embed(
+                self.num_classes,
+                4 * mc,
+                param_dtype=self.param_dtype,
+                embedding_init=nn.initializers.normal(1.0),
+            )(y)
 
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        block_kw = dict(fir_kernel=None, dropout=self.dropout, skip_rescale=False,
-                        scale_shift_norm=self.use_scale_shift_norm,
-                        normalize_scale_shift=self.normalize_scale_shift, skip_conv_on_resample=False,
-                        init_style="torch", out_init_scale=0.0, norm_eps=_NORM_EPS,
-                        norm_groups=self.norm_groups, **common)
+        block_kw = dict(
+            fir_kernel=None,
+            dropout=self.dropout,
+            skip_rescale=False,
+            scale_shift_norm=self.use_scale_shift_norm,
+            normalize_scale_shift=self.normalize_scale_shift,
+            skip_conv_on_resample=False,
+            init_style="torch",
+            out_init_scale=0.0,
+            norm_eps=_NORM_EPS,
+            norm_groups=self.norm_groups,
+            **common,
+        )
 
         def res_block(h, out_ch=None, up=False, down=False):
             return ResBlock(out_ch=out_ch, up=up, down=down, **block_kw)(h, emb, train)
 
         def attention(h):
-            return AttnBlock(num_heads=self._heads(h.shape[-1]), skip_rescale=False,
-                             init_style="torch", qkv_init_scale=1.0, out_init_scale=0.0,
-                             norm_eps=_NORM_EPS, norm_groups=self.norm_groups, **common)(h)
+            return AttnBlock(
+                num_heads=self._heads(h.shape[-1]),
+                skip_rescale=False,
+                init_style="torch",
+                qkv_init_scale=1.0,
+                out_init_scale=0.0,
+                norm_eps=_NORM_EPS,
+                norm_groups=self.norm_groups,
+                **common,
+            )(h)
 
         def downsample(h):
             if self.resblock_updown:
                 return res_block(h, down=True)
             if self.conv_resample:  # PyTorch padding=1, stride 2.
-                return conv2d(h, h.shape[-1], 3, stride=2, padding=((1, 1), (1, 1)),
-                              init_style="torch", **common)
+                return conv2d(
+                    h,
+                    h.shape[-1],
+                    3,
+                    stride=2,
+                    padding=((1, 1), (1, 1)),
+                    init_style="torch",
+                    **common,
+                )
             return naive_downsample_2d(h)
 
         def upsample(h):
@@ -189,8 +232,9 @@ class ADMUNet(nn.Module):
                 h = conv2d(h, h.shape[-1], 3, init_style="torch", **common)
             return h
 
-        h = conv2d(x.astype(self.dtype), int(self.channel_mult[0] * mc), 3, init_style="torch",
-                   **common)
+        h = conv2d(
+            x.astype(self.dtype), int(self.channel_mult[0] * mc), 3, init_style="torch", **common
+        )
         hs = [h]
         resolution = image_size
         for level, mult in enumerate(self.channel_mult):
@@ -220,8 +264,8 @@ class ADMUNet(nn.Module):
 
         # Output head in float32 (cm casts back to the input dtype before ``self.out``).
         h = h.astype(jnp.float32)
-        h = nn.swish(group_norm(h, epsilon=_NORM_EPS, param_dtype=self.param_dtype,
-                                groups=self.norm_groups))
-        h = conv2d(h, channels, 3, init_style="torch", init_scale=0.0,
-                   param_dtype=self.param_dtype)
+        h = nn.swish(
+            group_norm(h, epsilon=_NORM_EPS, param_dtype=self.param_dtype, groups=self.norm_groups)
+        )
+        h = conv2d(h, channels, 3, init_style="torch", init_scale=0.0, param_dtype=self.param_dtype)
         return h.astype(jnp.float32)
