@@ -4,7 +4,7 @@
   python bench/sampling_bench.py --network=ncsnpp --image_size=32 --batch=512 --dtype=bfloat16 \
       --nf=128 --ch_mult=2,2,2 --num_res_blocks=4 --attn=16
 
-The samplers are ``consistency_jax.sampling.multistep_sample`` (CM Algorithm 1) jitted end to end:
+The samplers are ``consistency_jax.samplers.multistep_sample`` (CM Algorithm 1) jitted end to end:
 noise drawn on the device, f_θ = c_skip·x + c_out·F_θ(c_in·x, c_noise), the boundary select and the
 [−1, 1] clip. The baseline is the raw network F_θ(x, c) on a pre-drawn input, k times for k steps.
 efficiency = k · t_forward / t_sampler (images/s of the sampler ÷ images/s of k bare forwards); the
@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import timing  # noqa: E402
 
-from consistency_jax import sampling  # noqa: E402
+from consistency_jax import samplers  # noqa: E402
 from consistency_jax.networks import make_apply_fn  # noqa: E402
 from consistency_jax.parameterization import SigmaConfig  # noqa: E402
 
@@ -66,7 +66,7 @@ def main(argv=None):
     steps = {"1-step": (sigmas.sigma_max,), "2-step": (sigmas.sigma_max, 0.8)}
     for name, ts in steps.items():
         sampler = jax.jit(
-            lambda p, r, ts=ts: sampling.multistep_sample(
+            lambda p, r, ts=ts: samplers.multistep_sample(
                 apply_fn, p, r, shape, ts, sigmas, clip=clip
             )
         )

@@ -8,7 +8,7 @@ plug-in of a name, and ``ConsistencyTraining``, ``ConsistencyDistillation`` and 
 method objects that ``make_train_step`` takes.
 
 The names below are imported on first use (PEP 562), so that ``import consistency_jax.loading`` or
-``consistency_jax.sampling`` does not load the training code.
+``consistency_jax.samplers`` does not load the training code.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ _API = {
         "edm_scalings",
         "network_teacher",
     ),
-    "consistency_jax.sampling": (
+    "consistency_jax.samplers": (
         "edm_heun_sample",
         "make_sampler",
         "multistep_sample",

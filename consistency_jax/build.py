@@ -17,9 +17,9 @@ from absl import logging
 
 from consistency_jax import losses as losses_lib
 from consistency_jax import methods as methods_lib
-from consistency_jax import networks, toy, toy_data
+from consistency_jax import networks, toy
 from consistency_jax import sharding as sharding_lib
-from consistency_jax.toy_data import TOY_DATASETS
+from consistency_jax.toy import TOY_DATASETS
 from consistency_jax.train_state import TrainState
 
 PyTree = Any
@@ -70,7 +70,7 @@ def make_optimizer(
 def build_data(config: ml_collections.ConfigDict, start_step: int = 0):
     """Returns (iterator of this host's share of each batch, example shape)."""
     if config.data.name in TOY_DATASETS:
-        it = toy_data.ToyIterator(
+        it = toy.ToyIterator(
             toy.ring_mixture(),
             config.data.batch_size // jax.process_count(),
             config.seed,

@@ -17,7 +17,7 @@ from typing import Any
 
 import ml_collections
 
-from consistency_jax.toy_data import TOY_DATASETS
+from consistency_jax.toy import TOY_DATASETS
 
 DIGITS_DATASET = "sklearn_digits"
 READERS = ("auto", "data_source", "tfds_load")
@@ -583,7 +583,7 @@ def _check_eval(config, sigmas, spec, rates) -> None:
                 f"config.eval.fid_reference={e.fid_reference!r} is not a file (a statistics "
                 "or reference-batch .npz; empty: the train split of config.data.name)."
             )
-        from consistency_jax.evaluation.inception import METRICS
+        from consistency_jax.evaluators.inception import METRICS
 
         bad = sorted(set(e.fid_metrics) - set(METRICS))
         if bad or not e.fid_metrics:
@@ -592,7 +592,7 @@ def _check_eval(config, sigmas, spec, rates) -> None:
             )
     if spec.family != "consistency":
         return
-    from consistency_jax.evaluation import samples
+    from consistency_jax.evaluators import samples
 
     try:
         samples.two_step_times(config, sigmas)

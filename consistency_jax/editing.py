@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from consistency_jax import parameterization as param_lib
-from consistency_jax import sampling
+from consistency_jax import samplers
 
 Array = jax.Array
 MaskLike = str | np.ndarray | Array
@@ -328,7 +328,7 @@ def _consistency_loop(
         steps.append(x)
         return x
 
-    x = sampling.multistep_sample(
+    x = samplers.multistep_sample(
         apply_fn,
         params,
         rng,
@@ -373,7 +373,7 @@ def edit(
 
     Args:
       apply_fn, params: the raw network and its parameters (``consistency_fn``'s first arguments).
-      rng: key; split into the start noise and the keys of ``sampling.multistep_sample``.
+      rng: key; split into the start noise and the keys of ``samplers.multistep_sample``.
       y: the reference images (B, H, W, C); only their known part (Ω = 0) is used.
       ts: strictly decreasing times in [ε, T], usually starting at T.
       sigmas: the noise configuration.
@@ -389,7 +389,7 @@ def edit(
     Returns:
       The edited images (B, H, W, C), and the steps if ``return_steps``.
     """
-    ts = sampling.check_times(ts, sigmas)
+    ts = samplers.check_times(ts, sigmas)
     y, omega, ay, proj = _prepare(y, transform, mask)
     k_init, k_loop = jax.random.split(rng)
     x_init = _start(transform, omega, y, ay, start_from) + ts[0] * jax.random.normal(
@@ -551,7 +551,7 @@ def denoise(
     σ is a Python float (static under jit), the same for the whole batch.
     ``ts`` (each < σ) adds Algorithm-1 steps after it, which need ``rng``; with none, ``rng`` may be None.
     """
-    ts = sampling.check_times((sigma, *ts), sigmas)
+    ts = samplers.check_times((sigma, *ts), sigmas)
     rng = _rng_or_unused(rng, ts, sigmas, "denoise")
     y = param_lib.as_compute_dtype(y)
     return _consistency_loop(
@@ -611,7 +611,7 @@ def interpolate(
     z0, z1 are unit-variance noises (B, H, W, C); the result is (K, B, H, W, C) for K ``alphas``. With
     one time (one-step generation) nothing is drawn and ``rng`` may be None. No known part.
     """
-    ts = sampling.check_times(ts, sigmas)
+    ts = samplers.check_times(ts, sigmas)
     alphas = jnp.asarray(alphas)
     x_init = ts[0] * _slerp_batch(z0, z1, alphas)
     rng = _rng_or_unused(rng, ts, sigmas, "interpolate")
@@ -651,7 +651,7 @@ def edm_edit(
     """Zero-shot editing with an EDM denoiser D(x, t): EDM's Heun sampler with a projection after
     every step (diffusion-based editing in the manner of CM Algorithm 4).
 
-    The PF-ODE runs from t_max (default T) on the Karras grid down to 0 (``sampling.edm_heun_sample``).
+    The PF-ODE runs from t_max (default T) on the Karras grid down to 0 (``samplers.edm_heun_sample``).
     One noise z is drawn; the start is x = ỹ + t_max·z as in ``edit``, and after every step, at its end
     time t, the known part is reset to that of y + t·z:
 
@@ -685,7 +685,7 @@ def edm_edit(
         return transform.inverse(jnp.where(omega, transform.forward(x), known))
 
     x_init = _start(transform, omega, y, ay, start_from) + t_start * z
-    return sampling.edm_heun_sample(
+    return samplers.edm_heun_sample(
         denoise, rng, y.shape, sigmas, num_steps, x_init=x_init, t_max=t_max, project=proj
     )
 
@@ -777,7 +777,7 @@ def edm_denoise(
 ) -> Array:
     """``denoise`` with an EDM teacher: the deterministic PF-ODE from (y, σ) to t = 0 (Heun)."""
     y = param_lib.as_compute_dtype(y)
-    return sampling.edm_heun_sample(
+    return samplers.edm_heun_sample(
         denoise, jax.random.key(0), y.shape, sigmas, num_steps, x_init=y, t_max=sigma
     )
 
@@ -793,7 +793,7 @@ def edm_interpolate(
     """``interpolate`` with an EDM teacher: the PF-ODE from T·slerp(z0, z1, α), (K, B, H, W, C)."""
     alphas = jnp.asarray(alphas)
     x_init = sigmas.sigma_max * _slerp_batch(z0, z1, alphas)
-    x = sampling.edm_heun_sample(
+    x = samplers.edm_heun_sample(
         denoise, jax.random.key(0), x_init.shape, sigmas, num_steps, x_init=x_init
     )
     return x.reshape((alphas.shape[0],) + tuple(jnp.shape(z0)))

@@ -121,7 +121,7 @@ def evaluate(
     import itertools
 
     from consistency_jax import data as data_lib
-    from consistency_jax.evaluation import inception as ev
+    from consistency_jax.evaluators import inception as ev
     from consistency_jax.metrics import inception as inception_lib
 
     metrics = tuple(m.strip().lower() for m in metrics if m.strip())
@@ -146,7 +146,7 @@ def evaluate(
     else:
         stream = data_lib.iterate_stored_images(samples, samples_split, data_dir, batch_size)
         first = next(stream)["image"]
-        ev._check_uint8_images(first, f"Images of TFDS data set {samples!r}")
+        ev.check_uint8_images(first, f"Images of TFDS data set {samples!r}")
         sample_batches = itertools.chain([first], (b["image"] for b in stream))
         if num_samples:
             sample_batches = _first_rows(sample_batches, num_samples)

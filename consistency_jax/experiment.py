@@ -32,7 +32,7 @@ from consistency_jax import build, fs
 from consistency_jax import checkpoint as ckpt_lib
 from consistency_jax import config as config_lib
 from consistency_jax import sharding as sharding_lib
-from consistency_jax.evaluation import build_evaluator
+from consistency_jax.evaluators import build_evaluator
 from consistency_jax.preemption import PreemptionWatcher
 from consistency_jax.train import make_train_step
 from consistency_jax.train_state import TrainState

@@ -11,6 +11,9 @@ x_t = x_0 + t·z the noised density is again a mixture, p_t = Σ π_k N(μ_k, (s
 
 ``exact_denoiser`` is a jittable teacher for consistency distillation whose "parameters" are the
 mixture itself (a pytree), so it slots into ``TrainState.teacher_params`` like a network's weights.
+
+``ToyIterator`` is the toy's data iterator (``config.data.name`` in ``TOY_DATASETS``): exact mixture
+samples, a pure function of (seed, step).
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
+
+# The names of ``config.data.name`` served by this module instead of TFDS.
+TOY_DATASETS = ("toy_ring",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,3 +150,46 @@ def ode_map(
     if not sol.success:
         raise RuntimeError(f"The exact ODE solve failed: {sol.message}")
     return sol.y[:, -1].reshape(shape)
+
+
+class ToyIterator:
+    """Yields {"image": float32 (B, 2)} batches of the ring mixture.
+
+    The batch of step k depends only on (seed, k, process_index), so a resumed run sees exactly the
+    batches an uninterrupted run would have seen; ``get_state``/``set_state`` carry the position.
+    """
+
+    def __init__(
+        self,
+        mixture: GaussianMixture,
+        batch_size: int,
+        seed: int,
+        *,
+        process_index: int = 0,
+        start_step: int = 0,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        self.mixture = mixture
+        self.batch_size = batch_size
+        self.seed = seed
+        self.process_index = process_index
+        self.step = start_step
+
+    def batch(self, step: int) -> dict:
+        rng = np.random.default_rng([self.seed, step, self.process_index])
+        return {"image": self.mixture.sample(rng, self.batch_size).astype(np.float32)}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        b = self.batch(self.step)
+        self.step += 1
+        return b
+
+    def get_state(self) -> dict:
+        return {"step": int(self.step)}
+
+    def set_state(self, state: dict) -> None:
+        self.step = int(state["step"])

@@ -78,7 +78,7 @@ def _cycles(graph):
 def test_no_import_circles():
     graph = _import_graph()
     assert "consistency_jax.methods.ct" in graph and graph["consistency_jax.experiment"]
-    assert "consistency_jax.evaluation" in graph["consistency_jax.experiment"]
+    assert "consistency_jax.evaluators" in graph["consistency_jax.experiment"]
     assert _cycles(graph) == []
     # The detector finds a circle when there is one.
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]

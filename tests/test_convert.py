@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from consistency_jax import convert, loading, sampling
+from consistency_jax import convert, loading, samplers
 from consistency_jax import parameterization as param_lib
 from consistency_jax.networks import make_apply_fn
 from consistency_jax.networks.unet import ADMUNet
@@ -111,7 +111,7 @@ def test_cd_run_gives_f_of_the_official_network(cd_run):
     x = (ref["sigma"][:, None, None, None] * ref["z"]).astype(np.float32)
     want = _f_reference(ref, x.astype(np.float64))
     # One-step samples from the fixed noise z of the first two examples (σ = T, CM Algorithm 1).
-    one_step = sampling.multistep_sample(
+    one_step = samplers.multistep_sample(
         apply_fn,
         params,
         jax.random.key(0),
@@ -336,7 +336,7 @@ def test_jcm_cd_run_gives_jcm_distiller(jcm_cd_run):
     sigmas = param_lib.SigmaConfig(**config.sigmas.to_dict())
     x = ref["sigma"][:, None, None, None] * ref["z"]
     # One-step samples from the fixed noise (σ = T) equal jcm's get_distiller_fn f(x, T).
-    one_step = sampling.multistep_sample(
+    one_step = samplers.multistep_sample(
         apply_fn, params, jax.random.key(0), x[:2].shape, (T,), sigmas, x_init=x[:2]
     )
     assert np.abs(np.asarray(one_step) - ref["f"][:2]).max() <= 1e-5
@@ -480,7 +480,7 @@ def test_diffusers_run_samples_like_the_pipeline(diffusers_run, tmp_path):
     apply_fn = make_apply_fn(ADMUNet(**config.model.kwargs))
     sigmas = param_lib.SigmaConfig(**config.sigmas.to_dict())
     x = (ref["sigma"][:, None, None, None] * ref["z"]).astype(np.float32)
-    one_step = sampling.multistep_sample(
+    one_step = samplers.multistep_sample(
         apply_fn,
         params,
         jax.random.key(0),

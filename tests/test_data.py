@@ -12,7 +12,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from consistency_jax import data as data_lib
-from consistency_jax.datasets import digits as digits_ds
+from consistency_jax.data import digits as digits_ds
+from consistency_jax.data import preprocess
 
 
 @pytest.fixture(scope="module")
@@ -237,26 +238,28 @@ def test_center_crop_resize_against_block_images():
     # Every 2x2 block of `big` is one pixel of `small`: box halving recovers `small` exactly, and
     # the centre crop of a 16x24 image to 16x16 keeps columns 4..19.
     big = np.kron(small, np.ones((2, 2, 1), np.uint8))
-    out = data_lib._center_crop_resize(big, 16)  # pylint: disable=protected-access
+    out = preprocess.center_crop_resize(big, 16)
     np.testing.assert_array_equal(out, small[:, 4:20])
-    gray = data_lib._center_crop_resize(big[..., :1], 16)  # pylint: disable=protected-access
+    gray = preprocess.center_crop_resize(big[..., :1], 16)
     np.testing.assert_array_equal(gray, small[:, 4:20, :1])
     # A non-integer factor goes through bicubic resampling: compare with PIL on the cropped image.
     odd = rng.integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
     want = np.asarray(Image.fromarray(odd).resize((24, 16), Image.BICUBIC))[:, 4:20]
-    np.testing.assert_array_equal(data_lib._center_crop_resize(odd, 16), want)  # pylint: disable=protected-access
+    np.testing.assert_array_equal(preprocess.center_crop_resize(odd, 16), want)
 
 
 def test_to_unit_range():
     np.testing.assert_allclose(
-        data_lib._to_unit_range(np.array([0, 255], np.uint8)),
-        [-1.0, 1.0],  # pylint: disable=protected-access
+        preprocess.to_unit_range(np.array([0, 255], np.uint8)),
+        [-1.0, 1.0],
     )
     np.testing.assert_allclose(
-        data_lib._to_unit_range(np.array([0, 65535], np.uint16)),
-        [-1.0, 1.0],  # pylint: disable=protected-access
+        preprocess.to_unit_range(np.array([0, 65535], np.uint16)),
+        [-1.0, 1.0],
     )
-    np.testing.assert_allclose(data_lib._to_unit_range(np.array([0.0, 0.5, 1.0])), [-1.0, 0.0, 1.0])  # pylint: disable=protected-access
+    np.testing.assert_allclose(
+        preprocess.to_unit_range(np.array([0.0, 0.5, 1.0])), [-1.0, 0.0, 1.0]
+    )
 
 
 def test_digits_images_bad_size():

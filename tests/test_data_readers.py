@@ -18,6 +18,7 @@ import pytest
 import real_tfds
 
 from consistency_jax import data as data_lib
+from consistency_jax.data import prepare, preprocess
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def _take(iterator, steps):
 
 def _unflip(batch: dict, seed: int, step: int) -> dict:
     """The batch of ``step`` with the pipeline's random horizontal flips undone (host 0)."""
-    flip = data_lib._flip_mask(seed, 0, step, batch["image"].shape[0])
+    flip = preprocess.flip_mask(seed, 0, step, batch["image"].shape[0])
     return {
         "image": np.where(flip[:, None, None, None], batch["image"][:, :, ::-1], batch["image"]),
         "label": batch["label"],
@@ -160,7 +161,7 @@ def test_reader_errors_name_the_problem(digits_dirs, monkeypatch):
         ValueError, match="reader='data_source' but this iterator has reader='tfds_load'"
     ):
         tf_it.set_state(grain_state)
-    monkeypatch.setattr(data_lib, "tensorflow_available", lambda: False)
+    monkeypatch.setattr(prepare, "tensorflow_available", lambda: False)
     with pytest.raises(ValueError, match="needs TensorFlow, and TensorFlow is not installed"):
         data_lib.make_image_iterator(_cfg(digits_dirs["tfrecord"]), 4, 0)
 

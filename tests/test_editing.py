@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import x64
 
-from consistency_jax import editing, sampling, toy
+from consistency_jax import editing, samplers, toy
 from consistency_jax import parameterization as P
 
 SIG = P.SigmaConfig()
@@ -390,7 +390,7 @@ def test_edm_editing_keeps_the_known_part_and_follows_the_exact_ode():
     # Independent pixels: a generated one follows its own PF-ODE from T·z, the Heun sampler's path (and
     # approximately the exact map to 0, μ + (T·z − μ)·s/√(s² + T²)), whatever the known pixels do.
     z = jax.random.normal(key, rgb.shape, jnp.float32)
-    alone = np.asarray(sampling.edm_heun_sample(d, key, rgb.shape, SIG, 18, x_init=T * z))
+    alone = np.asarray(samplers.edm_heun_sample(d, key, rgb.shape, SIG, 18, x_init=T * z))
     np.testing.assert_allclose(out[:, strokes], alone[:, strokes], atol=1e-6)
     want = mu + (T * np.asarray(z, np.float64) - mu) * s / np.sqrt(s * s + T * T)
     np.testing.assert_allclose(

@@ -23,7 +23,7 @@ import scipy.spatial.distance
 import scipy.special
 from conftest import load_npz, load_tool
 
-from consistency_jax.evaluation import inception as ev
+from consistency_jax.evaluators import inception as ev
 from consistency_jax.metrics import fid as F
 from consistency_jax.metrics import inception as I
 

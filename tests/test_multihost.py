@@ -62,9 +62,9 @@ def _initial_state(module, tx, curriculum):
 
 
 def _local_toy_batches(process_index: int) -> list[dict]:
-    from consistency_jax import toy, toy_data
+    from consistency_jax import toy
 
-    it = toy_data.ToyIterator(toy.ring_mixture(), LOCAL_BATCH, seed=0, process_index=process_index)
+    it = toy.ToyIterator(toy.ring_mixture(), LOCAL_BATCH, seed=0, process_index=process_index)
     return [next(it) for _ in range(STEPS)]
 
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from consistency_jax import export, sampling
+from consistency_jax import export, samplers
 from consistency_jax import parameterization as param_lib
 from consistency_jax import sample as sample_lib
 
@@ -87,10 +87,10 @@ def test_samples_are_a_function_of_seed_and_index_alone():
     params = {"w": jnp.float32(0.7)}
     key = jax.random.key(11)
     ts = (sigmas.sigma_max, 0.8)
-    big = sampling.indexed_sample(
+    big = samplers.indexed_sample(
         apply_fn, params, key, jnp.arange(16), (4, 4, 1), ts, sigmas, clip=1.0
     )
-    small = sampling.indexed_sample(
+    small = samplers.indexed_sample(
         apply_fn, params, key, jnp.arange(5, 10), (4, 4, 1), ts, sigmas, clip=1.0
     )
     np.testing.assert_array_equal(np.asarray(big[5:10]), np.asarray(small))
@@ -102,7 +102,7 @@ def test_samples_are_a_function_of_seed_and_index_alone():
         x = jnp.clip(f(ts[0] * z0, ts[0]), -1, 1)
         x = jnp.clip(f(x + np.sqrt(0.8**2 - sigmas.sigma_min**2) * z1, 0.8), -1, 1)
         np.testing.assert_allclose(np.asarray(big[i]), np.asarray(x[0]), rtol=1e-6, atol=1e-6)
-    labels = sampling.example_labels(sampling.example_keys(key, jnp.arange(2000)), 10)
+    labels = samplers.example_labels(samplers.example_keys(key, jnp.arange(2000)), 10)
     counts = np.bincount(np.asarray(labels), minlength=10)
     assert counts.min() > 150 and counts.max() < 250, counts  # uniform over the 10 classes
 
@@ -337,7 +337,7 @@ def test_multistep_indices_and_fixed_labels(run_dir, reference, tmp_path):
 
     model = sample_lib.describe_run(_request(run_dir, tmp_path / "a"))
     grid_n = discrete.grid_size(model.config)
-    times = sampling.times_from_indices((0, grid_n // 2), grid_n, model.sigmas)
+    times = samplers.times_from_indices((0, grid_n // 2), grid_n, model.sigmas)
     a = sample_lib.run(
         _request(
             run_dir,
@@ -362,7 +362,7 @@ def test_multistep_indices_and_fixed_labels(run_dir, reference, tmp_path):
 
 
 def test_ternary_and_greedy_search_find_the_brute_force_optimum():
-    from consistency_jax import tau_search
+    from consistency_jax.sample import tau_search
 
     grid = np.geomspace(80.0, 0.002, 40)
     targets = (3.0, 0.4)  # the best τ_1 and τ_2 of a separable unimodal score in log-time
@@ -396,7 +396,8 @@ def test_ternary_and_greedy_search_find_the_brute_force_optimum():
 def test_tau_search_command_scores_the_sampling_commands_samples(run_dir, reference, tmp_path):
     """The scorer's samples at (T,) are the sampling command's (same seed, same i); the command
     writes the search with every score, the chosen times scoring lowest among the candidates."""
-    from consistency_jax import loading, networks, tau_search
+    from consistency_jax import loading, networks
+    from consistency_jax.sample import tau_search
 
     model = sample_lib.describe_run(_request(run_dir, tmp_path / "t"))
     _, params, _ = loading.load_eval_params(run_dir)
@@ -578,11 +579,11 @@ def test_edm_teacher_runs_sample_with_heun_and_edit(edm_run_dir, tmp_path):
     model = sample_lib.describe_run(_request(edm_run_dir, tmp_path / "s2"))
     _, params, _ = loading.load_eval_params(edm_run_dir)
     apply_fn = networks.make_apply_fn(networks.from_config(model.config.model))
-    keys = sampling.example_keys(jax.random.key(3), jnp.arange(5))
-    x_init = model.sigmas.sigma_max * sampling.example_noise(keys, 0, model.example_shape)
+    keys = samplers.example_keys(jax.random.key(3), jnp.arange(5))
+    x_init = model.sigmas.sigma_max * samplers.example_noise(keys, 0, model.example_shape)
     denoise = lambda x, t: param_lib.denoiser_fn(apply_fn, params, x, t, model.sigmas)
     x = jnp.clip(
-        sampling.edm_heun_sample(
+        samplers.edm_heun_sample(
             denoise, jax.random.key(0), x_init.shape, model.sigmas, 3, x_init=x_init
         ),
         -1,
@@ -634,8 +635,8 @@ def test_trigflow_runs_sample_in_their_own_parameterisation(run_dir, tmp_path):
     _, params, _ = loading.load_eval_params(workdir)
     apply_fn = networks.make_apply_fn(networks.from_config(model.config.model))
     sd, big_t = model.sigmas.sigma_data, model.sigmas.sigma_max
-    keys = sampling.example_keys(jax.random.key(3), jnp.arange(4))
-    x_sigma = big_t * np.asarray(sampling.example_noise(keys, 0, model.example_shape), np.float64)
+    keys = samplers.example_keys(jax.random.key(3), jnp.arange(4))
+    x_sigma = big_t * np.asarray(samplers.example_noise(keys, 0, model.example_shape), np.float64)
     s = np.arctan(big_t / sd)
     x_s = np.cos(s) * x_sigma
     raw = np.asarray(

@@ -8,7 +8,7 @@ import pytest
 
 from consistency_jax import losses as L
 from consistency_jax import parameterization as P
-from consistency_jax import sampling, toy
+from consistency_jax import samplers, toy
 from consistency_jax import schedules as S
 from consistency_jax.methods import Frozen
 from consistency_jax.methods.cd import ConsistencyDistillation
@@ -176,7 +176,7 @@ def test_short_toy_training_lowers_distance_to_data(method):
     data = gm.sample(np.random.default_rng(99), 1000)
 
     def dist(p):
-        x = sampling.onestep_sample(apply_fn, p, jax.random.key(3), (1000, 2), SIG)
+        x = samplers.onestep_sample(apply_fn, p, jax.random.key(3), (1000, 2), SIG)
         return sliced_wasserstein2(np.asarray(x), data)
 
     before = dist(params)

@@ -40,7 +40,7 @@ import optax
 from flax import traverse_util
 
 from consistency_jax import data as data_lib
-from consistency_jax.datasets import digits as digits_dataset
+from consistency_jax.data import digits as digits_dataset
 from consistency_jax.metrics.fid import frechet_distance, gaussian_stats
 
 # Bump when the architecture, the data or the training recipe changes: it names the cache file.

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from consistency_jax import parameterization as P
-from consistency_jax import sampling
+from consistency_jax import samplers
 from consistency_jax.networks import get_network, make_apply_fn
 
 SIG = P.SigmaConfig()
@@ -21,7 +21,7 @@ def _mlp():
 
 def test_samplers_are_deterministic_per_key():
     apply_fn, params = _mlp()
-    sample = sampling.make_sampler(apply_fn, SIG, (80.0, 0.5), (16, 2))
+    sample = samplers.make_sampler(apply_fn, SIG, (80.0, 0.5), (16, 2))
     a, b = sample(params, jax.random.key(1)), sample(params, jax.random.key(1))
     c = sample(params, jax.random.key(2))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -33,7 +33,7 @@ def test_multistep_follows_algorithm_1():
     zero = lambda params, x, c, **kw: jnp.zeros_like(x)
     ts = (80.0, 2.0, 0.3)
     rng = jax.random.key(4)
-    got = sampling.multistep_sample(zero, None, rng, (5, 3), ts, SIG)
+    got = samplers.multistep_sample(zero, None, rng, (5, 3), ts, SIG)
     keys = jax.random.split(rng, 3)
     cskip = lambda t: 0.25 / ((t - 0.002) ** 2 + 0.25)
     x = 80.0 * np.asarray(jax.random.normal(keys[0], (5, 3)), np.float64) * cskip(80.0)
@@ -47,23 +47,23 @@ def test_multistep_follows_algorithm_1():
 
 def test_trailing_epsilon_is_the_identity_and_bad_times_are_named():
     apply_fn, params = _mlp()
-    a = sampling.multistep_sample(apply_fn, params, jax.random.key(0), (4, 2), (80.0, 1.0), SIG)
-    b = sampling.multistep_sample(
+    a = samplers.multistep_sample(apply_fn, params, jax.random.key(0), (4, 2), (80.0, 1.0), SIG)
+    b = samplers.multistep_sample(
         apply_fn, params, jax.random.key(0), (4, 2), (80.0, 1.0, 0.002), SIG
     )
     np.testing.assert_array_equal(np.asarray(a)[:, :], np.asarray(b)[:, :])
     with pytest.raises(ValueError, match="strictly decreasing"):
-        sampling.multistep_sample(apply_fn, params, jax.random.key(0), (4, 2), (1.0, 80.0), SIG)
+        samplers.multistep_sample(apply_fn, params, jax.random.key(0), (4, 2), (1.0, 80.0), SIG)
     with pytest.raises(ValueError, match="sigma_min, sigma_max"):
-        sampling.multistep_sample(apply_fn, params, jax.random.key(0), (4, 2), (100.0,), SIG)
+        samplers.multistep_sample(apply_fn, params, jax.random.key(0), (4, 2), (100.0,), SIG)
 
 
 def test_times_from_indices_counts_from_T():
-    ts = sampling.times_from_indices((0, 22, 39), 40, SIG)
+    ts = samplers.times_from_indices((0, 22, 39), 40, SIG)
     grid = (0.002 ** (1 / 7) + np.arange(40) / 39 * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7
     np.testing.assert_allclose(ts, [80.0, grid[39 - 22], 0.002], rtol=1e-5)
     with pytest.raises(ValueError):
-        sampling.times_from_indices((0, 40), 40, SIG)
+        samplers.times_from_indices((0, 40), 40, SIG)
 
 
 def _np_edm_heun(x, s, n):
@@ -93,7 +93,7 @@ def test_edm_heun_sampler_on_gaussian_data_closed_form():
     exact = np.asarray(x_T, np.float64) * s / np.sqrt(s**2 + 80.0**2)
     errs = []
     for n in (18, 72):
-        out = sampling.edm_heun_sample(denoise, jax.random.key(0), (64, 2), SIG, n, x_init=x_T)
+        out = samplers.edm_heun_sample(denoise, jax.random.key(0), (64, 2), SIG, n, x_init=x_T)
         np.testing.assert_allclose(
             np.asarray(out), _np_edm_heun(np.asarray(x_T, np.float64), s, n), rtol=1e-4, atol=1e-5
         )
@@ -104,7 +104,7 @@ def test_edm_heun_sampler_on_gaussian_data_closed_form():
     # count network evaluations by tracing the loop body once per branch: 18 steps -> 35 NFE
     nfe = []
     fake = lambda x, t: (nfe.append(1), x)[1]
-    jax.make_jaxpr(lambda r: sampling.edm_heun_sample(fake, r, (1, 2), SIG, 18))(jax.random.key(0))
+    jax.make_jaxpr(lambda r: samplers.edm_heun_sample(fake, r, (1, 2), SIG, 18))(jax.random.key(0))
     assert (
         len(nfe) == 2
     )  # one in the predictor, one in the corrector branch (skipped at the last step)

@@ -1,4 +1,6 @@
-"""Evaluation during training: the samples to look at and the figures computed from them.
+"""The training loop's evaluators: the samples to look at and the figures computed from them.
+
+(The command that scores sample files, ``python -m consistency_jax.evaluate``, is ``evaluate.py``.)
 
   samples.py  which samplers evaluate a method family (1/2-step consistency, EDM Heun)
   toy.py      the 2-D toy: sliced W2 / energy distance beside the noise floor, the exact-map error
@@ -12,7 +14,7 @@
 
 from __future__ import annotations
 
-from consistency_jax.toy_data import TOY_DATASETS
+from consistency_jax.toy import TOY_DATASETS
 
 
 def build_evaluator(config, spec, sigmas, example_shape):
@@ -25,7 +27,7 @@ def build_evaluator(config, spec, sigmas, example_shape):
       example_shape: one example's shape.
     """
     if config.data.name in TOY_DATASETS:
-        from consistency_jax.evaluation.toy import ToyEvaluator
+        from consistency_jax.evaluators.toy import ToyEvaluator
 
         return ToyEvaluator(
             config,
@@ -34,7 +36,7 @@ def build_evaluator(config, spec, sigmas, example_shape):
             exact_map=spec.needs_teacher and spec.family == "consistency",
             consistency_fn=spec.consistency_fn,
         )
-    from consistency_jax.evaluation.images import ImageEvaluator
+    from consistency_jax.evaluators.images import ImageEvaluator
 
     return ImageEvaluator(
         config, spec.family, sigmas, example_shape, consistency_fn=spec.consistency_fn

@@ -10,7 +10,7 @@ import numpy as np
 
 from consistency_jax import fs, toy
 from consistency_jax import parameterization as param_lib
-from consistency_jax.evaluation.samples import SampleGenerator
+from consistency_jax.evaluators.samples import SampleGenerator
 from consistency_jax.metrics import energy_distance, sliced_wasserstein2
 
 

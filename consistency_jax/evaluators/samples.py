@@ -7,7 +7,7 @@ import jax
 import numpy as np
 
 from consistency_jax import parameterization as param_lib
-from consistency_jax import sampling
+from consistency_jax import samplers
 
 
 def two_step_times(config, sigmas: param_lib.SigmaConfig) -> tuple[float, ...]:
@@ -20,11 +20,11 @@ def two_step_times(config, sigmas: param_lib.SigmaConfig) -> tuple[float, ...]:
     if config.eval.two_step_indices:
         from consistency_jax.methods import discrete  # the grid of the discrete curricula
 
-        return sampling.times_from_indices(
+        return samplers.times_from_indices(
             tuple(config.eval.two_step_indices), discrete.grid_size(config), sigmas
         )
     ts = (sigmas.sigma_max, float(config.eval.two_step_time))
-    sampling.check_times(ts, sigmas)
+    samplers.check_times(ts, sigmas)
     return ts
 
 
@@ -67,14 +67,14 @@ class SampleGenerator:
                 denoise = lambda x, t: param_lib.denoiser_fn(
                     apply_fn, params, x, t, sigmas, labels=labels
                 )
-                return sampling.edm_heun_sample(denoise, rng, shape, sigmas, n)
+                return samplers.edm_heun_sample(denoise, rng, shape, sigmas, n)
 
             return {f"heun_{2 * n - 1}nfe": jax.jit(heun)}
         if self.family != "consistency":
             raise ValueError(f"No evaluation samplers for the method family {self.family!r}.")
         clip = 1.0 if len(shape) == 4 else None
         return {
-            name: sampling.make_sampler(
+            name: samplers.make_sampler(
                 apply_fn, sigmas, ts, shape, clip=clip, consistency_fn=self.consistency_fn
             )
             for name, ts in (("1step", (sigmas.sigma_max,)), ("2step", self.two_step))

@@ -225,7 +225,9 @@ def reference_statistics(
     return stats.mu, stats.sigma, stats.count, outputs.pool if keep_features else None
 
 
-def _check_uint8_images(array: np.ndarray, origin: str) -> np.ndarray:
+def check_uint8_images(array: np.ndarray, origin: str) -> np.ndarray:
+    """``array`` if it holds uint8 NHWC images (1 or 3 channels, N > 0); else a ValueError naming
+    ``origin``."""
     if (
         array.dtype != np.uint8
         or array.ndim != 4
@@ -251,7 +253,7 @@ def read_npz_images(path: str) -> np.ndarray:
             images = data["arr_0"]
     except (OSError, EOFError) as err:
         raise ValueError(f"{path!r} is not a readable .npz: {err}") from err
-    return _check_uint8_images(images, f"'arr_0' of {path!r}")
+    return check_uint8_images(images, f"'arr_0' of {path!r}")
 
 
 def read_reference(
