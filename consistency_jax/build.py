@@ -21,6 +21,7 @@ from consistency_jax import networks, toy
 from consistency_jax import sharding as sharding_lib
 from consistency_jax.toy import TOY_DATASETS
 from consistency_jax.train_state import TrainState
+from consistency_jax.trees import leaf_shapes
 
 PyTree = Any
 
@@ -190,14 +191,7 @@ def load_init_params(
     if fresh_head:  # sCM's weighting head starts fresh (w_φ ≡ 0); the source's θ is its "net"
         abstract = whole["net"]
     got = jax.tree_util.tree_flatten_with_path(params)[0]
-    want = jax.tree_util.tree_flatten_with_path(abstract)[0]
-    same = len(got) == len(want) and all(
-        jax.tree_util.keystr(pg) == jax.tree_util.keystr(pw)
-        and g.shape == w.shape
-        and g.dtype == w.dtype
-        for (pg, g), (pw, w) in zip(got, want)
-    )
-    if not same:
+    if leaf_shapes(params, dtypes=True) != leaf_shapes(abstract, dtypes=True):
         raise ValueError(
             f"config.init.workdir={workdir!r} (step {step}): its parameters do not fit "
             "this run's network."

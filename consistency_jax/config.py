@@ -20,7 +20,6 @@ import ml_collections
 from consistency_jax.toy import TOY_DATASETS
 
 DIGITS_DATASET = "sklearn_digits"
-READERS = ("auto", "data_source", "tfds_load")
 OPTIMIZERS = ("adam", "radam")
 LR_DECAYS = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16")
@@ -489,6 +488,7 @@ def _check_init(config) -> None:
 
     from consistency_jax import build, checkpoint, loading
     from consistency_jax.train_state import check_ema_rate
+    from consistency_jax.trees import leaf_shapes
 
     rate = check_ema_rate(config.init.ema_rate, "config.init.ema_rate")
     workdir = config.init.workdir
@@ -543,11 +543,7 @@ def _check_init(config) -> None:
     want = jax.eval_shape(init, jax.random.key(0))
     if fresh_head:
         want = want["net"]
-    describe = lambda tree: {
-        jax.tree_util.keystr(p): (tuple(a.shape), str(a.dtype))
-        for p, a in jax.tree_util.tree_flatten_with_path(tree)[0]
-    }
-    got, need = describe(abstract), describe(want)
+    got, need = leaf_shapes(abstract, dtypes=True), leaf_shapes(want, dtypes=True)
     if got != need:
         bad = sorted(k for k in set(got) | set(need) if got.get(k) != need.get(k))
         raise ValueError(
@@ -611,6 +607,7 @@ def validate(config: ml_collections.ConfigDict) -> Setup:
         CD teacher directory that holds no usable run).
     """
     from consistency_jax import checkpoint, methods, networks, parameterization, sharding
+    from consistency_jax.data.spec import READERS
     from consistency_jax.train_state import check_ema_rate
 
     spec = methods.get(config.method)

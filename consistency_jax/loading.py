@@ -31,7 +31,9 @@ from consistency_jax.checkpoint import (
     _pytree_restore,
     config_from_dict,
 )
+from consistency_jax.sharding import replicated
 from consistency_jax.train_state import ema_key
+from consistency_jax.trees import abstract_tree
 
 PyTree = Any
 
@@ -39,22 +41,13 @@ PyTree = Any
 TEACHER_FAMILIES = ("denoiser",)
 
 
-def _replicated() -> jax.sharding.Sharding:
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("devices",))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-
 ShardingSpec = None | jax.sharding.Sharding | Callable[[PyTree], PyTree]
 
 
 def _with_shardings(abstract: PyTree, sharding: ShardingSpec) -> PyTree:
-    if callable(sharding) and not isinstance(sharding, jax.sharding.Sharding):
-        shardings = sharding(abstract)
-        return jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-        )
-    s = sharding if sharding is not None else _replicated()
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract)
+    if sharding is None:
+        sharding = replicated(jax.sharding.Mesh(np.array(jax.devices()), ("devices",)))
+    return abstract_tree(abstract, sharding)
 
 
 def load_eval_params(

@@ -34,8 +34,6 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from consistency_jax.train import make_multi_step
-
 Array = jax.Array
 PyTree = Any
 
@@ -384,6 +382,9 @@ def jit_train_step(
     Returns:
       a ShardedTrainStep.
     """
+    # Imported here: reading a run (``loading``, which uses ``replicated``) loads no training code.
+    from consistency_jax.train import make_multi_step
+
     rep = replicated(mesh)
     stacked = steps_per_call > 1
     jitted = jax.jit(

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from consistency_jax.networks.mlp import sinusoidal_embedding
+from consistency_jax.networks.layers import sinusoidal_embedding
 
 
 class WithLogVar(nn.Module):

@@ -3,16 +3,9 @@
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-
-def sinusoidal_embedding(c_noise: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
-    """Transformer-style sinusoidal features of a scalar per example: (B,) -> (B, dim)."""
-    half = dim // 2
-    freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    args = c_noise.astype(jnp.float32)[:, None] * freqs[None]
-    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+from consistency_jax.networks.layers import sinusoidal_embedding
 
 
 class MLP(nn.Module):

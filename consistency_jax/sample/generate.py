@@ -218,6 +218,7 @@ def run(request: SampleRequest) -> dict:
 
     from consistency_jax import export, loading, networks
     from consistency_jax.evaluators.images import image_grid
+    from consistency_jax.sharding import replicated
 
     model = describe_run(request)
     pid, nproc = jax.process_index(), jax.process_count()
@@ -248,9 +249,8 @@ def run(request: SampleRequest) -> dict:
 
     devices = jax.local_devices()
     mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     _, params, step = loading.load_eval_params(
-        request.workdir, request.ema_rate, step=model.step, sharding=replicated
+        request.workdir, request.ema_rate, step=model.step, sharding=replicated(mesh)
     )
     apply_fn = networks.make_apply_fn(networks.from_config(model.config.model))
     generate = make_generator(request, model, apply_fn, mesh)
