@@ -102,7 +102,8 @@ def write_array_record(path: str, records: Sequence[bytes]) -> None:
         writer.close()
 
 
-_WRITERS = {"array_record": write_array_record, "tfrecord": write_tfrecord}
+# The file writer of each format (tests replace one to simulate a crash mid-export).
+WRITERS = {"array_record": write_array_record, "tfrecord": write_tfrecord}
 
 
 class TfdsExport:
@@ -245,7 +246,7 @@ class TfdsExport:
         for fmt in self.formats:
             final = self.shard_path(shard, fmt)
             tmp = os.path.join(tmp_dir, f"{os.path.basename(final)}.{os.getpid()}")
-            _WRITERS[fmt](tmp, records)
+            WRITERS[fmt](tmp, records)
             os.replace(tmp, final)
 
     def write_metadata(self, metadata: dict | None = None) -> None:

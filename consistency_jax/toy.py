@@ -107,7 +107,8 @@ def exact_score(params: dict, x: Array, t: Array) -> Array:
 # Exact PF-ODE map (NumPy float64)
 
 
-def _denoiser_np(gm: GaussianMixture, x: np.ndarray, t: float) -> np.ndarray:
+def exact_denoiser_np(gm: GaussianMixture, x: np.ndarray, t: float) -> np.ndarray:
+    """``exact_denoiser`` in NumPy float64 for one time t: (N, D) -> (N, D) (the ODE's truth)."""
     var_t = gm.std**2 + t * t
     sq = np.sum((x[:, None, :] - gm.means[None]) ** 2, axis=-1)
     logits = np.log(np.maximum(gm.weights, 1e-300))[None] - 0.5 * sq / var_t
@@ -137,7 +138,7 @@ def ode_map(
 
     def rhs(u, y):
         x = y.reshape(shape)
-        return (x - _denoiser_np(gm, x, math.exp(u))).ravel()
+        return (x - exact_denoiser_np(gm, x, math.exp(u))).ravel()
 
     sol = solve_ivp(
         rhs,

@@ -197,7 +197,9 @@ def test_consistency_loss_matches_numpy(method, solver, distance, weight):
     if method == "ct":
         x_lo = x0d + t_lo[:, None] * z
     else:
-        D = lambda x, t: np.stack([toy._denoiser_np(gm, x[j : j + 1], t[j])[0] for j in range(b)])
+        D = lambda x, t: np.stack(
+            [toy.exact_denoiser_np(gm, x[j : j + 1], t[j])[0] for j in range(b)]
+        )
         d = (x_hi - D(x_hi, t_hi)) / t_hi[:, None]
         x_lo = x_hi + (t_lo - t_hi)[:, None] * d
         if solver == "heun":

@@ -264,7 +264,7 @@ def test_an_export_that_crashed_is_completed_without_a_missing_or_duplicated_exa
             raise OSError("simulated crash while writing a shard")
         real(path, records)
 
-    monkeypatch.setattr(export, "_WRITERS", dict(export._WRITERS, array_record=dying_writer))
+    monkeypatch.setattr(export, "WRITERS", dict(export.WRITERS, array_record=dying_writer))
     request = _request(
         run_dir, tmp_path / "out", export_tfds="crashed", data_dir=str(tmp_path / "tfds")
     )
@@ -275,7 +275,7 @@ def test_an_export_that_crashed_is_completed_without_a_missing_or_duplicated_exa
     assert os.listdir(ds_dir / ".incomplete")  # the half-written file, under a name no reader globs
     with pytest.raises(Exception):  # noqa: B017 (TFDS raises one of several types)
         tfds.data_source("crashed", data_dir=str(tmp_path / "tfds"), split="train")
-    monkeypatch.setattr(export, "_WRITERS", dict(export._WRITERS, array_record=real))
+    monkeypatch.setattr(export, "WRITERS", dict(export.WRITERS, array_record=real))
     summary = sample_lib.run(request)
     assert summary["generated"] == N - 8  # the first shard was kept, the rest generated again
     images, labels = _read_data_source("crashed", str(tmp_path / "tfds"))

@@ -39,7 +39,7 @@ def test_exact_denoiser_is_tweedie():
     d = toy.exact_denoiser(p, jnp.asarray(x, jnp.float32), jnp.full((6,), t))
     s = toy.exact_score(p, jnp.asarray(x, jnp.float32), jnp.full((6,), t))
     np.testing.assert_allclose(np.asarray(d), x + t * t * np.asarray(s), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(d), toy._denoiser_np(gm, x, t), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(d), toy.exact_denoiser_np(gm, x, t), rtol=1e-4, atol=1e-5)
 
 
 def test_ode_map_single_gaussian_closed_form():
