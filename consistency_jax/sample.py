@@ -241,12 +241,9 @@ def sample_times(request: SampleRequest, model: _Model) -> tuple[float, ...]:
         if request.ts_indices:
             num_scales = request.num_scales
             if not num_scales:
-                from consistency_jax.methods import discrete
+                from consistency_jax import methods
 
-                try:
-                    num_scales = discrete.grid_size(model.config)
-                except Exception:  # noqa: BLE001 -- a continuous-time run has no grid of its own
-                    num_scales = None
+                num_scales = methods.get(model.config.method).grid_size(model.config)
                 if not num_scales:
                     raise SampleError(
                         f"method={model.config.method!r} has no discrete grid; give "
@@ -454,7 +451,7 @@ def run(request: SampleRequest) -> dict:
     """
     import jax
 
-    from consistency_jax import export, loading, networks
+    from consistency_jax import export, loading, methods, networks
     from consistency_jax.evaluation.images import image_grid
 
     model = describe_run(request)
@@ -490,7 +487,7 @@ def run(request: SampleRequest) -> dict:
     _, params, step = loading.load_eval_params(
         request.workdir, request.ema_rate, step=model.step, sharding=replicated
     )
-    apply_fn = networks.make_apply_fn(networks.from_config(model.config.model))
+    apply_fn = networks.make_apply_fn(methods.network(model.config))
     generate = make_generator(request, model, apply_fn, mesh)
     batch = request.per_device_batch * len(devices)
 
@@ -675,7 +672,7 @@ def run_edit(request: SampleRequest) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from consistency_jax import editing, export, loading, networks
+    from consistency_jax import editing, export, loading, methods, networks
     from consistency_jax import parameterization as param_lib
     from consistency_jax.evaluation.images import image_grid
 
@@ -704,7 +701,7 @@ def run_edit(request: SampleRequest) -> dict:
     if mask is not None and not isinstance(mask, str):
         editing.as_mask(mask, (n,) + model.example_shape)  # the shape check, before compiling
     _, params, step = loading.load_eval_params(request.workdir, request.ema_rate, step=model.step)
-    apply_fn = networks.make_apply_fn(networks.from_config(model.config.model))
+    apply_fn = networks.make_apply_fn(methods.network(model.config))
     labels = None
     if model.num_classes:
         keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(n, dtype=jnp.uint32))
@@ -892,13 +889,9 @@ def search_grid(request: SampleRequest, model: _Model) -> np.ndarray:
 
     n = request.num_scales
     if not n:
-        from consistency_jax.methods import discrete
+        from consistency_jax import methods
 
-        try:
-            n = discrete.grid_size(model.config)
-        except Exception:  # noqa: BLE001 -- continuous time: no grid of its own
-            n = None
-        n = n or 40
+        n = methods.get(model.config.method).grid_size(model.config) or 40
     return np.asarray(schedules.karras_sigmas(int(n), model.sigmas), np.float64)[::-1]
 
 
@@ -912,7 +905,7 @@ def run_tau_search(request: SampleRequest) -> dict:
     """
     import jax
 
-    from consistency_jax import export, loading, networks, tau_search
+    from consistency_jax import export, loading, methods, networks, tau_search
     from consistency_jax.evaluation.images import is_digits
 
     model = describe_run(request)
@@ -954,7 +947,7 @@ def run_tau_search(request: SampleRequest) -> dict:
         )
     grid = search_grid(request, model)
     _, params, step = loading.load_eval_params(request.workdir, request.ema_rate, step=model.step)
-    apply_fn = networks.make_apply_fn(networks.from_config(model.config.model))
+    apply_fn = networks.make_apply_fn(methods.network(model.config))
     score = tau_search.make_scorer(
         apply_fn,
         params,

@@ -11,7 +11,8 @@ from conftest import load_config
 from consistency_jax import build
 from consistency_jax import checkpoint as C
 from consistency_jax import experiment as E
-from consistency_jax.config import default_values, validate
+from consistency_jax.build import validate
+from consistency_jax.methods import default_values
 from consistency_jax.train_state import TrainState
 
 

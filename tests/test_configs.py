@@ -4,7 +4,7 @@ transcribed here independently)."""
 import pytest
 from conftest import load_config
 
-from consistency_jax.config import validate
+from consistency_jax.build import validate
 
 # (config file, arg) -> expected key numbers, from the papers' tables.
 PAPER = {
