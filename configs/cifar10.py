@@ -25,4 +25,4 @@ def get_config(arg=None):
     c.model.name = "ncsnpp"
     c.model.kwargs = common.ncsnpp_cifar10(dropout=0.0)
     # The method's paper settings on CIFAR-10 (its presets["cifar10"]: schedule, lr, EMA, dropout).
-    return methods.apply_preset(c, args["method"], "cifar10", args)
+    return methods.apply_preset(c, args["method"], "cifar10", args, required=True)

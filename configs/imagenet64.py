@@ -23,4 +23,4 @@ def get_config(arg=None):
     c.sigmas.c_noise = "cm"  # the PyTorch code feeds 1000·0.25·ln t to its UNet
     # The method's paper settings on ImageNet 64 (its presets["imagenet64"]); a method without them
     # is refused, naming the methods that have some.
-    return methods.apply_preset(c, args["method"], "imagenet64", args)
+    return methods.apply_preset(c, args["method"], "imagenet64", args, required=True)

@@ -19,4 +19,4 @@ def get_config(arg=None):
     c.model.kwargs = common.adm_lsun256(dropout=0.0)
     c.sigmas.c_noise = "cm"
     # The method's paper settings on LSUN 256 (its presets["lsun256"]: edm, cd, ct).
-    return methods.apply_preset(c, args["method"], "lsun256", args)
+    return methods.apply_preset(c, args["method"], "lsun256", args, required=True)

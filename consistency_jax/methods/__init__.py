@@ -89,22 +89,27 @@ def apply_preset(
     method: str,
     dataset: str | None = None,
     args: Mapping[str, Any] | None = None,
+    *,
+    required: bool = False,
 ) -> ml_collections.ConfigDict:
     """Makes ``c`` a run of ``method``: declares every method's block, sets ``c.method``, the method's
-    paper defaults, and its hyperparameters for ``dataset`` (``MethodSpec.presets``; None: none).
+    paper defaults, and its hyperparameters for ``dataset`` (``MethodSpec.presets``; a method without
+    settings for ``dataset`` runs with its defaults, unless ``required``).
 
     Args:
       c: a config with its data, network and budget set (``config.base_config()`` and a data set's).
       method: a registered method.
       dataset: the data set key of the method's presets ("toy", "digits", "cifar10", ...).
       args: the config file's arguments (``config.parse_arg``), passed to the preset.
+      required: refuse a method without settings for ``dataset`` (the paper configs, whose
+        schedule, lr and EMA rates are the method's).
 
     Raises:
-      ValueError: an unknown method, or a method without settings for ``dataset`` (naming the
-        methods that have some).
+      ValueError: an unknown method, or (``required``) a method without settings for ``dataset``
+        (naming the methods that have some).
     """
     spec = get(method)
-    if dataset is not None and dataset not in spec.presets:
+    if required and dataset not in spec.presets:
         have = tuple(n for n in names() if dataset in registered()[n].presets)
         raise ValueError(
             f"method={method!r} has no settings for the data set {dataset!r}; methods with "
@@ -113,7 +118,7 @@ def apply_preset(
     add_fields(c)
     spec.defaults(c)
     c.method = method
-    if dataset is not None:
+    if dataset in spec.presets:
         spec.presets[dataset](c, dict(args or {}))
     return c
 
