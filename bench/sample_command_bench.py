@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import timing  # noqa: E402
 
-from consistency_jax import export, loading, networks  # noqa: E402
+from consistency_jax import export, loading, methods, networks  # noqa: E402
 from consistency_jax import sample as sample_lib  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def main(argv=None):
     )
     model = sample_lib.describe_run(request)
     _, params, _ = loading.load_eval_params(args.workdir)
-    apply_fn = networks.make_apply_fn(networks.from_config(model.config.model))
+    apply_fn = networks.make_apply_fn(methods.network(model.config))
     mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
     generate = sample_lib.make_generator(request, model, apply_fn, mesh)
     k = max(1, len(sample_lib.sample_times(request, model)))

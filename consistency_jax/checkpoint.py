@@ -171,7 +171,7 @@ def config_differences(
       current: the config of the run that wants to resume it.
       ignore_resumable: leave out the fields of ``RESUMABLE_KEYS`` (number of steps, logging,
         evaluation and checkpoint cadence, mesh, data directory).
-      defaults: a config dict of default values (``config.default_values()``): a field absent from
+      defaults: a config dict of default values (``methods.default_values()``): a field absent from
         ``saved`` (a checkpoint written before the field existed) counts as holding its default, the
         value every earlier run had.
 
@@ -531,7 +531,7 @@ class Checkpointer:
     ) -> None:
         """Refuses to resume a checkpoint written by a different config.
 
-        ``defaults`` (``config.default_values()``) are the values of fields that a checkpoint written
+        ``defaults`` (``methods.default_values()``) are the values of fields that a checkpoint written
         before they existed lacks (``config_differences``).
 
         Differences in ``RESUMABLE_KEYS`` are allowed (extending a run changes schedules that

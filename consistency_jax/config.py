@@ -1,23 +1,23 @@
-"""Run configs: the base config and its shared blocks, config-file loading, and the one validation.
+"""Run configs as data: the base config (the blocks every run has), config-file loading and argument
+parsing, and the blocks shared by the paper configs. Nothing here imports the rest of the package.
 
 Config files (the paper settings in the repository's top-level ``configs/``, or a user's own) build an
-``ml_collections.ConfigDict`` from ``base_config()``, set a method's paper defaults with
-``set_method`` and override what differs. ``validate(config)`` is the single place where every field is
-checked, with the field named, before anything is compiled or written; it returns the typed pieces the
-loop needs (``Setup``). Method-specific fields are checked by the method's plug-in
-(``methods.MethodSpec.check``).
+``ml_collections.ConfigDict`` from ``base_config()``, set the data set, network and budget, and make it
+a run of a method with ``methods.apply_preset(c, method, dataset)``, which adds every method's config
+block (``MethodSpec.fields``), the method's paper defaults and its settings for that data set
+(``MethodSpec.presets``). ``build.validate(config)`` checks every field before anything is compiled or
+written: each builder checks its own slice (data, network, method, optimizer, checkpoint, teacher,
+evaluation), naming the field.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import difflib
 import importlib.util
 import os
 from typing import Any
 
 import ml_collections
-
-from consistency_jax.toy import TOY_DATASETS
 
 DIGITS_DATASET = "sklearn_digits"
 OPTIMIZERS = ("adam", "radam")
@@ -50,8 +50,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.name = "mlp"
     c.model.kwargs = ml_collections.ConfigDict()  # constructor arguments of the network
     c.model.dtype = "float32"  # compute dtype of activations: float32 | bfloat16
-    # A learned log-variance head w_φ(t) beside the network (sCM's adaptive weighting; set by sct/scd).
-    c.model.logvar_head = False
 
     c.sigmas = ml_collections.ConfigDict()
     c.sigmas.sigma_min = 0.002
@@ -59,51 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sigmas.sigma_data = 0.5
     c.sigmas.rho = 7.0
     c.sigmas.c_noise = "jcm"
-    # TrigFlow methods (sct, scd): the network sees the angle t ("angle", sCM) or is an EDM network
-    # ("edm": c_noise(σ_d·tan t), output −F; an EDM run is then an exact start, config.init).
-    c.sigmas.trigflow_time = "angle"
 
-    c.loss = ml_collections.ConfigDict()
-    c.loss.distance = "l2"
-    c.loss.weighting = "uniform"
-    c.loss.index_sampling = "uniform"
-    c.loss.solver = "heun"
-    c.loss.huber_c = ml_collections.FieldReference(None, field_type=float)
-    c.loss.p_mean = -1.1  # iCT's lognormal choice of n (index_sampling = lognormal)
-    c.loss.p_std = 2.0
-    c.loss.edm_p_mean = -1.2  # EDM's training distribution ln σ ~ N(edm_p_mean, edm_p_std²)
-    c.loss.edm_p_std = 1.2
-    c.loss.stopgrad = True  # continuous-time CM: the pseudo-objective of CM Thm. 6 (False: ‖df/dt‖)
-    # sCM (sct / scd): the tangent warm-up r = min(1, step / tangent_warmup) and the normalisation
-    # g / (‖g‖ + tangent_c); its proposal of the noise level is ln σ ~ N(p_mean, p_std²).
-    c.loss.tangent_warmup = 10_000
-    c.loss.tangent_c = 0.1
-    c.loss.lpips_weights = ""  # .safetensors file for distance = lpips
-    c.loss.lpips_net = "vgg"
-
-    c.curriculum = ml_collections.ConfigDict()
-    c.curriculum.kind = "constant"
-    c.curriculum.num_scales = 18
-    c.curriculum.mu0 = 0.0
-    c.curriculum.s0 = 2
-    c.curriculum.s1 = 150
-    c.curriculum.mu_form = (
-        "code"  # "code": what jcm/cm ran (μ(0) = 0.81); "paper": the paper's form
-    )
-    c.curriculum.total_steps = 0  # K; 0 -> train.num_steps
-
-    # ECT (methods/ect.py; Geng et al. 2024): pairs (t, r) with ln t ~ N(p_mean, p_std²) and
-    # r = max(0, t − Δt), Δt = t·q^{−(s+1)}·(1 + k·sigmoid(−b·t)) at stage s = ⌊step / stage_steps⌋;
-    # pseudo-Huber d with c = huber_c (0: the l2 norm ‖a − b‖), weight 1/(t − r). The method's
-    # defaults are ECT's CIFAR-10 values (set again by set_method).
-    c.ect = ml_collections.ConfigDict()
-    c.ect.q = 2.0  # Δt/t is divided by q every stage (4 on ImageNet 64)
-    c.ect.k = 8.0
-    c.ect.b = 1.0
-    c.ect.stage_steps = 25_000  # optimizer steps per stage (25k at batch 128 on CIFAR-10)
-    c.ect.p_mean = -1.1
-    c.ect.p_std = 2.0
-    c.ect.huber_c = 0.0
+    # A method's own fields (config.loss, config.curriculum, config.ect, ...) are declared by the
+    # method (``MethodSpec.fields``) and added by ``methods.apply_preset`` / ``methods.schema``.
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "radam"  # adam | radam
@@ -174,15 +130,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep = 3
     c.checkpoint.keep_every = 0  # also keep every M-th step forever; 0 disables
     c.checkpoint.override_config = False  # resume even if the workdir's config differs
-    return c
-
-
-def set_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
-    """Sets ``c.method`` and the method's paper defaults (its plug-in's ``defaults``)."""
-    from consistency_jax import methods
-
-    methods.get(method).defaults(c)
-    c.method = method
     return c
 
 
@@ -334,366 +281,41 @@ def paper_schedule(
     return c
 
 
+# cm's ImageNet 64 and LSUN 256 EMA rates (its launch scripts; CM Appendix C).
+CM_IMAGENET64_EMAS = (0.999, 0.9999, 0.9999432189950708)
+CM_LSUN256_EMAS = (0.9999, 0.99994, 0.9999432189950708)
+
+
 # ----------------------------------------------------------------------------------------------------
-# Validation
+# Field names
 
 
-@dataclasses.dataclass(frozen=True)
-class Setup:
-    """The typed pieces of a validated config.
-
-    Attributes:
-      spec: the method's plug-in (``methods.MethodSpec``).
-      sigmas: the noise configuration.
-      ema_rates: the eval EMA rates kept.
-      num_steps: optimizer steps of the run.
-      mesh: the ("data", "fsdp") device mesh.
-      microbatches, steps_per_call: ``config.train.*`` as ints.
-    """
-
-    spec: Any
-    sigmas: Any
-    ema_rates: tuple[float, ...]
-    num_steps: int
-    mesh: Any
-    microbatches: int
-    steps_per_call: int
+def field_paths(c: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every field of ``c`` as a dotted path ("train.num_steps"), blocks included ("train")."""
+    out = []
+    for k in c.keys():
+        path = f"{prefix}{k}"
+        out.append(path)
+        if isinstance(c[k], ml_collections.ConfigDict):
+            out.extend(field_paths(c[k], path + "."))
+    return out
 
 
-def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"config.{name} must be an integer >= {minimum}, got {value!r}.")
-    return value
-
-
-def _check_dataset_name(name: str) -> None:
-    """toy_ring, sklearn_digits/<size>, or a TFDS name (checked against the TFDS registry, which
-    works offline; whether the data is prepared is the data layer's business)."""
-    if not name:
-        raise ValueError("config.data.name is empty.")
-    if name in TOY_DATASETS or name.split("/")[0] == DIGITS_DATASET or ":" in name:
-        return  # community data sets ("namespace:name") are left to TFDS
-    import tensorflow_datasets as tfds  # only for image data
-
-    try:
-        tfds.builder_cls(name.split("/")[0])
-    except tfds.core.DatasetNotFoundError:
-        raise ValueError(
-            f"Unknown data set {name!r} (config.data.name): not one of {TOY_DATASETS}, "
-            f"'{DIGITS_DATASET}/<size>', nor a TFDS data set name."
-        ) from None
-
-
-def _check_network_input(config: ml_collections.ConfigDict) -> None:
-    """Traces (jax.eval_shape, nothing is compiled) the network's init on the configured data shape,
-    so that kwargs the network does not take, or an image size it cannot down-sample, fail here."""
-    import jax
-
-    from consistency_jax import build
-
-    if config.data.name in TOY_DATASETS:
-        shape, what = (2,), "2-D toy points"
-    elif config.data.image_size > 0 and config.data.num_channels > 0:
-        s, ch = config.data.image_size, config.data.num_channels
-        shape, what = (s, s, ch), f"{s}x{s}x{ch} images (config.data.image_size/num_channels)"
-    else:
-        return  # the data layer knows the shape
-    try:
-        _, _, init = build.build_network(config, shape)  # the init the run will use
-        jax.eval_shape(init, jax.random.key(0))
-    except (ValueError, TypeError) as e:
-        raise ValueError(
-            f"The network {config.model.name!r} (config.model) cannot take {what}: {e}"
-        ) from e
-
-
-def _check_optimizer(o) -> None:
-    if o.name not in OPTIMIZERS:
-        raise ValueError(f"Unknown optimizer {o.name!r} (config.optim.name); one of {OPTIMIZERS}.")
-    if not o.lr > 0:
-        raise ValueError(f"config.optim.lr must be positive, got {o.lr}.")
-    if o.decay not in LR_DECAYS:
-        raise ValueError(f"Unknown lr decay {o.decay!r} (config.optim.decay); one of {LR_DECAYS}.")
-    if o.warmup_steps < 0 or o.grad_clip < 0:
-        raise ValueError(
-            "config.optim.warmup_steps and config.optim.grad_clip must be >= 0, got "
-            f"{o.warmup_steps} and {o.grad_clip}."
-        )
-    for name in ("b1", "b2"):
-        if not 0.0 <= o[name] < 1.0:
-            raise ValueError(f"config.optim.{name} must lie in [0, 1), got {o[name]}.")
-    if not o.eps > 0:
-        raise ValueError(f"config.optim.eps must be positive, got {o.eps}.")
-
-
-def _check_lpips(config, spec) -> None:
-    """LPIPS weights are read when the run is built: their file and net are checked here first."""
-    lc = config.loss
-    if not (spec.uses_distance and lc.distance == "lpips"):
-        return
-    if lc.lpips_net not in ("vgg", "alex"):
-        raise ValueError(f"config.loss.lpips_net must be 'vgg' or 'alex', got {lc.lpips_net!r}.")
-    if not lc.lpips_weights or not os.path.isfile(lc.lpips_weights):
-        raise ValueError(
-            f"config.loss.distance='lpips' needs config.loss.lpips_weights, a .safetensors "
-            f"file made by tools/convert_lpips_weights.py; got {lc.lpips_weights!r}"
-            f"{' (no such file)' if lc.lpips_weights else ''}."
-        )
-
-
-def _check_teacher(config, spec) -> None:
-    if not spec.needs_teacher:
-        return
-    from consistency_jax import loading
-
-    workdir = config.teacher.workdir
-    if not workdir:
-        raise ValueError(
-            f"method={spec.name!r} needs a teacher: set config.teacher.workdir to the EDM "
-            "teacher's workdir (or 'exact' for the toy's exact denoiser)."
-        )
-    if workdir == "exact":
-        if config.data.name not in TOY_DATASETS:
-            raise ValueError("config.teacher.workdir='exact' exists only for the toy data sets.")
-        return
-    loading.teacher_config(workdir)  # a denoiser run with a readable checkpoint (JSON only)
-
-
-# Fields of config.model that change no parameter: a run may start from a run that differs there.
-INIT_FREE_MODEL_FIELDS = ("model.kwargs.dropout", "model.dtype")
-# Fields outside config.model that fix what the network's inputs mean.
-INIT_NETWORK_FIELDS = ("sigmas.sigma_data", "sigmas.c_noise")
-
-
-def network_kind(config) -> str:
-    """What a run's network parameters mean, for ``config.init``: "an EDM network" (the consistency
-    and EDM preconditionings; a TrigFlow method with sigmas.trigflow_time=edm) or "a TrigFlow network
-    seeing the angle t" (sct/scd by default)."""
-    from consistency_jax import methods as methods_lib
-    from consistency_jax import trigflow
-
-    spec = methods_lib.get(config.method)
-    if (
-        spec.consistency_fn is trigflow.consistency_fn_sigma
-        and config.sigmas.get("trigflow_time", "angle") != "edm"
-    ):
-        return "a TrigFlow network seeing the angle t (sigmas.trigflow_time=angle)"
-    return "an EDM network"
-
-
-def _check_init(config) -> None:
-    """``config.init``: the source run holds a readable checkpoint of the same network (its config
-    and its parameters' shapes and dtypes are read; no array is loaded, nothing compiled)."""
-    import jax
-
-    from consistency_jax import build, checkpoint, loading
-    from consistency_jax.train_state import check_ema_rate
-    from consistency_jax.trees import leaf_shapes
-
-    rate = check_ema_rate(config.init.ema_rate, "config.init.ema_rate")
-    workdir = config.init.workdir
-    if not workdir:
-        if rate:
-            raise ValueError(
-                f"config.init.ema_rate={rate} is set but config.init.workdir is empty."
-            )
-        return
-    where = f"config.init.workdir={workdir!r}"
-    hint = " (to resume a run that started from it, clear config.init.workdir)"
-    try:
-        source, step, abstract = loading.eval_params_metadata(workdir, rate or None)
-    except checkpoint.CheckpointError as e:
-        raise checkpoint.CheckpointError(f"{where}: {e}{hint}") from e
-    # A field the source run's config predates has its default value there (e.g. model.logvar_head).
-    # sCM's weighting head may be new here (it starts fresh; the source's θ becomes the "net" part).
-    fresh_head = build.init_adds_logvar_head(source, config)
-    free = INIT_FREE_MODEL_FIELDS + (("model.logvar_head",) if fresh_head else ())
-    diffs = [
-        f"{k}: {theirs!r} -> {mine!r}"
-        for k, theirs, mine in checkpoint.differing_fields(
-            checkpoint.config_to_dict(source),
-            checkpoint.config_to_dict(config),
-            ignore_resumable=False,
-            defaults=default_values(),
-        )
-        if (k.startswith("model.") or k in INIT_NETWORK_FIELDS) and k not in free
-    ]
-    if diffs:
-        raise ValueError(
-            f"{where} (step {step}) has another network than this run; differing fields "
-            f"(source -> this run): {'; '.join(diffs)}."
-        )
-    theirs, mine = network_kind(source), network_kind(config)
-    if theirs != mine:
-        raise ValueError(
-            f"{where} (step {step}, method={source.method}) holds {theirs}, this run (method="
-            f"{config.method}) trains {mine}: the parameters would mean another function. A TrigFlow "
-            "method (sct, scd) starts from an EDM-preconditioned run only as an EDM network: set "
-            "--config.sigmas.trigflow_time=edm (and the source's sigmas.trigflow_time must match for "
-            "a TrigFlow source)."
-        )
-    if config.data.name in TOY_DATASETS:
-        shape = (2,)
-    elif config.data.image_size > 0 and config.data.num_channels > 0:
-        s = config.data.image_size
-        shape = (s, s, config.data.num_channels)
-    else:
-        return  # the shape comparison needs the data shape; the restore checks it when loading
-    _, _, init = build.build_network(config, shape)
-    want = jax.eval_shape(init, jax.random.key(0))
-    if fresh_head:
-        want = want["net"]
-    got, need = leaf_shapes(abstract, dtypes=True), leaf_shapes(want, dtypes=True)
-    if got != need:
-        bad = sorted(k for k in set(got) | set(need) if got.get(k) != need.get(k))
-        raise ValueError(
-            f"{where} (step {step}): its parameters do not fit this run's network "
-            "(data shape or labels differ?); first differing leaves (source -> this "
-            f"run): "
-            + "; ".join(
-                f"{k}: {got.get(k, '<absent>')} -> {need.get(k, '<absent>')}" for k in bad[:5]
-            )
-            + "."
-        )
-
-
-def _check_eval(config, sigmas, spec, rates) -> None:
-    e = config.eval
-    _positive_int(e.num_samples, "eval.num_samples")
-    _positive_int(e.edm_steps, "eval.edm_steps")
-    if e.ema_rate and float(e.ema_rate) not in rates:
-        raise ValueError(
-            f"config.eval.ema_rate={e.ema_rate} is not one of the EMA rates kept "
-            f"(config.train.ema_rates={rates}); 0 picks the slowest."
-        )
-    if e.get("inception_weights"):
-        if config.data.name in TOY_DATASETS:
-            raise ValueError("config.eval.inception_weights is for image runs, not the 2-D toy.")
-        if not os.path.isfile(e.inception_weights):
-            raise ValueError(
-                f"config.eval.inception_weights={e.inception_weights!r} is not a file; make it "
-                "with tools/convert_inception_weights.py (README, 'Evaluating like the papers')."
-            )
-        if e.fid_reference and not os.path.isfile(e.fid_reference):
-            raise ValueError(
-                f"config.eval.fid_reference={e.fid_reference!r} is not a file (a statistics "
-                "or reference-batch .npz; empty: the train split of config.data.name)."
-            )
-        from consistency_jax.evaluators.inception import METRICS
-
-        bad = sorted(set(e.fid_metrics) - set(METRICS))
-        if bad or not e.fid_metrics:
-            raise ValueError(
-                f"config.eval.fid_metrics={tuple(e.fid_metrics)}: choose from {METRICS}."
-            )
-    if spec.family != "consistency":
-        return
-    from consistency_jax.evaluators import samples
-
-    try:
-        samples.two_step_times(config, sigmas)
-    except ValueError as e_:
-        raise ValueError(f"config.eval.two_step_time / two_step_indices: {e_}") from e_
-
-
-def validate(config: ml_collections.ConfigDict) -> Setup:
-    """Checks every field of a run config, before anything is compiled or written.
-
-    Returns:
-      the typed pieces (``Setup``), including the device mesh.
-
-    Raises:
-      ValueError: naming the first bad field (``checkpoint.CheckpointError``, a ValueError, for a
-        CD teacher directory that holds no usable run).
-    """
-    from consistency_jax import checkpoint, methods, networks, parameterization, sharding
-    from consistency_jax.data.spec import READERS
-    from consistency_jax.train_state import check_ema_rate
-
-    spec = methods.get(config.method)
-    if config.model.name not in networks.network_names():
-        raise ValueError(
-            f"Unknown network {config.model.name!r} (config.model.name); "
-            f"known networks: {', '.join(networks.network_names())}."
-        )
-    if config.model.dtype not in DTYPES:
-        raise ValueError(f"config.model.dtype must be one of {DTYPES}, got {config.model.dtype!r}.")
-    t = config.train
-    num_steps = _positive_int(t.num_steps, "train.num_steps")
-    for name in ("log_every", "eval_every"):
-        _positive_int(t[name], f"train.{name}")
-    _positive_int(t.get("max_consecutive_skips", 0), "train.max_consecutive_skips", minimum=0)
-    fraction = t.get("max_skip_fraction", 1.0)
-    if (
-        isinstance(fraction, bool)
-        or not isinstance(fraction, (int, float))
-        or not 0 < fraction <= 1
-    ):
-        raise ValueError(
-            f"config.train.max_skip_fraction must lie in (0, 1] (1: no limit), got {fraction!r}."
-        )
-    micro = _positive_int(t.get("microbatches", 1), "train.microbatches")
-    per_call = _positive_int(t.get("steps_per_call", 1), "train.steps_per_call")
-    c = config.checkpoint
-    checkpoint.check_cadence(c.every, c.keep, c.keep_every)
-    for name, every in (
-        ("train.log_every", t.log_every),
-        ("train.eval_every", t.eval_every),
-        ("checkpoint.every", c.every),
-    ):
-        if every % per_call:
-            raise ValueError(
-                f"config.{name}={every} is not a multiple of config.train.steps_per_call="
-                f"{per_call}: the loop only sees every steps_per_call-th step."
-            )
-    _check_optimizer(config.optim)
-    rates = tuple(check_ema_rate(r, "Every EMA rate (config.train.ema_rates)") for r in t.ema_rates)
-    check_ema_rate(config.teacher.ema_rate, "config.teacher.ema_rate")
-    _check_dataset_name(config.data.name)
-    if config.data.get("reader", "auto") not in READERS:
-        raise ValueError(
-            f"config.data.reader must be one of {READERS}, got {config.data.reader!r}."
-        )
-    _positive_int(config.data.get("shuffle_buffer", 0), "data.shuffle_buffer", minimum=0)
-    try:
-        sigmas = parameterization.SigmaConfig(**config.sigmas.to_dict())
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"config.sigmas: {e}") from e
-    spec.check(config)
-    _check_lpips(config, spec)
-    _check_eval(config, sigmas, spec, rates)
-    _positive_int(config.mesh.fsdp_min_size, "mesh.fsdp_min_size", minimum=0)
-    mesh = sharding.mesh_from_config(config)
-    _positive_int(config.data.batch_size, "data.batch_size")
-    sharding.check_global_batch(config.data.batch_size, mesh)
-    if config.data.batch_size % micro:
-        raise ValueError(
-            f"config.data.batch_size={config.data.batch_size} does not split into "
-            f"config.train.microbatches={micro} equal microbatches."
-        )
-    if micro > 1:  # every device holds an equal part of every microbatch
-        sharding.check_global_batch(
-            config.data.batch_size // micro,
-            mesh,
-            name="config.data.batch_size / config.train.microbatches",
-        )
-    _check_network_input(config)
-    _check_teacher(config, spec)
-    _check_init(config)
-    return Setup(
-        spec=spec,
-        sigmas=sigmas,
-        ema_rates=rates,
-        num_steps=num_steps,
-        mesh=mesh,
-        microbatches=micro,
-        steps_per_call=per_call,
+def unknown_field(c: ml_collections.ConfigDict, path: str) -> str | None:
+    """None when ``path`` ("train.num_steps") names a field of ``c``; else an error message naming
+    the field, the nearest known ones and the fields of its block."""
+    known = field_paths(c)
+    if path in known:
+        return None
+    parent, _, name = path.rpartition(".")
+    if parent and parent not in known:  # the block itself is unknown: name it
+        return unknown_field(c, parent)
+    names = sorted(p.rpartition(".")[2] for p in known if p.rpartition(".")[0] == parent)
+    near = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    where = f"config.{parent}" if parent else "the config"
+    full = lambda n: f"config.{parent}.{n}" if parent else f"config.{n}"
+    hint = f"; did you mean {' or '.join(full(n) for n in near)}?" if near else ""
+    return (
+        f"Unknown config field config.{path}: {where} has no field {name!r}{hint} "
+        f"({where} has: {', '.join(names)})."
     )
-
-
-def default_values() -> dict[str, Any]:
-    """``base_config()`` as a JSON dict (the form a checkpoint stores a config in), for comparing the
-    config of a checkpoint written before a field existed (``checkpoint.config_differences``)."""
-    import json
-
-    return json.loads(base_config().to_json_best_effort(sort_keys=True))

@@ -1,6 +1,6 @@
 """``train_and_evaluate(config, workdir)``: the training loop around the pure train step.
 
-The config is validated (``config.validate``) before anything is compiled or written; the run takes
+The config is validated (``build.validate``) before anything is compiled or written; the run takes
 the workdir's lease (``workdir_lock``: one writer per workdir) before it writes anything; the run is
 built by ``build`` (the train state born sharded on the mesh), evaluated by ``evaluation`` and
 checkpointed by ``checkpoint``. The loop logs progress (step, loss, the method's schedule, steps/s,
@@ -30,7 +30,7 @@ from absl import logging
 
 from consistency_jax import build, fs
 from consistency_jax import checkpoint as ckpt_lib
-from consistency_jax import config as config_lib
+from consistency_jax import methods as methods_lib
 from consistency_jax import sharding as sharding_lib
 from consistency_jax.evaluators import build_evaluator
 from consistency_jax.preemption import PreemptionWatcher
@@ -240,7 +240,7 @@ def train_and_evaluate(
       RunInterrupted: Ctrl-C; the state was saved first.
     """
     workdir = check_workdir(workdir)
-    setup = config_lib.validate(config)  # every field, the mesh and the batch, before compiling
+    setup = build.validate(config)  # every field, the mesh and the batch, before compiling
     logging.info("%s", sharding_lib.describe(setup.mesh))
     is_main = jax.process_index() == 0
     lock = _take_lease(workdir, is_main)  # before anything is written into the workdir
@@ -259,7 +259,7 @@ def _train(config, workdir, setup, is_main, lock, closers, argv) -> TrainState:
     # Refuses a workdir holding checkpoints of another config (or none readable) before anything
     # is built, compiled or overwritten. Only the lease holder removes temporary directories.
     checkpointer = ckpt_lib.Checkpointer.from_config(
-        workdir, config, defaults=config_lib.default_values(), clean_tmp=lock is not None
+        workdir, config, defaults=methods_lib.default_values(), clean_tmp=lock is not None
     )
     closers.add("checkpointer", checkpointer.close)  # commits the save in flight
     # From here Ctrl-C and SIGTERM mean "save and stop" (also while compiling).

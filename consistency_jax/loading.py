@@ -169,7 +169,7 @@ def _read_eval_params(
 def teacher_config(workdir: str) -> ml_collections.ConfigDict:
     """The config of a CD teacher run, checked to be an EDM run with a readable checkpoint.
 
-    Reads only the JSON config (no arrays), so ``config.validate`` can call it before
+    Reads only the JSON config (no arrays), so ``build.validate`` can call it before
     anything is built.
 
     Args:

@@ -1,6 +1,7 @@
 """Entry point: ``python -m consistency_jax.main --config=configs/toy.py:method=ct --workdir=DIR``.
 
-Any config field can be overridden on the command line, e.g. ``--config.train.num_steps=2000``.
+Any config field can be overridden on the command line, e.g. ``--config.train.num_steps=2000``; an
+override of a field the config does not have fails naming it and the nearest known fields.
 """
 
 from __future__ import annotations
@@ -23,6 +24,41 @@ FLAGS = flags.DEFINE_string(
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A configs/*.py file (with :arg).", lock_config=True
 )
+
+
+def unknown_override(argv: list[str]) -> str | None:
+    """The message for the first ``--config.FIELD`` override in ``argv`` whose field the config file
+    (``--config=PATH[:ARG]``) does not have; None when every override names a known field."""
+    from consistency_jax import config as config_lib
+
+    path, fields = None, []
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config."):
+            fields.append(arg[len("--config.") :].split("=", 1)[0])
+    if path is None:
+        return None
+    c = config_lib.load_config(path)
+    for field in fields:
+        message = config_lib.unknown_field(c, field)
+        if message:
+            return message
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (``app.parse_flags_with_usage``), where an override of an unknown config
+    field (ml_collections raises a bare AttributeError or KeyError) ends the process with a message
+    naming the field and the nearest known ones."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        message = unknown_override(argv) or f"a --config override failed: {e!r}"
+        print(f"FATAL Flags parsing error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def main(argv):
@@ -69,4 +105,4 @@ def _exit(code: int, message: str) -> None:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

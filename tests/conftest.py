@@ -131,7 +131,7 @@ def write_toy_edm_run(workdir) -> None:
     import jax.numpy as jnp
 
     from consistency_jax import build, checkpoint
-    from consistency_jax.config import validate
+    from consistency_jax.build import validate
     from consistency_jax.train_state import TrainState
 
     cfg = tiny_toy_config("edm")

@@ -11,7 +11,8 @@ from conftest import load_config
 from consistency_jax import build
 from consistency_jax import checkpoint as C
 from consistency_jax import experiment as E
-from consistency_jax.config import default_values, validate
+from consistency_jax.build import validate
+from consistency_jax.methods import default_values
 from consistency_jax.train_state import TrainState
 
 
@@ -123,6 +124,27 @@ def _set(c, dotted, value):
         (
             {"data.reader": "tf"},
             r"config\.data\.reader must be one of \('auto', 'data_source', 'tfds_load'\), got 'tf'",
+        ),
+        (
+            {"optim.lr": float("inf")},
+            r"config\.optim\.lr must be a finite positive number, got inf",
+        ),
+        (
+            {"optim.lr": float("nan")},
+            r"config\.optim\.lr must be a finite positive number, got nan",
+        ),
+        ({"optim.lr": -1e-3}, r"config\.optim\.lr must be a finite positive number"),
+        # Checked with or without Inception weights (the metrics a run computes once they are set).
+        ({"eval.fid_metrics": ("bogus",)}, r"config\.eval\.fid_metrics=\('bogus',\): choose from"),
+        ({"eval.fid_metrics": ()}, r"config\.eval\.fid_metrics=\(\): choose from"),
+        (
+            {"train.max_skip_fraction": 0.0},
+            r"config\.train\.max_skip_fraction must lie in \(0, 1\]",
+        ),
+        ({"model.logvar_head": True}, r"config\.model\.logvar_head=True is what method='scd' adds"),
+        (
+            {"method": "ect", "eval.two_step_indices": (0, 5)},
+            r"two_step_indices=\(0, 5\) are indices on a discrete time grid, and method='ect'",
         ),
     ],
 )
@@ -332,3 +354,54 @@ def test_unreadable_arrays_are_refused_and_nothing_moved(tmp_path):
     ):
         E.train_and_evaluate(_config(), str(tmp_path))
     assert _snapshot(tmp_path / "checkpoints") == before
+
+
+def test_advice_for_the_learning_rate_never_suggests_inf():
+    c = _set(_config(), "optim.lr", float("inf"))
+    with pytest.raises(ValueError) as e:
+        validate(c)
+    assert "inf" not in str(e.value).replace("got inf", "")
+
+
+def test_schema_defaults_are_the_ones_validate_reads():
+    """No fallback disagrees with the schema: validate reads every field it checks from the config
+    (a config without a field fails naming it rather than taking a default of its own)."""
+    from consistency_jax import methods
+
+    schema = methods.schema()
+    assert schema.train.max_skip_fraction == 0.25
+    c = _config()
+    del c.train["max_skip_fraction"]
+    with pytest.raises(ValueError, match=r"lacks the fields config\.train\.max_skip_fraction"):
+        validate(c)
+
+
+@pytest.mark.parametrize(
+    "path,message",
+    [
+        ("train.bogus", r"config\.train has no field 'bogus' \(config\.train has: ema_rates, "),
+        ("bogus_field", r"the config has no field 'bogus_field' \(the config has: checkpoint, "),
+        ("train.num_stepz", r"did you mean config\.train\.num_steps\?"),
+        ("trian.num_steps", r"Unknown config field config\.trian: .*did you mean config\.train\?"),
+        ("ect.qq", r"config\.ect has no field 'qq'; did you mean config\.ect\.q\?"),
+    ],
+)
+def test_unknown_fields_are_named_with_the_nearest_known(path, message):
+    from consistency_jax import config as config_lib
+
+    c = _config()
+    assert config_lib.unknown_field(c, "train.num_steps") is None
+    assert config_lib.unknown_field(c, "model.kwargs.hidden") is None
+    assert re.search(message, config_lib.unknown_field(c, path))
+
+
+def test_an_unknown_override_on_the_command_line_names_the_field(tmp_path):
+    """ml_collections' config flags raise a bare AttributeError for an unknown field; main's flag
+    parser names it (in-process: the parser's message function on the same argv)."""
+    from consistency_jax import main as main_lib
+
+    config = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "toy.py")
+    argv = ["main", f"--config={config}:method=ict", "--config.train.num_steps=5"]
+    assert main_lib.unknown_override(argv) is None
+    argv += ["--config.train.bogus=1"]
+    assert "Unknown config field config.train.bogus" in main_lib.unknown_override(argv)

@@ -4,7 +4,7 @@ transcribed here independently)."""
 import pytest
 from conftest import load_config
 
-from consistency_jax.config import validate
+from consistency_jax.build import validate
 
 # (config file, arg) -> expected key numbers, from the papers' tables.
 PAPER = {
@@ -154,3 +154,77 @@ def test_unknown_config_arguments_are_named():
         _get("cifar10", "methd=cd")
     with pytest.raises(ValueError, match="Unknown method"):
         _get("toy", "method=sctx")
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_dataset_configs_hold_no_method_branches():
+    """configs/ keep data, network and budget: a method's settings are its presets."""
+    import re
+
+    for path in sorted((ROOT / "configs").glob("*.py")):
+        text = path.read_text()
+        assert not re.search(r"method\s*(==|!=|in\s*\()", text), path.name
+        assert "apply_preset(" in text, path.name
+
+
+def test_config_module_imports_nothing_of_the_package():
+    import ast
+
+    tree = ast.parse((ROOT / "consistency_jax" / "config.py").read_text())
+    imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names] + [
+        n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+    ]
+    assert not [m for m in imported if m.startswith("consistency_jax")], imported
+
+
+def test_methods_sharing_a_field_declare_one_schema_default():
+    """A field two methods declare (the distance, the lognormal proposal) has one schema default."""
+    import ml_collections
+
+    from consistency_jax import config as config_lib
+    from consistency_jax import methods
+
+    seen = {}
+    for name in methods.names():
+        c = ml_collections.ConfigDict()
+        methods.get(name).fields(c)
+        flat = {
+            p: c[p.split(".")[0]][p.split(".", 1)[1]] if "." in p else c[p]
+            for p in config_lib.field_paths(c)
+            if not isinstance(
+                c[p.split(".")[0]] if "." not in p else c[p.split(".")[0]][p.split(".", 1)[1]],
+                ml_collections.ConfigDict,
+            )
+        }
+        for path, value in flat.items():
+            assert seen.setdefault(path, (name, value))[1] == value, (path, name, seen[path])
+    base = config_lib.field_paths(config_lib.base_config())
+    assert not set(seen) & set(base)  # base_config lists none of a method's fields
+
+
+@pytest.mark.parametrize(
+    "method,grid,kind",
+    [
+        ("cd", 18, "an EDM network"),
+        ("ict", 1281, "an EDM network"),  # iCT Eq. 7 ends at s1 = 1280 intervals, 1281 points
+        ("ct", 151, "an EDM network"),  # CM's adaptive N(K) = s1 + 1 points
+        ("edm", None, "an EDM network"),
+        ("ect", None, "an EDM network"),
+        ("cm_continuous_ct", None, "an EDM network"),
+        ("sct", None, "a TrigFlow network seeing the angle t (sigmas.trigflow_time=angle)"),
+        ("scd", None, "a TrigFlow network seeing the angle t (sigmas.trigflow_time=angle)"),
+    ],
+)
+def test_each_method_says_its_grid_and_network_kind(method, grid, kind):
+    from consistency_jax import methods
+
+    c = load_config("toy", f"method={method}")
+    spec = methods.get(method)
+    assert spec.grid_size(c) == grid
+    assert spec.network_kind(c) == kind
+    c.sigmas.trigflow_time = "edm"
+    if spec.network_addition is not None:  # sCM: an EDM network, the head beside it
+        assert spec.network_kind(c) == "an EDM network"
+        assert c.model[spec.network_addition.field] is True

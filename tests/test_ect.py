@@ -14,7 +14,7 @@ from conftest import load_config, tiny_toy_config, write_toy_edm_run, x64
 from consistency_jax import build, loading
 from consistency_jax import experiment as E
 from consistency_jax import parameterization as P
-from consistency_jax.config import validate
+from consistency_jax.build import validate
 from consistency_jax.methods import ect as ECT
 
 SIG = P.SigmaConfig()

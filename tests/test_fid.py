@@ -573,7 +573,7 @@ def test_fid_in_the_training_evaluation_and_evaluate_from_a_run(digits_ref, weig
         assert np.isfinite(line[key]) and line[key] >= 0, key
     bad = load_config("digits", "method=ict")
     bad.eval.inception_weights = str(tmp_path / "missing.safetensors")
-    from consistency_jax.config import validate
+    from consistency_jax.build import validate
 
     with pytest.raises(ValueError, match="is not a file"):
         validate(bad)

@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from consistency_jax import experiment, loading
-from consistency_jax.config import validate
+from consistency_jax.build import validate
 
 
 def _digits_config(tmp_path, method):

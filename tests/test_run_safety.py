@@ -440,7 +440,7 @@ def test_metric_rows_after_the_restored_step_are_dropped(tmp_path):
     ],
 )
 def test_bad_fields_are_named_before_compiling(field, value, message):
-    from consistency_jax.config import validate
+    from consistency_jax.build import validate
 
     c = _config()
     block, name = field.split(".")

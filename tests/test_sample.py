@@ -333,10 +333,10 @@ def test_refusals_before_anything_is_computed(run_dir, reference, tmp_path):
 
 def test_multistep_indices_and_fixed_labels(run_dir, reference, tmp_path):
     """--ts_indices on the run's grid equals --ts with those times; --labels=K gives class K."""
-    from consistency_jax.methods import discrete
+    from consistency_jax import methods
 
     model = sample_lib.describe_run(_request(run_dir, tmp_path / "a"))
-    grid_n = discrete.grid_size(model.config)
+    grid_n = methods.get(model.config.method).grid_size(model.config)
     times = samplers.times_from_indices((0, grid_n // 2), grid_n, model.sigmas)
     a = sample_lib.run(
         _request(
@@ -396,12 +396,12 @@ def test_ternary_and_greedy_search_find_the_brute_force_optimum():
 def test_tau_search_command_scores_the_sampling_commands_samples(run_dir, reference, tmp_path):
     """The scorer's samples at (T,) are the sampling command's (same seed, same i); the command
     writes the search with every score, the chosen times scoring lowest among the candidates."""
-    from consistency_jax import loading, networks
+    from consistency_jax import loading, methods, networks
     from consistency_jax.sample import tau_search
 
     model = sample_lib.describe_run(_request(run_dir, tmp_path / "t"))
     _, params, _ = loading.load_eval_params(run_dir)
-    apply_fn = networks.make_apply_fn(networks.from_config(model.config.model))
+    apply_fn = networks.make_apply_fn(methods.network(model.config))
     seen = []
     score = tau_search.make_scorer(
         apply_fn,
@@ -511,7 +511,7 @@ def test_export_killed_by_sigkill_is_completed_exactly_by_a_rerun(run_dir, tmp_p
 
     import tensorflow_datasets as tfds
 
-    from consistency_jax import loading, networks
+    from consistency_jax import loading, methods, networks
 
     n, per_shard = 800, 8  # 100 shards: still running when the third part appears
     data_dir, out = str(tmp_path / "tfds"), tmp_path / "out"
@@ -545,7 +545,7 @@ def test_export_killed_by_sigkill_is_completed_exactly_by_a_rerun(run_dir, tmp_p
     _, params, _ = loading.load_eval_params(run_dir)
     mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
     generate = sample_lib.make_generator(
-        request, model, networks.make_apply_fn(networks.from_config(model.config.model)), mesh
+        request, model, networks.make_apply_fn(methods.network(model.config)), mesh
     )
     want_images, want_labels = generate(params, np.arange(n, dtype=np.int32))
     np.testing.assert_array_equal(images, np.asarray(want_images))
@@ -573,12 +573,12 @@ def edm_run_dir(run_dir):
 def test_edm_teacher_runs_sample_with_heun_and_edit(edm_run_dir, tmp_path):
     """An EDM run is sampled with EDM's Heun sampler from the per-example noise (recomputed here with
     ``edm_heun_sample``), refuses consistency samplers, and edits with the teacher."""
-    from consistency_jax import loading, networks
+    from consistency_jax import loading, methods, networks
 
     summary = sample_lib.run(_request(edm_run_dir, tmp_path / "s", num_samples=5, heun_steps=3))
     model = sample_lib.describe_run(_request(edm_run_dir, tmp_path / "s2"))
     _, params, _ = loading.load_eval_params(edm_run_dir)
-    apply_fn = networks.make_apply_fn(networks.from_config(model.config.model))
+    apply_fn = networks.make_apply_fn(methods.network(model.config))
     keys = samplers.example_keys(jax.random.key(3), jnp.arange(5))
     x_init = model.sigmas.sigma_max * samplers.example_noise(keys, 0, model.example_shape)
     denoise = lambda x, t: param_lib.denoiser_fn(apply_fn, params, x, t, model.sigmas)
@@ -619,7 +619,7 @@ def test_trigflow_runs_sample_in_their_own_parameterisation(run_dir, tmp_path):
     (sCM Eq. 6), recomputed here from the raw network."""
     from conftest import load_config
 
-    from consistency_jax import experiment, loading, networks, trigflow
+    from consistency_jax import experiment, loading, methods, networks, trigflow
 
     c = load_config("digits", "method=sct")
     c.data.data_dir = os.path.join(os.path.dirname(run_dir), "tfds")
@@ -633,7 +633,7 @@ def test_trigflow_runs_sample_in_their_own_parameterisation(run_dir, tmp_path):
     model = sample_lib.describe_run(_request(workdir, tmp_path / "s2"))
     assert model.consistency_fn is trigflow.consistency_fn_sigma
     _, params, _ = loading.load_eval_params(workdir)
-    apply_fn = networks.make_apply_fn(networks.from_config(model.config.model))
+    apply_fn = networks.make_apply_fn(methods.network(model.config))
     sd, big_t = model.sigmas.sigma_data, model.sigmas.sigma_max
     keys = samplers.example_keys(jax.random.key(3), jnp.arange(4))
     x_sigma = big_t * np.asarray(samplers.example_noise(keys, 0, model.example_shape), np.float64)

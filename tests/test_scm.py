@@ -173,7 +173,7 @@ def test_scd_starts_as_its_edm_teacher_from_config_init(tmp_path):
     from conftest import tiny_toy_config, write_toy_edm_run
 
     from consistency_jax import build, experiment, loading
-    from consistency_jax.config import validate
+    from consistency_jax.build import validate
 
     source = tmp_path / "edm"
     write_toy_edm_run(source)
@@ -433,13 +433,13 @@ def test_normalized_scale_shift_keeps_the_parameters_and_normalises():
     ],
 )
 def test_config_errors_name_the_field(field, value, match):
-    from consistency_jax import config as config_lib
+    from consistency_jax import build
 
     c = load_config("toy", "method=sct")
     section, name = field.split(".")
     c[section][name] = value
     with pytest.raises(ValueError, match=match.replace(".", r"\.")):
-        config_lib.validate(c)
+        build.validate(c)
 
 
 def test_scd_through_the_main_loop_with_the_exact_teacher(tmp_path):

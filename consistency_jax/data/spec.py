@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-READERS = ("auto", "data_source", "tfds_load")
+from consistency_jax.config import READERS  # the schema's values, one home
 
 
 @dataclasses.dataclass(frozen=True)

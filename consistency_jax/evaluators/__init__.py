@@ -35,9 +35,15 @@ def build_evaluator(config, spec, sigmas, example_shape):
             sigmas,
             exact_map=spec.needs_teacher and spec.family == "consistency",
             consistency_fn=spec.consistency_fn,
+            grid_size=spec.grid_size(config),
         )
     from consistency_jax.evaluators.images import ImageEvaluator
 
     return ImageEvaluator(
-        config, spec.family, sigmas, example_shape, consistency_fn=spec.consistency_fn
+        config,
+        spec.family,
+        sigmas,
+        example_shape,
+        consistency_fn=spec.consistency_fn,
+        grid_size=spec.grid_size(config),
     )

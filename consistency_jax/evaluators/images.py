@@ -50,7 +50,13 @@ class ImageEvaluator:
     """Generates samples and computes the figures of one evaluation (see the module docstring)."""
 
     def __init__(
-        self, config, family: str, sigmas, example_shape, consistency_fn=param_lib.consistency_fn
+        self,
+        config,
+        family: str,
+        sigmas,
+        example_shape,
+        consistency_fn=param_lib.consistency_fn,
+        grid_size: int | None = None,
     ):
         self.config = config
         self.shape = (int(config.eval.num_samples),) + tuple(example_shape)
@@ -59,7 +65,13 @@ class ImageEvaluator:
         )
         self.digits = is_digits(config.data.name)
         self.generate = SampleGenerator(
-            family, sigmas, config, self.shape, labels=self.labels(), consistency_fn=consistency_fn
+            family,
+            sigmas,
+            config,
+            self.shape,
+            labels=self.labels(),
+            consistency_fn=consistency_fn,
+            grid_size=grid_size,
         )
         if self.digits:
             from consistency_jax.metrics import digits as digits_lib

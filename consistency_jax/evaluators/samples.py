@@ -3,6 +3,8 @@ Algorithm 1) for consistency models, EDM's Heun sampler (EDM Algorithm 1) for de
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 
@@ -10,18 +12,26 @@ from consistency_jax import parameterization as param_lib
 from consistency_jax import samplers
 
 
-def two_step_times(config, sigmas: param_lib.SigmaConfig) -> tuple[float, ...]:
-    """The times of 2-step sampling: grid indices from T on the curriculum's final grid (the official
-    code's convention, e.g. (0, 22, 39) for ImageNet-64 CD), else (T, config.eval.two_step_time).
+def two_step_times(
+    config, sigmas: param_lib.SigmaConfig, grid_size: int | None = None
+) -> tuple[float, ...]:
+    """The times of 2-step sampling: grid indices from T on the model's final grid of ``grid_size``
+    points (the official code's convention, e.g. (0, 22, 39) for ImageNet-64 CD; the method says its
+    grid, ``MethodSpec.grid_size``), else (T, config.eval.two_step_time).
 
     Raises:
-      ValueError: indices off the grid or not increasing, or a time outside [σ_min, σ_max).
+      ValueError: indices without a grid, off the grid or not increasing, or a time outside
+        [σ_min, σ_max).
     """
     if config.eval.two_step_indices:
-        from consistency_jax.methods import discrete  # the grid of the discrete curricula
-
+        if not grid_size:
+            raise ValueError(
+                f"config.eval.two_step_indices={tuple(config.eval.two_step_indices)} are indices "
+                f"on a discrete time grid, and method={config.method!r} trains in continuous time: "
+                "give the time as config.eval.two_step_time."
+            )
         return samplers.times_from_indices(
-            tuple(config.eval.two_step_indices), discrete.grid_size(config), sigmas
+            tuple(config.eval.two_step_indices), int(grid_size), sigmas
         )
     ts = (sigmas.sigma_max, float(config.eval.two_step_time))
     samplers.check_times(ts, sigmas)
@@ -41,6 +51,8 @@ class SampleGenerator:
       shape: the shape of the generated batch (N, ...).
       labels: class labels (N,) for a conditional network.
       consistency_fn: the consistency function of the model (``MethodSpec.consistency_fn``).
+      grid_size: the model's discrete time grid (``MethodSpec.grid_size``) for
+        ``config.eval.two_step_indices``; None in continuous time.
     """
 
     def __init__(
@@ -51,11 +63,14 @@ class SampleGenerator:
         shape,
         labels: jax.Array | None = None,
         consistency_fn=param_lib.consistency_fn,
+        grid_size: int | None = None,
     ):
         self.family, self.sigmas, self.shape, self.labels = family, sigmas, tuple(shape), labels
         self.consistency_fn = consistency_fn
         self.edm_steps = int(config.eval.edm_steps)
-        self.two_step = two_step_times(config, sigmas) if family == "consistency" else None
+        self.two_step = (
+            two_step_times(config, sigmas, grid_size) if family == "consistency" else None
+        )
         self._samplers = None
 
     def _build(self, apply_fn) -> dict:
@@ -86,3 +101,52 @@ class SampleGenerator:
         return {
             name: np.asarray(fn(params, rng, self.labels)) for name, fn in self._samplers.items()
         }
+
+
+def check_config(config, spec, sigmas, ema_rates, toy_data: bool) -> None:
+    """The evaluation's slice of a run config (``config.eval``), before anything compiles.
+
+    Args:
+      config: the run config.
+      spec: the run's method plug-in (its family and time grid pick the samplers).
+      sigmas: the checked noise configuration.
+      ema_rates: the eval EMA rates the run keeps.
+      toy_data: the run is on the 2-D toy (no image metrics).
+
+    Raises:
+      ValueError: naming the field.
+    """
+    e = config.eval
+    for name in ("num_samples", "edm_steps"):
+        v = e[name]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"config.eval.{name} must be an integer >= 1, got {v!r}.")
+    if e.ema_rate and float(e.ema_rate) not in ema_rates:
+        raise ValueError(
+            f"config.eval.ema_rate={e.ema_rate} is not one of the EMA rates kept "
+            f"(config.train.ema_rates={ema_rates}); 0 picks the slowest."
+        )
+    from consistency_jax.evaluators.inception import METRICS
+
+    bad = sorted(set(e.fid_metrics) - set(METRICS))
+    if bad or not e.fid_metrics:
+        raise ValueError(f"config.eval.fid_metrics={tuple(e.fid_metrics)}: choose from {METRICS}.")
+    if e.inception_weights:
+        if toy_data:
+            raise ValueError("config.eval.inception_weights is for image runs, not the 2-D toy.")
+        if not os.path.isfile(e.inception_weights):
+            raise ValueError(
+                f"config.eval.inception_weights={e.inception_weights!r} is not a file; make it "
+                "with tools/convert_inception_weights.py (README, 'Evaluating like the papers')."
+            )
+        if e.fid_reference and not os.path.isfile(e.fid_reference):
+            raise ValueError(
+                f"config.eval.fid_reference={e.fid_reference!r} is not a file (a statistics "
+                "or reference-batch .npz; empty: the train split of config.data.name)."
+            )
+    if spec.family != "consistency":
+        return
+    try:
+        two_step_times(config, sigmas, spec.grid_size(config))
+    except ValueError as e_:
+        raise ValueError(f"config.eval.two_step_time / two_step_indices: {e_}") from e_

@@ -28,6 +28,7 @@ class ToyEvaluator:
         exact_map: bool = False,
         num_map_points: int = 500,
         consistency_fn=param_lib.consistency_fn,
+        grid_size: int | None = None,
     ):
         self.ed, self.sw2 = energy_distance, sliced_wasserstein2
         self.sigmas = sigmas
@@ -44,7 +45,7 @@ class ToyEvaluator:
         }
         self.consistency_fn = consistency_fn
         self.generate = SampleGenerator(
-            family, sigmas, config, (n, 2), consistency_fn=consistency_fn
+            family, sigmas, config, (n, 2), consistency_fn=consistency_fn, grid_size=grid_size
         )
         self.map_points = None
         if exact_map:

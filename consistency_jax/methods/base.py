@@ -13,10 +13,13 @@ under stop-gradient when no separate copy is kept), a teacher's φ, the weights 
 curricula N(k), μ(k); a continuous-time warm-up), so ``train.make_train_step`` needs nothing else and
 stays generic over methods.
 
-A *method plug-in* (``MethodSpec``) tells the rest of the library how to use a method from a config:
-its paper defaults, its config checks (run before anything compiles), how to build the method object,
-whether it needs a teacher, and which family of samplers evaluates it. ``register`` adds one;
-``consistency_jax.methods`` imports every module of its package, so a new method is one new file.
+A *method plug-in* (``MethodSpec``) is the method's whole contract with the rest of the library: its
+config block (fields and schema defaults), its paper defaults and per-data-set hyperparameters
+(presets), its config checks (run before anything compiles), how to build the method object, whether
+it needs a teacher, how its models are sampled (sampler family, consistency function, time grid), what
+it adds to the network and which runs it may start from (its network kind). ``register`` adds one;
+``consistency_jax.methods`` imports every module of its package, so a new method is one new file
+(docs/adding_a_method.md).
 """
 
 from __future__ import annotations
@@ -130,23 +133,67 @@ class BuildContext:
     teacher: Callable | None = None
 
 
+def no_fields(c) -> None:
+    """A method without config fields of its own."""
+
+
+def no_grid(config) -> None:
+    """A method whose models have no discrete time grid (continuous time)."""
+    return None
+
+
+def edm_network(config) -> str:
+    """The network kind of the EDM and consistency preconditionings (CM Eq. 5–6, EDM Table 1)."""
+    return "an EDM network"
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkAddition:
+    """Parameters a method adds beside the network, e.g. sCM's log-variance head w_φ(t) (sCM §4.2).
+
+    Attributes:
+      field: the ``config.model`` flag that switches the addition on (stored with the run, so that a
+        saved run's network is rebuilt from its config alone).
+      wrap: net -> a module called exactly like ``net``, whose parameters are
+        ``{inner: θ, ...the addition's own...}``.
+      inner: where the wrapped network's parameters sit in the wrapper's tree. A ``config.init``
+        source run without the addition starts the wrapper's ``inner`` from its θ and the rest fresh.
+    """
+
+    field: str
+    wrap: Callable[[Any], Any]
+    inner: str = "net"
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
-    """A training method as the config, the loop, evaluation and loading see it.
+    """A training method as the config, the loop, evaluation and loading see it: its whole contract.
 
     Attributes:
       name: the value of ``config.method``.
       summary: one line for the README / error messages.
       family: how its models are sampled and evaluated, one of ``FAMILIES``.
-      defaults: sets the method's paper defaults on a config (``config.set_method``).
+      defaults: sets the method's paper defaults on a config (``methods.apply_preset``).
       check: validates the method's config fields before anything compiles; raises ValueError naming
         the field.
       build: (BuildContext) -> Method.
+      fields: declares the method's config block on a config (fields and their schema defaults,
+        ``methods.fields.declare``); every registered method's block makes the run-config schema
+        (``methods.schema``), so ``config.base_config`` lists none of them.
+      presets: data set name ("toy", "digits", "cifar10", "imagenet64", "lsun256", ...) -> a
+        function ``(config, args)`` setting the method's hyperparameters for that data set (after
+        ``defaults``; ``args`` are the config file's arguments, e.g. {"metric": "lpips"}). A data set
+        missing here has no settings of this method (``methods.apply_preset`` refuses it).
       needs_teacher: the method reads a teacher (``config.teacher.workdir``).
       uses_distance: the method's loss uses ``config.loss.distance`` (so LPIPS weights are loaded).
       consistency_fn: the consistency function of the method's models at an EDM point (x_σ, σ), with
         the signature of ``parameterization.consistency_fn`` (the default, CM's f_θ; TrigFlow models
         give ``trigflow.consistency_fn_sigma``). Samplers and evaluators use it.
+      grid_size: config -> the number of points of the model's final discrete time grid (for
+        sampling times given as grid indices, CM's convention), or None in continuous time.
+      network_kind: config -> what its network's parameters mean (e.g. "an EDM network"): a run
+        may start from another run's parameters (``config.init``) only of the same kind.
+      network_addition: what the method adds beside the network (``NetworkAddition``), or None.
     """
 
     name: str
@@ -155,9 +202,16 @@ class MethodSpec:
     defaults: Callable[[Any], None]
     check: Callable[[Any], None]
     build: Callable[[BuildContext], Method]
+    fields: Callable[[Any], None] = no_fields
+    presets: Mapping[str, Callable[[Any, Mapping[str, Any]], None]] = dataclasses.field(
+        default_factory=dict
+    )
     needs_teacher: bool = False
     uses_distance: bool = True
     consistency_fn: Callable = param_lib.consistency_fn
+    grid_size: Callable[[Any], int | None] = no_grid
+    network_kind: Callable[[Any], str] = edm_network
+    network_addition: NetworkAddition | None = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:

@@ -10,6 +10,7 @@ from typing import Any
 import jax
 
 from consistency_jax import losses, schedules
+from consistency_jax.methods import fields as fields_lib
 from consistency_jax.methods.base import Frozen, Method
 
 Array = jax.Array
@@ -81,6 +82,26 @@ class DiscreteConsistency(Method):
 
 # ----------------------------------------------------------------------------------------------------
 # Config blocks
+
+
+def fields(c) -> None:
+    """The config blocks of the discrete consistency methods: ``config.loss`` (distance, weighting
+    λ(t_n), choice of n, the ODE solver of CD) and ``config.curriculum`` (N(k), μ(k): CM Appendix C,
+    iCT Eq. 7)."""
+    fields_lib.distance_fields(c)
+    fields_lib.declare(c, "loss", weighting="uniform", index_sampling="uniform", solver="heun")
+    fields_lib.lognormal_fields(c)  # iCT's lognormal choice of n (index_sampling = lognormal)
+    fields_lib.declare(
+        c,
+        "curriculum",
+        kind="constant",
+        num_scales=18,
+        mu0=0.0,
+        s0=2,
+        s1=150,
+        mu_form="code",  # "code": what jcm/cm ran (μ(0) = 0.81); "paper": the paper's form
+        total_steps=0,  # K; 0 -> train.num_steps
+    )
 
 
 def curriculum_from_config(config) -> schedules.Curriculum:

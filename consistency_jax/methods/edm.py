@@ -5,14 +5,17 @@ loss = E[λ(σ)·mean((D_θ(x + σz, σ) − x)²)]."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from consistency_jax import config as config_lib
 from consistency_jax import losses
 from consistency_jax import parameterization as param_lib
+from consistency_jax.methods import fields as fields_lib
 from consistency_jax.methods.base import Frozen, Method, MethodSpec, register
 
 
@@ -69,9 +72,55 @@ def check(config) -> None:
         raise ValueError(f"config.loss.edm_p_std must be positive, got {config.loss.edm_p_std}.")
 
 
+def fields(c) -> None:
+    """EDM's training distribution ln σ ~ N(edm_p_mean, edm_p_std²) (EDM Table 1)."""
+    fields_lib.declare(c, "loss", edm_p_mean=-1.2, edm_p_std=1.2)
+
+
 def defaults(c) -> None:
     """EDM's training distribution ln σ ~ N(−1.2, 1.2²)."""
     c.loss.update(edm_p_mean=-1.2, edm_p_std=1.2)
+
+
+def no_settings(c, args) -> None:
+    """The method's defaults as they are."""
+
+
+def cifar10(c, args) -> None:
+    """jcm configs/cifar10_k_ve.py: Adam 1e-3, dropout 0.13, 400k steps, EMA half-life 0.5M images,
+    a warm-up of 10M images."""
+    batch = c.data.batch_size
+    c.model.kwargs = config_lib.ncsnpp_cifar10(dropout=0.13)
+    ema = math.exp(math.log(0.5) / (0.5e6 / batch))
+    config_lib.paper_schedule(
+        c,
+        optimizer="adam",
+        lr=1e-3,
+        num_steps=400_000,
+        ema_rates=(ema,),
+        warmup_steps=10_000_000 // batch,
+    )
+
+
+def imagenet64(c, args) -> None:
+    """cm's ImageNet 64 teacher: lr 1e-4, batch 4096, dropout 0.1; Heun with 40 steps (79 NFE)."""
+    c.model.kwargs = config_lib.adm_imagenet64(dropout=0.1)
+    c.data.batch_size = 4096
+    config_lib.paper_schedule(
+        c, optimizer="adam", lr=1e-4, num_steps=600_000, ema_rates=config_lib.CM_IMAGENET64_EMAS
+    )
+    c.eval.edm_steps = 40
+
+
+def lsun256(c, args) -> None:
+    """cm's LSUN teachers (its launch script): Adam 1e-4, batch 256, dropout 0.1, lognormal σ, Karras
+    weighting, the ImageNet EMA rates; sampled with Heun, 40 steps. The number of steps is not stated
+    (unconfirmed: 600k, as CD)."""
+    c.model.kwargs = config_lib.adm_lsun256(dropout=0.1)
+    config_lib.paper_schedule(
+        c, optimizer="adam", lr=1e-4, num_steps=600_000, ema_rates=config_lib.CM_IMAGENET64_EMAS
+    )
+    c.eval.edm_steps = 40
 
 
 register(
@@ -82,6 +131,14 @@ register(
         defaults=defaults,
         check=check,
         build=build,
+        fields=fields,
+        presets={
+            "toy": no_settings,
+            "digits": no_settings,
+            "cifar10": cifar10,
+            "imagenet64": imagenet64,
+            "lsun256": lsun256,
+        },
         uses_distance=False,
     )
 )

@@ -45,9 +45,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from consistency_jax import config as config_lib
 from consistency_jax import parameterization as param_lib
 from consistency_jax import trigflow
-from consistency_jax.methods.base import Frozen, Method, MethodSpec, register
+from consistency_jax.methods import fields as fields_lib
+from consistency_jax.methods.base import Frozen, Method, MethodSpec, NetworkAddition, register
 
 Array = jax.Array
 
@@ -250,9 +252,10 @@ def _build(with_teacher: bool):
         from consistency_jax.networks.logvar import make_logvar_fn
 
         lc = ctx.config.loss
+        module = LOGVAR_HEAD.wrap(networks.from_config(ctx.config.model))
         return SCM(
             apply_fn=ctx.apply_fn,
-            logvar_fn=make_logvar_fn(networks.from_config(ctx.config.model)),
+            logvar_fn=make_logvar_fn(module),
             sigmas=ctx.sigmas,
             p_mean=float(lc.p_mean),
             p_std=float(lc.p_std),
@@ -264,36 +267,146 @@ def _build(with_teacher: bool):
     return build
 
 
+def fields(c) -> None:
+    """sCM's fields: the lognormal proposal (``config.loss.p_mean/p_std``), the tangent warm-up
+    r = min(1, step / tangent_warmup) and normalisation g / (‖g‖ + tangent_c) (sCM §4.2), the weighting
+    head (``config.model.logvar_head``) and how the network sees its time (``sigmas.trigflow_time``:
+    "angle", sCM; "edm": c_noise(σ_d·tan t), output −F, so that an EDM run is an exact start through
+    ``config.init``)."""
+    fields_lib.lognormal_fields(c)
+    fields_lib.declare(c, "loss", tangent_warmup=10_000, tangent_c=0.1)
+    fields_lib.declare(c, "model", logvar_head=False)
+    fields_lib.declare(c, "sigmas", trigflow_time="angle")
+
+
 def defaults(c) -> None:
     """sCM's CIFAR-10 choices: (P_mean, P_std) = (−1.0, 1.4), 10k warm-up steps, c = 0.1, the
     weighting head; no curriculum, no target EMA."""
-    c.loss.update(distance="l2", p_mean=-1.0, p_std=1.4, tangent_warmup=10_000, tangent_c=0.1)
+    c.loss.update(p_mean=-1.0, p_std=1.4, tangent_warmup=10_000, tangent_c=0.1)
     c.model.logvar_head = True
-    c.curriculum.update(kind="constant", mu0=0.0)
 
 
+def network_kind(config) -> str:
+    """A TrigFlow network seeing the angle t, or an EDM network (``sigmas.trigflow_time="edm"``: an EDM
+    run's parameters are then exactly the same TrigFlow model, ``trigflow`` module docstring)."""
+    if config.sigmas.get("trigflow_time", "angle") == "edm":
+        return "an EDM network"
+    return "a TrigFlow network seeing the angle t (sigmas.trigflow_time=angle)"
+
+
+def wrap_logvar_head(net):
+    from consistency_jax.networks.logvar import WithLogVar
+
+    return WithLogVar(net=net)
+
+
+# sCM's adaptive weighting w_φ(t), trained jointly with θ (sCM §4.2); a config.init source without it
+# gives the "net" part, the head starts fresh (w_φ ≡ 0).
+LOGVAR_HEAD = NetworkAddition(field="logvar_head", wrap=wrap_logvar_head, inner="net")
+
+
+def sct_toy(c, args) -> None:
+    """From scratch the tangent warm-up must be long: with r < 1 the objective is mostly flow
+    matching, and F first learns the (teacher's) velocity. With a 2k warm-up of 20k steps sCD's F never
+    learned it at small t (f ≈ identity for σ ≤ 0.2, one-step map error 0.30·σ_d); half the run as
+    warm-up, 40k steps and lr 5e-4 give 0.050·σ_d, and sCT's one-step sw2 0.76× the floor instead of
+    1.81× (bench/RESULTS.md §6)."""
+    c.train.update(num_steps=40_000, eval_every=20_000)
+    c.checkpoint.every = 20_000
+    c.optim.lr = 5e-4
+    c.loss.tangent_warmup = 20_000
+
+
+def scd_toy(c, args) -> None:
+    """sCT's toy settings at batch 512: the one-step map error over seeds 0 / 1 was 0.049 / 0.041·σ_d,
+    against 0.050 / 0.056 at batch 256 (bench/RESULTS.md §6)."""
+    sct_toy(c, args)
+    c.data.batch_size = 512
+
+
+def sct_digits(c, args) -> None:
+    """sCM's defaults (P_mean −1.0, P_std 1.4, c = 0.1, the weighting head). sCM's 10k warm-up is for
+    fine-tuning a diffusion model; from scratch half the run (1500 of 3000 steps) gave digits-FD 26.9 /
+    24.1 (sCT) and 30.5 / 26.3 (sCD) against 30.4 / 27.3 and 31.1 / 28.2 with 500 (bench/RESULTS.md
+    §6)."""
+    c.loss.tangent_warmup = 1500
+
+
+def scd_digits(c, args) -> None:
+    """The student is an EDM network (sigmas.trigflow_time = "edm"), so that it can start as its
+    teacher, as sCM fine-tunes a diffusion model: with --config.init.workdir=runs/digits_edm (the
+    teacher run) and a fine-tuning lr of 2e-4, 3000 steps gave digits-FD 18.0 / 16.2 and 19.4 / 17.7
+    (seeds 0, 1: 1.14x and 1.24x the teacher's 14.28 at two steps; lr 1e-3: 1.23x, 1.33x) against
+    30.5 / 26.3 from scratch (bench/RESULTS.md §6)."""
+    sct_digits(c, args)
+    c.sigmas.trigflow_time = "edm"
+    c.optim.lr = 2e-4
+
+
+def cifar10(c, args) -> None:
+    """sCM on CIFAR-10: TrigFlow with σ_d = 0.5, (P_mean, P_std) = (−1.0, 1.4), tangent normalisation
+    c = 0.1, 10k warm-up steps, the adaptive weighting head (the defaults), positional time embedding
+    (sCM §4.1), 2-step intermediate angle 1.1, i.e. σ = 0.5·tan(1.1). Unconfirmed: batch 512, Adam 1e-4
+    with β2 = 0.99, dropout 0.2, eval EMA 0.9999 (sCM uses power-function EMAs), 400k steps; sCM's
+    network is a DDPM++-type network with its own changes, here the NCSN++ of method=edm with
+    positional embeddings."""
+    c.model.kwargs = dict(config_lib.ncsnpp_cifar10(dropout=0.2), embedding_type="positional")
+    config_lib.paper_schedule(c, optimizer="adam", lr=1e-4, num_steps=400_000, ema_rates=(0.9999,))
+    c.optim.b2 = 0.99
+    c.eval.two_step_time = 0.5 * math.tan(1.1)
+
+
+def imagenet64(c, args) -> None:
+    """sCM: TrigFlow, the weighting head, c = 0.1, 10k warm-up, the ADM UNet with RMS-normalised AdaGN
+    scale/shift (sCM §4.1) and time input 1000·t (sigmas.c_noise = "cm"); 2-step intermediate angle
+    1.1. Unconfirmed: (P_mean, P_std) = (−0.8, 1.6) (sCM's value for its large ImageNet models), Adam
+    1e-4 with β2 = 0.99, batch 2048, dropout 0.1, 400k steps, the EMA rates (sCM uses power-function
+    EMAs); sCM's ImageNet networks are EDM2-style, not ADM."""
+    c.model.kwargs = dict(config_lib.adm_imagenet64(dropout=0.1), normalize_scale_shift=True)
+    c.loss.update(p_mean=-0.8, p_std=1.6)
+    config_lib.paper_schedule(
+        c, optimizer="adam", lr=1e-4, num_steps=400_000, ema_rates=config_lib.CM_IMAGENET64_EMAS
+    )
+    c.optim.b2 = 0.99
+    c.eval.two_step_time = 0.5 * math.tan(1.1)
+
+
+_COMMON = dict(
+    family="consistency",
+    defaults=defaults,
+    check=check,
+    fields=fields,
+    uses_distance=False,
+    consistency_fn=trigflow.consistency_fn_sigma,
+    network_kind=network_kind,
+    network_addition=LOGVAR_HEAD,
+)
 register(
     MethodSpec(
         name="sct",
         summary="sCM consistency training in TrigFlow (Lu & Song 2024)",
-        family="consistency",
-        defaults=defaults,
-        check=check,
         build=_build(False),
-        uses_distance=False,
-        consistency_fn=trigflow.consistency_fn_sigma,
+        presets={
+            "toy": sct_toy,
+            "digits": sct_digits,
+            "cifar10": cifar10,
+            "imagenet64": imagenet64,
+        },
+        **_COMMON,
     )
 )
 register(
     MethodSpec(
         name="scd",
         summary="sCM consistency distillation from an EDM teacher",
-        family="consistency",
-        defaults=defaults,
-        check=check,
         build=_build(True),
+        presets={
+            "toy": scd_toy,
+            "digits": scd_digits,
+            "cifar10": cifar10,
+            "imagenet64": imagenet64,
+        },
         needs_teacher=True,
-        uses_distance=False,
-        consistency_fn=trigflow.consistency_fn_sigma,
+        **_COMMON,
     )
 )

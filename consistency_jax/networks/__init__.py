@@ -54,16 +54,12 @@ def get_network(name: str, **kwargs: Any):
 
 
 def from_config(model_config):
-    """The network of a run's ``config.model`` (name, kwargs, compute dtype), wrapped with a learned
-    log-variance head (``logvar.WithLogVar``) when ``config.model.logvar_head`` is set."""
+    """The network of a run's ``config.model`` (name, kwargs, compute dtype). What a method adds beside
+    it (sCM's log-variance head) is the method's: ``methods.network(config)`` builds a run's whole
+    module."""
     kwargs = dict(model_config.kwargs)
     if model_config.dtype != "float32":
         import jax.numpy as jnp
 
         kwargs["dtype"] = jnp.dtype(model_config.dtype)
-    net = get_network(model_config.name, **kwargs)
-    if model_config.get("logvar_head", False):  # sCM's adaptive weighting w_φ(t), trained jointly
-        from consistency_jax.networks.logvar import WithLogVar
-
-        return WithLogVar(net=net)
-    return net
+    return get_network(model_config.name, **kwargs)

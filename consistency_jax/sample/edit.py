@@ -118,7 +118,7 @@ def run_edit(request: SampleRequest) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from consistency_jax import editing, export, loading, networks
+    from consistency_jax import editing, export, loading, methods, networks
     from consistency_jax import parameterization as param_lib
     from consistency_jax.evaluators.images import image_grid
 
@@ -147,7 +147,7 @@ def run_edit(request: SampleRequest) -> dict:
     if mask is not None and not isinstance(mask, str):
         editing.as_mask(mask, (n,) + model.example_shape)  # the shape check, before compiling
     _, params, step = loading.load_eval_params(request.workdir, request.ema_rate, step=model.step)
-    apply_fn = networks.make_apply_fn(networks.from_config(model.config.model))
+    apply_fn = networks.make_apply_fn(methods.network(model.config))
     labels = None
     if model.num_classes:
         keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(n, dtype=jnp.uint32))

@@ -216,7 +216,7 @@ def run(request: SampleRequest) -> dict:
     """
     import jax
 
-    from consistency_jax import export, loading, networks
+    from consistency_jax import export, loading, methods, networks
     from consistency_jax.evaluators.images import image_grid
     from consistency_jax.sharding import replicated
 
@@ -252,7 +252,7 @@ def run(request: SampleRequest) -> dict:
     _, params, step = loading.load_eval_params(
         request.workdir, request.ema_rate, step=model.step, sharding=replicated(mesh)
     )
-    apply_fn = networks.make_apply_fn(networks.from_config(model.config.model))
+    apply_fn = networks.make_apply_fn(methods.network(model.config))
     generate = make_generator(request, model, apply_fn, mesh)
     batch = request.per_device_batch * len(devices)
 

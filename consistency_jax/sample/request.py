@@ -208,12 +208,9 @@ def sample_times(request: SampleRequest, model: SampledRun) -> tuple[float, ...]
         if request.ts_indices:
             num_scales = request.num_scales
             if not num_scales:
-                from consistency_jax.methods import discrete
+                from consistency_jax import methods
 
-                try:
-                    num_scales = discrete.grid_size(model.config)
-                except Exception:  # noqa: BLE001 -- a continuous-time run has no grid of its own
-                    num_scales = None
+                num_scales = methods.get(model.config.method).grid_size(model.config)
                 if not num_scales:
                     raise SampleError(
                         f"method={model.config.method!r} has no discrete grid; give "

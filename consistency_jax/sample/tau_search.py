@@ -193,13 +193,9 @@ def search_grid(request: SampleRequest, model: SampledRun) -> np.ndarray:
 
     n = request.num_scales
     if not n:
-        from consistency_jax.methods import discrete
+        from consistency_jax import methods
 
-        try:
-            n = discrete.grid_size(model.config)
-        except Exception:  # noqa: BLE001 -- continuous time: no grid of its own
-            n = None
-        n = n or 40
+        n = methods.get(model.config.method).grid_size(model.config) or 40
     return np.asarray(schedules.karras_sigmas(int(n), model.sigmas), np.float64)[::-1]
 
 
@@ -213,7 +209,7 @@ def run_tau_search(request: SampleRequest) -> dict:
     """
     import jax
 
-    from consistency_jax import export, loading, networks
+    from consistency_jax import export, loading, methods, networks
     from consistency_jax.evaluators.images import is_digits
 
     model = describe_run(request)
@@ -255,7 +251,7 @@ def run_tau_search(request: SampleRequest) -> dict:
         )
     grid = search_grid(request, model)
     _, params, step = loading.load_eval_params(request.workdir, request.ema_rate, step=model.step)
-    apply_fn = networks.make_apply_fn(networks.from_config(model.config.model))
+    apply_fn = networks.make_apply_fn(methods.network(model.config))
     score = make_scorer(
         apply_fn,
         params,
