@@ -20,6 +20,7 @@ from typing import Any
 import ml_collections
 
 DIGITS_DATASET = "sklearn_digits"
+READERS = ("auto", "data_source", "tfds_load")
 OPTIMIZERS = ("adam", "radam")
 LR_DECAYS = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16")
