@@ -268,17 +268,27 @@ def test_train_step_example_learns():
 
 @contextlib.contextmanager
 def isolated_flags():
-    """absl's global FLAGS as if no module of the package had defined any, restored afterwards."""
+    """absl's global FLAGS as if no module of the package had defined any, restored afterwards.
+
+    Modules that define flags when imported (a command's module inside a package) are imported
+    afresh inside, so that their flags are defined again, and put back afterwards."""
     from absl import flags
 
     fv = flags.FLAGS
-    ours = {
-        name: fv[name]
-        for module, defined in fv.flags_by_module_dict().items()
-        if not module.startswith("absl")
+    by_module = fv.flags_by_module_dict()
+    absl_names = {
+        name
+        for module, defined in by_module.items()
+        if module.startswith("absl")
         for flag in defined
-        for name in {flag.name, flag.short_name} - {None}
+        for name in (flag.name, flag.short_name)
     }
+    ours = {name: fv[name] for name in fv if name not in absl_names}
+    owners = [
+        (m, f) for m, defined in by_module.items() if not m.startswith("absl") for f in defined
+    ]
+    modules = {m: sys.modules.pop(m) for m in by_module if m.startswith("consistency_jax.")}
+    modules = {m: mod for m, mod in modules.items() if mod is not None}
     was_parsed = fv.is_parsed()
     for name in ours:
         delattr(fv, name)
@@ -286,12 +296,22 @@ def isolated_flags():
     try:
         yield fv
     finally:
+        for m in fv.flags_by_module_dict():
+            if m.startswith("consistency_jax."):
+                sys.modules.pop(m, None)  # defined flags that are removed below
         for name in set(fv) - before:
             delattr(fv, name)
         fv.unparse_flags()
         for name, flag in ours.items():
             if name == flag.name:
                 fv[name] = flag
+        for module, flag in owners:
+            fv.register_flag_by_module(module, flag)
+        for m, mod in modules.items():
+            sys.modules[m] = mod
+            parent, _, child = m.rpartition(".")
+            if parent in sys.modules:
+                setattr(sys.modules[parent], child, mod)
         if was_parsed:
             fv.mark_as_parsed()
 
