@@ -227,6 +227,32 @@ def test_relative_links_of_the_docs_exist():
                 assert (ROOT / doc).parent.joinpath(target).exists(), f"{doc}: link to {target}"
 
 
+def test_names_of_the_package_in_the_docs_exist():
+    """Every `consistency_jax.X.Y` the prose names is a module, or an attribute of one, of today's
+    package (modules are found without running them: the commands define flags when imported)."""
+    import importlib
+    import importlib.util
+
+    checked = 0
+    for doc in DOCS:
+        text = (ROOT / doc).read_text()
+        for name in sorted(set(re.findall(r"`(consistency_jax(?:\.\w+)+)", text))):
+            parts = name.split(".")
+            for i in range(len(parts), 0, -1):
+                module = ".".join(parts[:i])
+                with contextlib.suppress(ModuleNotFoundError):  # a parent that is no package
+                    if importlib.util.find_spec(module) is not None:
+                        break
+            rest = parts[i:]
+            if rest:
+                obj = importlib.import_module(module)
+                for attr in rest:
+                    assert hasattr(obj, attr), f"{doc}: `{name}`: {module} has no {attr!r}"
+                    obj = getattr(obj, attr)
+            checked += 1
+    assert checked > 10
+
+
 # --------------------------------------------------------------------------------------------
 # Python blocks.
 
