@@ -355,8 +355,12 @@ def isolated_flags():
     owners = [
         (m, f) for m, defined in by_module.items() if not m.startswith("absl") for f in defined
     ]
-    modules = {m: sys.modules.pop(m) for m in by_module if m.startswith("consistency_jax.")}
+    modules = {m: sys.modules.pop(m, None) for m in by_module if m.startswith("consistency_jax.")}
     modules = {m: mod for m, mod in modules.items() if mod is not None}
+    for m in modules:  # `from package import module` must import it afresh too
+        parent, _, child = m.rpartition(".")
+        if parent in sys.modules and hasattr(sys.modules[parent], child):
+            delattr(sys.modules[parent], child)
     was_parsed = fv.is_parsed()
     for name in ours:
         delattr(fv, name)
@@ -365,8 +369,11 @@ def isolated_flags():
         yield fv
     finally:
         for m in fv.flags_by_module_dict():
-            if m.startswith("consistency_jax."):
-                sys.modules.pop(m, None)  # defined flags that are removed below
+            if m.startswith("consistency_jax.") and m in sys.modules:
+                sys.modules.pop(m)  # defined flags that are removed below
+                parent, _, child = m.rpartition(".")
+                if parent in sys.modules and hasattr(sys.modules[parent], child):
+                    delattr(sys.modules[parent], child)
         for name in set(fv) - before:
             delattr(fv, name)
         fv.unparse_flags()
