@@ -187,3 +187,124 @@ def test_guidance_with_omega_one_is_the_unguided_velocity_bit_for_bit():
     assert mf.guided_velocity(v, vu, vc, 1.0, 0.0) is v
     g = mf.guided_velocity(v, vu, vc, 2.0, 0.5)
     np.testing.assert_allclose(np.asarray(g), np.asarray(2.0 * v + 0.5 * vc - 1.5 * vu), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The method in the library: config, train step, evaluation, sampling.
+
+
+def _tiny(**meanflow):
+    from conftest import tiny_toy_config
+
+    c = tiny_toy_config("meanflow")
+    c.model.kwargs = dict(hidden=8, depth=1, second_time=True)
+    c.meanflow.update(**meanflow)
+    return c
+
+
+def test_meanflow_trains_evaluates_and_samples_on_the_toy(tmp_path):
+    import json
+
+    from consistency_jax import experiment, methods
+
+    c = _tiny()
+    assert methods.get("meanflow").family == "consistency"
+    final = experiment.train_and_evaluate(c, str(tmp_path / "run"))
+    assert int(final.step) == 4 and final.target_params is None
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["step"] == 4 and np.isfinite(row["sw2_1step"]) and np.isfinite(row["sw2_2step"])
+    assert np.isfinite(row["loss"]) if "loss" in row else True
+
+
+def test_meanflow_consistency_function_is_the_flow_map_of_the_network():
+    """The EDM-unit consistency function the samplers use: f(x_σ, σ) = z_t − t·u(z_t, 0, t) with
+    t = σ/(1 + σ), z_t = (1 − t)·x_σ, computed here by hand from the raw network; exact at σ_min."""
+    import jax
+
+    from consistency_jax import networks
+    from consistency_jax.parameterization import SigmaConfig
+
+    module = networks.get_network("mlp", hidden=16, depth=1, second_time=True)
+    params = module.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros((1,)))["params"]
+    params = jax.tree.map(lambda a: a + 0.1, params)  # zero-initialised layers moved
+    apply_fn = networks.make_apply_fn(module)
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.normal(size=(6, 2)), jnp.float32)
+    sigma = jnp.asarray([0.002, 0.01, 0.5, 2.0, 10.0, 80.0], jnp.float32)
+    f = mf.model_consistency_fn(apply_fn, params, x, sigma, SigmaConfig())
+    t = np.asarray(sigma, np.float64) / (1 + np.asarray(sigma, np.float64))
+    z = (1 - t)[:, None] * np.asarray(x, np.float64)
+    u = np.asarray(
+        apply_fn(
+            params,
+            jnp.asarray(z, jnp.float32),
+            jnp.asarray(t, jnp.float32),
+            c_noise_2=jnp.asarray(t, jnp.float32),
+        )
+    )
+    expect = z - t[:, None] * u
+    np.testing.assert_array_equal(np.asarray(f)[0], np.asarray(x)[0])  # the boundary, exactly
+    np.testing.assert_allclose(np.asarray(f)[1:], expect[1:], rtol=1e-5, atol=1e-5)
+
+
+def test_guidance_in_training_uses_the_models_own_velocities():
+    """With ω ≠ 1 the regression velocity is ω·v + (1 − ω)·u_θ⁻(z, t, t | ∅) for kept labels and v for
+    dropped ones: the loss equals the loss at that velocity, computed by hand; ω = 1 with no dropout is
+    the unguided loss bit for bit."""
+    import jax
+
+    from consistency_jax import networks
+    from consistency_jax.methods.base import Frozen
+
+    module = networks.get_network("mlp", hidden=16, depth=1, second_time=True, num_classes=4)
+    params = module.init(
+        jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros((1,)), jnp.zeros((1,), int)
+    )
+    params = jax.tree.map(lambda a: a + 0.05, params["params"])
+    apply_fn = networks.make_apply_fn(module)
+    batch = {
+        "image": jnp.asarray(np.random.default_rng(9).normal(size=(8, 2)), jnp.float32),
+        "label": jnp.asarray([0, 1, 2, 0, 1, 2, 0, 1]),
+    }
+    rng, step = jax.random.key(4), jnp.int32(0)
+    plain = mf.MeanFlow(apply_fn=apply_fn, null_label=3)
+    unguided = mf.MeanFlow(apply_fn=apply_fn, null_label=3, omega=1.0, class_dropout=0.0)
+    assert not unguided.guided and unguided.frozen_trees == ()
+    a = plain.loss(params, Frozen(), batch, rng, step)[0]
+    b = unguided.loss(params, Frozen(), batch, rng, step)[0]
+    assert float(a) == float(b)
+    guided = mf.MeanFlow(apply_fn=apply_fn, null_label=3, omega=2.0, class_dropout=0.5)
+    loss, _ = guided.loss(params, Frozen(target=params), batch, rng, step)
+    # By hand, with the method's own draws.
+    rng_t, rng_e, rng_drop, rng_cls = jax.random.split(rng, 4)
+    x0, labels = batch["image"], batch["label"]
+    t, r = mf.sample_times(rng_t, 8, -0.4, 1.0, 0.25)
+    z, v = mf.flow_point(x0, jax.random.normal(rng_e, x0.shape), t)
+    v_null = apply_fn(params, z, t, labels=jnp.full_like(labels, 3), c_noise_2=t - t)
+    drop = jax.random.uniform(rng_cls, labels.shape) < 0.5
+    assert 0 < int(drop.sum()) < 8  # both kinds of example are in the batch
+    v_tilde = jnp.where(drop[:, None], v, 2.0 * v - 1.0 * v_null)
+    y = jnp.where(drop, 3, labels)
+    u = mf.average_velocity(apply_fn, params, labels=y, train=True, rng=rng_drop)
+    expect, _ = mf.meanflow_loss(u, z, r, t, v_tilde)
+    np.testing.assert_allclose(float(loss), float(expect), rtol=1e-6)
+    assert abs(float(loss) - float(a)) > 1e-6
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("p_std", 0.0, r"config\.meanflow\.p_std must be > 0"),
+        ("fraction_distinct", 1.5, r"config\.meanflow\.fraction_distinct must be in \[0, 1\]"),
+        ("omega", 2.0, r"class-conditional run"),
+    ],
+)
+def test_meanflow_config_errors_name_the_field(field, value, match):
+    from consistency_jax.build import validate
+
+    with pytest.raises(ValueError, match=match):
+        validate(_tiny(**{field: value}))
+    c = _tiny()
+    c.model.kwargs = dict(hidden=8, depth=1)
+    with pytest.raises(ValueError, match=r"second_time=True"):
+        validate(c)

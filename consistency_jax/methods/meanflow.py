@@ -25,10 +25,17 @@ examples keep v. Sampling is then one network evaluation per step, with no guida
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from consistency_jax import config as config_lib
+from consistency_jax import parameterization as param_lib
+from consistency_jax.methods import fields as fields_lib
+from consistency_jax.methods.base import Frozen, Method, MethodSpec, register
 
 Array = jax.Array
 # u_fn(z, r, t) -> u: the average velocity at (z, r, t), r and t of shape (B,).
@@ -138,3 +145,224 @@ def consistency_fn_sigma(u_fn: AverageVelocityFn, x_sigma: Array, sigma: Array) 
     t = sigma_to_time(sigma)
     z = _b(1.0 - t, x_sigma) * x_sigma
     return z - _b(t, z) * u_fn(z, jnp.zeros_like(t), t)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The method: the network F(params, z, c_noise = t, c_noise_2 = t − r) is u_θ itself.
+
+
+def average_velocity(apply_fn: param_lib.ApplyFn, params: Any, **kwargs: Any) -> AverageVelocityFn:
+    """u_θ(z, r, t) = F_θ(z, t, c_noise_2 = t − r) of a network built with ``second_time=True``: the
+    network sees (t, t − r) (MeanFlow Table 1c) and its output is the average velocity."""
+
+    def u(z, r, t):
+        return apply_fn(params, z, t, c_noise_2=t - r, **kwargs)
+
+    return u
+
+
+def model_consistency_fn(
+    apply_fn: param_lib.ApplyFn, params: Any, x: Array, t: Array, sigmas: Any, **kwargs: Any
+) -> Array:
+    """The consistency function of a MeanFlow model at EDM points (x_σ, σ = ``t``), with the signature
+    of ``parameterization.consistency_fn``; exact at σ_min (f(x, σ_min) = x), so every consistency
+    sampler, editor and evaluation runs MeanFlow models."""
+    sigma = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+    f = consistency_fn_sigma(average_velocity(apply_fn, params, **kwargs), x, sigma)
+    return jnp.where(_b(sigma, x) <= sigmas.sigma_min, x, f)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeanFlow(Method):
+    """MeanFlow (module docstring), θ⁻ = stopgrad θ for the guidance velocities only.
+
+    Attributes:
+      apply_fn: the raw network, built with ``second_time=True``.
+      p_mean, p_std: the logit-normal law of t and r.
+      fraction_distinct: the fraction of the batch with r ≠ t.
+      weight_p, weight_c: the adaptive weight 1/(‖Δ‖² + c)^p.
+      omega, kappa, class_dropout: guidance in training (class-conditional runs); omega = 1, kappa = 0,
+        class_dropout = 0 is unguided.
+      null_label: the network's "no class" label (its last), used when guiding.
+    """
+
+    apply_fn: Callable
+    p_mean: float = -0.4
+    p_std: float = 1.0
+    fraction_distinct: float = 0.25
+    weight_p: float = 1.0
+    weight_c: float = 1e-3
+    omega: float = 1.0
+    kappa: float = 0.0
+    class_dropout: float = 0.0
+    null_label: int | None = None
+
+    name = "meanflow"
+
+    @property
+    def guided(self) -> bool:
+        return self.omega != 1.0 or self.kappa != 0.0 or self.class_dropout > 0.0
+
+    @property
+    def frozen_trees(self) -> tuple[str, ...]:
+        return ("target",) if self.guided else ()
+
+    def loss(self, params, frozen: Frozen, batch, rng, step):
+        x0 = param_lib.as_compute_dtype(batch["image"])
+        labels = batch.get("label")
+        rng_t, rng_e, rng_drop, rng_cls = jax.random.split(rng, 4)
+        t, r = sample_times(
+            rng_t, x0.shape[0], self.p_mean, self.p_std, self.fraction_distinct, x0.dtype
+        )
+        z, v = flow_point(x0, jax.random.normal(rng_e, x0.shape, x0.dtype), t)
+        if self.guided and labels is not None:
+            # ṽ from the model's own velocities u(z_t, t, t | ·) at θ⁻ = sg θ, without dropout; the
+            # examples whose class is dropped keep v and see the null label.
+            velocity = lambda y: average_velocity(self.apply_fn, frozen.target, labels=y)(z, t, t)
+            null = jnp.full_like(labels, self.null_label)
+            v_cond = velocity(labels) if self.kappa else None
+            guided = guided_velocity(v, velocity(null), v_cond, self.omega, self.kappa)
+            drop = jax.random.uniform(rng_cls, labels.shape) < self.class_dropout
+            labels = jnp.where(drop, null, labels)
+            v = jnp.where(_b(drop, v), v, guided)
+        u = average_velocity(self.apply_fn, params, labels=labels, train=True, rng=rng_drop)
+        return meanflow_loss(u, z, r, t, v, p=self.weight_p, c=self.weight_c)
+
+
+def build(ctx) -> MeanFlow:
+    m = ctx.config.meanflow
+    kwargs = ctx.config.model.kwargs
+    return MeanFlow(
+        apply_fn=ctx.apply_fn,
+        p_mean=float(m.p_mean),
+        p_std=float(m.p_std),
+        fraction_distinct=float(m.fraction_distinct),
+        weight_p=float(m.weight_p),
+        weight_c=float(m.weight_c),
+        omega=float(m.omega),
+        kappa=float(m.kappa),
+        class_dropout=float(m.class_dropout),
+        null_label=(int(kwargs.num_classes) - 1) if kwargs.get("num_classes") else None,
+    )
+
+
+def fields(c) -> None:
+    """``config.meanflow``: the logit-normal (t, r) proposal and the fraction with r ≠ t, the adaptive
+    weight 1/(‖Δ‖² + c)^p, guidance in training (ω, κ, class dropout; class-conditional runs, whose
+    network has one label more than the data: the last is "no class"). Schema defaults: MeanFlow's
+    ImageNet-256 choices (MeanFlow Table 1)."""
+    fields_lib.declare(
+        c,
+        "meanflow",
+        p_mean=-0.4,
+        p_std=1.0,
+        fraction_distinct=0.25,
+        weight_p=1.0,
+        weight_c=1e-3,
+        omega=1.0,
+        kappa=0.0,
+        class_dropout=0.0,
+    )
+
+
+def defaults(c) -> None:
+    """MeanFlow's best ablation settings (MeanFlow Table 1): lognorm(−0.4, 1.0), 25 % of r ≠ t, p = 1,
+    c = 1e-3; no guidance; the network sees (t, t − r) (``model.kwargs.second_time``)."""
+    c.meanflow.update(p_mean=-0.4, p_std=1.0, fraction_distinct=0.25, weight_p=1.0, weight_c=1e-3)
+    c.meanflow.update(omega=1.0, kappa=0.0, class_dropout=0.0)
+    c.model.kwargs.second_time = True
+
+
+def check(config) -> None:
+    """The ``config.meanflow`` block, and a network that takes the second time."""
+    m = config.meanflow
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    for name, ok, need in (
+        ("p_mean", lambda v: True, "a number"),
+        ("p_std", lambda v: v > 0, "> 0"),
+        ("fraction_distinct", lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("weight_p", lambda v: v >= 0, ">= 0 (0: no adaptive weight)"),
+        ("weight_c", lambda v: v > 0, "> 0"),
+        ("omega", lambda v: v >= 0, ">= 0 (1: no guidance)"),
+        ("kappa", lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("class_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ):
+        if not number(m[name]) or not ok(m[name]):
+            raise ValueError(f"config.meanflow.{name} must be {need}, got {m[name]!r}.")
+    if not config.model.kwargs.get("second_time", False):
+        raise ValueError(
+            "method=meanflow needs a network that sees (t, t − r): set "
+            "config.model.kwargs.second_time=True."
+        )
+    guided = m.omega != 1.0 or m.kappa != 0.0 or m.class_dropout > 0.0
+    if guided and not (config.data.use_labels and config.model.kwargs.get("num_classes")):
+        raise ValueError(
+            "config.meanflow.omega / kappa / class_dropout guide a class-conditional run: set "
+            "config.data.use_labels=True and config.model.kwargs.num_classes to the number of "
+            "classes + 1 (the last label is 'no class')."
+        )
+    if guided and not m.class_dropout > 0:
+        raise ValueError(
+            "Guidance in training (config.meanflow.omega != 1 or kappa != 0) needs the unconditional "
+            "model: set config.meanflow.class_dropout > 0 (MeanFlow uses 0.1)."
+        )
+
+
+def network_kind(config) -> str:
+    return "a flow-map network u(z, r, t) seeing (t, t − r)"
+
+
+def toy(c, args) -> None:
+    """From scratch on the 2-D toy: 40k steps at batch 512, as CM's CT needed to reach 2× the noise
+    floor at one step (one-step sampling needs the large-gap average velocities, MeanFlow §4.3)."""
+    c.data.batch_size = 512
+    c.train.update(num_steps=40_000, eval_every=20_000)
+    c.checkpoint.every = 20_000
+
+
+def digits(c, args) -> None:
+    """The digits budget of iCT / sCT / ECT (3000 steps at batch 64); MeanFlow's defaults."""
+
+
+def cifar10(c, args) -> None:
+    """MeanFlow on unconditional CIFAR-10 (its 1-NFE FID 2.92 U-Net run). Unconfirmed beyond the
+    defaults (which are MeanFlow's ImageNet ablation values): the NCSN++ network of method=edm with
+    positional embeddings (MeanFlow uses a U-Net of its own), batch 1024, Adam 6e-4, dropout 0.2, eval
+    EMA 0.99995, 800k steps; the (t, r) law and r ≠ t fraction of its CIFAR-10 run."""
+    c.model.kwargs = dict(
+        config_lib.ncsnpp_cifar10(dropout=0.2), embedding_type="positional", second_time=True
+    )
+    c.data.batch_size = 1024
+    config_lib.paper_schedule(c, optimizer="adam", lr=6e-4, num_steps=800_000, ema_rates=(0.99995,))
+
+
+def imagenet64(c, args) -> None:
+    """MeanFlow reports no ImageNet-64 run: everything here is unconfirmed — its ImageNet-256 (latent)
+    defaults on the class-conditional ADM network of CM's ImageNet-64 runs, with guidance in training
+    ω = 2.0 and class dropout 0.1 (its 1-NFE FID 3.43 setting at 256 used ω with κ), Adam 1e-4,
+    batch 256, 1.2M steps."""
+    c.model.kwargs = dict(
+        config_lib.adm_imagenet64(dropout=0.0), second_time=True, num_classes=1001
+    )
+    c.data.batch_size = 256
+    c.meanflow.update(omega=2.0, class_dropout=0.1)
+    config_lib.paper_schedule(
+        c, optimizer="adam", lr=1e-4, num_steps=1_200_000, ema_rates=(0.9999,)
+    )
+
+
+register(
+    MethodSpec(
+        name="meanflow",
+        summary="MeanFlow: average-velocity flow maps (Geng et al. 2025)",
+        family="consistency",
+        defaults=defaults,
+        check=check,
+        build=build,
+        fields=fields,
+        presets={"toy": toy, "digits": digits, "cifar10": cifar10, "imagenet64": imagenet64},
+        uses_distance=False,
+        consistency_fn=model_consistency_fn,
+        network_kind=network_kind,
+    )
+)

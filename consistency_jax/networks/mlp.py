@@ -49,7 +49,15 @@ class MLP(nn.Module):
         emb = sinusoidal_embedding(c_noise * self.emb_scale, self.emb_dim)
         emb = nn.silu(nn.Dense(self.hidden, dtype=self.dtype)(emb))
         c2 = None if c_noise_2 is None else c_noise_2 * self.emb_scale
-        emb = add_second_time(emb, c2, self.second_time, "MLP", dim=self.emb_dim, sin_first=False)
+        emb = add_second_time(
+            emb,
+            c2,
+            self.second_time,
+            "MLP",
+            self.is_initializing(),
+            dim=self.emb_dim,
+            sin_first=False,
+        )
         if self.num_classes is not None:
             if y is None:
                 raise ValueError("This MLP is class-conditional: pass labels y.")

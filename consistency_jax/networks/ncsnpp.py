@@ -175,6 +175,7 @@ class NCSNpp(nn.Module):
             c_noise_2,
             self.second_time,
             name,
+            self.is_initializing(),
             dim=self.nf if self.embedding_type == "positional" else 2 * self.nf,
             kind="sinusoidal" if self.embedding_type == "positional" else "fourier",
             fourier_scale=self.fourier_scale,

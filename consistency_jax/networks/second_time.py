@@ -68,9 +68,15 @@ class SecondTimeEmbedding(nn.Module):
 
 
 def add_second_time(
-    temb: Array, c2: Array | None, enabled: bool, net: str, **embedding_kwargs
+    temb: Array,
+    c2: Array | None,
+    enabled: bool,
+    net: str,
+    initializing: bool = False,
+    **embedding_kwargs,
 ) -> Array:
-    """``temb`` plus the embedding of the second time when the network has the input.
+    """``temb`` plus the embedding of the second time when the network has the input (initialising
+    a network without giving the second time, as the library's generic init does, uses zeros).
 
     Raises:
       ValueError: a second time given to a network without the input, or missing for one with it.
@@ -81,6 +87,8 @@ def add_second_time(
                 f"{net} has no second time input (second_time=False), but one was given."
             )
         return temb
+    if c2 is None and initializing:
+        c2 = jnp.zeros(temb.shape[:1], jnp.float32)
     if c2 is None:
         raise ValueError(f"{net} was built with second_time=True: pass the second time c_noise_2.")
     c2 = check_noise_levels(c2, temb.shape[0])

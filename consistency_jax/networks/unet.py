@@ -180,7 +180,9 @@ class ADMUNet(nn.Module):
         emb = sinusoidal_embedding(c_noise, mc, endpoint=False, sin_first=False)
         emb = dense(emb, 4 * mc, init_style="torch", param_dtype=self.param_dtype)
         emb = dense(nn.swish(emb), 4 * mc, init_style="torch", param_dtype=self.param_dtype)
-        emb = add_second_time(emb, c_noise_2, self.second_time, "ADMUNet", dim=mc)
+        emb = add_second_time(
+            emb, c_noise_2, self.second_time, "ADMUNet", self.is_initializing(), dim=mc
+        )
         if self.num_classes is not None:
             emb = emb + nn.Embed(
                 self.num_classes,
