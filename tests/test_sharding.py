@@ -85,7 +85,7 @@ def _toy_pieces(method: str, hidden: int = 32, depth: int = 1, dtype=None):
 
 
 # The continuous-time methods (issue 13): one file's registry name -> how to build it on the toy.
-CONTINUOUS = ("cm_continuous_ct", "cm_continuous_cd", "sct", "scd", "ect")
+CONTINUOUS = ("cm_continuous_ct", "cm_continuous_cd", "sct", "scd", "ect", "meanflow")
 
 
 def _continuous_pieces(method: str, hidden: int = 32):
@@ -113,6 +113,11 @@ def _continuous_pieces(method: str, hidden: int = 32):
             warmup_steps=4,
             teacher=teacher,
         )
+    elif method == "meanflow":  # half the batch with r != t: both kinds of example are split
+        from consistency_jax.methods.meanflow import MeanFlow
+
+        module = get_network("mlp", hidden=hidden, depth=1, second_time=True)
+        method_obj = MeanFlow(apply_fn=make_apply_fn(module), fraction_distinct=0.5)
     elif method == "ect":  # stages of one step: the two steps see two different Δt
         method_obj = EasyConsistencyTuning(
             apply_fn=make_apply_fn(module), sigmas=sigmas, stage_steps=1, huber_c=0.03

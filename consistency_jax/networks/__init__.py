@@ -30,12 +30,14 @@ def make_apply_fn(module):
         apply_fn(params, x, c_noise, *, labels=None, train=False, rng=None) -> array like x,
 
     which ``parameterization.consistency_fn``, the losses and the samplers call. ``rng`` is the dropout
-    key (needed only when ``train`` is True and the module has dropout).
+    key (needed only when ``train`` is True and the module has dropout); ``c_noise_2`` the second time
+    input of a network built with ``second_time=True`` (MeanFlow).
     """
 
-    def apply_fn(params, x, c_noise, *, labels=None, train=False, rng=None):
+    def apply_fn(params, x, c_noise, *, labels=None, train=False, rng=None, c_noise_2=None):
         rngs = {"dropout": rng} if (train and rng is not None) else {}
-        return module.apply({"params": params}, x, c_noise, labels, train=train, rngs=rngs)
+        extra = {} if c_noise_2 is None else {"c_noise_2": c_noise_2}
+        return module.apply({"params": params}, x, c_noise, labels, train=train, rngs=rngs, **extra)
 
     return apply_fn
 

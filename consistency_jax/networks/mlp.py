@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from consistency_jax.networks.layers import sinusoidal_embedding
+from consistency_jax.networks.second_time import add_second_time
 
 
 class MLP(nn.Module):
@@ -19,6 +20,9 @@ class MLP(nn.Module):
       num_classes: if set, a label embedding is added to the time embedding.
       dropout: dropout rate on hidden activations (active with train=True).
       dtype: compute dtype.
+      second_time: the network takes a second time input ``c_noise_2`` (MeanFlow's t − r),
+        embedded like c_noise and added after the first layer of the time embedding, zero-initialised
+        (``networks.second_time``).
     """
 
     hidden: int = 128
@@ -28,13 +32,24 @@ class MLP(nn.Module):
     num_classes: int | None = None
     dropout: float = 0.0
     dtype: jnp.dtype = jnp.float32
+    second_time: bool = False
 
     @nn.compact
-    def __call__(self, x, c_noise, y=None, train: bool = False):
+    def __call__(self, x, c_noise, y=None, train: bool = False, c_noise_2=None):
         if x.ndim != 2:
             raise ValueError(f"MLP expects inputs of shape (B, D), got {x.shape}.")
         emb = sinusoidal_embedding(c_noise * self.emb_scale, self.emb_dim)
         emb = nn.silu(nn.Dense(self.hidden, dtype=self.dtype)(emb))
+        c2 = None if c_noise_2 is None else c_noise_2 * self.emb_scale
+        emb = add_second_time(
+            emb,
+            c2,
+            self.second_time,
+            "MLP",
+            self.is_initializing(),
+            dim=self.emb_dim,
+            sin_first=False,
+        )
         if self.num_classes is not None:
             if y is None:
                 raise ValueError("This MLP is class-conditional: pass labels y.")

@@ -43,6 +43,7 @@ from consistency_jax.networks.layers import (
     naive_downsample_2d,
     sinusoidal_embedding,
 )
+from consistency_jax.networks.second_time import add_second_time
 
 Array = jax.Array
 Dtype = Any
@@ -98,6 +99,9 @@ class NCSNpp(nn.Module):
     progressive_input: str = "residual"
     progressive_combine: str = "sum"
     embedding_type: str = "fourier"
+    second_time: bool = (
+        False  # a second time input c_noise_2 (MeanFlow's t − r; networks.second_time)
+    )
     fourier_scale: float = 16.0
     init_scale: float = 0.0
     num_classes: int | None = None
@@ -136,7 +140,12 @@ class NCSNpp(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, c_noise: Array, y: Array | None = None, train: bool = False
+        self,
+        x: Array,
+        c_noise: Array,
+        y: Array | None = None,
+        train: bool = False,
+        c_noise_2: Array | None = None,
     ) -> Array:
         """Evaluates F_θ.
 
@@ -145,6 +154,7 @@ class NCSNpp(nn.Module):
           c_noise: (B,) noise-level conditioning (or a scalar).
           y: (B,) integer class labels, required iff ``num_classes`` is set.
           train: enables dropout (needs ``rngs={"dropout": key}``).
+          c_noise_2: (B,) the second time input, required iff ``second_time``.
 
         Returns:
           float32 array of x's shape.
@@ -160,6 +170,18 @@ class NCSNpp(nn.Module):
         check_labels(y, self.num_classes, batch, name)
 
         temb = self._embed(c_noise)
+        temb = add_second_time(
+            temb,
+            c_noise_2,
+            self.second_time,
+            name,
+            self.is_initializing(),
+            dim=self.nf if self.embedding_type == "positional" else 2 * self.nf,
+            kind="sinusoidal" if self.embedding_type == "positional" else "fourier",
+            fourier_scale=self.fourier_scale,
+            endpoint=True,
+            sin_first=True,
+        )
         if self.num_classes is not None:
             temb = temb + nn.Embed(
                 self.num_classes,

@@ -34,6 +34,7 @@ from consistency_jax.networks.layers import (
     naive_upsample_2d,
     sinusoidal_embedding,
 )
+from consistency_jax.networks.second_time import add_second_time
 
 Array = jax.Array
 Dtype = Any
@@ -106,6 +107,9 @@ class ADMUNet(nn.Module):
     attention_resolutions: Sequence[int] = (32, 16, 8)
     dropout: float = 0.0
     num_classes: int | None = 1000
+    second_time: bool = (
+        False  # a second time input c_noise_2 (MeanFlow's t − r; networks.second_time)
+    )
     num_head_channels: int = 64
     num_heads: int = 1
     use_scale_shift_norm: bool = True
@@ -138,7 +142,12 @@ class ADMUNet(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, c_noise: Array, y: Array | None = None, train: bool = False
+        self,
+        x: Array,
+        c_noise: Array,
+        y: Array | None = None,
+        train: bool = False,
+        c_noise_2: Array | None = None,
     ) -> Array:
         """Evaluates F_θ.
 
@@ -171,6 +180,9 @@ class ADMUNet(nn.Module):
         emb = sinusoidal_embedding(c_noise, mc, endpoint=False, sin_first=False)
         emb = dense(emb, 4 * mc, init_style="torch", param_dtype=self.param_dtype)
         emb = dense(nn.swish(emb), 4 * mc, init_style="torch", param_dtype=self.param_dtype)
+        emb = add_second_time(
+            emb, c_noise_2, self.second_time, "ADMUNet", self.is_initializing(), dim=mc
+        )
         if self.num_classes is not None:
             emb = emb + nn.Embed(
                 self.num_classes,
