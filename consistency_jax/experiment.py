@@ -172,7 +172,7 @@ class _Closers:
             except BaseException as e:  # noqa: BLE001 -- a KeyboardInterrupt too: close the rest
                 if failing:
                     logging.warning(
-                        "While stopping: closing the %s failed: %s", name, ckpt_lib._brief(e)
+                        "While stopping: closing the %s failed: %s", name, ckpt_lib.brief(e)
                     )
                 elif first is None:
                     first = e
@@ -273,7 +273,7 @@ def _train(config, workdir, setup, is_main, lock, closers, argv) -> TrainState:
     clip_layout = (
         None
         if saved is None
-        else float(ckpt_lib._flatten(saved).get("optim.grad_clip", 0.0) or 0.0) > 0
+        else float(ckpt_lib.flatten_config(saved).get("optim.grad_clip", 0.0) or 0.0) > 0
     )
     tx, lr_schedule = build.make_optimizer(config, clip_layout=clip_layout)
 

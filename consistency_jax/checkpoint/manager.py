@@ -1,37 +1,19 @@
-"""Checkpoints that never lose a run: Orbax saves, exact resume, preemption and read-only teachers.
+"""The manager of one run's checkpoints: asynchronous Orbax saves, exact resume, read-only readers.
 
-A run's workdir holds ``checkpoints/<step>/`` written by an Orbax ``CheckpointManager`` (async saves
-committed atomically: a step directory appears only once it is complete), one sub-item each:
+Saves are committed atomically (a step directory appears only once it is complete). A run resumes
+from the newest readable checkpoint of its workdir; a checkpoint that cannot be read, or whose arrays
+do not match the checksums stored at save time (``integrity``), is reported by step and directory,
+moved to ``checkpoints_unreadable/`` and the previous one used. A failed asynchronous save is raised
+at once (``check_save``, polled after every step) as ``CheckpointSaveError`` with its cause.
+Temporary directories of interrupted saves are removed only by the holder of the workdir's lease
+(``workdir_lock``).
 
-  - ``state``: the TrainState without its eval EMAs and *without the teacher*: step k, θ, θ⁻ and the
-    optimizer state (``StandardSave``);
-  - ``ema``: the eval EMAs {ema_key(rate): tree} (``StandardSave``), a separate item so that a
-    sampler, or a CD run using this run as its teacher, reads only the EMA it needs;
-  - ``data``: the data iterator's position (``iterator.get_state()``, a small JSON dict);
-  - ``config``: the run's config (JSON), compared with the config of a resumed run.
-
-A run is resumed from the newest readable checkpoint of its workdir. The train step folds the step
-into its base key (``train.make_train_step``) and the data iterators are pure functions of the
-step, so a resumed run continues bitwise identically (same devices). A checkpoint that cannot be
-read is reported by step and directory, moved to ``checkpoints_unreadable/`` and the previous one
-is used; so is one whose arrays do not match the checksums stored at save time
-(``checkpoint_checksums/<step>.json``) or hold NaN/Inf. A failed asynchronous save is raised at once
-(``check_save``, polled after every step) as ``CheckpointSaveError`` with its cause. Temporary
-directories of interrupted saves are removed only by the holder of the workdir's lease
-(``workdir_lock``). SIGTERM (a preemption notice) makes the loop finish its step, save and exit
-cleanly.
-
-The teacher of consistency distillation (CM Algorithm 2) is another run's EDM checkpoint, read
-through a read-only manager (``loading.py``): nothing is ever written into the teacher's directory,
-and the student's checkpoints never contain φ (``TrainState.teacher_params`` is dropped before
-saving and re-attached after a restore). The SIGTERM watcher is ``preemption.py``.
-
-Nothing here unpickles: arrays go through Orbax/TensorStore, everything else through JSON.
+Readers (``loading``) open a manager read-only and use its public read API: ``read_config``,
+``array_metadata`` and ``read_arrays`` (which verifies the checksums of what it read).
 """
 
 from __future__ import annotations
 
-import json
 import logging as logging_std
 import threading
 import time
@@ -39,52 +21,48 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
 from consistency_jax import fs
+from consistency_jax.checkpoint.errors import (
+    CheckpointError,
+    CheckpointSaveError,
+    NonFiniteStateError,
+    brief,
+)
+from consistency_jax.checkpoint.integrity import (
+    checksums,
+    nonfinite_parts,
+    verify,
+    write_checksums,
+)
+from consistency_jax.checkpoint.layout import (
+    ARRAY_ITEMS,
+    CHECKPOINT_SUBDIR,
+    CHECKSUM_SUBDIR,
+    CONFIG_ITEM,
+    DATA_ITEM,
+    EMA_ITEM,
+    STATE_ITEM,
+    UNREADABLE_SUBDIR,
+    abstract_from_metadata,
+    abstract_like,
+    item_handlers,
+    pytree_restore,
+    saved_arrays,
+    student_part,
+)
+from consistency_jax.checkpoint.stored_config import (
+    config_to_dict,
+    differing_fields,
+    flatten_config,
+    is_dynamics,
+)
 from consistency_jax.train_state import TrainState
 
 PyTree = Any
-
-CHECKPOINT_SUBDIR = "checkpoints"
-UNREADABLE_SUBDIR = "checkpoints_unreadable"
-CHECKSUM_SUBDIR = "checkpoint_checksums"  # <step>.json: a checksum of every saved array
-_STATE, _EMA, _DATA, _CONFIG = "state", "ema", "data", "config"
-
-# Config fields that may differ between a checkpoint and the run resuming it: they change how long
-# the run is and what it logs, evaluates or keeps, not the trajectory of the train state. A prefix
-# ending in "." covers a whole block. mesh.*: Orbax restores onto the live shardings, so a run may
-# resume on another mesh (the reduction order, hence the last bits, then differ).
-RESUMABLE_KEYS: tuple[str, ...] = (
-    "train.num_steps",
-    "train.log_every",
-    "train.eval_every",
-    "train.steps_per_call",
-    "checkpoint.",
-    "eval.",
-    "mesh.",
-    "data.data_dir",
-    "init.",  # config.init is read only when a run starts
-)
-
-# Config fields that change the training dynamics but not the structure of the saved state: the
-# knobs of NaN recovery. They may change on resume (a warning lists them); the run then continues
-# on another trajectory from the restored state. optim.grad_clip keeps the optimizer state's layout
-# of the checkpoint (``build.make_optimizer(clip_layout=...)``).
-DYNAMICS_KEYS: tuple[str, ...] = (
-    "optim.lr",
-    "optim.warmup_steps",
-    "optim.decay",
-    "optim.grad_clip",
-    "train.skip_nonfinite",
-    "train.max_consecutive_skips",
-    "train.max_skip_fraction",
-    "loss.huber_c",
-)
 
 
 class _QuietOrbax(logging_std.Filter):
@@ -99,7 +77,7 @@ class _QuietOrbax(logging_std.Filter):
             return False
         if record.exc_info:
             e = record.exc_info[1]
-            record.msg = f"{record.getMessage()} ({_brief(e) if e is not None else 'error'})"
+            record.msg = f"{record.getMessage()} ({brief(e) if e is not None else 'error'})"
             record.args, record.exc_info, record.exc_text = None, None, None
         return True
 
@@ -109,229 +87,9 @@ if not any(isinstance(f, _QuietOrbax) for f in logging_std.getLogger("absl").fil
     logging_std.getLogger("absl").addFilter(_QUIET_ORBAX)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used: unreadable, or written by a different config."""
-
-
-class NonFiniteStateError(FloatingPointError):
-    """A train state holding NaN or Inf was about to be checkpointed."""
-
-
-class CheckpointSaveError(OSError):
-    """Writing a checkpoint failed (a full disk, a lost mount, ...): the run must stop."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# Configs as JSON
-
-
-def config_to_dict(config: ml_collections.ConfigDict) -> dict:
-    """The config as a JSON-able dict (tuples become lists), as stored in every checkpoint."""
-    return json.loads(config.to_json_best_effort(sort_keys=True))
-
-
-def _as_tuples(value: Any) -> Any:
-    if isinstance(value, list):
-        return tuple(_as_tuples(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _as_tuples(v) for k, v in value.items()}
-    return value
-
-
-def config_from_dict(d: Mapping[str, Any]) -> ml_collections.ConfigDict:
-    """Rebuilds a ConfigDict from ``config_to_dict`` output (JSON lists become tuples)."""
-    return ml_collections.ConfigDict(_as_tuples(dict(d)))
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _resumable(key: str) -> bool:
-    return any(key.startswith(p) if p.endswith(".") else key == p for p in RESUMABLE_KEYS)
-
-
-def config_differences(
-    saved: Mapping[str, Any],
-    current: Mapping[str, Any],
-    *,
-    ignore_resumable: bool = True,
-    defaults: Mapping[str, Any] | None = None,
-) -> list[str]:
-    """Lists the fields in which two configs (``config_to_dict`` dicts) differ.
-
-    Args:
-      saved: the config stored in a checkpoint.
-      current: the config of the run that wants to resume it.
-      ignore_resumable: leave out the fields of ``RESUMABLE_KEYS`` (number of steps, logging,
-        evaluation and checkpoint cadence, mesh, data directory).
-      defaults: a config dict of default values (``config.default_values()``): a field absent from
-        ``saved`` (a checkpoint written before the field existed) counts as holding its default, the
-        value every earlier run had.
-
-    Returns:
-      Sorted strings "key: saved -> current" (``<absent>`` for a missing field).
-    """
-    return [
-        f"{key}: {va!r} -> {vb!r}"
-        for key, va, vb in differing_fields(
-            saved, current, ignore_resumable=ignore_resumable, defaults=defaults
-        )
-    ]
-
-
-def differing_fields(
-    saved: Mapping[str, Any],
-    current: Mapping[str, Any],
-    *,
-    ignore_resumable: bool,
-    defaults: Mapping[str, Any] | None,
-) -> list[tuple[str, Any, Any]]:
-    """(key, saved value, current value) of every differing field, as ``config_differences`` lists them."""
-    a, b, defaults = _flatten(saved), _flatten(current), _flatten(defaults or {})
-    out = []
-    for key in sorted(set(a) | set(b)):
-        if ignore_resumable and _resumable(key):
-            continue
-        va, vb = a.get(key, defaults.get(key, "<absent>")), b.get(key, "<absent>")
-        if va != vb:
-            out.append((key, va, vb))
-    return out
-
-
-def _dynamics(key: str) -> bool:
-    return key in DYNAMICS_KEYS
-
-
-# ----------------------------------------------------------------------------------------------------
-# Finiteness of a state
-
-
-def _float_leaves(tree: PyTree) -> list:
-    return [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-
-
-@jax.jit
-def _all_finite(groups: dict) -> dict:
-    return {
-        k: jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in _float_leaves(v)] or [True]))
-        for k, v in groups.items()
-    }
-
-
-def nonfinite_parts(state: TrainState) -> list[str]:
-    """Names the parts of the train state (params, target_params, ema_params['r'], opt_state) that
-    hold a NaN or Inf; an empty list when all are finite. One fused reduction on the devices."""
-    groups = {
-        "params": state.params,
-        "target_params": state.target_params,
-        "opt_state": state.opt_state,
-    }
-    groups.update({f"ema_params[{k!r}]": v for k, v in state.ema_params.items()})
-    flags = jax.device_get(_all_finite({k: v for k, v in groups.items() if v is not None}))
-    return sorted(k for k, ok in flags.items() if not ok)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checksums of the saved arrays
-
-
-def _bits(x: jax.Array) -> jax.Array:
-    """The array's bits as uint32 words (one per element; 64-bit elements as two words)."""
-    x = jnp.ravel(x)
-    if x.dtype == jnp.bool_:
-        return x.astype(jnp.uint32)
-    size = jnp.dtype(x.dtype).itemsize
-    if size == 8:
-        return jnp.ravel(jax.lax.bitcast_convert_type(x, jnp.uint32))
-    word = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size]
-    return jax.lax.bitcast_convert_type(x, word).astype(jnp.uint32)
-
-
-@jax.jit
-def _checksums(tree: PyTree) -> list:
-    """One uint32 per array: Σ w_i·b_i mod 2³² over its words b_i with odd weights w_i, so that any
-    one flipped bit changes it (and random damage with probability 1 − 2⁻³²). Runs on the devices,
-    asynchronously: the training thread only dispatches it."""
-    out = []
-    for x in jax.tree.leaves(tree):
-        b = _bits(x)
-        i = jnp.arange(b.size, dtype=jnp.uint32)
-        w = i * jnp.uint32(2654435761) | jnp.uint32(1)
-        out.append(jnp.sum(w * b, dtype=jnp.uint32) ^ jnp.uint32(b.size))
-    return out
-
-
-def _array_names(tree: PyTree) -> list[str]:
-    """ "state/params/Dense_0/kernel"-like names of the leaves, in ``jax.tree.leaves`` order."""
-    return [
-        "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-        for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
-    ]
-
-
-def _saved_arrays(state: TrainState) -> dict:
-    """The arrays a checkpoint holds, as {item: tree}: the student state and its eval EMAs."""
-    out = {_STATE: _student_part(state)}
-    if state.ema_params:
-        out[_EMA] = dict(state.ema_params)
-    return out
-
-
-def checksums(state: TrainState) -> tuple[list[str], list]:
-    """(array names, device checksums) of the arrays a checkpoint of ``state`` holds; the checksums
-    are still being computed on the devices when this returns (``jax.device_get`` waits)."""
-    arrays = _saved_arrays(state)
-    return _array_names(arrays), _checksums(arrays)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Abstract targets
-
-
-def abstract_like(tree: PyTree) -> PyTree:
-    """ShapeDtypeStructs with the shardings of a live pytree: the restore target (Orbax restores
-    every array straight into the sharding of the live state, also across hosts)."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        tree,
-    )
-
-
-def _abstract_from_metadata(tree: PyTree, sharding: jax.sharding.Sharding | None) -> PyTree:
-    def leaf(m):
-        if hasattr(m, "shape") and hasattr(m, "dtype"):
-            return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding)
-        return m
-
-    return jax.tree.map(leaf, tree, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-
-
-def _brief(e: BaseException, limit: int = 300) -> str:
-    """``Type: message`` cut to its first line and ``limit`` characters (TensorStore errors carry
-    kilobytes of spec)."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    text = text if len(text) <= limit else text[:limit] + " ..."
-    return f"{type(e).__name__}: {text}"
-
-
-def _metadata_tree(md: Any) -> PyTree:
-    return md.tree if hasattr(md, "tree") else md
-
-
-def _student_part(state: TrainState) -> TrainState:
-    """What the ``state`` item holds: no EMAs (own item) and never the teacher."""
-    return state.replace(ema_params={}, teacher_params=None, distance=None)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The manager of a run
+_QUIET_ORBAX = _QuietOrbax()
+if not any(isinstance(f, _QuietOrbax) for f in logging_std.getLogger("absl").filters):
+    logging_std.getLogger("absl").addFilter(_QUIET_ORBAX)
 
 
 def check_cadence(every: int, keep: int, keep_every: int = 0) -> None:
@@ -347,31 +105,6 @@ def check_cadence(every: int, keep: int, keep_every: int = 0) -> None:
                 "(every: save every N steps; keep: newest checkpoints kept; keep_every: "
                 "also keep every M-th step, 0 disables)."
             )
-
-
-def _item_handlers(read_only: bool) -> dict:
-    # Read-only managers read the array items with the PyTree handler (the on-disk format of
-    # StandardSave), which can restore a part of an item (one EMA, or θ alone).
-    arrays = ocp.PyTreeCheckpointHandler if read_only else ocp.StandardCheckpointHandler
-    return {
-        _STATE: arrays(),
-        _EMA: arrays(),
-        _DATA: ocp.JsonCheckpointHandler(),
-        _CONFIG: ocp.JsonCheckpointHandler(),
-    }
-
-
-def _pytree_restore(target: PyTree, partial: bool) -> ocp.args.PyTreeRestore:
-    """PyTreeRestore args of an abstract target (ShapeDtypeStructs with or without shardings)."""
-
-    def arg(a):
-        if a.sharding is None:
-            return ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype)
-        return ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype)
-
-    return ocp.args.PyTreeRestore(
-        item=target, restore_args=jax.tree.map(arg, target), partial_restore=partial
-    )
 
 
 class Checkpointer:
@@ -436,7 +169,7 @@ class Checkpointer:
                 f"No checkpoints in {self.workdir}: {self.directory} does not exist."
             )
         self._manager = ocp.CheckpointManager(
-            self.directory, item_handlers=_item_handlers(read_only), options=options
+            self.directory, item_handlers=item_handlers(read_only), options=options
         )
         self._closed = False
         self._pending: int | None = None  # the step of a save that may still be in flight
@@ -491,6 +224,59 @@ class Checkpointer:
         """Restores the named items of checkpoint ``step`` with the given Orbax restore args."""
         return self._manager.restore(step, args=ocp.args.Composite(**items))
 
+    def read_config(self, step: int) -> dict:
+        """The config stored in checkpoint ``step`` (a ``config_to_dict`` dict).
+
+        Raises:
+          CheckpointError: it is not a JSON object (other read failures propagate).
+        """
+        cfg = self.read_json(step, CONFIG_ITEM)
+        if not isinstance(cfg, dict):
+            raise CheckpointError(
+                f"The config stored in {self.step_dir(step)} is a {type(cfg).__name__}, not a dict."
+            )
+        return cfg
+
+    def array_metadata(self, step: int) -> dict[str, PyTree]:
+        """{item: tree of ShapeDtypeStructs (no sharding)} of the array items ("state", "ema") of
+        checkpoint ``step``, from Orbax's metadata: nothing is read but the metadata."""
+        metadata = self.item_metadata(step)
+        out = {}
+        for name in ARRAY_ITEMS:
+            md = metadata.get(name) if hasattr(metadata, "get") else None
+            if md is not None:
+                out[name] = abstract_from_metadata(md)
+        return out
+
+    def read_arrays(
+        self, step: int, targets: Mapping[str, PyTree], *, partial: bool = True
+    ) -> dict[str, PyTree]:
+        """Reads arrays of checkpoint ``step`` and verifies them against the checksums stored at save
+        time (``integrity.verify``).
+
+        Args:
+          step: the checkpoint.
+          targets: {item ("state" or "ema"): abstract tree}: ShapeDtypeStructs with a sharding
+            (device arrays) or without (host NumPy arrays); a part of the item's tree (one EMA, θ
+            alone) with ``partial``.
+          partial: the targets may leave out arrays of the items.
+
+        Returns:
+          {item: tree of arrays} in the structure of ``targets``.
+
+        Raises:
+          CheckpointDamagedError: an array read does not match its checksum, or holds NaN/Inf.
+        """
+        unknown = sorted(set(targets) - set(ARRAY_ITEMS))
+        if unknown:
+            raise ValueError(f"Not array items of a checkpoint: {unknown}; use {ARRAY_ITEMS}.")
+        got = self.restore_items(
+            step, **{item: pytree_restore(t, partial=partial) for item, t in targets.items()}
+        )
+        out = {item: got[item] for item in targets}
+        verify(step, out, self.checksum_path(step), partial=partial)
+        return out
+
     def reached_preemption(self, step: int) -> bool:
         """JAX's preemption sync point (multi-host): True on every host at the same step."""
         return self._manager.reached_preemption(step)
@@ -506,18 +292,15 @@ class Checkpointer:
         errors = []
         for step in reversed(steps):
             try:
-                cfg = self.read_json(step, _CONFIG)
-                if not isinstance(cfg, dict):
-                    raise ValueError(f"the stored config is a {type(cfg).__name__}, not a dict")
-                return step, cfg
+                return step, self.read_config(step)
             except Exception as e:  # noqa: BLE001 -- any failure to read means unreadable
                 logging.warning(
                     "The config of checkpoint step %d (%s) is unreadable: %s",
                     step,
                     self.step_dir(step),
-                    _brief(e),
+                    brief(e),
                 )
-                errors.append(f"step {step} ({self.step_dir(step)}): {_brief(e)}")
+                errors.append(f"step {step} ({self.step_dir(step)}): {brief(e)}")
         if steps:
             raise CheckpointError(
                 f"No readable checkpoint in {self.directory}: "
@@ -551,8 +334,8 @@ class Checkpointer:
         self.resumed_config = saved
         current = config_to_dict(config)
         differing = differing_fields(saved, current, ignore_resumable=True, defaults=defaults)
-        changed = [f"{k}: {a!r} -> {b!r}" for k, a, b in differing if _dynamics(k)]
-        diffs = [f"{k}: {a!r} -> {b!r}" for k, a, b in differing if not _dynamics(k)]
+        changed = [f"{k}: {a!r} -> {b!r}" for k, a, b in differing if is_dynamics(k)]
+        diffs = [f"{k}: {a!r} -> {b!r}" for k, a, b in differing if not is_dynamics(k)]
         if changed:
             logging.warning(
                 "Resuming step %d of %s with changed training dynamics (allowed: the "
@@ -583,7 +366,7 @@ class Checkpointer:
                     f"differing fields (saved -> now): {'; '.join(diffs)}. Use another workdir, or "
                     "set config.checkpoint.override_config=True to resume it anyway."
                 )
-        old_steps = _flatten(saved).get("train.num_steps")
+        old_steps = flatten_config(saved).get("train.num_steps")
         if old_steps is not None and old_steps != config.train.num_steps:
             depends = [
                 name
@@ -651,12 +434,12 @@ class Checkpointer:
                 f"checkpoints in {self.directory} hold only earlier steps."
             )
         items = {
-            _STATE: ocp.args.StandardSave(_student_part(state)),
-            _DATA: ocp.args.JsonSave(dict(data_state or {})),
-            _CONFIG: ocp.args.JsonSave(config_to_dict(config)),
+            STATE_ITEM: ocp.args.StandardSave(student_part(state)),
+            DATA_ITEM: ocp.args.JsonSave(dict(data_state or {})),
+            CONFIG_ITEM: ocp.args.JsonSave(config_to_dict(config)),
         }
         if state.ema_params:
-            items[_EMA] = ocp.args.StandardSave(dict(state.ema_params))
+            items[EMA_ITEM] = ocp.args.StandardSave(dict(state.ema_params))
         t0 = time.time()
         self.wait()  # the previous save: committed, or its failure raised here
         names, sums = checksums(state)  # dispatched before the state can be donated to a step
@@ -692,17 +475,11 @@ class Checkpointer:
             values = [int(v) for v in jax.device_get(sums)]
             if jax.process_index() != 0:
                 return
-            path = self.checksum_path(step)
             fs.makedirs(fs.join(self.workdir, CHECKSUM_SUBDIR))
-            fs.write_text(
-                path,
-                json.dumps(
-                    {"step": step, "algorithm": "wsum32", "arrays": dict(zip(names, values))}
-                ),
-            )
+            write_checksums(self.checksum_path(step), step, names, values)
         except Exception as e:  # noqa: BLE001
             logging.warning(
-                "Could not write the checksums of checkpoint step %d: %s", step, _brief(e)
+                "Could not write the checksums of checkpoint step %d: %s", step, brief(e)
             )
 
     def _prune_checksums(self) -> None:
@@ -729,7 +506,7 @@ class Checkpointer:
         )
         cause = e.strerror if isinstance(e, OSError) and e.strerror else None
         where = f": {e.filename}" if isinstance(e, OSError) and e.filename else ""
-        text = f"{cause}{where}" if cause else _brief(e)
+        text = f"{cause}{where}" if cause else brief(e)
         return CheckpointSaveError(
             f"Saving checkpoint step {step} into {self.directory} failed: "
             f"{text}. Stopping the run; {newest}."
@@ -774,7 +551,7 @@ class Checkpointer:
                     t.join(timeout)  # same failed save, whose first error is being reported
                 except Exception as e:  # noqa: BLE001
                     logging.warning(
-                        "A thread of the failed save of %s: %s", self.directory, _brief(e)
+                        "A thread of the failed save of %s: %s", self.directory, brief(e)
                     )
 
     def close(self) -> None:
@@ -790,7 +567,7 @@ class Checkpointer:
                 self._manager.close()
             except Exception as e:  # noqa: BLE001 -- the save's error was raised by wait()
                 logging.warning(
-                    "Closing the checkpoint manager of %s: %s", self.directory, _brief(e)
+                    "Closing the checkpoint manager of %s: %s", self.directory, brief(e)
                 )
             self._join_save_threads()
 
@@ -803,20 +580,20 @@ class Checkpointer:
     # -- restoring
 
     def _restore_step(self, step: int, state: TrainState) -> tuple[TrainState, dict]:
-        student = _student_part(state)
+        student = student_part(state)
         items = {
-            _STATE: ocp.args.StandardRestore(abstract_like(student)),
-            _DATA: ocp.args.JsonRestore(),
+            STATE_ITEM: ocp.args.StandardRestore(abstract_like(student)),
+            DATA_ITEM: ocp.args.JsonRestore(),
         }
         if state.ema_params:
-            items[_EMA] = ocp.args.StandardRestore(abstract_like(dict(state.ema_params)))
+            items[EMA_ITEM] = ocp.args.StandardRestore(abstract_like(dict(state.ema_params)))
         got = self._manager.restore(step, args=ocp.args.Composite(**items))
         # Orbax returns containers of the target's types; unflattening with the live treedef also
         # restores optax's NamedTuples and makes the jitted step see exactly the same structure.
-        restored = jax.tree.unflatten(jax.tree.structure(student), jax.tree.leaves(got[_STATE]))
+        restored = jax.tree.unflatten(jax.tree.structure(student), jax.tree.leaves(got[STATE_ITEM]))
         ema = dict(state.ema_params)
         if state.ema_params:
-            ema = jax.tree.unflatten(jax.tree.structure(ema), jax.tree.leaves(got[_EMA]))
+            ema = jax.tree.unflatten(jax.tree.structure(ema), jax.tree.leaves(got[EMA_ITEM]))
         restored = restored.replace(
             ema_params=ema, teacher_params=state.teacher_params, distance=state.distance
         )
@@ -826,7 +603,7 @@ class Checkpointer:
             raise CheckpointError(
                 f"Checkpoint directory {self.step_dir(step)} holds a state of step {saved_step}."
             )
-        data_state = got[_DATA]
+        data_state = got[DATA_ITEM]
         if not isinstance(data_state, dict):
             raise CheckpointError(
                 f"The data iterator state of {self.step_dir(step)} is not a dict."
@@ -842,47 +619,20 @@ class Checkpointer:
         return restored, data_state
 
     def _verify(self, step: int, restored: TrainState) -> None:
-        """Compares the restored arrays with the checksums stored at save time (a checkpoint
-        written before checksums existed, or whose checksum file was never written, is only checked
-        for finiteness).
+        """Compares the restored arrays with the checksums stored at save time and checks that they
+        are finite (``integrity.verify``).
 
         Raises:
-          CheckpointError: naming the first array whose checksum differs, or the parts holding
-            NaN/Inf (a checkpoint is never saved with them).
+          CheckpointDamagedError: naming the first array whose checksum differs, or the parts
+            holding NaN/Inf.
         """
-        path = self.checksum_path(step)
-        try:
-            stored = json.loads(fs.read_text(path))["arrays"]
-        except FileNotFoundError:
-            stored = None
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"The checksum file {path} is unreadable: {_brief(e)}") from e
-        if stored is not None:
-            names, sums = checksums(restored)
-            for name, value in zip(names, jax.device_get(sums)):
-                if name in stored and int(stored[name]) != int(value):
-                    raise CheckpointError(
-                        f"Checkpoint step {step}: the array {name} does not match "
-                        f"its checksum ({path}): the files are damaged."
-                    )
-            missing = sorted(set(stored) - set(names))
-            if missing:
-                logging.warning(
-                    "Checkpoint step %d: %d saved array(s) not restored: %s",
-                    step,
-                    len(missing),
-                    ", ".join(missing[:5]),
-                )
-        else:
-            logging.info(
-                "Checkpoint step %d has no checksums (%s); checked for finiteness only.", step, path
-            )
-        bad = nonfinite_parts(restored)
-        if bad:
-            raise CheckpointError(
-                f"Checkpoint step {step} holds NaN or Inf in {', '.join(bad)}: the "
-                "files are damaged (a non-finite state is never saved)."
-            )
+        groups = {
+            "params": restored.params,
+            "target_params": restored.target_params,
+            "opt_state": restored.opt_state,
+        }
+        groups.update({f"ema_params[{k!r}]": v for k, v in restored.ema_params.items()})
+        verify(step, saved_arrays(restored), self.checksum_path(step), groups=groups)
 
     def restore(self, state: TrainState) -> tuple[TrainState, dict] | None:
         """Restores the newest readable checkpoint into the structure and shardings of ``state``.
@@ -914,10 +664,10 @@ class Checkpointer:
                     "Checkpoint step %d in %s is unreadable (%s); trying the previous one.",
                     step,
                     self.step_dir(step),
-                    _brief(e),
+                    brief(e),
                 )
                 bad.append(step)
-                errors.append(f"step {step} ({self.step_dir(step)}): {_brief(e)}")
+                errors.append(f"step {step} ({self.step_dir(step)}): {brief(e)}")
                 continue
             if bad and not self.read_only:
                 self._quarantine(bad)
