@@ -140,6 +140,9 @@ def base_config() -> ml_collections.ConfigDict:
     # from 100 steps on and at the end; 1.0: no limit).
     c.train.max_consecutive_skips = 100
     c.train.max_skip_fraction = 0.25
+    # Stop a run (before checkpointing it) whose parameter or update norm jumps beyond this factor
+    # of its running average: a finite but diverged state (0: no check).
+    c.train.max_norm_jump = 100.0
     # Train steps per compiled call (a lax.scan; the run is the same for any value). > 1 saves host
     # dispatch on GPU/TPU for small networks; keep 1 on CPU. log/eval/checkpoint cadences must be
     # multiples of it.
@@ -634,6 +637,11 @@ def validate(config: ml_collections.ConfigDict) -> Setup:
     ):
         raise ValueError(
             f"config.train.max_skip_fraction must lie in (0, 1] (1: no limit), got {fraction!r}."
+        )
+    jump = t.get("max_norm_jump", 0.0)
+    if isinstance(jump, bool) or not isinstance(jump, (int, float)) or not (jump == 0 or jump > 1):
+        raise ValueError(
+            f"config.train.max_norm_jump must be 0 (no check) or a factor > 1, got {jump!r}."
         )
     micro = _positive_int(t.get("microbatches", 1), "train.microbatches")
     per_call = _positive_int(t.get("steps_per_call", 1), "train.steps_per_call")

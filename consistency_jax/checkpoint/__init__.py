@@ -35,6 +35,7 @@ from consistency_jax.checkpoint.layout import (
     DATA_ITEM,
     EMA_ITEM,
     STATE_ITEM,
+    UNHEALTHY_SUBDIR,
     UNREADABLE_SUBDIR,
     abstract_like,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "EMA_ITEM",
     "RESUMABLE_KEYS",
     "STATE_ITEM",
+    "UNHEALTHY_SUBDIR",
     "UNREADABLE_SUBDIR",
     "CheckpointDamagedError",
     "CheckpointError",

@@ -100,11 +100,23 @@ def checksums(state: TrainState) -> tuple[list[str], list]:
     return tree_checksums(saved_arrays(state))
 
 
-def write_checksums(path: str, step: int, names: list[str], values: list[int]) -> None:
-    """Writes the checksums of checkpoint ``step`` to ``path`` (atomically)."""
-    fs.write_text(
-        path, json.dumps({"step": step, "algorithm": ALGORITHM, "arrays": dict(zip(names, values))})
-    )
+def write_checksums(
+    path: str, step: int, names: list[str], values: list[int], *, clean: bool = True
+) -> None:
+    """Writes the checksums of checkpoint ``step`` to ``path`` (atomically), with the mark of a
+    checkpoint saved while steps were skipped (``"clean": false``)."""
+    record = {"step": step, "algorithm": ALGORITHM, "clean": bool(clean)}
+    fs.write_text(path, json.dumps({**record, "arrays": dict(zip(names, values))}))
+
+
+def read_clean_mark(path: str) -> bool:
+    """False only when the checksum file at ``path`` says its checkpoint was saved while steps
+    were skipped; True otherwise (no file, an older file without the mark, an unreadable one: the
+    checksums themselves judge those)."""
+    try:
+        return bool(json.loads(fs.read_text(path)).get("clean", True))
+    except Exception:  # noqa: BLE001
+        return True
 
 
 def read_checksums(path: str) -> dict[str, int] | None:

@@ -25,6 +25,7 @@ PyTree = Any
 
 CHECKPOINT_SUBDIR = "checkpoints"
 UNREADABLE_SUBDIR = "checkpoints_unreadable"
+UNHEALTHY_SUBDIR = "checkpoints_unhealthy"  # saved while a diverging run skipped its steps
 CHECKSUM_SUBDIR = "checkpoint_checksums"  # <step>.json: a checksum of every saved array
 
 # The items of a checkpoint step.

@@ -35,6 +35,7 @@ from consistency_jax.checkpoint.errors import (
 from consistency_jax.checkpoint.integrity import (
     checksums,
     nonfinite_parts,
+    read_clean_mark,
     verify,
     write_checksums,
 )
@@ -46,6 +47,7 @@ from consistency_jax.checkpoint.layout import (
     DATA_ITEM,
     EMA_ITEM,
     STATE_ITEM,
+    UNHEALTHY_SUBDIR,
     UNREADABLE_SUBDIR,
     abstract_from_metadata,
     abstract_like,
@@ -150,7 +152,8 @@ class Checkpointer:
         self.directory = fs.join(self.workdir, CHECKPOINT_SUBDIR)
         self.every = int(every)
         self.read_only = read_only
-        policies = [ocp.checkpoint_managers.LatestN(n=int(keep))]
+        self._protected: int | None = None  # the newest healthy step: never rotated out
+        policies = [ocp.checkpoint_managers.LatestN(n=int(keep)), _KeepProtected(self)]
         if keep_every:
             policies.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=int(keep_every)))
         options = ocp.CheckpointManagerOptions(
@@ -175,6 +178,8 @@ class Checkpointer:
         self._pending: int | None = None  # the step of a save that may still be in flight
         self._sums: threading.Thread | None = None  # writes the checksums of the last save
         self.resumed_config: dict | None = None  # the checkpoint's config, set by check_config
+        if not read_only:
+            self._protected = self._newest_healthy_on_disk()
 
     @classmethod
     def from_config(
@@ -399,6 +404,7 @@ class Checkpointer:
         step: int,
         data_state: Mapping[str, Any] | None,
         config: ml_collections.ConfigDict,
+        clean: bool = True,
     ) -> bool:
         """Starts an asynchronous save of ``state`` as checkpoint ``step``.
 
@@ -410,6 +416,10 @@ class Checkpointer:
           step: the step number (``int(state.step)``; passed to avoid a device sync).
           data_state: the data iterator's ``get_state()`` after ``step`` batches.
           config: the run's config.
+          clean: the state passed the health checks with no step skipped since the previous save
+            (``periodic.HealthCheck``): it becomes the newest healthy checkpoint, which the keep
+            policy never removes; a checkpoint saved while steps were skipped is kept too, but
+            does not replace it.
 
         Returns:
           True when a save was started.
@@ -449,9 +459,11 @@ class Checkpointer:
             self._join_save_threads()
             raise self._save_error(step, e) from e
         self._pending = step
+        if clean:
+            self._protected = step
         self._sums = threading.Thread(
             target=self._write_checksums,
-            args=(step, names, sums),
+            args=(step, names, sums, clean),
             name="checkpoint_checksums",
             daemon=True,
         )
@@ -467,7 +479,7 @@ class Checkpointer:
     def checksum_path(self, step: int) -> str:
         return fs.join(self.workdir, CHECKSUM_SUBDIR, f"{step}.json")
 
-    def _write_checksums(self, step: int, names: list[str], sums: list) -> None:
+    def _write_checksums(self, step: int, names: list[str], sums: list, clean: bool) -> None:
         """Fetches the checksums of checkpoint ``step`` (off the training thread) and writes them
         to ``checkpoint_checksums/<step>.json`` (atomically); removes the files of steps that are
         gone. A failure is logged: the checkpoint then restores unverified."""
@@ -476,11 +488,40 @@ class Checkpointer:
             if jax.process_index() != 0:
                 return
             fs.makedirs(fs.join(self.workdir, CHECKSUM_SUBDIR))
-            write_checksums(self.checksum_path(step), step, names, values)
+            write_checksums(self.checksum_path(step), step, names, values, clean=clean)
         except Exception as e:  # noqa: BLE001
             logging.warning(
                 "Could not write the checksums of checkpoint step %d: %s", step, brief(e)
             )
+
+    def _newest_healthy_on_disk(self) -> int | None:
+        """The newest step whose checksum file does not say it was saved while steps were skipped
+        (a checkpoint without a checksum file, or written before the mark existed, counts as
+        healthy)."""
+        for step in reversed(self.all_steps()):
+            if read_clean_mark(self.checksum_path(step)):
+                return step
+        return None
+
+    @property
+    def newest_healthy_step(self) -> int | None:
+        """The newest checkpoint saved from a healthy state with no step skipped since the one
+        before: the keep policy never removes it."""
+        return self._protected
+
+    def set_aside_unhealthy(self) -> tuple[int | None, list[int]]:
+        """Moves the checkpoints newer than the newest healthy one (saved while steps were skipped)
+        to ``<workdir>/checkpoints_unhealthy/`` so that a resumed run starts from the healthy one
+        (nothing is deleted). Call after ``wait``.
+
+        Returns:
+          (the newest healthy step or None, the steps moved).
+        """
+        newest = self._protected
+        moved = [s for s in self.all_steps() if newest is None or s > newest]
+        if moved and not self.read_only:
+            self._move_aside(moved, UNHEALTHY_SUBDIR, "saved while steps were skipped")
+        return newest, moved
 
     def _prune_checksums(self) -> None:
         folder = fs.join(self.workdir, CHECKSUM_SUBDIR)
@@ -681,7 +722,10 @@ class Checkpointer:
         )
 
     def _quarantine(self, steps: Sequence[int]) -> None:
-        dest_root = fs.join(self.workdir, UNREADABLE_SUBDIR)
+        self._move_aside(steps, UNREADABLE_SUBDIR, "unreadable")
+
+    def _move_aside(self, steps: Sequence[int], subdir: str, why: str) -> None:
+        dest_root = fs.join(self.workdir, subdir)
         if jax.process_index() == 0:
             fs.makedirs(dest_root)
             for step in steps:
@@ -689,8 +733,16 @@ class Checkpointer:
                 fs.move(self.step_dir(step), dest)
                 if fs.exists(self.checksum_path(step)):
                     fs.move(self.checksum_path(step), fs.join(dest, "checksums.json"))
-                logging.warning(
-                    "Moved the unreadable checkpoint %s to %s.", self.step_dir(step), dest
-                )
-        ocp.multihost.sync_global_processes("consistency_jax_checkpoint_quarantine")
+                logging.warning("Moved the %s checkpoint %s to %s.", why, self.step_dir(step), dest)
+        ocp.multihost.sync_global_processes(f"consistency_jax_checkpoint_{subdir}")
         self._manager.reload()
+
+
+class _KeepProtected(ocp.checkpoint_managers.PreservationPolicy):
+    """Orbax preservation policy: keeps the checkpointer's newest healthy step."""
+
+    def __init__(self, owner: Checkpointer):
+        self._owner = owner
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        return [c.step == self._owner._protected for c in checkpoints]
