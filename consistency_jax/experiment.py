@@ -17,6 +17,7 @@ SIGTERM and Ctrl-C finish the step, save and stop (SIGTERM: a clean return; Ctrl
 from __future__ import annotations
 
 import math
+import os
 import shlex
 import time
 from collections.abc import Callable, Sequence
@@ -61,11 +62,16 @@ __all__ = [
     "SkipCounter",
     "SkipLimitError",
     "UnhealthyStateError",
+    "WorkdirError",
     "check_finite",
     "check_workdir",
     "resume_command",
     "train_and_evaluate",
 ]
+
+
+class WorkdirError(ValueError):
+    """The workdir cannot be used (empty, an unsupported URL, a file)."""
 
 
 class RunInterrupted(RuntimeError):
@@ -151,13 +157,28 @@ def check_workdir(workdir: str) -> str:
     anything is built.
 
     Raises:
-      ValueError: an empty workdir, an unsupported URL scheme, or gs:// without a GCS client.
+      WorkdirError: an empty workdir, an unsupported URL scheme, gs:// without a GCS client, or a
+        path that is (or lies below) a file.
     """
     if not workdir:
-        raise ValueError(
+        raise WorkdirError(
             "The workdir is empty: give --workdir=DIR (a local path or gs://BUCKET/PATH)."
         )
-    return fs.resolve(workdir, "workdir")
+    try:
+        workdir = fs.resolve(workdir, "workdir")
+    except ValueError as e:
+        raise WorkdirError(str(e)) from None
+    if not fs.is_url(workdir):
+        # The first existing directory on the way: a file there can never become the workdir.
+        path = workdir
+        while not os.path.isdir(path):
+            if os.path.lexists(path):
+                raise WorkdirError(
+                    f"The workdir {workdir} cannot be created: {path} is a file, not a directory. "
+                    "Give another --workdir."
+                )
+            path = os.path.dirname(path)
+    return workdir
 
 
 def train_and_evaluate(
@@ -341,9 +362,10 @@ def _train(config, workdir, setup, is_main, lock, closers, argv) -> TrainState:
         )
 
     def save(step: int, clean: bool) -> None:
-        checkpointer.save(
-            state, step=step, data_state=data_it.get_state(), config=config, clean=clean
-        )
+        with preemption.saving(step):  # a second Ctrl-C now stops after this save, not in it
+            checkpointer.save(
+                state, step=step, data_state=data_it.get_state(), config=config, clean=clean
+            )
 
     buffer = MetricsBuffer()
     health = HealthCheck(

@@ -39,7 +39,7 @@ from consistency_jax.checkpoint.layout import (
     UNREADABLE_SUBDIR,
     abstract_like,
 )
-from consistency_jax.checkpoint.manager import Checkpointer, check_cadence
+from consistency_jax.checkpoint.manager import Checkpointer, check_cadence, orbax_threads
 from consistency_jax.checkpoint.stored_config import (
     DYNAMICS_KEYS,
     RESUMABLE_KEYS,
@@ -76,5 +76,6 @@ __all__ = [
     "differing_fields",
     "flatten_config",
     "nonfinite_parts",
+    "orbax_threads",
     "verify",
 ]

@@ -79,19 +79,65 @@ class _QuietOrbax(logging_std.Filter):
             return False
         if record.exc_info:
             e = record.exc_info[1]
+            if record.levelno >= logging_std.ERROR and isinstance(e, Exception):
+                _SAVE_FAILURES.note(e)
             record.msg = f"{record.getMessage()} ({brief(e) if e is not None else 'error'})"
             record.args, record.exc_info, record.exc_text = None, None, None
         return True
 
 
-_QUIET_ORBAX = _QuietOrbax()
-if not any(isinstance(f, _QuietOrbax) for f in logging_std.getLogger("absl").filters):
-    logging_std.getLogger("absl").addFilter(_QUIET_ORBAX)
+class _SaveFailures:
+    """The first error that a thread of Orbax logs while a save is in flight (Orbax logs it the
+    moment a write fails, long before its other threads give up waiting): ``check_save`` raises it
+    after the next step."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.first: BaseException | None = None
+
+    def note(self, e: BaseException) -> None:
+        with self._lock:
+            if self.first is None:
+                self.first = e
+
+    def clear(self) -> None:
+        with self._lock:
+            self.first = None
+
+
+_SAVE_FAILURES = _SaveFailures()
+
+
+class _QuietAsyncio(logging_std.Filter):
+    """Drops asyncio's "Task exception was never retrieved" reports of a failed save's write tasks
+    (hundreds on a full disk; the save's error is raised once by ``Checkpointer``)."""
+
+    def filter(self, record: logging_std.LogRecord) -> bool:
+        if _SAVE_FAILURES.first is None:
+            return True
+        return "exception was never retrieved" not in str(record.msg)
 
 
 _QUIET_ORBAX = _QuietOrbax()
 if not any(isinstance(f, _QuietOrbax) for f in logging_std.getLogger("absl").filters):
     logging_std.getLogger("absl").addFilter(_QUIET_ORBAX)
+
+
+if not any(isinstance(f, _QuietAsyncio) for f in logging_std.getLogger("asyncio").filters):
+    logging_std.getLogger("asyncio").addFilter(_QuietAsyncio())
+
+# Causes of failed writes that TensorStore reports deep inside its error text.
+_KNOWN_CAUSES = (
+    "No space left on device",
+    "Disk quota exceeded",
+    "Read-only file system",
+    "Permission denied",
+    "Operation not permitted",
+)
+
+# How long a failed save's other threads are waited for (they may wait minutes for a signal that
+# never comes): the run stops within seconds; ``main`` then exits without waiting for them.
+FAILED_SAVE_JOIN_SECONDS = 3.0
 
 
 def check_cadence(every: int, keep: int, keep_every: int = 0) -> None:
@@ -175,6 +221,7 @@ class Checkpointer:
             self.directory, item_handlers=item_handlers(read_only), options=options
         )
         self._closed = False
+        self._failed = False  # a save failed: nothing more is written or waited for
         self._pending: int | None = None  # the step of a save that may still be in flight
         self._sums: threading.Thread | None = None  # writes the checksums of the last save
         self.resumed_config: dict | None = None  # the checkpoint's config, set by check_config
@@ -431,6 +478,10 @@ class Checkpointer:
         """
         if self.read_only:
             raise CheckpointError(f"{self.directory} was opened read-only.")
+        if self._failed:
+            raise CheckpointSaveError(
+                f"A save into {self.directory} failed: not saving step {step}."
+            )
         if step in self._manager.all_steps():
             logging.info(
                 "Checkpoint step %d already exists in %s; not overwritten.", step, self.directory
@@ -453,9 +504,11 @@ class Checkpointer:
         t0 = time.time()
         self.wait()  # the previous save: committed, or its failure raised here
         names, sums = checksums(state)  # dispatched before the state can be donated to a step
+        _SAVE_FAILURES.clear()
         try:
             started = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as e:  # noqa: BLE001 -- the synchronous part of the save failed
+            self._failed = True
             self._join_save_threads()
             raise self._save_error(step, e) from e
         self._pending = step
@@ -547,30 +600,56 @@ class Checkpointer:
         )
         cause = e.strerror if isinstance(e, OSError) and e.strerror else None
         where = f": {e.filename}" if isinstance(e, OSError) and e.filename else ""
-        text = f"{cause}{where}" if cause else brief(e)
+        text = f"{cause}{where}" if cause else brief(e, 200)
+        if not cause:  # TensorStore's errors put the cause after kilobytes of spec: name it first
+            known = [p for p in _KNOWN_CAUSES if p.lower() in str(e).lower()]
+            text = f"{known[0]} ({text})" if known else text
         return CheckpointSaveError(
             f"Saving checkpoint step {step} into {self.directory} failed: "
             f"{text}. Stopping the run; {newest}."
         )
 
     def check_save(self) -> None:
-        """Raises CheckpointSaveError at once when the asynchronous save in flight has failed;
-        returns immediately otherwise (cheap: called after every train step)."""
+        """Raises CheckpointSaveError at once when the asynchronous save in flight has failed (a
+        thread of it failed, even while others still run); returns immediately otherwise (cheap:
+        called after every train step)."""
         if self._pending is None:
             return
+        self._raise_if_failed()
         if not self._manager.is_saving_in_progress():
             self.wait()
+
+    def _raise_if_failed(self) -> None:
+        failure = _SAVE_FAILURES.first
+        if failure is None:
+            try:
+                self._manager.check_for_errors()
+            except Exception as e:  # noqa: BLE001
+                failure = e
+        if failure is not None:
+            step, self._pending, self._failed = self._pending, None, True
+            self._join_save_threads()
+            raise self._save_error(step if step is not None else -1, failure) from failure
 
     def wait(self) -> None:
         """Blocks until the pending asynchronous save is committed.
 
         Raises:
-          CheckpointSaveError: the save failed (naming its step and cause).
+          CheckpointSaveError: the save failed (naming its step and cause), raised as soon as one
+            of its threads fails.
         """
+        if self._pending is not None:
+            while self._manager.is_saving_in_progress():
+                self._raise_if_failed()
+                time.sleep(0.02)
+            self._raise_if_failed()
         step, self._pending = self._pending, None
+        if self._failed:
+            return  # the failure was raised; nothing of that save will complete
         try:
             self._manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001
+            self._failed = True
             self._join_save_threads()
             raise self._save_error(step if step is not None else -1, e) from e
         if self._sums is not None:
@@ -578,39 +657,45 @@ class Checkpointer:
             self._sums = None
             self._prune_checksums()
 
-    def _join_save_threads(self, timeout: float = 60.0) -> None:
-        """Waits for Orbax's worker threads of a failed save (the parts that did not fail run on):
-        left running they die at interpreter exit with a cascade of tracebacks."""
-        for t in threading.enumerate():
-            if (
-                t is not threading.current_thread()
-                and not t.daemon
-                and t.is_alive()
-                and type(t).__module__.startswith("orbax")
-            ):
-                try:  # Orbax's threads re-raise their own failure on join: another part of the
-                    t.join(timeout)  # same failed save, whose first error is being reported
-                except Exception as e:  # noqa: BLE001
-                    logging.warning(
-                        "A thread of the failed save of %s: %s", self.directory, brief(e)
-                    )
+    def _join_save_threads(self, timeout: float = FAILED_SAVE_JOIN_SECONDS) -> None:
+        """Gives Orbax's worker threads of a failed save ``timeout`` seconds in all to end (the parts
+        that did not fail run on, or wait for a signal of the failed part until Orbax's timeout);
+        the ones still running are named in one line and left behind."""
+        deadline = time.time() + timeout
+        left = []
+        for t in orbax_threads():
+            try:  # Orbax's threads re-raise their own failure on join: another part of the
+                t.join(max(deadline - time.time(), 0.0))  # same failed save, reported already
+            except Exception:  # noqa: BLE001
+                pass
+            if t.is_alive():
+                left.append(t.name)
+        if left:
+            logging.warning(
+                "%d thread(s) of the failed save of %s are still waiting (%s); not waiting for "
+                "them.",
+                len(left),
+                self.directory,
+                ", ".join(sorted(set(left))),
+            )
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager (idempotent; the manager is released
-        also when the pending save failed, whose error is then raised)."""
+        also when the pending save failed, whose error is then raised; after a failed save nothing
+        waits for its threads)."""
         if self._closed:
             return
         self._closed = True
         try:
             self.wait()
         finally:
-            try:
-                self._manager.close()
-            except Exception as e:  # noqa: BLE001 -- the save's error was raised by wait()
-                logging.warning(
-                    "Closing the checkpoint manager of %s: %s", self.directory, brief(e)
-                )
-            self._join_save_threads()
+            if not self._failed:
+                try:
+                    self._manager.close()
+                except Exception as e:  # noqa: BLE001 -- the save's error was raised by wait()
+                    logging.warning(
+                        "Closing the checkpoint manager of %s: %s", self.directory, brief(e)
+                    )
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -733,9 +818,23 @@ class Checkpointer:
                 fs.move(self.step_dir(step), dest)
                 if fs.exists(self.checksum_path(step)):
                     fs.move(self.checksum_path(step), fs.join(dest, "checksums.json"))
-                logging.warning("Moved the %s checkpoint %s to %s.", why, self.step_dir(step), dest)
+                logging.warning(
+                    "Moved the checkpoint %s (%s) to %s.", self.step_dir(step), why, dest
+                )
         ocp.multihost.sync_global_processes(f"consistency_jax_checkpoint_{subdir}")
         self._manager.reload()
+
+
+def orbax_threads() -> list[threading.Thread]:
+    """The live non-daemon threads of Orbax other than the caller (the threads of a save)."""
+    return [
+        t
+        for t in threading.enumerate()
+        if t is not threading.current_thread()
+        and not t.daemon
+        and t.is_alive()
+        and type(t).__module__.startswith("orbax")
+    ]
 
 
 class _KeepProtected(ocp.checkpoint_managers.PreservationPolicy):
