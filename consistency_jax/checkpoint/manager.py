@@ -77,6 +77,8 @@ class _QuietOrbax(logging_std.Filter):
             return True
         if record.levelno < logging_std.WARNING:
             return False
+        if record.levelno >= logging_std.ERROR and _SAVE_FAILURES.first is not None:
+            return False  # a consequence of the failure noted first, which is raised once
         if record.exc_info:
             e = record.exc_info[1]
             if record.levelno >= logging_std.ERROR and isinstance(e, Exception):
@@ -657,10 +659,30 @@ class Checkpointer:
             self._sums = None
             self._prune_checksums()
 
+    def _release_waiters(self) -> None:
+        """Lets the threads of a failed save that wait for a signal of its failed part (e.g. "step
+        directory created", for Orbax's async timeout of minutes) go on at once, so that they end
+        (with an error of their own, dropped from the log). Single process only, best effort: this
+        reaches into Orbax's signalling, which has no public way to cancel a failed save."""
+        if jax.process_count() != 1:
+            return
+        try:
+            from orbax.checkpoint._src.futures import future as ofuture
+            from orbax.checkpoint._src.futures import signaling_client, synchronization
+
+            op = synchronization.OperationIdGenerator.get_current_operation_id()
+            client = signaling_client.get_signaling_client()
+            for sig in synchronization.HandlerAwaitableSignal:
+                key = ofuture.AwaitableSignalsContract.get_unique_awaitable_singal_key(sig, op)
+                client.key_value_set(key, "failed", allow_overwrite=True)
+        except Exception as e:  # noqa: BLE001 -- the threads then end at Orbax's timeout
+            logging.info("Could not release the threads of the failed save: %s", brief(e))
+
     def _join_save_threads(self, timeout: float = FAILED_SAVE_JOIN_SECONDS) -> None:
         """Gives Orbax's worker threads of a failed save ``timeout`` seconds in all to end (the parts
         that did not fail run on, or wait for a signal of the failed part until Orbax's timeout);
         the ones still running are named in one line and left behind."""
+        self._release_waiters()
         deadline = time.time() + timeout
         left = []
         for t in orbax_threads():
