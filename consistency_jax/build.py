@@ -442,6 +442,11 @@ def check_train(config) -> tuple[int, tuple[float, ...], int, int]:
         raise ValueError(
             f"config.train.max_skip_fraction must lie in (0, 1] (1: no limit), got {fraction!r}."
         )
+    jump = t.max_norm_jump
+    if isinstance(jump, bool) or not isinstance(jump, (int, float)) or not (jump == 0 or jump > 1):
+        raise ValueError(
+            f"config.train.max_norm_jump must be 0 (no check) or a factor > 1, got {jump!r}."
+        )
     micro = positive_int(t.microbatches, "train.microbatches")
     per_call = positive_int(t.steps_per_call, "train.steps_per_call")
     for name, every in (("train.log_every", t.log_every), ("train.eval_every", t.eval_every)):

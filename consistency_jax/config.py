@@ -96,6 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
     # from 100 steps on and at the end; 1.0: no limit).
     c.train.max_consecutive_skips = 100
     c.train.max_skip_fraction = 0.25
+    # Stop a run (before checkpointing it) whose parameter or update norm jumps beyond this factor
+    # of its running average: a finite but diverged state (0: no check).
+    c.train.max_norm_jump = 100.0
     # Train steps per compiled call (a lax.scan; the run is the same for any value). > 1 saves host
     # dispatch on GPU/TPU for small networks; keep 1 on CPU. log/eval/checkpoint cadences must be
     # multiples of it.

@@ -2,7 +2,7 @@
 
 The config is validated (``build.validate``) before anything is compiled or written; the run takes
 the workdir's lease (``workdir_lock``: one writer per workdir) before it writes anything; the run is
-built by ``build`` (the train state born sharded on the mesh), evaluated by ``evaluation`` and
+built by ``build`` (the train state born sharded on the mesh), evaluated by ``evaluators`` and
 checkpointed by ``checkpoint``. The loop logs progress (step, loss, the method's schedule, steps/s,
 ETA), evaluates every ``train.eval_every`` steps and at the end, and writes ``metrics.jsonl`` (one JSON
 object per evaluation), PNG pictures of samples and TensorBoard scalars into the workdir.
@@ -17,10 +17,10 @@ SIGTERM and Ctrl-C finish the step, save and stop (SIGTERM: a clean return; Ctrl
 from __future__ import annotations
 
 import math
+import os
 import shlex
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,23 +33,45 @@ from consistency_jax import checkpoint as ckpt_lib
 from consistency_jax import methods as methods_lib
 from consistency_jax import sharding as sharding_lib
 from consistency_jax.evaluators import build_evaluator
+from consistency_jax.periodic import (
+    MIN_STEPS_FOR_SKIP_FRACTION,
+    Evaluate,
+    HealthCheck,
+    Heartbeat,
+    MetricsBuffer,
+    NonFiniteError,
+    NormWatch,
+    ReportProgress,
+    SaveCheckpoint,
+    SkipCounter,
+    SkipLimitError,
+    UnhealthyStateError,
+    check_finite,
+    format_time,
+)
 from consistency_jax.preemption import PreemptionWatcher
 from consistency_jax.train import make_train_step
 from consistency_jax.train_state import TrainState
 from consistency_jax.workdir_lock import WorkdirLock, WorkdirLockedError
 from consistency_jax.writer import MetricWriter
 
-# Skip fractions (config.train.max_skip_fraction) are judged from this many steps of a process on.
-MIN_STEPS_FOR_SKIP_FRACTION = 100
+__all__ = [
+    "MIN_STEPS_FOR_SKIP_FRACTION",
+    "NonFiniteError",
+    "RunInterrupted",
+    "SkipCounter",
+    "SkipLimitError",
+    "UnhealthyStateError",
+    "WorkdirError",
+    "check_finite",
+    "check_workdir",
+    "resume_command",
+    "train_and_evaluate",
+]
 
 
-class NonFiniteError(FloatingPointError):
-    """Raised when a train step produced a NaN or Inf loss or gradient."""
-
-
-class SkipLimitError(FloatingPointError):
-    """``train.skip_nonfinite`` skipped more steps than ``train.max_consecutive_skips`` or
-    ``train.max_skip_fraction`` allow: the training has diverged."""
+class WorkdirError(ValueError):
+    """The workdir cannot be used (empty, an unsupported URL, a file)."""
 
 
 class RunInterrupted(RuntimeError):
@@ -75,83 +97,6 @@ def resume_command(
     return shlex.join(["python", "-m", "consistency_jax.main", *args, *flags])
 
 
-def check_finite(
-    history: list[tuple[int, dict]],
-    before_raise: Callable[[], None] | None = None,
-    advice: Callable[[], str] | None = None,
-) -> None:
-    """Raises NonFiniteError naming the first step and quantity that is NaN or Inf; calls
-    ``before_raise()`` first, and appends ``advice()`` (how to resume) to the message."""
-    for step, m in history:
-        for name in ("loss", "grad_norm"):
-            if not np.isfinite(m[name]):
-                if before_raise is not None:
-                    before_raise()
-                tail = (
-                    advice()
-                    if advice is not None
-                    else (
-                        "Lower the learning rate, enable config.optim.grad_clip, or set "
-                        "config.train.skip_nonfinite."
-                    )
-                )
-                raise NonFiniteError(
-                    f"Non-finite {name} ({m[name]}) at step {step}; the state of "
-                    f"this step was not checkpointed. {tail}"
-                )
-
-
-class SkipCounter:
-    """Counts the steps that ``train.skip_nonfinite`` skipped and enforces its limits.
-
-    Args:
-      start: the step this process started from.
-      max_consecutive: stop after this many skipped steps in a row (0: no limit).
-      max_fraction: stop when more than this fraction of the steps this process ran were skipped,
-        judged from ``MIN_STEPS_FOR_SKIP_FRACTION`` steps on and at the end (1.0: no limit).
-      advice: how to resume (appended to the error message).
-    """
-
-    def __init__(
-        self,
-        start: int,
-        max_consecutive: int,
-        max_fraction: float,
-        advice: Callable[[], str] = lambda: "",
-    ):
-        self.start, self.max_consecutive, self.max_fraction = start, max_consecutive, max_fraction
-        self.advice = advice
-        self.skipped = self.run = 0
-
-    def update(self, fetched: list[tuple[int, dict]], done: int, final: bool) -> None:
-        """Counts the steps of ``fetched`` ((step, metrics) pairs, ``finite`` = 0 for a skipped one)
-        after which ``done`` steps are done.
-
-        Raises:
-          SkipLimitError: a limit is exceeded (naming the steps and the config field).
-        """
-        for step, m in fetched:
-            bad = int(m["finite"]) == 0
-            self.skipped, self.run = self.skipped + bad, (self.run + 1 if bad else 0)
-            if self.max_consecutive and self.run >= self.max_consecutive:
-                raise SkipLimitError(
-                    f"config.train.skip_nonfinite skipped {self.run} steps in a row (steps "
-                    f"{step - self.run + 1}..{step}; config.train.max_consecutive_skips="
-                    f"{self.max_consecutive}): the training has diverged. {self.advice()}"
-                )
-        ran = done - self.start
-        if (
-            self.max_fraction < 1
-            and self.skipped > self.max_fraction * ran
-            and (ran >= MIN_STEPS_FOR_SKIP_FRACTION or final)
-        ):
-            raise SkipLimitError(
-                f"config.train.skip_nonfinite skipped {self.skipped} of the {ran} steps this run "
-                f"made (steps {self.start + 1}..{done}), more than config.train.max_skip_fraction="
-                f"{self.max_fraction}: the training has diverged. {self.advice()}"
-            )
-
-
 class _Closers:
     """What a run must close, closed in reverse order of opening, each exactly once. While an error
     propagates, an error of a closer is logged in one line and the first error stays the one raised;
@@ -172,7 +117,7 @@ class _Closers:
             except BaseException as e:  # noqa: BLE001 -- a KeyboardInterrupt too: close the rest
                 if failing:
                     logging.warning(
-                        "While stopping: closing the %s failed: %s", name, ckpt_lib._brief(e)
+                        "While stopping: closing the %s failed: %s", name, ckpt_lib.brief(e)
                     )
                 elif first is None:
                     first = e
@@ -212,13 +157,28 @@ def check_workdir(workdir: str) -> str:
     anything is built.
 
     Raises:
-      ValueError: an empty workdir, an unsupported URL scheme, or gs:// without a GCS client.
+      WorkdirError: an empty workdir, an unsupported URL scheme, gs:// without a GCS client, or a
+        path that is (or lies below) a file.
     """
     if not workdir:
-        raise ValueError(
+        raise WorkdirError(
             "The workdir is empty: give --workdir=DIR (a local path or gs://BUCKET/PATH)."
         )
-    return fs.resolve(workdir, "workdir")
+    try:
+        workdir = fs.resolve(workdir, "workdir")
+    except ValueError as e:
+        raise WorkdirError(str(e)) from None
+    if not fs.is_url(workdir):
+        # The first existing directory on the way: a file there can never become the workdir.
+        path = workdir
+        while not os.path.isdir(path):
+            if os.path.lexists(path):
+                raise WorkdirError(
+                    f"The workdir {workdir} cannot be created: {path} is a file, not a directory. "
+                    "Give another --workdir."
+                )
+            path = os.path.dirname(path)
+    return workdir
 
 
 def train_and_evaluate(
@@ -273,7 +233,7 @@ def _train(config, workdir, setup, is_main, lock, closers, argv) -> TrainState:
     clip_layout = (
         None
         if saved is None
-        else float(ckpt_lib._flatten(saved).get("optim.grad_clip", 0.0) or 0.0) > 0
+        else float(ckpt_lib.flatten_config(saved).get("optim.grad_clip", 0.0) or 0.0) > 0
     )
     tx, lr_schedule = build.make_optimizer(config, clip_layout=clip_layout)
 
@@ -346,60 +306,95 @@ def _train(config, workdir, setup, is_main, lock, closers, argv) -> TrainState:
     # Rows of metrics.jsonl after the restored step (written after the last save) are dropped.
     writer = MetricWriter(workdir, is_main, start_step=start)
     closers.add("metric writer", writer.close)
+    eval_params_of = lambda s: s.eval_params(config.eval.ema_rate or None)  # noqa: E731
 
-    def run_eval(state):
-        figures, samples = evaluator(
-            apply_fn, state.eval_params(config.eval.ema_rate or None), eval_rng
-        )
-        step = int(state.step)
+    def evaluate(step: int, state: TrainState) -> dict:
+        """One row of metrics.jsonl and one picture: part of the step (a resumed run makes up a
+        missing one first, ``missing_evaluation``)."""
+        figures, samples = evaluator(apply_fn, eval_params_of(state), eval_rng)
         writer.evaluation(step, figures)
         if is_main:
-            evaluator.plot(
-                samples, fs.join(workdir, f"samples_{step:08d}.png"), f"{spec.name} step {step}"
-            )
+            evaluator.plot(samples, picture(step), f"{spec.name} step {step}")
         logging.info(
             "eval step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in sorted(figures.items()))
         )
         return figures
 
+    def picture(step: int) -> str:
+        return fs.join(workdir, f"samples_{step:08d}.png")
+
+    t = config.train
+    ran_before = None if saved is None else ckpt_lib.flatten_config(saved).get("train.num_steps")
+    if restored is not None and _evaluation_missing(
+        start,
+        due=start % t.eval_every == 0 or start in (setup.num_steps, ran_before),
+        has_row=writer.has_evaluation(start),
+        has_picture=not is_main or fs.exists(picture(start)),
+    ):
+        logging.info("Step %d was checkpointed but not evaluated: evaluating it first.", start)
+        evaluate(start, state)
+
     def advice() -> str:
-        """How to resume after a divergence: the newest checkpoint and the command."""
+        """How to resume after a divergence: the newest healthy checkpoint and the command. The
+        checkpoints saved after it while steps were skipped are set aside first, so that the
+        command resumes the healthy one."""
         try:
             checkpointer.wait()
-            newest = checkpointer.latest_step()
+            newest, moved = checkpointer.set_aside_unhealthy()
         except Exception:  # noqa: BLE001 -- the advice must not hide the error
-            newest = None
-        lr = float(config.optim.lr) / 10
+            newest, moved = None, []
         where = (
-            f"The newest checkpoint is step {newest}"
+            f"The newest healthy checkpoint is step {newest}"
             if newest is not None
-            else "There is no checkpoint yet"
+            else "There is no healthy checkpoint yet (the command starts afresh)"
         )
+        if moved:
+            where += (
+                f" (the step(s) {', '.join(map(str, moved))} saved while steps were skipped "
+                f"were moved to {fs.join(workdir, ckpt_lib.UNHEALTHY_SUBDIR)})"
+            )
         return (
             f"{where}; to resume it with a 10x lower learning rate run\n  "
-            f"{resume_command(workdir, [f'--config.optim.lr={lr:g}'], argv)}\n"
-            "optim.lr, optim.warmup_steps, optim.decay, optim.grad_clip (e.g. "
+            f"{resume_command(workdir, [f'--config.optim.lr={_lower_lr(config.optim.lr)}'], argv)}"
+            "\noptim.lr, optim.warmup_steps, optim.decay, optim.grad_clip (e.g. "
             "--config.optim.grad_clip=1.0), train.skip_nonfinite and loss.huber_c may change on "
             "resume."
         )
 
-    def save(step: int) -> None:
-        if history and not config.train.skip_nonfinite:  # never checkpoint a broken state
-            check_finite(_unstack_history(history), advice=advice)
-        checkpointer.save(state, step=step, data_state=data_it.get_state(), config=config)
-        saved_steps.add(step)
+    def save(step: int, clean: bool) -> None:
+        with preemption.saving(step):  # a second Ctrl-C now stops after this save, not in it
+            checkpointer.save(
+                state, step=step, data_state=data_it.get_state(), config=config, clean=clean
+            )
 
-    t = config.train
-    skips = SkipCounter(
-        start,
-        int(t.get("max_consecutive_skips", 0)),
-        float(t.get("max_skip_fraction", 1.0)),
-        advice,
+    buffer = MetricsBuffer()
+    health = HealthCheck(
+        buffer,
+        skip_nonfinite=t.skip_nonfinite,
+        skips=SkipCounter(start, int(t.max_consecutive_skips), float(t.max_skip_fraction), advice),
+        norms=NormWatch(
+            float(t.get("max_norm_jump", 0.0) or 0.0), _param_norm(state.params), advice
+        ),
+        advice=advice,
     )
-    history: list[tuple[int, int, Any]] = []  # (first step, steps, device metrics)
-    saved_steps: set[int] = {start} if restored is not None else set()
-    t_last, k_last = time.time(), start
-    t_start = t_last
+    saver = SaveCheckpoint(config.checkpoint.every, health=health, save=save)
+    if restored is not None:
+        saver.saved.add(start)
+    actions = [
+        Heartbeat(checkpointer, lock),
+        ReportProgress(
+            t.log_every,
+            health=health,
+            writer=writer,
+            num_steps=setup.num_steps,
+            batch_size=config.data.batch_size,
+            schedule_keys=schedule_keys,
+            start=start,
+        ),
+        saver,
+        Evaluate(t.eval_every, evaluate),
+    ]
+    t_start = time.time()
     k = start
     while k < setup.num_steps:
         if preemption.received:  # a signal during an evaluation, the restore or the compilation
@@ -416,59 +411,21 @@ def _train(config, workdir, setup, is_main, lock, closers, argv) -> TrainState:
             state, metrics = multi_step(
                 state, sharding_lib.global_batch(stacked, mesh, stacked=True), step_rng
             )
-        history.append((k, n, metrics))
-        k = done = k + n
-        checkpointer.check_save()  # a failed asynchronous save stops the run at once
-        if lock is not None:
-            lock.check()
-        if done % t.log_every == 0 or done == setup.num_steps:
-            fetched = _unstack_history(history)
-            history = []
-            if not t.skip_nonfinite:
-                check_finite(fetched, advice=advice)
-            skips.update(fetched, done, final=done == setup.num_steps)
-            skipped = skips.skipped
-            last = fetched[-1][1]
-            now = time.time()
-            rate = (done - k_last) / max(now - t_last, 1e-9)
-            eta = (setup.num_steps - done) / max(rate, 1e-9)
-            img_s = rate * config.data.batch_size
-            schedule = "".join(f" {key}={float(last[key]):.6g}" for key in schedule_keys)
-            logging.info(
-                "step %d/%d loss=%.5g grad_norm=%.3g%s lr=%.3g | %.1f steps/s "
-                "%.0f img/s | ETA %s%s",
-                done,
-                setup.num_steps,
-                last["loss"],
-                last["grad_norm"],
-                schedule,
-                last.get("lr", 0.0),
-                rate,
-                img_s,
-                _fmt_time(eta),
-                f" | skipped {skipped}" if skipped else "",
-            )
-            means = {k2: float(np.mean([m[k2] for _, m in fetched])) for k2 in last}
-            writer.scalars(
-                done,
-                {**means, "steps_per_s": rate, "img_per_s": img_s, "skipped_steps": skipped},
-                "train",
-            )
-            t_last, k_last = now, done
-        preempted = preemption.reached(done, n)
-        if checkpointer.should_save(done, final=done == setup.num_steps or preempted):
-            save(done)
-        if preempted:
+        buffer.add(k, n, metrics)
+        k += n
+        stopping = preemption.reached(k, n)
+        for action in actions:
+            action(k, state, final=k == setup.num_steps, stopping=stopping)
+        if stopping:
             break
-        if done % t.eval_every == 0 or done == setup.num_steps:
-            run_eval(state)
-    if preemption.received and k > start and k not in saved_steps:
-        save(k)  # the signal came during an evaluation
+    if preemption.received and k > start:
+        saver.run(k, state)  # the signal came during an evaluation (a step already saved is kept)
     closers.close(failing=False)  # waits until the last checkpoint is committed
+    saved_here = k in saver.saved
     if preemption.received == "SIGINT":
         where = (
             f"checkpoint step {k} saved in {checkpointer.directory}"
-            if k in saved_steps
+            if saved_here
             else "nothing new to save"
         )
         raise RunInterrupted(
@@ -481,32 +438,38 @@ def _train(config, workdir, setup, is_main, lock, closers, argv) -> TrainState:
             preemption.received,
             k,
             f"checkpoint saved in {checkpointer.directory}"
-            if k in saved_steps
+            if saved_here
             else "nothing new to save",
         )
     else:
-        logging.info("finished %d steps in %s", setup.num_steps, _fmt_time(time.time() - t_start))
+        logging.info("finished %d steps in %s", setup.num_steps, format_time(time.time() - t_start))
     return state
 
 
-def _unstack_history(history: list[tuple[int, int, Any]]) -> list[tuple[int, dict]]:
-    """(first step, steps, device metrics) entries -> host (step, metrics) pairs, one per step."""
-    out = []
-    for first, n, metrics in history:
-        host = jax.device_get(metrics)
-        if n == 1:
-            out.append((first, host))
-        else:
-            out.extend(
-                (first + i, {key: value[i] for key, value in host.items()}) for i in range(n)
-            )
-    return out
+def _evaluation_missing(step: int, *, due: bool, has_row: bool, has_picture: bool) -> bool:
+    """Whether a resumed run must evaluate its restored step first: the evaluation was due there
+    and its row of metrics.jsonl or its picture is missing (the run died between the commit of the
+    checkpoint and the end of the evaluation). Process 0 decides for all processes."""
+    missing = due and not (has_row and has_picture)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        missing = bool(int(multihost_utils.broadcast_one_to_all(np.int32(missing))))
+    return missing
 
 
-def _fmt_time(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h:d}:{m:02d}:{s:02d}"
+@jax.jit
+def _norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def _param_norm(params) -> float:
+    """‖θ‖ of the state a process starts from (the first sample of ``NormWatch``'s average)."""
+    return float(jax.device_get(_norm(params)))
+
+
+def _lower_lr(lr: float) -> str:
+    """The learning rate a divergence advice suggests: 10x lower; a finite value even when the
+    configured one is not."""
+    lr = float(lr)
+    return f"{lr / 10:g}" if math.isfinite(lr) and lr > 0 else "1e-4"

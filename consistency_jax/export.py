@@ -26,6 +26,7 @@ metadata after a barrier (the caller's).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -246,8 +247,9 @@ class TfdsExport:
         for fmt in self.formats:
             final = self.shard_path(shard, fmt)
             tmp = os.path.join(tmp_dir, f"{os.path.basename(final)}.{os.getpid()}")
-            WRITERS[fmt](tmp, records)
-            os.replace(tmp, final)
+            with writing(final, tmp):
+                WRITERS[fmt](tmp, records)
+                os.replace(tmp, final)
 
     def write_metadata(self, metadata: dict | None = None) -> None:
         """Writes ``dataset_info.json``/``features.json`` once every shard is complete.
@@ -307,12 +309,31 @@ def save_npz(path: str, images: np.ndarray, labels: np.ndarray | None = None) ->
     arrays = {"arr_0": np.asarray(images, np.uint8)}
     if labels is not None:
         arrays["arr_1"] = np.asarray(labels, np.int64)
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with writing(path, tmp):
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
 
 
 def write_json_atomic(path: str, value: dict) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    with writing(path, tmp):
+        with open(tmp, "w") as f:
+            json.dump(value, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def writing(path: str, tmp: str):
+    """Turns a failed write of ``path`` (through ``tmp``: a full disk, a directory that is a file)
+    into an ExportError naming the file and the cause; the partial ``tmp`` is removed."""
+    try:
+        yield
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise ExportError(
+            f"Writing {path} failed: {e.strerror or e}. Fix that (free space) and run the same "
+            "command again: what was written completely is kept."
+        ) from e

@@ -19,16 +19,13 @@ from absl import logging
 from consistency_jax import fs, networks
 from consistency_jax import parameterization as param_lib
 from consistency_jax.checkpoint import (
-    _CONFIG,
-    _EMA,
-    _STATE,
     CHECKPOINT_SUBDIR,
+    EMA_ITEM,
+    STATE_ITEM,
+    CheckpointDamagedError,
     Checkpointer,
     CheckpointError,
-    _abstract_from_metadata,
-    _brief,
-    _metadata_tree,
-    _pytree_restore,
+    brief,
     config_from_dict,
 )
 from consistency_jax.sharding import replicated
@@ -80,25 +77,35 @@ def load_eval_params(
 def eval_params_metadata(
     workdir: str, ema_rate: float | None = None
 ) -> tuple[ml_collections.ConfigDict, int, PyTree]:
-    """What ``load_eval_params`` would read, without reading an array: (the run's config, the step,
-    the parameters as a tree of ``jax.ShapeDtypeStruct``) of the newest checkpoint whose config and
-    metadata are readable.
+    """What ``load_eval_params`` would read: (the run's config, the step, the parameters as a tree
+    of ``jax.ShapeDtypeStruct``) of the newest checkpoint whose evaluation parameters are intact.
+
+    The parameters are read once (to host memory) and verified against their checksums, so that the
+    step named is one that ``load_eval_params`` can use: a damaged newer step is set aside here,
+    with a warning, not only when the command that asked loads it.
 
     Raises:
       CheckpointError: as ``load_eval_params``.
     """
 
     def read(ckpt, s):
-        config = config_from_dict(ckpt.read_json(s, _CONFIG))
-        _, _, abstract = _eval_item(ckpt, s, ema_rate)
+        config = config_from_dict(ckpt.read_config(s))
+        item, key, abstract = _eval_item(ckpt, s, ema_rate)
+        ckpt.read_arrays(s, {item: {key: abstract}}, partial=True)
         return config, s, abstract
 
     return _newest_readable(workdir, None, read)
 
 
 def _newest_readable(workdir: str, step: int | None, read: Callable[[Checkpointer, int], Any]):
-    """``read(checkpointer, step)`` of the given step, else of the newest step it succeeds on (an
-    unreadable step is warned about and the previous one tried; a CheckpointError is final)."""
+    """``read(checkpointer, step)`` of the given step, else of the newest step it succeeds on.
+
+    Every read verifies what it reads (``Checkpointer.read_arrays``). Without ``step``, a damaged or
+    unreadable step is set aside with a warning naming it and the previous one is tried; a step
+    asked for by number is never replaced: its damage is a CheckpointDamagedError naming it and the
+    intact alternatives. A CheckpointError that is not damage (no EMA of the rate asked for, not an
+    EDM run) is final.
+    """
     workdir = fs.resolve(workdir)
     ckpt = Checkpointer(workdir, every=1, keep=1, read_only=True)
     try:
@@ -109,18 +116,49 @@ def _newest_readable(workdir: str, step: int | None, read: Callable[[Checkpointe
             raise CheckpointError(
                 f"No checkpoint of step {step} in {ckpt.directory}; saved steps: {steps}."
             )
-        errors = []
-        for s in [step] if step is not None else list(reversed(steps)):
+        if step is not None:
             try:
-                return read(ckpt, s)
+                return read(ckpt, step)
+            except CheckpointDamagedError as e:
+                others = [s for s in steps if s != step]
+                raise CheckpointDamagedError(
+                    f"{e} Refusing to use the step asked for ({step}); the other saved steps are "
+                    f"{others or 'none'} (leave the step out to use the newest intact one)."
+                ) from e
+            except CheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 -- unreadable
+                raise CheckpointError(
+                    f"Checkpoint step {step} in {ckpt.step_dir(step)} is unreadable: {brief(e)}."
+                ) from e
+        errors, set_aside = [], []
+        for s in reversed(steps):
+            try:
+                out = read(ckpt, s)
+            except CheckpointDamagedError as e:
+                why = str(e)
             except CheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 -- unreadable: try the previous step
-                logging.warning(
-                    "Checkpoint step %d in %s is unreadable (%s).", s, ckpt.step_dir(s), _brief(e)
-                )
-                errors.append(f"step {s} ({ckpt.step_dir(s)}): {_brief(e)}")
-        raise CheckpointError(f"No readable checkpoint in {ckpt.directory}: " + "; ".join(errors))
+                why = f"unreadable: {brief(e)}"
+            else:
+                if set_aside:
+                    logging.warning(
+                        "Using checkpoint step %d of %s; set aside (not used, left in place): %s.",
+                        s,
+                        ckpt.directory,
+                        ", ".join(set_aside),
+                    )
+                return out
+            logging.warning(
+                "Checkpoint step %d in %s is set aside: %s Trying the previous one.",
+                s,
+                ckpt.step_dir(s),
+                why,
+            )
+            set_aside.append(f"step {s}")
+            errors.append(f"step {s} ({ckpt.step_dir(s)}): {why}")
+        raise CheckpointError(f"No intact checkpoint in {ckpt.directory}: " + "; ".join(errors))
     finally:
         ckpt.close()
 
@@ -128,11 +166,10 @@ def _newest_readable(workdir: str, step: int | None, read: Callable[[Checkpointe
 def _eval_item(ckpt: Checkpointer, step: int, ema_rate: float | None) -> tuple[str, str, PyTree]:
     """(item, key, abstract parameters) of the eval parameters of checkpoint ``step``: the EMA of
     ``ema_rate`` (None: the slowest), or θ ("state", "params") when the run saved no EMA."""
-    metadata = ckpt.item_metadata(step)
-    ema_md = metadata.get(_EMA) if hasattr(metadata, "get") else None
-    ema_md = _metadata_tree(ema_md) if ema_md is not None else None
-    if ema_md:
-        saved = {k: float(k) for k in ema_md}
+    metadata = ckpt.array_metadata(step)
+    emas = metadata.get(EMA_ITEM)
+    if emas:
+        saved = {k: float(k) for k in emas}
         if ema_rate is None:
             key = max(saved, key=float)
         else:
@@ -142,25 +179,24 @@ def _eval_item(ckpt: Checkpointer, step: int, ema_rate: float | None) -> tuple[s
                     f"{ckpt.step_dir(step)} has no EMA of rate {ema_rate}; "
                     f"saved EMA rates: {sorted(saved.values())}."
                 )
-        return _EMA, key, _abstract_from_metadata(ema_md[key], None)
+        return EMA_ITEM, key, emas[key]
     if ema_rate is not None:
         raise CheckpointError(f"{ckpt.step_dir(step)} has no eval EMAs (asked for {ema_rate}).")
-    state_md = _metadata_tree(metadata[_STATE])
-    return _STATE, "params", _abstract_from_metadata(state_md["params"], None)
+    return STATE_ITEM, "params", metadata[STATE_ITEM]["params"]
 
 
 def _read_eval_params(
     ckpt: Checkpointer, step: int, ema_rate: float | None, sharding: ShardingSpec
 ) -> tuple[ml_collections.ConfigDict, PyTree, int]:
-    config = config_from_dict(ckpt.read_json(step, _CONFIG))
+    config = config_from_dict(ckpt.read_config(step))
     item, key, abstract = _eval_item(ckpt, step, ema_rate)
-    # Read only these parameters: the other EMAs and the optimizer state are left out of the
-    # target (partial restore).
+    # Read only these parameters (verified against their checksums): the other EMAs and the
+    # optimizer state are left out of the target (partial restore).
     target = {key: _with_shardings(abstract, sharding)}
-    got = ckpt.restore_items(step, **{item: _pytree_restore(target, partial=True)})
+    got = ckpt.read_arrays(step, {item: target}, partial=True)
     logging.info(
-        "Read %s of %s.",
-        f"the EMA {key}" if item == _EMA else "θ (no eval EMA saved)",
+        "Read %s of %s (checksums verified).",
+        f"the EMA {key}" if item == EMA_ITEM else "θ (no eval EMA saved)",
         ckpt.step_dir(step),
     )
     return config, got[item][key], step
@@ -190,7 +226,7 @@ def teacher_config(workdir: str) -> ml_collections.ConfigDict:
         )
     ckpt = Checkpointer(workdir, every=1, keep=1, read_only=True)
     try:
-        found = ckpt.saved_config()
+        found = ckpt.saved_config()  # JSON only: the arrays are verified by load_teacher
     finally:
         ckpt.close()
     if found is None:
@@ -255,36 +291,25 @@ def load_teacher(
 
 def read_arrays(workdir: str, step: int | None = None) -> dict[str, np.ndarray]:
     """Every array of a checkpoint as host NumPy arrays, keyed "state/params/Dense_0/kernel",
-    "ema/0.999/..." (for inspection and tests; read-only).
+    "ema/0.999/..." (for inspection and tests; read-only; verified against the checksums).
 
     Args:
       workdir: the run's directory.
-      step: which checkpoint; None: the newest.
+      step: which checkpoint; None: the newest intact one.
 
     Returns:
       A flat dict name -> array.
     """
-    ckpt = Checkpointer(workdir, every=1, keep=1, read_only=True)
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"No checkpoint in {ckpt.directory}.")
-        metadata = ckpt.item_metadata(step)
-        items = {}
-        for name in (_STATE, _EMA):
-            md = metadata.get(name) if hasattr(metadata, "get") else None
-            if md is None:
-                continue
-            target = _abstract_from_metadata(_metadata_tree(md), None)
-            items[name] = _pytree_restore(target, partial=False)
-        got = ckpt.restore_items(step, **items)
+
+    def read(ckpt, s):
+        got = ckpt.read_arrays(s, ckpt.array_metadata(s), partial=False)
         out = {}
-        for name in items:
-            for path, leaf in jax.tree_util.tree_flatten_with_path(got[name])[0]:
+        for name, tree in got.items():
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
                 key = "/".join(
                     str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path
                 )
                 out[f"{name}/{key}"] = np.asarray(leaf)
         return out
-    finally:
-        ckpt.close()
+
+    return _newest_readable(workdir, step, read)

@@ -82,6 +82,13 @@ def main(argv):
         experiment.train_and_evaluate(_CONFIG.value, FLAGS.value, argv=sys.argv[1:])
     except experiment.RunInterrupted as e:
         _exit(130, str(e))
+    except KeyboardInterrupt:
+        _exit(
+            130,
+            "Aborted by Ctrl-C: the checkpoints committed before are kept (a save in flight was "
+            "finished or left as a temporary directory, removed on the next start); run the same "
+            "command again to resume.",
+        )
     except (
         workdir_lock.WorkdirLockedError,
         workdir_lock.WorkdirLockLostError,
@@ -89,6 +96,8 @@ def main(argv):
         checkpoint.CheckpointSaveError,
         experiment.NonFiniteError,
         experiment.SkipLimitError,
+        experiment.UnhealthyStateError,
+        experiment.WorkdirError,
         checkpoint.NonFiniteStateError,
     ) as e:
         _exit(1, f"{type(e).__name__}: {e}")
@@ -100,6 +109,13 @@ def _exit(code: int, message: str) -> None:
     logging.flush()
     sys.stdout.flush()
     print(message, file=sys.stderr, flush=True)
+    from consistency_jax import checkpoint
+
+    if checkpoint.orbax_threads():
+        # Threads of a failed save may wait minutes for a signal of its failed part; the lease is
+        # released and the error printed, so the process ends now instead of joining them.
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 

@@ -8,6 +8,7 @@ host stop at the same step; the checkpoint manager answers where that step is
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -46,6 +47,8 @@ class PreemptionWatcher:
         self._active = True
         self._previous: dict[int, Any] = {}
         self._handler = None
+        self._saving: int | None = None  # the step whose checkpoint is being prepared
+        self._held = False  # a second Ctrl-C came while it was
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             # The handler holds the watcher weakly, so a watcher that is never closed does not keep
             # swallowing signals after it is gone.
@@ -54,6 +57,20 @@ class PreemptionWatcher:
                 self._previous[sig] = signal.signal(sig, self._handler)
 
     def _take(self, signum: int) -> bool:
+        if (
+            self._active
+            and self.received is not None
+            and self._saving is not None
+            and signum == signal.SIGINT
+            and not self._held
+        ):
+            self._held = True
+            logging.warning(
+                "Ctrl-C again: the checkpoint of step %d is being prepared; the run stops right "
+                "after it (press Ctrl-C once more to abort at once, without it).",
+                self._saving,
+            )
+            return True
         if not self._active or self.received is not None:
             return False
         self.received = signal.Signals(signum).name
@@ -82,6 +99,17 @@ class PreemptionWatcher:
                     self.received = "preemption notice"
                     return True
         return False
+
+    @contextlib.contextmanager
+    def saving(self, step: int):
+        """While a checkpoint of ``step`` is prepared (its arrays copied off the devices, checksum
+        code compiled): a second Ctrl-C after the first is held (the run stops right after the
+        save), a third aborts at once."""
+        self._saving = step
+        try:
+            yield
+        finally:
+            self._saving = None
 
     def close(self) -> None:
         """Restores the signal handlers that were installed before (idempotent)."""

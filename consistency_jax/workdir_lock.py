@@ -77,6 +77,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 class _LocalStore:
     """The file operations of the lease on a local or shared POSIX file system."""
 
@@ -91,11 +98,17 @@ class _LocalStore:
             return None
 
     def _write_tmp(self, text: str) -> str:
+        """A temporary file holding ``text``, fsynced; removed again when writing it fails (a full
+        disk leaves no ``lock.json.<hex>.tmp`` behind)."""
         tmp = f"{self.path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
         return tmp
 
     def create(self, text: str) -> bool:
@@ -111,7 +124,11 @@ class _LocalStore:
 
     def replace(self, text: str) -> None:
         tmp = self._write_tmp(text)
-        os.replace(tmp, self.path)
+        try:
+            os.replace(tmp, self.path)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
 
     def remove_if(self, text: str) -> bool:
         """Removes the lease if it still holds ``text`` (atomically: it is renamed aside first and

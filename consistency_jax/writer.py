@@ -32,6 +32,7 @@ class MetricWriter:
         self.path = fs.join(workdir, "metrics.jsonl")
         self._url = fs.is_url(self.path)
         self.tb = None
+        self._evaluated: set[int] = set()  # the steps with a row in metrics.jsonl
         if enabled:
             if start_step is not None:
                 self._drop_rows_after(int(start_step))
@@ -57,6 +58,7 @@ class MetricWriter:
                 row = json.loads(line)
                 if int(row["step"]) <= step:
                     kept.append(line)
+                    self._evaluated.add(int(row["step"]))
             except (ValueError, KeyError, TypeError):
                 pass
         dropped = len(lines) - len(kept)
@@ -70,15 +72,25 @@ class MetricWriter:
             step,
         )
 
+    def has_evaluation(self, step: int) -> bool:
+        """True when metrics.jsonl holds a row of ``step`` (known when the writer opened with a
+        ``start_step``, or written since)."""
+        return int(step) in self._evaluated
+
     def scalars(self, step: int, values: dict, prefix: str) -> None:
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(f"{prefix}/{k}", float(v), step)
 
     def evaluation(self, step: int, values: dict) -> None:
-        """One line of metrics.jsonl and the eval/ TensorBoard scalars."""
+        """One line of metrics.jsonl (not a second one for a step that has one: a resumed run that
+        makes up a missing picture) and the eval/ TensorBoard scalars."""
         if not self.enabled:
             return
+        if int(step) in self._evaluated:
+            self.scalars(step, values, "eval")
+            return
+        self._evaluated.add(int(step))
         row = json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n"
         if self._url:  # an object store has no append: the (small) file is replaced whole
             try:

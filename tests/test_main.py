@@ -39,7 +39,7 @@ def test_digits_job_trains_evaluates_and_writes_outputs(tmp_path):
     builder = data_lib.ensure_digits_dataset(c.data.data_dir, 8)  # prepared by the job, as tfrecord
     assert builder.info.file_format.value == "tfrecord"
     checkpointer = ckpt_lib.Checkpointer.from_config(str(workdir), c)
-    saved = checkpointer.read_json(4, ckpt_lib._DATA)
+    saved = checkpointer.read_json(4, ckpt_lib.DATA_ITEM)
     checkpointer.close()
     assert saved["reader"] == "tfds_load" and saved["step"] == 4
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]

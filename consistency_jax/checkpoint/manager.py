@@ -1,37 +1,19 @@
-"""Checkpoints that never lose a run: Orbax saves, exact resume, preemption and read-only teachers.
+"""The manager of one run's checkpoints: asynchronous Orbax saves, exact resume, read-only readers.
 
-A run's workdir holds ``checkpoints/<step>/`` written by an Orbax ``CheckpointManager`` (async saves
-committed atomically: a step directory appears only once it is complete), one sub-item each:
+Saves are committed atomically (a step directory appears only once it is complete). A run resumes
+from the newest readable checkpoint of its workdir; a checkpoint that cannot be read, or whose arrays
+do not match the checksums stored at save time (``integrity``), is reported by step and directory,
+moved to ``checkpoints_unreadable/`` and the previous one used. A failed asynchronous save is raised
+at once (``check_save``, polled after every step) as ``CheckpointSaveError`` with its cause.
+Temporary directories of interrupted saves are removed only by the holder of the workdir's lease
+(``workdir_lock``).
 
-  - ``state``: the TrainState without its eval EMAs and *without the teacher*: step k, θ, θ⁻ and the
-    optimizer state (``StandardSave``);
-  - ``ema``: the eval EMAs {ema_key(rate): tree} (``StandardSave``), a separate item so that a
-    sampler, or a CD run using this run as its teacher, reads only the EMA it needs;
-  - ``data``: the data iterator's position (``iterator.get_state()``, a small JSON dict);
-  - ``config``: the run's config (JSON), compared with the config of a resumed run.
-
-A run is resumed from the newest readable checkpoint of its workdir. The train step folds the step
-into its base key (``train.make_train_step``) and the data iterators are pure functions of the
-step, so a resumed run continues bitwise identically (same devices). A checkpoint that cannot be
-read is reported by step and directory, moved to ``checkpoints_unreadable/`` and the previous one
-is used; so is one whose arrays do not match the checksums stored at save time
-(``checkpoint_checksums/<step>.json``) or hold NaN/Inf. A failed asynchronous save is raised at once
-(``check_save``, polled after every step) as ``CheckpointSaveError`` with its cause. Temporary
-directories of interrupted saves are removed only by the holder of the workdir's lease
-(``workdir_lock``). SIGTERM (a preemption notice) makes the loop finish its step, save and exit
-cleanly.
-
-The teacher of consistency distillation (CM Algorithm 2) is another run's EDM checkpoint, read
-through a read-only manager (``loading.py``): nothing is ever written into the teacher's directory,
-and the student's checkpoints never contain φ (``TrainState.teacher_params`` is dropped before
-saving and re-attached after a restore). The SIGTERM watcher is ``preemption.py``.
-
-Nothing here unpickles: arrays go through Orbax/TensorStore, everything else through JSON.
+Readers (``loading``) open a manager read-only and use its public read API: ``read_config``,
+``array_metadata`` and ``read_arrays`` (which verifies the checksums of what it read).
 """
 
 from __future__ import annotations
 
-import json
 import logging as logging_std
 import threading
 import time
@@ -39,52 +21,50 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
 from consistency_jax import fs
+from consistency_jax.checkpoint.errors import (
+    CheckpointError,
+    CheckpointSaveError,
+    NonFiniteStateError,
+    brief,
+)
+from consistency_jax.checkpoint.integrity import (
+    checksums,
+    nonfinite_parts,
+    read_clean_mark,
+    verify,
+    write_checksums,
+)
+from consistency_jax.checkpoint.layout import (
+    ARRAY_ITEMS,
+    CHECKPOINT_SUBDIR,
+    CHECKSUM_SUBDIR,
+    CONFIG_ITEM,
+    DATA_ITEM,
+    EMA_ITEM,
+    STATE_ITEM,
+    UNHEALTHY_SUBDIR,
+    UNREADABLE_SUBDIR,
+    abstract_from_metadata,
+    abstract_like,
+    item_handlers,
+    pytree_restore,
+    saved_arrays,
+    student_part,
+)
+from consistency_jax.checkpoint.stored_config import (
+    config_to_dict,
+    differing_fields,
+    flatten_config,
+    is_dynamics,
+)
 from consistency_jax.train_state import TrainState
 
 PyTree = Any
-
-CHECKPOINT_SUBDIR = "checkpoints"
-UNREADABLE_SUBDIR = "checkpoints_unreadable"
-CHECKSUM_SUBDIR = "checkpoint_checksums"  # <step>.json: a checksum of every saved array
-_STATE, _EMA, _DATA, _CONFIG = "state", "ema", "data", "config"
-
-# Config fields that may differ between a checkpoint and the run resuming it: they change how long
-# the run is and what it logs, evaluates or keeps, not the trajectory of the train state. A prefix
-# ending in "." covers a whole block. mesh.*: Orbax restores onto the live shardings, so a run may
-# resume on another mesh (the reduction order, hence the last bits, then differ).
-RESUMABLE_KEYS: tuple[str, ...] = (
-    "train.num_steps",
-    "train.log_every",
-    "train.eval_every",
-    "train.steps_per_call",
-    "checkpoint.",
-    "eval.",
-    "mesh.",
-    "data.data_dir",
-    "init.",  # config.init is read only when a run starts
-)
-
-# Config fields that change the training dynamics but not the structure of the saved state: the
-# knobs of NaN recovery. They may change on resume (a warning lists them); the run then continues
-# on another trajectory from the restored state. optim.grad_clip keeps the optimizer state's layout
-# of the checkpoint (``build.make_optimizer(clip_layout=...)``).
-DYNAMICS_KEYS: tuple[str, ...] = (
-    "optim.lr",
-    "optim.warmup_steps",
-    "optim.decay",
-    "optim.grad_clip",
-    "train.skip_nonfinite",
-    "train.max_consecutive_skips",
-    "train.max_skip_fraction",
-    "loss.huber_c",
-)
 
 
 class _QuietOrbax(logging_std.Filter):
@@ -97,11 +77,47 @@ class _QuietOrbax(logging_std.Filter):
             return True
         if record.levelno < logging_std.WARNING:
             return False
+        if record.levelno >= logging_std.ERROR and _SAVE_FAILURES.first is not None:
+            return False  # a consequence of the failure noted first, which is raised once
         if record.exc_info:
             e = record.exc_info[1]
-            record.msg = f"{record.getMessage()} ({_brief(e) if e is not None else 'error'})"
+            if record.levelno >= logging_std.ERROR and isinstance(e, Exception):
+                _SAVE_FAILURES.note(e)
+            record.msg = f"{record.getMessage()} ({brief(e) if e is not None else 'error'})"
             record.args, record.exc_info, record.exc_text = None, None, None
         return True
+
+
+class _SaveFailures:
+    """The first error that a thread of Orbax logs while a save is in flight (Orbax logs it the
+    moment a write fails, long before its other threads give up waiting): ``check_save`` raises it
+    after the next step."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.first: BaseException | None = None
+
+    def note(self, e: BaseException) -> None:
+        with self._lock:
+            if self.first is None:
+                self.first = e
+
+    def clear(self) -> None:
+        with self._lock:
+            self.first = None
+
+
+_SAVE_FAILURES = _SaveFailures()
+
+
+class _QuietAsyncio(logging_std.Filter):
+    """Drops asyncio's "Task exception was never retrieved" reports of a failed save's write tasks
+    (hundreds on a full disk; the save's error is raised once by ``Checkpointer``)."""
+
+    def filter(self, record: logging_std.LogRecord) -> bool:
+        if _SAVE_FAILURES.first is None:
+            return True
+        return "exception was never retrieved" not in str(record.msg)
 
 
 _QUIET_ORBAX = _QuietOrbax()
@@ -109,229 +125,21 @@ if not any(isinstance(f, _QuietOrbax) for f in logging_std.getLogger("absl").fil
     logging_std.getLogger("absl").addFilter(_QUIET_ORBAX)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used: unreadable, or written by a different config."""
+if not any(isinstance(f, _QuietAsyncio) for f in logging_std.getLogger("asyncio").filters):
+    logging_std.getLogger("asyncio").addFilter(_QuietAsyncio())
 
+# Causes of failed writes that TensorStore reports deep inside its error text.
+_KNOWN_CAUSES = (
+    "No space left on device",
+    "Disk quota exceeded",
+    "Read-only file system",
+    "Permission denied",
+    "Operation not permitted",
+)
 
-class NonFiniteStateError(FloatingPointError):
-    """A train state holding NaN or Inf was about to be checkpointed."""
-
-
-class CheckpointSaveError(OSError):
-    """Writing a checkpoint failed (a full disk, a lost mount, ...): the run must stop."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# Configs as JSON
-
-
-def config_to_dict(config: ml_collections.ConfigDict) -> dict:
-    """The config as a JSON-able dict (tuples become lists), as stored in every checkpoint."""
-    return json.loads(config.to_json_best_effort(sort_keys=True))
-
-
-def _as_tuples(value: Any) -> Any:
-    if isinstance(value, list):
-        return tuple(_as_tuples(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _as_tuples(v) for k, v in value.items()}
-    return value
-
-
-def config_from_dict(d: Mapping[str, Any]) -> ml_collections.ConfigDict:
-    """Rebuilds a ConfigDict from ``config_to_dict`` output (JSON lists become tuples)."""
-    return ml_collections.ConfigDict(_as_tuples(dict(d)))
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _resumable(key: str) -> bool:
-    return any(key.startswith(p) if p.endswith(".") else key == p for p in RESUMABLE_KEYS)
-
-
-def config_differences(
-    saved: Mapping[str, Any],
-    current: Mapping[str, Any],
-    *,
-    ignore_resumable: bool = True,
-    defaults: Mapping[str, Any] | None = None,
-) -> list[str]:
-    """Lists the fields in which two configs (``config_to_dict`` dicts) differ.
-
-    Args:
-      saved: the config stored in a checkpoint.
-      current: the config of the run that wants to resume it.
-      ignore_resumable: leave out the fields of ``RESUMABLE_KEYS`` (number of steps, logging,
-        evaluation and checkpoint cadence, mesh, data directory).
-      defaults: a config dict of default values (``methods.default_values()``): a field absent from
-        ``saved`` (a checkpoint written before the field existed) counts as holding its default, the
-        value every earlier run had.
-
-    Returns:
-      Sorted strings "key: saved -> current" (``<absent>`` for a missing field).
-    """
-    return [
-        f"{key}: {va!r} -> {vb!r}"
-        for key, va, vb in differing_fields(
-            saved, current, ignore_resumable=ignore_resumable, defaults=defaults
-        )
-    ]
-
-
-def differing_fields(
-    saved: Mapping[str, Any],
-    current: Mapping[str, Any],
-    *,
-    ignore_resumable: bool,
-    defaults: Mapping[str, Any] | None,
-) -> list[tuple[str, Any, Any]]:
-    """(key, saved value, current value) of every differing field, as ``config_differences`` lists them."""
-    a, b, defaults = _flatten(saved), _flatten(current), _flatten(defaults or {})
-    out = []
-    for key in sorted(set(a) | set(b)):
-        if ignore_resumable and _resumable(key):
-            continue
-        va, vb = a.get(key, defaults.get(key, "<absent>")), b.get(key, "<absent>")
-        if va != vb:
-            out.append((key, va, vb))
-    return out
-
-
-def _dynamics(key: str) -> bool:
-    return key in DYNAMICS_KEYS
-
-
-# ----------------------------------------------------------------------------------------------------
-# Finiteness of a state
-
-
-def _float_leaves(tree: PyTree) -> list:
-    return [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-
-
-@jax.jit
-def _all_finite(groups: dict) -> dict:
-    return {
-        k: jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in _float_leaves(v)] or [True]))
-        for k, v in groups.items()
-    }
-
-
-def nonfinite_parts(state: TrainState) -> list[str]:
-    """Names the parts of the train state (params, target_params, ema_params['r'], opt_state) that
-    hold a NaN or Inf; an empty list when all are finite. One fused reduction on the devices."""
-    groups = {
-        "params": state.params,
-        "target_params": state.target_params,
-        "opt_state": state.opt_state,
-    }
-    groups.update({f"ema_params[{k!r}]": v for k, v in state.ema_params.items()})
-    flags = jax.device_get(_all_finite({k: v for k, v in groups.items() if v is not None}))
-    return sorted(k for k, ok in flags.items() if not ok)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checksums of the saved arrays
-
-
-def _bits(x: jax.Array) -> jax.Array:
-    """The array's bits as uint32 words (one per element; 64-bit elements as two words)."""
-    x = jnp.ravel(x)
-    if x.dtype == jnp.bool_:
-        return x.astype(jnp.uint32)
-    size = jnp.dtype(x.dtype).itemsize
-    if size == 8:
-        return jnp.ravel(jax.lax.bitcast_convert_type(x, jnp.uint32))
-    word = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size]
-    return jax.lax.bitcast_convert_type(x, word).astype(jnp.uint32)
-
-
-@jax.jit
-def _checksums(tree: PyTree) -> list:
-    """One uint32 per array: Σ w_i·b_i mod 2³² over its words b_i with odd weights w_i, so that any
-    one flipped bit changes it (and random damage with probability 1 − 2⁻³²). Runs on the devices,
-    asynchronously: the training thread only dispatches it."""
-    out = []
-    for x in jax.tree.leaves(tree):
-        b = _bits(x)
-        i = jnp.arange(b.size, dtype=jnp.uint32)
-        w = i * jnp.uint32(2654435761) | jnp.uint32(1)
-        out.append(jnp.sum(w * b, dtype=jnp.uint32) ^ jnp.uint32(b.size))
-    return out
-
-
-def _array_names(tree: PyTree) -> list[str]:
-    """ "state/params/Dense_0/kernel"-like names of the leaves, in ``jax.tree.leaves`` order."""
-    return [
-        "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-        for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
-    ]
-
-
-def _saved_arrays(state: TrainState) -> dict:
-    """The arrays a checkpoint holds, as {item: tree}: the student state and its eval EMAs."""
-    out = {_STATE: _student_part(state)}
-    if state.ema_params:
-        out[_EMA] = dict(state.ema_params)
-    return out
-
-
-def checksums(state: TrainState) -> tuple[list[str], list]:
-    """(array names, device checksums) of the arrays a checkpoint of ``state`` holds; the checksums
-    are still being computed on the devices when this returns (``jax.device_get`` waits)."""
-    arrays = _saved_arrays(state)
-    return _array_names(arrays), _checksums(arrays)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Abstract targets
-
-
-def abstract_like(tree: PyTree) -> PyTree:
-    """ShapeDtypeStructs with the shardings of a live pytree: the restore target (Orbax restores
-    every array straight into the sharding of the live state, also across hosts)."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        tree,
-    )
-
-
-def _abstract_from_metadata(tree: PyTree, sharding: jax.sharding.Sharding | None) -> PyTree:
-    def leaf(m):
-        if hasattr(m, "shape") and hasattr(m, "dtype"):
-            return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding)
-        return m
-
-    return jax.tree.map(leaf, tree, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-
-
-def _brief(e: BaseException, limit: int = 300) -> str:
-    """``Type: message`` cut to its first line and ``limit`` characters (TensorStore errors carry
-    kilobytes of spec)."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    text = text if len(text) <= limit else text[:limit] + " ..."
-    return f"{type(e).__name__}: {text}"
-
-
-def _metadata_tree(md: Any) -> PyTree:
-    return md.tree if hasattr(md, "tree") else md
-
-
-def _student_part(state: TrainState) -> TrainState:
-    """What the ``state`` item holds: no EMAs (own item) and never the teacher."""
-    return state.replace(ema_params={}, teacher_params=None, distance=None)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The manager of a run
+# How long a failed save's other threads are waited for (they may wait minutes for a signal that
+# never comes): the run stops within seconds; ``main`` then exits without waiting for them.
+FAILED_SAVE_JOIN_SECONDS = 3.0
 
 
 def check_cadence(every: int, keep: int, keep_every: int = 0) -> None:
@@ -347,31 +155,6 @@ def check_cadence(every: int, keep: int, keep_every: int = 0) -> None:
                 "(every: save every N steps; keep: newest checkpoints kept; keep_every: "
                 "also keep every M-th step, 0 disables)."
             )
-
-
-def _item_handlers(read_only: bool) -> dict:
-    # Read-only managers read the array items with the PyTree handler (the on-disk format of
-    # StandardSave), which can restore a part of an item (one EMA, or θ alone).
-    arrays = ocp.PyTreeCheckpointHandler if read_only else ocp.StandardCheckpointHandler
-    return {
-        _STATE: arrays(),
-        _EMA: arrays(),
-        _DATA: ocp.JsonCheckpointHandler(),
-        _CONFIG: ocp.JsonCheckpointHandler(),
-    }
-
-
-def _pytree_restore(target: PyTree, partial: bool) -> ocp.args.PyTreeRestore:
-    """PyTreeRestore args of an abstract target (ShapeDtypeStructs with or without shardings)."""
-
-    def arg(a):
-        if a.sharding is None:
-            return ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype)
-        return ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype)
-
-    return ocp.args.PyTreeRestore(
-        item=target, restore_args=jax.tree.map(arg, target), partial_restore=partial
-    )
 
 
 class Checkpointer:
@@ -417,7 +200,8 @@ class Checkpointer:
         self.directory = fs.join(self.workdir, CHECKPOINT_SUBDIR)
         self.every = int(every)
         self.read_only = read_only
-        policies = [ocp.checkpoint_managers.LatestN(n=int(keep))]
+        self._protected: int | None = None  # the newest healthy step: never rotated out
+        policies = [ocp.checkpoint_managers.LatestN(n=int(keep)), _KeepProtected(self)]
         if keep_every:
             policies.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=int(keep_every)))
         options = ocp.CheckpointManagerOptions(
@@ -436,12 +220,15 @@ class Checkpointer:
                 f"No checkpoints in {self.workdir}: {self.directory} does not exist."
             )
         self._manager = ocp.CheckpointManager(
-            self.directory, item_handlers=_item_handlers(read_only), options=options
+            self.directory, item_handlers=item_handlers(read_only), options=options
         )
         self._closed = False
+        self._failed = False  # a save failed: nothing more is written or waited for
         self._pending: int | None = None  # the step of a save that may still be in flight
         self._sums: threading.Thread | None = None  # writes the checksums of the last save
         self.resumed_config: dict | None = None  # the checkpoint's config, set by check_config
+        if not read_only:
+            self._protected = self._newest_healthy_on_disk()
 
     @classmethod
     def from_config(
@@ -491,6 +278,59 @@ class Checkpointer:
         """Restores the named items of checkpoint ``step`` with the given Orbax restore args."""
         return self._manager.restore(step, args=ocp.args.Composite(**items))
 
+    def read_config(self, step: int) -> dict:
+        """The config stored in checkpoint ``step`` (a ``config_to_dict`` dict).
+
+        Raises:
+          CheckpointError: it is not a JSON object (other read failures propagate).
+        """
+        cfg = self.read_json(step, CONFIG_ITEM)
+        if not isinstance(cfg, dict):
+            raise CheckpointError(
+                f"The config stored in {self.step_dir(step)} is a {type(cfg).__name__}, not a dict."
+            )
+        return cfg
+
+    def array_metadata(self, step: int) -> dict[str, PyTree]:
+        """{item: tree of ShapeDtypeStructs (no sharding)} of the array items ("state", "ema") of
+        checkpoint ``step``, from Orbax's metadata: nothing is read but the metadata."""
+        metadata = self.item_metadata(step)
+        out = {}
+        for name in ARRAY_ITEMS:
+            md = metadata.get(name) if hasattr(metadata, "get") else None
+            if md is not None:
+                out[name] = abstract_from_metadata(md)
+        return out
+
+    def read_arrays(
+        self, step: int, targets: Mapping[str, PyTree], *, partial: bool = True
+    ) -> dict[str, PyTree]:
+        """Reads arrays of checkpoint ``step`` and verifies them against the checksums stored at save
+        time (``integrity.verify``).
+
+        Args:
+          step: the checkpoint.
+          targets: {item ("state" or "ema"): abstract tree}: ShapeDtypeStructs with a sharding
+            (device arrays) or without (host NumPy arrays); a part of the item's tree (one EMA, θ
+            alone) with ``partial``.
+          partial: the targets may leave out arrays of the items.
+
+        Returns:
+          {item: tree of arrays} in the structure of ``targets``.
+
+        Raises:
+          CheckpointDamagedError: an array read does not match its checksum, or holds NaN/Inf.
+        """
+        unknown = sorted(set(targets) - set(ARRAY_ITEMS))
+        if unknown:
+            raise ValueError(f"Not array items of a checkpoint: {unknown}; use {ARRAY_ITEMS}.")
+        got = self.restore_items(
+            step, **{item: pytree_restore(t, partial=partial) for item, t in targets.items()}
+        )
+        out = {item: got[item] for item in targets}
+        verify(step, out, self.checksum_path(step), partial=partial)
+        return out
+
     def reached_preemption(self, step: int) -> bool:
         """JAX's preemption sync point (multi-host): True on every host at the same step."""
         return self._manager.reached_preemption(step)
@@ -506,18 +346,15 @@ class Checkpointer:
         errors = []
         for step in reversed(steps):
             try:
-                cfg = self.read_json(step, _CONFIG)
-                if not isinstance(cfg, dict):
-                    raise ValueError(f"the stored config is a {type(cfg).__name__}, not a dict")
-                return step, cfg
+                return step, self.read_config(step)
             except Exception as e:  # noqa: BLE001 -- any failure to read means unreadable
                 logging.warning(
                     "The config of checkpoint step %d (%s) is unreadable: %s",
                     step,
                     self.step_dir(step),
-                    _brief(e),
+                    brief(e),
                 )
-                errors.append(f"step {step} ({self.step_dir(step)}): {_brief(e)}")
+                errors.append(f"step {step} ({self.step_dir(step)}): {brief(e)}")
         if steps:
             raise CheckpointError(
                 f"No readable checkpoint in {self.directory}: "
@@ -551,8 +388,8 @@ class Checkpointer:
         self.resumed_config = saved
         current = config_to_dict(config)
         differing = differing_fields(saved, current, ignore_resumable=True, defaults=defaults)
-        changed = [f"{k}: {a!r} -> {b!r}" for k, a, b in differing if _dynamics(k)]
-        diffs = [f"{k}: {a!r} -> {b!r}" for k, a, b in differing if not _dynamics(k)]
+        changed = [f"{k}: {a!r} -> {b!r}" for k, a, b in differing if is_dynamics(k)]
+        diffs = [f"{k}: {a!r} -> {b!r}" for k, a, b in differing if not is_dynamics(k)]
         if changed:
             logging.warning(
                 "Resuming step %d of %s with changed training dynamics (allowed: the "
@@ -583,7 +420,7 @@ class Checkpointer:
                     f"differing fields (saved -> now): {'; '.join(diffs)}. Use another workdir, or "
                     "set config.checkpoint.override_config=True to resume it anyway."
                 )
-        old_steps = _flatten(saved).get("train.num_steps")
+        old_steps = flatten_config(saved).get("train.num_steps")
         if old_steps is not None and old_steps != config.train.num_steps:
             depends = [
                 name
@@ -616,6 +453,7 @@ class Checkpointer:
         step: int,
         data_state: Mapping[str, Any] | None,
         config: ml_collections.ConfigDict,
+        clean: bool = True,
     ) -> bool:
         """Starts an asynchronous save of ``state`` as checkpoint ``step``.
 
@@ -627,6 +465,10 @@ class Checkpointer:
           step: the step number (``int(state.step)``; passed to avoid a device sync).
           data_state: the data iterator's ``get_state()`` after ``step`` batches.
           config: the run's config.
+          clean: the state passed the health checks with no step skipped since the previous save
+            (``periodic.HealthCheck``): it becomes the newest healthy checkpoint, which the keep
+            policy never removes; a checkpoint saved while steps were skipped is kept too, but
+            does not replace it.
 
         Returns:
           True when a save was started.
@@ -638,6 +480,10 @@ class Checkpointer:
         """
         if self.read_only:
             raise CheckpointError(f"{self.directory} was opened read-only.")
+        if self._failed:
+            raise CheckpointSaveError(
+                f"A save into {self.directory} failed: not saving step {step}."
+            )
         if step in self._manager.all_steps():
             logging.info(
                 "Checkpoint step %d already exists in %s; not overwritten.", step, self.directory
@@ -651,24 +497,28 @@ class Checkpointer:
                 f"checkpoints in {self.directory} hold only earlier steps."
             )
         items = {
-            _STATE: ocp.args.StandardSave(_student_part(state)),
-            _DATA: ocp.args.JsonSave(dict(data_state or {})),
-            _CONFIG: ocp.args.JsonSave(config_to_dict(config)),
+            STATE_ITEM: ocp.args.StandardSave(student_part(state)),
+            DATA_ITEM: ocp.args.JsonSave(dict(data_state or {})),
+            CONFIG_ITEM: ocp.args.JsonSave(config_to_dict(config)),
         }
         if state.ema_params:
-            items[_EMA] = ocp.args.StandardSave(dict(state.ema_params))
+            items[EMA_ITEM] = ocp.args.StandardSave(dict(state.ema_params))
         t0 = time.time()
         self.wait()  # the previous save: committed, or its failure raised here
         names, sums = checksums(state)  # dispatched before the state can be donated to a step
+        _SAVE_FAILURES.clear()
         try:
             started = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as e:  # noqa: BLE001 -- the synchronous part of the save failed
+            self._failed = True
             self._join_save_threads()
             raise self._save_error(step, e) from e
         self._pending = step
+        if clean:
+            self._protected = step
         self._sums = threading.Thread(
             target=self._write_checksums,
-            args=(step, names, sums),
+            args=(step, names, sums, clean),
             name="checkpoint_checksums",
             daemon=True,
         )
@@ -684,7 +534,7 @@ class Checkpointer:
     def checksum_path(self, step: int) -> str:
         return fs.join(self.workdir, CHECKSUM_SUBDIR, f"{step}.json")
 
-    def _write_checksums(self, step: int, names: list[str], sums: list) -> None:
+    def _write_checksums(self, step: int, names: list[str], sums: list, clean: bool) -> None:
         """Fetches the checksums of checkpoint ``step`` (off the training thread) and writes them
         to ``checkpoint_checksums/<step>.json`` (atomically); removes the files of steps that are
         gone. A failure is logged: the checkpoint then restores unverified."""
@@ -692,18 +542,41 @@ class Checkpointer:
             values = [int(v) for v in jax.device_get(sums)]
             if jax.process_index() != 0:
                 return
-            path = self.checksum_path(step)
             fs.makedirs(fs.join(self.workdir, CHECKSUM_SUBDIR))
-            fs.write_text(
-                path,
-                json.dumps(
-                    {"step": step, "algorithm": "wsum32", "arrays": dict(zip(names, values))}
-                ),
-            )
+            write_checksums(self.checksum_path(step), step, names, values, clean=clean)
         except Exception as e:  # noqa: BLE001
             logging.warning(
-                "Could not write the checksums of checkpoint step %d: %s", step, _brief(e)
+                "Could not write the checksums of checkpoint step %d: %s", step, brief(e)
             )
+
+    def _newest_healthy_on_disk(self) -> int | None:
+        """The newest step whose checksum file does not say it was saved while steps were skipped
+        (a checkpoint without a checksum file, or written before the mark existed, counts as
+        healthy)."""
+        for step in reversed(self.all_steps()):
+            if read_clean_mark(self.checksum_path(step)):
+                return step
+        return None
+
+    @property
+    def newest_healthy_step(self) -> int | None:
+        """The newest checkpoint saved from a healthy state with no step skipped since the one
+        before: the keep policy never removes it."""
+        return self._protected
+
+    def set_aside_unhealthy(self) -> tuple[int | None, list[int]]:
+        """Moves the checkpoints newer than the newest healthy one (saved while steps were skipped)
+        to ``<workdir>/checkpoints_unhealthy/`` so that a resumed run starts from the healthy one
+        (nothing is deleted). Call after ``wait``.
+
+        Returns:
+          (the newest healthy step or None, the steps moved).
+        """
+        newest = self._protected
+        moved = [s for s in self.all_steps() if newest is None or s > newest]
+        if moved and not self.read_only:
+            self._move_aside(moved, UNHEALTHY_SUBDIR, "saved while steps were skipped")
+        return newest, moved
 
     def _prune_checksums(self) -> None:
         folder = fs.join(self.workdir, CHECKSUM_SUBDIR)
@@ -729,30 +602,56 @@ class Checkpointer:
         )
         cause = e.strerror if isinstance(e, OSError) and e.strerror else None
         where = f": {e.filename}" if isinstance(e, OSError) and e.filename else ""
-        text = f"{cause}{where}" if cause else _brief(e)
+        text = f"{cause}{where}" if cause else brief(e, 200)
+        if not cause:  # TensorStore's errors put the cause after kilobytes of spec: name it first
+            known = [p for p in _KNOWN_CAUSES if p.lower() in str(e).lower()]
+            text = f"{known[0]} ({text})" if known else text
         return CheckpointSaveError(
             f"Saving checkpoint step {step} into {self.directory} failed: "
             f"{text}. Stopping the run; {newest}."
         )
 
     def check_save(self) -> None:
-        """Raises CheckpointSaveError at once when the asynchronous save in flight has failed;
-        returns immediately otherwise (cheap: called after every train step)."""
+        """Raises CheckpointSaveError at once when the asynchronous save in flight has failed (a
+        thread of it failed, even while others still run); returns immediately otherwise (cheap:
+        called after every train step)."""
         if self._pending is None:
             return
+        self._raise_if_failed()
         if not self._manager.is_saving_in_progress():
             self.wait()
+
+    def _raise_if_failed(self) -> None:
+        failure = _SAVE_FAILURES.first
+        if failure is None:
+            try:
+                self._manager.check_for_errors()
+            except Exception as e:  # noqa: BLE001
+                failure = e
+        if failure is not None:
+            step, self._pending, self._failed = self._pending, None, True
+            self._join_save_threads()
+            raise self._save_error(step if step is not None else -1, failure) from failure
 
     def wait(self) -> None:
         """Blocks until the pending asynchronous save is committed.
 
         Raises:
-          CheckpointSaveError: the save failed (naming its step and cause).
+          CheckpointSaveError: the save failed (naming its step and cause), raised as soon as one
+            of its threads fails.
         """
+        if self._pending is not None:
+            while self._manager.is_saving_in_progress():
+                self._raise_if_failed()
+                time.sleep(0.02)
+            self._raise_if_failed()
         step, self._pending = self._pending, None
+        if self._failed:
+            return  # the failure was raised; nothing of that save will complete
         try:
             self._manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001
+            self._failed = True
             self._join_save_threads()
             raise self._save_error(step if step is not None else -1, e) from e
         if self._sums is not None:
@@ -760,39 +659,65 @@ class Checkpointer:
             self._sums = None
             self._prune_checksums()
 
-    def _join_save_threads(self, timeout: float = 60.0) -> None:
-        """Waits for Orbax's worker threads of a failed save (the parts that did not fail run on):
-        left running they die at interpreter exit with a cascade of tracebacks."""
-        for t in threading.enumerate():
-            if (
-                t is not threading.current_thread()
-                and not t.daemon
-                and t.is_alive()
-                and type(t).__module__.startswith("orbax")
-            ):
-                try:  # Orbax's threads re-raise their own failure on join: another part of the
-                    t.join(timeout)  # same failed save, whose first error is being reported
-                except Exception as e:  # noqa: BLE001
-                    logging.warning(
-                        "A thread of the failed save of %s: %s", self.directory, _brief(e)
-                    )
+    def _release_waiters(self) -> None:
+        """Lets the threads of a failed save that wait for a signal of its failed part (e.g. "step
+        directory created", for Orbax's async timeout of minutes) go on at once, so that they end
+        (with an error of their own, dropped from the log). Single process only, best effort: this
+        reaches into Orbax's signalling, which has no public way to cancel a failed save."""
+        if jax.process_count() != 1:
+            return
+        try:
+            from orbax.checkpoint._src.futures import future as ofuture
+            from orbax.checkpoint._src.futures import signaling_client, synchronization
+
+            op = synchronization.OperationIdGenerator.get_current_operation_id()
+            client = signaling_client.get_signaling_client()
+            for sig in synchronization.HandlerAwaitableSignal:
+                key = ofuture.AwaitableSignalsContract.get_unique_awaitable_singal_key(sig, op)
+                client.key_value_set(key, "failed", allow_overwrite=True)
+        except Exception as e:  # noqa: BLE001 -- the threads then end at Orbax's timeout
+            logging.info("Could not release the threads of the failed save: %s", brief(e))
+
+    def _join_save_threads(self, timeout: float = FAILED_SAVE_JOIN_SECONDS) -> None:
+        """Gives Orbax's worker threads of a failed save ``timeout`` seconds in all to end (the parts
+        that did not fail run on, or wait for a signal of the failed part until Orbax's timeout);
+        the ones still running are named in one line and left behind."""
+        self._release_waiters()
+        deadline = time.time() + timeout
+        left = []
+        for t in orbax_threads():
+            try:  # Orbax's threads re-raise their own failure on join: another part of the
+                t.join(max(deadline - time.time(), 0.0))  # same failed save, reported already
+            except Exception:  # noqa: BLE001
+                pass
+            if t.is_alive():
+                left.append(t.name)
+        if left:
+            logging.warning(
+                "%d thread(s) of the failed save of %s are still waiting (%s); not waiting for "
+                "them.",
+                len(left),
+                self.directory,
+                ", ".join(sorted(set(left))),
+            )
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager (idempotent; the manager is released
-        also when the pending save failed, whose error is then raised)."""
+        also when the pending save failed, whose error is then raised; after a failed save nothing
+        waits for its threads)."""
         if self._closed:
             return
         self._closed = True
         try:
             self.wait()
         finally:
-            try:
-                self._manager.close()
-            except Exception as e:  # noqa: BLE001 -- the save's error was raised by wait()
-                logging.warning(
-                    "Closing the checkpoint manager of %s: %s", self.directory, _brief(e)
-                )
-            self._join_save_threads()
+            if not self._failed:
+                try:
+                    self._manager.close()
+                except Exception as e:  # noqa: BLE001 -- the save's error was raised by wait()
+                    logging.warning(
+                        "Closing the checkpoint manager of %s: %s", self.directory, brief(e)
+                    )
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -803,20 +728,20 @@ class Checkpointer:
     # -- restoring
 
     def _restore_step(self, step: int, state: TrainState) -> tuple[TrainState, dict]:
-        student = _student_part(state)
+        student = student_part(state)
         items = {
-            _STATE: ocp.args.StandardRestore(abstract_like(student)),
-            _DATA: ocp.args.JsonRestore(),
+            STATE_ITEM: ocp.args.StandardRestore(abstract_like(student)),
+            DATA_ITEM: ocp.args.JsonRestore(),
         }
         if state.ema_params:
-            items[_EMA] = ocp.args.StandardRestore(abstract_like(dict(state.ema_params)))
+            items[EMA_ITEM] = ocp.args.StandardRestore(abstract_like(dict(state.ema_params)))
         got = self._manager.restore(step, args=ocp.args.Composite(**items))
         # Orbax returns containers of the target's types; unflattening with the live treedef also
         # restores optax's NamedTuples and makes the jitted step see exactly the same structure.
-        restored = jax.tree.unflatten(jax.tree.structure(student), jax.tree.leaves(got[_STATE]))
+        restored = jax.tree.unflatten(jax.tree.structure(student), jax.tree.leaves(got[STATE_ITEM]))
         ema = dict(state.ema_params)
         if state.ema_params:
-            ema = jax.tree.unflatten(jax.tree.structure(ema), jax.tree.leaves(got[_EMA]))
+            ema = jax.tree.unflatten(jax.tree.structure(ema), jax.tree.leaves(got[EMA_ITEM]))
         restored = restored.replace(
             ema_params=ema, teacher_params=state.teacher_params, distance=state.distance
         )
@@ -826,7 +751,7 @@ class Checkpointer:
             raise CheckpointError(
                 f"Checkpoint directory {self.step_dir(step)} holds a state of step {saved_step}."
             )
-        data_state = got[_DATA]
+        data_state = got[DATA_ITEM]
         if not isinstance(data_state, dict):
             raise CheckpointError(
                 f"The data iterator state of {self.step_dir(step)} is not a dict."
@@ -842,47 +767,20 @@ class Checkpointer:
         return restored, data_state
 
     def _verify(self, step: int, restored: TrainState) -> None:
-        """Compares the restored arrays with the checksums stored at save time (a checkpoint
-        written before checksums existed, or whose checksum file was never written, is only checked
-        for finiteness).
+        """Compares the restored arrays with the checksums stored at save time and checks that they
+        are finite (``integrity.verify``).
 
         Raises:
-          CheckpointError: naming the first array whose checksum differs, or the parts holding
-            NaN/Inf (a checkpoint is never saved with them).
+          CheckpointDamagedError: naming the first array whose checksum differs, or the parts
+            holding NaN/Inf.
         """
-        path = self.checksum_path(step)
-        try:
-            stored = json.loads(fs.read_text(path))["arrays"]
-        except FileNotFoundError:
-            stored = None
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"The checksum file {path} is unreadable: {_brief(e)}") from e
-        if stored is not None:
-            names, sums = checksums(restored)
-            for name, value in zip(names, jax.device_get(sums)):
-                if name in stored and int(stored[name]) != int(value):
-                    raise CheckpointError(
-                        f"Checkpoint step {step}: the array {name} does not match "
-                        f"its checksum ({path}): the files are damaged."
-                    )
-            missing = sorted(set(stored) - set(names))
-            if missing:
-                logging.warning(
-                    "Checkpoint step %d: %d saved array(s) not restored: %s",
-                    step,
-                    len(missing),
-                    ", ".join(missing[:5]),
-                )
-        else:
-            logging.info(
-                "Checkpoint step %d has no checksums (%s); checked for finiteness only.", step, path
-            )
-        bad = nonfinite_parts(restored)
-        if bad:
-            raise CheckpointError(
-                f"Checkpoint step {step} holds NaN or Inf in {', '.join(bad)}: the "
-                "files are damaged (a non-finite state is never saved)."
-            )
+        groups = {
+            "params": restored.params,
+            "target_params": restored.target_params,
+            "opt_state": restored.opt_state,
+        }
+        groups.update({f"ema_params[{k!r}]": v for k, v in restored.ema_params.items()})
+        verify(step, saved_arrays(restored), self.checksum_path(step), groups=groups)
 
     def restore(self, state: TrainState) -> tuple[TrainState, dict] | None:
         """Restores the newest readable checkpoint into the structure and shardings of ``state``.
@@ -914,10 +812,10 @@ class Checkpointer:
                     "Checkpoint step %d in %s is unreadable (%s); trying the previous one.",
                     step,
                     self.step_dir(step),
-                    _brief(e),
+                    brief(e),
                 )
                 bad.append(step)
-                errors.append(f"step {step} ({self.step_dir(step)}): {_brief(e)}")
+                errors.append(f"step {step} ({self.step_dir(step)}): {brief(e)}")
                 continue
             if bad and not self.read_only:
                 self._quarantine(bad)
@@ -931,7 +829,10 @@ class Checkpointer:
         )
 
     def _quarantine(self, steps: Sequence[int]) -> None:
-        dest_root = fs.join(self.workdir, UNREADABLE_SUBDIR)
+        self._move_aside(steps, UNREADABLE_SUBDIR, "unreadable")
+
+    def _move_aside(self, steps: Sequence[int], subdir: str, why: str) -> None:
+        dest_root = fs.join(self.workdir, subdir)
         if jax.process_index() == 0:
             fs.makedirs(dest_root)
             for step in steps:
@@ -940,7 +841,29 @@ class Checkpointer:
                 if fs.exists(self.checksum_path(step)):
                     fs.move(self.checksum_path(step), fs.join(dest, "checksums.json"))
                 logging.warning(
-                    "Moved the unreadable checkpoint %s to %s.", self.step_dir(step), dest
+                    "Moved the checkpoint %s (%s) to %s.", self.step_dir(step), why, dest
                 )
-        ocp.multihost.sync_global_processes("consistency_jax_checkpoint_quarantine")
+        ocp.multihost.sync_global_processes(f"consistency_jax_checkpoint_{subdir}")
         self._manager.reload()
+
+
+def orbax_threads() -> list[threading.Thread]:
+    """The live non-daemon threads of Orbax other than the caller (the threads of a save)."""
+    return [
+        t
+        for t in threading.enumerate()
+        if t is not threading.current_thread()
+        and not t.daemon
+        and t.is_alive()
+        and type(t).__module__.startswith("orbax")
+    ]
+
+
+class _KeepProtected(ocp.checkpoint_managers.PreservationPolicy):
+    """Orbax preservation policy: keeps the checkpointer's newest healthy step."""
+
+    def __init__(self, owner: Checkpointer):
+        self._owner = owner
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        return [c.step == self._owner._protected for c in checkpoints]
