@@ -289,33 +289,3 @@ def test_data_source_reader_needs_no_tensorflow(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK without tensorflow" in result.stdout
-
-
-def test_data_source_reader_works_with_tensorflow_hidden(tmp_path, monkeypatch):
-    """The quick form of test_data_source_reader_needs_no_tensorflow, in this process: with
-    ``import tensorflow`` made to fail (sys.modules["tensorflow"] = None), the digits are prepared
-    as array_record and read through the data_source reader, streamed and whole. (TensorFlow
-    modules imported earlier in this process stay loaded: only the fresh interpreter of the slow
-    test proves that none is imported.)"""
-    monkeypatch.setitem(sys.modules, "tensorflow", None)
-    with pytest.raises(ImportError):
-        import tensorflow  # noqa: F401
-    assert not data_lib.tensorflow_available()
-    data_dir = str(tmp_path / "tfds")
-    cfg = data_lib.ImageDataConfig(
-        name="sklearn_digits/8",
-        data_dir=data_dir,
-        image_size=8,
-        num_channels=1,
-        random_flip=True,
-        use_labels=True,
-    )
-    it = data_lib.make_image_iterator(cfg, global_batch_size=16, seed=0)
-    batches = [next(it) for _ in range(3)]
-    assert it.reader == "data_source" and batches[2]["image"].shape == (16, 8, 8, 1)
-    test = data_lib.load_image_arrays(
-        data_lib.ImageDataConfig(
-            name="sklearn_digits/8", data_dir=data_dir, split="test", image_size=8, num_channels=1
-        )
-    )
-    assert test["image"].shape == (297, 8, 8, 1)
