@@ -176,15 +176,6 @@ def toy_ct_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def toy_edm_run(tmp_path_factory) -> str:
-    """``write_toy_edm_run``'s checkpoint, written once per session (a teacher / ``config.init``
-    source; read only)."""
-    workdir = tmp_path_factory.mktemp("toy_edm_run") / "edm"
-    write_toy_edm_run(workdir)
-    return str(workdir)
-
-
-@pytest.fixture(scope="session")
 def digits_data_dir(tmp_path_factory) -> str:
     """A TFDS data directory holding ``sklearn_digits/8`` (array_record), built once per session;
     read only (a test that writes data sets there uses its own directory)."""
