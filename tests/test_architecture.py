@@ -324,7 +324,7 @@ def _explain(violations) -> str:
             reason = next((r for (w, i), r in why.items() if _covers(w, importer)), "NEVER")
         else:
             reason = "uses a private name of another module"
-        lines.append(f"  {rule}: {importer} -> {imported}  ({reason})")
+        lines.append(f"  {(rule, importer, imported)!r},  # {reason}")
     return "\n".join(lines)
 
 
