@@ -1,4 +1,10 @@
-"""Shared pytest set-up: small, deterministic, CPU-only."""
+"""Shared pytest set-up: small, deterministic, CPU-only.
+
+Two tiers (pytest.ini): tests marked ``slow`` launch subprocesses (8 virtual devices, two JAX
+processes, killed and resumed jobs, fresh interpreters) or run long training loops; each has a quick
+in-process form of the same check that runs by default. The README's command runs both (CI);
+``-m "not slow"`` runs the default tier alone, ``-m slow`` the slow one.
+"""
 
 import os
 
