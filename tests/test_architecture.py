@@ -367,7 +367,11 @@ def _write_tree(root: pathlib.Path, files: dict[str, str]) -> pathlib.Path:
 _FAKE = {
     "__init__.py": "",
     "fs.py": "import os\n",
-    "parameterization.py": "def _scale(x):\n    return x\n",
+    # A core module importing a module that no layer lists (BAD layer, until it is given one).
+    "parameterization.py": (
+        "from fakepkg import trees  # BAD layer\ndef _scale(x):\n    return x\n"
+    ),
+    "trees.py": "def flatten(tree):\n    return tree\n",
     # core importing a method: upward (BAD).
     "losses.py": (
         "from fakepkg import parameterization\n"
@@ -434,6 +438,7 @@ def test_the_checker_reports_planted_violations(tmp_path):
     want = {
         ("layer", "losses", "methods"),
         ("layer", "losses", "methods.ct"),
+        ("layer", "parameterization", "trees"),
         ("never", "sharding", "train"),
         ("private", "loading", "checkpoint._DATA"),
         ("private", "loading", "parameterization._scale"),
