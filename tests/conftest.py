@@ -1,4 +1,10 @@
-"""Shared pytest set-up: small, deterministic, CPU-only."""
+"""Shared pytest set-up: small, deterministic, CPU-only.
+
+Two tiers (pytest.ini): tests marked ``slow`` launch subprocesses (8 virtual devices, two JAX
+processes, killed and resumed jobs, fresh interpreters) or run long training loops; each has a quick
+in-process form of the same check that runs by default. The README's command runs both (CI);
+``-m "not slow"`` runs the default tier alone, ``-m slow`` the slow one.
+"""
 
 import os
 
@@ -144,3 +150,71 @@ def write_toy_edm_run(workdir) -> None:
     state = state.replace(step=jnp.int32(3), ema_params={"0.9": ema})
     with checkpoint.Checkpointer(str(workdir), every=1, keep=1) as ckpt:
         ckpt.save(state, step=3, data_state={"step": 3}, config=cfg)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fixtures shared by the test files: what several files set up again and again, built once per
+# session (once per pytest-xdist worker).
+
+import pytest  # noqa: E402
+
+
+def tiny_ct_config(**train):
+    """The session's reference toy run: ``tiny_toy_config("ct")`` for 8 steps, logging every 2,
+    evaluating at the end, a checkpoint every 4 (the cadence is not part of the trajectory)."""
+    c = tiny_toy_config("ct", **{**dict(num_steps=8, log_every=2, eval_every=8), **train})
+    c.checkpoint.update(every=4, keep=3)
+    return c
+
+
+@pytest.fixture(scope="session")
+def toy_ct_run(tmp_path_factory):
+    """An uninterrupted ``tiny_ct_config()`` run, trained once per session: the reference of the
+    quick resume, preemption and scan checks. ``arrays`` are its step-8 checkpoint's arrays."""
+    import types
+
+    from consistency_jax import experiment, loading
+
+    workdir = str(tmp_path_factory.mktemp("toy_ct_run") / "run")
+    state = experiment.train_and_evaluate(tiny_ct_config(), workdir)
+    assert int(state.step) == 8
+    return types.SimpleNamespace(workdir=workdir, arrays=loading.read_arrays(workdir, 8))
+
+
+@pytest.fixture(scope="session")
+def digits_data_dir(tmp_path_factory) -> str:
+    """A TFDS data directory holding ``sklearn_digits/8`` (array_record), built once per session;
+    read only (a test that writes data sets there uses its own directory)."""
+    from consistency_jax import data as data_lib
+
+    data_dir = str(tmp_path_factory.mktemp("digits_tfds"))
+    data_lib.ensure_digits_dataset(data_dir, 8)
+    return data_dir
+
+
+@pytest.fixture
+def signal_at_step(monkeypatch):
+    """``signal_at_step(signum, step)``: the running ``train_and_evaluate`` of this process receives
+    ``signum`` (SIGTERM: preemption, SIGINT: Ctrl-C) when it logs ``step`` (a multiple of
+    ``train.log_every``), as if from outside; what a killed-and-resumed subprocess test does, in
+    this process."""
+    import signal as signal_lib
+
+    from consistency_jax.writer import MetricWriter
+
+    def arm(signum: int, step: int) -> list[int]:
+        real = MetricWriter.scalars
+        sent = []
+
+        def scalars(self, done, values, *args, **kwargs):
+            out = real(self, done, values, *args, **kwargs)
+            if done == step and not sent:
+                sent.append(done)
+                os.kill(os.getpid(), signum)
+            return out
+
+        monkeypatch.setattr(MetricWriter, "scalars", scalars)
+        assert signum in (signal_lib.SIGTERM, signal_lib.SIGINT)
+        return sent
+
+    return arm

@@ -412,6 +412,7 @@ print("SHARDED-OK", n_sharded)
 """
 
 
+@pytest.mark.slow
 def test_sharded_state_restores_into_the_live_shardings(tmp_path):
     import subprocess
     import sys
@@ -460,3 +461,51 @@ def test_cd_run_never_writes_its_teacher(tmp_path):
     student_size = sum(np.size(x) for x in _student_leaves(final))
     assert sum(v.size for v in arrays.values()) == student_size
     assert _files(teacher_dir) == before
+
+
+def test_state_on_a_mesh_restores_into_the_live_shardings(tmp_path):
+    """The quick form of test_sharded_state_restores_into_the_live_shardings, in this process: the
+    same script's state placed with NamedShardings on a mesh of this process's devices (split
+    along the last dimension where it divides), saved, and restored into live states of both
+    layouts: bitwise equal, each leaf in the live leaf's sharding."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as Spec
+
+    n = jax.device_count()
+    mesh = Mesh(np.array(jax.devices()), ("x",))
+
+    def state(seed):
+        m = get_network("mlp", hidden=8, depth=1)
+        p = m.init(jax.random.key(seed), jnp.zeros((1, 2)), jnp.zeros((1,)))["params"]
+        s = TrainState.create(p, optax.adam(1e-3), ema_rates=(0.9,), use_target=True)
+        leaves, tdef = jax.tree.flatten(s)
+        rng = np.random.default_rng(seed)
+        return jax.tree.unflatten(
+            tdef,
+            [
+                jnp.asarray(rng.standard_normal(x.shape), x.dtype) if x.dtype == jnp.float32 else x
+                for x in leaves
+            ],
+        )
+
+    def split(x):
+        spec = Spec(*([None] * (x.ndim - 1) + ["x"])) if x.ndim and x.shape[-1] % n == 0 else Spec()
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    def replicated(x):
+        return jax.device_put(x, NamedSharding(mesh, Spec()))
+
+    saved = jax.tree.map(split, state(1))
+    assert any(x.sharding.spec != Spec() for x in jax.tree.leaves(saved))
+    ckpt = C.Checkpointer(str(tmp_path), every=1, keep=2)
+    ckpt.save(saved, step=0, data_state={"step": 0}, config=load_config("toy"))
+    ckpt.wait()
+    for place in (split, replicated):
+        live = jax.tree.map(place, state(2))
+        restored, _ = ckpt.restore(live)
+        for a, b, want in zip(
+            jax.tree.leaves(restored), jax.tree.leaves(saved), jax.tree.leaves(live)
+        ):
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+            assert a.sharding == want.sharding, (a.sharding, want.sharding)
+    ckpt.close()

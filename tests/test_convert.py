@@ -256,6 +256,7 @@ def test_pt_files_are_read_with_weights_only_or_refused_with_what_to_do(tmp_path
         convert.read_state_dict(str(tmp_path / "bad.pt"))
 
 
+@pytest.mark.slow
 def test_command_refuses_a_non_empty_out_then_overwrites(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -571,3 +572,20 @@ def test_diffusers_refuses_a_config_the_adm_unet_cannot_represent(tmp_path, fiel
             _diffusers_copy(tmp_path, config_edit={field: value}), str(tmp_path / "run")
         )
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_refuses_a_non_empty_out_then_overwrites_in_process(tmp_path):
+    """The quick form of test_command_refuses_a_non_empty_out_then_overwrites: what the command
+    calls, in this process, with the command's arguments."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    weights, _ = _fixture("uncond")
+    kwargs = dict(config="lsun256", method="ct", arch=ARCH["uncond"])
+    with pytest.raises(convert.ConvertError, match="is not empty; pass --overwrite"):
+        convert.convert_cm(weights, str(out), **kwargs)
+    assert os.listdir(out) == ["keep.txt"]
+    summary = convert.convert_cm(weights, str(out), overwrite=True, **kwargs)
+    assert summary["tensors"] == 126 and (out / "keep.txt").exists()
+    config, _, _ = loading.load_eval_params(str(out))
+    assert config.method == "ct" and config.model.kwargs.num_classes is None

@@ -291,6 +291,7 @@ def test_iterator_from_experiment_config(data_dir):
     np.testing.assert_array_equal(next(it)["image"], next(direct)["image"])
 
 
+@pytest.mark.slow
 def test_concurrent_builds_of_the_digits_all_succeed(tmp_path):
     """The hosts of a job sharing data_dir (or two jobs) build the digits at the same moment: the
     first to finish wins, the others use its copy instead of failing on the rename."""
@@ -317,3 +318,31 @@ def test_concurrent_builds_of_the_digits_all_succeed(tmp_path):
     for p, out in zip(procs, outputs):
         assert p.returncode == 0 and "EXAMPLES 1500" in out, out[-3000:]
     assert os.listdir(tmp_path / "tfds" / "sklearn_digits" / "8") == ["1.0.0"]  # nothing left over
+
+
+def test_a_build_that_loses_the_race_uses_the_winners_copy(tmp_path, digits_data_dir, monkeypatch):
+    """The quick form of test_concurrent_builds_of_the_digits_all_succeed, in this process: another
+    process renames its finished copy into place first (copied here from the session's digits), so
+    this build's rename fails with FileExistsError: the winner's copy is used. A FileExistsError
+    with no prepared copy in place is not hidden."""
+    import os
+    import shutil
+
+    target = tmp_path / "tfds"
+    real = tfds.core.DatasetBuilder.download_and_prepare
+
+    def loses_the_race(self, *args, **kwargs):
+        shutil.copytree(os.path.join(digits_data_dir, "sklearn_digits"), target / "sklearn_digits")
+        raise FileExistsError("the winner renamed its copy first")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", loses_the_race)
+    builder = data_lib.ensure_digits_dataset(str(target), 8)
+    assert builder.is_prepared() and len(builder.as_data_source("train")) == 1500
+
+    def fails(self, *args, **kwargs):
+        raise FileExistsError("something else")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fails)
+    with pytest.raises(FileExistsError, match="something else"):
+        data_lib.ensure_digits_dataset(str(tmp_path / "other"), 8)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", real)

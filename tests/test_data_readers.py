@@ -268,6 +268,7 @@ print("OK without tensorflow")
 """
 
 
+@pytest.mark.slow
 def test_data_source_reader_needs_no_tensorflow(tmp_path):
     from conftest import site_without_tensorflow
 
@@ -289,3 +290,37 @@ def test_data_source_reader_needs_no_tensorflow(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK without tensorflow" in result.stdout
+
+
+def test_no_module_imports_tensorflow_when_it_is_imported():
+    """The quick form of test_data_source_reader_needs_no_tensorflow (which needs a fresh
+    interpreter without TensorFlow): no module of the package imports TensorFlow at module level
+    (only inside the tfds_load reader), so importing the package and reading through data_source
+    never needs it. The in-process data_source tests above read the same data."""
+    import ast
+    import pathlib
+
+    pkg = pathlib.Path(data_lib.__file__).resolve().parent
+    if pkg.name != "consistency_jax":  # data/ as a package
+        pkg = pkg.parent
+    found, inside = [], []
+    for path in sorted(pkg.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        functions = {
+            id(n)
+            for f in ast.walk(tree)
+            if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+            for n in ast.walk(f)
+        }
+        for node in ast.walk(tree):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            if any(n == "tensorflow" or n.startswith("tensorflow.") for n in names):
+                (inside if id(node) in functions else found).append(f"{path.name}:{node.lineno}")
+    assert found == []
+    assert inside  # the tfds_load reader does import it: the walk sees imports in functions

@@ -14,9 +14,9 @@ from consistency_jax.metrics import digits as digits_metric
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory) -> dict[str, str]:
+def dirs(tmp_path_factory, digits_data_dir) -> dict[str, str]:
     return {
-        "data_dir": str(tmp_path_factory.mktemp("tfds")),
+        "data_dir": digits_data_dir,  # the session's digits (conftest), read only
         "cache_dir": str(tmp_path_factory.mktemp("cache")),
     }
 

@@ -152,6 +152,7 @@ def test_bad_images_are_refused(variables):
         extractor([])
 
 
+@pytest.mark.slow
 def test_sharded_extraction_on_two_devices(ref, weights_file):
     """Batch split over 2 CPU devices, a batch of 3 rounded up to 4, a short last batch padded."""
     script = f"""
@@ -592,3 +593,16 @@ def test_fid_in_the_training_evaluation_and_evaluate_from_a_run(digits_ref, weig
         )
     )["npz"]
     assert on_the_fly["fid"] == pytest.approx(evaluate.evaluate(npz, **common)["fid"], rel=1e-9)
+
+
+def test_extraction_over_this_process_devices_pads_a_short_last_batch(ref, variables):
+    """The quick form of test_sharded_extraction_on_two_devices, in this process: the batch split
+    over this process's devices (one), a short last batch padded and cut off again."""
+    ex = I.InceptionFeatureExtractor(variables, batch_size=BATCH)
+    assert ex.num_devices == jax.device_count() and ex.batch_size % ex.num_devices == 0
+    n = BATCH + 1  # one full batch, then a batch of one
+    images = np.concatenate([ref["images32"]] * n)[:n]
+    want = np.concatenate([ref["pool32"]] * n)[:n]
+    out = ex(images)
+    assert out.pool.shape == (n, 2048)
+    np.testing.assert_allclose(out.pool, want, rtol=0, atol=1e-4)

@@ -218,6 +218,7 @@ def _lease_bytes(**fields) -> bytes:
     ).encode()
 
 
+@pytest.mark.slow
 def test_the_lease_on_gcs(gcs, caplog):
     """One holder at a time through the server's conditional create, stale leases taken over, a
     heartbeat, a lease taken by another run noticed, and only the holder's lease removed."""
@@ -324,6 +325,7 @@ def _committed(gcs, prefix) -> list[int]:
     )
 
 
+@pytest.mark.slow
 def test_train_kill_resume_and_sample_a_gs_workdir(gcs, tmp_path):
     """A run in gs:// is killed (SIGKILL) after a checkpoint, resumed by a second launch (which takes
     over the dead run's lease), finishes, and is sampled from gs://; the samples equal those of the
@@ -413,3 +415,64 @@ def test_train_kill_resume_and_sample_a_gs_workdir(gcs, tmp_path):
     np.testing.assert_array_equal(got["gs"], got["local"])
     plan = json.loads((tmp_path / "samples_gs" / "plan.json").read_text())
     assert plan["workdir"] == workdir and plan["step"] == final
+
+
+# ---------------------------------------------------------------- the quick forms, in this process
+
+
+def test_lock_objects_racing_for_a_lease_on_gcs_get_one_holder(gcs):
+    """The quick form of the eight processes of test_the_lease_on_gcs: eight lock objects of this
+    process on threads take the free gs:// lease at once (the server's conditional create): one
+    holds it, the others are refused naming the holder; its release removes the object."""
+    import threading
+
+    url, name = f"gs://{BUCKET}/quick_lease", W.LEASE_NAME
+    results, barrier = [], threading.Barrier(8)
+
+    def start():
+        lock = W.WorkdirLock(url)
+        barrier.wait()
+        try:
+            results.append(lock.acquire())
+        except W.WorkdirLockedError as e:
+            results.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    holders = [r for r in results if isinstance(r, W.WorkdirLock)]
+    assert len(holders) == 1, results
+    assert all("is in use by another run" in str(r) for r in results if r not in holders), results
+    lease = json.loads(gcs.get(f"quick_lease/{name}"))
+    assert lease["pid"] == os.getpid() and lease["token"] == holders[0]._token
+    holders[0].release()
+    assert name not in gcs.objects("quick_lease/")
+
+
+def test_train_preempt_and_resume_a_gs_workdir_in_process(gcs, toy_ct_run, signal_at_step):
+    """The quick form of test_train_kill_resume_and_sample_a_gs_workdir, in this process: the
+    session's toy run (conftest) in gs://, stopped by SIGTERM at step 2 and resumed, ends bitwise
+    equal to the local reference; the bucket holds the committed steps, no lease, no temporary
+    directory, and the metric rows."""
+    import signal as signal_lib
+
+    from conftest import tiny_ct_config
+
+    from consistency_jax import experiment, loading
+
+    workdir, prefix = f"gs://{BUCKET}/quick_toy", "quick_toy/"
+    sent = signal_at_step(signal_lib.SIGTERM, 2)
+    experiment.train_and_evaluate(tiny_ct_config(), workdir)
+    assert sent == [2] and _committed(gcs, prefix) == [2]
+    experiment.train_and_evaluate(tiny_ct_config(), workdir)
+    objects = gcs.objects(prefix)
+    assert _committed(gcs, prefix)[-1] == 8
+    assert W.LEASE_NAME not in objects and not any("orbax-checkpoint-tmp" in n for n in objects)
+    rows = [json.loads(r) for r in gcs.get(prefix + "metrics.jsonl").decode().splitlines()]
+    assert [r["step"] for r in rows] == [8]
+    got, want = loading.read_arrays(workdir, 8), toy_ct_run.arrays
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert np.array_equal(got[k], want[k]), k

@@ -2,8 +2,10 @@
 
 import json
 import os
+import pathlib
 
 import numpy as np
+import pytest
 
 from consistency_jax import experiment, loading
 from consistency_jax.build import validate
@@ -81,6 +83,7 @@ def _toy_ct(num_steps, steps_per_call, every):
     return c
 
 
+@pytest.mark.slow
 def test_steps_per_call_scan_gives_the_same_run(tmp_path):
     """train.steps_per_call=4 (a lax.scan of 4 steps per call), also resumed at a step that is not a
     multiple of 4 and ending on a partial call, reproduces the one-step-per-call run; likewise with
@@ -129,3 +132,40 @@ def test_steps_per_call_scan_gives_the_same_run(tmp_path):
         bad = _toy_ct(22, 4, 4)
         bad.checkpoint.every = 6
         validate(bad)
+
+
+def test_steps_per_call_scan_gives_the_same_run_quick(tmp_path, toy_ct_run, signal_at_step):
+    """The quick form of test_steps_per_call_scan_gives_the_same_run: train.steps_per_call=4 on the
+    session's 8-step toy run (conftest's ``toy_ct_run``, one step per call), and the same resumed
+    from step 2 (stopped there by SIGTERM, one step per call): 2, 3 one by one, then 4..7 in one
+    call; both end where the reference ends."""
+    import signal
+
+    from conftest import tiny_ct_config
+
+    experiment.train_and_evaluate(
+        tiny_ct_config(steps_per_call=4, log_every=4), str(tmp_path / "scan")
+    )
+    sent = signal_at_step(signal.SIGTERM, 2)
+    experiment.train_and_evaluate(tiny_ct_config(), str(tmp_path / "resumed"))
+    assert sent == [2] and loading.read_arrays(str(tmp_path / "resumed"), 2)
+    experiment.train_and_evaluate(
+        tiny_ct_config(steps_per_call=4, log_every=4), str(tmp_path / "resumed")
+    )
+    want = toy_ct_run.arrays
+    for run in ("scan", "resumed"):
+        got = loading.read_arrays(str(tmp_path / run), 8)
+        assert sorted(got) == sorted(want)
+        for key in want:
+            np.testing.assert_allclose(
+                got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=f"{run} {key}"
+            )
+    rows = [json.loads(x) for x in (tmp_path / "scan" / "metrics.jsonl").read_text().splitlines()]
+    ref = [
+        json.loads(x)
+        for x in (pathlib.Path(toy_ct_run.workdir) / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in rows] == [r["step"] for r in ref] == [8]
+    np.testing.assert_allclose(
+        [rows[0][k] for k in sorted(ref[0])], [ref[0][k] for k in sorted(ref[0])], rtol=1e-4
+    )

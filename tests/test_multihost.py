@@ -188,6 +188,7 @@ def run(tmp_path_factory):
     return reports, dict(np.load(out / "arrays.npz")), data_dir
 
 
+@pytest.mark.slow
 def test_processes_join_into_one_job(run):
     reports, _, _ = run
     assert [r["process_index"] for r in reports] == [0, 1]
@@ -196,6 +197,7 @@ def test_processes_join_into_one_job(run):
         assert r["data2_fsdp2_params_split"] > 0 and r["data4_params_split"] == 0
 
 
+@pytest.mark.slow
 def test_two_process_step_equals_single_device_step(run):
     import jax
 
@@ -230,6 +232,7 @@ def test_two_process_step_equals_single_device_step(run):
         np.testing.assert_allclose(arrays[f"{layout}/loss"], losses, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_each_process_reads_its_own_share_into_the_global_batch(run):
     from consistency_jax import data as data_lib
 
@@ -366,6 +369,7 @@ def _saved_steps(workdir: pathlib.Path) -> list[int]:
         return []
 
 
+@pytest.mark.slow
 def test_two_process_job_preempted_and_resumed_equals_uninterrupted(tmp_path):
     import time
 
@@ -406,6 +410,85 @@ def test_two_process_job_preempted_and_resumed_equals_uninterrupted(tmp_path):
     assert sorted(got) == sorted(want) and any(k.startswith("state/opt_state/") for k in got)
     for k in want:
         assert np.array_equal(got[k], want[k]), k
+
+
+# ----------------------------------------------------------------------------------------------------
+# The quick forms, in this process: what each host computes, with this process holding every row.
+# (The preempted-and-resumed job's quick form is test_resume's test_preempted_in_process_resumes_bitwise.)
+
+
+def test_sharded_step_over_both_hosts_rows_equals_single_device_step():
+    """The worker's layouts (data over every device; data × fsdp where the devices allow) on this
+    process's devices, fed the two hosts' local batches concatenated, equal the plain jitted step."""
+    import jax
+
+    from consistency_jax import sharding
+    from consistency_jax.train import make_train_step
+
+    module, loss_fn, tx, curriculum = _toy_step_pieces()
+    train_step = make_train_step(loss_fn, tx)
+    rng = jax.random.key(3)
+    hosts = [_local_toy_batches(p) for p in range(NUM_PROCESSES)]
+    batches = [
+        jax.tree.map(lambda *x: np.concatenate(x), *[h[k] for h in hosts]) for k in range(STEPS)
+    ]
+    plain = jax.jit(train_step)
+    ref = _initial_state(module, tx, curriculum)
+    ref_losses = []
+    for b in batches:
+        ref, m = plain(ref, b, rng)
+        ref_losses.append(float(m["loss"]))
+    mesh = sharding.make_mesh(-1, 1)
+    shardings = sharding.state_shardings(_initial_state(module, tx, curriculum), mesh, min_size=0)
+    state = sharding.place(_initial_state(module, tx, curriculum), shardings)
+    step = sharding.jit_train_step(train_step, mesh, shardings)
+    losses = []
+    for b in batches:
+        gb = sharding.global_batch(b, mesh)
+        assert gb["image"].shape == (NUM_PROCESSES * LOCAL_BATCH, 2)
+        state, m = step(state, gb, rng)
+        losses.append(float(m["loss"]))
+    moved = max(
+        float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+        for a, b in zip(
+            jax.tree.leaves(ref.params),
+            jax.tree.leaves(_initial_state(module, tx, curriculum).params),
+        )
+    )
+    assert moved > 1e-3
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    # The two hosts draw different rows.
+    assert not np.array_equal(hosts[0][0]["image"], hosts[1][0]["image"])
+
+
+def test_each_host_share_lies_in_its_block_of_the_split(digits_data_dir):
+    """What each worker reads (its process index of two), read here: 750 examples per host, host
+    p's rows (possibly mirrored) images of its block [750 p, 750 (p + 1)) of the split."""
+    from consistency_jax import data as data_lib
+
+    shares = [
+        data_lib.make_image_iterator(
+            _digits_cfg(digits_data_dir),
+            NUM_PROCESSES * LOCAL_BATCH,
+            seed=5,
+            process_index=p,
+            process_count=NUM_PROCESSES,
+        )
+        for p in range(NUM_PROCESSES)
+    ]
+    assert [s.examples_per_host for s in shares] == [750, 750]
+    stored = data_lib.load_image_arrays(_digits_cfg(digits_data_dir))["image"]
+    blocks = [
+        {x.tobytes() for img in stored[p * 750 : (p + 1) * 750] for x in (img, img[:, ::-1])}
+        for p in range(NUM_PROCESSES)
+    ]
+    for _ in range(2):
+        for p, s in enumerate(shares):
+            rows = next(s)["image"]
+            assert rows.shape == (LOCAL_BATCH, 8, 8, 1)
+            assert all(r.tobytes() in blocks[p] for r in rows)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,7 @@ def _wait_for(pred, proc, log, timeout=120.0):
         time.sleep(0.001)
 
 
+@pytest.mark.slow
 def test_killed_anywhere_resumes_bitwise(tmp_path):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref_log, log = tmp_path / "ref.log", tmp_path / "run.log"
@@ -160,3 +161,43 @@ def test_nan_stops_the_run_and_only_finite_steps_are_checkpointed(tmp_path):
     for s in steps:  # an independent check of every array written
         for name, a in loading.read_arrays(str(tmp_path), s).items():
             assert np.all(np.isfinite(a)), (s, name)
+
+
+def test_preempted_in_process_resumes_bitwise(tmp_path, toy_ct_run, signal_at_step, caplog):
+    """The quick form of test_killed_anywhere_resumes_bitwise, in this process: SIGTERM at step 2
+    (finish the step, save, stop), what a kill in the middle of a save leaves (a temporary
+    checkpoint directory), then the same command again: it cleans up, resumes from step 2 and ends
+    bitwise equal to the uninterrupted session run (conftest's ``toy_ct_run``)."""
+    import logging
+
+    from conftest import tiny_ct_config
+
+    run = tmp_path / "run"
+    sent = signal_at_step(signal.SIGTERM, 2)
+    with caplog.at_level(logging.INFO, logger="absl"):
+        state = E.train_and_evaluate(tiny_ct_config(), str(run))
+    assert sent == [2] and int(state.step) == 2 and _steps(run) == [2]
+    assert any("Stopped by SIGTERM after step 2" in r.getMessage() for r in caplog.records)
+    half = run / "checkpoints" / "4.orbax-checkpoint-tmp-1234"
+    half.mkdir()
+    (half / "partial").write_bytes(b"\0" * 10)
+    assert _tmp_steps(run) == [4]
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="absl"):
+        state = E.train_and_evaluate(tiny_ct_config(), str(run))
+    assert int(state.step) == 8 and _tmp_steps(run) == []
+    assert any(
+        "Resumed from" in r.getMessage() and "(step 2)" in r.getMessage() for r in caplog.records
+    )
+    got, want = loading.read_arrays(str(run), 8), toy_ct_run.arrays
+    assert sorted(got) == sorted(want)
+    assert any(k.startswith("state/target_params/") for k in got)  # θ⁻ is compared too
+    assert any(k.startswith("ema/") for k in got) and any(
+        k.startswith("state/opt_state/") for k in got
+    )
+    for k in want:
+        assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]), k
+    assert not np.array_equal(
+        got["state/params/Dense_0/kernel"], got["state/target_params/Dense_0/kernel"]
+    )

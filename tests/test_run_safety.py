@@ -199,6 +199,7 @@ def _wait_for(pred, proc, log, timeout=180.0):
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_second_launch_is_refused_ctrl_c_saves_and_the_run_resumes(tmp_path, caplog):
     run, log = tmp_path / "run", tmp_path / "a.log"
     with open(log, "wb") as f:
@@ -526,3 +527,39 @@ def test_a_flipped_bit_is_caught_by_the_checksums_and_the_previous_step_used(tmp
     moved = list((tmp_path / C.UNREADABLE_SUBDIR).iterdir())
     assert len(moved) == 1 and (moved[0] / "checksums.json").exists()
     assert any("does not match its checksum" in r.getMessage() for r in caplog.records)
+
+
+def test_a_held_workdir_is_refused_and_ctrl_c_saves_in_process(tmp_path, signal_at_step):
+    """The quick form of test_second_launch_is_refused_ctrl_c_saves_and_the_run_resumes, in this
+    process: a workdir whose lease a live run holds is refused before anything is written; Ctrl-C
+    at step 2 finishes the step, saves it and stops with one line; the same command resumes from
+    step 2 and drops the metric rows after it."""
+    from conftest import tiny_ct_config
+
+    run = tmp_path / "run"
+    _lease(run, host="other-host", pid=4242)
+    with pytest.raises(
+        W.WorkdirLockedError, match=r"in use by another run: host other-host, pid 4242 "
+    ):
+        E.train_and_evaluate(tiny_ct_config(), str(run))
+    assert os.listdir(run) == [W.LEASE_NAME]
+    (run / W.LEASE_NAME).unlink()
+
+    sent = signal_at_step(signal.SIGINT, 2)
+    with pytest.raises(E.RunInterrupted) as err:
+        E.train_and_evaluate(tiny_ct_config(), str(run))
+    assert sent == [2]
+    assert re.fullmatch(
+        r"Interrupted by Ctrl-C \(SIGINT\) at step 2: checkpoint step 2 saved in \S+; run the "
+        r"same command again to resume\.",
+        str(err.value),
+    ), str(err.value)
+    assert _steps(run) == [2] and _tmp(run) == [] and not (run / W.LEASE_NAME).exists()
+
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "x": 1.0}) + "\n" + json.dumps({"step": 3, "x": 2.0}) + "\n"
+    )
+    state = E.train_and_evaluate(tiny_ct_config(), str(run))
+    assert int(state.step) == 8
+    rows = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 8]

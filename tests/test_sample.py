@@ -157,6 +157,7 @@ assert not any(m == "tensorflow" or m.startswith("tensorflow.") for m in sys.mod
 """
 
 
+@pytest.mark.slow
 def test_export_reads_back_in_a_fresh_python_without_tensorflow(reference, tmp_path):
     from conftest import site_without_tensorflow
 
@@ -204,6 +205,7 @@ def _cli(run_dir, out, data_dir, name, extra_env=None, extra_flags=()):
     ], env
 
 
+@pytest.mark.slow
 def test_same_dataset_on_four_devices_and_on_two_processes(run_dir, reference, tmp_path):
     """1 device (the reference), 4 devices of one process and 2 processes of 2 devices each write the
     same images and labels."""
@@ -503,6 +505,7 @@ def test_editing_modes_of_the_command_keep_the_known_part(run_dir, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_export_killed_by_sigkill_is_completed_exactly_by_a_rerun(run_dir, tmp_path):
     """A real SIGKILL while shards are being written; the rerun (same flags) completes the dataset:
     every example present once, equal to a direct computation of samples 0..N−1."""
@@ -653,3 +656,26 @@ def test_trigflow_runs_sample_in_their_own_parameterisation(run_dir, tmp_path):
         # uint8 levels: equal up to a float32 rounding at a level boundary
         assert np.abs(z["arr_0"].astype(np.float64) - want).max() <= 1
         assert np.mean(z["arr_0"] == want) > 0.99
+
+
+def test_same_dataset_whatever_the_batch_and_the_shards(run_dir, reference, tmp_path):
+    """The quick form of test_same_dataset_on_four_devices_and_on_two_processes, in this process: a
+    sample is a function of the seed and its index alone, so another batch per device and another
+    shard size (which is what other meshes and hosts change) write the same images and labels.
+    (The quick forms of the other subprocess tests: test_export_reads_back_with_every_reader reads
+    the export through the data_source reader; test_an_export_that_crashed_is_completed_without_a_-
+    missing_or_duplicated_example completes an interrupted export.)"""
+    summary = sample_lib.run(
+        _request(
+            run_dir,
+            tmp_path / "out",
+            per_device_batch=3,
+            examples_per_shard=5,
+            export_tfds="other_layout",
+            data_dir=str(tmp_path / "tfds"),
+        )
+    )
+    assert summary["generated"] == N
+    images, labels = _read_data_source("other_layout", str(tmp_path / "tfds"))
+    np.testing.assert_array_equal(images, reference["images"])
+    np.testing.assert_array_equal(labels, reference["labels"])

@@ -442,6 +442,7 @@ def test_config_errors_name_the_field(field, value, match):
         build.validate(c)
 
 
+@pytest.mark.slow
 def test_scd_through_the_main_loop_with_the_exact_teacher(tmp_path):
     """sCD from the toy's exact EDM denoiser (converted to TrigFlow) trains, checkpoints the weighting
     head with the network, evaluates with the TrigFlow sampler and the exact-map error, and resumes."""

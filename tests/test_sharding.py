@@ -191,8 +191,13 @@ def _run_steps(step, state, batches, rng):
     return state, metrics
 
 
-def _check_jit_sharding(method: str) -> dict:
-    """1 device vs data=8 vs (data=4, fsdp=2) for two steps of the real train step."""
+_LAYOUTS = {"data8": (-1, 1), "fsdp": (4, 2)}  # the 8-device layouts: (data, fsdp)
+LOCAL = {"local": (-1, 1)}  # the quick in-process checks: this process's devices (one)
+
+
+def _check_jit_sharding(method: str, layouts=None) -> dict:
+    """1 device vs data=8 vs (data=4, fsdp=2) for two steps of the real train step (or vs
+    ``layouts``)."""
     import jax
     from jax.sharding import PartitionSpec
 
@@ -206,7 +211,7 @@ def _check_jit_sharding(method: str) -> dict:
     init_state = _toy_state(p)
     ref_state, ref_metrics = _run_steps(jax.jit(train_step), init_state, batches, rng)
     out = {"moved": _max_diff(ref_state.params, init_state.params)}
-    for name, (data, fsdp) in {"data8": (-1, 1), "fsdp": (4, 2)}.items():
+    for name, (data, fsdp) in (layouts or _LAYOUTS).items():
         mesh = sharding.make_mesh(data, fsdp)
         shardings = sharding.state_shardings(_toy_state(p), mesh)
         state = sharding.place(_toy_state(p), shardings)
@@ -238,7 +243,7 @@ def _check_jit_sharding(method: str) -> dict:
     return out
 
 
-def _check_continuous(method: str) -> dict:
+def _check_continuous(method: str, layout=(4, 2)) -> dict:
     """A continuous-time method (jvp inside the step): 1 device vs (data=4, fsdp=2) for two steps."""
     import jax
 
@@ -250,7 +255,7 @@ def _check_continuous(method: str) -> dict:
     batches = _toy_batches(2)
     rng = jax.random.key(3)
     ref_state, ref_metrics = _run_steps(jax.jit(train_step), _toy_state(p), batches, rng)
-    mesh = sharding.make_mesh(4, 2)
+    mesh = sharding.make_mesh(*layout)
     shardings = sharding.state_shardings(_toy_state(p), mesh, min_size=64)
     state = sharding.place(_toy_state(p), shardings)
     step = sharding.jit_train_step(train_step, mesh, shardings)
@@ -265,7 +270,7 @@ def _check_continuous(method: str) -> dict:
     }
 
 
-def _check_axis_name(method: str) -> dict:
+def _check_axis_name(method: str, pmap: bool = True, unchecked: bool = True) -> dict:
     """make_train_step(axis_name=...) inside jax.shard_map and jax.pmap vs the explicit reference."""
     import jax
     import jax.numpy as jnp
@@ -274,7 +279,7 @@ def _check_axis_name(method: str) -> dict:
     from consistency_jax.train import make_train_step
 
     p = _continuous_pieces(method) if method in CONTINUOUS else _toy_pieces(method)
-    n = NUM_DEVICES
+    n = jax.device_count()  # NUM_DEVICES in the subprocess
     batches = _toy_batches(2)
     rng = jax.random.key(5)
 
@@ -299,7 +304,7 @@ def _check_axis_name(method: str) -> dict:
     out = {}
     # check_vma=True is shard_map's default (replication tracking: the gradient of a replicated θ
     # of a per-device loss is summed over the axis automatically); False is the pmap-like mode.
-    for check_vma in (True, False) if method == "ct" else (True,):
+    for check_vma in (True, False) if method == "ct" and unchecked else (True,):
         sm = jax.jit(
             jax.shard_map(
                 axis_step,
@@ -317,7 +322,7 @@ def _check_axis_name(method: str) -> dict:
             "grad_norm_ratio": float(sm_metrics[0]["grad_norm"] / ref_metrics[0]["grad_norm"]),
         }
 
-    if method != "ct":
+    if method != "ct" or not pmap:
         return out
     pm = jax.pmap(axis_step, axis_name="batch", in_axes=(0, 0, None))
     stack = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), t)
@@ -335,7 +340,7 @@ def _check_axis_name(method: str) -> dict:
     return out
 
 
-def _check_microbatches() -> dict:
+def _check_microbatches(layouts=None) -> dict:
     """Gradient accumulation (microbatches=2: 8 rows each, one per device) sharded over data=8 and
     over data=4 x fsdp=2 equals the same microbatched step on one device."""
     import jax
@@ -349,7 +354,7 @@ def _check_microbatches() -> dict:
     rng = jax.random.key(3)
     ref_state, ref_metrics = _run_steps(jax.jit(train_step), _toy_state(p), batches, rng)
     out = {"moved": _max_diff(ref_state.params, _toy_state(p).params)}
-    for name, (data, fsdp) in {"data8": (-1, 1), "fsdp": (4, 2)}.items():
+    for name, (data, fsdp) in (layouts or _LAYOUTS).items():
         mesh = sharding.make_mesh(data, fsdp)
         shardings = sharding.state_shardings(_toy_state(p), mesh)
         step = sharding.jit_train_step(train_step, mesh, shardings)
@@ -366,7 +371,7 @@ def _check_microbatches() -> dict:
     return out
 
 
-def _check_born_sharded() -> dict:
+def _check_born_sharded(layout=(4, 2)) -> dict:
     """build.init_state on (data=4, fsdp=2): the state is created by one jit with out_shardings, equal
     bit for bit to TrainState.create on one device, every leaf already in its final sharding, small
     leaves replicated, and XLA's buffer plan for the init holds only each device's share."""
@@ -376,7 +381,7 @@ def _check_born_sharded() -> dict:
     from consistency_jax.train_state import TrainState
 
     p = _toy_pieces("ct")
-    mesh = sharding.make_mesh(4, 2)
+    mesh = sharding.make_mesh(*layout)
     rng, min_size = jax.random.key(0), 64
     state, shardings = build.init_state(
         p["init"], p["tx"], p["method"], (0.9,), rng, mesh, min_size=min_size
@@ -609,11 +614,27 @@ class _Background:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def background(tmp_path_factory):
-    """Starts both subprocesses when the module starts; the in-process tests run meanwhile."""
+def _background_started(request, tmp_path_factory):
+    """Starts both subprocesses when the module starts, when a selected test of this module needs
+    them (the 8-device tests are slow: ``-m "not slow"`` starts nothing); the in-process tests run
+    meanwhile."""
+    wanted = any(
+        "background" in item.fixturenames
+        for item in request.session.items
+        if getattr(item, "module", None) is request.module
+    )
+    if not wanted:
+        yield None
+        return
     bg = _Background(tmp_path_factory.mktemp("sharded_job"))
     yield bg
     bg.close()
+
+
+@pytest.fixture
+def background(_background_started):
+    """The two 8-device subprocesses (started with the module)."""
+    return _background_started
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -700,6 +721,7 @@ def test_bfloat16_boundary_condition_is_exact(network):
 # The 8-device checks (subprocesses).
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ct", "cd"])
 @pytest.mark.parametrize("layout", ["data8", "fsdp"])
 def test_sharded_step_equals_single_device_step(background, method, layout):
@@ -725,6 +747,7 @@ def test_sharded_step_equals_single_device_step(background, method, layout):
             assert g["teacher_split"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", CONTINUOUS)
 def test_continuous_method_sharded_equals_single_device(background, method):
     """The jvp of the continuous-time methods under data 4 × fsdp 2 (θ split, the batch split) gives
@@ -735,6 +758,7 @@ def test_continuous_method_sharded_equals_single_device(background, method):
     assert got["state_diff"] < TOL and got["metrics_diff"] < TOL, got
 
 
+@pytest.mark.slow
 def test_sct_step_inside_shard_map_averages_over_the_axis(background):
     """sCT's step (jvp included) inside a user's jax.shard_map with a named axis equals the reference."""
     got = background.results()["axis_sct"]["shard_map_vma1"]
@@ -742,6 +766,7 @@ def test_sct_step_inside_shard_map_averages_over_the_axis(background):
     assert got["state"] < TOL and got["metrics"] < TOL, got
 
 
+@pytest.mark.slow
 def test_state_is_born_sharded(background):
     r = background.results()["born_sharded"]
     assert r["diff"] == 0.0, r  # the same values as TrainState.create on one device
@@ -753,6 +778,7 @@ def test_state_is_born_sharded(background):
         assert r["plan_output_bytes"] <= r["share_bytes"] + 16 * r["num_leaves"], r
 
 
+@pytest.mark.slow
 def test_microbatched_sharded_step_equals_single_device_step(background):
     r = background.results()["microbatches"]
     assert r["moved"] > 1e-3
@@ -760,6 +786,7 @@ def test_microbatched_sharded_step_equals_single_device_step(background):
         assert r[layout]["state_diff"] < TOL and r[layout]["metrics_diff"] < TOL, r
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "method, mode",
     [("ct", "shard_map_vma1"), ("ct", "shard_map_vma0"), ("ct", "pmap"), ("cd", "shard_map_vma1")],
@@ -778,6 +805,7 @@ def test_axis_name_step_averages_over_the_axis(background, method, mode):
         assert got["replicas"] == 0.0  # every replica holds the same state
 
 
+@pytest.mark.slow
 def test_bad_mesh_or_batch_fails_before_compiling(background):
     e = background.results()["errors"]
     assert "does not fit the 8 devices" in e["mesh_3x2"] and "config.mesh.data=3" in e["mesh_3x2"]
@@ -794,6 +822,7 @@ def test_bad_mesh_or_batch_fails_before_compiling(background):
     assert "does not fit the 8 devices" in e["job_mesh_3x2"] and not e["job_mesh_3x2_workdir"]
 
 
+@pytest.mark.slow
 def test_main_job_through_launcher_on_8_devices_with_fsdp(background):
     rc, out = background.job_output()
     assert rc == 0, out[-6000:]
@@ -835,3 +864,84 @@ def test_launcher_rejects_bad_usage_and_prints_tpu_commands(tmp_path):
     assert "CONSISTENCY_JAX_DISTRIBUTED=1" in ssh and "pip\\ install\\ -q\\ -e" in ssh
     # The job's arguments survive two rounds of shell quoting (space in the workdir).
     assert "--workdir=gs://b/run\\\\\\ 1" in ssh
+
+
+# ----------------------------------------------------------------------------------------------------
+# The quick forms of the 8-device checks: the same helpers, in this process, on its own devices
+# (one CPU device: a mesh of data=1 × fsdp=1, a named axis of one member). They run the sharded
+# code paths (NamedSharding placement, the jitted step with in/out shardings, shard_map, pmap, the
+# born-sharded init) against the same independent references. One method each (the others, and
+# microbatches, are slow here; test_train checks microbatches and every method's step on one
+# device).
+
+
+def test_sharded_step_on_this_process_equals_single_device_step():
+    got = _check_jit_sharding("ct", LOCAL)
+    assert got["moved"] > 1e-3  # two SGD steps changed θ: the comparison is not trivial
+    g = got["local"]
+    assert g["state_diff"] < TOL and g["metrics_diff"] < TOL and g["all_float32"], g
+    assert g["batch_shards"] == jax.device_count()
+    assert g["batch_shard_rows"] == 16 // jax.device_count()
+
+
+def test_continuous_method_sharded_on_this_process_equals_single_device():
+    got = _check_continuous("cm_continuous_ct", layout=(-1, 1))
+    assert got["moved"] > 1e-4, got
+    assert got["state_diff"] < TOL and got["metrics_diff"] < TOL, got
+
+
+def test_axis_name_step_on_this_process_averages_over_the_axis():
+    """shard_map with replication checking (the default; pmap and the unchecked mode: slow)."""
+    got = _check_axis_name("ct", pmap=False, unchecked=False)
+    assert set(got) == {"shard_map_vma1"}
+    for mode, g in got.items():
+        assert g["grad_norm_ratio"] == pytest.approx(1.0, rel=1e-4), (mode, g)
+        assert g["state"] < TOL and g["metrics"] < TOL, (mode, g)
+
+
+def test_state_is_born_sharded_on_this_process():
+    r = _check_born_sharded(layout=(-1, 1))
+    assert r["diff"] == 0.0, r
+    assert r["in_final_shardings"] and r["has_target"], r
+
+
+def test_bad_mesh_or_batch_fails_before_compiling_on_this_process(tmp_path):
+    from conftest import load_config
+
+    from consistency_jax import experiment
+
+    n = jax.device_count()
+    errors = {
+        "mesh": _expect_error(lambda: sharding.make_mesh(n + 2, 2)),
+        "fsdp": _expect_error(lambda: sharding.make_mesh(-1, n + 2)),
+        "fsdp0": _expect_error(lambda: sharding.make_mesh(-1, 0)),
+        "data0": _expect_error(lambda: sharding.make_mesh(0, 1)),
+        "ragged": _expect_error(
+            lambda: sharding.global_batch(
+                {"image": np.zeros((16, 2), np.float32), "label": np.zeros((8,), np.int32)},
+                sharding.make_mesh(-1, 1),
+            )
+        ),
+    }
+    assert f"does not fit the {n} device" in errors["mesh"], errors
+    assert f"config.mesh.data={n + 2}" in errors["mesh"], errors
+    assert f"config.mesh.fsdp={n + 2}" in errors["fsdp"] and "does not divide" in errors["fsdp"]
+    assert "config.mesh.fsdp must be at least 1" in errors["fsdp0"]
+    assert "config.mesh.data must be positive" in errors["data0"]
+    assert "same leading" in errors["ragged"]
+    config = load_config("toy", "method=ct")
+    config.mesh.data, config.mesh.fsdp = n + 2, 2
+    workdir = tmp_path / "never"
+    message = _expect_error(lambda: experiment.train_and_evaluate(config, str(workdir)))
+    assert f"does not fit the {n} device" in message and not workdir.exists()
+
+
+def test_main_job_on_this_process_mesh(toy_ct_run):
+    """The quick form of the launcher job: the session's toy run (conftest) trained on this
+    process's mesh and evaluated."""
+    mesh = sharding.make_mesh(-1, 1)
+    assert sharding.describe(mesh).startswith(f"mesh data={jax.device_count()} × fsdp=1 over ")
+    last = json.loads(
+        (pathlib.Path(toy_ct_run.workdir) / "metrics.jsonl").read_text().splitlines()[-1]
+    )
+    assert last["step"] == 8 and np.isfinite(last["sw2_1step"])
