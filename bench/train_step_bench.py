@@ -44,7 +44,7 @@ from consistency_jax.methods.ct import ConsistencyTraining  # noqa: E402
 from consistency_jax.methods.edm import EDMDenoiser  # noqa: E402
 from consistency_jax.networks import make_apply_fn  # noqa: E402
 from consistency_jax.parameterization import SigmaConfig, network_teacher  # noqa: E402
-from consistency_jax.train import make_train_step  # noqa: E402
+from consistency_jax.train import make_multi_step, make_train_step  # noqa: E402
 from consistency_jax.train_state import TrainState, ema_update  # noqa: E402
 
 
@@ -200,7 +200,10 @@ def bench_method(method: str, args, module, example_shape, mesh, baselines: bool
     micro = getattr(args, "microbatches", 1)
     if k > 1:  # the same steps, k per call (its own copy of the state: states are donated)
         multi = sharding.jit_train_step(
-            make_train_step(loss_fn, tx, microbatches=micro), mesh, shardings, steps_per_call=k
+            make_multi_step(make_train_step(loss_fn, tx, microbatches=micro), k),
+            mesh,
+            shardings,
+            steps_per_call=k,
         )
         stacked = sharding.global_batch(
             {"image": np.stack([np.asarray(x0)] * k)}, mesh, stacked=True

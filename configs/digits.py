@@ -19,7 +19,7 @@ scratch.
 
 A small DDPM++ (the NCSN++ code with positional embeddings and plain resampling) that trains on a CPU in
 minutes; evaluation writes sample grids and digits-FD (Fréchet distance to the held-out digits in the
-features of a fixed classifier, ``consistency_jax.metrics.digits``).
+features of a fixed classifier, ``consistency_jax.evaluators.digits``).
 """
 
 from consistency_jax import config as common

@@ -50,7 +50,7 @@ from consistency_jax.periodic import (
     format_time,
 )
 from consistency_jax.preemption import PreemptionWatcher
-from consistency_jax.train import make_train_step
+from consistency_jax.train import make_multi_step, make_train_step
 from consistency_jax.train_state import TrainState
 from consistency_jax.workdir_lock import WorkdirLock, WorkdirLockedError
 from consistency_jax.writer import MetricWriter
@@ -293,7 +293,9 @@ def _train(config, workdir, setup, is_main, lock, closers, argv) -> TrainState:
     multi_step = (
         train_step
         if per_call == 1
-        else sharding_lib.jit_train_step(step_fn, mesh, state_shardings, steps_per_call=per_call)
+        else sharding_lib.jit_train_step(
+            make_multi_step(step_fn, per_call), mesh, state_shardings, steps_per_call=per_call
+        )
     )
 
     # Resume: the newest readable checkpoint, restored into the live (sharded) state; the teacher

@@ -376,19 +376,17 @@ def jit_train_step(
         state keeps its layout from step to step (no resharding).
       donate: donate the input state (its buffers become the new state's; the caller must not use the
         old state afterwards).
-      steps_per_call: > 1 compiles ``train.make_multi_step(train_step, steps_per_call)``: that many
-        steps per call, on batches stacked on a leading axis (``global_batch(..., stacked=True)``).
+      steps_per_call: > 1: ``train_step`` is ``train.make_multi_step(step, steps_per_call)``, that
+        many steps per call on batches stacked on a leading axis (``global_batch(..., stacked=True)``);
+        the batches are laid out (and checked) for it. Sharding does not import the train step.
 
     Returns:
       a ShardedTrainStep.
     """
-    # Imported here: reading a run (``loading``, which uses ``replicated``) loads no training code.
-    from consistency_jax.train import make_multi_step
-
     rep = replicated(mesh)
     stacked = steps_per_call > 1
     jitted = jax.jit(
-        make_multi_step(train_step, steps_per_call),
+        train_step,
         in_shardings=(state_shardings, batch_sharding(mesh, stacked), rep),
         out_shardings=(state_shardings, rep),
         donate_argnums=0 if donate else (),

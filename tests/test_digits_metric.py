@@ -10,7 +10,7 @@ import pytest
 import scipy.linalg
 
 from consistency_jax import data as data_lib
-from consistency_jax.metrics import digits as digits_metric
+from consistency_jax.evaluators import digits as digits_metric
 
 
 @pytest.fixture(scope="module")

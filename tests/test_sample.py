@@ -438,7 +438,7 @@ def test_tau_search_command_scores_the_sampling_commands_samples(run_dir, refere
     assert result["score"] == min(e["score"] for e in result["evaluations"])
     assert summary["times"][0] == model.sigmas.sigma_max and len(summary["times"]) == 2
     # The recorded score is the digits-FD of those samples, recomputed here.
-    from consistency_jax.metrics import digits as digits_lib
+    from consistency_jax.evaluators import digits as digits_lib
 
     check = tau_search.make_scorer(
         apply_fn,

@@ -5,7 +5,7 @@ by 13 people; 4x4 pixel counts of 32x32 bitmaps, values 0..16) ship inside
 scikit-learn, so this builder never touches the network.
 It gives the library a
 real, tiny image data set on which a consistency model trains in minutes on a CPU and whose sample
-quality is measured by ``consistency_jax.metrics.digits``.
+quality is measured by ``consistency_jax.evaluators.digits``.
 
 Configs (one ``BuilderConfig`` per image size):
 

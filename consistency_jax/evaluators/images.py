@@ -3,7 +3,7 @@ Inception weights (``config.eval.inception_weights``), FID / IS (and KID, precis
 
 For every evaluation the model generates ``config.eval.num_samples`` images from the eval EMA (1-step and
 2-step for consistency models, EDM Heun for teachers). On ``sklearn_digits`` it reports the Fréchet
-distance to the held-out digits in the features of a fixed classifier (digits-FD, ``metrics.digits``)
+distance to the held-out digits in the features of a fixed classifier (digits-FD, ``evaluators.digits``)
 and the classifier's confident fraction and class entropy (a mode-collapse detector).
 """
 
@@ -74,7 +74,7 @@ class ImageEvaluator:
             grid_size=grid_size,
         )
         if self.digits:
-            from consistency_jax.metrics import digits as digits_lib
+            from consistency_jax.evaluators import digits as digits_lib
 
             self.digits_lib = digits_lib
             # Train (or load) the fixed feature extractor now, before the first training step.

@@ -1,7 +1,6 @@
 """Sample-quality metrics.
 
 - ``sample_distances``: energy distance and sliced Wasserstein-2 between point clouds (the toy).
-- ``digits``: a fixed feature extractor for 8×8 digits and the digits Fréchet distance.
 - ``lpips``: the LPIPS perceptual distance (a training metric for CD/CT on images).
 - ``inception``: the FID Inception-v3 (2015-12-05) in Flax, its weights and a sharded extractor.
 - ``fid``: FID, KID, Inception Score, precision/recall and streaming feature statistics.

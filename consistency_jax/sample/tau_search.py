@@ -223,7 +223,7 @@ def run_tau_search(request: SampleRequest) -> dict:
         raise SampleError(f"{path} exists; use --overwrite or another --out.")
     data_dir = model.config.data.data_dir or None
     if is_digits(model.config.data.name):
-        from consistency_jax.metrics import digits as digits_lib
+        from consistency_jax.evaluators import digits as digits_lib
 
         digits_lib.get_digits_extractor(model.example_shape[0], data_dir)
         metric_name = "digits_fd"
