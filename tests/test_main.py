@@ -24,6 +24,7 @@ def _digits_config(tmp_path, method):
     return c
 
 
+@pytest.mark.slow
 def test_digits_job_trains_evaluates_and_writes_outputs(tmp_path):
     """The main job on the digits prepared as tfrecord and read through tf.data (reader='tfds_load';
     the array_record / data_source path is the default of every other digits run in the tests):
@@ -169,3 +170,37 @@ def test_steps_per_call_scan_gives_the_same_run_quick(tmp_path, toy_ct_run, sign
     np.testing.assert_allclose(
         [rows[0][k] for k in sorted(ref[0])], [ref[0][k] for k in sorted(ref[0])], rtol=1e-4
     )
+
+
+def test_digits_job_trains_evaluates_and_writes_outputs_quick(tmp_path, digits_data_dir):
+    """The quick form of test_digits_job_trains_evaluates_and_writes_outputs: the smallest digits
+    network (test_sample's run), one step on the session's digits through the default data_source
+    reader (the tfds_load reader's stream and its resumption: tests/test_data_readers.py), the
+    stream's position checkpointed, the held-out digits evaluated, the outputs written."""
+    from conftest import load_config
+
+    from consistency_jax import checkpoint as ckpt_lib
+
+    c = load_config("digits", "method=ict")
+    c.data.data_dir = digits_data_dir
+    c.data.batch_size = 8
+    c.data.use_labels = True
+    c.model.kwargs = dict(
+        nf=4, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0, num_classes=10
+    )
+    c.train.update(num_steps=1, log_every=1, eval_every=1000)
+    c.eval.num_samples = 16
+    c.checkpoint.every = 1
+    workdir = tmp_path / "run"
+    state = experiment.train_and_evaluate(c, str(workdir))
+    assert int(state.step) == 1
+    checkpointer = ckpt_lib.Checkpointer.from_config(str(workdir), c)
+    saved = checkpointer.read_json(1, ckpt_lib._DATA)
+    checkpointer.close()
+    assert saved["reader"] == "data_source" and saved["step"] == 1
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == 1
+    for key in ("digits_fd_1step", "digits_fd_2step", "confident_1step", "class_entropy_2step"):
+        assert np.isfinite(lines[-1][key]), key
+    assert (workdir / "samples_00000001.png").exists()
+    assert any(f.startswith("events") for f in os.listdir(workdir / "tensorboard"))
