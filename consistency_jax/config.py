@@ -583,7 +583,7 @@ def _check_eval(config, sigmas, spec, rates) -> None:
                 f"config.eval.fid_reference={e.fid_reference!r} is not a file (a statistics "
                 "or reference-batch .npz; empty: the train split of config.data.name)."
             )
-        from consistency_jax.evaluation.inception import METRICS
+        from consistency_jax.evaluation.inception_metrics import METRICS
 
         bad = sorted(set(e.fid_metrics) - set(METRICS))
         if bad or not e.fid_metrics:

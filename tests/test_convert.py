@@ -159,7 +159,7 @@ def test_paper_networks_keep_their_config():
     for config, method in (("imagenet64", "cd"), ("lsun256", "edm")):
         c = convert.run_config(config, method)
         abstract = convert.abstract_params(c)
-        assert not convert._needs_fixed_groups(abstract)
+        assert not convert.needs_fixed_groups(abstract)
         assert "norm_groups" not in c.model.kwargs and c.sigmas.c_noise == "cm"
 
 

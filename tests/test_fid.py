@@ -23,9 +23,9 @@ import scipy.spatial.distance
 import scipy.special
 from conftest import load_npz, load_tool
 
-from consistency_jax.evaluation import inception as ev
+from consistency_jax.evaluation import inception_metrics as ev
 from consistency_jax.metrics import fid as F
-from consistency_jax.metrics import inception as I
+from consistency_jax.metrics import inception_v3 as I
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "inception_reference.npz"
@@ -156,7 +156,7 @@ def test_sharded_extraction_on_two_devices(ref, weights_file):
     """Batch split over 2 CPU devices, a batch of 3 rounded up to 4, a short last batch padded."""
     script = f"""
 import numpy as np, jax
-from consistency_jax.metrics import inception as I
+from consistency_jax.metrics import inception_v3 as I
 assert jax.device_count() == 2
 ref = np.load({str(FIXTURE)!r})
 ex = I.InceptionFeatureExtractor({str(weights_file)!r}, batch_size=3)

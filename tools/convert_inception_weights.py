@@ -1,5 +1,5 @@
 """Converts the FID Inception-v3 weights (PyTorch) into the ``.safetensors`` file that
-``consistency_jax.metrics.inception.load_inception_params`` reads.
+``consistency_jax.metrics.inception_v3.load_inception_params`` reads.
 
 Input: pytorch-fid's conversion of TensorFlow's 2015-12-05 Inception graph, a plain state_dict read
 with ``torch.load(weights_only=True)`` (nothing is unpickled). You download it yourself (nothing in
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from convert_lpips_weights import _torch_state_dict  # the same weights_only reader
 
-    from consistency_jax.metrics.inception import inception_tensor_shapes
+    from consistency_jax.metrics.inception_v3 import inception_tensor_shapes
 
     tensors = build_inception_tensors(_torch_state_dict(args.pth), inception_tensor_shapes())
     save_inception_safetensors(tensors, args.out)

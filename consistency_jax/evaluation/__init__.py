@@ -3,7 +3,7 @@
   samples.py  which samplers evaluate a method family (1/2-step consistency, EDM Heun)
   toy.py      the 2-D toy: sliced W2 / energy distance beside the noise floor, the exact-map error
   images.py   images: PNG grids and, on the digits, digits-FD
-  inception.py  paper-comparable FID/IS/KID/PR on the FID Inception-v3 (``InceptionMetrics``;
+  inception_metrics.py  paper-comparable FID/IS/KID/PR on the FID Inception-v3 (``InceptionMetrics``;
                 used by ``python -m consistency_jax.evaluate``, not yet by the training loop)
 
 ``build_evaluator`` picks one for a run; an evaluator is called as
