@@ -13,10 +13,12 @@ import numpy as np
 from consistency_jax.convert.common import (
     ConvertError,
     PyTree,
+    check_finite,
     check_tree,
     describe_adm,
     plain,
     refuse_mismatch,
+    strip_ddp_prefix,
 )
 from consistency_jax.convert.run import adm_run, write_run
 
@@ -24,50 +26,30 @@ __all__ = ["CmLayout", "cm_expected", "cm_params", "convert_cm", "read_state_dic
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """The tensors of a PyTorch state dict file (``.pt``/``.pth``) or a ``.safetensors`` file.
+    """The tensors of a PyTorch state dict file (``.pt``/``.pth``/``.bin``) or a ``.safetensors`` file.
 
-    ``.pt`` files are read with ``torch.load(path, map_location="cpu", weights_only=True)``, which
-    unpickles nothing but tensors and containers; torch is imported only for them.
+    ``.pt`` files are read by ``consistency_jax.torch_pickle`` (NumPy only, no PyTorch; nothing but
+    tensors and containers is unpickled); bfloat16 tensors are widened to float32 (exactly).
 
     Raises:
-      ConvertError: no such file, an unknown extension, torch missing for a ``.pt`` file, a file that
-        is truncated or not a checkpoint, or one that holds no flat mapping name -> tensor.
+      ConvertError: no such file, an unknown extension, a file that is truncated or not a
+        checkpoint (or names a global other than a tensor's), or one that holds no flat mapping
+        name -> tensor.
     """
+    from consistency_jax import torch_pickle
+
     if not os.path.isfile(path):
         raise ConvertError(f"No checkpoint file {path!r}.")
     ext = os.path.splitext(path)[1].lower()
-    if ext == ".safetensors":
-        from safetensors.numpy import load_file
-
-        try:
-            return dict(load_file(path))
-        except Exception as e:  # noqa: BLE001 -- safetensors' errors name no common class
-            raise ConvertError(
-                f"{path} is not a readable safetensors file (truncated or not a checkpoint?): {e}"
-            ) from None
-    if ext not in (".pt", ".pth", ".bin"):
+    if ext not in (".pt", ".pth", ".bin", ".safetensors"):
         raise ConvertError(f"{path}: give a PyTorch state dict (.pt, .pth) or a .safetensors file.")
     try:
-        import torch
-    except ImportError:
-        raise ConvertError(
-            f"Reading {path} needs PyTorch (pip install torch; CPU is enough), or give "
-            "a .safetensors copy of the state dict instead."
-        ) from None
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- pickle, zip and EOF errors alike
-        raise ConvertError(
-            f"{path} is not a readable PyTorch checkpoint (truncated, or not a state "
-            f"dict saved by torch.save?): {str(e).splitlines()[0][:300]}"
-        ) from None
-    if not isinstance(loaded, Mapping) or not all(torch.is_tensor(v) for v in loaded.values()):
-        raise ConvertError(
-            f"{path} holds a {type(loaded).__name__}, not a state dict (a mapping name -> tensor)."
-        )
+        state = torch_pickle.read_state_dict(path)
+    except torch_pickle.TorchPickleError as e:
+        raise ConvertError(str(e)) from None
     return {
-        k: v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()
-        for k, v in loaded.items()
+        k: v.astype(np.float32) if v.dtype == torch_pickle.STORAGE_DTYPES["BFloat16Storage"] else v
+        for k, v in state.items()
     }
 
 
@@ -239,6 +221,7 @@ def cm_params(
         architecture flags), or a network the arguments do not describe.
     """
     abstract, lay = cm_expected(model_kwargs, image_size, num_channels)
+    state_dict = strip_ddp_prefix(state_dict, source)
     missing = [k for k in lay.entries if k not in state_dict]
     extra = [k for k in state_dict if k not in lay.entries]
     wrong = [
@@ -266,6 +249,7 @@ def cm_params(
             raise ConvertError(
                 f"{source}: tensor {key} has dtype {value.dtype}, not floating point."
             )
+        check_finite(value, source, key)
         node[path[-1]] = np.ascontiguousarray(fn(value).astype(np.float32))
     for name in [n for n in params if n.startswith("AttnBlock_")]:  # [Q | K | V] -> three denses
         qkv = params[name].pop("qkv")

@@ -12,6 +12,7 @@ import numpy as np
 from consistency_jax.convert.common import (
     ConvertError,
     PyTree,
+    check_finite,
     check_tree,
     listing,
     plain,
@@ -155,6 +156,7 @@ def jcm_params(
             raise ConvertError(
                 f"{source}: tensor {name} has dtype {value.dtype}, not floating point."
             )
+        check_finite(value, source, name)
         node = params
         for k in keys[:-1]:
             node = node.setdefault(k, {})

@@ -143,6 +143,14 @@ def prepare_out(out: str, overwrite: bool) -> None:
 
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConvertError(f"--out={out} exists and is not a directory.")
+    parent = os.path.dirname(os.path.abspath(out))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise ConvertError(
+            f"--out={out} lies below {parent}, which is a file, not a directory; choose another "
+            "directory."
+        )
     if os.path.isdir(out) and os.listdir(out):
         if not overwrite:
             raise ConvertError(
@@ -155,7 +163,10 @@ def prepare_out(out: str, overwrite: bool) -> None:
                 shutil.rmtree(p)
             elif os.path.exists(p):
                 os.remove(p)
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ConvertError(f"--out={out} cannot be created: {e.strerror or e}.") from None
 
 
 def adm_run(
@@ -191,19 +202,41 @@ def write_run(c, params: PyTree, out: str, overwrite: bool, summary: dict) -> di
     import jax
     import optax
 
-    from consistency_jax.checkpoint import Checkpointer
+    from consistency_jax.checkpoint import (
+        CHECKPOINT_SUBDIR,
+        CHECKSUM_SUBDIR,
+        UNREADABLE_SUBDIR,
+        Checkpointer,
+    )
     from consistency_jax.networks import layers
     from consistency_jax.train_state import TrainState
 
+    created = not os.path.exists(out)
     prepare_out(out, overwrite)
-    state = TrainState.create(
-        jax.tree.map(jax.numpy.asarray, params), optax.identity(), ema_rates=(), use_target=False
-    )
-    ckpt = Checkpointer(out, every=1, keep=1, async_save=False)
     try:
-        ckpt.save(state, step=0, data_state={}, config=c)
-    finally:
-        ckpt.close()
+        state = TrainState.create(
+            jax.tree.map(jax.numpy.asarray, params),
+            optax.identity(),
+            ema_rates=(),
+            use_target=False,
+        )
+        ckpt = Checkpointer(out, every=1, keep=1, async_save=False)
+        try:
+            ckpt.save(state, step=0, data_state={}, config=c)
+        finally:
+            ckpt.close()
+    except BaseException as e:  # leave nothing that would block the rerun
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            for name in (CHECKPOINT_SUBDIR, CHECKSUM_SUBDIR, UNREADABLE_SUBDIR):
+                shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+        if not isinstance(e, Exception):
+            raise
+        raise ConvertError(
+            f"Writing the run {out} failed ({type(e).__name__}: {str(e)[:300]}); what was "
+            "written there is removed."
+        ) from e
     summary = dict(
         summary,
         sha256=file_sha256(summary["checkpoint"]),
