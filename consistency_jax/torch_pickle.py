@@ -99,6 +99,7 @@ class _Storage(_Inert):
     def __init__(self, key: str, dtype: np.dtype, numel: int):
         self.key, self.dtype, self.numel = key, dtype, numel
         self.array: np.ndarray | None = None
+        self.uses = 0  # tensors on it: a single whole-storage tensor takes the array itself
 
 
 class _StorageView(_Inert):
@@ -132,6 +133,7 @@ def _rebuild_tensor(storage, storage_offset, size, stride):
     size, stride = _ints(size, "size"), _ints(stride, "stride")
     if len(size) != len(stride) or any(s < 0 for s in size + stride):
         raise TorchPickleError(f"a tensor's size {size} and stride {stride} do not match")
+    (storage.base if isinstance(storage, _StorageView) else storage).uses += 1
     return _PendingTensor(storage, storage_offset, size, stride)
 
 
@@ -211,14 +213,18 @@ class _Unpickler(pickle.Unpickler):
         return _StorageView(storage, offset, size)
 
 
-def _elements(raw: bytes | memoryview, dtype: np.dtype, big_endian: bool) -> np.ndarray:
-    """The elements of a raw storage, in native byte order, bit for bit."""
-    count = len(raw) // dtype.itemsize
-    if not big_endian or dtype.itemsize == 1:
-        return np.frombuffer(raw, dtype=dtype, count=count)
-    unit = dtype.itemsize // 2 if dtype.kind == "c" else dtype.itemsize  # complex: each part
-    swapped = np.frombuffer(raw, dtype=np.dtype(f">u{unit}"), count=count * dtype.itemsize // unit)
-    return swapped.astype(np.dtype(f"u{unit}")).view(dtype)
+def _read_elements(f: BinaryIO, numel: int, dtype: np.dtype, big_endian: bool, what: str):
+    """``numel`` elements of ``dtype`` read from ``f`` into a new array (one copy), in native byte
+    order, bit for bit."""
+    nbytes = numel * dtype.itemsize
+    buffer = np.empty(nbytes, np.uint8)
+    got = f.readinto(memoryview(buffer)) if nbytes else 0
+    if got != nbytes:
+        raise TorchPickleError(f"{what} is truncated ({got} of {nbytes} bytes)")
+    if big_endian and dtype.itemsize > 1:
+        unit = dtype.itemsize // 2 if dtype.kind == "c" else dtype.itemsize  # complex: each part
+        buffer.view(np.dtype(f"u{unit}")).byteswap(inplace=True)
+    return buffer.view(dtype)
 
 
 def _materialize(obj: Any, origin: str) -> Any:
@@ -242,6 +248,13 @@ def _materialize(obj: Any, origin: str) -> Any:
             )
         if 0 in obj.size:
             return np.zeros(obj.size, base.dtype)
+        count = int(np.prod(obj.size, dtype=np.int64))
+        contiguous = all(
+            n == 1 or s == int(np.prod(obj.size[i + 1 :], dtype=np.int64))
+            for i, (n, s) in enumerate(zip(obj.size, obj.stride, strict=True))
+        )
+        if base.uses == 1 and offset == 0 and count == base.array.size and contiguous:
+            return base.array.reshape(obj.size)  # the storage is this tensor: no copy
         item = base.dtype.itemsize
         view = np.lib.stride_tricks.as_strided(
             base.array[offset:],
@@ -264,7 +277,7 @@ def _materialize(obj: Any, origin: str) -> Any:
     return obj
 
 
-def _load_zip(archive: zipfile.ZipFile, origin: str) -> Any:
+def _load_zip(f: BinaryIO, archive: zipfile.ZipFile, origin: str) -> Any:
     names = archive.namelist()
     pickles = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
     if len(pickles) != 1:
@@ -282,15 +295,31 @@ def _load_zip(archive: zipfile.ZipFile, origin: str) -> Any:
     obj = unpickler.load()
     for key, storage in unpickler.storages.items():
         record = f"{prefix}data/{key}"
-        if record not in names:
-            raise TorchPickleError(f"{origin}: the record {record} of storage {key} is missing")
-        raw = archive.read(record)
-        if len(raw) < storage.numel * storage.dtype.itemsize:
+        try:
+            info = archive.getinfo(record)
+        except KeyError:
             raise TorchPickleError(
-                f"{origin}: storage {key} holds {len(raw)} bytes, fewer than its "
+                f"{origin}: the record {record} of storage {key} is missing"
+            ) from None
+        nbytes = storage.numel * storage.dtype.itemsize
+        if info.file_size < nbytes:
+            raise TorchPickleError(
+                f"{origin}: storage {key} holds {info.file_size} bytes, fewer than its "
                 f"{storage.numel} elements of {storage.dtype}"
             )
-        storage.array = _elements(raw, storage.dtype, big_endian)[: storage.numel]
+        what = f"{origin} (storage {key})"
+        if info.compress_type == zipfile.ZIP_STORED:  # torch's records: read in place, one copy
+            f.seek(info.header_offset)
+            header = f.read(30)
+            if len(header) != 30 or header[:4] != b"PK\x03\x04":
+                raise TorchPickleError(f"{what}: no local zip header")
+            name_len, extra_len = struct.unpack("<HH", header[26:30])
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            storage.array = _read_elements(f, storage.numel, storage.dtype, big_endian, what)
+        else:
+            storage.array = _read_elements(
+                io.BytesIO(archive.read(record)), storage.numel, storage.dtype, big_endian, what
+            )
     return _materialize(obj, origin)
 
 
@@ -335,11 +364,9 @@ def _load_legacy(f: BinaryIO, origin: str) -> Any:
             raise TorchPickleError(
                 f"{origin}: storage {key} holds {numel} elements, fewer than {storage.numel}"
             )
-        nbytes = numel * storage.dtype.itemsize
-        raw = f.read(nbytes)
-        if len(raw) != nbytes:
-            raise TorchPickleError(f"{origin} is truncated (in the data of storage {key})")
-        storage.array = _elements(raw, storage.dtype, not little)
+        storage.array = _read_elements(
+            f, numel, storage.dtype, not little, f"{origin} (in the data of storage {key})"
+        )
     return _materialize(obj, origin)
 
 
@@ -359,7 +386,7 @@ def load(path: str | os.PathLike) -> Any:
         try:
             if is_zip:
                 with zipfile.ZipFile(f) as archive:
-                    return _load_zip(archive, origin)
+                    return _load_zip(f, archive, origin)
             return _load_legacy(f, origin)
         except TorchPickleError:
             raise
