@@ -30,7 +30,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import timing  # noqa: E402
 
-from consistency_jax.metrics import inception as I  # noqa: E402
+from consistency_jax.metrics import inception_v3 as I  # noqa: E402
 
 
 def _random_variables():

@@ -121,8 +121,8 @@ def evaluate(
     import itertools
 
     from consistency_jax import data as data_lib
-    from consistency_jax.evaluators import inception as ev
-    from consistency_jax.metrics import inception as inception_lib
+    from consistency_jax.evaluators import inception_metrics as ev
+    from consistency_jax.metrics import inception_v3 as inception_lib
 
     metrics = tuple(m.strip().lower() for m in metrics if m.strip())
     unknown = sorted(set(metrics) - set(ev.METRICS))

@@ -355,7 +355,9 @@ def test_library_never_unpickles():
         for p in files
         if (b := _unpickling_calls(ast.parse(p.read_text(), str(p))))
     }
-    assert found == {}
+    # torch_pickle's Unpickler resolves only a state dict's names and refuses every other global
+    # (tests/test_torch_pickle.py): the one module allowed to import pickle.
+    assert found == {"consistency_jax/torch_pickle.py": ["pickle"]}
     # The checker itself catches the forms it looks for.
     assert _unpickling_calls(ast.parse("import pickle\nnp.load(f)\ntorch.load(f)")) == [
         "pickle",

@@ -159,7 +159,7 @@ def test_paper_networks_keep_their_config():
     for config, method in (("imagenet64", "cd"), ("lsun256", "edm")):
         c = convert.run_config(config, method)
         abstract = convert.abstract_params(c)
-        assert not convert._needs_fixed_groups(abstract)
+        assert not convert.needs_fixed_groups(abstract)
         assert "norm_groups" not in c.model.kwargs and c.sigmas.c_noise == "cm"
 
 
@@ -233,27 +233,43 @@ def test_refuses_truncated_and_foreign_files(tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
-def test_pt_files_are_read_with_weights_only_or_refused_with_what_to_do(tmp_path):
-    """Where torch is installed a .pt state dict round-trips through ``torch.load(weights_only=True)``
-    and a file that is not one is refused; without torch (this project's test environment) a .pt
-    file is refused with what to install, or to convert it to .safetensors."""
-    if importlib.util.find_spec("torch") is None:
-        pt = tmp_path / "cd_imagenet64_l2.pt"
-        pt.write_bytes(b"PK\x03\x04")
-        with pytest.raises(
-            convert.ConvertError, match=r"needs PyTorch \(pip install torch.*safetensors"
-        ):
-            _convert(str(pt), tmp_path)
-        return
-    import torch
-
-    state = {k: torch.from_numpy(v) for k, v in load_file(_fixture("cond")[0]).items()}
-    torch.save(state, tmp_path / "cd.pt")
-    got = convert.read_state_dict(str(tmp_path / "cd.pt"))
-    assert sorted(got) == sorted(state)
+def test_pt_files_are_read_without_torch_and_foreign_ones_refused(tmp_path):
+    """A ``.pt`` state dict is read by ``torch_pickle`` (no torch): the fixture written by torch
+    (tools/make_torch_fixtures.py) comes back as torch.load gave it, bfloat16 widened to float32;
+    a pickle naming another global, or a file that is not a checkpoint, is refused."""
+    torch_fixtures = os.path.join(FIXTURES, "torch")
+    got = convert.read_state_dict(os.path.join(torch_fixtures, "legacy.pt"))
+    with np.load(os.path.join(torch_fixtures, "expected.npz")) as z:
+        assert np.array_equal(got["float32"], z["legacy/float32"])
+        assert np.array_equal(got["transposed"], z["legacy/transposed"])
+        bf16 = z["legacy/bfloat16.bf16bits"].astype(np.uint32) << 16
+        assert got["bfloat16"].dtype == np.float32
+        assert np.array_equal(got["bfloat16"], bf16.view(np.float32))
+    with pytest.raises(convert.ConvertError, match="global posix.system"):
+        convert.read_state_dict(os.path.join(torch_fixtures, "evil_zip.pt"))
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(convert.ConvertError, match="not a readable PyTorch checkpoint"):
         convert.read_state_dict(str(tmp_path / "bad.pt"))
+    with pytest.raises(convert.ConvertError, match="global posix.system"):
+        _convert(os.path.join(torch_fixtures, "evil_zip.pt"), tmp_path)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_pt_file_converts_as_its_safetensors_copy(tmp_path):
+    """Where torch is installed (an optional cross-check): the cm fixture saved by torch.save in
+    both formats converts to the same parameters as its .safetensors copy."""
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed; the reader is tested on committed fixtures above")
+    import torch
+
+    state = {k: torch.from_numpy(v) for k, v in load_file(_fixture("cond")[0]).items()}
+    want = convert.read_state_dict(_fixture("cond")[0])
+    for legacy in (False, True):
+        path = tmp_path / f"cd{legacy}.pt"
+        torch.save(state, path, _use_new_zipfile_serialization=not legacy)
+        got = convert.read_state_dict(str(path))
+        assert sorted(got) == sorted(want)
+        assert all(got[k].tobytes() == want[k].tobytes() for k in want)
 
 
 @pytest.mark.slow
@@ -387,6 +403,9 @@ def _jcm_edited(tmp_path, edit):
         tree["AttnBlockpp_1"]["NIN_4"] = {"W": np.ones((2, 2), np.float32)}
     elif edit == "shape":
         tree["Conv_1"]["kernel"] = tree["Conv_1"]["kernel"][:, :1]
+    elif edit == "nan":
+        tree["Conv_1"]["kernel"] = tree["Conv_1"]["kernel"].copy()
+        tree["Conv_1"]["kernel"][0, 0, 0, 0] = np.nan
     path = tmp_path / "edited"
     path.write_bytes(serialization.msgpack_serialize(state))
     return str(path)
@@ -589,3 +608,68 @@ def test_refuses_a_non_empty_out_then_overwrites_in_process(tmp_path):
     assert summary["tensors"] == 126 and (out / "keep.txt").exists()
     config, _, _ = loading.load_eval_params(str(out))
     assert config.method == "ct" and config.model.kwargs.num_classes is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Defects of issue 30: non-finite tensors, --out below a file, DDP's prefix, a failed write
+
+
+def test_a_nan_is_refused_naming_the_file_and_the_tensor_and_nothing_is_left(tmp_path):
+    state_dict = load_file(_fixture("cond")[0])
+    state_dict["out.2.weight"] = state_dict["out.2.weight"].copy()
+    state_dict["out.2.weight"][0, 0, 0, 0] = np.nan
+    path = _write(tmp_path, state_dict)
+    with pytest.raises(
+        convert.ConvertError, match=r"edited.safetensors: tensor out.2.weight holds 1"
+    ):
+        _convert(path, tmp_path)
+    assert not os.path.exists(tmp_path / "run")
+    jcm = _jcm_edited(tmp_path, "nan")
+    with pytest.raises(
+        convert.ConvertError, match=r"edited: tensor Conv_1/kernel holds 1 non-finite"
+    ):
+        convert.convert_jcm(jcm, str(tmp_path / "run"), arch=JCM_ARCH)
+    assert not os.path.exists(tmp_path / "run")
+    _convert(_fixture("cond")[0], tmp_path)  # the rerun with a good file is not blocked
+    assert os.path.isfile(tmp_path / "run" / convert.PROVENANCE)
+
+
+def test_out_below_a_file_is_refused_clearly(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(convert.ConvertError, match=r"lies below .*afile, which is a file"):
+        convert.convert_cm(
+            _fixture("cond")[0],
+            str(tmp_path / "afile" / "sub" / "run"),
+            config="imagenet64",
+            method="cd",
+            arch=ARCH["cond"],
+        )
+
+
+def test_a_ddp_prefix_is_stripped_and_a_partial_one_explained(tmp_path):
+    plain_dict = load_file(_fixture("cond")[0])
+    want = convert.cm_params(plain_dict, _kwargs("cond"), 16)
+    prefixed = {f"module.{k}": v for k, v in plain_dict.items()}
+    got = convert.cm_params(prefixed, _kwargs("cond"), 16)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert np.array_equal(a, b)
+    partly = dict(plain_dict)
+    partly["module.out.2.bias"] = partly.pop("out.2.bias")
+    with pytest.raises(convert.ConvertError, match=r"start with 'module.'.*strip it"):
+        convert.cm_params(partly, _kwargs("cond"), 16)
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    from consistency_jax import checkpoint
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", fail)
+    with pytest.raises(convert.ConvertError, match="No space left on device.*removed"):
+        _convert(_fixture("cond")[0], tmp_path)
+    assert not os.path.exists(tmp_path / "run")
+    (tmp_path / "run").mkdir()  # an empty --out of the user's own is kept, emptied
+    with pytest.raises(convert.ConvertError, match="No space left"):
+        _convert(_fixture("cond")[0], tmp_path)
+    assert os.listdir(tmp_path / "run") == []

@@ -23,13 +23,20 @@ import scipy.spatial.distance
 import scipy.special
 from conftest import load_npz, load_tool
 
-from consistency_jax.evaluators import inception as ev
+from consistency_jax import torch_pickle, weights_cache
+from consistency_jax.evaluators import inception_metrics as ev
 from consistency_jax.metrics import fid as F
-from consistency_jax.metrics import inception as I
+from consistency_jax.metrics import inception_v3 as I
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "inception_reference.npz"
 BATCH = 4  # images per compiled batch everywhere below: one compilation per image shape
+
+
+def _offline_empty_cache(monkeypatch, tmp_path):
+    """No weights anywhere and no download (the default path would fetch pytorch-fid's file)."""
+    monkeypatch.setenv(weights_cache.CACHE_ENV, str(tmp_path / "empty_cache"))
+    monkeypatch.setenv(weights_cache.OFFLINE_ENV, "1")
 
 
 make_fixture = load_tool("make_inception_fixture")
@@ -157,7 +164,7 @@ def test_sharded_extraction_on_two_devices(ref, weights_file):
     """Batch split over 2 CPU devices, a batch of 3 rounded up to 4, a short last batch padded."""
     script = f"""
 import numpy as np, jax
-from consistency_jax.metrics import inception as I
+from consistency_jax.metrics import inception_v3 as I
 assert jax.device_count() == 2
 ref = np.load({str(FIXTURE)!r})
 ex = I.InceptionFeatureExtractor({str(weights_file)!r}, batch_size=3)
@@ -190,6 +197,7 @@ def test_weight_file_errors(state, weights_file, tmp_path, monkeypatch):
     from safetensors.numpy import save_file
 
     monkeypatch.delenv(I.INCEPTION_WEIGHTS_ENV, raising=False)
+    _offline_empty_cache(monkeypatch, tmp_path)
     with pytest.raises(ValueError, match="pt_inception-2015-12-05-6726825d.pth") as err:
         I.load_inception_params()
     assert "tools/convert_inception_weights.py" in str(err.value) and "INCEPTION_WEIGHTS" in str(
@@ -219,6 +227,35 @@ def test_weight_file_errors(state, weights_file, tmp_path, monkeypatch):
         match=r"Mixed_6b.branch7x7_2.conv.weight \(128, 128, 7, 1\) \(expected \(128, 128, 1, 7\)\)",
     ):
         I.load_inception_params(tmp_path / "wrong.safetensors")
+
+
+def test_the_pth_is_read_without_torch_and_found_in_the_cache(
+    state, variables, tmp_path, monkeypatch
+):
+    """pytorch-fid's .pth layout (a torch zip state dict with the batch-norm counters, written here
+    by ``torch_pickle.write_state_dict``) gives the variables of its .safetensors copy, given as a
+    path and, with no path, from the cache (its SHA-256 checked; no download: already cached)."""
+    with_counters = dict(state)
+    with_counters["Mixed_5b.branch1x1.bn.num_batches_tracked"] = np.zeros((), np.int64)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    pth = cache / "pt_inception-test.pth"
+    torch_pickle.write_state_dict(pth, with_counters)
+    remote = weights_cache.RemoteFile(
+        pth.name, "http://127.0.0.1:9/unused", weights_cache.file_sha256(str(pth))
+    )
+    monkeypatch.setattr(weights_cache, "PT_INCEPTION", remote)
+    monkeypatch.delenv(I.INCEPTION_WEIGHTS_ENV, raising=False)
+    monkeypatch.setenv(weights_cache.CACHE_ENV, str(cache))
+    monkeypatch.setenv(weights_cache.OFFLINE_ENV, "1")
+    assert I.resolve_weights_path() == str(pth)
+    for got in (I.load_inception_params(pth), I.load_inception_params()):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(variables), strict=True):
+            assert np.array_equal(a, b)
+    pth.write_bytes(pth.read_bytes()[:-5])  # damaged: removed, and offline it cannot come back
+    with pytest.raises(ValueError, match="No Inception weights.*forbids downloading"):
+        I.load_inception_params()
+    assert not pth.exists()
 
 
 def test_converter_refuses_by_name(state):
@@ -385,7 +422,7 @@ def digits_ref(variables, tmp_path_factory):
     )
 
 
-def test_reference_statistics_of_a_tfds_split(digits_ref, variables, monkeypatch):
+def test_reference_statistics_of_a_tfds_split(digits_ref, variables, monkeypatch, tmp_path):
     from consistency_jax import data as data_lib
 
     images = np.concatenate(
@@ -404,6 +441,7 @@ def test_reference_statistics_of_a_tfds_split(digits_ref, variables, monkeypatch
     np.testing.assert_allclose(digits_ref["sigma"], np.cov(direct.T), rtol=0, atol=1e-3)
     # The second call reads the cache: no weights are needed (none are available here).
     monkeypatch.delenv(I.INCEPTION_WEIGHTS_ENV, raising=False)
+    _offline_empty_cache(monkeypatch, tmp_path)
     mu, sigma, count, features = ev.reference_statistics(
         "sklearn_digits/8",
         REF_SPLIT,
@@ -487,6 +525,7 @@ def test_evaluate_rejects_bad_arguments_before_compiling(
 
     monkeypatch.setattr(I, "InceptionFeatureExtractor", no_extractor)
     monkeypatch.delenv(I.INCEPTION_WEIGHTS_ENV, raising=False)
+    _offline_empty_cache(monkeypatch, tmp_path)
     good = tmp_path / "good.npz"
     np.savez(good, np.zeros((4, 8, 8, 1), np.uint8))
     floats = tmp_path / "floats.npz"

@@ -1,7 +1,9 @@
 """Converts LPIPS weights (PyTorch) into the one ``.safetensors`` file that
 ``consistency_jax.metrics.lpips.load_lpips_params`` reads.
 
-Two inputs, both plain state_dicts read with ``torch.load(weights_only=True)`` (no pickle code):
+Two inputs, both plain state_dicts read by ``consistency_jax.torch_pickle`` (NumPy only: no
+PyTorch, nothing unpickled but tensors; the library also fetches, checks and reads them by itself on
+first use, ``consistency_jax.weights_cache``):
 
 * the backbone: torchvision's ImageNet weights, which you download yourself (nothing in the
   library or the tests downloads anything). The lpips package uses the IMAGENET1K_V1 weights:
@@ -10,11 +12,8 @@ Two inputs, both plain state_dicts read with ``torch.load(weights_only=True)`` (
 * the linear heads: ``lpips/weights/v0.1/{vgg,alex}.pth`` shipped inside the ``lpips`` PyPI package
   (found automatically when ``--lin`` is left out and the package is installed).
 
-Commands (torch, torchvision and lpips are needed only for this conversion; the environment must
-also have consistency_jax's requirements, jax and safetensors, because the tensor layout is taken
-from the library):
+Commands (the lpips package is needed only to find its weights when --lin is left out):
 
-    pip install torch torchvision lpips
     curl -LO https://download.pytorch.org/models/vgg16-397923af.pth
     python tools/convert_lpips_weights.py --net vgg --backbone vgg16-397923af.pth \\
         --out lpips_vgg.safetensors
@@ -38,78 +37,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-_FORMAT = "lpips-v0.1"
-
-
-def build_lpips_tensors(
-    backbone: Mapping[str, np.ndarray],
-    lin: Mapping[str, np.ndarray],
-    shapes: Mapping[str, tuple[int, ...]],
-) -> dict[str, np.ndarray]:
-    """Selects and renames the tensors of one LPIPS weight file.
-
-    Args:
-        backbone: torchvision state_dict as NumPy arrays (``features.*``, ``classifier.*``, ...).
-        lin: the lpips package's state_dict (``lin{l}.model.1.weight``, or already ``lin{l}.weight``).
-        shapes: the required {name: shape}, from ``lpips_tensor_shapes(net)``.
-
-    Returns:
-        {name: float32 array} holding exactly the names of ``shapes``.
-
-    Raises:
-        ValueError: a required tensor is missing or has another shape.
-    """
-    renamed_lin = {}
-    for name, array in lin.items():
-        parts = name.split(".")
-        if len(parts) == 4 and parts[0].startswith("lin") and parts[1:] == ["model", "1", "weight"]:
-            name = f"{parts[0]}.weight"
-        renamed_lin[name] = array
-    out: dict[str, np.ndarray] = {}
-    problems = []
-    for name, shape in shapes.items():
-        source = backbone if name.startswith("features.") else renamed_lin
-        what = "backbone" if source is backbone else "linear-head"
-        if name not in source:
-            problems.append(f"{what} tensor {name!r} is missing")
-            continue
-        array = np.asarray(source[name], dtype=np.float32)
-        if array.shape != tuple(shape):
-            problems.append(
-                f"{what} tensor {name!r} has shape {array.shape}, expected {tuple(shape)}"
-            )
-            continue
-        out[name] = np.ascontiguousarray(array)
-    if problems:
-        raise ValueError("Cannot build the LPIPS weight file: " + "; ".join(problems) + ".")
-    return out
-
-
-def save_lpips_safetensors(
-    tensors: Mapping[str, np.ndarray], path: str | os.PathLike, net: str
-) -> None:
-    """Writes ``tensors`` to ``path`` with metadata {"net": net, "format": "lpips-v0.1"}."""
-    from safetensors.numpy import save_file
-
-    save_file(dict(tensors), os.fspath(path), metadata={"net": net, "format": _FORMAT})
-
-
-def _torch_state_dict(path: str) -> dict[str, np.ndarray]:
-    """Reads a PyTorch state_dict without unpickling code (``weights_only=True``)."""
-    import torch
-
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path!r} does not hold a state_dict (got {type(state).__name__}).")
-    return {
-        name: value.detach().cpu().numpy()
-        for name, value in state.items()
-        if hasattr(value, "detach")
-    }
+from consistency_jax.metrics.lpips import (  # noqa: E402, F401 -- re-exported for the tests
+    build_lpips_tensors,
+    save_lpips_safetensors,
+)
 
 
 def _default_lin_path(net: str) -> str:
@@ -133,16 +68,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output .safetensors file")
     args = parser.parse_args(argv)
 
+    from consistency_jax import torch_pickle
     from consistency_jax.metrics.lpips import lpips_tensor_shapes
 
     lin_path = args.lin or _default_lin_path(args.net)
     tensors = build_lpips_tensors(
-        _torch_state_dict(args.backbone), _torch_state_dict(lin_path), lpips_tensor_shapes(args.net)
+        torch_pickle.read_state_dict(args.backbone),
+        torch_pickle.read_state_dict(lin_path),
+        lpips_tensor_shapes(args.net),
     )
     save_lpips_safetensors(tensors, args.out, args.net)
     print(f"wrote {len(tensors)} tensors for net={args.net} to {args.out}")
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     main()

@@ -6,7 +6,7 @@
   toy.py      the 2-D toy: sliced W2 / energy distance beside the noise floor, the exact-map error
   images.py   images: PNG grids and, on the digits, digits-FD
   digits.py   the digits-FD: a fixed classifier of the bundled digits and the Fréchet distance in its features
-  inception.py  paper-comparable FID/IS/KID/PR on the FID Inception-v3 (``InceptionMetrics``;
+  inception_metrics.py  paper-comparable FID/IS/KID/PR on the FID Inception-v3 (``InceptionMetrics``;
                 used by ``python -m consistency_jax.evaluate``, not yet by the training loop)
 
 ``build_evaluator`` picks one for a run; an evaluator is called as

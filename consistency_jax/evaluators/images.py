@@ -86,7 +86,7 @@ class ImageEvaluator:
     def _init_inception(self, config) -> None:
         """The FID Inception and the reference statistics, before the first training step (a bad
         weight file or reference fails now, not after hours of training)."""
-        from consistency_jax.evaluators import inception as inception_eval
+        from consistency_jax.evaluators import inception_metrics as inception_eval
 
         self.inception = inception_eval.InceptionMetrics(
             config.eval.inception_weights, batch_size=min(200, self.shape[0])
@@ -133,7 +133,7 @@ class ImageEvaluator:
         """FID / IS / KID / precision-recall of samples in [−1, 1] (quantised to uint8 first, as the
         papers' evaluations do), named ``fid_1step`` etc. With eval.num_samples ≪ 50 000 these are
         biased upwards and comparable only between runs at equal sample counts."""
-        from consistency_jax.evaluators.inception import InceptionMetrics
+        from consistency_jax.evaluators.inception_metrics import InceptionMetrics
 
         _, outputs = self.inception.statistics(to_uint8(x), keep=True)
         (mu, sigma), ref_features = self.fid_reference

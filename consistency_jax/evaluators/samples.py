@@ -126,7 +126,7 @@ def check_config(config, spec, sigmas, ema_rates, toy_data: bool) -> None:
             f"config.eval.ema_rate={e.ema_rate} is not one of the EMA rates kept "
             f"(config.train.ema_rates={ema_rates}); 0 picks the slowest."
         )
-    from consistency_jax.evaluators.inception import METRICS
+    from consistency_jax.evaluators.inception_metrics import METRICS
 
     bad = sorted(set(e.fid_metrics) - set(METRICS))
     if bad or not e.fid_metrics:

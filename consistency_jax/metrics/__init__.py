@@ -2,10 +2,10 @@
 
 - ``sample_distances``: energy distance and sliced Wasserstein-2 between point clouds (the toy).
 - ``lpips``: the LPIPS perceptual distance (a training metric for CD/CT on images).
-- ``inception``: the FID Inception-v3 (2015-12-05) in Flax, its weights and a sharded extractor.
+- ``inception_v3``: the FID Inception-v3 (2015-12-05) in Flax, its weights and a sharded extractor.
 - ``fid``: FID, KID, Inception Score, precision/recall and streaming feature statistics.
 
-The names of ``inception`` and ``fid`` are exported lazily: ``import consistency_jax.metrics``
+The names of ``inception_v3`` and ``fid`` are exported lazily: ``import consistency_jax.metrics``
 does not build or import the Inception network.
 """
 
@@ -23,11 +23,11 @@ _LAZY = {
     "load_statistics": "fid",
     "precision_recall": "fid",
     "save_statistics": "fid",
-    "InceptionFeatureExtractor": "inception",
-    "InceptionOutput": "inception",
-    "InceptionV3": "inception",
-    "inception_outputs": "inception",
-    "load_inception_params": "inception",
+    "InceptionFeatureExtractor": "inception_v3",
+    "InceptionOutput": "inception_v3",
+    "InceptionV3": "inception_v3",
+    "inception_outputs": "inception_v3",
+    "load_inception_params": "inception_v3",
 }
 
 __all__ = ["energy_distance", "sliced_wasserstein2", *_LAZY]

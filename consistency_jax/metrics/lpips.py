@@ -50,6 +50,7 @@ __all__ = [
     "LPIPSDistance",
     "AlexNetFeatures",
     "VGG16Features",
+    "fetch_lpips_tensors",
     "load_lpips_params",
     "lpips_distance",
     "lpips_tensor_shapes",
@@ -63,6 +64,7 @@ _SHIFT = (-0.030, -0.088, -0.188)
 _SCALE = (0.458, 0.448, 0.450)
 # lpips.normalize_tensor adds this to the channel norm before dividing.
 _NORM_EPS = 1e-10
+LPIPS_FORMAT = "lpips-v0.1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,6 +309,59 @@ def lpips_tensor_shapes(net: str = "vgg") -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def build_lpips_tensors(
+    backbone: Mapping[str, np.ndarray],
+    lin: Mapping[str, np.ndarray],
+    shapes: Mapping[str, tuple[int, ...]],
+) -> dict[str, np.ndarray]:
+    """Selects and renames the tensors of one LPIPS weight file.
+
+    Args:
+        backbone: torchvision state_dict as NumPy arrays (``features.*``, ``classifier.*``, ...).
+        lin: the lpips package's state_dict (``lin{l}.model.1.weight``, or already ``lin{l}.weight``).
+        shapes: the required {name: shape}, from ``lpips_tensor_shapes(net)``.
+
+    Returns:
+        {name: float32 array} holding exactly the names of ``shapes``.
+
+    Raises:
+        ValueError: a required tensor is missing or has another shape.
+    """
+    renamed_lin = {}
+    for name, array in lin.items():
+        parts = name.split(".")
+        if len(parts) == 4 and parts[0].startswith("lin") and parts[1:] == ["model", "1", "weight"]:
+            name = f"{parts[0]}.weight"
+        renamed_lin[name] = array
+    out: dict[str, np.ndarray] = {}
+    problems = []
+    for name, shape in shapes.items():
+        source = backbone if name.startswith("features.") else renamed_lin
+        what = "backbone" if source is backbone else "linear-head"
+        if name not in source:
+            problems.append(f"{what} tensor {name!r} is missing")
+            continue
+        array = np.asarray(source[name], dtype=np.float32)
+        if array.shape != tuple(shape):
+            problems.append(
+                f"{what} tensor {name!r} has shape {array.shape}, expected {tuple(shape)}"
+            )
+            continue
+        out[name] = np.ascontiguousarray(array)
+    if problems:
+        raise ValueError("Cannot build the LPIPS weight file: " + "; ".join(problems) + ".")
+    return out
+
+
+def save_lpips_safetensors(
+    tensors: Mapping[str, np.ndarray], path: str | os.PathLike, net: str
+) -> None:
+    """Writes ``tensors`` to ``path`` with metadata {"net": net, "format": "lpips-v0.1"}."""
+    from safetensors.numpy import save_file
+
+    save_file(dict(tensors), os.fspath(path), metadata={"net": net, "format": LPIPS_FORMAT})
+
+
 def _tensors_to_params(tensors: Mapping[str, np.ndarray], net: str) -> dict[str, Any]:
     """PyTorch-layout tensors (already validated) -> Flax variables {"params": ...}."""
     spec = _spec(net)
@@ -324,11 +379,31 @@ def _tensors_to_params(tensors: Mapping[str, np.ndarray], net: str) -> dict[str,
     return {"params": params}
 
 
-def load_lpips_params(path: str | os.PathLike, net: str = "vgg") -> dict[str, Any]:
-    """Reads LPIPS weights from a ``.safetensors`` file (no pickle).
+def fetch_lpips_tensors(net: str = "vgg") -> dict[str, np.ndarray]:
+    """The LPIPS tensors from the published files, fetched once into the cache and SHA-256-checked
+    (``weights_cache``: torchvision's ImageNet backbone and the lpips package's v0.1 linear heads),
+    read by ``torch_pickle`` (no PyTorch).
+
+    Raises:
+        ValueError: a file that cannot be fetched (the message names its address, the cache path
+            and the manual command) or does not hold the tensors of ``net``.
+    """
+    from consistency_jax import torch_pickle, weights_cache
+
+    backbone = {"vgg": weights_cache.VGG16, "alex": weights_cache.ALEXNET}[_spec(net).name]
+    return build_lpips_tensors(
+        torch_pickle.read_state_dict(weights_cache.fetch(backbone)),
+        torch_pickle.read_state_dict(weights_cache.fetch(weights_cache.LPIPS_LIN[net])),
+        lpips_tensor_shapes(net),
+    )
+
+
+def load_lpips_params(path: str | os.PathLike | None = None, net: str = "vgg") -> dict[str, Any]:
+    """Reads LPIPS weights from a ``.safetensors`` file (no pickle), or from the published files.
 
     Args:
-        path: a file written by ``tools/convert_lpips_weights.py``.
+        path: a file written by ``tools/convert_lpips_weights.py``; None or "": the published
+            backbone and linear heads, fetched once into the cache (``fetch_lpips_tensors``).
         net: "vgg" or "alex"; must match the file.
 
     Returns:
@@ -341,6 +416,8 @@ def load_lpips_params(path: str | os.PathLike, net: str = "vgg") -> dict[str, An
     from safetensors import SafetensorError, safe_open
 
     expected = lpips_tensor_shapes(net)
+    if path is None or os.fspath(path) == "":
+        return _tensors_to_params(fetch_lpips_tensors(net), net)
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"LPIPS weight file {path!r} does not exist.")

@@ -249,13 +249,16 @@ def group_norm(
 class GroupNorm(nn.Module):
     """GroupNorm with the parameters of ``flax.linen.GroupNorm`` ("scale", "bias"), computed faster.
 
-    y = (x − μ_g)·rsqrt(σ²_g + ε)·γ + β with the statistics of each group in float32 and
-    σ² = E[x²] − μ² (flax's ``use_fast_variance``). The normalisation and the affine map are folded
-    into one per-(example, channel) multiply-add, y = x·a + b with a = γ·rsqrt(σ² + ε) and
-    b = β − μ·a: one elementwise pass over x instead of four, and a backward pass with fewer
-    full-size temporaries (about 1.5× faster than ``flax.linen.GroupNorm`` on XLA:CPU forward and
-    backward; same values to float32 rounding). Differentiable in both modes (no custom rule), so
-    ``jax.jvp`` through the network stays exact.
+    y = (x − μ_g)·rsqrt(σ²_g + ε)·γ + β with the statistics of each group in float32, computed in
+    one pass over x *shifted by a sample of the group*: with s the group's first element and
+    d = x − s, μ = s + E[d] and σ² = E[d²] − E[d]². The shift makes the one-pass variance accurate
+    where |μ| ≫ σ (near-constant activations), where E[x²] − μ² cancels (a mean of 1e3 and a std of
+    1e-2 lose every digit in float32); for x within a few σ of s, d is exact (Sterbenz) and of the
+    order of σ. The output is formed from d too, y = (d − E[d])·a + β with a = γ·rsqrt(σ² + ε), so
+    no float32 rounding of μ enters it. Both reductions read x once (fused), and the normalisation
+    and the affine map are one elementwise pass over x, as in the folded form it replaces; the
+    shift is a ``stop_gradient`` (σ² and y do not depend on it), so the backward pass does not
+    differentiate through it and ``jax.jvp`` through the network stays exact.
 
     Attributes:
       num_groups: number of groups (divides the channels).
@@ -280,14 +283,16 @@ class GroupNorm(nn.Module):
         batch = x.shape[0]
         xf = x.astype(jnp.float32)
         xg = xf.reshape(batch, -1, g, c // g)
-        mean = jnp.mean(xg, axis=(1, 3))
-        var = jnp.maximum(jnp.mean(jnp.square(xg), axis=(1, 3)) - jnp.square(mean), 0.0)
+        shift = jax.lax.stop_gradient(xg[:, :1, :, :1])  # (B, 1, G, 1): a sample of each group
+        d = xg - shift
+        mean_d = jnp.mean(d, axis=(1, 3))  # (B, G); μ = s + E[d]
+        var = jnp.maximum(jnp.mean(jnp.square(d), axis=(1, 3)) - jnp.square(mean_d), 0.0)
         inv = jax.lax.rsqrt(var + self.epsilon)  # (B, G)
         gamma = scale.astype(jnp.float32).reshape(g, c // g)
         a = inv[:, :, None] * gamma  # (B, G, C/G)
-        b = bias.astype(jnp.float32).reshape(g, c // g) - mean[:, :, None] * a
         bshape = (batch,) + (1,) * (x.ndim - 2) + (c,)
-        y = xf * a.reshape(bshape) + b.reshape(bshape)
+        centred = (d - mean_d[:, None, :, None]).reshape(xf.shape)  # x − μ without rounding μ
+        y = centred * a.reshape(bshape) + bias.astype(jnp.float32)
         return y.astype(self.dtype or x.dtype)
 
 

@@ -229,7 +229,7 @@ def run_tau_search(request: SampleRequest) -> dict:
         metric_name = "digits_fd"
         metric = lambda x: digits_lib.digits_fd(x, data_dir=data_dir)
     elif request.inception_weights and request.ref:
-        from consistency_jax.evaluators import inception as inception_eval
+        from consistency_jax.evaluators import inception_metrics as inception_eval
 
         metrics = inception_eval.InceptionMetrics(request.inception_weights)
         if request.ref.endswith(".npz"):

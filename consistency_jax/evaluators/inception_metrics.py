@@ -1,6 +1,6 @@
 """Paper-comparable evaluation: FID, IS, KID and precision/recall on the FID Inception-v3.
 
-``InceptionMetrics(weights_path)`` binds the network (``metrics.inception``) to the formulas
+``InceptionMetrics(weights_path)`` binds the network (``metrics.inception_v3``) to the formulas
 (``metrics.fid``): ``features(images_uint8)`` gives pool features and logits, ``statistics(...)``
 their streaming float64 mean and covariance, ``score(...)`` the figures against reference
 statistics. ``reference_statistics(name)`` computes (and caches as ``.npz``) the statistics of a
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from consistency_jax.metrics import fid as fid_lib
-from consistency_jax.metrics import inception as inception_lib
+from consistency_jax.metrics import inception_v3 as inception_lib
 
 __all__ = [
     "InceptionMetrics",

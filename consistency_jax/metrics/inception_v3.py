@@ -29,12 +29,13 @@ the tensor that the Inception-Score code of Salimans et al. (and torch-fidelity'
 ``logits_unbiased``, and the TF evaluator of the ADM/CM papers) feeds to its softmax. The bias is
 loaded too (``variables["params"]["fc"]["bias"]``): ``logits + bias`` is the full layer.
 
-Weights. ``load_inception_params`` reads a ``.safetensors`` file written by
-``tools/convert_inception_weights.py`` from pytorch-fid's published conversion of the TF graph,
-``pt_inception-2015-12-05-6726825d.pth`` (see ``PT_INCEPTION_URL``). The file keeps PyTorch's names
-and layouts (``Mixed_5b.branch1x1.conv.weight`` (out, in, kh, kw), ``….bn.{weight,bias,running_mean,
-running_var}``, ``fc.weight`` (1008, 2048), ``fc.bias``). Where no path is passed, the environment
-variable ``INCEPTION_WEIGHTS`` names the file. Nothing here downloads anything.
+Weights. ``load_inception_params`` reads pytorch-fid's published conversion of the TF graph,
+``pt_inception-2015-12-05-6726825d.pth`` (see ``PT_INCEPTION_URL``), with ``torch_pickle`` (no
+PyTorch), or a ``.safetensors`` copy of it (``tools/convert_inception_weights.py``). The file
+keeps PyTorch's names and layouts (``Mixed_5b.branch1x1.conv.weight`` (out, in, kh, kw),
+``….bn.{weight,bias,running_mean,running_var}``, ``fc.weight`` (1008, 2048), ``fc.bias``). Where no
+path is passed, the environment variable ``INCEPTION_WEIGHTS`` names the file, else the ``.pth`` is
+fetched once into the cache and its SHA-256 checked (``consistency_jax.weights_cache``).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ INPUT_SIZE = 299
 POOL_DIM = 2048
 NUM_CLASSES = 1008
 _BN_EPS = 1e-3
+INCEPTION_FORMAT = "fid-inception-v3-2015-12-05"
 _BATCH_AXIS = "batch"
 
 Variables = Mapping[str, Any]
@@ -441,29 +443,80 @@ def variables_from_tensors(tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
     return variables
 
 
+def build_inception_tensors(
+    state: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> dict[str, np.ndarray]:
+    """Checks and selects the tensors of one Inception weight file.
+
+    Args:
+        state: the PyTorch state_dict as NumPy arrays.
+        shapes: the required {name: shape} (default: ``inception_tensor_shapes()``).
+
+    Returns:
+        {name: float32 array} holding exactly the names of ``shapes``.
+
+    Raises:
+        ValueError: tensors missing, unexpected (other than ``*.num_batches_tracked``) or of another
+            shape, all named.
+    """
+    shapes = inception_tensor_shapes() if shapes is None else shapes
+    kept = {k: v for k, v in state.items() if not k.endswith(".num_batches_tracked")}
+    missing = sorted(set(shapes) - set(kept))
+    unexpected = sorted(set(kept) - set(shapes))
+    wrong = sorted(
+        f"{name!r} has shape {tuple(np.shape(kept[name]))}, expected {tuple(shapes[name])}"
+        for name in set(shapes) & set(kept)
+        if tuple(np.shape(kept[name])) != tuple(shapes[name])
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing}")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected}")
+    problems.extend(wrong)
+    if problems:
+        raise ValueError("Not the FID Inception-v3 state_dict: " + "; ".join(problems) + ".")
+    return {name: np.ascontiguousarray(np.asarray(kept[name], np.float32)) for name in shapes}
+
+
+def save_inception_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
+    """Writes ``tensors`` to ``path`` with metadata {"format": "fid-inception-v3-2015-12-05"}."""
+    from safetensors.numpy import save_file
+
+    save_file(dict(tensors), os.fspath(path), metadata={"format": INCEPTION_FORMAT})
+
+
 def _missing_weights_message(origin: str) -> str:
     return (
-        f"No Inception weights: {origin}. FID/IS/KID need the FID Inception-v3 of 2015-12-05 as a "
-        f".safetensors file. Download pytorch-fid's published conversion {PT_INCEPTION_URL} and "
-        "convert it once (torch needed for this step only): python tools/convert_inception_weights.py "
-        "--pth pt_inception-2015-12-05-6726825d.pth --out pt_inception-2015-12-05.safetensors ; then "
-        f"pass that file's path, or set {INCEPTION_WEIGHTS_ENV}=/path/to/pt_inception-2015-12-05.safetensors."
+        f"No Inception weights: {origin}. FID/IS/KID need the FID Inception-v3 of 2015-12-05: "
+        f"pytorch-fid's pt_inception-2015-12-05-6726825d.pth ({PT_INCEPTION_URL}), which is "
+        "fetched into the cache on first use when no path is given, or a .safetensors copy made by "
+        "tools/convert_inception_weights.py; pass the file's path, or set "
+        f"{INCEPTION_WEIGHTS_ENV}=/path/to/the/file."
     )
 
 
 def resolve_weights_path(path: str | os.PathLike | None = None) -> str:
-    """The weight file to use: ``path``, else ``$INCEPTION_WEIGHTS``; checked to exist.
+    """The weight file to use: ``path``, else ``$INCEPTION_WEIGHTS``, else pytorch-fid's file in the
+    cache (``weights_cache.fetch``: downloaded and SHA-256-checked on first use); checked to exist.
 
     Raises:
-        ValueError: neither is set, or the file does not exist (the message says where the file
-            comes from and how to convert it).
+        ValueError: the file given does not exist, or none is given and the cache has none that
+            can be fetched (the message names the address, the cache path and the manual command).
     """
+    from consistency_jax import weights_cache
+
     if path is None or os.fspath(path) == "":
         path = os.environ.get(INCEPTION_WEIGHTS_ENV, "")
         if not path:
-            raise ValueError(
-                _missing_weights_message(f"no path given and ${INCEPTION_WEIGHTS_ENV} is not set")
-            )
+            try:
+                return weights_cache.fetch(weights_cache.PT_INCEPTION)
+            except weights_cache.WeightsUnavailableError as e:
+                raise ValueError(
+                    _missing_weights_message(
+                        f"no path given, ${INCEPTION_WEIGHTS_ENV} is not set, and {e}"
+                    )
+                ) from None
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(_missing_weights_message(f"the file {path!r} does not exist"))
@@ -495,10 +548,12 @@ def check_tensors(tensors: Mapping[str, np.ndarray], origin: str) -> None:
 
 
 def load_inception_params(path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Reads the FID Inception-v3 weights from a ``.safetensors`` file (no pickle).
+    """Reads the FID Inception-v3 weights: pytorch-fid's ``.pth`` (read by ``torch_pickle``: no
+    PyTorch, nothing unpickled but tensors) or a ``.safetensors`` copy.
 
     Args:
-        path: a file written by ``tools/convert_inception_weights.py``; None: ``$INCEPTION_WEIGHTS``.
+        path: the ``.pth`` or a file written by ``tools/convert_inception_weights.py``; None:
+            ``$INCEPTION_WEIGHTS``, else pytorch-fid's file in the cache (fetched on first use).
 
     Returns:
         Flax variables ``{"params": ..., "batch_stats": ...}`` for ``InceptionV3``.
@@ -510,6 +565,17 @@ def load_inception_params(path: str | os.PathLike | None = None) -> dict[str, An
     from safetensors import SafetensorError, safe_open
 
     path = resolve_weights_path(path)
+    if not path.lower().endswith(".safetensors"):  # a torch.save file: pytorch-fid's .pth
+        from consistency_jax import torch_pickle
+
+        try:
+            tensors = build_inception_tensors(torch_pickle.read_state_dict(path))
+        except torch_pickle.TorchPickleError as err:
+            raise ValueError(f"Inception weight file {path!r}: {err}") from None
+        except ValueError as err:
+            raise ValueError(f"Inception weight file {path!r}: {err}") from None
+        check_tensors(tensors, f"Inception weight file {path!r}")
+        return variables_from_tensors(tensors)
     try:
         with safe_open(path, framework="numpy") as f:
             tensors = {name: f.get_tensor(name) for name in f.keys()}
