@@ -8,7 +8,7 @@
   command needs none of it.
 - Default tier, for every command, marked or not: the flags of the package's commands parse with
   the command's own flag definitions (run in-process as `python -m` would, without calling its
-  `main`); the training command's config loads and, unless marked, passes `config.validate`; the
+  `main`); the training command's config loads and, unless marked, passes `build.validate`; the
   sampling command's request is built; `launch/run.sh` runs with `--dry_run`.
 - `slow` tier: every unmarked command of the package runs in a subprocess in a temporary directory,
   with overrides appended that shrink its budget (two train steps, a handful of samples).
@@ -436,7 +436,9 @@ def expand(args: list, home: str) -> list:
 def check_main(c: Command):
     """The flags parse, the config loads, and, for a command the slow tier runs in a process of
     its own (no mark, no dry run, no fake devices), the config passes validation."""
-    from consistency_jax import config as config_lib
+    from consistency_jax import (
+        build as config_lib,
+    )  # build.validate: every builder checks its slice
 
     args = expand(c.args, os.path.expanduser("~"))
     if c.needs == "example":  # the guide's method is not registered here: its flags with another
@@ -570,6 +572,14 @@ def run_command(c: Command, tmp: pathlib.Path, done: set):
 RUNNABLE = ("main", "sample", "evaluate", "convert", "launch")
 
 
+@pytest.fixture(scope="module")
+def docs_runs(tmp_path_factory):
+    """(directory, runs written, commands run): shared by the guides' command tests."""
+    root = tmp_path_factory.mktemp("docs_runs")
+    (root / "configs").symlink_to(ROOT / "configs")
+    return root, set(), set()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "doc",
@@ -579,13 +589,18 @@ RUNNABLE = ("main", "sample", "evaluate", "convert", "launch")
         if any(not c.needs and not c.dry and c.kind in RUNNABLE for c in commands_of(d))
     ],
 )
-def test_commands_run(doc, tmp_path):
-    (tmp_path / "configs").symlink_to(ROOT / "configs")
-    ran, done = 0, set()
+def test_commands_run(doc, docs_runs):
+    # One directory for the whole module: a command that several guides show (the digits EDM
+    # teacher, the toy CD run, ...) runs once, and the digits data and classifier are built once.
+    tmp_path, done, seen = docs_runs
+    ran = 0
     for c in commands_of(doc):
         if c.needs or c.dry or c.kind not in RUNNABLE:  # a dry run: the default tier
             continue
-        run_command(c, tmp_path, done)
+        key = (c.kind, tuple(c.args), tuple(getattr(c, "launch_options", ()) or ()))
+        if key not in seen:
+            run_command(c, tmp_path, done)
+            seen.add(key)
         ran += 1
         written = c.run_written and tmp_path / in_tmp(c.run_written, tmp_path)
         if c.kind in ("main", "launch"):
