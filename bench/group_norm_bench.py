@@ -28,7 +28,7 @@ from consistency_jax.networks import layers as L  # noqa: E402
 from consistency_jax.networks.ncsnpp import NCSNpp  # noqa: E402
 
 
-class OnePassGroupNorm(nn.Module):
+class GroupNorm(nn.Module):  # named as the layer it stands in for (flax names scopes by class)
     """The layer before issue 29: σ² = E[x²] − μ², y = x·a + (β − μ·a)."""
 
     num_groups: int = 32
@@ -77,7 +77,7 @@ def main(argv=None):
     built = {}
     new = L.GroupNorm
     try:
-        L.GroupNorm = OnePassGroupNorm
+        L.GroupNorm = GroupNorm
         built["before"] = passes(module, params, x, c)
     finally:
         L.GroupNorm = new
