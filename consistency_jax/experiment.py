@@ -52,6 +52,7 @@ from consistency_jax.periodic import (
 from consistency_jax.preemption import PreemptionWatcher
 from consistency_jax.train import make_multi_step, make_train_step
 from consistency_jax.train_state import TrainState
+from consistency_jax.trees import flatten_mapping
 from consistency_jax.workdir_lock import WorkdirLock, WorkdirLockedError
 from consistency_jax.writer import MetricWriter
 
@@ -233,7 +234,7 @@ def _train(config, workdir, setup, is_main, lock, closers, argv) -> TrainState:
     clip_layout = (
         None
         if saved is None
-        else float(ckpt_lib.flatten_config(saved).get("optim.grad_clip", 0.0) or 0.0) > 0
+        else float(flatten_mapping(saved).get("optim.grad_clip", 0.0) or 0.0) > 0
     )
     tx, lr_schedule = build.make_optimizer(config, clip_layout=clip_layout)
 
@@ -326,7 +327,7 @@ def _train(config, workdir, setup, is_main, lock, closers, argv) -> TrainState:
         return fs.join(workdir, f"samples_{step:08d}.png")
 
     t = config.train
-    ran_before = None if saved is None else ckpt_lib.flatten_config(saved).get("train.num_steps")
+    ran_before = None if saved is None else flatten_mapping(saved).get("train.num_steps")
     if restored is not None and _evaluation_missing(
         start,
         due=start % t.eval_every == 0 or start in (setup.num_steps, ran_before),

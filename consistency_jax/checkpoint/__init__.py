@@ -37,7 +37,6 @@ from consistency_jax.checkpoint.layout import (
     STATE_ITEM,
     UNHEALTHY_SUBDIR,
     UNREADABLE_SUBDIR,
-    abstract_like,
 )
 from consistency_jax.checkpoint.manager import Checkpointer, check_cadence, orbax_threads
 from consistency_jax.checkpoint.stored_config import (
@@ -47,7 +46,6 @@ from consistency_jax.checkpoint.stored_config import (
     config_from_dict,
     config_to_dict,
     differing_fields,
-    flatten_config,
 )
 
 __all__ = [
@@ -66,7 +64,6 @@ __all__ = [
     "CheckpointSaveError",
     "Checkpointer",
     "NonFiniteStateError",
-    "abstract_like",
     "brief",
     "check_cadence",
     "checksums",
@@ -74,7 +71,6 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "differing_fields",
-    "flatten_config",
     "nonfinite_parts",
     "orbax_threads",
     "verify",

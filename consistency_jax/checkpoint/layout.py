@@ -46,31 +46,9 @@ def saved_arrays(state: TrainState) -> dict:
     return out
 
 
-def abstract_like(tree: PyTree) -> PyTree:
-    """ShapeDtypeStructs with the shardings of a live pytree: the restore target (Orbax restores
-    every array straight into the sharding of the live state, also across hosts)."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        tree,
-    )
-
-
 def metadata_tree(md: Any) -> PyTree:
     """The tree of an item's Orbax metadata (newer Orbax wraps it in an object with ``.tree``)."""
     return md.tree if hasattr(md, "tree") else md
-
-
-def abstract_from_metadata(md: Any, sharding: jax.sharding.Sharding | None = None) -> PyTree:
-    """ShapeDtypeStructs (with ``sharding``, or none: host arrays) of an item's Orbax metadata."""
-
-    def leaf(m):
-        if hasattr(m, "shape") and hasattr(m, "dtype"):
-            return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding)
-        return m
-
-    return jax.tree.map(
-        leaf, metadata_tree(md), is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype")
-    )
 
 
 def item_handlers(read_only: bool) -> dict:

@@ -49,9 +49,8 @@ from consistency_jax.checkpoint.layout import (
     STATE_ITEM,
     UNHEALTHY_SUBDIR,
     UNREADABLE_SUBDIR,
-    abstract_from_metadata,
-    abstract_like,
     item_handlers,
+    metadata_tree,
     pytree_restore,
     saved_arrays,
     student_part,
@@ -59,10 +58,10 @@ from consistency_jax.checkpoint.layout import (
 from consistency_jax.checkpoint.stored_config import (
     config_to_dict,
     differing_fields,
-    flatten_config,
     is_dynamics,
 )
 from consistency_jax.train_state import TrainState
+from consistency_jax.trees import abstract_tree, flatten_mapping
 
 PyTree = Any
 
@@ -299,7 +298,7 @@ class Checkpointer:
         for name in ARRAY_ITEMS:
             md = metadata.get(name) if hasattr(metadata, "get") else None
             if md is not None:
-                out[name] = abstract_from_metadata(md)
+                out[name] = abstract_tree(metadata_tree(md), None)
         return out
 
     def read_arrays(
@@ -420,7 +419,7 @@ class Checkpointer:
                     f"differing fields (saved -> now): {'; '.join(diffs)}. Use another workdir, or "
                     "set config.checkpoint.override_config=True to resume it anyway."
                 )
-        old_steps = flatten_config(saved).get("train.num_steps")
+        old_steps = flatten_mapping(saved).get("train.num_steps")
         if old_steps is not None and old_steps != config.train.num_steps:
             depends = [
                 name
@@ -730,11 +729,11 @@ class Checkpointer:
     def _restore_step(self, step: int, state: TrainState) -> tuple[TrainState, dict]:
         student = student_part(state)
         items = {
-            STATE_ITEM: ocp.args.StandardRestore(abstract_like(student)),
+            STATE_ITEM: ocp.args.StandardRestore(abstract_tree(student)),
             DATA_ITEM: ocp.args.JsonRestore(),
         }
         if state.ema_params:
-            items[EMA_ITEM] = ocp.args.StandardRestore(abstract_like(dict(state.ema_params)))
+            items[EMA_ITEM] = ocp.args.StandardRestore(abstract_tree(dict(state.ema_params)))
         got = self._manager.restore(step, args=ocp.args.Composite(**items))
         # Orbax returns containers of the target's types; unflattening with the live treedef also
         # restores optax's NamedTuples and makes the jitted step see exactly the same structure.

@@ -9,6 +9,8 @@ from typing import Any
 
 import ml_collections
 
+from consistency_jax.trees import flatten_mapping
+
 # Config fields that may differ between a checkpoint and the run resuming it: they change how long
 # the run is and what it logs, evaluates or keeps, not the trajectory of the train state. A prefix
 # ending in "." covers a whole block. mesh.*: Orbax restores onto the live shardings, so a run may
@@ -60,17 +62,6 @@ def config_from_dict(d: Mapping[str, Any]) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(_as_tuples(dict(d)))
 
 
-def flatten_config(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config dict as {"block.field": value} (an empty block stays one entry)."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping) and v:
-            out.update(flatten_config(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def is_resumable(key: str) -> bool:
     """True for a field of ``RESUMABLE_KEYS`` (a prefix ending in "." covers its block)."""
     return any(key.startswith(p) if p.endswith(".") else key == p for p in RESUMABLE_KEYS)
@@ -118,8 +109,8 @@ def differing_fields(
     defaults: Mapping[str, Any] | None,
 ) -> list[tuple[str, Any, Any]]:
     """(key, saved value, current value) of every differing field, as ``config_differences`` lists them."""
-    a, b = flatten_config(saved), flatten_config(current)
-    defaults = flatten_config(defaults or {})
+    a, b = flatten_mapping(saved), flatten_mapping(current)
+    defaults = flatten_mapping(defaults or {})
     out = []
     for key in sorted(set(a) | set(b)):
         if ignore_resumable and is_resumable(key):
