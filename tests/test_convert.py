@@ -256,20 +256,26 @@ def test_pt_files_are_read_without_torch_and_foreign_ones_refused(tmp_path):
 
 
 def test_a_pt_file_converts_as_its_safetensors_copy(tmp_path):
-    """Where torch is installed (an optional cross-check): the cm fixture saved by torch.save in
-    both formats converts to the same parameters as its .safetensors copy."""
-    if importlib.util.find_spec("torch") is None:
-        pytest.skip("torch is not installed; the reader is tested on committed fixtures above")
-    import torch
+    """The cm fixture written as a PyTorch zip checkpoint (by ``torch_pickle.write_state_dict``,
+    whose output torch.load reads: tests/test_torch_pickle.py) converts to the same parameters as its
+    .safetensors copy; where torch is installed, torch.save's zip and legacy files do too."""
+    from consistency_jax import torch_pickle
 
-    state = {k: torch.from_numpy(v) for k, v in load_file(_fixture("cond")[0]).items()}
+    arrays = load_file(_fixture("cond")[0])
     want = convert.read_state_dict(_fixture("cond")[0])
-    for legacy in (False, True):
-        path = tmp_path / f"cd{legacy}.pt"
-        torch.save(state, path, _use_new_zipfile_serialization=not legacy)
+    paths = [tmp_path / "written.pt"]
+    torch_pickle.write_state_dict(paths[0], arrays)
+    if importlib.util.find_spec("torch") is not None:  # a cross-check, not the test's only check
+        import torch
+
+        state = {k: torch.from_numpy(v) for k, v in arrays.items()}
+        for legacy in (False, True):
+            paths.append(tmp_path / f"cd{legacy}.pt")
+            torch.save(state, paths[-1], _use_new_zipfile_serialization=not legacy)
+    for path in paths:
         got = convert.read_state_dict(str(path))
         assert sorted(got) == sorted(want)
-        assert all(got[k].tobytes() == want[k].tobytes() for k in want)
+        assert all(got[k].tobytes() == want[k].tobytes() for k in want), path
 
 
 @pytest.mark.slow
