@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from consistency_jax import methods, sampling
+from consistency_jax import methods, samplers
 from consistency_jax import parameterization as P
 from consistency_jax.methods import Frozen, base
 
@@ -106,7 +106,7 @@ def test_it_trains_on_the_toy_and_samples(pair_ct, tmp_path):
     spec = methods.get(NAME)
     setup = build.validate(c)
     _, apply_fn, _ = build.build_network(c, (2,))
-    sample = sampling.make_sampler(
+    sample = samplers.make_sampler(
         apply_fn,
         setup.sigmas,
         (setup.sigmas.sigma_max, c.eval.two_step_time),
