@@ -597,7 +597,7 @@ def test_commands_run(doc, docs_runs):
     for c in commands_of(doc):
         if c.needs or c.dry or c.kind not in RUNNABLE:  # a dry run: the default tier
             continue
-        key = (c.kind, tuple(c.args), tuple(getattr(c, "launch_options", ()) or ()))
+        key = (c.kind, tuple(c.args), tuple(c.launch_options) if c.kind == "launch" else ())
         if key not in seen:
             run_command(c, tmp_path, done)
             seen.add(key)

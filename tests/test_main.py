@@ -195,7 +195,7 @@ def test_digits_job_trains_evaluates_and_writes_outputs_quick(tmp_path, digits_d
     state = experiment.train_and_evaluate(c, str(workdir))
     assert int(state.step) == 1
     checkpointer = ckpt_lib.Checkpointer.from_config(str(workdir), c)
-    saved = checkpointer.read_json(1, ckpt_lib._DATA)
+    saved = checkpointer.read_json(1, ckpt_lib.DATA_ITEM)
     checkpointer.close()
     assert saved["reader"] == "data_source" and saved["step"] == 1
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
