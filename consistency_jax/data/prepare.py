@@ -12,10 +12,10 @@ import importlib.util
 
 import tensorflow_datasets as tfds
 
-from consistency_jax.data import digits as _digits  # Registers "sklearn_digits" with TFDS.
+from consistency_jax.data import digits as digits_builder  # Registers "sklearn_digits" with TFDS.
 from consistency_jax.data.spec import ImageDataConfig
 
-DIGITS_NAME = _digits.SklearnDigits.name
+DIGITS_NAME = digits_builder.SklearnDigits.name
 
 
 def tensorflow_available() -> bool:
@@ -55,9 +55,9 @@ def ensure_digits_dataset(
     Returns:
       The prepared TFDS builder.
     """
-    if image_size not in _digits.IMAGE_SIZES:
+    if image_size not in digits_builder.IMAGE_SIZES:
         raise ValueError(
-            f"sklearn_digits image_size must be one of {_digits.IMAGE_SIZES}, got {image_size}."
+            f"sklearn_digits image_size must be one of {digits_builder.IMAGE_SIZES}, got {image_size}."
         )
     if file_format not in ("array_record", "tfrecord"):
         raise ValueError(f"file_format must be 'array_record' or 'tfrecord', got {file_format!r}.")
@@ -90,7 +90,8 @@ def prepared_builder(cfg: ImageDataConfig) -> tfds.core.DatasetBuilder:
         config_name = cfg.name.split("/")[1] if "/" in cfg.name else str(cfg.image_size)
         if not config_name.isdigit():
             raise ValueError(
-                f"Digits data set names are '{DIGITS_NAME}/<size>' with size in {_digits.IMAGE_SIZES}, "
+                f"Digits data set names are '{DIGITS_NAME}/<size>' with size in "
+                f"{digits_builder.IMAGE_SIZES}, "
                 f"got {cfg.name!r}."
             )
         fmt = "tfrecord" if cfg.reader == "tfds_load" else "array_record"
