@@ -233,9 +233,37 @@ def test_bad_inputs_and_params(ref, params):
         L.make_lpips_distance(params["alex"], net="alex", pooling="min")
 
 
+def test_lpips_weights_ride_in_the_state_and_are_never_checkpointed(params, tmp_path):
+    """The quick form of test_lpips_loss_trains_through_the_main_loop: LPIPS's weights ride in
+    TrainState.distance as inputs of a compiled function (a gradient through them), and a checkpoint
+    of that state holds the student's arrays only."""
+    import optax
+    from conftest import load_config
+
+    from consistency_jax import checkpoint as C
+    from consistency_jax.train_state import TrainState
+
+    d = L.make_lpips_distance(params["alex"], net="alex", resize_to=32)
+    student = {"w": jnp.full((1, 8, 8, 3), 0.5, jnp.float32)}
+    state = TrainState.create(student, optax.sgd(1e-3), ema_rates=(0.9,), distance=d)
+    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, 8, 8, 3)), jnp.float32)
+    loss = jax.jit(lambda st: jax.value_and_grad(lambda p: st.distance(p["w"], x).sum())(st.params))
+    value, grad = loss(state)
+    assert np.isfinite(float(value)) and float(value) > 0
+    assert float(jnp.abs(grad["w"]).max()) > 0
+    with C.Checkpointer(str(tmp_path), every=1, keep=1) as ckpt:
+        ckpt.save(state, step=1, data_state={"step": 1}, config=load_config("digits"), clean=True)
+    arrays = loading.read_arrays(str(tmp_path))
+    n_lpips = sum(a.size for a in jax.tree.leaves(d))
+    assert sum(np.size(v) for v in arrays.values()) < n_lpips
+    assert not [k for k in arrays if "distance" in k or "lin" in k]
+
+
+@pytest.mark.slow
 def test_lpips_loss_trains_through_the_main_loop(weight_files, tmp_path):
     """config.loss.distance='lpips' end to end: the weights ride in TrainState.distance (inputs of the
-    compiled step), the loss is finite, and the student's checkpoint holds no LPIPS arrays."""
+    compiled step), the loss is finite, and the student's checkpoint holds no LPIPS arrays (quick
+    form: test_lpips_weights_ride_in_the_state_and_are_never_checkpointed)."""
     import json
 
     from conftest import load_config
