@@ -576,10 +576,31 @@ def test_evaluate_rejects_bad_arguments_before_compiling(
     assert out.returncode == 2 and "error: No Inception weights" in out.stderr, out.stderr[-2000:]
 
 
-def test_fid_in_the_training_evaluation_and_evaluate_from_a_run(digits_ref, weights_file, tmp_path):
+def _cheap_network(precision, batch_sharding):
+    """Stands in for the compiled Inception network (its CPU compilation costs two minutes): pool
+    features and logits from a fixed random projection of the images, so that FID, IS and the
+    wiring around them run on their real code and differ between sample sets."""
+    del precision, batch_sharding
+
+    def apply(variables, x):
+        flat = np.asarray(x, np.float64).reshape(x.shape[0], -1) / 255.0
+        proj = np.random.default_rng(flat.shape[1]).normal(size=(flat.shape[1], 2048 + 1008))
+        out = np.tanh(flat @ proj / np.sqrt(flat.shape[1])).astype(np.float32)
+        return I.InceptionOutput(pool=out[:, :2048], logits=out[:, 2048:])
+
+    return apply
+
+
+@pytest.mark.parametrize("network", ["cheap", pytest.param("inception", marks=pytest.mark.slow)])
+def test_fid_in_the_training_evaluation_and_evaluate_from_a_run(
+    digits_ref, weights_file, tmp_path, monkeypatch, network
+):
     """config.eval.inception_weights makes every evaluation of the main job log FID / IS of its
     samples; ``evaluate(samples="run:DIR")`` generates a run's samples with the sampling command and
-    scores them exactly like its .npz."""
+    scores them exactly like its .npz. The quick form replaces the compiled network by a cheap
+    projection (the network itself: test_network_matches_torch_fidelity)."""
+    if network == "cheap":
+        monkeypatch.setattr(I, "_compiled_outputs", _cheap_network)
     from conftest import load_config
 
     from consistency_jax import evaluate, experiment
