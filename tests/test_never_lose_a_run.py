@@ -319,3 +319,147 @@ def test_a_run_diverging_with_skipped_steps_keeps_and_names_its_healthy_checkpoi
     assert "--config.optim.lr=1e+29" in err and "inf" not in err.split("SkipLimitError")[-1]
     assert _steps(run) == [10]  # the steps saved while skipping were set aside, not resumed
     assert (run / C.UNHEALTHY_SUBDIR).exists()
+
+
+@pytest.mark.slow
+def test_a_run_killed_during_its_final_evaluation_evaluates_it_when_started_again(tmp_path):
+    """SIGKILL between the commit of the final checkpoint and the end of its evaluation (quick form:
+    test_a_checkpointed_step_whose_evaluation_is_missing_is_evaluated_on_resume). The kill lands
+    in the window by watching the checkpoint directory; an attempt whose evaluation finished first
+    is started again in a fresh directory (at most three)."""
+    flags = [
+        "--config.train.num_steps=20",
+        "--config.train.log_every=10",
+        "--config.train.eval_every=1000",
+        "--config.checkpoint.every=10",
+        "--config.eval.num_samples=4000",  # an evaluation of a few seconds (energy distance: n^2)
+    ]
+    for attempt in range(3):
+        run = tmp_path / f"run{attempt}"
+        a = _launch(run, *flags, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for(lambda: 20 in _steps(run), a)
+        a.kill()
+        a.wait()
+        if not (run / "samples_00000020.png").exists():
+            break
+    assert not (run / "samples_00000020.png").exists(), "every kill came after the evaluation"
+    rows = _rows(run) if (run / "metrics.jsonl").exists() else []
+    assert 20 not in [r["step"] for r in rows]
+    b = _launch(run, *flags, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = b.communicate(timeout=900)[0].decode()
+    assert b.returncode == 0, out[-3000:]
+    assert "checkpointed but not evaluated" in out
+    assert [r["step"] for r in _rows(run)] == [20] and (run / "samples_00000020.png").exists()
+
+
+@pytest.mark.slow
+def test_a_failed_save_of_a_real_process_stops_in_seconds_and_prints_one_error(tmp_path):
+    run = tmp_path / "run"
+    log = tmp_path / "log"
+    with open(log, "wb") as f:
+        p = _launch(
+            run,
+            "--config.train.num_steps=1000000",
+            "--config.train.log_every=50",
+            "--config.train.eval_every=1000000",
+            "--config.checkpoint.every=25",
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_for(lambda: _steps(run), p)
+        _make_immutable(run / "checkpoints")
+        t0 = time.time()
+        rc = p.wait(timeout=600)
+        took = time.time() - t0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        _make_mutable(run / "checkpoints")
+    text = log.read_text()
+    assert rc == 1 and took < 30, (rc, took, text[-3000:])
+    last = text.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"CheckpointSaveError: Saving checkpoint step (\d+) into \S+ failed: .+\. Stopping the "
+        r"run; the newest complete checkpoint is step 25\.",
+        last,
+    ), last
+    # No flood (before: 238 "Task exception was never retrieved" tracebacks, ~1900 lines). What
+    # may remain: a few "Event loop is closed" tracebacks that TensorStore's own threads print
+    # (C++ PyErr_Print) when a write of the abandoned save completes after Orbax closed its loop.
+    assert "never retrieved" not in text, text[-6000:]
+    stray = text.count("Traceback")
+    closed = text.count("raise RuntimeError('Event loop is closed')")  # one in each of those
+    assert stray <= closed and stray <= 16, text[-6000:]
+    assert not (run / W.LEASE_NAME).exists()
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_a_real_process_at_the_failed_save(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)])
+    assert mounted.returncode == 0, "this test mounts a 3 MB tmpfs: it runs as root (CI does)"
+    try:
+        run, log = mnt / "run", tmp_path / "log"
+        with open(log, "wb") as f:
+            p = _launch(
+                run,
+                "--config.train.num_steps=1000000",
+                "--config.train.log_every=50",
+                "--config.train.eval_every=1000000",
+                "--config.checkpoint.every=25",
+                stdout=f,
+                stderr=subprocess.STDOUT,
+            )
+        _wait_for(lambda: _steps(run), p)
+        free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
+        (mnt / "filler").write_bytes(b"\0" * max(free - 20_000, 0))
+        rc = p.wait(timeout=600)
+        text = log.read_text()
+        last = text.strip().splitlines()[-1]
+        assert rc == 1, text[-3000:]
+        assert re.fullmatch(
+            r"CheckpointSaveError: Saving checkpoint step \d+ into \S+ failed: No space left on "
+            r"device.*\. Stopping the run; the newest complete checkpoint is step 25\.",
+            last,
+        ), last
+        # No flood: at most a few stray "Event loop is closed" tracebacks that TensorStore's
+        # threads print themselves when a write callback races the end of Orbax's event loop.
+        stray = text.count("Traceback")
+        assert "never retrieved" not in text and stray <= 16, text[-3000:]
+        assert stray <= text.count("raise RuntimeError('Event loop is closed')"), text[-3000:]
+        assert [n for n in os.listdir(run) if n.endswith(".tmp")] == []
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
+@pytest.mark.slow
+def test_sample_falls_back_from_a_damaged_newest_step_and_refuses_it_by_number(tmp_path):
+    """The sampling command, a real process, on a run whose newest EMA has one flipped bit that
+    still reads (small arrays are inlined in OCDBT's checksummed b-tree nodes, where every flip is a
+    read error, also set aside). Quick forms: the in-process readers above."""
+    c = load_config("digits", "method=ict")
+    c.data.data_dir = str(tmp_path / "tfds")
+    c.data.batch_size = 8
+    # nf=16: 3x3x16x16 kernels (9 KiB) are stored out of line, where a flipped bit still reads.
+    c.model.kwargs = dict(nf=16, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
+    c.train.update(num_steps=2, log_every=1, eval_every=1000)
+    c.checkpoint.update(every=1, keep=3)
+    run = tmp_path / "run"
+    E.train_and_evaluate(c, str(run))
+    _flip_a_bit(
+        run / "checkpoints" / "2" / "ema", lambda: loading.load_eval_params(str(run), step=2)
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    cmd = [sys.executable, "-m", "consistency_jax.sample", f"--workdir={run}", "--num_samples=4"]
+    ok = subprocess.run([*cmd, f"--out={tmp_path / 'a'}"], cwd=REPO, env=env, capture_output=True)
+    err = ok.stderr.decode()
+    assert ok.returncode == 0, err[-3000:]
+    assert re.search(r"Checkpoint step 2 in \S+ is set aside: Checkpoint step 2: the array", err)
+    assert json.loads(ok.stdout.decode())["step"] == 1
+    bad = subprocess.run(
+        [*cmd, "--step=2", f"--out={tmp_path / 'b'}"], cwd=REPO, env=env, capture_output=True
+    )
+    assert bad.returncode == 1
+    assert bad.stderr.decode().strip().splitlines()[-1].startswith("CheckpointDamagedError:")
