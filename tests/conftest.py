@@ -2,8 +2,8 @@
 
 Two tiers (pytest.ini): tests marked ``slow`` launch subprocesses (8 virtual devices, two JAX
 processes, killed and resumed jobs, fresh interpreters) or run long training loops; each has a quick
-in-process form of the same check that runs by default. The README's command runs both (CI);
-``-m "not slow"`` runs the default tier alone, ``-m slow`` the slow one.
+in-process form of the same check that runs by default. The README's command (and CI) runs the
+default tier (``-m "not slow"``); ``-m slow`` runs the slow one, no ``-m`` both.
 """
 
 import os
@@ -11,6 +11,16 @@ import os
 # Tests run on CPU; keep XLA from grabbing every core thread pool it can and keep output quiet.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# XLA:CPU runs LLVM at its full optimisation level by default. The tests' networks are tiny, so
+# compiling dominates their time (a tiny NCSN++'s initialiser: 37 s at the default level, 7 s at
+# level 0) while running them at level 0 costs little; HLO optimisations are unchanged. Subprocesses
+# inherit the flags unless they set XLA_FLAGS themselves. Set XLA_FLAGS yourself (any value, even
+# empty) to test at the default level.
+if "XLA_FLAGS" not in os.environ:
+    os.environ["XLA_FLAGS"] = (
+        "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    )
 
 # XLA:CPU aborts a collective whose participants do not all arrive within about 40 s. On a busy
 # 2-core machine the threads of 8 virtual devices can be that late, so the multi-device subprocesses
@@ -218,3 +228,101 @@ def signal_at_step(monkeypatch):
         return sent
 
     return arm
+
+
+# ---------------------------------------------------------------------------------------------------
+# Runs written directly (no training): what the sampling command, ``config.init`` and the teachers
+# read is a run's checkpoint and config, not how it was trained.
+
+
+def random_params(shapes, seed: int = 0):
+    """Parameters of the given shapes (a tree of ``jax.ShapeDtypeStruct``, e.g. ``jax.eval_shape`` of
+    a network's init: no compilation of the network) drawn with NumPy: kernels N(0, 1/fan_in), norm
+    scales 1 + N(0, 0.1²), everything else N(0, 0.1²). Unlike a real init, no layer is zero (NCSN++
+    zero-initialises its last convolutions, which would make the network's output vanish)."""
+    import jax
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def fill(path, a):
+        name = str(getattr(path[-1], "key", path[-1])) if path else ""
+        if len(a.shape) >= 2:
+            value = rng.standard_normal(a.shape) / np.sqrt(np.prod(a.shape[:-1]))
+        elif name == "scale":
+            value = 1.0 + 0.1 * rng.standard_normal(a.shape)
+        else:
+            value = 0.1 * rng.standard_normal(a.shape)
+        return value.astype(a.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def write_run(workdir, config, *, step: int = 1, seed: int = 0) -> str:
+    """A run of ``config`` written directly into ``workdir``: its checkpoint at ``step`` holds
+    ``random_params`` θ (θ⁻ where the method keeps one, and the optimizer state, as a training run's
+    does) and eval EMAs that differ from θ. Returns ``workdir`` as a string."""
+    import jax
+    import jax.numpy as jnp
+
+    from consistency_jax import build, checkpoint
+    from consistency_jax.build import validate
+    from consistency_jax.train_state import TrainState
+
+    setup = validate(config)
+    d = config.data
+    example_shape = (d.image_size, d.image_size, d.num_channels) if d.image_size else (2,)
+    tx, _ = build.make_optimizer(config)
+    _, apply_fn, init = build.build_network(config, example_shape)
+    method = build.build_method(
+        config,
+        setup.spec,
+        apply_fn,
+        setup.sigmas,
+        example_shape,
+        build.build_distance(config, setup.spec, example_shape),
+        None,
+    )
+    params = random_params(jax.eval_shape(init, jax.random.key(0)), seed)
+    state = TrainState.create(
+        jax.tree.map(jnp.asarray, params),
+        tx,
+        ema_rates=setup.ema_rates,
+        use_target=method.keeps_target,
+    )
+    ema = {
+        k: jax.tree.map(lambda a, b: jnp.asarray(a + 0.05 * b), params, random_params(params, s))
+        for s, k in enumerate(state.ema_params, start=seed + 1)
+    }
+    state = state.replace(step=jnp.int32(step), ema_params=ema)
+    with checkpoint.Checkpointer(str(workdir), every=1, keep=1) as ckpt:
+        ckpt.save(state, step=step, data_state={"step": step}, config=config)
+    return str(workdir)
+
+
+def tiny_nan_config():
+    """A toy CT run whose linear warm-up to an absurd learning rate turns the loss NaN after a few
+    dozen steps (about 50), saving every 5 steps and keeping them all; no norm-jump check, which
+    would stop the run earlier (test_never_lose_a_run): the NaN path itself."""
+    c = load_config("toy", "method=ct")
+    c.model.kwargs = dict(hidden=16, depth=1)
+    c.data.batch_size = 32
+    c.optim.update(lr=3e7, warmup_steps=500, decay="constant")
+    c.train.update(num_steps=200, log_every=5, eval_every=1000, max_norm_jump=0.0)
+    c.eval.num_samples = 32
+    c.checkpoint.update(every=5, keep=100)
+    return c
+
+
+@pytest.fixture(scope="session")
+def toy_nan_run(tmp_path_factory):
+    """A ``tiny_nan_config()`` run that diverged, trained once per session (read only: a test that
+    resumes it copies ``workdir`` first). ``error`` is the exception that stopped it."""
+    import types
+
+    from consistency_jax import experiment
+
+    workdir = str(tmp_path_factory.mktemp("toy_nan_run") / "run")
+    with pytest.raises(FloatingPointError) as err:
+        experiment.train_and_evaluate(tiny_nan_config(), workdir)
+    return types.SimpleNamespace(workdir=workdir, error=err.value)

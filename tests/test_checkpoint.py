@@ -440,10 +440,23 @@ def test_sharded_state_restores_into_the_live_shardings(tmp_path):
     )
 
 
-def test_cd_run_never_writes_its_teacher(tmp_path):
+class _NoEvaluation:
+    """An evaluator that computes nothing (for loop tests whose subject is not the evaluation)."""
+
+    def __call__(self, apply_fn, params, rng):
+        return {}, {}
+
+    def plot(self, samples, path, title):
+        pass
+
+
+def test_cd_run_never_writes_its_teacher(tmp_path, monkeypatch):
     """Through the real loop: a CD student of an EDM teacher directory; the student's checkpoints
-    hold exactly the student's arrays and the teacher's directory is left untouched."""
+    hold exactly the student's arrays and the teacher's directory is left untouched. (The loop's
+    evaluation is not this test's subject: it computes nothing here.)"""
     from consistency_jax import experiment as E
+
+    monkeypatch.setattr(E, "build_evaluator", lambda *a: _NoEvaluation())
 
     teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
     _save_run(teacher_dir, "edm", _state(11, use_target=False))

@@ -265,19 +265,22 @@ def test_resumable_differences_and_override_are_accepted(tmp_path, caplog):
 def test_checkpoint_of_a_config_without_the_newer_fields_still_resumes(tmp_path):
     """A checkpoint written before config fields existed (loss.p_mean/p_std, loss.edm_p_mean/edm_p_std,
     and fsdp_min_size = 0) resumes: an absent field counts as its default, the value every earlier run
-    had. A field absent there whose *current* value differs from the default is refused, named."""
-    old = _config()
+    had. A field absent there whose *current* value differs from the default is refused, named.
+    (conftest's ``tiny_ct_config``: the session run's compiled train step.)"""
+    from conftest import tiny_ct_config
+
+    old = tiny_ct_config()
     for field in ("p_mean", "p_std", "edm_p_mean", "edm_p_std"):
         del old.loss[field]
     old.mesh.fsdp_min_size = 0
     with C.Checkpointer(str(tmp_path), every=5, keep=3) as ckpt:  # the state is the same as then
-        ckpt.save(_initial_state(_config()), step=0, data_state={"step": 0}, config=old)
+        ckpt.save(_initial_state(tiny_ct_config()), step=0, data_state={"step": 0}, config=old)
     saved = C.Checkpointer(str(tmp_path), every=1, keep=1, read_only=True)
     assert "p_mean" not in saved.saved_config()[1]["loss"]  # the stored config really lacks them
     saved.close()
-    state = E.train_and_evaluate(_config(), str(tmp_path))  # resumes from step 0, runs to 10
-    assert int(state.step) == 10
-    changed = _config()
+    state = E.train_and_evaluate(tiny_ct_config(), str(tmp_path))  # resumes from step 0, runs to 8
+    assert int(state.step) == 8
+    changed = tiny_ct_config()
     changed.loss.p_mean = -0.5
     with pytest.raises(
         C.CheckpointError, match=r"fields \(saved -> now\): loss\.p_mean: -1\.1 -> -0\.5\. "

@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 import pytest
-from conftest import load_config
 
 from consistency_jax import experiment as E
 from consistency_jax import loading
@@ -133,34 +132,22 @@ def test_killed_anywhere_resumes_bitwise(tmp_path):
     )
 
 
-def _nan_config():
-    """A linear warm-up to an absurd learning rate: the loss turns NaN after a few dozen steps."""
-    c = load_config("toy", "method=ct")
-    c.model.kwargs = dict(hidden=16, depth=1)
-    c.data.batch_size = 32
-    c.optim.update(lr=3e7, warmup_steps=1000, decay="constant")
-    # The NaN path itself: no norm-jump check, which would stop the run earlier (test_never_lose).
-    c.train.update(num_steps=200, log_every=1000, eval_every=1000, max_norm_jump=0.0)
-    c.eval.num_samples = 32
-    c.checkpoint.update(every=5, keep=100)
-    return c
-
-
-def test_nan_stops_the_run_and_only_finite_steps_are_checkpointed(tmp_path):
-    with pytest.raises(FloatingPointError) as err:
-        E.train_and_evaluate(_nan_config(), str(tmp_path))
-    msg = str(err.value)
+def test_nan_stops_the_run_and_only_finite_steps_are_checkpointed(toy_nan_run):
+    """conftest's ``toy_nan_run`` (a warm-up to an absurd learning rate, a checkpoint every 5 steps,
+    all kept): the error names the step, and every checkpoint written is finite."""
+    msg = str(toy_nan_run.error)
     # Either the pending metrics (loss / grad_norm of step k) or the state itself (step k) is named.
     found = re.search(r"Non-finite (?:loss|grad_norm) \(\S+\) at step (\d+)", msg) or re.search(
         r"Refusing to checkpoint step (\d+): non-finite values in \w+", msg
     )
     assert found, msg
     bad_step = int(found.group(1))
-    steps = _steps(tmp_path)
-    assert steps and _tmp_steps(tmp_path) == []  # the last good save was committed
+    workdir = pathlib.Path(toy_nan_run.workdir)
+    steps = _steps(workdir)
+    assert steps and _tmp_steps(workdir) == []  # the last good save was committed
     assert all(s <= bad_step for s in steps) and bad_step < 200
     for s in steps:  # an independent check of every array written
-        for name, a in loading.read_arrays(str(tmp_path), s).items():
+        for name, a in loading.read_arrays(str(workdir), s).items():
             assert np.all(np.isfinite(a)), (s, name)
 
 

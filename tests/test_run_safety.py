@@ -289,21 +289,25 @@ class _FailingEvaluator:
 
 
 def test_an_error_after_a_save_started_keeps_that_checkpoint(tmp_path, monkeypatch):
+    """conftest's ``tiny_ct_config`` (the session run's train step) evaluating at step 4, where it
+    also saves."""
+    from conftest import tiny_ct_config
+
     monkeypatch.setattr(E, "build_evaluator", lambda *a: _FailingEvaluator())
     with pytest.raises(RuntimeError, match="the evaluation failed on purpose"):
-        E.train_and_evaluate(_config(), str(tmp_path))
-    # The save of step 10 (started just before the evaluation) was committed, nothing is left
+        E.train_and_evaluate(tiny_ct_config(eval_every=4), str(tmp_path))
+    # The save of step 4 (started just before the evaluation) was committed, nothing is left
     # half-written, the lease is released.
-    assert _steps(tmp_path) == [10] and _tmp(tmp_path) == []
+    assert _steps(tmp_path) == [4] and _tmp(tmp_path) == []
     assert not (tmp_path / W.LEASE_NAME).exists()
 
     # Resuming with num_steps below the saved step is an error, not "finished".
     with pytest.raises(
         C.CheckpointError,
-        match=r"config\.train\.num_steps=5 is below the step of "
-        r"the newest checkpoint .*\(step 10\)",
+        match=r"config\.train\.num_steps=2 is below the step of "
+        r"the newest checkpoint .*\(step 4\)",
     ):
-        E.train_and_evaluate(_config(num_steps=5), str(tmp_path))
+        E.train_and_evaluate(tiny_ct_config(num_steps=2), str(tmp_path))
 
 
 def test_a_failed_write_stops_the_run_at_once_with_its_cause(tmp_path, monkeypatch):
@@ -337,35 +341,34 @@ def test_a_failed_write_stops_the_run_at_once_with_its_cause(tmp_path, monkeypat
 # ---------------------------------------------------------------- NaN recovery
 
 
-def _nan_config():
-    """A linear warm-up to an absurd learning rate: the loss turns NaN after a few dozen steps."""
-    c = _config(num_steps=200, every=10, eval_every=1000, log_every=5)
-    c.model.kwargs = dict(hidden=16, depth=1)
-    c.data.batch_size = 32
-    c.optim.update(lr=3e7, warmup_steps=500, decay="constant")
-    c.train.max_norm_jump = 0.0  # the NaN path itself (a norm jump would stop the run earlier)
-    return c
+def test_nan_recovery_knobs_change_on_resume(toy_nan_run, tmp_path, caplog):
+    """conftest's ``toy_nan_run`` (a warm-up to an absurd learning rate) diverged; the error names
+    its newest healthy checkpoint and the command resuming it with a lower learning rate, which
+    resumes (a copy of the run) with other optimizer knobs."""
+    import shutil
 
+    from conftest import tiny_nan_config
 
-def test_nan_recovery_knobs_change_on_resume(tmp_path, caplog):
-    with pytest.raises(E.NonFiniteError) as err:
-        E.train_and_evaluate(_nan_config(), str(tmp_path))
-    newest = max(_steps(tmp_path))
-    msg = str(err.value)
+    source = pathlib.Path(toy_nan_run.workdir)
+    assert isinstance(toy_nan_run.error, E.NonFiniteError)
+    newest = max(_steps(source))
+    msg = str(toy_nan_run.error)
     assert f"The newest healthy checkpoint is step {newest}; to resume it with a 10x lower" in msg
     assert re.search(
         rf"python -m consistency_jax\.main '--config=<your config file>' "
-        rf"--workdir={re.escape(str(tmp_path))} --config\.optim\.lr=3e\+06\n",
+        rf"--workdir={re.escape(str(source))} --config\.optim\.lr=3e\+06\n",
         msg,
     ), msg
 
     # A lower learning rate without warm-up, gradient clipping switched on (another layout of the
     # optimizer state than the checkpoint's) and skip_nonfinite: resumes with a note, finishes.
-    c = _nan_config()
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    c = tiny_nan_config()
     c.optim.update(lr=1e-3, warmup_steps=0, grad_clip=1.0)
     c.train.update(num_steps=newest + 10, skip_nonfinite=True)
     with caplog.at_level(logging.WARNING):
-        state = E.train_and_evaluate(c, str(tmp_path))
+        state = E.train_and_evaluate(c, str(run))
     assert int(state.step) == newest + 10
     notes = [
         r.getMessage() for r in caplog.records if "changed training dynamics" in r.getMessage()

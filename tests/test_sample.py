@@ -19,25 +19,28 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 22  # samples: 3 shards of 8, 8, 6
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A tiny class-conditional digits iCT run (one step: the sampler does not care how good it is)."""
+def _tiny_digits_config(method, data_dir, **model):
+    """configs/digits.py with ``method`` on a tiny DDPM++ (nf 4, one level, no attention)."""
     from conftest import load_config
 
-    from consistency_jax import experiment
-
-    root = tmp_path_factory.mktemp("sample_run")
-    c = load_config("digits", "method=ict")
-    c.data.data_dir = str(root / "tfds")
+    c = load_config("digits", f"method={method}")
+    c.data.data_dir = data_dir
     c.data.batch_size = 8
-    c.data.use_labels = True
     c.model.kwargs = dict(
-        nf=4, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0, num_classes=10
+        nf=4, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0, **model
     )
-    c.train.update(num_steps=1, log_every=1, eval_every=1000)
-    c.checkpoint.every = 1
-    experiment.train_and_evaluate(c, str(root / "run"))
-    return str(root / "run")
+    return c
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, digits_data_dir):
+    """A tiny class-conditional digits iCT run, its checkpoint written directly (random weights: the
+    sampler does not care how good it is, nor how the checkpoint was trained)."""
+    from conftest import write_run
+
+    c = _tiny_digits_config("ict", digits_data_dir, num_classes=10)
+    c.data.use_labels = True
+    return write_run(tmp_path_factory.mktemp("sample_run") / "run", c)
 
 
 def _request(run_dir, out, **kw):
@@ -452,6 +455,7 @@ def test_tau_search_command_scores_the_sampling_commands_samples(run_dir, refere
         seed=3,
         num_classes=10,
         consistency_fn=model.consistency_fn,
+        batch=24,  # the command's batch (min(500, num_samples)): its compiled sampler is reused
     )
     assert check(tuple(result["times"])) == pytest.approx(result["score"], rel=1e-6)
 
@@ -558,21 +562,12 @@ def test_export_killed_by_sigkill_is_completed_exactly_by_a_rerun(run_dir, tmp_p
 
 
 @pytest.fixture(scope="module")
-def edm_run_dir(run_dir):
-    """A tiny unconditional digits EDM run (one step), beside the iCT run (same data directory)."""
-    from conftest import load_config
+def edm_run_dir(run_dir, digits_data_dir):
+    """A tiny unconditional digits EDM run (written directly), beside the iCT run."""
+    from conftest import write_run
 
-    from consistency_jax import experiment
-
-    root = os.path.dirname(run_dir)
-    c = load_config("digits", "method=edm")
-    c.data.data_dir = os.path.join(root, "tfds")
-    c.data.batch_size = 8
-    c.model.kwargs = dict(nf=4, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
-    c.train.update(num_steps=1, log_every=1, eval_every=1000)
-    c.checkpoint.every = 1
-    experiment.train_and_evaluate(c, os.path.join(root, "edm"))
-    return os.path.join(root, "edm")
+    c = _tiny_digits_config("edm", digits_data_dir)
+    return write_run(os.path.join(os.path.dirname(run_dir), "edm"), c, seed=1)
 
 
 def test_edm_teacher_runs_sample_with_heun_and_edit(edm_run_dir, tmp_path):
@@ -618,22 +613,16 @@ def test_edm_teacher_runs_sample_with_heun_and_edit(edm_run_dir, tmp_path):
         )  # the bottom half is kept
 
 
-def test_trigflow_runs_sample_in_their_own_parameterisation(run_dir, tmp_path):
+def test_trigflow_runs_sample_in_their_own_parameterisation(digits_data_dir, tmp_path):
     """An sCT run is sampled through TrigFlow's consistency function: x_σ = T·z is the TrigFlow
     point cos s·x_σ at the angle s = arctan(T/σ_d), and f = cos s·x_s − sin s·σ_d·F_θ(x_s/σ_d, s)
     (sCM Eq. 6), recomputed here from the raw network."""
-    from conftest import load_config
+    from conftest import write_run
 
-    from consistency_jax import experiment, loading, methods, networks, trigflow
+    from consistency_jax import loading, methods, networks, trigflow
 
-    c = load_config("digits", "method=sct")
-    c.data.data_dir = os.path.join(os.path.dirname(run_dir), "tfds")
-    c.data.batch_size = 8
-    c.model.kwargs = dict(nf=4, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
-    c.train.update(num_steps=1, log_every=1, eval_every=1000)
-    c.checkpoint.every = 1
-    workdir = str(tmp_path / "sct")
-    experiment.train_and_evaluate(c, workdir)
+    c = _tiny_digits_config("sct", digits_data_dir)
+    workdir = write_run(tmp_path / "sct", c, seed=2)
     summary = sample_lib.run(_request(workdir, tmp_path / "s", num_samples=4, clip=0.0))
     model = sample_lib.describe_run(_request(workdir, tmp_path / "s2"))
     assert model.consistency_fn is trigflow.consistency_fn_sigma

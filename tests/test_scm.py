@@ -30,6 +30,14 @@ def _poly_params(rng, dim):
     return {"A": jnp.asarray(rng.standard_normal(dim)), "B": jnp.asarray(rng.standard_normal(dim))}
 
 
+def _mlp_params(module, seed):
+    """Random parameters of a toy MLP's shapes (conftest's ``random_params``; nothing compiled)."""
+    from conftest import random_params
+
+    init = lambda: module.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros((1,)))["params"]
+    return random_params(jax.eval_shape(init), seed)
+
+
 def _path(rng, b, dim):
     x0 = rng.standard_normal((b, dim))
     z = SD * rng.standard_normal((b, dim))
@@ -137,8 +145,7 @@ def test_an_edm_network_is_the_same_model_in_trigflow_float64():
     with x64():
         module = get_network("mlp", hidden=16, depth=2)
         apply_fn = make_apply_fn(module)
-        params = module.init(jax.random.key(5), jnp.zeros((1, 2)), jnp.zeros((1,)))["params"]
-        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), _mlp_params(module, 5))
         edm = P.SigmaConfig(trigflow_time="edm")
         rng = np.random.default_rng(6)
         x_sigma = jnp.asarray(rng.standard_normal((6, 2)))
@@ -170,13 +177,13 @@ def test_scd_starts_as_its_edm_teacher_from_config_init(tmp_path):
     """sCD with config.init.workdir = an EDM run and sigmas.trigflow_time=edm: θ is the source's EMA
     (the weighting head starts fresh, w ≡ 0), so the student's consistency function is the source's EDM
     denoiser; it trains. Without trigflow_time=edm the init is refused, naming the field."""
-    from conftest import tiny_toy_config, write_toy_edm_run
+    from conftest import tiny_toy_config, write_run
 
     from consistency_jax import build, experiment, loading
     from consistency_jax.build import validate
 
     source = tmp_path / "edm"
-    write_toy_edm_run(source)
+    write_run(source, tiny_toy_config("edm"), step=3)  # its eval EMA differs from θ
     src_cfg, src_ema, _ = loading.load_eval_params(str(source))
     c = tiny_toy_config("scd")
     c.loss.tangent_warmup = 2
@@ -193,9 +200,13 @@ def test_scd_starts_as_its_edm_teacher_from_config_init(tmp_path):
     assert not np.any(np.asarray(start["logvar_out"]["kernel"]))
     x = jnp.asarray(np.random.default_rng(7).standard_normal((5, 2)), jnp.float32)
     sigma = jnp.asarray([0.01, 0.3, 1.0, 5.0, 80.0], jnp.float32)
-    student = TF.consistency_fn_sigma(apply_fn, start, x, sigma, setup.sigmas)
+    student = jax.jit(TF.consistency_fn_sigma, static_argnums=(0, 4))(
+        apply_fn, start, x, sigma, setup.sigmas
+    )
     src_apply = build.build_network(src_cfg, (2,))[1]
-    teacher = P.denoiser_fn(src_apply, src_ema, x, sigma, setup.sigmas)
+    teacher = jax.jit(P.denoiser_fn, static_argnums=(0, 4))(
+        src_apply, src_ema, x, sigma, setup.sigmas
+    )
     np.testing.assert_allclose(np.asarray(student), np.asarray(teacher), rtol=1e-5, atol=1e-5)
     state = experiment.train_and_evaluate(c, str(tmp_path / "scd"))
     assert int(state.step) == 4
@@ -270,7 +281,7 @@ def test_tangent_through_the_toy_mlp_equals_central_differences(sig=SIG):
     differences of f(x_{t±h}, t ± h)."""
     module = get_network("mlp", hidden=32, depth=2)
     apply_fn = make_apply_fn(module)
-    params = module.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros((1,)))["params"]
+    params = jax.tree.map(jnp.asarray, _mlp_params(module, 0))
     rng = np.random.default_rng(4)
     x0, z, t, x_t, v = _path(rng, 5, 2)
     _, g = S.tangent(
