@@ -23,7 +23,8 @@ def get_config(arg=None):
     c.train.update(num_steps=20_000, log_every=1000, eval_every=10_000, ema_rates=(0.999,))
     c.checkpoint.every = 10_000
     c.eval.two_step_time = 0.3
-    if methods.get(args["method"]).needs_teacher:
+    spec = methods.get(args["method"])
+    if spec.needs_teacher and spec.teacher is None:  # an EDM teacher at config.teacher.workdir
         c.teacher.workdir = "exact"  # the mixture's exact denoiser
     # The method's settings for the toy (its presets["toy"], beside the method).
     return methods.apply_preset(c, args["method"], "toy", args)

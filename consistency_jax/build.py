@@ -117,6 +117,10 @@ def build_teacher(
     if not spec.needs_teacher:
         return None, None
     shardings = fsdp_shardings(mesh, config.mesh.fsdp_min_size)
+    if spec.teacher is not None:  # another run's parameters as they are (TCM's stage-1 model)
+        from consistency_jax import loading
+
+        return None, loading.load_teacher_source(config, spec.teacher, sharding=shardings)[0]
     if config.teacher.workdir == "exact":
         params = toy.ring_mixture().as_params()
         return toy.exact_denoiser, sharding_lib.place(params, shardings(params))
@@ -505,6 +509,11 @@ def check_teacher(config, spec) -> None:
 
     check_ema_rate(config.teacher.ema_rate, "config.teacher.ema_rate")
     if not spec.needs_teacher:
+        return
+    if spec.teacher is not None:  # another run's parameters as they are (TCM's stage-1 model)
+        from consistency_jax import loading
+
+        loading.teacher_source_config(config, spec.teacher)
         return
     from consistency_jax import loading
 

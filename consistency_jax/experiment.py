@@ -309,7 +309,14 @@ def _train(config, workdir, setup, is_main, lock, closers, argv) -> TrainState:
     # Rows of metrics.jsonl after the restored step (written after the last save) are dropped.
     writer = MetricWriter(workdir, is_main, start_step=start)
     closers.add("metric writer", writer.close)
-    eval_params_of = lambda s: s.eval_params(config.eval.ema_rate or None)  # noqa: E731
+
+    def eval_params_of(s: TrainState):
+        """The evaluated model's parameters: an eval EMA (with the frozen teacher, for a method whose
+        model includes it: ``MethodSpec.model_params``)."""
+        params = s.eval_params(config.eval.ema_rate or None)
+        if spec.model_params is not None:
+            params = spec.model_params(config, params, s.teacher_params)
+        return params
 
     def evaluate(step: int, state: TrainState) -> dict:
         """One row of metrics.jsonl and one picture: part of the step (a resumed run makes up a

@@ -74,6 +74,102 @@ def load_eval_params(
     )
 
 
+def load_model_params(
+    workdir: str,
+    ema_rate: float | None = None,
+    *,
+    step: int | None = None,
+    sharding: ShardingSpec = None,
+) -> tuple[ml_collections.ConfigDict, PyTree, int]:
+    """``load_eval_params``, then the parameters of the run's model as its method's consistency
+    function reads them: for a method whose model includes its frozen teacher
+    (``MethodSpec.model_params``, TCM's stage-1 model below t′) the teacher is read too, from where
+    the run's config names it (read-only, like the run)."""
+    from consistency_jax import methods  # the registry says which models include their teacher
+
+    config, params, step = load_eval_params(workdir, ema_rate, step=step, sharding=sharding)
+    spec = methods.get(config.method)
+    if spec.model_params is None:
+        return config, params, step
+    teacher = None
+    if spec.needs_teacher:
+        if spec.teacher is None:
+            _, teacher = load_teacher(
+                config.teacher.workdir, config.teacher.ema_rate or None, sharding=sharding
+            )
+        else:
+            teacher = load_teacher_source(config, spec.teacher, sharding=sharding)[0]
+    return config, spec.model_params(config, params, teacher), step
+
+
+def _field(config: ml_collections.ConfigDict, path: str) -> Any:
+    node = config
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def teacher_source_config(config: ml_collections.ConfigDict, source) -> ml_collections.ConfigDict:
+    """The config of the run a method's ``TeacherSource`` names (JSON only: no array is read),
+    checked to hold a checkpoint of a method the source accepts.
+
+    Raises:
+      ValueError: the field is empty.
+      CheckpointError: no checkpoint there, or a run of a method the source does not accept.
+    """
+    from consistency_jax import methods
+
+    field = f"config.{source.workdir}"
+    workdir = _field(config, source.workdir)
+    if not workdir:
+        raise ValueError(
+            f"method={config.method!r} reads a frozen model from {field}: set it to that run."
+        )
+    workdir = fs.resolve(workdir, field)
+    found = None
+    if fs.isdir(fs.join(workdir, CHECKPOINT_SUBDIR)):
+        ckpt = Checkpointer(workdir, every=1, keep=1, read_only=True)
+        try:
+            found = ckpt.saved_config()  # JSON only: the arrays are verified when loaded
+        finally:
+            ckpt.close()
+    if found is None:
+        raise CheckpointError(f"{field}={workdir!r} holds no checkpoint.")
+    theirs = config_from_dict(found[1])
+    method = theirs.get("method")
+    why = (
+        f"method={method!r} is not a method of this library"
+        if method not in methods.registered()
+        else source.accepts(methods.get(method))
+    )
+    if why:
+        raise CheckpointError(
+            f"{field}={workdir!r} is a method={method!r} run, which method={config.method!r} "
+            f"cannot read as its frozen model: {why}"
+        )
+    return theirs
+
+
+def load_teacher_source(
+    config: ml_collections.ConfigDict, source, *, sharding: ShardingSpec = None
+) -> tuple[PyTree, int]:
+    """(the frozen parameters a method's ``TeacherSource`` names, the step read): the source run's
+    eval EMA, read-only, placed as ``sharding`` says (see ``load_eval_params``)."""
+    teacher_source_config(config, source)
+    workdir = fs.resolve(_field(config, source.workdir), f"config.{source.workdir}")
+    theirs, params, step = load_eval_params(
+        workdir, _field(config, source.ema_rate) or None, sharding=sharding
+    )
+    logging.info(
+        "Frozen model: method=%s run %s, step %d (%.3fM parameters).",
+        theirs.method,
+        workdir,
+        step,
+        sum(x.size for x in jax.tree.leaves(params)) / 1e6,
+    )
+    return params, step
+
+
 def eval_params_metadata(
     workdir: str, ema_rate: float | None = None
 ) -> tuple[ml_collections.ConfigDict, int, PyTree]:

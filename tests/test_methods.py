@@ -37,8 +37,7 @@ def test_every_method_module_registers_and_the_registry_is_the_one_list():
     modules = sorted(
         p.stem
         for p in METHODS_DIR.glob("*.py")
-        if p.stem
-        not in ("__init__", "base", "discrete", "fields", "tcm")  # tcm: maths, not yet a method
+        if p.stem not in ("__init__", "base", "discrete", "fields")
     )
     owners = sorted(
         {spec.build.__module__.rsplit(".", 1)[-1] for spec in methods.registered().values()}

@@ -85,11 +85,12 @@ def _toy_pieces(method: str, hidden: int = 32, depth: int = 1, dtype=None):
 
 
 # The continuous-time methods (issue 13): one file's registry name -> how to build it on the toy.
-CONTINUOUS = ("cm_continuous_ct", "cm_continuous_cd", "sct", "scd", "ect", "meanflow")
+CONTINUOUS = ("cm_continuous_ct", "cm_continuous_cd", "sct", "scd", "ect", "meanflow", "tcm")
 
 
 def _continuous_pieces(method: str, hidden: int = 32):
     """Toy MLP (with the weighting head for sCM), the method object and SGD for a continuous method."""
+    import jax
     import jax.numpy as jnp
     import optax
 
@@ -118,6 +119,18 @@ def _continuous_pieces(method: str, hidden: int = 32):
 
         module = get_network("mlp", hidden=hidden, depth=1, second_time=True)
         method_obj = MeanFlow(apply_fn=make_apply_fn(module), fraction_distinct=0.5)
+    elif method == "tcm":  # 4 of 16 rows at t′; stage-1 parameters of another init as the teacher
+        from consistency_jax.methods import tcm
+
+        table = tcm.truncated_student_t_table(0.0, 0.2, 0.01, 0.0, float(np.log(sigmas.sigma_max)))
+        method_obj = tcm.TruncatedConsistency(
+            apply_fn=make_apply_fn(module),
+            sigmas=sigmas,
+            table=tuple(float(v) for v in table),
+            stage_steps=1,
+            start_stage=0,
+            huber_c=0.03,
+        )
     elif method == "ect":  # stages of one step: the two steps see two different Δt
         method_obj = EasyConsistencyTuning(
             apply_fn=make_apply_fn(module), sigmas=sigmas, stage_steps=1, huber_c=0.03
@@ -135,7 +148,13 @@ def _continuous_pieces(method: str, hidden: int = 32):
         curriculum=None,
         init=init,
         sigmas=sigmas,
-        teacher_params=toy.ring_mixture().as_params() if teacher else None,
+        teacher_params=(
+            toy.ring_mixture().as_params()
+            if teacher
+            else init(jax.random.key(7))
+            if method == "tcm"
+            else None
+        ),
     )
 
 

@@ -166,6 +166,25 @@ class NetworkAddition:
 
 
 @dataclasses.dataclass(frozen=True)
+class TeacherSource:
+    """A frozen ``teacher`` tree read as another run's evaluation parameters, as they are (no
+    preconditioning around them), for a method whose teacher is not an EDM run at
+    ``config.teacher.workdir`` (e.g. TCM's stage-1 consistency model). The library reads it
+    (``build.build_teacher``, ``loading.load_model_params``): read-only, never checkpointed.
+
+    Attributes:
+      workdir: the config field naming the source run, e.g. "init.workdir".
+      ema_rate: the config field naming which of its eval EMAs (0: its slowest).
+      accepts: the source run's ``MethodSpec`` -> None when its models can serve, else why not
+        (a sentence for the error naming ``workdir``).
+    """
+
+    workdir: str
+    ema_rate: str
+    accepts: Callable[[Any], str | None]
+
+
+@dataclasses.dataclass(frozen=True)
 class MethodSpec:
     """A training method as the config, the loop, evaluation and loading see it: its whole contract.
 
@@ -194,6 +213,12 @@ class MethodSpec:
       network_kind: config -> what its network's parameters mean (e.g. "an EDM network"): a run
         may start from another run's parameters (``config.init``) only of the same kind.
       network_addition: what the method adds beside the network (``NetworkAddition``), or None.
+      teacher: how a method that ``needs_teacher`` reads it, when its teacher is not an EDM run at
+        ``config.teacher.workdir`` (``TeacherSource``; None: that EDM teacher, CM Algorithm 2).
+      model_params: (config, params, teacher params) -> the parameters of the trained model as its
+        ``consistency_fn`` reads them, when the model includes its frozen teacher (TCM's stage-1
+        model below t′); None: the parameters themselves. The loop's evaluation and the sampling
+        command both go through it.
     """
 
     name: str
@@ -212,6 +237,8 @@ class MethodSpec:
     grid_size: Callable[[Any], int | None] = no_grid
     network_kind: Callable[[Any], str] = edm_network
     network_addition: NetworkAddition | None = None
+    teacher: TeacherSource | None = None
+    model_params: Callable[[Any, PyTree, PyTree], PyTree] | None = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:

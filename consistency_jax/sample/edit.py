@@ -146,7 +146,7 @@ def run_edit(request: SampleRequest) -> dict:
     mask = _load_mask(request.mask, None) if request.edit in ("inpaint", "sdedit") else None
     if mask is not None and not isinstance(mask, str):
         editing.as_mask(mask, (n,) + model.example_shape)  # the shape check, before compiling
-    _, params, step = loading.load_eval_params(request.workdir, request.ema_rate, step=model.step)
+    _, params, step = loading.load_model_params(request.workdir, request.ema_rate, step=model.step)
     apply_fn = networks.make_apply_fn(methods.network(model.config))
     labels = None
     if model.num_classes:

@@ -249,7 +249,7 @@ def run(request: SampleRequest) -> dict:
 
     devices = jax.local_devices()
     mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-    _, params, step = loading.load_eval_params(
+    _, params, step = loading.load_model_params(
         request.workdir, request.ema_rate, step=model.step, sharding=replicated(mesh)
     )
     apply_fn = networks.make_apply_fn(methods.network(model.config))

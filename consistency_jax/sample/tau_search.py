@@ -250,7 +250,7 @@ def run_tau_search(request: SampleRequest) -> dict:
             "--inception_weights=FILE and --ref=TFDS_NAME|stats.npz."
         )
     grid = search_grid(request, model)
-    _, params, step = loading.load_eval_params(request.workdir, request.ema_rate, step=model.step)
+    _, params, step = loading.load_model_params(request.workdir, request.ema_rate, step=model.step)
     apply_fn = networks.make_apply_fn(methods.network(model.config))
     score = make_scorer(
         apply_fn,
