@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Continuous-time methods on the digits (issue 13, bench/RESULTS.md §6): sCT, sCD and CM's continuous
-# CD/CT, and ECT, with the default configs/digits.py (3000 steps × 64), next to the discrete rows of §2.
+# CD/CT, ECT, TCM (stage 2 of the ECT run: list ect before tcm) and MeanFlow, with the default
+# configs/digits.py (3000 steps × 64), next to the discrete rows of §2.
 # The distilled / tuned ones read the EDM teacher run of bench/digits_quality.sh (EDM_DIR).
 # Usage: bench/digits_continuous.sh EDM_DIR [OUTDIR] [METHOD ...]
 set -euo pipefail
@@ -13,6 +14,7 @@ for method in $methods; do
     scd) extra=(--config.teacher.workdir="$edm" --config.init.workdir="$edm") ;;  # starts as the teacher
     cm_continuous_cd) extra=(--config.teacher.workdir="$edm") ;;
     ect) extra=(--config.init.workdir="$edm") ;;
+    tcm) extra=(--config.init.workdir="$out/ect") ;;  # stage 2 of this script's ECT run
   esac
   python -m consistency_jax.main --config=configs/digits.py:method=$method --workdir="$out/$method" \
       "${extra[@]}" > "$out/$method.log" 2>&1

@@ -21,6 +21,7 @@ import optax
 from absl import logging
 
 from consistency_jax import config as config_lib
+from consistency_jax import guidance as guidance_lib
 from consistency_jax import losses as losses_lib
 from consistency_jax import methods as methods_lib
 from consistency_jax import networks, toy
@@ -128,9 +129,14 @@ def build_teacher(
 
     # The teacher's slowest (or chosen) EMA, read-only, restored straight into its shardings; never
     # saved into this run's checkpoints.
-    return loading.load_teacher(
+    denoise, params = loading.load_teacher(
         config.teacher.workdir, ema_rate=config.teacher.ema_rate or None, sharding=shardings
     )
+    omega = float(config.teacher.guidance)
+    if omega != 1.0:  # D_ω = ω·D(x|c) + (1 − ω)·D(x|∅), the last label meaning ∅ (check_teacher)
+        null = int(config.model.kwargs.num_classes) - 1
+        denoise = guidance_lib.guided_denoiser(denoise, omega, null)
+    return denoise, params
 
 
 def build_distance(
@@ -508,6 +514,15 @@ def check_teacher(config, spec) -> None:
     from consistency_jax.train_state import check_ema_rate
 
     check_ema_rate(config.teacher.ema_rate, "config.teacher.ema_rate")
+    omega = config.teacher.guidance
+    if not isinstance(omega, (int, float)) or isinstance(omega, bool) or omega < 0:
+        raise ValueError(f"config.teacher.guidance must be a number >= 0, got {omega!r}.")
+    guided = omega != 1.0
+    if guided and (not spec.needs_teacher or spec.teacher is not None):
+        raise ValueError(
+            f"config.teacher.guidance={omega} guides the EDM teacher of a distillation method (cd, "
+            f"scd, cm_continuous_cd); method={spec.name!r} reads none."
+        )
     if not spec.needs_teacher:
         return
     if spec.teacher is not None:  # another run's parameters as they are (TCM's stage-1 model)
@@ -526,8 +541,25 @@ def check_teacher(config, spec) -> None:
     if workdir == "exact":
         if config.data.name not in TOY_DATASETS:
             raise ValueError("config.teacher.workdir='exact' exists only for the toy data sets.")
+        if guided:
+            raise ValueError("config.teacher.guidance needs a class-conditional EDM teacher run.")
         return
-    loading.teacher_config(workdir)
+    teacher = loading.teacher_config(workdir)
+    if guided:
+        classes = config.model.kwargs.get("num_classes") if config.data.use_labels else None
+        theirs = teacher.model.kwargs.get("num_classes")
+        if not classes or theirs != classes:
+            raise ValueError(
+                f"config.teacher.guidance={omega} guides a class-conditional student of a teacher "
+                f"with the same labels: this run has num_classes={classes} (data.use_labels="
+                f"{config.data.use_labels}), the teacher {theirs}."
+            )
+        if not teacher.loss.get("edm_class_dropout", 0.0) > 0:
+            raise ValueError(
+                f"config.teacher.guidance={omega}: the teacher {workdir} was trained without label "
+                "dropout (loss.edm_class_dropout=0), so its last label was never the unconditional "
+                "model D(x|∅); train it with --config.loss.edm_class_dropout=0.1."
+            )
 
 
 # Fields of config.model that change no parameter: a run may start from a run that differs there.

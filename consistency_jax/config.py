@@ -75,6 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher = ml_collections.ConfigDict()
     c.teacher.workdir = ""  # CD: the EDM teacher's workdir (read-only); "exact" on the toy
     c.teacher.ema_rate = 0.0  # which of the teacher's EMAs to use; 0 -> its slowest
+    # ω of the classifier-free guided teacher ω·D(x|c) + (1 − ω)·D(x|∅) (1: the teacher itself); a
+    # class-conditional teacher trained with label dropout (loss.edm_class_dropout > 0).
+    c.teacher.guidance = 1.0
 
     # Start θ (and θ⁻ and every eval EMA) from another run's eval EMA instead of a random init, for
     # any method (ECT tunes a pretrained EDM denoiser). Read only when the run starts fresh; a run

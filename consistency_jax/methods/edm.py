@@ -1,6 +1,11 @@
 """An EDM diffusion model, the teacher of consistency distillation (Karras et al. 2022, Eq. 2 and
 Table 1): ln σ ~ N(P_mean, P_std²), λ(σ) = (σ² + σ_d²)/(σ·σ_d)²,
-loss = E[λ(σ)·mean((D_θ(x + σz, σ) − x)²)]."""
+loss = E[λ(σ)·mean((D_θ(x + σz, σ) − x)²)].
+
+A class-conditional teacher for guided distillation (``config.teacher.guidance`` of its students)
+drops each label to the network's last label, "no class", with probability
+``loss.edm_class_dropout`` (classifier-free guidance's training, ``guidance.drop_labels``), so that the
+one network is also the unconditional D(x|∅)."""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from consistency_jax import config as config_lib
-from consistency_jax import losses
+from consistency_jax import guidance, losses
 from consistency_jax import parameterization as param_lib
 from consistency_jax.methods import fields as fields_lib
 from consistency_jax.methods.base import Frozen, Method, MethodSpec, register
@@ -27,6 +32,8 @@ class EDMDenoiser(Method):
     sigmas: Any
     p_mean: float = -1.2
     p_std: float = 1.2
+    class_dropout: float = 0.0
+    null_label: int | None = None
 
     name = "edm"
 
@@ -42,13 +49,18 @@ class EDMDenoiser(Method):
         sigma = jnp.exp(self.p_mean + self.p_std * jax.random.normal(rng_s, (b,), x0.dtype))
         z = jax.random.normal(rng_z, x0.shape, x0.dtype)
         x_noisy = x0 + sigma.reshape((b,) + (1,) * (x0.ndim - 1)) * z
+        labels = batch.get("label")
+        if self.class_dropout > 0 and labels is not None:  # its own key: nothing else changes
+            labels = guidance.drop_labels(
+                jax.random.fold_in(rng, 1), labels, self.class_dropout, self.null_label
+            )
         denoised = param_lib.denoiser_fn(
             self.apply_fn,
             params,
             x_noisy,
             sigma,
             self.sigmas,
-            labels=batch.get("label"),
+            labels=labels,
             train=True,
             rng=rng_drop,
         )
@@ -59,22 +71,35 @@ class EDMDenoiser(Method):
 
 
 def build(ctx) -> EDMDenoiser:
+    num_classes = ctx.config.model.kwargs.get("num_classes")
     return EDMDenoiser(
         apply_fn=ctx.apply_fn,
         sigmas=ctx.sigmas,
         p_mean=ctx.config.loss.edm_p_mean,
         p_std=ctx.config.loss.edm_p_std,
+        class_dropout=float(ctx.config.loss.edm_class_dropout),
+        null_label=int(num_classes) - 1 if num_classes else None,
     )
 
 
 def check(config) -> None:
     if not config.loss.edm_p_std > 0:
         raise ValueError(f"config.loss.edm_p_std must be positive, got {config.loss.edm_p_std}.")
+    p = config.loss.edm_class_dropout
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p < 1:
+        raise ValueError(f"config.loss.edm_class_dropout must be in [0, 1), got {p!r}.")
+    if p > 0 and not (config.data.use_labels and config.model.kwargs.get("num_classes")):
+        raise ValueError(
+            "config.loss.edm_class_dropout > 0 trains the unconditional model of a class-conditional "
+            "run: set config.data.use_labels=True and config.model.kwargs.num_classes to the number "
+            "of classes + 1 (the last label is 'no class')."
+        )
 
 
 def fields(c) -> None:
-    """EDM's training distribution ln σ ~ N(edm_p_mean, edm_p_std²) (EDM Table 1)."""
-    fields_lib.declare(c, "loss", edm_p_mean=-1.2, edm_p_std=1.2)
+    """EDM's training distribution ln σ ~ N(edm_p_mean, edm_p_std²) (EDM Table 1); the label
+    dropout of a teacher for guided distillation (0: none)."""
+    fields_lib.declare(c, "loss", edm_p_mean=-1.2, edm_p_std=1.2, edm_class_dropout=0.0)
 
 
 def defaults(c) -> None:
