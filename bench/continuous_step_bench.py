@@ -14,6 +14,9 @@ timed against a baseline that runs the same network passes in one jitted functio
                     a target made from the jvp (the backward depends on it, as in the method)
   scd:              the same plus one teacher forward
   ect:              forward + backward, plus one forward (the stop-gradient target), as iCT
+  tcm:              ECT's passes plus one forward of the frozen stage-1 model (the combined target)
+  meanflow:         one jvp of u (forward + tangent, the network seeing (t, t − r)) whose primal
+                    output is differentiated (backward) towards the target made from the tangent
   ict:              forward + backward, plus one forward (reference for images/s)
 
 ratio = step / baseline (aim ≤ 1.10): what the method's maths, the optimizer and the EMA cost on top of
@@ -41,14 +44,16 @@ from consistency_jax import losses, schedules, sharding  # noqa: E402
 from consistency_jax.methods.cm_continuous import ContinuousConsistency  # noqa: E402
 from consistency_jax.methods.ct import ConsistencyTraining  # noqa: E402
 from consistency_jax.methods.ect import EasyConsistencyTuning  # noqa: E402
+from consistency_jax.methods.meanflow import MeanFlow  # noqa: E402
 from consistency_jax.methods.scm import SCM  # noqa: E402
+from consistency_jax.methods.tcm import TruncatedConsistency, truncated_student_t_table  # noqa: E402
 from consistency_jax.networks import make_apply_fn  # noqa: E402
 from consistency_jax.networks.logvar import WithLogVar, make_logvar_fn  # noqa: E402
 from consistency_jax.parameterization import SigmaConfig, network_teacher  # noqa: E402
 from consistency_jax.train import make_train_step  # noqa: E402
 from consistency_jax.train_state import TrainState  # noqa: E402
 
-METHODS = ("ict", "ect", "cm_continuous_ct", "cm_continuous_cd", "sct", "scd")
+METHODS = ("ict", "ect", "tcm", "meanflow", "cm_continuous_ct", "cm_continuous_cd", "sct", "scd")
 
 
 def parse_args(argv=None):
@@ -78,7 +83,17 @@ def baseline(kind: str, apply_fn, teacher_fn):
                 lambda x_, t_: apply_fn(sg(params), x_, t_), (x, t), (v, jnp.ones_like(t))
             )
             return jnp.mean((apply_fn(params, x, t) - sg(fm + dfm)).astype(jnp.float32) ** 2)
+        if (
+            kind == "meanflow"
+        ):  # u(z, r, t) = F(z, t, t − r), tangents (v, 0, 1): (v, 1, 1) on (z, t, t − r)
+            d = 0.5 * t
+            u = lambda x_, t_, d_: apply_fn(params, x_, t_, c_noise_2=d_)
+            f, df = jax.jvp(u, (x, t, d), (v, jnp.ones_like(t), jnp.ones_like(t)))
+            target = sg(v - d[:, None, None, None] * df)
+            return jnp.mean((f - target).astype(jnp.float32) ** 2)
         other = sg(apply_fn(params, x + v, t))  # ict / ect: the stop-gradient target forward
+        if kind == "tcm":  # the frozen stage-1 model's forward at the same point
+            other = other + sg(apply_fn(teacher, x + v, t))
         return jnp.mean((apply_fn(params, x, t) - other).astype(jnp.float32) ** 2)
 
     def step(carry, x, t, v):
@@ -93,13 +108,16 @@ def build(method: str, module, example_shape, args, mesh):
     sigmas = SigmaConfig()
     b = args.batch
     x0 = jax.random.uniform(jax.random.key(0), (b,) + example_shape, jnp.float32, -1, 1)
+    if method == "meanflow":
+        module = module.clone(second_time=True)
     net = WithLogVar(net=module) if method in ("sct", "scd") else module
     apply_fn = make_apply_fn(net)
     init = lambda m: (
         lambda r: m.init({"params": r, "dropout": r}, x0[:1], jnp.zeros((1,)))["params"]
     )
     params = jax.jit(init(net))(jax.random.key(1))
-    teacher_params = jax.jit(init(module))(jax.random.key(2)) if method.endswith("cd") else None
+    frozen = method.endswith("cd") or method == "tcm"  # a teacher, or TCM's stage-1 model
+    teacher_params = jax.jit(init(module))(jax.random.key(2)) if frozen else None
     teacher = network_teacher(make_apply_fn(module), sigmas) if method.endswith("cd") else None
     if method == "ict":
         m = ConsistencyTraining(
@@ -113,6 +131,11 @@ def build(method: str, module, example_shape, args, mesh):
         )
     elif method == "ect":
         m = EasyConsistencyTuning(apply_fn=apply_fn, sigmas=sigmas)
+    elif method == "tcm":
+        table = truncated_student_t_table(0.0, 0.2, 0.01, 0.0, float(np.log(sigmas.sigma_max)))
+        m = TruncatedConsistency(apply_fn=apply_fn, sigmas=sigmas, table=tuple(table.tolist()))
+    elif method == "meanflow":
+        m = MeanFlow(apply_fn=apply_fn)
     elif method.startswith("cm_continuous"):
         m = ContinuousConsistency(apply_fn=apply_fn, sigmas=sigmas, stopgrad=True, teacher=teacher)
     else:

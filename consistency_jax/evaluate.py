@@ -7,10 +7,14 @@
 ``arr_1``: the layout of the official evaluation scripts), the name of a prepared TFDS data set
 (feature ``image`` uint8, e.g. samples written as a data set by the sampling command), read from
 ``--data_dir``, or ``run:WORKDIR``: ``--num_samples`` (default 50 000) samples generated now from a
-run's eval EMA by the sampling command (one step, or Heun for an EDM teacher; seed 0).
+run's eval EMA by the sampling command (one step, or Heun for an EDM teacher; seed 0), with its
+progress bar and ETA, into ``--samples_dir`` (default: a directory of the cache named by the run, its
+step and the number of samples). That generation is resumable: a killed command, rerun, keeps the
+finished shards and generates the rest; a finished one is reused as it is.
 ``--ref``: a TFDS name (statistics of its ``--ref_split``, all of it, computed once and cached), or
 an ``.npz`` with ``mu``/``sigma`` or with reference images under ``arr_0``.
-``--inception_weights`` (or ``$INCEPTION_WEIGHTS``): see ``tools/convert_inception_weights.py``.
+``--inception_weights``: a ``.safetensors`` file, else ``$INCEPTION_WEIGHTS``, else pytorch-fid's
+file in the cache (``$CONSISTENCY_JAX_CACHE``), downloaded and its SHA-256 checked on first use.
 
 Every argument is checked before anything is compiled. Prints the figures and writes them as JSON.
 FIDs are comparable with the papers only with the real weights and 50 000 samples.
@@ -41,7 +45,16 @@ _REF_SPLIT = flags.DEFINE_string(
     "ref_split", "train", "Split of a TFDS --ref (papers: all of train)."
 )
 _WEIGHTS = flags.DEFINE_string(
-    "inception_weights", None, "FID Inception-v3 .safetensors (default: $INCEPTION_WEIGHTS)."
+    "inception_weights",
+    None,
+    "FID Inception-v3 weights (default: $INCEPTION_WEIGHTS, else pytorch-fid's file in the cache, "
+    "fetched and verified on first use).",
+)
+_SAMPLES_DIR = flags.DEFINE_string(
+    "samples_dir",
+    None,
+    "Where --samples=run:DIR generates its samples, resumably (default: in the cache, named by the "
+    "run, its step and --num_samples).",
 )
 _METRICS = flags.DEFINE_list("metrics", ["fid", "is"], "Any of fid, is, kid, pr.")
 _OUT = flags.DEFINE_string("out", None, "Write the figures to this JSON file.")
@@ -61,6 +74,10 @@ _KID_SUBSET_SIZE = flags.DEFINE_integer(
 )
 
 
+# Samples per shard of --samples=run:DIR's generation (what a killed command keeps: 10 shards of 50k).
+GENERATE_SHARD = 5000
+
+
 def _is_file_argument(value: str) -> bool:
     return value.endswith(".npz") or os.path.sep in value and os.path.exists(value)
 
@@ -74,27 +91,48 @@ def _first_rows(batches, n: int):
         n -= batch.shape[0]
 
 
-def _generate(workdir: str, num_samples: int, batch_size: int) -> str:
+def _generate(workdir: str, num_samples: int, batch_size: int, samples_dir: str | None) -> str:
     """Samples of a run, generated now by the sampling command (its default sampler: one step for a
-    consistency model, Heun for an EDM teacher; seed 0) into a temporary directory; the .npz path."""
-    import tempfile
+    consistency model, Heun for an EDM teacher; seed 0) into ``samples_dir``, resumably: the
+    finished shards of an interrupted call are kept, a finished output is reused. The .npz path."""
+    import hashlib
 
     import jax
+    from absl import logging
 
+    from consistency_jax import checkpoint, fs, loading, weights_cache
     from consistency_jax import sample as sample_lib
 
-    out = tempfile.mkdtemp(prefix="evaluate_samples_")
+    where = f"--samples=run:{workdir}"
+    try:
+        _, step, _ = loading.eval_params_metadata(workdir)
+    except checkpoint.CheckpointError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if samples_dir is None:
+        key = f"{fs.resolve(workdir)}|step {step}|{num_samples} samples"
+        name = hashlib.sha256(key.encode()).hexdigest()[:16]
+        samples_dir = os.path.join(weights_cache.cache_dir(), "evaluate_samples", name)
+    npz = os.path.join(samples_dir, "samples.npz")
+    plan = os.path.join(samples_dir, sample_lib.PLAN)
+    if os.path.isfile(plan) and os.path.isfile(npz):
+        with open(plan) as f:
+            saved = json.load(f)
+        if saved.get("complete") and saved.get("num_samples") == num_samples:
+            logging.info("Reusing the %d finished samples in %s.", num_samples, samples_dir)
+            return npz
     request = sample_lib.SampleRequest(
         workdir=workdir,
-        out=out,
+        out=samples_dir,
         num_samples=num_samples,
+        step=step,
+        examples_per_shard=GENERATE_SHARD,
         grid=False,
         per_device_batch=max(1, batch_size // jax.local_device_count()),
     )
     try:
         return sample_lib.run(request)["npz"]
     except sample_lib.SampleError as e:
-        raise ValueError(f"--samples=run:{workdir}: {e}") from None
+        raise ValueError(f"{where}: {e}") from None
 
 
 def evaluate(
@@ -111,6 +149,7 @@ def evaluate(
     cache_dir: str | None = None,
     kid_subsets: int = 100,
     kid_subset_size: int = 1000,
+    samples_dir: str | None = None,
 ) -> dict:
     """The figures of ``samples`` against ``ref`` (see the module docstring); returns a dict.
 
@@ -137,7 +176,7 @@ def evaluate(
 
     # Samples: read (an .npz) or opened (TFDS) before anything compiles; "run:DIR" generates them.
     if samples.startswith("run:"):
-        samples = _generate(samples[len("run:") :], num_samples or 50000, batch_size)
+        samples = _generate(samples[len("run:") :], num_samples or 50000, batch_size, samples_dir)
     if _is_file_argument(samples):
         images = ev.read_npz_images(samples)
         if num_samples:
@@ -225,6 +264,7 @@ def main(argv):
             cache_dir=_CACHE_DIR.value,
             kid_subsets=_KID_SUBSETS.value,
             kid_subset_size=_KID_SUBSET_SIZE.value,
+            samples_dir=_SAMPLES_DIR.value,
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

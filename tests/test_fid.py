@@ -642,7 +642,36 @@ def test_fid_in_the_training_evaluation_and_evaluate_from_a_run(
     common = dict(
         ref=str(ref), weights=str(weights_file), metrics=("fid",), num_samples=6, batch_size=BATCH
     )
+    # The default place of generated samples is the cache: here a temporary one; shards of 2.
+    monkeypatch.setenv("CONSISTENCY_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(evaluate, "GENERATE_SHARD", 2)
+    from consistency_jax import export
+
+    save_npz = export.save_npz
+
+    def killed(*a, **k):  # the process dies after writing every shard, before samples.npz
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "save_npz", killed)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.evaluate(f"run:{workdir}", **common)
+    monkeypatch.setattr(export, "save_npz", save_npz)
+    (gen,) = (tmp_path / "cache" / "evaluate_samples").iterdir()
+    assert not json.loads((gen / sample_lib.PLAN).read_text())["complete"]
+    parts = sorted((gen / sample_lib.PARTS).iterdir())
+    assert len(parts) == 3  # 6 samples in shards of 2
+    parts[-1].unlink()  # as if killed while the last shard was generated
+    # Rerun: the finished shards are kept, only the missing one is generated, the figures are
+    # those of an uninterrupted generation (the .npz of the sampling command, below).
+    summaries, run = [], sample_lib.run
+    monkeypatch.setattr(sample_lib, "run", lambda r: summaries.append(run(r)) or summaries[-1])
     on_the_fly = evaluate.evaluate(f"run:{workdir}", **common)
+    assert [s["generated"] for s in summaries] == [2]
+    assert json.loads((gen / sample_lib.PLAN).read_text())["complete"]
+    # A finished generation is reused as it is.
+    stamp = (gen / "samples.npz").stat().st_mtime_ns
+    assert evaluate.evaluate(f"run:{workdir}", **common)["fid"] == on_the_fly["fid"]
+    assert (gen / "samples.npz").stat().st_mtime_ns == stamp and len(summaries) == 1
     npz = sample_lib.run(
         sample_lib.SampleRequest(
             workdir=str(workdir),

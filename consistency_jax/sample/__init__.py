@@ -33,7 +33,14 @@ flags is refused. A finished export is never overwritten without ``--overwrite``
 """
 
 from consistency_jax.sample.edit import load_inputs, run_edit
-from consistency_jax.sample.generate import make_generator, plan_of, prepare_output, run
+from consistency_jax.sample.generate import (
+    PARTS,
+    PLAN,
+    make_generator,
+    plan_of,
+    prepare_output,
+    run,
+)
 from consistency_jax.sample.request import (
     EDITS,
     SAMPLERS,
@@ -47,6 +54,8 @@ from consistency_jax.sample.tau_search import run_tau_search
 
 __all__ = [
     "EDITS",
+    "PARTS",
+    "PLAN",
     "SAMPLERS",
     "SampleError",
     "SampleRequest",
