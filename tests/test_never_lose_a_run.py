@@ -384,13 +384,11 @@ def test_a_failed_save_of_a_real_process_stops_in_seconds_and_prints_one_error(t
         r"run; the newest complete checkpoint is step 25\.",
         last,
     ), last
-    # No flood (before: 238 "Task exception was never retrieved" tracebacks, ~1900 lines). What
-    # may remain: a few "Event loop is closed" tracebacks that TensorStore's own threads print
-    # (C++ PyErr_Print) when a write of the abandoned save completes after Orbax closed its loop.
-    assert "never retrieved" not in text, text[-6000:]
-    stray = text.count("Traceback")
-    closed = text.count("raise RuntimeError('Event loop is closed')")  # one in each of those
-    assert stray <= closed and stray <= 16, text[-6000:]
+    # One error, no secondary traceback (before: 238 "Task exception was never retrieved"
+    # tracebacks, ~1900 lines; then up to ~60 "Event loop is closed" errors of the abandoned save's
+    # write callbacks, which arrive after Orbax closed its loop, as unraisable exceptions).
+    assert "never retrieved" not in text and "Event loop is closed" not in text, text[-6000:]
+    assert text.count("Traceback") == 0, text[-6000:]
     assert not (run / W.LEASE_NAME).exists()
 
 
@@ -424,11 +422,9 @@ def test_a_full_disk_stops_a_real_process_at_the_failed_save(tmp_path):
             r"device.*\. Stopping the run; the newest complete checkpoint is step 25\.",
             last,
         ), last
-        # No flood: at most a few stray "Event loop is closed" tracebacks that TensorStore's
-        # threads print themselves when a write callback races the end of Orbax's event loop.
-        stray = text.count("Traceback")
-        assert "never retrieved" not in text and stray <= 16, text[-3000:]
-        assert stray <= text.count("raise RuntimeError('Event loop is closed')"), text[-3000:]
+        # One error, no secondary traceback (see the test above).
+        assert "never retrieved" not in text and "Event loop is closed" not in text, text[-3000:]
+        assert text.count("Traceback") == 0, text[-3000:]
         assert [n for n in os.listdir(run) if n.endswith(".tmp")] == []
     finally:
         subprocess.run(["umount", "-l", str(mnt)])

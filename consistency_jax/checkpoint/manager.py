@@ -15,6 +15,7 @@ Readers (``loading``) open a manager read-only and use its public read API: ``re
 from __future__ import annotations
 
 import logging as logging_std
+import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -126,6 +127,29 @@ if not any(isinstance(f, _QuietOrbax) for f in logging_std.getLogger("absl").fil
 
 if not any(isinstance(f, _QuietAsyncio) for f in logging_std.getLogger("asyncio").filters):
     logging_std.getLogger("asyncio").addFilter(_QuietAsyncio())
+
+
+def _quiet_closed_loop(previous):
+    """A ``sys.unraisablehook`` that drops, once a save has failed, the "Event loop is closed"
+    errors of the abandoned save's write callbacks completing after Orbax closed its loop (the save's
+    error is raised once by ``Checkpointer``); everything else goes to ``previous``."""
+
+    def hook(unraisable):
+        value = getattr(unraisable, "exc_value", None)
+        if (
+            _SAVE_FAILURES.first is not None
+            and isinstance(value, RuntimeError)
+            and "Event loop is closed" in str(value)
+        ):
+            return
+        previous(unraisable)
+
+    hook.quiet_closed_loop = True
+    return hook
+
+
+if not getattr(sys.unraisablehook, "quiet_closed_loop", False):
+    sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
 
 # Causes of failed writes that TensorStore reports deep inside its error text.
 _KNOWN_CAUSES = (
