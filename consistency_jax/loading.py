@@ -92,14 +92,19 @@ def load_model_params(
     if spec.model_params is None:
         return config, params, step
     teacher = None
-    if spec.needs_teacher:
-        if spec.teacher is None:
-            _, teacher = load_teacher(
-                config.teacher.workdir, config.teacher.ema_rate or None, sharding=sharding
-            )
-        else:
-            teacher = load_teacher_source(config, spec.teacher, sharding=sharding)[0]
+    if spec.teacher is not None:
+        teacher = load_teacher_source(config, spec.teacher, sharding=sharding)[0]
     return config, spec.model_params(config, params, teacher), step
+
+
+def _saved_config(workdir: str) -> tuple[int, dict] | None:
+    """(step, config as JSON) of a run's newest saved config, read-only (no array is read), or None
+    when it has saved none."""
+    ckpt = Checkpointer(workdir, every=1, keep=1, read_only=True)
+    try:
+        return ckpt.saved_config()
+    finally:
+        ckpt.close()
 
 
 def _field(config: ml_collections.ConfigDict, path: str) -> Any:
@@ -126,13 +131,9 @@ def teacher_source_config(config: ml_collections.ConfigDict, source) -> ml_colle
             f"method={config.method!r} reads a frozen model from {field}: set it to that run."
         )
     workdir = fs.resolve(workdir, field)
-    found = None
+    found = None  # JSON only: the arrays are verified when loaded
     if fs.isdir(fs.join(workdir, CHECKPOINT_SUBDIR)):
-        ckpt = Checkpointer(workdir, every=1, keep=1, read_only=True)
-        try:
-            found = ckpt.saved_config()  # JSON only: the arrays are verified when loaded
-        finally:
-            ckpt.close()
+        found = _saved_config(workdir)
     if found is None:
         raise CheckpointError(f"{field}={workdir!r} holds no checkpoint.")
     theirs = config_from_dict(found[1])
@@ -320,11 +321,7 @@ def teacher_config(workdir: str) -> ml_collections.ConfigDict:
             f"config.teacher.workdir={workdir!r} holds no checkpoints (no {CHECKPOINT_SUBDIR}/ "
             "directory); train an EDM teacher there first (method='edm')."
         )
-    ckpt = Checkpointer(workdir, every=1, keep=1, read_only=True)
-    try:
-        found = ckpt.saved_config()  # JSON only: the arrays are verified by load_teacher
-    finally:
-        ckpt.close()
+    found = _saved_config(workdir)  # JSON only: the arrays are verified by load_teacher
     if found is None:
         raise CheckpointError(
             f"config.teacher.workdir={workdir!r} holds no checkpoint (the "

@@ -216,9 +216,9 @@ class MethodSpec:
       teacher: how a method that ``needs_teacher`` reads it, when its teacher is not an EDM run at
         ``config.teacher.workdir`` (``TeacherSource``; None: that EDM teacher, CM Algorithm 2).
       model_params: (config, params, teacher params) -> the parameters of the trained model as its
-        ``consistency_fn`` reads them, when the model includes its frozen teacher (TCM's stage-1
-        model below t′); None: the parameters themselves. The loop's evaluation and the sampling
-        command both go through it.
+        ``consistency_fn`` reads them, when the model includes the frozen tree of its ``teacher``
+        source (TCM's stage-1 model below t′); None: the parameters themselves. The loop's
+        evaluation and the sampling command both go through it.
     """
 
     name: str
