@@ -10,7 +10,9 @@
 run's eval EMA by the sampling command (one step, or Heun for an EDM teacher; seed 0), with its
 progress bar and ETA, into ``--samples_dir`` (default: a directory of the cache named by the run, its
 step and the number of samples). That generation is resumable: a killed command, rerun, keeps the
-finished shards and generates the rest; a finished one is reused as it is.
+finished shards and generates the rest; a finished one is reused as it is. The Inception outputs of
+those samples are kept beside them, shard by shard, per weight file: a rerun scores only the shards
+it has not scored.
 ``--ref``: a TFDS name (statistics of its ``--ref_split``, all of it, computed once and cached), or
 an ``.npz`` with ``mu``/``sigma`` or with reference images under ``arr_0``.
 ``--inception_weights``: a ``.safetensors`` file, else ``$INCEPTION_WEIGHTS``, else pytorch-fid's
@@ -74,8 +76,10 @@ _KID_SUBSET_SIZE = flags.DEFINE_integer(
 )
 
 
-# Samples per shard of --samples=run:DIR's generation (what a killed command keeps: 10 shards of 50k).
+# Samples per shard of --samples=run:DIR's generation (what a killed command keeps: 10 shards of 50k);
+# the Inception outputs of generated samples are cached per shard of the same size.
 GENERATE_SHARD = 5000
+FEATURES = "inception_features"
 
 
 def _is_file_argument(value: str) -> bool:
@@ -135,6 +139,40 @@ def _generate(workdir: str, num_samples: int, batch_size: int, samples_dir: str 
         raise ValueError(f"{where}: {e}") from None
 
 
+def _cached_outputs(metric, images, features_dir: str):
+    """Yields the Inception ``(pool, logits)`` of ``images`` shard by shard (``GENERATE_SHARD``
+    images each): read from ``features_dir`` when a file there holds that shard's outputs (checked
+    by the SHA-256 of the shard's images), else computed and written whole (an interrupted command
+    keeps the shards it finished)."""
+    import hashlib
+    import io
+
+    import numpy as np
+    from absl import logging
+
+    from consistency_jax import fs
+
+    os.makedirs(features_dir, exist_ok=True)
+    reused = 0
+    for start in range(0, images.shape[0], GENERATE_SHARD):
+        shard = np.ascontiguousarray(images[start : start + GENERATE_SHARD])
+        digest = hashlib.sha256(shard.tobytes()).hexdigest()
+        path = os.path.join(features_dir, f"{start:09d}.npz")
+        if os.path.isfile(path):
+            with np.load(path) as saved:
+                if str(saved["images_sha256"]) == digest:
+                    reused += shard.shape[0]
+                    yield saved["pool"], saved["logits"]
+                    continue
+        out = metric.features(shard)
+        buffer = io.BytesIO()
+        np.savez(buffer, pool=out.pool, logits=out.logits, images_sha256=np.array(digest))
+        fs.write_bytes(path, buffer.getvalue())
+        yield out.pool, out.logits
+    if reused:
+        logging.info("Reused the Inception outputs of %d samples from %s.", reused, features_dir)
+
+
 def evaluate(
     samples: str,
     ref: str,
@@ -159,7 +197,10 @@ def evaluate(
     """
     import itertools
 
+    import jax
+
     from consistency_jax import data as data_lib
+    from consistency_jax import weights_cache
     from consistency_jax.evaluators import inception_metrics as ev
     from consistency_jax.metrics import inception_v3 as inception_lib
 
@@ -174,9 +215,14 @@ def evaluate(
     weights = inception_lib.resolve_weights_path(weights)
     need_ref_features = bool(set(metrics) & {"kid", "pr"})
 
-    # Samples: read (an .npz) or opened (TFDS) before anything compiles; "run:DIR" generates them.
+    # Samples: read (an .npz) or opened (TFDS) before anything compiles; "run:DIR" generates them,
+    # and keeps their Inception outputs shard by shard beside them.
+    features_dir = None
     if samples.startswith("run:"):
         samples = _generate(samples[len("run:") :], num_samples or 50000, batch_size, samples_dir)
+        features_dir = os.path.join(
+            os.path.dirname(samples), FEATURES, weights_cache.file_sha256(weights)[:16]
+        )
     if _is_file_argument(samples):
         images = ev.read_npz_images(samples)
         if num_samples:
@@ -222,7 +268,11 @@ def evaluate(
         )
 
     needs_outputs = set(metrics) != {"fid"}
-    stats, outputs = metric.statistics(sample_batches, keep=needs_outputs)
+    if features_dir is not None and jax.process_count() == 1:
+        pairs = _cached_outputs(metric, images, features_dir)
+        stats, outputs = metric.accumulate(pairs, keep=needs_outputs)
+    else:
+        stats, outputs = metric.statistics(sample_batches, keep=needs_outputs)
     figures = metric.score(
         outputs if needs_outputs else stats,
         (mu, sigma),

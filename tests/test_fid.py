@@ -672,6 +672,35 @@ def test_fid_in_the_training_evaluation_and_evaluate_from_a_run(
     stamp = (gen / "samples.npz").stat().st_mtime_ns
     assert evaluate.evaluate(f"run:{workdir}", **common)["fid"] == on_the_fly["fid"]
     assert (gen / "samples.npz").stat().st_mtime_ns == stamp and len(summaries) == 1
+    # The Inception outputs are kept per shard: a command killed while scoring, rerun, scores only
+    # the shards it had not finished and gives the same figures.
+    (features_dir,) = (gen / evaluate.FEATURES).iterdir()
+    assert len(list(features_dir.iterdir())) == 3
+    from consistency_jax.evaluators import inception_metrics as ev
+
+    scored, features = [], ev.InceptionMetrics.features
+
+    def dies_on_second_shard(self, images):
+        if len(scored) == 1:
+            raise KeyboardInterrupt
+        scored.append(images.shape[0])
+        return features(self, images)
+
+    for f in list(features_dir.iterdir())[:2]:
+        f.unlink()
+    monkeypatch.setattr(ev.InceptionMetrics, "features", dies_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.evaluate(f"run:{workdir}", **common)
+    assert scored == [2] and len(list(features_dir.iterdir())) == 2  # no partial file left
+    scored.append(0)  # the next calls pass
+    assert evaluate.evaluate(f"run:{workdir}", **common)["fid"] == on_the_fly["fid"]
+    assert scored == [2, 0, 2]
+    # Outputs that are not those of the shard's images (the samples changed) are recomputed.
+    np.savez(gen / "samples.npz", np.load(gen / "samples.npz")["arr_0"][::-1])
+    assert evaluate.evaluate(f"run:{workdir}", **common)["fid"] == pytest.approx(
+        on_the_fly["fid"], rel=1e-6
+    )
+    assert scored == [2, 0, 2, 2, 2, 2]
     npz = sample_lib.run(
         sample_lib.SampleRequest(
             workdir=str(workdir),

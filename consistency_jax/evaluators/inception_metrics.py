@@ -65,9 +65,18 @@ class InceptionMetrics:
         Returns:
             ``(stats, outputs)``; ``outputs`` is None unless ``keep``.
         """
+        return self.accumulate(self.extractor.iter_outputs(images), keep=keep)
+
+    @staticmethod
+    def accumulate(
+        pairs: Iterable[tuple[np.ndarray, np.ndarray]], *, keep: bool = False
+    ) -> tuple[fid_lib.GaussianStats, inception_lib.InceptionOutput | None]:
+        """``statistics`` of outputs already computed: ``(pool, logits)`` pairs, e.g. read back
+        from a cache of finished shards (``python -m consistency_jax.evaluate --samples=run:DIR``).
+        """
         stats = fid_lib.GaussianStats()
         pools, logits = [], []
-        for pool, logit in self.extractor.iter_outputs(images):
+        for pool, logit in pairs:
             stats.update(pool)
             if keep:
                 pools.append(pool)
