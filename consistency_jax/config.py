@@ -12,6 +12,7 @@ evaluation), naming the field.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib.util
 import os
@@ -326,3 +327,33 @@ def unknown_field(c: ml_collections.ConfigDict, path: str) -> str | None:
         f"Unknown config field config.{path}: {where} has no field {name!r}{hint} "
         f"({where} has: {', '.join(names)})."
     )
+
+
+# Fields naming another run that this run reads (a CD teacher, the run θ starts from). They are
+# stored absolute, so that resuming or sampling a run works from any working directory.
+SOURCE_RUN_FIELDS = ("teacher.workdir", "init.workdir")
+
+
+def with_absolute_sources(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with ``SOURCE_RUN_FIELDS`` given as relative local paths made absolute (at the
+    current working directory); ``""``, ``"exact"`` and URLs stay. A copy when anything changes."""
+    changes = {}
+    for field in SOURCE_RUN_FIELDS:
+        block, name = field.split(".")
+        value = config[block][name] if block in config and name in config[block] else ""
+        absolute = with_absolute_sources_value(value)
+        if absolute != value:
+            changes[(block, name)] = absolute
+    if not changes:
+        return config
+    config = copy.deepcopy(config)
+    for (block, name), value in changes.items():
+        config[block][name] = value
+    return config
+
+
+def with_absolute_sources_value(value: Any) -> Any:
+    """One ``SOURCE_RUN_FIELDS`` value as ``with_absolute_sources`` stores it."""
+    if not isinstance(value, str) or not value or value == "exact" or "://" in value:
+        return value
+    return os.path.abspath(os.path.expanduser(value))

@@ -30,6 +30,7 @@ from absl import logging
 
 from consistency_jax import build, fs
 from consistency_jax import checkpoint as ckpt_lib
+from consistency_jax import config as config_lib
 from consistency_jax import methods as methods_lib
 from consistency_jax import sharding as sharding_lib
 from consistency_jax.evaluators import build_evaluator
@@ -201,6 +202,8 @@ def train_and_evaluate(
       RunInterrupted: Ctrl-C; the state was saved first.
     """
     workdir = check_workdir(workdir)
+    # The runs it reads are stored absolute: resuming and sampling work from any directory.
+    config = config_lib.with_absolute_sources(config)
     setup = build.validate(config)  # every field, the mesh and the batch, before compiling
     logging.info("%s", sharding_lib.describe(setup.mesh))
     is_main = jax.process_index() == 0
@@ -219,8 +222,14 @@ def _train(config, workdir, setup, is_main, lock, closers, argv) -> TrainState:
     mesh, spec = setup.mesh, setup.spec
     # Refuses a workdir holding checkpoints of another config (or none readable) before anything
     # is built, compiled or overwritten. Only the lease holder removes temporary directories.
+    # The run a method reads on every start (TCM's frozen stage 1) must not change on resume.
+    pinned = (spec.teacher.workdir, spec.teacher.ema_rate) if spec.teacher is not None else ()
     checkpointer = ckpt_lib.Checkpointer.from_config(
-        workdir, config, defaults=methods_lib.default_values(), clean_tmp=lock is not None
+        workdir,
+        config,
+        defaults=methods_lib.default_values(),
+        pinned=pinned,
+        clean_tmp=lock is not None,
     )
     closers.add("checkpointer", checkpointer.close)  # commits the save in flight
     # From here Ctrl-C and SIGTERM mean "save and stop" (also while compiling).
@@ -249,7 +258,8 @@ def _train(config, workdir, setup, is_main, lock, closers, argv) -> TrainState:
     start_params = None
     if config.init.workdir:
         if checkpointer.all_steps():
-            logging.info("Resuming: config.init.workdir=%s is not read.", config.init.workdir)
+            if "init.workdir" not in pinned:
+                logging.info("Resuming: config.init.workdir=%s is not read.", config.init.workdir)
         else:
             start_params = build.load_init_params(config, init_params, mesh)
     # Born on the mesh: replicated over "data"; θ, θ⁻, EMAs, optimizer state, the teacher and LPIPS

@@ -309,6 +309,43 @@ def test_config_differences_lists_keys():
     assert nested == []
 
 
+def test_source_runs_are_stored_absolute_and_old_relative_ones_still_resume(tmp_path, monkeypatch):
+    """config.teacher.workdir / config.init.workdir given relative are made absolute at the
+    working directory ("", "exact" and URLs stay); a checkpoint saved before (relative) compares
+    equal to that absolute path, and only to it."""
+    from consistency_jax import config as config_lib
+
+    monkeypatch.chdir(tmp_path)
+    c = load_config("toy", "method=cd")
+    c.init.workdir = "runs/../runs/edm"
+    absolute = config_lib.with_absolute_sources(c)
+    assert absolute.init.workdir == str(tmp_path / "runs" / "edm")
+    assert absolute.teacher.workdir == "exact" and c.init.workdir == "runs/../runs/edm"
+    for value in ("", "exact", "gs://bucket/run", "/abs/run"):
+        c.teacher.workdir = value
+        assert config_lib.with_absolute_sources(c).teacher.workdir == value
+    saved = {"teacher": {"workdir": "runs/edm"}, "init": {"workdir": "s"}}
+    now = {"teacher": {"workdir": str(tmp_path / "runs" / "edm")}, "init": {"workdir": "s"}}
+    assert C.config_differences(saved, now) == []
+    now["teacher"]["workdir"] = str(tmp_path / "elsewhere" / "edm")
+    assert C.config_differences(saved, now) == [
+        f"teacher.workdir: 'runs/edm' -> '{tmp_path / 'elsewhere' / 'edm'}'"
+    ]
+    # config.init is resumable (read only when a run starts) unless the method reads it on every
+    # start (pinned: TCM's frozen stage 1); the same rule holds there.
+    now = {"teacher": {"workdir": "runs/edm"}, "init": {"workdir": str(tmp_path / "s")}}
+    assert C.config_differences(saved, now, pinned=("init.workdir",)) == []
+    now["init"]["workdir"] = "/other"
+    assert C.config_differences(saved, now) == []
+    assert C.config_differences(saved, now, pinned=("init.workdir",)) == [
+        "init.workdir: 's' -> '/other'"
+    ]
+    # Other fields holding paths keep comparing as text.
+    assert C.config_differences(
+        {"data": {"name": "d"}}, {"data": {"name": str(tmp_path / "d")}}
+    ) == [f"data.name: 'd' -> '{tmp_path / 'd'}'"]
+
+
 def test_config_file_arguments_take_the_type_of_their_default():
     from consistency_jax.config import parse_arg
 

@@ -269,10 +269,18 @@ def test_ect_starts_from_another_runs_ema_trains_and_resumes(tmp_path, caplog, m
             np.testing.assert_array_equal(np.asarray(got[k]), v)
 
     run = tmp_path / "ect"
+    # The source given relative to the working directory is stored absolute, so that the run can
+    # be resumed (and sampled) from anywhere.
+    monkeypatch.chdir(tmp_path)
+    c.init.workdir = "edm"
     with caplog.at_level(
         logging.INFO, logger="absl"
     ):  # absl flags parsed by another test set its level
         final = E.train_and_evaluate(c, str(run))
+    assert loading.eval_params_metadata(str(run))[0].init.workdir == str(source)
+    assert c.init.workdir == "edm"  # the caller's config is not changed
+    monkeypatch.chdir(run)
+    c.init.workdir = str(source)
     assert (
         "config.init: θ, θ⁻ (if kept) and the eval EMAs start from the slowest EMA" in caplog.text
     )

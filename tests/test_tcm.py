@@ -222,6 +222,16 @@ def test_stage_two_trains_from_its_stage_one_run_which_it_never_writes(tmp_path)
     _, own, _ = loading.load_eval_params(str(tmp_path / "tcm"))
     for a, b in zip(jax.tree.leaves(model["student"]), jax.tree.leaves(own)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Stage 1 is read on every start: resuming with another stage-1 run is refused (config.init
+    # is otherwise free to change on resume), before anything is built.
+    from consistency_jax.checkpoint import CheckpointError
+
+    other = _tcm_config(_stage_one(tmp_path, seed=2))
+    other.train.num_steps = 8
+    with pytest.raises(
+        CheckpointError, match=r"init\.workdir: '.*stage1_ect_1' -> '.*stage1_ect_2'"
+    ):
+        experiment.train_and_evaluate(other, str(tmp_path / "tcm"))
 
 
 def test_stage_one_runs_and_fields_are_checked_before_anything_is_built(tmp_path):

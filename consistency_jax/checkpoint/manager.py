@@ -260,17 +260,19 @@ class Checkpointer:
         config: ml_collections.ConfigDict,
         *,
         defaults: Mapping[str, Any] | None = None,
+        pinned: Sequence[str] = (),
         clean_tmp: bool = False,
     ) -> Checkpointer:
         """Opens the run's checkpoints and checks that they were written by ``config``
-        (``check_config``; ``defaults`` as there), before anything is built or compiled.
-        ``clean_tmp`` as in the constructor: True only for the holder of the workdir's lease."""
+        (``check_config``; ``defaults`` and ``pinned`` as there), before anything is built or
+        compiled. ``clean_tmp`` as in the constructor: True only for the holder of the workdir's
+        lease."""
         c = config.checkpoint
         ckpt = cls(
             workdir, every=c.every, keep=c.keep, keep_every=c.keep_every, clean_tmp=clean_tmp
         )
         try:
-            ckpt.check_config(config, defaults=defaults)
+            ckpt.check_config(config, defaults=defaults, pinned=pinned)
         except BaseException:
             ckpt.close()
             raise
@@ -387,12 +389,18 @@ class Checkpointer:
         return None
 
     def check_config(
-        self, config: ml_collections.ConfigDict, *, defaults: Mapping[str, Any] | None = None
+        self,
+        config: ml_collections.ConfigDict,
+        *,
+        defaults: Mapping[str, Any] | None = None,
+        pinned: Sequence[str] = (),
     ) -> None:
         """Refuses to resume a checkpoint written by a different config.
 
         ``defaults`` (``methods.default_values()``) are the values of fields that a checkpoint written
-        before they existed lacks (``config_differences``).
+        before they existed lacks (``config_differences``). ``pinned``: resumable fields that this
+        run reads on every start and that must therefore not change (e.g. TCM's
+        ``init.workdir``, its frozen stage-1 model).
 
         Differences in ``RESUMABLE_KEYS`` are allowed (extending a run changes schedules that
         depend on train.num_steps: a warning says so); differences in ``DYNAMICS_KEYS`` (learning
@@ -410,7 +418,9 @@ class Checkpointer:
         step, saved = found
         self.resumed_config = saved
         current = config_to_dict(config)
-        differing = differing_fields(saved, current, ignore_resumable=True, defaults=defaults)
+        differing = differing_fields(
+            saved, current, ignore_resumable=True, defaults=defaults, pinned=pinned
+        )
         changed = [f"{k}: {a!r} -> {b!r}" for k, a, b in differing if is_dynamics(k)]
         diffs = [f"{k}: {a!r} -> {b!r}" for k, a, b in differing if not is_dynamics(k)]
         if changed:

@@ -4,11 +4,12 @@ resumes it: which fields may differ (``RESUMABLE_KEYS``, ``DYNAMICS_KEYS``) and 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
 
+from consistency_jax import config as config_lib
 from consistency_jax.trees import flatten_mapping
 
 # Config fields that may differ between a checkpoint and the run resuming it: they change how long
@@ -78,6 +79,7 @@ def config_differences(
     *,
     ignore_resumable: bool = True,
     defaults: Mapping[str, Any] | None = None,
+    pinned: Sequence[str] = (),
 ) -> list[str]:
     """Lists the fields in which two configs (``config_to_dict`` dicts) differ.
 
@@ -89,6 +91,8 @@ def config_differences(
       defaults: a config dict of default values (``methods.default_values()``): a field absent from
         ``saved`` (a checkpoint written before the field existed) counts as holding its default, the
         value every earlier run had.
+      pinned: fields compared even when ``ignore_resumable`` would leave them out (the source
+        runs a method reads on every start, ``MethodSpec.teacher``).
 
     Returns:
       Sorted strings "key: saved -> current" (``<absent>`` for a missing field).
@@ -96,7 +100,7 @@ def config_differences(
     return [
         f"{key}: {va!r} -> {vb!r}"
         for key, va, vb in differing_fields(
-            saved, current, ignore_resumable=ignore_resumable, defaults=defaults
+            saved, current, ignore_resumable=ignore_resumable, defaults=defaults, pinned=pinned
         )
     ]
 
@@ -107,15 +111,24 @@ def differing_fields(
     *,
     ignore_resumable: bool,
     defaults: Mapping[str, Any] | None,
+    pinned: Sequence[str] = (),
 ) -> list[tuple[str, Any, Any]]:
     """(key, saved value, current value) of every differing field, as ``config_differences`` lists them."""
     a, b = flatten_mapping(saved), flatten_mapping(current)
     defaults = flatten_mapping(defaults or {})
     out = []
     for key in sorted(set(a) | set(b)):
-        if ignore_resumable and is_resumable(key):
+        if ignore_resumable and is_resumable(key) and key not in pinned:
             continue
         va, vb = a.get(key, defaults.get(key, "<absent>")), b.get(key, "<absent>")
-        if va != vb:
+        if va != vb and not _same_source_run(key, va, vb):
             out.append((key, va, vb))
     return out
+
+
+def _same_source_run(key: str, saved: Any, now: Any) -> bool:
+    """A source run saved as a relative path (before ``config.with_absolute_sources`` stored them
+    absolute) is the same as its absolute form at the current directory."""
+    if key not in config_lib.SOURCE_RUN_FIELDS or not isinstance(saved, str):
+        return False
+    return config_lib.with_absolute_sources_value(saved) == now
