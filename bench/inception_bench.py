@@ -33,7 +33,9 @@ import timing  # noqa: E402
 from consistency_jax.metrics import inception_v3 as I  # noqa: E402
 
 
-def _random_variables():
+def random_state_dict() -> dict:
+    """The random FID Inception-v3 state dict of ``tools/make_inception_fixture.py`` (pytorch-fid's
+    names, drawn from the library's table of names and shapes)."""
     import importlib.util
 
     path = os.path.join(
@@ -44,7 +46,11 @@ def _random_variables():
     spec = importlib.util.spec_from_file_location("_make_inception_fixture", path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    return I.variables_from_tensors(tool.random_inception_state_dict(I.inception_tensor_shapes()))
+    return tool.random_inception_state_dict(I.inception_tensor_shapes())
+
+
+def _random_variables():
+    return I.variables_from_tensors(random_state_dict())
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
@@ -711,6 +712,68 @@ def test_fid_in_the_training_evaluation_and_evaluate_from_a_run(
         )
     )["npz"]
     assert on_the_fly["fid"] == pytest.approx(evaluate.evaluate(npz, **common)["fid"], rel=1e-9)
+
+
+@pytest.mark.parametrize("size", [8, 9])
+@pytest.mark.parametrize("kernel,stride", [((3, 3), 1), ((3, 3), 2), ((1, 5), 1), ((1, 1), 1)])
+def test_unpadded_and_pointwise_convolutions_equal_the_plain_convolution(size, kernel, stride):
+    """The network's conv blocks on CPU (a 1x1 convolution as a dot, an unpadded one as a padded
+    convolution cut back) against lax's unpadded convolution with the same kernel, + BN + ReLU."""
+    rng = np.random.default_rng(size + stride)
+    x = jnp.asarray(rng.normal(size=(2, size, size + 1, 3)), jnp.float32)
+    block = I._Conv(5, kernel, stride=stride)
+    variables = block.init(jax.random.key(0), x)
+    got = np.asarray(block.apply(variables, x))
+    plain = jax.lax.conv_general_dilated(
+        x,
+        variables["params"]["conv"]["kernel"],
+        (stride, stride),
+        "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision="highest",
+    )
+    bn = variables["batch_stats"]["bn"]
+    scale = variables["params"]["bn"]["scale"] / np.sqrt(bn["var"] + 1e-3)
+    want = np.maximum(
+        (np.asarray(plain) - bn["mean"]) * scale + variables["params"]["bn"]["bias"], 0
+    )
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_average_pool_divides_by_the_valid_inputs():
+    """TF's SAME 3x3 average pool (stride 1): each output averages the inputs inside the image,
+    against a float64 NumPy loop."""
+    x = np.random.default_rng(3).normal(size=(2, 5, 4, 3))
+    want = np.zeros_like(x)
+    for i in range(5):
+        for j in range(4):
+            want[:, i, j] = x[:, max(i - 1, 0) : i + 2, max(j - 1, 0) : j + 2].mean(axis=(1, 2))
+    got = np.asarray(I._avg_pool_valid_count(jnp.asarray(x, jnp.float32)))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_cpu_builds_take_the_xla_options_and_fall_back_where_refused():
+    """The extractor's executables: on CPU built with CPU_COMPILER_OPTIONS (the network with them
+    matches the float64 peer: test_network_matches_torch_fidelity); options this XLA refuses give
+    the default build, same result."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.asarray(jax.local_devices()[:1]), ("batch",))
+    sharding = NamedSharding(mesh, PartitionSpec())
+    rng = np.random.default_rng(0)
+    w, x = rng.normal(size=(16, 8)), rng.normal(size=(4, 16))
+    want = np.tanh(x @ w)
+
+    def fn(w, x):
+        return jnp.tanh(jnp.dot(x, w, precision="highest"))
+
+    args = (jnp.asarray(w, jnp.float32), jnp.asarray(x, jnp.float32))
+    for options, used in ((I.CPU_COMPILER_OPTIONS, True), ({"xla_cpu_no_such_option": "1"}, False)):
+        compiled = I.CompiledOnDevices(fn, sharding, options)
+        np.testing.assert_allclose(np.asarray(compiled(*args)), want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(compiled(*args)), want, rtol=1e-5, atol=1e-6)
+        assert list(compiled.used_options.values()) == [used]  # compiled once
 
 
 def test_extraction_over_this_process_devices_pads_a_short_last_batch(ref, variables):

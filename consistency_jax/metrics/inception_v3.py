@@ -52,6 +52,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = [
+    "CPU_COMPILER_OPTIONS",
+    "CompiledOnDevices",
     "INCEPTION_WEIGHTS_ENV",
     "InceptionFeatureExtractor",
     "InceptionOutput",
@@ -103,22 +105,80 @@ class _Conv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         ph, pw = self.padding
-        x = nn.Conv(
-            self.features,
-            self.kernel,
-            strides=self.stride,
-            padding=((ph, ph), (pw, pw)),
-            use_bias=False,
-            precision=self.precision,
-            name="conv",
-        )(x)
+        kh, kw = self.kernel
+        if (kh, kw) == (1, 1) and self.stride == 1:
+            x = _PointwiseConv(self.features, precision=self.precision, name="conv")(x)
+        else:
+            padding, crop = ((ph, ph), (pw, pw)), None
+            if (ph, pw) == (0, 0) and jax.default_backend() == "cpu":
+                padding, crop = _padded_valid(x.shape[1:3], self.kernel, self.stride)
+            x = nn.Conv(
+                self.features,
+                self.kernel,
+                strides=self.stride,
+                padding=padding,
+                use_bias=False,
+                precision=self.precision,
+                name="conv",
+            )(x)
+            if crop is not None:
+                (h0, h1), (w0, w1) = crop
+                x = x[:, h0:h1, w0:w1]
         x = nn.BatchNorm(use_running_average=True, epsilon=_BN_EPS, name="bn")(x)
         return nn.relu(x)
 
 
+def _padded_valid(size, kernel, stride):
+    """(padding, crop) computing an unpadded ("VALID") convolution as a padded one cut back to the
+    same outputs, bit for bit: XLA:CPU runs these unpadded 3x3 convolutions 1.3-2.6x slower than
+    the padded ones (``bench/inception_vs_torch.py``). Stride 1: pad k//2 on each side, drop the
+    k//2 border outputs; stride s > 1: pad s − 1 after the end only (the sampled positions stay),
+    keep the first (size − k) // s + 1 outputs."""
+    padding, crop = [], []
+    for n, k in zip(size, kernel):
+        out = (n - k) // stride + 1
+        if stride == 1 and k % 2 == 1:
+            padding.append((k // 2, k // 2))
+            crop.append((k // 2, k // 2 + out))
+        else:
+            padding.append((0, stride - 1))
+            crop.append((0, out))
+    return tuple(padding), tuple(crop)
+
+
+class _PointwiseConv(nn.Module):
+    """A 1x1 convolution as a matmul over the channels: the same parameter as ``nn.Conv``'s
+    (a (1, 1, in, out) kernel), but XLA:CPU runs a 1x1 convolution 3-6x slower than the dot (about
+    half of the network's FLOPs are in 1x1 convolutions; ``bench/inception_vs_torch.py``)."""
+
+    features: int
+    precision: Any = "highest"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (1, 1, x.shape[-1], self.features)
+        )
+        return jnp.dot(x, kernel[0, 0], precision=self.precision)
+
+
 def _avg_pool_valid_count(x: jax.Array) -> jax.Array:
-    """3x3 average pool, stride 1, padding 1, averaging only the unpadded inputs (TF SAME)."""
-    return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
+    """3x3 average pool, stride 1, padding 1, averaging only the unpadded inputs (TF SAME): sums of
+    three along rows, then along columns, divided by the number of valid inputs (2 or 3 per axis;
+    XLA:CPU's windowed reduction is several times slower)."""
+    h, w = x.shape[1], x.shape[2]
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    rows = xp[:, :-2] + xp[:, 1:-1] + xp[:, 2:]
+    total = rows[:, :, :-2] + rows[:, :, 1:-1] + rows[:, :, 2:]
+
+    def counts(n: int) -> np.ndarray:
+        c = np.full(n, 3.0, np.float32)
+        c[0] -= 1
+        c[-1] -= 1
+        return c
+
+    inv = 1.0 / (counts(h)[:, None] * counts(w)[None, :])
+    return total * jnp.asarray(inv, x.dtype)[None, :, :, None]
 
 
 def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
@@ -598,12 +658,49 @@ def _as_batches(images: np.ndarray | Iterable[np.ndarray]) -> Iterable[np.ndarra
     return images
 
 
+# XLA:CPU compiler options of the extractor: its convolutions and dots through the YNNPACK library
+# (1.2x the images/s on 2 cores, features within 1e-6 relative of the default build: bench/RESULTS.md
+# §14). Experimental in XLA: where a version does not accept them, the network compiles without.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+
+
+class CompiledOnDevices:
+    """``fn`` jitted onto ``sharding`` (its outputs), compiled once per input shape; on CPU with the
+    XLA ``cpu_options``, falling back to the default build when this XLA refuses them.
+
+    Attributes:
+        used_options: per input shape, whether the executable was built with ``cpu_options``.
+    """
+
+    def __init__(self, fn, sharding: NamedSharding, cpu_options: Mapping[str, Any]):
+        self._jitted = jax.jit(fn, out_shardings=sharding)
+        cpu = all(d.platform == "cpu" for d in sharding.mesh.devices.flat)
+        self._options = dict(cpu_options) if cpu else {}
+        self._executables: dict[Any, Any] = {}
+        self.used_options: dict[Any, bool] = {}
+
+    def __call__(self, *args: Any) -> Any:
+        key = tuple((a.shape, a.dtype) for a in jax.tree.leaves(args))
+        executable = self._executables.get(key)
+        if executable is None:
+            lowered = self._jitted.lower(*args)
+            if self._options:
+                try:
+                    executable = lowered.compile(compiler_options=self._options)
+                except Exception:  # an XLA without these (experimental) options
+                    executable = None
+            self.used_options[key] = executable is not None
+            if executable is None:
+                executable = lowered.compile()
+            self._executables[key] = executable
+        return executable(*args)
+
+
 @functools.lru_cache(maxsize=8)
-def _compiled_outputs(precision: Any, sharding: NamedSharding):
-    """One jitted ``inception_outputs`` per (precision, sharding): extractors share compilations."""
-    return jax.jit(
-        functools.partial(inception_outputs, precision=precision), out_shardings=sharding
-    )
+def _compiled_outputs(precision: Any, sharding: NamedSharding) -> CompiledOnDevices:
+    """One compiled ``inception_outputs`` per (precision, sharding): extractors share compilations."""
+    fn = functools.partial(inception_outputs, precision=precision)
+    return CompiledOnDevices(fn, sharding, CPU_COMPILER_OPTIONS)
 
 
 class InceptionFeatureExtractor:
