@@ -141,34 +141,49 @@ def _generate(workdir: str, num_samples: int, batch_size: int, samples_dir: str 
 
 def _cached_outputs(metric, images, features_dir: str):
     """Yields the Inception ``(pool, logits)`` of ``images`` shard by shard (``GENERATE_SHARD``
-    images each): read from ``features_dir`` when a file there holds that shard's outputs (checked
-    by the SHA-256 of the shard's images), else computed and written whole (an interrupted command
-    keeps the shards it finished)."""
+    images each; a progress bar with its ETA on stderr): read from ``features_dir`` when a file
+    there holds that shard's outputs (checked by the SHA-256 of the shard's images), else computed
+    and written whole (an interrupted command keeps the shards it finished)."""
     import hashlib
     import io
 
     import numpy as np
     from absl import logging
+    from tqdm import tqdm
 
     from consistency_jax import fs
 
     os.makedirs(features_dir, exist_ok=True)
+    batch = metric.extractor.batch_size
+
+    def counted(shard, progress):  # the shard's batches; each counted once it has been scored
+        for i in range(0, shard.shape[0], batch):
+            yield shard[i : i + batch]
+            progress.update(min(batch, shard.shape[0] - i))
+
     reused = 0
-    for start in range(0, images.shape[0], GENERATE_SHARD):
-        shard = np.ascontiguousarray(images[start : start + GENERATE_SHARD])
-        digest = hashlib.sha256(shard.tobytes()).hexdigest()
-        path = os.path.join(features_dir, f"{start:09d}.npz")
-        if os.path.isfile(path):
-            with np.load(path) as saved:
-                if str(saved["images_sha256"]) == digest:
-                    reused += shard.shape[0]
-                    yield saved["pool"], saved["logits"]
-                    continue
-        out = metric.features(shard)
-        buffer = io.BytesIO()
-        np.savez(buffer, pool=out.pool, logits=out.logits, images_sha256=np.array(digest))
-        fs.write_bytes(path, buffer.getvalue())
-        yield out.pool, out.logits
+    progress = tqdm(
+        total=images.shape[0], unit="img", file=sys.stderr, smoothing=0.1, desc="Inception"
+    )
+    try:
+        for start in range(0, images.shape[0], GENERATE_SHARD):
+            shard = np.ascontiguousarray(images[start : start + GENERATE_SHARD])
+            digest = hashlib.sha256(shard.tobytes()).hexdigest()
+            path = os.path.join(features_dir, f"{start:09d}.npz")
+            if os.path.isfile(path):
+                with np.load(path, allow_pickle=False) as saved:
+                    if str(saved["images_sha256"]) == digest:
+                        reused += shard.shape[0]
+                        progress.update(shard.shape[0])
+                        yield saved["pool"], saved["logits"]
+                        continue
+            out = metric.features(counted(shard, progress))
+            buffer = io.BytesIO()
+            np.savez(buffer, pool=out.pool, logits=out.logits, images_sha256=np.array(digest))
+            fs.write_bytes(path, buffer.getvalue())
+            yield out.pool, out.logits
+    finally:
+        progress.close()
     if reused:
         logging.info("Reused the Inception outputs of %d samples from %s.", reused, features_dir)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -594,7 +595,7 @@ def _cheap_network(precision, batch_sharding):
 
 @pytest.mark.parametrize("network", ["cheap", pytest.param("inception", marks=pytest.mark.slow)])
 def test_fid_in_the_training_evaluation_and_evaluate_from_a_run(
-    digits_ref, weights_file, tmp_path, monkeypatch, network
+    digits_ref, weights_file, tmp_path, monkeypatch, network, capsys
 ):
     """config.eval.inception_weights makes every evaluation of the main job log FID / IS of its
     samples; ``evaluate(samples="run:DIR")`` generates a run's samples with the sampling command and
@@ -681,9 +682,10 @@ def test_fid_in_the_training_evaluation_and_evaluate_from_a_run(
 
     scored, features = [], ev.InceptionMetrics.features
 
-    def dies_on_second_shard(self, images):
+    def dies_on_second_shard(self, batches):
         if len(scored) == 1:
             raise KeyboardInterrupt
+        images = np.concatenate(list(batches))  # the shard's batches, counted by the progress bar
         scored.append(images.shape[0])
         return features(self, images)
 
@@ -694,8 +696,10 @@ def test_fid_in_the_training_evaluation_and_evaluate_from_a_run(
         evaluate.evaluate(f"run:{workdir}", **common)
     assert scored == [2] and len(list(features_dir.iterdir())) == 2  # no partial file left
     scored.append(0)  # the next calls pass
+    capsys.readouterr()
     assert evaluate.evaluate(f"run:{workdir}", **common)["fid"] == on_the_fly["fid"]
     assert scored == [2, 0, 2]
+    assert re.search(r"Inception: 100%.*\b6/6 ", capsys.readouterr().err)  # with its ETA
     # Outputs that are not those of the shard's images (the samples changed) are recomputed.
     np.savez(gen / "samples.npz", np.load(gen / "samples.npz")["arr_0"][::-1])
     assert evaluate.evaluate(f"run:{workdir}", **common)["fid"] == pytest.approx(
