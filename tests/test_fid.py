@@ -674,38 +674,25 @@ def test_fid_in_the_training_evaluation_and_evaluate_from_a_run(
     stamp = (gen / "samples.npz").stat().st_mtime_ns
     assert evaluate.evaluate(f"run:{workdir}", **common)["fid"] == on_the_fly["fid"]
     assert (gen / "samples.npz").stat().st_mtime_ns == stamp and len(summaries) == 1
-    # The Inception outputs are kept per shard: a command killed while scoring, rerun, scores only
-    # the shards it had not finished and gives the same figures.
+    # The Inception outputs are kept per shard: a rerun scores only the shards it has no outputs
+    # of (killed while scoring: test_inception_outputs_are_kept_per_finished_shard), same figures.
     (features_dir,) = (gen / evaluate.FEATURES).iterdir()
     assert len(list(features_dir.iterdir())) == 3
     from consistency_jax.evaluators import inception_metrics as ev
 
     scored, features = [], ev.InceptionMetrics.features
 
-    def dies_on_second_shard(self, batches):
-        if len(scored) == 1:
-            raise KeyboardInterrupt
+    def counting(self, batches):
         images = np.concatenate(list(batches))  # the shard's batches, counted by the progress bar
         scored.append(images.shape[0])
         return features(self, images)
 
-    for f in list(features_dir.iterdir())[:2]:
-        f.unlink()
-    monkeypatch.setattr(ev.InceptionMetrics, "features", dies_on_second_shard)
-    with pytest.raises(KeyboardInterrupt):
-        evaluate.evaluate(f"run:{workdir}", **common)
-    assert scored == [2] and len(list(features_dir.iterdir())) == 2  # no partial file left
-    scored.append(0)  # the next calls pass
+    sorted(features_dir.iterdir())[1].unlink()
+    monkeypatch.setattr(ev.InceptionMetrics, "features", counting)
     capsys.readouterr()
     assert evaluate.evaluate(f"run:{workdir}", **common)["fid"] == on_the_fly["fid"]
-    assert scored == [2, 0, 2]
+    assert scored == [2] and len(list(features_dir.iterdir())) == 3
     assert re.search(r"Inception: 100%.*\b6/6 ", capsys.readouterr().err)  # with its ETA
-    # Outputs that are not those of the shard's images (the samples changed) are recomputed.
-    np.savez(gen / "samples.npz", np.load(gen / "samples.npz")["arr_0"][::-1])
-    assert evaluate.evaluate(f"run:{workdir}", **common)["fid"] == pytest.approx(
-        on_the_fly["fid"], rel=1e-6
-    )
-    assert scored == [2, 0, 2, 2, 2, 2]
     npz = sample_lib.run(
         sample_lib.SampleRequest(
             workdir=str(workdir),
@@ -716,6 +703,54 @@ def test_fid_in_the_training_evaluation_and_evaluate_from_a_run(
         )
     )["npz"]
     assert on_the_fly["fid"] == pytest.approx(evaluate.evaluate(npz, **common)["fid"], rel=1e-9)
+
+
+def test_inception_outputs_are_kept_per_finished_shard(tmp_path, monkeypatch):
+    """evaluate's scoring of generated samples, shard by shard: killed at the second shard, rerun,
+    it scores only the shards without outputs and yields what an uninterrupted pass yields; a shard
+    whose images changed is scored again; no partial file is left."""
+    from consistency_jax import evaluate
+
+    monkeypatch.setattr(evaluate, "GENERATE_SHARD", 3)
+    images = np.random.default_rng(0).integers(0, 256, (8, 4, 4, 3), np.uint8)
+
+    class Metric:  # outputs that depend on each image alone, batches of 2
+        extractor = type("Extractor", (), {"batch_size": 2})()
+        scored: list = []
+        die_at = None
+
+        def features(self, batches):
+            if len(self.scored) == self.die_at:
+                raise KeyboardInterrupt
+            x = np.concatenate(list(batches)).reshape(-1, 48).astype(np.float32)
+            self.scored.append(x.shape[0])
+            return I.InceptionOutput(pool=x * 2.0, logits=x[:, :5])
+
+    def outputs(metric, images):
+        pairs = list(evaluate._cached_outputs(metric, images, str(tmp_path / "f")))
+        return np.concatenate([p for p, _ in pairs]), np.concatenate([q for _, q in pairs])
+
+    want = images.reshape(8, 48).astype(np.float32)
+    metric = Metric()
+    metric.die_at = 1
+    with pytest.raises(KeyboardInterrupt):
+        outputs(metric, images)
+    assert metric.scored == [3] and len(list((tmp_path / "f").iterdir())) == 1
+    metric.die_at = None
+    pool, logits = outputs(metric, images)
+    assert metric.scored == [3, 3, 2]  # shards of 3, 3, 2: the first one was kept
+    np.testing.assert_array_equal(pool, want * 2.0)
+    np.testing.assert_array_equal(logits, want[:, :5])
+    changed = images.copy()
+    changed[4] = 255 - changed[4]
+    pool, _ = outputs(metric, changed)
+    assert metric.scored == [3, 3, 2, 3]  # only the shard holding image 4
+    np.testing.assert_array_equal(pool, changed.reshape(8, 48).astype(np.float32) * 2.0)
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == [
+        "000000000.npz",
+        "000000003.npz",
+        "000000006.npz",
+    ]
 
 
 @pytest.mark.parametrize("size", [8, 9])
