@@ -341,7 +341,7 @@ def with_absolute_sources(config: ml_collections.ConfigDict) -> ml_collections.C
     for field in SOURCE_RUN_FIELDS:
         block, name = field.split(".")
         value = config[block][name] if block in config and name in config[block] else ""
-        absolute = with_absolute_sources_value(value)
+        absolute = absolute_source(value)
         if absolute != value:
             changes[(block, name)] = absolute
     if not changes:
@@ -352,7 +352,7 @@ def with_absolute_sources(config: ml_collections.ConfigDict) -> ml_collections.C
     return config
 
 
-def with_absolute_sources_value(value: Any) -> Any:
+def absolute_source(value: Any) -> Any:
     """One ``SOURCE_RUN_FIELDS`` value as ``with_absolute_sources`` stores it."""
     if not isinstance(value, str) or not value or value == "exact" or "://" in value:
         return value

@@ -131,4 +131,4 @@ def _same_source_run(key: str, saved: Any, now: Any) -> bool:
     absolute) is the same as its absolute form at the current directory."""
     if key not in config_lib.SOURCE_RUN_FIELDS or not isinstance(saved, str):
         return False
-    return config_lib.with_absolute_sources_value(saved) == now
+    return config_lib.absolute_source(saved) == now
