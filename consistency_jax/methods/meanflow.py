@@ -315,8 +315,9 @@ def network_kind(config) -> str:
 def toy(c, args) -> None:
     """From scratch on the 2-D toy: 40k steps at batch 512, as CM's CT needed to reach 2× the noise
     floor at one step. One-step sampling needs the large-gap average velocities (MeanFlow §4.3):
-    half the batch with r ≠ t and a wider logit-normal (std 1.6) give them; with the paper's 25 %
-    and std 1.0 the one-step sliced W2 stayed at 2.3× the floor (bench/RESULTS.md §12, §14)."""
+    a wider logit-normal (std 1.6) gives them (with the paper's std 1.0 the one-step sliced W2
+    stayed at 2.3× the floor); half the batch with r ≠ t then helps two-step sampling
+    (bench/RESULTS.md §12, §14)."""
     c.meanflow.update(fraction_distinct=0.5, p_std=1.6)
     c.data.batch_size = 512
     c.train.update(num_steps=40_000, eval_every=20_000)
