@@ -33,9 +33,8 @@ import timing  # noqa: E402
 from consistency_jax.metrics import inception_v3 as I  # noqa: E402
 
 
-def random_state_dict() -> dict:
-    """The random FID Inception-v3 state dict of ``tools/make_inception_fixture.py`` (pytorch-fid's
-    names, drawn from the library's table of names and shapes)."""
+def fixture_tool():
+    """``tools/make_inception_fixture.py`` as a module."""
     import importlib.util
 
     path = os.path.join(
@@ -46,7 +45,13 @@ def random_state_dict() -> dict:
     spec = importlib.util.spec_from_file_location("_make_inception_fixture", path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    return tool.random_inception_state_dict(I.inception_tensor_shapes())
+    return tool
+
+
+def random_state_dict() -> dict:
+    """The random FID Inception-v3 state dict of ``tools/make_inception_fixture.py`` (pytorch-fid's
+    names, drawn from the library's table of names and shapes)."""
+    return fixture_tool().random_inception_state_dict(I.inception_tensor_shapes())
 
 
 def _random_variables():

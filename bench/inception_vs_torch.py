@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import timing  # noqa: E402
-from inception_bench import random_state_dict  # noqa: E402
+from inception_bench import fixture_tool, random_state_dict  # noqa: E402
 
 from consistency_jax.metrics import inception_v3 as I  # noqa: E402
 
@@ -69,15 +69,8 @@ def main() -> None:
 
     # torch-fidelity: its module names are the library's; buffers it has beyond them stay as built.
     with tempfile.TemporaryDirectory() as tmp:
-        empty = os.path.join(tmp, "empty.pth")
-        torch.save({}, empty)
-        original = FeatureExtractorInceptionV3.load_state_dict
-        FeatureExtractorInceptionV3.load_state_dict = lambda self, s, strict=True: None
-        try:
-            probe = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], empty)
-        finally:
-            FeatureExtractorInceptionV3.load_state_dict = original
-        full = {k: tensors.get(k, v) for k, v in probe.state_dict().items()}
+        template = fixture_tool().fidelity_state_template(tmp, ["2048"])
+        full = {k: tensors.get(k, v) for k, v in template.items()}
         missing = sorted(set(state) - set(full))
         if missing:
             raise SystemExit(f"torch-fidelity has no tensors named {missing[:3]} ...")

@@ -161,6 +161,23 @@ class _TorchvisionStub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
+def fidelity_state_template(tmp: str, features) -> dict:
+    """The state dict of torch-fidelity's ``FeatureExtractorInceptionV3`` as built, loading no
+    weights (its names and shapes; ``tmp``: a directory for the empty file it insists on reading)."""
+    import torch
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    empty = os.path.join(tmp, "empty.pth")
+    torch.save({}, empty)
+    original = FeatureExtractorInceptionV3.load_state_dict
+    FeatureExtractorInceptionV3.load_state_dict = lambda self, state, strict=True: None
+    try:
+        probe = FeatureExtractorInceptionV3("inception-v3-compat", list(features), empty)
+    finally:
+        FeatureExtractorInceptionV3.load_state_dict = original
+    return probe.state_dict()
+
+
 def main() -> None:
     import torch
 
@@ -179,16 +196,7 @@ def main() -> None:
     out: dict[str, np.ndarray] = {}
     features = ["2048", "logits_unbiased", "logits"]
     with tempfile.TemporaryDirectory() as tmp:
-        # The peer's names and shapes: build it once without loading anything.
-        empty = os.path.join(tmp, "empty.pth")
-        torch.save({}, empty)
-        original = FeatureExtractorInceptionV3.load_state_dict
-        FeatureExtractorInceptionV3.load_state_dict = lambda self, state, strict=True: None
-        try:
-            probe = FeatureExtractorInceptionV3("inception-v3-compat", features, empty)
-        finally:
-            FeatureExtractorInceptionV3.load_state_dict = original
-        full_state = probe.state_dict()
+        full_state = fidelity_state_template(tmp, features)
         shapes = {
             k: tuple(v.shape)
             for k, v in full_state.items()
