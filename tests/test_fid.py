@@ -753,31 +753,177 @@ def test_inception_outputs_are_kept_per_finished_shard(tmp_path, monkeypatch):
     ]
 
 
-@pytest.mark.parametrize("size", [8, 9])
-@pytest.mark.parametrize("kernel,stride", [((3, 3), 1), ((3, 3), 2), ((1, 5), 1), ((1, 1), 1)])
-def test_unpadded_and_pointwise_convolutions_equal_the_plain_convolution(size, kernel, stride):
-    """The network's conv blocks on CPU (a 1x1 convolution as a dot, an unpadded one as a padded
-    convolution cut back) against lax's unpadded convolution with the same kernel, + BN + ReLU."""
-    rng = np.random.default_rng(size + stride)
-    x = jnp.asarray(rng.normal(size=(2, size, size + 1, 3)), jnp.float32)
-    block = I._Conv(5, kernel, stride=stride)
-    variables = block.init(jax.random.key(0), x)
-    got = np.asarray(block.apply(variables, x))
-    plain = jax.lax.conv_general_dilated(
-        x,
-        variables["params"]["conv"]["kernel"],
-        (stride, stride),
-        "VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision="highest",
-    )
-    bn = variables["batch_stats"]["bn"]
-    scale = variables["params"]["bn"]["scale"] / np.sqrt(bn["var"] + 1e-3)
-    want = np.maximum(
-        (np.asarray(plain) - bn["mean"]) * scale + variables["params"]["bn"]["bias"], 0
-    )
+def _np_conv_bn_relu(x, v, stride=1, pad=(0, 0)):
+    """Conv (HWIO kernel, no bias) + inference BatchNorm (ε = 0.001) + ReLU in float64 NumPy."""
+    w = np.asarray(v["params"]["conv"]["kernel"], np.float64)
+    kh, kw = w.shape[:2]
+    x = np.pad(x, ((0, 0), (pad[0], pad[0]), (pad[1], pad[1]), (0, 0)))
+    oh, ow = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
+    y = np.zeros(x.shape[:1] + (oh, ow, w.shape[-1]))
+    for i in range(kh):
+        for j in range(kw):
+            window = x[
+                :, i : i + stride * (oh - 1) + 1 : stride, j : j + stride * (ow - 1) + 1 : stride
+            ]
+            y += window @ w[i, j]
+    bn, stats = v["params"]["bn"], v["batch_stats"]["bn"]
+    y = (y - stats["mean"]) / np.sqrt(np.asarray(stats["var"], np.float64) + 1e-3)
+    return np.maximum(y * bn["scale"] + bn["bias"], 0.0)
+
+
+def _np_pool(x, kind, stride):
+    """3x3 pools in float64: "avg" (stride 1, padded, averaging the valid inputs), "max"."""
+    pad = 1 if stride == 1 else 0
+    n, h, w, c = x.shape
+    oh, ow = (h + 2 * pad - 3) // stride + 1, (w + 2 * pad - 3) // stride + 1
+    out = np.zeros((n, oh, ow, c))
+    for i in range(oh):
+        for j in range(ow):
+            r, s = i * stride - pad, j * stride - pad
+            win = x[:, max(r, 0) : r + 3, max(s, 0) : s + 3]
+            out[:, i, j] = win.mean(axis=(1, 2)) if kind == "avg" else win.max(axis=(1, 2))
+    return out
+
+
+# Each Mixed block as (branches of (layer name, stride, padding) chains, pool branch), written
+# from the TF graph's structure (torchvision's InceptionA-E): the reference the fused blocks
+# (one matmul for the 1x1 convolutions sharing an input, the pool after the 1x1) must equal.
+_1 = (0, 0)
+_MIXED_REFERENCE = {
+    "A": (
+        [
+            [("branch1x1", 1, _1)],
+            [("branch5x5_1", 1, _1), ("branch5x5_2", 1, (2, 2))],
+            [
+                ("branch3x3dbl_1", 1, _1),
+                ("branch3x3dbl_2", 1, (1, 1)),
+                ("branch3x3dbl_3", 1, (1, 1)),
+            ],
+        ],
+        ("avg", "branch_pool"),
+    ),
+    "B": (
+        [
+            [("branch3x3", 2, _1)],
+            [("branch3x3dbl_1", 1, _1), ("branch3x3dbl_2", 1, (1, 1)), ("branch3x3dbl_3", 2, _1)],
+        ],
+        ("max2", None),
+    ),
+    "C": (
+        [
+            [("branch1x1", 1, _1)],
+            [("branch7x7_1", 1, _1), ("branch7x7_2", 1, (0, 3)), ("branch7x7_3", 1, (3, 0))],
+            [("branch7x7dbl_1", 1, _1)]
+            + [(f"branch7x7dbl_{i}", 1, (3, 0) if i % 2 == 0 else (0, 3)) for i in range(2, 6)],
+        ],
+        ("avg", "branch_pool"),
+    ),
+    "D": (
+        [
+            [("branch3x3_1", 1, _1), ("branch3x3_2", 2, _1)],
+            [
+                ("branch7x7x3_1", 1, _1),
+                ("branch7x7x3_2", 1, (0, 3)),
+                ("branch7x7x3_3", 1, (3, 0)),
+                ("branch7x7x3_4", 2, _1),
+            ],
+        ],
+        ("max2", None),
+    ),
+}
+
+
+def _np_mixed(kind, variables, x):
+    sub = lambda name: {c: variables[c][name] for c in ("params", "batch_stats")}  # noqa: E731
+    if kind in ("E_avg", "E_max"):
+        b1 = _np_conv_bn_relu(x, sub("branch1x1"))
+        b3 = _np_conv_bn_relu(x, sub("branch3x3_1"))
+        b3 = [
+            _np_conv_bn_relu(b3, sub("branch3x3_2a"), pad=(0, 1)),
+            _np_conv_bn_relu(b3, sub("branch3x3_2b"), pad=(1, 0)),
+        ]
+        bd = _np_conv_bn_relu(x, sub("branch3x3dbl_1"))
+        bd = _np_conv_bn_relu(bd, sub("branch3x3dbl_2"), pad=(1, 1))
+        bd = [
+            _np_conv_bn_relu(bd, sub("branch3x3dbl_3a"), pad=(0, 1)),
+            _np_conv_bn_relu(bd, sub("branch3x3dbl_3b"), pad=(1, 0)),
+        ]
+        pooled = _np_pool(x, kind[2:], 1)
+        return np.concatenate([b1, *b3, *bd, _np_conv_bn_relu(pooled, sub("branch_pool"))], -1)
+    chains, (pool, pool_conv) = _MIXED_REFERENCE[kind]
+    outs = []
+    for chain in chains:
+        y = x
+        for name, stride, pad in chain:
+            y = _np_conv_bn_relu(y, sub(name), stride, pad)
+        outs.append(y)
+    if pool == "avg":
+        outs.append(_np_conv_bn_relu(_np_pool(x, "avg", 1), sub(pool_conv)))
+    else:
+        outs.append(_np_pool(x, "max", 2))
+    return np.concatenate(outs, axis=-1)
+
+
+@pytest.mark.parametrize("cpu_forms", [False, True])
+@pytest.mark.parametrize("kind", ["A", "B", "C", "D", "E_avg", "E_max"])
+def test_mixed_blocks_equal_their_branches_in_float64(kind, cpu_forms):
+    """Each Mixed block as the network runs it (its 1x1 convolutions on one input as one
+    convolution, the pool branch's 1x1 before its average pool, batch norm folded into the kernels,
+    max pools as strided slices; with ``cpu_forms`` 1x1 convolutions as matmuls and unpadded ones as
+    padded ones cut back) against its branches one by one in float64 NumPy, random batch-norm
+    statistics."""
+    module = {
+        "A": I._MixedA(pool_features=8, cpu_forms=cpu_forms),
+        "B": I._MixedB(cpu_forms=cpu_forms),
+        "C": I._MixedC(channels_7x7=12, cpu_forms=cpu_forms),
+        "D": I._MixedD(cpu_forms=cpu_forms),
+        "E_avg": I._MixedE(max_pool=False, cpu_forms=cpu_forms),
+        "E_max": I._MixedE(max_pool=True, cpu_forms=cpu_forms),
+    }[kind]
+    rng = np.random.default_rng(len(kind) + ord(kind[0]))
+    size = 7 if kind in ("B", "D") else 5
+    x = rng.normal(size=(2, size, size + 1, 6)).astype(np.float32)
+    shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.asarray(x))
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name == "var":
+            return rng.uniform(0.5, 2.0, leaf.shape).astype(np.float32)
+        if name == "scale":
+            return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
+        if name == "kernel":
+            fan_in = np.prod(leaf.shape[:-1])
+            return (rng.normal(size=leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
+        return (0.3 * rng.normal(size=leaf.shape)).astype(np.float32)  # mean, bias
+
+    variables = jax.tree_util.tree_map_with_path(draw, shapes)
+    got = np.asarray(module.apply(variables, jnp.asarray(x)))
+    want = _np_mixed(kind, variables, x.astype(np.float64))
     assert got.shape == want.shape
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kernel,stride,padding",
+    [((3, 3), 2, (0, 0)), ((3, 3), 1, (0, 0)), ((1, 7), 1, (0, 3)), ((1, 1), 1, (0, 0))],
+)
+@pytest.mark.parametrize("size", [8, 9])
+@pytest.mark.parametrize("cpu_forms", [False, True])
+def test_conv_block_folds_batch_norm_into_the_kernel(kernel, stride, padding, size, cpu_forms):
+    """A conv block (batch norm folded: kernel·a, + b; with ``cpu_forms`` a 1x1 convolution as a
+    matmul, an unpadded one as a padded one cut back) against conv + BN + ReLU in float64."""
+    rng = np.random.default_rng(stride + kernel[1])
+    x = rng.normal(size=(2, size, size + 1, 3)).astype(np.float32)
+    block = I._Conv(5, kernel, stride=stride, padding=padding, cpu_forms=cpu_forms)
+    variables = jax.tree.map(np.asarray, block.init(jax.random.key(0), jnp.asarray(x)))
+    variables["batch_stats"]["bn"]["mean"] = rng.normal(size=5).astype(np.float32)
+    variables["batch_stats"]["bn"]["var"] = rng.uniform(0.5, 2, 5).astype(np.float32)
+    variables["params"]["bn"]["scale"] = rng.uniform(0.5, 1.5, 5).astype(np.float32)
+    variables["params"]["bn"]["bias"] = rng.normal(size=5).astype(np.float32)
+    got = np.asarray(block.apply(variables, jnp.asarray(x)))
+    want = _np_conv_bn_relu(x.astype(np.float64), variables, stride, padding)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_average_pool_divides_by_the_valid_inputs():
@@ -795,7 +941,7 @@ def test_average_pool_divides_by_the_valid_inputs():
 def test_cpu_builds_take_the_xla_options_and_fall_back_where_refused():
     """The extractor's executables: on CPU built with CPU_COMPILER_OPTIONS (the network with them
     matches the float64 peer: test_network_matches_torch_fidelity); options this XLA refuses give
-    the default build, same result."""
+    the default build of the fallback function (the network's cpu_forms), same result."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     mesh = Mesh(np.asarray(jax.local_devices()[:1]), ("batch",))
@@ -808,11 +954,18 @@ def test_cpu_builds_take_the_xla_options_and_fall_back_where_refused():
         return jnp.tanh(jnp.dot(x, w, precision="highest"))
 
     args = (jnp.asarray(w, jnp.float32), jnp.asarray(x, jnp.float32))
+
+    def fallback(w, x):
+        return jnp.tanh(x @ w) + 1.0  # tells which one was built
+
     for options, used in ((I.CPU_COMPILER_OPTIONS, True), ({"xla_cpu_no_such_option": "1"}, False)):
-        compiled = I.CompiledOnDevices(fn, sharding, options)
-        np.testing.assert_allclose(np.asarray(compiled(*args)), want, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(np.asarray(compiled(*args)), want, rtol=1e-5, atol=1e-6)
+        compiled = I.CompiledOnDevices(fn, sharding, options, fallback)
+        shift = 0.0 if used else 1.0
+        np.testing.assert_allclose(np.asarray(compiled(*args)), want + shift, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(compiled(*args)), want + shift, rtol=1e-5, atol=1e-6)
         assert list(compiled.used_options.values()) == [used]  # compiled once
+    no_options = I.CompiledOnDevices(fn, sharding, {}, fallback)
+    np.testing.assert_allclose(np.asarray(no_options(*args)), want, rtol=1e-5, atol=1e-6)
 
 
 def test_extraction_over_this_process_devices_pads_a_short_last_batch(ref, variables):

@@ -93,47 +93,98 @@ class InceptionOutput(NamedTuple):
 # --------------------------------------------------------------------------------------------------
 
 
+class _KernelParam(nn.Module):
+    """A convolution's kernel (kh, kw, in, out), no bias: the parameter ``nn.Conv`` would hold."""
+
+    features: int
+    kernel: tuple[int, int]
+
+    @nn.compact
+    def __call__(self, in_features: int) -> jax.Array:
+        shape = (*self.kernel, in_features, self.features)
+        return self.param("kernel", nn.initializers.lecun_normal(), shape)
+
+
+class _BatchNormParams(nn.Module):
+    """BatchNorm's variables at inference (as ``nn.BatchNorm`` holds them: params ``scale``,
+    ``bias``; batch_stats ``mean``, ``var``), returned as the affine map y = x·a + b it applies:
+    a = scale / √(var + ε), b = bias − mean·a, ε = 0.001."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array]:
+        f = self.features
+        scale = self.param("scale", nn.initializers.ones, (f,))
+        bias = self.param("bias", nn.initializers.zeros, (f,))
+        mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((f,), jnp.float32)).value
+        var = self.variable("batch_stats", "var", lambda: jnp.ones((f,), jnp.float32)).value
+        a = scale * jax.lax.rsqrt(var + _BN_EPS)
+        return a, bias - mean * a
+
+
 class _Conv(nn.Module):
-    """Conv (no bias) + BatchNorm (running statistics, ε = 0.001) + ReLU: TF's conv blocks."""
+    """Conv (no bias) + BatchNorm (running statistics, ε = 0.001) + ReLU: TF's conv blocks.
+
+    The normalisation is folded into the convolution (kernel·a, then + b: ``folded``), which a Mixed
+    block also uses to run the 1x1 convolutions that read one input as one (``_pointwise_branches``).
+    Every convolution is a plain ``conv_general_dilated``, except with ``cpu_forms`` (see
+    ``InceptionV3``).
+    """
 
     features: int
     kernel: tuple[int, int]
     stride: int = 1
     padding: tuple[int, int] = (0, 0)
     precision: Any = "highest"
+    cpu_forms: bool = False
 
-    @nn.compact
+    def setup(self):
+        self.conv = _KernelParam(self.features, self.kernel)
+        self.bn = _BatchNormParams(self.features)
+
+    def folded(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+        """(kernel · a, b): the convolution with the normalisation's scale, and its shift."""
+        a, b = self.bn()
+        return self.conv(in_features) * a, b
+
     def __call__(self, x: jax.Array) -> jax.Array:
+        kernel, shift = self.folded(x.shape[-1])
         ph, pw = self.padding
-        kh, kw = self.kernel
-        if (kh, kw) == (1, 1) and self.stride == 1:
-            x = _PointwiseConv(self.features, precision=self.precision, name="conv")(x)
-        else:
-            padding, crop = ((ph, ph), (pw, pw)), None
-            if (ph, pw) == (0, 0) and jax.default_backend() == "cpu":
-                padding, crop = _padded_valid(x.shape[1:3], self.kernel, self.stride)
-            x = nn.Conv(
-                self.features,
-                self.kernel,
-                strides=self.stride,
-                padding=padding,
-                use_bias=False,
-                precision=self.precision,
-                name="conv",
-            )(x)
-            if crop is not None:
-                (h0, h1), (w0, w1) = crop
-                x = x[:, h0:h1, w0:w1]
-        x = nn.BatchNorm(use_running_average=True, epsilon=_BN_EPS, name="bn")(x)
-        return nn.relu(x)
+        y = _convolve(x, kernel, self.stride, ((ph, ph), (pw, pw)), self.precision, self.cpu_forms)
+        return nn.relu(y + shift)
+
+
+def _convolve(x, kernel, stride, padding, precision, cpu_forms=False):
+    """``conv_general_dilated`` (NHWC, HWIO); with ``cpu_forms``, a 1x1 convolution as a matmul
+    over the channels and an unpadded one as a padded one cut back to the same outputs."""
+    kh, kw = kernel.shape[:2]
+    if cpu_forms and (kh, kw) == (1, 1) and stride == 1:
+        n, h, w, c = x.shape
+        y = jnp.dot(x.reshape(n * h * w, c), kernel[0, 0], precision=precision)
+        return y.reshape(n, h, w, -1)
+    crop = None
+    if cpu_forms and padding == ((0, 0), (0, 0)):
+        padding, crop = _padded_valid(x.shape[1:3], (kh, kw), stride)
+    y = jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        (stride, stride),
+        padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=precision,
+    )
+    if crop is not None:
+        (h0, h1), (w0, w1) = crop
+        y = y[:, h0:h1, w0:w1]
+    return y
 
 
 def _padded_valid(size, kernel, stride):
     """(padding, crop) computing an unpadded ("VALID") convolution as a padded one cut back to the
-    same outputs, bit for bit: XLA:CPU runs these unpadded 3x3 convolutions 1.3-2.6x slower than
-    the padded ones (``bench/inception_vs_torch.py``). Stride 1: pad k//2 on each side, drop the
-    k//2 border outputs; stride s > 1: pad s − 1 after the end only (the sampled positions stay),
-    keep the first (size − k) // s + 1 outputs."""
+    same outputs, bit for bit. Stride 1: pad k//2 on each side, drop the k//2 border outputs;
+    stride s > 1: pad s − 1 after the end only (the sampled positions stay), keep the first
+    (size − k) // s + 1 outputs."""
     padding, crop = [], []
     for n, k in zip(size, kernel):
         out = (n - k) // stride + 1
@@ -146,20 +197,31 @@ def _padded_valid(size, kernel, stride):
     return tuple(padding), tuple(crop)
 
 
-class _PointwiseConv(nn.Module):
-    """A 1x1 convolution as a matmul over the channels: the same parameter as ``nn.Conv``'s
-    (a (1, 1, in, out) kernel), but XLA:CPU runs a 1x1 convolution 3-6x slower than the dot (about
-    half of the network's FLOPs are in 1x1 convolutions; ``bench/inception_vs_torch.py``)."""
+def _pointwise_branches(
+    x: jax.Array,
+    convs: list[_Conv],
+    pooled: _Conv | None = None,
+    precision: Any = "highest",
+    cpu_forms: bool = False,
+) -> list[jax.Array]:
+    """The 1x1 conv blocks of a Mixed block that read the same input ``x``, as one convolution.
 
-    features: int
-    precision: Any = "highest"
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param(
-            "kernel", nn.initializers.lecun_normal(), (1, 1, x.shape[-1], self.features)
-        )
-        return jnp.dot(x, kernel[0, 0], precision=self.precision)
+    Returns each block's output, in order, then (if ``pooled`` is given) the output of the pool
+    branch ``pooled(avg_pool(x))``, computed as relu(avg_pool(x·W) + b): the average pool and the
+    1x1 convolution are both linear and commute, and pooling the convolution's fewer channels is
+    cheaper. One (in, Σ out) 1x1 convolution instead of three to four reads ``x`` once and runs a
+    wider product (bench/RESULTS.md §15).
+    """
+    blocks = list(convs) + ([pooled] if pooled is not None else [])
+    folded = [block.folded(x.shape[-1]) for block in blocks]
+    kernel = jnp.concatenate([k for k, _ in folded], axis=-1)
+    y = _convolve(x, kernel, 1, ((0, 0), (0, 0)), precision, cpu_forms)
+    bounds = np.cumsum([block.features for block in blocks])[:-1]
+    parts = jnp.split(y, bounds, axis=-1)
+    outs = [nn.relu(part + shift) for part, (_, shift) in zip(parts[: len(convs)], folded)]
+    if pooled is not None:
+        outs.append(nn.relu(_avg_pool_valid_count(parts[-1]) + folded[-1][1]))
+    return outs
 
 
 def _avg_pool_valid_count(x: jax.Array) -> jax.Array:
@@ -181,8 +243,19 @@ def _avg_pool_valid_count(x: jax.Array) -> jax.Array:
     return total * jnp.asarray(inv, x.dtype)[None, :, :, None]
 
 
-def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+def _max_pool_3x3(x: jax.Array, stride: int) -> jax.Array:
+    """3x3 max pool, unpadded (stride 2) or padded by one (stride 1; padding never wins a max of
+    real inputs), as a max of three strided slices along rows, then along columns: the same values
+    as a windowed max, which XLA:CPU runs 2-2.5x slower."""
+    if stride == 1:
+        x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    for axis in (1, 2):
+        n = (x.shape[axis] - 3) // stride + 1
+        taps = [
+            jax.lax.slice_in_dim(x, i, i + stride * (n - 1) + 1, stride, axis) for i in range(3)
+        ]
+        x = jnp.maximum(jnp.maximum(taps[0], taps[1]), taps[2])
+    return x
 
 
 class _MixedA(nn.Module):
@@ -190,17 +263,25 @@ class _MixedA(nn.Module):
 
     pool_features: int
     precision: Any = "highest"
+    cpu_forms: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        conv = functools.partial(_Conv, precision=self.precision)
-        b1 = conv(64, (1, 1), name="branch1x1")(x)
-        b5 = conv(48, (1, 1), name="branch5x5_1")(x)
+        conv = functools.partial(_Conv, precision=self.precision, cpu_forms=self.cpu_forms)
+        b1, b5, b3, bp = _pointwise_branches(
+            x,
+            [
+                conv(64, (1, 1), name="branch1x1"),
+                conv(48, (1, 1), name="branch5x5_1"),
+                conv(64, (1, 1), name="branch3x3dbl_1"),
+            ],
+            conv(self.pool_features, (1, 1), name="branch_pool"),
+            self.precision,
+            self.cpu_forms,
+        )
         b5 = conv(64, (5, 5), padding=(2, 2), name="branch5x5_2")(b5)
-        b3 = conv(64, (1, 1), name="branch3x3dbl_1")(x)
         b3 = conv(96, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(b3)
         b3 = conv(96, (3, 3), padding=(1, 1), name="branch3x3dbl_3")(b3)
-        bp = conv(self.pool_features, (1, 1), name="branch_pool")(_avg_pool_valid_count(x))
         return jnp.concatenate([b1, b5, b3, bp], axis=-1)
 
 
@@ -208,15 +289,16 @@ class _MixedB(nn.Module):
     """Mixed_6a (35x35 → 17x17): 3x3/2 | 1x1→3x3→3x3/2 | maxpool/2."""
 
     precision: Any = "highest"
+    cpu_forms: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        conv = functools.partial(_Conv, precision=self.precision)
+        conv = functools.partial(_Conv, precision=self.precision, cpu_forms=self.cpu_forms)
         b3 = conv(384, (3, 3), stride=2, name="branch3x3")(x)
         bd = conv(64, (1, 1), name="branch3x3dbl_1")(x)
         bd = conv(96, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
         bd = conv(96, (3, 3), stride=2, name="branch3x3dbl_3")(bd)
-        return jnp.concatenate([b3, bd, _max_pool_3x3_s2(x)], axis=-1)
+        return jnp.concatenate([b3, bd, _max_pool_3x3(x, 2)], axis=-1)
 
 
 class _MixedC(nn.Module):
@@ -224,22 +306,30 @@ class _MixedC(nn.Module):
 
     channels_7x7: int
     precision: Any = "highest"
+    cpu_forms: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        conv = functools.partial(_Conv, precision=self.precision)
+        conv = functools.partial(_Conv, precision=self.precision, cpu_forms=self.cpu_forms)
         c7 = self.channels_7x7
         row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
-        b1 = conv(192, (1, 1), name="branch1x1")(x)
-        b7 = conv(c7, (1, 1), name="branch7x7_1")(x)
+        b1, b7, bd, bp = _pointwise_branches(
+            x,
+            [
+                conv(192, (1, 1), name="branch1x1"),
+                conv(c7, (1, 1), name="branch7x7_1"),
+                conv(c7, (1, 1), name="branch7x7dbl_1"),
+            ],
+            conv(192, (1, 1), name="branch_pool"),
+            self.precision,
+            self.cpu_forms,
+        )
         b7 = conv(c7, **row, name="branch7x7_2")(b7)
         b7 = conv(192, **col, name="branch7x7_3")(b7)
-        bd = conv(c7, (1, 1), name="branch7x7dbl_1")(x)
         bd = conv(c7, **col, name="branch7x7dbl_2")(bd)
         bd = conv(c7, **row, name="branch7x7dbl_3")(bd)
         bd = conv(c7, **col, name="branch7x7dbl_4")(bd)
         bd = conv(192, **row, name="branch7x7dbl_5")(bd)
-        bp = conv(192, (1, 1), name="branch_pool")(_avg_pool_valid_count(x))
         return jnp.concatenate([b1, b7, bd, bp], axis=-1)
 
 
@@ -247,17 +337,22 @@ class _MixedD(nn.Module):
     """Mixed_7a (17x17 → 8x8): 1x1→3x3/2 | 1x1→1x7→7x1→3x3/2 | maxpool/2."""
 
     precision: Any = "highest"
+    cpu_forms: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        conv = functools.partial(_Conv, precision=self.precision)
-        b3 = conv(192, (1, 1), name="branch3x3_1")(x)
+        conv = functools.partial(_Conv, precision=self.precision, cpu_forms=self.cpu_forms)
+        b3, b7 = _pointwise_branches(
+            x,
+            [conv(192, (1, 1), name="branch3x3_1"), conv(192, (1, 1), name="branch7x7x3_1")],
+            precision=self.precision,
+            cpu_forms=self.cpu_forms,
+        )
         b3 = conv(320, (3, 3), stride=2, name="branch3x3_2")(b3)
-        b7 = conv(192, (1, 1), name="branch7x7x3_1")(x)
         b7 = conv(192, (1, 7), padding=(0, 3), name="branch7x7x3_2")(b7)
         b7 = conv(192, (7, 1), padding=(3, 0), name="branch7x7x3_3")(b7)
         b7 = conv(192, (3, 3), stride=2, name="branch7x7x3_4")(b7)
-        return jnp.concatenate([b3, b7, _max_pool_3x3_s2(x)], axis=-1)
+        return jnp.concatenate([b3, b7, _max_pool_3x3(x, 2)], axis=-1)
 
 
 class _MixedE(nn.Module):
@@ -268,18 +363,31 @@ class _MixedE(nn.Module):
 
     max_pool: bool = False
     precision: Any = "highest"
+    cpu_forms: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        conv = functools.partial(_Conv, precision=self.precision)
+        conv = functools.partial(_Conv, precision=self.precision, cpu_forms=self.cpu_forms)
         row, col = dict(kernel=(1, 3), padding=(0, 1)), dict(kernel=(3, 1), padding=(1, 0))
-        b1 = conv(320, (1, 1), name="branch1x1")(x)
-        b3 = conv(384, (1, 1), name="branch3x3_1")(x)
+        pointwise = [
+            conv(320, (1, 1), name="branch1x1"),
+            conv(384, (1, 1), name="branch3x3_1"),
+            conv(448, (1, 1), name="branch3x3dbl_1"),
+        ]
+        if self.max_pool:  # a max pool does not commute with the 1x1 convolution
+            b1, b3, bd = _pointwise_branches(
+                x, pointwise, precision=self.precision, cpu_forms=self.cpu_forms
+            )
+            pooled = _max_pool_3x3(x, 1)
+            bp = conv(192, (1, 1), name="branch_pool")(pooled)
+        else:
+            b1, b3, bd, bp = _pointwise_branches(
+                x, pointwise, conv(192, (1, 1), name="branch_pool"), self.precision, self.cpu_forms
+            )
         b3 = jnp.concatenate(
             [conv(384, **row, name="branch3x3_2a")(b3), conv(384, **col, name="branch3x3_2b")(b3)],
             axis=-1,
         )
-        bd = conv(448, (1, 1), name="branch3x3dbl_1")(x)
         bd = conv(384, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
         bd = jnp.concatenate(
             [
@@ -288,11 +396,6 @@ class _MixedE(nn.Module):
             ],
             axis=-1,
         )
-        if self.max_pool:
-            pooled = nn.max_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)))
-        else:
-            pooled = _avg_pool_valid_count(x)
-        bp = conv(192, (1, 1), name="branch_pool")(pooled)
         return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
 
@@ -303,9 +406,15 @@ class InceptionV3(nn.Module):
         precision: precision of the convolutions and the final matmul. "highest" (the default) is
             true float32 on every backend: GPUs' TF32 or TPUs' bf16 passes ("default") shift
             features by ~1e-3 relative, enough to move FIDs in the second decimal.
+        cpu_forms: run 1x1 convolutions as matmuls over the channels and unpadded convolutions as
+            padded ones cut back (same outputs): the forms XLA:CPU's default build runs faster
+            (1x1: 3-6x; unpadded 3x3: 1.3-2.6x). With the extractor's XLA:CPU build
+            (``CPU_COMPILER_OPTIONS``) and on GPUs the plain convolutions are the faster forms
+            (bench/RESULTS.md §14, §15); ``InceptionFeatureExtractor`` picks per build.
     """
 
     precision: Any = "highest"
+    cpu_forms: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> InceptionOutput:
@@ -318,25 +427,25 @@ class InceptionV3(nn.Module):
             ``InceptionOutput(pool (N, 2048), logits (N, 1008) without the final bias)``.
         """
         p = self.precision
-        conv = functools.partial(_Conv, precision=p)
+        conv = functools.partial(_Conv, precision=p, cpu_forms=self.cpu_forms)
         x = conv(32, (3, 3), stride=2, name="Conv2d_1a_3x3")(x)  # 149
         x = conv(32, (3, 3), name="Conv2d_2a_3x3")(x)  # 147
         x = conv(64, (3, 3), padding=(1, 1), name="Conv2d_2b_3x3")(x)
-        x = _max_pool_3x3_s2(x)  # 73
+        x = _max_pool_3x3(x, 2)  # 73
         x = conv(80, (1, 1), name="Conv2d_3b_1x1")(x)
         x = conv(192, (3, 3), name="Conv2d_4a_3x3")(x)  # 71
-        x = _max_pool_3x3_s2(x)  # 35
-        x = _MixedA(32, precision=p, name="Mixed_5b")(x)  # 256 channels
-        x = _MixedA(64, precision=p, name="Mixed_5c")(x)  # 288
-        x = _MixedA(64, precision=p, name="Mixed_5d")(x)  # 288
-        x = _MixedB(precision=p, name="Mixed_6a")(x)  # 17x17x768
-        x = _MixedC(128, precision=p, name="Mixed_6b")(x)
-        x = _MixedC(160, precision=p, name="Mixed_6c")(x)
-        x = _MixedC(160, precision=p, name="Mixed_6d")(x)
-        x = _MixedC(192, precision=p, name="Mixed_6e")(x)
-        x = _MixedD(precision=p, name="Mixed_7a")(x)  # 8x8x1280
-        x = _MixedE(precision=p, name="Mixed_7b")(x)  # 8x8x2048
-        x = _MixedE(max_pool=True, precision=p, name="Mixed_7c")(x)
+        x = _max_pool_3x3(x, 2)  # 35
+        x = _MixedA(32, precision=p, cpu_forms=self.cpu_forms, name="Mixed_5b")(x)  # 256 channels
+        x = _MixedA(64, precision=p, cpu_forms=self.cpu_forms, name="Mixed_5c")(x)  # 288
+        x = _MixedA(64, precision=p, cpu_forms=self.cpu_forms, name="Mixed_5d")(x)  # 288
+        x = _MixedB(precision=p, cpu_forms=self.cpu_forms, name="Mixed_6a")(x)  # 17x17x768
+        x = _MixedC(128, precision=p, cpu_forms=self.cpu_forms, name="Mixed_6b")(x)
+        x = _MixedC(160, precision=p, cpu_forms=self.cpu_forms, name="Mixed_6c")(x)
+        x = _MixedC(160, precision=p, cpu_forms=self.cpu_forms, name="Mixed_6d")(x)
+        x = _MixedC(192, precision=p, cpu_forms=self.cpu_forms, name="Mixed_6e")(x)
+        x = _MixedD(precision=p, cpu_forms=self.cpu_forms, name="Mixed_7a")(x)  # 8x8x1280
+        x = _MixedE(precision=p, cpu_forms=self.cpu_forms, name="Mixed_7b")(x)  # 8x8x2048
+        x = _MixedE(max_pool=True, precision=p, cpu_forms=self.cpu_forms, name="Mixed_7c")(x)
         pool = jnp.mean(x, axis=(1, 2))
         fc = nn.Dense(NUM_CLASSES, precision=p, name="fc")
         full = fc(pool)
@@ -416,19 +525,23 @@ def preprocess(images: jax.typing.ArrayLike, size: int = INPUT_SIZE) -> jax.Arra
 
 
 def inception_outputs(
-    variables: Variables, images: jax.typing.ArrayLike, precision: Any = "highest"
+    variables: Variables,
+    images: jax.typing.ArrayLike,
+    precision: Any = "highest",
+    cpu_forms: bool = False,
 ) -> InceptionOutput:
     """Pool features and logits of uint8 images (``preprocess`` then ``InceptionV3``). Jittable.
 
     Args:
         variables: ``{"params": ..., "batch_stats": ...}`` from ``load_inception_params``.
         images: uint8 (N, H, W, C), C = 1 or 3, any H and W.
-        precision: see ``InceptionV3``.
+        precision, cpu_forms: see ``InceptionV3``.
 
     Returns:
         ``InceptionOutput(pool (N, 2048), logits (N, 1008))``, float32.
     """
-    return InceptionV3(precision=precision).apply(variables, preprocess(images))
+    network = InceptionV3(precision=precision, cpu_forms=cpu_forms)
+    return network.apply(variables, preprocess(images))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -659,21 +772,30 @@ def _as_batches(images: np.ndarray | Iterable[np.ndarray]) -> Iterable[np.ndarra
 
 
 # XLA:CPU compiler options of the extractor: its convolutions and dots through the YNNPACK library
-# (1.2x the images/s on 2 cores, features within 1e-6 relative of the default build: bench/RESULTS.md
-# §14). Experimental in XLA: where a version does not accept them, the network compiles without.
+# (features within 1e-6 relative of the default build; with the network's plain convolutions 2.5x the
+# images/s of the default build's best forms on 2 cores: bench/RESULTS.md §14, §15). Experimental in
+# XLA: where a version does not accept them, the network compiles without, in its ``cpu_forms``.
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
 
 class CompiledOnDevices:
     """``fn`` jitted onto ``sharding`` (its outputs), compiled once per input shape; on CPU with the
-    XLA ``cpu_options``, falling back to the default build when this XLA refuses them.
+    XLA ``cpu_options``, falling back to the default build of ``fallback`` (default ``fn``: the same
+    function, in forms that build runs faster) when this XLA refuses them.
 
     Attributes:
         used_options: per input shape, whether the executable was built with ``cpu_options``.
     """
 
-    def __init__(self, fn, sharding: NamedSharding, cpu_options: Mapping[str, Any]):
+    def __init__(
+        self,
+        fn,
+        sharding: NamedSharding,
+        cpu_options: Mapping[str, Any],
+        fallback=None,
+    ):
         self._jitted = jax.jit(fn, out_shardings=sharding)
+        self._fallback = jax.jit(fallback or fn, out_shardings=sharding)
         cpu = all(d.platform == "cpu" for d in sharding.mesh.devices.flat)
         self._options = dict(cpu_options) if cpu else {}
         self._executables: dict[Any, Any] = {}
@@ -683,15 +805,17 @@ class CompiledOnDevices:
         key = tuple((a.shape, a.dtype) for a in jax.tree.leaves(args))
         executable = self._executables.get(key)
         if executable is None:
-            lowered = self._jitted.lower(*args)
             if self._options:
                 try:
-                    executable = lowered.compile(compiler_options=self._options)
+                    executable = self._jitted.lower(*args).compile(compiler_options=self._options)
                 except Exception:  # an XLA without these (experimental) options
                     executable = None
-            self.used_options[key] = executable is not None
-            if executable is None:
-                executable = lowered.compile()
+                self.used_options[key] = executable is not None
+                if executable is None:
+                    executable = self._fallback.lower(*args).compile()
+            else:
+                self.used_options[key] = False
+                executable = self._jitted.lower(*args).compile()
             self._executables[key] = executable
         return executable(*args)
 
@@ -700,7 +824,8 @@ class CompiledOnDevices:
 def _compiled_outputs(precision: Any, sharding: NamedSharding) -> CompiledOnDevices:
     """One compiled ``inception_outputs`` per (precision, sharding): extractors share compilations."""
     fn = functools.partial(inception_outputs, precision=precision)
-    return CompiledOnDevices(fn, sharding, CPU_COMPILER_OPTIONS)
+    fallback = functools.partial(inception_outputs, precision=precision, cpu_forms=True)
+    return CompiledOnDevices(fn, sharding, CPU_COMPILER_OPTIONS, fallback)
 
 
 class InceptionFeatureExtractor:
