@@ -527,18 +527,18 @@ def test_state_on_a_mesh_restores_into_the_live_shardings(tmp_path):
 
 
 def test_closed_loop_errors_of_a_failed_save_are_dropped_and_nothing_else():
-    """The unraisable-exception hook of the checkpoint manager (installed at import, chained to the
+    """The unraisable-exception hook of checkpoint.failures (installed at import, chained to the
     hook before it): after a save failed, the abandoned writes' "Event loop is closed" errors are
     dropped; any other unraisable error, or that one before any save failed, goes to the previous
     hook."""
     import sys
     import types
 
-    from consistency_jax.checkpoint import manager
+    from consistency_jax.checkpoint import failures
 
     assert getattr(sys.unraisablehook, "quiet_closed_loop", False)
     passed = []
-    hook = manager._quiet_closed_loop(passed.append)
+    hook = failures.quiet_closed_loop(passed.append)
 
     def report(error):
         n = len(passed)
@@ -547,10 +547,10 @@ def test_closed_loop_errors_of_a_failed_save_are_dropped_and_nothing_else():
 
     closed = RuntimeError("Event loop is closed")
     assert report(closed)  # no failed save: passed on
-    manager._SAVE_FAILURES.note(OSError("No space left on device"))
+    failures.SAVE_FAILURES.note(OSError("No space left on device"))
     try:
         assert not report(closed)
         assert report(RuntimeError("something else")) and report(ValueError("Event loop is closed"))
     finally:
-        manager._SAVE_FAILURES.clear()
+        failures.SAVE_FAILURES.clear()
     assert report(closed)

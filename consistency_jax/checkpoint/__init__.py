@@ -27,6 +27,7 @@ from consistency_jax.checkpoint.errors import (
     NonFiniteStateError,
     brief,
 )
+from consistency_jax.checkpoint.failures import orbax_threads
 from consistency_jax.checkpoint.integrity import checksums, nonfinite_parts, verify
 from consistency_jax.checkpoint.layout import (
     CHECKPOINT_SUBDIR,
@@ -38,7 +39,7 @@ from consistency_jax.checkpoint.layout import (
     UNHEALTHY_SUBDIR,
     UNREADABLE_SUBDIR,
 )
-from consistency_jax.checkpoint.manager import Checkpointer, check_cadence, orbax_threads
+from consistency_jax.checkpoint.manager import Checkpointer, check_cadence
 from consistency_jax.checkpoint.stored_config import (
     DYNAMICS_KEYS,
     RESUMABLE_KEYS,

@@ -9,13 +9,12 @@ Temporary directories of interrupted saves are removed only by the holder of the
 (``workdir_lock``).
 
 Readers (``loading``) open a manager read-only and use its public read API: ``read_config``,
-``array_metadata`` and ``read_arrays`` (which verifies the checksums of what it read).
+``array_metadata`` and ``read_arrays`` (which verifies the checksums of what it read). How a failed
+save is noticed, reported once and its threads let go: ``checkpoint.failures``.
 """
 
 from __future__ import annotations
 
-import logging as logging_std
-import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -27,6 +26,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from consistency_jax import fs
+from consistency_jax.checkpoint import failures
 from consistency_jax.checkpoint.errors import (
     CheckpointError,
     CheckpointSaveError,
@@ -65,104 +65,6 @@ from consistency_jax.train_state import TrainState
 from consistency_jax.trees import abstract_tree, flatten_mapping
 
 PyTree = Any
-
-
-class _QuietOrbax(logging_std.Filter):
-    """Drops Orbax's per-file INFO chatter from the absl log; its warnings and errors still show, as
-    one line each: a failed save is re-raised by ``Checkpointer`` with its cause, so Orbax's copies
-    of the traceback (one per thread that saw it) would only bury the error."""
-
-    def filter(self, record: logging_std.LogRecord) -> bool:
-        if "orbax" not in record.pathname:
-            return True
-        if record.levelno < logging_std.WARNING:
-            return False
-        if record.levelno >= logging_std.ERROR and _SAVE_FAILURES.first is not None:
-            return False  # a consequence of the failure noted first, which is raised once
-        if record.exc_info:
-            e = record.exc_info[1]
-            if record.levelno >= logging_std.ERROR and isinstance(e, Exception):
-                _SAVE_FAILURES.note(e)
-            record.msg = f"{record.getMessage()} ({brief(e) if e is not None else 'error'})"
-            record.args, record.exc_info, record.exc_text = None, None, None
-        return True
-
-
-class _SaveFailures:
-    """The first error that a thread of Orbax logs while a save is in flight (Orbax logs it the
-    moment a write fails, long before its other threads give up waiting): ``check_save`` raises it
-    after the next step."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.first: BaseException | None = None
-
-    def note(self, e: BaseException) -> None:
-        with self._lock:
-            if self.first is None:
-                self.first = e
-
-    def clear(self) -> None:
-        with self._lock:
-            self.first = None
-
-
-_SAVE_FAILURES = _SaveFailures()
-
-
-class _QuietAsyncio(logging_std.Filter):
-    """Drops asyncio's "Task exception was never retrieved" reports of a failed save's write tasks
-    (hundreds on a full disk; the save's error is raised once by ``Checkpointer``)."""
-
-    def filter(self, record: logging_std.LogRecord) -> bool:
-        if _SAVE_FAILURES.first is None:
-            return True
-        return "exception was never retrieved" not in str(record.msg)
-
-
-_QUIET_ORBAX = _QuietOrbax()
-if not any(isinstance(f, _QuietOrbax) for f in logging_std.getLogger("absl").filters):
-    logging_std.getLogger("absl").addFilter(_QUIET_ORBAX)
-
-
-if not any(isinstance(f, _QuietAsyncio) for f in logging_std.getLogger("asyncio").filters):
-    logging_std.getLogger("asyncio").addFilter(_QuietAsyncio())
-
-
-def _quiet_closed_loop(previous):
-    """A ``sys.unraisablehook`` that drops, once a save has failed, the "Event loop is closed"
-    errors of the abandoned save's write callbacks completing after Orbax closed its loop (the save's
-    error is raised once by ``Checkpointer``); everything else goes to ``previous``."""
-
-    def hook(unraisable):
-        value = getattr(unraisable, "exc_value", None)
-        if (
-            _SAVE_FAILURES.first is not None
-            and isinstance(value, RuntimeError)
-            and "Event loop is closed" in str(value)
-        ):
-            return
-        previous(unraisable)
-
-    hook.quiet_closed_loop = True
-    return hook
-
-
-if not getattr(sys.unraisablehook, "quiet_closed_loop", False):
-    sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
-
-# Causes of failed writes that TensorStore reports deep inside its error text.
-_KNOWN_CAUSES = (
-    "No space left on device",
-    "Disk quota exceeded",
-    "Read-only file system",
-    "Permission denied",
-    "Operation not permitted",
-)
-
-# How long a failed save's other threads are waited for (they may wait minutes for a signal that
-# never comes): the run stops within seconds; ``main`` then exits without waiting for them.
-FAILED_SAVE_JOIN_SECONDS = 3.0
 
 
 def check_cadence(every: int, keep: int, keep_every: int = 0) -> None:
@@ -539,7 +441,7 @@ class Checkpointer:
         t0 = time.time()
         self.wait()  # the previous save: committed, or its failure raised here
         names, sums = checksums(state)  # dispatched before the state can be donated to a step
-        _SAVE_FAILURES.clear()
+        failures.SAVE_FAILURES.clear()
         try:
             started = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as e:  # noqa: BLE001 -- the synchronous part of the save failed
@@ -637,8 +539,8 @@ class Checkpointer:
         where = f": {e.filename}" if isinstance(e, OSError) and e.filename else ""
         text = f"{cause}{where}" if cause else brief(e, 200)
         if not cause:  # TensorStore's errors put the cause after kilobytes of spec: name it first
-            known = [p for p in _KNOWN_CAUSES if p.lower() in str(e).lower()]
-            text = f"{known[0]} ({text})" if known else text
+            known = failures.known_cause(e)
+            text = f"{known} ({text})" if known else text
         return CheckpointSaveError(
             f"Saving checkpoint step {step} into {self.directory} failed: "
             f"{text}. Stopping the run; {newest}."
@@ -655,7 +557,7 @@ class Checkpointer:
             self.wait()
 
     def _raise_if_failed(self) -> None:
-        failure = _SAVE_FAILURES.first
+        failure = failures.SAVE_FAILURES.first
         if failure is None:
             try:
                 self._manager.check_for_errors()
@@ -692,46 +594,15 @@ class Checkpointer:
             self._sums = None
             self._prune_checksums()
 
-    def _release_waiters(self) -> None:
-        """Lets the threads of a failed save that wait for a signal of its failed part (e.g. "step
-        directory created", for Orbax's async timeout of minutes) go on at once, so that they end
-        (with an error of their own, dropped from the log). Single process only, best effort: this
-        reaches into Orbax's signalling, which has no public way to cancel a failed save."""
-        if jax.process_count() != 1:
-            return
-        try:
-            from orbax.checkpoint._src.futures import future as ofuture
-            from orbax.checkpoint._src.futures import signaling_client, synchronization
-
-            op = synchronization.OperationIdGenerator.get_current_operation_id()
-            client = signaling_client.get_signaling_client()
-            for sig in synchronization.HandlerAwaitableSignal:
-                key = ofuture.AwaitableSignalsContract.get_unique_awaitable_singal_key(sig, op)
-                client.key_value_set(key, "failed", allow_overwrite=True)
-        except Exception as e:  # noqa: BLE001 -- the threads then end at Orbax's timeout
-            logging.info("Could not release the threads of the failed save: %s", brief(e))
-
-    def _join_save_threads(self, timeout: float = FAILED_SAVE_JOIN_SECONDS) -> None:
-        """Gives Orbax's worker threads of a failed save ``timeout`` seconds in all to end (the parts
-        that did not fail run on, or wait for a signal of the failed part until Orbax's timeout);
-        the ones still running are named in one line and left behind."""
-        self._release_waiters()
-        deadline = time.time() + timeout
-        left = []
-        for t in orbax_threads():
-            try:  # Orbax's threads re-raise their own failure on join: another part of the
-                t.join(max(deadline - time.time(), 0.0))  # same failed save, reported already
-            except Exception:  # noqa: BLE001
-                pass
-            if t.is_alive():
-                left.append(t.name)
+    def _join_save_threads(self) -> None:
+        left = failures.join_save_threads()
         if left:
             logging.warning(
                 "%d thread(s) of the failed save of %s are still waiting (%s); not waiting for "
                 "them.",
                 len(left),
                 self.directory,
-                ", ".join(sorted(set(left))),
+                ", ".join(left),
             )
 
     def close(self) -> None:
@@ -878,18 +749,6 @@ class Checkpointer:
                 )
         ocp.multihost.sync_global_processes(f"consistency_jax_checkpoint_{subdir}")
         self._manager.reload()
-
-
-def orbax_threads() -> list[threading.Thread]:
-    """The live non-daemon threads of Orbax other than the caller (the threads of a save)."""
-    return [
-        t
-        for t in threading.enumerate()
-        if t is not threading.current_thread()
-        and not t.daemon
-        and t.is_alive()
-        and type(t).__module__.startswith("orbax")
-    ]
 
 
 class _KeepProtected(ocp.checkpoint_managers.PreservationPolicy):
