@@ -198,11 +198,7 @@ def _padded_valid(size, kernel, stride):
 
 
 def _pointwise_branches(
-    x: jax.Array,
-    convs: list[_Conv],
-    pooled: _Conv | None = None,
-    precision: Any = "highest",
-    cpu_forms: bool = False,
+    x: jax.Array, convs: list[_Conv], pooled: _Conv | None = None
 ) -> list[jax.Array]:
     """The 1x1 conv blocks of a Mixed block that read the same input ``x``, as one convolution.
 
@@ -210,12 +206,12 @@ def _pointwise_branches(
     branch ``pooled(avg_pool(x))``, computed as relu(avg_pool(x·W) + b): the average pool and the
     1x1 convolution are both linear and commute, and pooling the convolution's fewer channels is
     cheaper. One (in, Σ out) 1x1 convolution instead of three to four reads ``x`` once and runs a
-    wider product (bench/RESULTS.md §15).
+    wider product (bench/RESULTS.md §15). Precision and forms: the blocks' (one Mixed block's, alike).
     """
     blocks = list(convs) + ([pooled] if pooled is not None else [])
     folded = [block.folded(x.shape[-1]) for block in blocks]
     kernel = jnp.concatenate([k for k, _ in folded], axis=-1)
-    y = _convolve(x, kernel, 1, ((0, 0), (0, 0)), precision, cpu_forms)
+    y = _convolve(x, kernel, 1, ((0, 0), (0, 0)), blocks[0].precision, blocks[0].cpu_forms)
     bounds = np.cumsum([block.features for block in blocks])[:-1]
     parts = jnp.split(y, bounds, axis=-1)
     outs = [nn.relu(part + shift) for part, (_, shift) in zip(parts[: len(convs)], folded)]
@@ -276,8 +272,6 @@ class _MixedA(nn.Module):
                 conv(64, (1, 1), name="branch3x3dbl_1"),
             ],
             conv(self.pool_features, (1, 1), name="branch_pool"),
-            self.precision,
-            self.cpu_forms,
         )
         b5 = conv(64, (5, 5), padding=(2, 2), name="branch5x5_2")(b5)
         b3 = conv(96, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(b3)
@@ -321,8 +315,6 @@ class _MixedC(nn.Module):
                 conv(c7, (1, 1), name="branch7x7dbl_1"),
             ],
             conv(192, (1, 1), name="branch_pool"),
-            self.precision,
-            self.cpu_forms,
         )
         b7 = conv(c7, **row, name="branch7x7_2")(b7)
         b7 = conv(192, **col, name="branch7x7_3")(b7)
@@ -345,8 +337,6 @@ class _MixedD(nn.Module):
         b3, b7 = _pointwise_branches(
             x,
             [conv(192, (1, 1), name="branch3x3_1"), conv(192, (1, 1), name="branch7x7x3_1")],
-            precision=self.precision,
-            cpu_forms=self.cpu_forms,
         )
         b3 = conv(320, (3, 3), stride=2, name="branch3x3_2")(b3)
         b7 = conv(192, (1, 7), padding=(0, 3), name="branch7x7x3_2")(b7)
@@ -375,14 +365,12 @@ class _MixedE(nn.Module):
             conv(448, (1, 1), name="branch3x3dbl_1"),
         ]
         if self.max_pool:  # a max pool does not commute with the 1x1 convolution
-            b1, b3, bd = _pointwise_branches(
-                x, pointwise, precision=self.precision, cpu_forms=self.cpu_forms
-            )
+            b1, b3, bd = _pointwise_branches(x, pointwise)
             pooled = _max_pool_3x3(x, 1)
             bp = conv(192, (1, 1), name="branch_pool")(pooled)
         else:
             b1, b3, bd, bp = _pointwise_branches(
-                x, pointwise, conv(192, (1, 1), name="branch_pool"), self.precision, self.cpu_forms
+                x, pointwise, conv(192, (1, 1), name="branch_pool")
             )
         b3 = jnp.concatenate(
             [conv(384, **row, name="branch3x3_2a")(b3), conv(384, **col, name="branch3x3_2b")(b3)],
@@ -409,8 +397,9 @@ class InceptionV3(nn.Module):
         cpu_forms: run 1x1 convolutions as matmuls over the channels and unpadded convolutions as
             padded ones cut back (same outputs): the forms XLA:CPU's default build runs faster
             (1x1: 3-6x; unpadded 3x3: 1.3-2.6x). With the extractor's XLA:CPU build
-            (``CPU_COMPILER_OPTIONS``) and on GPUs the plain convolutions are the faster forms
-            (bench/RESULTS.md §14, §15); ``InceptionFeatureExtractor`` picks per build.
+            (``CPU_COMPILER_OPTIONS``) the plain convolutions are the faster forms (bench/RESULTS.md
+            §14, §15), and they are the native forms of GPU and TPU compilers (not measured here);
+            ``InceptionFeatureExtractor`` picks per build.
     """
 
     precision: Any = "highest"
