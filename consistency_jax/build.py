@@ -26,6 +26,7 @@ from consistency_jax import losses as losses_lib
 from consistency_jax import methods as methods_lib
 from consistency_jax import networks, toy
 from consistency_jax import sharding as sharding_lib
+from consistency_jax.networks import layers
 from consistency_jax.toy import TOY_DATASETS
 from consistency_jax.train_state import TrainState
 from consistency_jax.trees import leaf_shapes
@@ -104,6 +105,15 @@ def build_network(
         return module.init({"params": rng, "dropout": rng}, x, jnp.zeros((1,)), labels)["params"]
 
     return module, networks.make_apply_fn(module), init
+
+
+def network_shapes(config: ml_collections.ConfigDict, example_shape: tuple[int, ...]) -> PyTree:
+    """The shapes of θ that ``build_network``'s init gives (traced once per network and data
+    shape: ``networks.layers.init_shapes``)."""
+    module = methods_lib.network(config)
+    return layers.init_shapes(
+        module, (1,) + tuple(example_shape), labels=bool(config.data.use_labels)
+    )
 
 
 def fsdp_shardings(mesh, min_size: int) -> Callable[[PyTree], PyTree]:
@@ -397,8 +407,7 @@ def check_network(config) -> None:
     if shape is None:
         return  # the data layer knows the shape
     try:
-        _, _, init = build_network(config, shape[0])  # the init the run will use
-        jax.eval_shape(init, jax.random.key(0))
+        network_shapes(config, shape[0])  # the init the run will use
     except (ValueError, TypeError) as e:
         raise ValueError(
             f"The network {config.model.name!r} (config.model) cannot take {shape[1]}: {e}"
@@ -625,8 +634,7 @@ def check_init(config) -> None:
     shape = example_shape_of(config)
     if shape is None:
         return  # the shape comparison needs the data shape; the restore checks it when loading
-    _, _, init = build_network(config, shape[0])
-    want = jax.eval_shape(init, jax.random.key(0))
+    want = network_shapes(config, shape[0])
     if fresh is not None:
         want = want[fresh.inner]
     got, need = leaf_shapes(abstract, dtypes=True), leaf_shapes(want, dtypes=True)

@@ -273,7 +273,7 @@ def write_run(workdir, config, *, step: int = 1, seed: int = 0) -> str:
     d = config.data
     example_shape = (d.image_size, d.image_size, d.num_channels) if d.image_size else (2,)
     tx, _ = build.make_optimizer(config)
-    _, apply_fn, init = build.build_network(config, example_shape)
+    _, apply_fn, _ = build.build_network(config, example_shape)
     method = build.build_method(
         config,
         setup.spec,
@@ -283,7 +283,7 @@ def write_run(workdir, config, *, step: int = 1, seed: int = 0) -> str:
         build.build_distance(config, setup.spec, example_shape),
         None,
     )
-    params = random_params(jax.eval_shape(init, jax.random.key(0)), seed)
+    params = random_params(build.network_shapes(config, example_shape), seed)
     state = TrainState.create(
         jax.tree.map(jnp.asarray, params),
         tx,

@@ -659,3 +659,54 @@ def test_registry_builds_networks():
     assert type(ddpm) is DDPMpp and ddpm.embedding_type == "positional" and not ddpm.fir
     adm = get_network("adm", **LSUN256_CONFIG)
     assert adm == ADMUNet.lsun256() and adm.num_classes is None
+
+
+class _CountedNet(nn.Module):
+    """A network that counts how often it is traced (each init or apply runs its body)."""
+
+    features: int
+    widths: tuple = (3,)
+    num_classes: int | None = None
+    traced = []
+
+    @nn.compact
+    def __call__(self, x, c_noise, y=None, train: bool = False):
+        type(self).traced.append(x.shape)
+        h = nn.Dense(self.features)(x.reshape(x.shape[0], -1))
+        if y is not None:
+            h = h + nn.Embed(10, self.features)(y)
+        return nn.Dense(math.prod(x.shape[1:]))(h).reshape(x.shape)
+
+
+def test_init_shapes_are_those_of_init_traced_once_per_network_and_returned_as_copies():
+    """``layers.init_shapes`` (what checking a config, converting weights and writing a run ask for)
+    gives the shapes ``module.init`` gives, traces a network and input shape once, hands each
+    caller its own tree, and still answers for a module it cannot hash (a list field)."""
+    _CountedNet.traced.clear()
+    key = jax.random.key(0)
+    x, c, y = jnp.zeros((1, 4, 4, 2)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
+    for labels in (False, True):
+        want = jax.eval_shape(
+            lambda: _CountedNet(5).init(key, x, c, y if labels else None)["params"]
+        )
+        got = L.init_shapes(_CountedNet(5), x.shape, labels=labels)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        assert jax.tree.leaves(got) == jax.tree.leaves(want)
+    assert "Embed_0" in got
+    traced = len(_CountedNet.traced)
+    again = L.init_shapes(_CountedNet(5), (1, 4, 4, 2), labels=True)  # an equal module: memoized
+    assert len(_CountedNet.traced) == traced
+    again.pop("Embed_0")  # the caller's copy
+    assert "Embed_0" in L.init_shapes(_CountedNet(5), (1, 4, 4, 2), labels=True)
+    # Another width, another input shape: traced again, other shapes.
+    assert L.init_shapes(_CountedNet(6), (1, 4, 4, 2), labels=False)["Dense_0"]["bias"].shape == (
+        6,
+    )
+    assert L.init_shapes(_CountedNet(5), (1, 2, 2, 2), labels=False)["Dense_1"]["bias"].shape == (
+        8,
+    )
+    assert len(_CountedNet.traced) == traced + 2
+    # An unhashable field: traced each time, same answer.
+    listed = L.init_shapes(_CountedNet(5, widths=[3]), (1, 4, 4, 2), labels=False)
+    assert listed["Dense_0"]["kernel"].shape == (32, 5)
+    assert len(_CountedNet.traced) == traced + 3

@@ -18,6 +18,7 @@ always computed in float32.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -48,6 +49,7 @@ __all__ = [
     "GaussianFourierProjection",
     "ResBlock",
     "abstract_params",
+    "init_shapes",
     "check_image",
     "check_labels",
     "check_noise_levels",
@@ -342,15 +344,42 @@ def abstract_params(
     Returns:
       The ``params`` pytree with ``jax.ShapeDtypeStruct`` leaves.
     """
-    x = jax.ShapeDtypeStruct((batch_size, image_size, image_size, channels), jnp.float32)
-    c = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
-    kwargs = {}
-    if getattr(module, "num_classes", None) is not None:
-        kwargs["y"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
-    variables = jax.eval_shape(
-        lambda xx, cc, kw: module.init(jax.random.key(0), xx, cc, **kw), x, c, kwargs
+    labels = getattr(module, "num_classes", None) is not None
+    return init_shapes(module, (batch_size, image_size, image_size, channels), labels=labels)
+
+
+def init_shapes(module: nn.Module, x_shape: Sequence[int], *, labels: bool) -> Any:
+    """The ``params`` shapes of ``module.init`` on float32 inputs of ``x_shape``, noise levels
+    (B,) and int32 labels (B,) if ``labels`` (``jax.eval_shape``: traced, nothing computed).
+
+    Memoized per (module, shape, labels, x64 mode): flax modules compare and hash by their fields,
+    and the trace of a whole network's init costs seconds, which checking a config, converting
+    weights and building a run would otherwise repeat for one network. Each call returns its own
+    copy of the tree. A module with an unhashable field is traced every time.
+    """
+    key = (module, tuple(int(n) for n in x_shape), bool(labels), bool(jax.config.jax_enable_x64))
+    try:
+        hash(key)
+    except TypeError:
+        return _init_shapes(*key)
+    return jax.tree.map(lambda leaf: leaf, _cached_init_shapes(*key))
+
+
+def _init_shapes(module: nn.Module, x_shape: tuple[int, ...], labels: bool, x64: bool) -> Any:
+    del x64  # part of the memo's key only: it can change the traced dtypes
+    x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+    c = jax.ShapeDtypeStruct(x_shape[:1], jnp.float32)
+    y = jax.ShapeDtypeStruct(x_shape[:1], jnp.int32) if labels else None
+    return jax.eval_shape(
+        lambda rng, xx, cc, yy: module.init({"params": rng, "dropout": rng}, xx, cc, yy)["params"],
+        jax.random.key(0),
+        x,
+        c,
+        y,
     )
-    return variables["params"]
+
+
+_cached_init_shapes = functools.lru_cache(maxsize=64)(_init_shapes)
 
 
 # --------------------------------------------------------------------------------------------------
