@@ -554,3 +554,48 @@ def test_closed_loop_errors_of_a_failed_save_are_dropped_and_nothing_else():
     finally:
         failures.SAVE_FAILURES.clear()
     assert report(closed)
+
+
+def test_checksums_are_the_documented_sum_of_each_arrays_words_and_finiteness_names_groups():
+    """``integrity`` checksums (stored with every checkpoint, compared at every read) against NumPy:
+    per array, Σ w_i·b_i mod 2³² over its 32-bit words b_i (narrower elements widened, 64-bit ones
+    split in two) with w_i = i·2654435761 | 1, xor the word count; one per leaf in leaf order, the
+    same for equal arrays in another tree. The finiteness check names the groups holding NaN/Inf."""
+    from consistency_jax.checkpoint import integrity
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "a": rng.normal(size=(3, 5)).astype(np.float32),
+        "b": jnp.asarray(rng.normal(size=(7,)), jnp.bfloat16),
+        "c": rng.integers(-(2**31), 2**31 - 1, (4, 2), dtype=np.int64).astype(np.int32),
+        "d": np.array([True, False, True]),
+        "e": rng.integers(0, 256, (9,), dtype=np.uint8),
+        "f": np.float32(2.5),
+    }
+
+    def numpy_sum(x):
+        x = np.asarray(x).ravel()
+        words = (
+            x.astype(np.uint32)
+            if x.dtype == np.bool_
+            else x.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]).astype(
+                np.uint32
+            )
+        )
+        i = np.arange(words.size, dtype=np.uint64)
+        w = (i * 2654435761 % 2**32) | 1
+        return int((w * words.astype(np.uint64) % 2**32).sum() % 2**32) ^ words.size
+
+    names, sums = integrity.tree_checksums({"state": arrays})
+    assert names == [f"state/{k}" for k in sorted(arrays)]
+    want = [numpy_sum(arrays[k]) for k in sorted(arrays)]
+    assert [int(v) for v in jax.device_get(sums)] == want
+    _, again = integrity.tree_checksums({"ema": {"x": arrays["a"], "y": arrays["c"]}})
+    assert [int(v) for v in jax.device_get(again)] == [want[0], want[2]]
+    flipped = arrays["a"].copy()
+    flipped.view(np.uint32)[1, 2] ^= 1 << 7
+    assert int(jax.device_get(integrity.tree_checksums({"a": flipped})[1][0])) != want[0]
+    bad = {"a": {"x": arrays["a"]}, "b": {"x": arrays["a"], "y": np.array([1.0, np.inf])}}
+    bad["c"] = {"n": np.array([np.nan], np.float32), "i": arrays["c"]}
+    assert integrity.nonfinite_groups({**bad, "none": None}) == ["b", "c"]
+    assert integrity.nonfinite_groups({"a": bad["a"], "ints": {"i": arrays["c"]}}) == []
