@@ -14,13 +14,35 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # XLA:CPU runs LLVM at its full optimisation level by default. The tests' networks are tiny, so
 # compiling dominates their time (a tiny NCSN++'s initialiser: 37 s at the default level, 7 s at
-# level 0) while running them at level 0 costs little; HLO optimisations are unchanged. Subprocesses
-# inherit the flags unless they set XLA_FLAGS themselves. Set XLA_FLAGS yourself (any value, even
-# empty) to test at the default level.
+# level 0) while running them at level 0 costs little; HLO optimisations are unchanged. XLA:CPU's
+# MLIR fusion emitters compile slower than its older LLVM-IR ones (the digits network's gradient:
+# 1.4-1.7 s instead of 2.5-3.2 s, a one-multiply program 31 instead of 50 ms; bench/RESULTS.md
+# §17), so the tests use the older ones where this XLA still has them: an XLA that does not know a
+# flag aborts, so that one is tried first in a subprocess. Subprocesses inherit the flags unless
+# they set XLA_FLAGS themselves. Set XLA_FLAGS yourself (any value, even empty) to test otherwise.
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+OPTIONAL_FAST_COMPILE_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+
+
+def _xla_accepts(flags: str) -> bool:
+    """Whether this jaxlib's XLA:CPU starts with ``flags`` (it aborts on a flag it does not know)."""
+    import subprocess
+    import sys
+
+    probe = "import jax.numpy as jnp; (jnp.arange(3.0) * 2).block_until_ready()"
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", probe], env=env, capture_output=True, timeout=120
+        )
+    except subprocess.TimeoutExpired:
+        return False
+    return done.returncode == 0
+
+
 if "XLA_FLAGS" not in os.environ:
-    os.environ["XLA_FLAGS"] = (
-        "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-    )
+    _flags = f"{FAST_COMPILE_FLAGS} {OPTIONAL_FAST_COMPILE_FLAGS}"
+    os.environ["XLA_FLAGS"] = _flags if _xla_accepts(_flags) else FAST_COMPILE_FLAGS
 
 # XLA:CPU aborts a collective whose participants do not all arrive within about 40 s. On a busy
 # 2-core machine the threads of 8 virtual devices can be that late, so the multi-device subprocesses
