@@ -44,6 +44,14 @@ if "XLA_FLAGS" not in os.environ:
     _flags = f"{FAST_COMPILE_FLAGS} {OPTIONAL_FAST_COMPILE_FLAGS}"
     os.environ["XLA_FLAGS"] = _flags if _xla_accepts(_flags) else FAST_COMPILE_FLAGS
 
+
+def subprocess_xla_flags(*flags: str) -> str:
+    """XLA_FLAGS for a test's subprocess: this process's (the fast-compile flags above, unless set
+    by hand) followed by ``flags``, which win where they set the same flag again (XLA keeps a
+    flag's last value), e.g. ``subprocess_xla_flags("--xla_force_host_platform_device_count=4")``."""
+    return " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), *flags]))
+
+
 # XLA:CPU aborts a collective whose participants do not all arrive within about 40 s. On a busy
 # 2-core machine the threads of 8 virtual devices can be that late, so the multi-device subprocesses
 # of the tests raise the limit (these flags exist in jaxlib >= 0.4.3x; an unknown flag aborts XLA).

@@ -419,13 +419,15 @@ def test_sharded_state_restores_into_the_live_shardings(tmp_path):
     import subprocess
     import sys
 
-    from conftest import SLOW_CPU_COLLECTIVES
+    from conftest import SLOW_CPU_COLLECTIVES, subprocess_xla_flags
 
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
         PYTHONPATH=str(REPO),
-        XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {SLOW_CPU_COLLECTIVES}",
+        XLA_FLAGS=subprocess_xla_flags(
+            "--xla_force_host_platform_device_count=4", SLOW_CPU_COLLECTIVES
+        ),
     )
     out = subprocess.run(
         [sys.executable, "-c", _SHARDED_SCRIPT, str(tmp_path)],

@@ -23,7 +23,7 @@ import pytest
 import scipy.linalg
 import scipy.spatial.distance
 import scipy.special
-from conftest import load_npz, load_tool
+from conftest import load_npz, load_tool, subprocess_xla_flags
 
 from consistency_jax import torch_pickle, weights_cache
 from consistency_jax.evaluators import inception_metrics as ev
@@ -180,7 +180,7 @@ print("SHARDED-OK")
         os.environ,
         JAX_PLATFORMS="cpu",
         PYTHONPATH=str(ROOT),
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        XLA_FLAGS=subprocess_xla_flags("--xla_force_host_platform_device_count=2"),
     )
     out = subprocess.run(
         [sys.executable, "-c", script],

@@ -148,7 +148,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """Starts the two worker processes and waits for them."""
-    from conftest import SLOW_CPU_COLLECTIVES
+    from conftest import SLOW_CPU_COLLECTIVES, subprocess_xla_flags
 
     from consistency_jax import data as data_lib
 
@@ -159,7 +159,9 @@ def run(tmp_path_factory):
     env.update(
         JAX_PLATFORMS="cpu",
         TF_CPP_MIN_LOG_LEVEL="3",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES} {SLOW_CPU_COLLECTIVES}",
+        XLA_FLAGS=subprocess_xla_flags(
+            f"--xla_force_host_platform_device_count={LOCAL_DEVICES}", SLOW_CPU_COLLECTIVES
+        ),
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")])),
     )
     coordinator = f"localhost:{_free_port()}"
@@ -310,7 +312,7 @@ JOB_FLAGS = [
 
 
 def _launch_job(workdir: pathlib.Path, logs: pathlib.Path, *extra: str) -> list[subprocess.Popen]:
-    from conftest import SLOW_CPU_COLLECTIVES
+    from conftest import SLOW_CPU_COLLECTIVES, subprocess_xla_flags
 
     coordinator = f"localhost:{_free_port()}"
     procs = []
@@ -323,7 +325,9 @@ def _launch_job(workdir: pathlib.Path, logs: pathlib.Path, *extra: str) -> list[
             JAX_COORDINATOR_ADDRESS=coordinator,
             JAX_NUM_PROCESSES=str(NUM_PROCESSES),
             JAX_PROCESS_ID=str(i),
-            XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES} {SLOW_CPU_COLLECTIVES}",
+            XLA_FLAGS=subprocess_xla_flags(
+                f"--xla_force_host_platform_device_count={LOCAL_DEVICES}", SLOW_CPU_COLLECTIVES
+            ),
         )
         with open(f"{logs}.{i}", "ab") as f:
             procs.append(

@@ -540,7 +540,11 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
-from conftest import SLOW_CPU_COLLECTIVES  # noqa: E402
+from conftest import (  # noqa: E402
+    FAST_COMPILE_FLAGS,
+    SLOW_CPU_COLLECTIVES,
+    subprocess_xla_flags,
+)
 
 from consistency_jax import parameterization as param_lib  # noqa: E402
 from consistency_jax import sharding  # noqa: E402
@@ -551,22 +555,10 @@ from consistency_jax.train import make_train_step  # noqa: E402
 TOL = 1e-5
 
 
-# Cheaper XLA CPU compiles for the equivalence checks (both sides of every comparison use them).
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-
-
 def _device_env(extra_flags: str = "") -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = " ".join(
-        filter(
-            None,
-            [
-                env.get("XLA_FLAGS", ""),
-                f"--xla_force_host_platform_device_count={NUM_DEVICES}",
-                SLOW_CPU_COLLECTIVES,
-                extra_flags,
-            ],
-        )
+    env["XLA_FLAGS"] = subprocess_xla_flags(
+        f"--xla_force_host_platform_device_count={NUM_DEVICES}", SLOW_CPU_COLLECTIVES, extra_flags
     )
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
@@ -583,7 +575,9 @@ class _Background:
         self.checks = subprocess.Popen(
             [sys.executable, __file__],
             cwd=REPO,
-            env=_device_env(FAST_COMPILE),
+            # Cheaper XLA:CPU compiles for the equivalence checks (both sides of every comparison
+            # use them), even where XLA_FLAGS was set by hand.
+            env=_device_env(FAST_COMPILE_FLAGS),
             text=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
