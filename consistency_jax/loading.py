@@ -263,8 +263,7 @@ def _newest_readable(workdir: str, step: int | None, read: Callable[[Checkpointe
 def _eval_item(ckpt: Checkpointer, step: int, ema_rate: float | None) -> tuple[str, str, PyTree]:
     """(item, key, abstract parameters) of the eval parameters of checkpoint ``step``: the EMA of
     ``ema_rate`` (None: the slowest), or θ ("state", "params") when the run saved no EMA."""
-    metadata = ckpt.array_metadata(step)
-    emas = metadata.get(EMA_ITEM)
+    emas = ckpt.array_metadata(step, (EMA_ITEM,)).get(EMA_ITEM)  # the state's only if no EMA
     if emas:
         saved = {k: float(k) for k in emas}
         if ema_rate is None:
@@ -279,7 +278,7 @@ def _eval_item(ckpt: Checkpointer, step: int, ema_rate: float | None) -> tuple[s
         return EMA_ITEM, key, emas[key]
     if ema_rate is not None:
         raise CheckpointError(f"{ckpt.step_dir(step)} has no eval EMAs (asked for {ema_rate}).")
-    return STATE_ITEM, "params", metadata[STATE_ITEM]["params"]
+    return STATE_ITEM, "params", ckpt.array_metadata(step, (STATE_ITEM,))[STATE_ITEM]["params"]
 
 
 def _read_eval_params(

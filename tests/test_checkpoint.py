@@ -312,6 +312,37 @@ def test_load_teacher_without_emas_reads_theta(tmp_path):
         loading.load_teacher(str(tmp_path), ema_rate=0.9)
 
 
+def test_array_metadata_reads_the_items_asked_for(tmp_path):
+    """The shapes and dtypes of one item's arrays (the EMAs alone, for sampling), as Orbax's
+    metadata of the whole checkpoint gives them and as the saved state has them."""
+    from consistency_jax.checkpoint.layout import metadata_tree
+
+    state = _state(11)
+    _save_run(tmp_path, "ct", state, step=5)
+    ckpt = C.Checkpointer(str(tmp_path), every=1, keep=3, read_only=True)
+    try:
+        every = ckpt.array_metadata(5)
+        assert set(every) == {"state", "ema"}
+        orbax_view = ckpt.item_metadata(5)  # the manager's reading of every item
+        for item in ("state", "ema"):
+            alone = ckpt.array_metadata(5, (item,))
+            assert set(alone) == {item}
+            for md in (every[item], metadata_tree(orbax_view[item])):
+                assert jax.tree.structure(alone[item]) == jax.tree.structure(md)
+                assert [(a.shape, a.dtype) for a in jax.tree.leaves(alone[item])] == [
+                    (m.shape, m.dtype) for m in jax.tree.leaves(md)
+                ]
+        emas = ckpt.array_metadata(5, ("ema",))["ema"]
+        for rate in RATES:
+            saved = jax.tree.leaves(state.ema_params[ema_key(rate)])
+            got = jax.tree.leaves(emas[ema_key(rate)])
+            assert [(x.shape, x.dtype) for x in got] == [(x.shape, x.dtype) for x in saved]
+        with pytest.raises(ValueError, match=r"Not array items.*'config'"):
+            ckpt.array_metadata(5, ("config",))
+    finally:
+        ckpt.close()
+
+
 def test_load_teacher_refuses_non_edm_runs_and_empty_dirs(tmp_path):
     _save_run(tmp_path / "ct", "ct", _state(0))
     with pytest.raises(C.CheckpointError, match=r"method='ct'.*EDM teacher"):

@@ -24,6 +24,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from consistency_jax import fs
 from consistency_jax.checkpoint import failures
@@ -218,13 +219,22 @@ class Checkpointer:
             )
         return cfg
 
-    def array_metadata(self, step: int) -> dict[str, PyTree]:
-        """{item: tree of ShapeDtypeStructs (no sharding)} of the array items ("state", "ema") of
-        checkpoint ``step``, from Orbax's metadata: nothing is read but the metadata."""
-        metadata = self.item_metadata(step)
+    def array_metadata(self, step: int, items: Sequence[str] = ARRAY_ITEMS) -> dict[str, PyTree]:
+        """{item: tree of ShapeDtypeStructs (no sharding)} of the array items ``items`` ("state",
+        "ema") of checkpoint ``step`` that it holds, from Orbax's metadata: nothing is read but the
+        metadata, and only of the items asked for (the EMA item's alone reads ~4x faster than every
+        item's: the optimizer state's arrays are left out)."""
+        unknown = sorted(set(items) - set(ARRAY_ITEMS))
+        if unknown:
+            raise ValueError(
+                f"Not array items of a checkpoint: {unknown} (those are {ARRAY_ITEMS})."
+            )
         out = {}
-        for name in ARRAY_ITEMS:
-            md = metadata.get(name) if hasattr(metadata, "get") else None
+        for name in items:
+            path = fs.join(self.step_dir(step), name)
+            if not fs.isdir(path):
+                continue
+            md = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))
             if md is not None:
                 out[name] = abstract_tree(metadata_tree(md), None)
         return out
