@@ -2,6 +2,7 @@
 checkpoints, non-finite states, skip_nonfinite, SIGTERM handling, read-only teachers, no pickle."""
 
 import ast
+import gc
 import logging
 import os
 import pathlib
@@ -140,7 +141,8 @@ def _corrupt(step_dir: pathlib.Path) -> None:
 
 
 # Orbax leaves un-awaited TensorStore futures behind a failed read; their "event loop is closed"
-# complaint at garbage collection is not this test's concern.
+# complaint at garbage collection is not this test's concern (collected before it ends, so that it
+# is not reported in whichever test runs next).
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_unreadable_latest_falls_back_to_previous(tmp_path, caplog):
     old, new = _state(5), _state(6)
@@ -163,10 +165,12 @@ def test_unreadable_latest_falls_back_to_previous(tmp_path, caplog):
     assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints_unreadable").iterdir()] == ["4"]
     assert ckpt.save(_at(new, 4), step=4, data_state={"step": 4}, config=_config())
     ckpt.close()
+    gc.collect()
 
 
 # Orbax leaves un-awaited TensorStore futures behind a failed read; their "event loop is closed"
-# complaint at garbage collection is not this test's concern.
+# complaint at garbage collection is not this test's concern (collected before it ends, so that it
+# is not reported in whichever test runs next).
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_no_readable_checkpoint_is_a_clear_error_and_moves_nothing(tmp_path):
     ckpt = C.Checkpointer(str(tmp_path), every=1, keep=3)
@@ -179,6 +183,7 @@ def test_no_readable_checkpoint_is_a_clear_error_and_moves_nothing(tmp_path):
     ckpt.close()
     assert (tmp_path / "checkpoints" / "3").is_dir()
     assert not (tmp_path / "checkpoints_unreadable").exists()
+    gc.collect()
 
 
 # ---------------------------------------------------------------- non-finite states
