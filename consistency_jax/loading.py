@@ -21,6 +21,7 @@ from consistency_jax import parameterization as param_lib
 from consistency_jax.checkpoint import (
     CHECKPOINT_SUBDIR,
     EMA_ITEM,
+    READ_FAILURES,
     STATE_ITEM,
     CheckpointDamagedError,
     Checkpointer,
@@ -225,6 +226,7 @@ def _newest_readable(workdir: str, step: int | None, read: Callable[[Checkpointe
             except CheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 -- unreadable
+                READ_FAILURES.note()
                 raise CheckpointError(
                     f"Checkpoint step {step} in {ckpt.step_dir(step)} is unreadable: {brief(e)}."
                 ) from e
@@ -237,6 +239,7 @@ def _newest_readable(workdir: str, step: int | None, read: Callable[[Checkpointe
             except CheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 -- unreadable: try the previous step
+                READ_FAILURES.note()
                 why = f"unreadable: {brief(e)}"
             else:
                 if set_aside:

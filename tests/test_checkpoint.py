@@ -153,8 +153,10 @@ def test_unreadable_latest_falls_back_to_previous(tmp_path, caplog):
     _corrupt(tmp_path / "checkpoints" / "4")
 
     ckpt = C.Checkpointer(str(tmp_path), every=1, keep=3)
+    C.READ_FAILURES.clear()
     with caplog.at_level(logging.WARNING):
         restored, data_state = ckpt.restore(_state(7))
+    assert C.READ_FAILURES.seen  # the abandoned read's complaints are dropped from now on
     warnings = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
     assert "step 4" in warnings and str(tmp_path / "checkpoints" / "4") in warnings
     assert data_state["step"] == 2
@@ -183,6 +185,11 @@ def test_no_readable_checkpoint_is_a_clear_error_and_moves_nothing(tmp_path):
     ckpt.close()
     assert (tmp_path / "checkpoints" / "3").is_dir()
     assert not (tmp_path / "checkpoints_unreadable").exists()
+    # The read-only readers (sampling, teachers) give the step up too, and note it.
+    C.READ_FAILURES.clear()
+    with pytest.raises(C.CheckpointError, match=re.escape(str(tmp_path / "checkpoints" / "3"))):
+        loading.load_eval_params(str(tmp_path))
+    assert C.READ_FAILURES.seen
     gc.collect()
 
 
@@ -584,6 +591,7 @@ def test_closed_loop_errors_of_a_failed_save_are_dropped_and_nothing_else():
         return len(passed) > n
 
     closed = RuntimeError("Event loop is closed")
+    failures.READ_FAILURES.clear()  # earlier tests of this process gave reads up
     assert report(closed)  # no failed save: passed on
     failures.SAVE_FAILURES.note(OSError("No space left on device"))
     try:
@@ -591,6 +599,13 @@ def test_closed_loop_errors_of_a_failed_save_are_dropped_and_nothing_else():
         assert report(RuntimeError("something else")) and report(ValueError("Event loop is closed"))
     finally:
         failures.SAVE_FAILURES.clear()
+    assert report(closed)
+    failures.READ_FAILURES.note()  # a read given up: its futures' complaints are dropped too
+    try:
+        assert not report(closed)
+        assert report(RuntimeError("something else"))
+    finally:
+        failures.READ_FAILURES.clear()
     assert report(closed)
 
 

@@ -1,6 +1,7 @@
 """Every bad config or workdir fails with a clear ValueError naming the problem, before anything is
 compiled or written."""
 
+import gc
 import pathlib
 import re
 
@@ -379,7 +380,8 @@ def test_unreadable_checkpoint_is_refused_before_anything_is_written(tmp_path):
     assert _snapshot(tmp_path) == before
 
 
-# Orbax leaves un-awaited TensorStore futures behind a failed read (see test_checkpoint.py).
+# Orbax leaves un-awaited TensorStore futures behind a failed read (see test_checkpoint.py);
+# collected before the test ends.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_unreadable_arrays_are_refused_and_nothing_moved(tmp_path):
     _workdir_with_checkpoint(tmp_path, _config())
@@ -394,6 +396,7 @@ def test_unreadable_arrays_are_refused_and_nothing_moved(tmp_path):
     ):
         E.train_and_evaluate(_config(), str(tmp_path))
     assert _snapshot(tmp_path / "checkpoints") == before
+    gc.collect()
 
 
 def test_advice_for_the_learning_rate_never_suggests_inf():

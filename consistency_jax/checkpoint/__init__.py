@@ -27,7 +27,7 @@ from consistency_jax.checkpoint.errors import (
     NonFiniteStateError,
     brief,
 )
-from consistency_jax.checkpoint.failures import orbax_threads
+from consistency_jax.checkpoint.failures import READ_FAILURES, orbax_threads
 from consistency_jax.checkpoint.integrity import checksums, nonfinite_parts, verify
 from consistency_jax.checkpoint.layout import (
     CHECKPOINT_SUBDIR,
@@ -56,6 +56,7 @@ __all__ = [
     "DATA_ITEM",
     "DYNAMICS_KEYS",
     "EMA_ITEM",
+    "READ_FAILURES",
     "RESUMABLE_KEYS",
     "STATE_ITEM",
     "UNHEALTHY_SUBDIR",

@@ -67,12 +67,41 @@ class SaveFailures:
 SAVE_FAILURES = SaveFailures()
 
 
+class ReadFailures:
+    """Whether this process has given up a checkpoint read (a damaged step set aside, a fallback to
+    the previous one): the abandoned read's TensorStore futures complain later, at garbage
+    collection, that asyncio's loop is closed (dozens of tracebacks for one damaged step), after the
+    library has already named the step in one warning."""
+
+    def __init__(self):
+        self._seen = threading.Event()
+
+    def note(self) -> None:
+        self._seen.set()
+
+    def clear(self) -> None:
+        self._seen.clear()
+
+    @property
+    def seen(self) -> bool:
+        return self._seen.is_set()
+
+
+READ_FAILURES = ReadFailures()
+
+
+def io_abandoned() -> bool:
+    """A save failed (until the next save starts) or a read was given up (for the process)."""
+    return SAVE_FAILURES.first is not None or READ_FAILURES.seen
+
+
 class _QuietAsyncio(logging_std.Filter):
-    """Drops asyncio's "Task exception was never retrieved" reports of a failed save's write tasks
-    (hundreds on a full disk; the save's error is raised once by ``Checkpointer``)."""
+    """Drops asyncio's "Task/Future exception was never retrieved" reports of a failed save's write
+    tasks (hundreds on a full disk; the save's error is raised once by ``Checkpointer``) and of an
+    abandoned read's futures (the unreadable step is named once in a warning)."""
 
     def filter(self, record: logging_std.LogRecord) -> bool:
-        if SAVE_FAILURES.first is None:
+        if not io_abandoned():
             return True
         return "exception was never retrieved" not in str(record.msg)
 
@@ -87,14 +116,15 @@ if not any(isinstance(f, _QuietAsyncio) for f in logging_std.getLogger("asyncio"
 
 
 def quiet_closed_loop(previous):
-    """A ``sys.unraisablehook`` that drops, once a save has failed, the "Event loop is closed"
-    errors of the abandoned save's write callbacks completing after Orbax closed its loop (the save's
-    error is raised once by ``Checkpointer``); everything else goes to ``previous``."""
+    """A ``sys.unraisablehook`` that drops, once a save has failed or a read was given up, the
+    "Event loop is closed" errors of the abandoned writes' or reads' callbacks completing after
+    Orbax closed its loop (the save's error is raised once by ``Checkpointer``, the unreadable step
+    named once in a warning); everything else goes to ``previous``."""
 
     def hook(unraisable):
         value = getattr(unraisable, "exc_value", None)
         if (
-            SAVE_FAILURES.first is not None
+            io_abandoned()
             and isinstance(value, RuntimeError)
             and "Event loop is closed" in str(value)
         ):

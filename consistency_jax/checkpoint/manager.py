@@ -285,6 +285,7 @@ class Checkpointer:
             try:
                 return step, self.read_config(step)
             except Exception as e:  # noqa: BLE001 -- any failure to read means unreadable
+                failures.READ_FAILURES.note()
                 logging.warning(
                     "The config of checkpoint step %d (%s) is unreadable: %s",
                     step,
@@ -722,6 +723,7 @@ class Checkpointer:
             try:
                 restored, data_state = self._restore_step(step, state)
             except Exception as e:  # noqa: BLE001 -- any failure to read means unreadable
+                failures.READ_FAILURES.note()
                 logging.warning(
                     "Checkpoint step %d in %s is unreadable (%s); trying the previous one.",
                     step,
