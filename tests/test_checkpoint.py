@@ -193,6 +193,47 @@ def test_no_readable_checkpoint_is_a_clear_error_and_moves_nothing(tmp_path):
     gc.collect()
 
 
+_DAMAGED_READ_SCRIPT = """
+import pathlib, sys
+sys.path.insert(0, sys.argv[2])
+from test_checkpoint import _at, _config, _corrupt, _state
+from consistency_jax import checkpoint as C, loading
+d = pathlib.Path(sys.argv[1])
+ckpt = C.Checkpointer(str(d), every=1, keep=3)
+ckpt.save(_at(_state(5), 2), step=2, data_state={"step": 2}, config=_config())
+ckpt.save(_at(_state(6), 4), step=4, data_state={"step": 4}, config=_config())
+ckpt.close()
+_corrupt(d / "checkpoints" / "4")
+print("read-only reader:", loading.load_eval_params(str(d))[2], file=sys.stderr)
+ckpt = C.Checkpointer(str(d), every=1, keep=3)
+print("resume:", ckpt.restore(_state(7))[1]["step"], file=sys.stderr)
+ckpt.close()
+"""
+
+
+@pytest.mark.slow
+def test_a_given_up_read_leaves_one_warning_and_no_tracebacks(tmp_path):
+    """A real process reads a run whose newest step is truncated, read-only and then to resume:
+    each reader names the step once and uses step 2; the abandoned read's futures print nothing
+    (47 "Event loop is closed" tracebacks before). Quick forms: the unreadable-step tests above."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    r = subprocess.run(
+        [sys.executable, "-c", _DAMAGED_READ_SCRIPT, str(tmp_path), str(REPO / "tests")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "read-only reader: 2" in r.stderr and "resume: 2" in r.stderr, r.stderr[-3000:]
+    assert re.search(r"Checkpoint step 4 in \S+ is (set aside|unreadable)", r.stderr), r.stderr
+    for noise in ("Event loop is closed", "never retrieved", "Traceback"):
+        assert noise not in r.stderr, r.stderr[-3000:]
+
+
 # ---------------------------------------------------------------- non-finite states
 
 
