@@ -18,8 +18,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # MLIR fusion emitters compile slower than its older LLVM-IR ones (the digits network's gradient:
 # 1.4-1.7 s instead of 2.5-3.2 s, a one-multiply program 31 instead of 50 ms; bench/RESULTS.md
 # §17), so the tests use the older ones where this XLA still has them: an XLA that does not know a
-# flag aborts, so that one is tried first in a subprocess. Subprocesses inherit the flags unless
-# they set XLA_FLAGS themselves. Set XLA_FLAGS yourself (any value, even empty) to test otherwise.
+# flag aborts, so that one is tried first in a subprocess. Subprocesses inherit the flags; those
+# that set device counts build XLA_FLAGS with `subprocess_xla_flags`, which keeps them. Set
+# XLA_FLAGS yourself (any value, even empty) to test otherwise.
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 OPTIONAL_FAST_COMPILE_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 
