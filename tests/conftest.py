@@ -64,31 +64,41 @@ SLOW_CPU_COLLECTIVES = (
 
 # A persistent XLA compilation cache shared by the test processes of one run (both xdist workers and
 # every subprocess they start: the 8-device sharding scripts, the killed-and-resumed jobs, the
-# multi-process jobs compile the same programs again and again). Fresh for every run of the suite,
-# so nothing carries over between runs; set JAX_COMPILATION_CACHE_DIR yourself to choose the place.
+# multi-process jobs compile the same programs again and again). The first process of the run (the
+# xdist controller, which loads this file before it starts its workers) makes it and removes it when
+# the run ends, so nothing carries over between runs and nothing is left in the temporary directory;
+# set JAX_COMPILATION_CACHE_DIR yourself to choose the place (then it is kept).
+_OWNED_DIRS = []  # (directory, pid of the process that made it): removed by that process at the end
+
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile
 
-    _run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if _run_id:
-        os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
-            tempfile.gettempdir(), f"consistency_jax_xla_cache_{_run_id}"
-        )
-    else:
-        os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
-            prefix="consistency_jax_xla_cache_"
-        )
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="consistency_jax_xla_cache_")
+    _OWNED_DIRS.append((os.environ["JAX_COMPILATION_CACHE_DIR"], os.getpid()))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 # Under pytest-xdist (the README's test command runs two workers), each worker builds the default
-# TFDS datasets (the digits) in its own directory, so that two workers never write one dataset at once.
+# TFDS datasets (the digits) in its own directory, so that two workers never write one dataset at
+# once; the worker removes it when it ends.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     import tempfile
 
     os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(
         prefix=f"tfds_{os.environ['PYTEST_XDIST_WORKER']}_"
     )
+    _OWNED_DIRS.append((os.environ["TFDS_DATA_DIR"], os.getpid()))
+
+
+def pytest_unconfigure(config):
+    """Removes the directories this process made above (a subprocess that inherited this module's
+    environment does not own them: the pid says who made each)."""
+    import shutil
+
+    for directory, pid in _OWNED_DIRS:
+        if pid == os.getpid():
+            shutil.rmtree(directory, ignore_errors=True)
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
