@@ -44,7 +44,7 @@ setup(
         # gs:// workdirs against a local fake-gcs-server (its binary comes with the wrapper package).
         "test": [
             "pytest>=8.0",
-            "pytest-xdist>=3.5",
+            "pytest-xdist>=3.8",
             "scikit-image>=0.22",
             "tensorflow-cpu>=2.16",
             "gcsfs>=2024.2.0",

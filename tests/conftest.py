@@ -8,6 +8,8 @@ default tier (``-m "not slow"``); ``-m slow`` runs the slow one, no ``-m`` both.
 
 import os
 
+import pytest
+
 # Tests run on CPU; keep XLA from grabbing every core thread pool it can and keep output quiet.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -88,6 +90,37 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         prefix=f"tfds_{os.environ['PYTEST_XDIST_WORKER']}_"
     )
     _OWNED_DIRS.append((os.environ["TFDS_DATA_DIR"], os.getpid()))
+
+
+def file_order_seconds(items) -> dict:
+    """Expected seconds of each test file of ``items`` (its tests that ``items`` holds), from
+    tests/file_seconds.json (bench/test_file_seconds.py writes it): the file's measured default-tier
+    seconds if ``items`` holds a default test of it, plus its slow-tier seconds if a slow one. A file
+    not measured yet counts as the median measured one."""
+    import json
+    import statistics
+
+    with open(os.path.join(os.path.dirname(__file__), "file_seconds.json")) as f:
+        table = json.load(f)
+    unknown = statistics.median(sum(t.values()) for t in table.values()) if table else 0.0
+    tiers = {}
+    for item in items:
+        tier = "slow" if item.get_closest_marker("slow") else "default"
+        tiers.setdefault(item.path.name, set()).add(tier)
+    return {
+        name: (sum(table[name][t] for t in ts) if name in table else unknown)
+        for name, ts in tiers.items()
+    }
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` has deselected what this run leaves out
+def pytest_collection_modifyitems(config, items):
+    """The heaviest test files first, each file's tests in their own order. pytest-xdist's
+    `--dist loadfile` hands out whole files in this order (pytest.ini turns off its own reordering
+    by test count), so the two workers of the README's command end together instead of one running a
+    long file alone at the end (longest processing time first)."""
+    seconds = file_order_seconds(items)
+    items.sort(key=lambda item: -seconds[item.path.name])  # stable: a file's own order is kept
 
 
 def pytest_unconfigure(config):
@@ -206,8 +239,6 @@ def write_toy_edm_run(workdir) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Fixtures shared by the test files: what several files set up again and again, built once per
 # session (once per pytest-xdist worker).
-
-import pytest  # noqa: E402
 
 
 def tiny_ct_config(**train):
