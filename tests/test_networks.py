@@ -710,3 +710,56 @@ def test_init_shapes_are_those_of_init_traced_once_per_network_and_returned_as_c
     listed = L.init_shapes(_CountedNet(5, widths=[3]), (1, 4, 4, 2), labels=False)
     assert listed["Dense_0"]["kernel"].shape == (32, 5)
     assert len(_CountedNet.traced) == traced + 3
+
+
+def test_apply_fn_traces_an_equal_network_once_per_input_shape_and_computes_what_apply_does():
+    """``make_apply_fn`` calls the network through one nested jit keyed by the module's value: two
+    programs (a value and a gradient) of two equal modules trace the network once; another input
+    shape, another module or ``train`` traces it again; the results are those of ``module.apply``
+    traced in place (bit for bit: XLA inlines the nested call), also for a module it cannot hash."""
+    from consistency_jax.networks import make_apply_fn
+
+    x, c = jnp.linspace(-1.0, 1.0, 32).reshape(1, 4, 4, 2), jnp.full((1,), 0.3)
+    params = _CountedNet(5).init(jax.random.key(0), x, c)["params"]
+    other = _CountedNet(6).init(jax.random.key(0), x, c)["params"]
+    _CountedNet.traced.clear()
+
+    def value(module, p, x):
+        return make_apply_fn(module)(p, x, c)
+
+    def grad(module, p, x):
+        return jax.grad(lambda p: jnp.sum(make_apply_fn(module)(p, x, c) ** 2))(p)
+
+    def in_place(module, p, x):
+        return module.apply({"params": p}, x, c)
+
+    def in_place_grad(module, p, x):
+        return jax.grad(lambda p: jnp.sum(in_place(module, p, x) ** 2))(p)
+
+    got_value = jax.jit(lambda p, x: value(_CountedNet(5), p, x))(params, x)
+    got_grad = jax.jit(lambda p, x: grad(_CountedNet(5), p, x))(params, x)
+    assert len(_CountedNet.traced) == 1  # one trace for both programs and both modules
+    want_value = jax.jit(lambda p, x: in_place(_CountedNet(5), p, x))(params, x)
+    want_grad = jax.jit(lambda p, x: in_place_grad(_CountedNet(5), p, x))(params, x)
+    np.testing.assert_array_equal(got_value, want_value)
+    for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad), strict=True):
+        np.testing.assert_array_equal(g, w)
+    assert float(jnp.abs(want_value).max()) > 0.1  # not a trivial network output
+
+    _CountedNet.traced.clear()
+    jax.jit(lambda p, x: value(_CountedNet(5), p, x))(params, jnp.concatenate([x, x]))
+    jax.jit(lambda p, x: grad(_CountedNet(5), p, x))(params, jnp.concatenate([x, x]))
+    assert len(_CountedNet.traced) == 1  # another batch size: traced once more
+    jax.jit(lambda p, x: make_apply_fn(_CountedNet(5))(p, x, c, train=True))(params, x)
+    assert len(_CountedNet.traced) == 2  # train=True is another program of the network
+    jax.jit(lambda p, x: value(_CountedNet(6), p, x))(other, x)
+    assert len(_CountedNet.traced) == 3
+
+    # An unhashable field (a list): traced in place at every call, same answer.
+    listed = _CountedNet(5, widths=[3])
+    _CountedNet.traced.clear()
+    for _ in range(2):
+        np.testing.assert_array_equal(
+            jax.jit(lambda p, x: value(listed, p, x))(params, x), want_value
+        )
+    assert len(_CountedNet.traced) == 2

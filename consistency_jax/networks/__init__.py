@@ -12,6 +12,7 @@ a config: they take plain constructor arguments. ``get_network(name, **kwargs)``
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any
 
@@ -32,14 +33,44 @@ def make_apply_fn(module):
     which ``parameterization.consistency_fn``, the losses and the samplers call. ``rng`` is the dropout
     key (needed only when ``train`` is True and the module has dropout); ``c_noise_2`` the second time
     input of a network built with ``second_time=True`` (MeanFlow).
+
+    The call is a nested ``jax.jit`` with the module as its static argument (modules compare and hash
+    by their fields): every program of a process that calls equal networks on inputs of the same
+    shapes (a train step's two or three calls, the EMA's, each sampler and evaluation, in any run of
+    that network) reuses one trace of the network and its derivatives instead of tracing it again.
+    XLA inlines the nested call, so the compiled programs, and their results, are those of the
+    network traced in place.
     """
+    try:
+        hash(module)
+        call = _shared_apply()
+    except TypeError:  # a module with an unhashable field: traced in place at every call
+        call = _apply_module
 
     def apply_fn(params, x, c_noise, *, labels=None, train=False, rng=None, c_noise_2=None):
-        rngs = {"dropout": rng} if (train and rng is not None) else {}
-        extra = {} if c_noise_2 is None else {"c_noise_2": c_noise_2}
-        return module.apply({"params": params}, x, c_noise, labels, train=train, rngs=rngs, **extra)
+        rng = rng if train else None  # unused unless training: one program with or without it
+        return call(
+            module, params, x, c_noise, labels=labels, train=train, rng=rng, c_noise_2=c_noise_2
+        )
 
     return apply_fn
+
+
+def _apply_module(
+    module, params, x, c_noise, *, labels=None, train=False, rng=None, c_noise_2=None
+):
+    rngs = {"dropout": rng} if (train and rng is not None) else {}
+    extra = {} if c_noise_2 is None else {"c_noise_2": c_noise_2}
+    return module.apply({"params": params}, x, c_noise, labels, train=train, rngs=rngs, **extra)
+
+
+@functools.cache
+def _shared_apply():
+    """``_apply_module`` jitted with the module and ``train`` static (built on first use, so that
+    importing this package does not import JAX)."""
+    import jax
+
+    return jax.jit(_apply_module, static_argnums=0, static_argnames="train")
 
 
 def network_names() -> tuple[str, ...]:
