@@ -95,7 +95,8 @@ def main():
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
     repos = args.repo or [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
-    tfds_dir = tempfile.mkdtemp(prefix="first_step_tfds_")
+    tfds = tempfile.TemporaryDirectory(prefix="first_step_tfds_")  # the digits, built once
+    tfds_dir = tfds.name
     rows = {}
     for r in range(args.rounds):
         for job in args.jobs.split(","):

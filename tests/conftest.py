@@ -64,19 +64,29 @@ SLOW_CPU_COLLECTIVES = (
     "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120"
 )
 
+
+def _remove_at_exit(directory: str) -> None:
+    """Removes ``directory`` when this process exits (not in a forked child, which inherits the
+    exit handlers; a process that imports this module outside pytest, e.g. a test's subprocess
+    script importing a test module, removes what it made too)."""
+    import atexit
+    import shutil
+
+    pid = os.getpid()
+    atexit.register(lambda: os.getpid() == pid and shutil.rmtree(directory, ignore_errors=True))
+
+
 # A persistent XLA compilation cache shared by the test processes of one run (both xdist workers and
 # every subprocess they start: the 8-device sharding scripts, the killed-and-resumed jobs, the
 # multi-process jobs compile the same programs again and again). The first process of the run (the
 # xdist controller, which loads this file before it starts its workers) makes it and removes it when
 # the run ends, so nothing carries over between runs and nothing is left in the temporary directory;
 # set JAX_COMPILATION_CACHE_DIR yourself to choose the place (then it is kept).
-_OWNED_DIRS = []  # (directory, pid of the process that made it): removed by that process at the end
-
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile
 
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="consistency_jax_xla_cache_")
-    _OWNED_DIRS.append((os.environ["JAX_COMPILATION_CACHE_DIR"], os.getpid()))
+    _remove_at_exit(os.environ["JAX_COMPILATION_CACHE_DIR"])
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -89,7 +99,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(
         prefix=f"tfds_{os.environ['PYTEST_XDIST_WORKER']}_"
     )
-    _OWNED_DIRS.append((os.environ["TFDS_DATA_DIR"], os.getpid()))
+    _remove_at_exit(os.environ["TFDS_DATA_DIR"])
 
 
 def file_order_seconds(items) -> dict:
@@ -121,16 +131,6 @@ def pytest_collection_modifyitems(config, items):
     long file alone at the end (longest processing time first)."""
     seconds = file_order_seconds(items)
     items.sort(key=lambda item: -seconds[item.path.name])  # stable: a file's own order is kept
-
-
-def pytest_unconfigure(config):
-    """Removes the directories this process made above (a subprocess that inherited this module's
-    environment does not own them: the pid says who made each)."""
-    import shutil
-
-    for directory, pid in _OWNED_DIRS:
-        if pid == os.getpid():
-            shutil.rmtree(directory, ignore_errors=True)
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
