@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
@@ -98,11 +97,10 @@ def build_network(
     """The configured network with what the run's method adds beside it (``methods.network``):
     (module, apply_fn, init(rng) -> θ in float32)."""
     module = methods_lib.network(config)
-    x = jnp.zeros((1,) + tuple(example_shape), jnp.float32)
-    labels = jnp.zeros((1,), jnp.int32) if config.data.use_labels else None
+    labels = bool(config.data.use_labels)
 
     def init(rng):
-        return module.init({"params": rng, "dropout": rng}, x, jnp.zeros((1,)), labels)["params"]
+        return networks.init_params(module, rng, tuple(example_shape), labels=labels)
 
     return module, networks.make_apply_fn(module), init
 

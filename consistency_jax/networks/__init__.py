@@ -73,6 +73,36 @@ def _shared_apply():
     return jax.jit(_apply_module, static_argnums=0, static_argnames="train")
 
 
+def init_params(module, rng, example_shape: tuple[int, ...], *, labels: bool = False):
+    """θ of ``module`` (float32), initialised for inputs of shape ``(1, *example_shape)``, noise
+    levels (1,) and, if ``labels``, int32 class labels (1,); ``rng`` seeds both the "params" and
+    the "dropout" streams. Like ``make_apply_fn``'s call, a nested jit keyed by the module's value:
+    a process traces an equal network's initialiser once per input shape, however many programs
+    (the train state's creation, its shape evaluation, a second run) contain it."""
+    try:
+        hash(module)
+        call = _shared_init()
+    except TypeError:  # an unhashable field: traced in place
+        call = _init_module
+    return call(module, rng, tuple(example_shape), labels)
+
+
+def _init_module(module, rng, example_shape, labels):
+    import jax.numpy as jnp
+
+    x = jnp.zeros((1, *example_shape), jnp.float32)
+    y = jnp.zeros((1,), jnp.int32) if labels else None
+    return module.init({"params": rng, "dropout": rng}, x, jnp.zeros((1,)), y)["params"]
+
+
+@functools.cache
+def _shared_init():
+    """``_init_module`` jitted with the module, the shape and ``labels`` static."""
+    import jax
+
+    return jax.jit(_init_module, static_argnums=(0, 2, 3))
+
+
 def network_names() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
