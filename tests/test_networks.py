@@ -772,28 +772,28 @@ def test_init_params_traces_an_equal_network_once_and_gives_what_init_does():
     again."""
     from consistency_jax.networks import init_params
 
-    key = jax.random.key(3)
+    key = jax.random.key(3)  # a width no other test initialises: the trace cache is per process
     x, c, y = jnp.zeros((1, 4, 4, 2)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
     # In place inside a jit, as the train state's creation ran it (eagerly, XLA's fused
     # initialisers may round a last bit differently).
-    want = jax.jit(lambda k: _CountedNet(5).init({"params": k, "dropout": k}, x, c)["params"])(key)
+    want = jax.jit(lambda k: _CountedNet(7).init({"params": k, "dropout": k}, x, c)["params"])(key)
     want_labels = jax.jit(
-        lambda k: _CountedNet(5).init({"params": k, "dropout": k}, x, c, y)["params"]
+        lambda k: _CountedNet(7).init({"params": k, "dropout": k}, x, c, y)["params"]
     )(key)
     _CountedNet.traced.clear()
-    shapes = jax.eval_shape(lambda k: init_params(_CountedNet(5), k, (4, 4, 2)), key)
-    got = jax.jit(lambda k: init_params(_CountedNet(5), k, (4, 4, 2)))(key)
+    shapes = jax.eval_shape(lambda k: init_params(_CountedNet(7), k, (4, 4, 2)), key)
+    got = jax.jit(lambda k: init_params(_CountedNet(7), k, (4, 4, 2)))(key)
     assert len(_CountedNet.traced) == 1
     assert jax.tree.structure(shapes) == jax.tree.structure(want)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(g, w)
-    got_labels = jax.jit(lambda k: init_params(_CountedNet(5), k, (4, 4, 2), labels=True))(key)
+    got_labels = jax.jit(lambda k: init_params(_CountedNet(7), k, (4, 4, 2), labels=True))(key)
     assert "Embed_0" in got_labels and len(_CountedNet.traced) == 2
     for g, w in zip(jax.tree.leaves(got_labels), jax.tree.leaves(want_labels), strict=True):
         np.testing.assert_array_equal(g, w)
-    init_params(_CountedNet(5), key, (2, 2, 2))
+    init_params(_CountedNet(7), key, (2, 2, 2))
     assert len(_CountedNet.traced) == 3
     # An unhashable field: traced in place, the same θ.
-    listed = jax.jit(lambda k: init_params(_CountedNet(5, widths=[3]), k, (4, 4, 2)))(key)
+    listed = jax.jit(lambda k: init_params(_CountedNet(7, widths=[3]), k, (4, 4, 2)))(key)
     for g, w in zip(jax.tree.leaves(listed), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(g, w)

@@ -339,7 +339,7 @@ def abstract_params(
       module: a network following the ``consistency_jax.networks`` interface.
       image_size: square image side.
       channels: image channels.
-      batch_size: batch used for tracing.
+      batch_size: batch of the input shape (parameter shapes do not depend on it).
 
     Returns:
       The ``params`` pytree with ``jax.ShapeDtypeStruct`` leaves.
@@ -366,16 +366,13 @@ def init_shapes(module: nn.Module, x_shape: Sequence[int], *, labels: bool) -> A
 
 
 def _init_shapes(module: nn.Module, x_shape: tuple[int, ...], labels: bool, x64: bool) -> Any:
+    """The shapes of ``networks.init_params`` (the train state's initialiser, whose trace this shares
+    within a process); parameter shapes do not depend on the batch, so it traces a batch of one."""
+    from consistency_jax.networks import init_params
+
     del x64  # part of the memo's key only: it can change the traced dtypes
-    x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
-    c = jax.ShapeDtypeStruct(x_shape[:1], jnp.float32)
-    y = jax.ShapeDtypeStruct(x_shape[:1], jnp.int32) if labels else None
     return jax.eval_shape(
-        lambda rng, xx, cc, yy: module.init({"params": rng, "dropout": rng}, xx, cc, yy)["params"],
-        jax.random.key(0),
-        x,
-        c,
-        y,
+        lambda rng: init_params(module, rng, x_shape[1:], labels=labels), jax.random.key(0)
     )
 
 
