@@ -17,6 +17,7 @@ import argparse
 import datetime
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,19 +68,19 @@ def run_job(repo: str, job: str, tfds_dir: str) -> dict:
     if done.returncode:
         raise SystemExit(f"{job} in {repo} failed:\n{done.stderr[-3000:]}")
     out = {"wall": wall, "trace": 0.0, "lower": 0.0, "compile": 0.0, "first_step": None}
-    depth_names = []  # a nested jit logs its trace before its caller's: keep the outermost only
+    # A nested jit logs its trace before its caller's, and only the outermost program is lowered:
+    # of the traces logged since the previous lowering, the last one is the outermost.
+    last_trace = 0.0
     for line in done.stderr.splitlines():
         m = STAGE.search(line)
         if m:
             seconds = float(m.group(5))
             if m.group(2):
-                depth_names.append((m.group(2), seconds))
+                last_trace = seconds
             elif m.group(3):
                 out["lower"] += seconds
-                # the traces logged since the previous lowering: the last one is the outermost
-                if depth_names:
-                    out["trace"] += depth_names[-1][1]
-                depth_names = []
+                out["trace"] += last_trace
+                last_trace = 0.0
             else:
                 out["compile"] += seconds
         if out["first_step"] is None and re.search(r"\] step 1/", line):
@@ -111,7 +112,7 @@ def main():
                 )
     print("\nmedian over rounds (s):")
     for (job, repo), runs in rows.items():
-        med = {k: sorted(x[k] or 0.0 for x in runs)[len(runs) // 2] for k in runs[0]}
+        med = {k: statistics.median(x[k] or 0.0 for x in runs) for k in runs[0]}
         print(
             f"{job:16s} {repo:24s} wall {med['wall']:6.1f}  first step {med['first_step']:6.1f}  "
             f"trace {med['trace']:5.1f}  lower {med['lower']:5.1f}  compile {med['compile']:5.1f}"
